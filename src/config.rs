@@ -1,0 +1,382 @@
+//! Server configuration: one struct per concern, filled from flags, `EVENTBUS_*` environment
+//! variables and an optional TOML file, in that order of precedence, then checked as a whole so
+//! a bad combination is refused at start rather than discovered under load.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Limits and sizes the broker works within. Every field has a default that suits one machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BusConfig {
+    /// Events kept for replay (`earliest`, `after_sequence`, `from_time`), at most this many...
+    pub retention_max_events: u64,
+    /// ...and at most this many bytes of them (data plus metadata).
+    pub retention_max_bytes: u64,
+    /// Events queued for one subscriber before it counts as too slow and its stream is ended;
+    /// this bounds the bus's memory per subscription.
+    pub subscriber_queue_size: usize,
+    /// The largest `data` of one event.
+    pub max_event_data_bytes: usize,
+    /// The most events in one publish batch.
+    pub max_batch_events: usize,
+    /// The largest gRPC message the server accepts or sends; sized to fit a full batch.
+    pub max_message_bytes: usize,
+    /// Query timeout when the request names none.
+    pub default_query_timeout: Duration,
+    /// The longest a query may wait, whatever it asks for.
+    pub max_query_timeout: Duration,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            retention_max_events: 1_000_000,
+            retention_max_bytes: 256 * 1024 * 1024,
+            subscriber_queue_size: 8192,
+            max_event_data_bytes: 1024 * 1024,
+            max_batch_events: 10_000,
+            max_message_bytes: 16 * 1024 * 1024,
+            default_query_timeout: Duration::from_secs(5),
+            max_query_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Room in a gRPC message for an event's metadata and framing beyond its data.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// A configuration that cannot work, named by its setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{setting}: {rule}")]
+    Invalid { setting: &'static str, rule: String },
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+}
+
+impl BusConfig {
+    /// Refuses settings that contradict each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, rule: String| Err(ConfigError::Invalid { setting, rule });
+        if self.subscriber_queue_size == 0 {
+            return invalid("subscriber_queue_size", "must be at least 1".into());
+        }
+        if self.max_batch_events == 0 {
+            return invalid("max_batch_events", "must be at least 1".into());
+        }
+        if self.retention_max_events == 0 {
+            return invalid("retention_max_events", "must be at least 1".into());
+        }
+        let smallest_message = self.max_event_data_bytes + MESSAGE_OVERHEAD_BYTES;
+        if self.max_message_bytes < smallest_message {
+            return invalid(
+                "max_message_bytes",
+                format!(
+                    "must be at least max_event_data_bytes + {MESSAGE_OVERHEAD_BYTES} \
+                     ({smallest_message}) so one full-size event fits"
+                ),
+            );
+        }
+        if self.retention_max_bytes < smallest_message as u64 {
+            return invalid(
+                "retention_max_bytes",
+                format!("must hold at least one full-size event ({smallest_message} bytes)"),
+            );
+        }
+        if self.default_query_timeout > self.max_query_timeout {
+            return invalid(
+                "default_query_timeout",
+                "must not exceed max_query_timeout".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How the server runs: where it listens and how it treats connections and shutdown.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub bus: BusConfig,
+    /// How long shutdown waits for in-flight calls after ending open streams.
+    pub shutdown_grace: Duration,
+    /// HTTP/2 keepalive ping interval: how dead clients are noticed and their subscriptions freed.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            bus: BusConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `eventbus serve` flags. Each has an `EVENTBUS_*` variable; unset ones fall back to the
+/// `--config` file, then to the defaults of [`ServerConfig`].
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (keys as the flags, with underscores).
+    #[arg(long, env = "EVENTBUS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:50051].
+    #[arg(long, env = "EVENTBUS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Events kept for replay [default: 1000000].
+    #[arg(long, env = "EVENTBUS_RETENTION_MAX_EVENTS")]
+    pub retention_max_events: Option<u64>,
+    /// Bytes of events kept for replay [default: 268435456].
+    #[arg(long, env = "EVENTBUS_RETENTION_MAX_BYTES")]
+    pub retention_max_bytes: Option<u64>,
+    /// Events queued per subscriber before it is ended as too slow [default: 8192].
+    #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_SIZE")]
+    pub subscriber_queue_size: Option<usize>,
+    /// Largest event data in bytes [default: 1048576].
+    #[arg(long, env = "EVENTBUS_MAX_EVENT_DATA_BYTES")]
+    pub max_event_data_bytes: Option<usize>,
+    /// Most events in one publish batch [default: 10000].
+    #[arg(long, env = "EVENTBUS_MAX_BATCH_EVENTS")]
+    pub max_batch_events: Option<usize>,
+    /// Largest gRPC message in bytes [default: 16777216].
+    #[arg(long, env = "EVENTBUS_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Query timeout when a query names none, e.g. `5s` [default: 5s].
+    #[arg(long, env = "EVENTBUS_DEFAULT_QUERY_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub default_query_timeout: Option<Duration>,
+    /// Longest a query may wait [default: 60s].
+    #[arg(long, env = "EVENTBUS_MAX_QUERY_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub max_query_timeout: Option<Duration>,
+    /// Grace period for in-flight calls at shutdown [default: 10s].
+    #[arg(long, env = "EVENTBUS_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+    /// HTTP/2 keepalive ping interval [default: 30s].
+    #[arg(long, env = "EVENTBUS_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Option<Duration>,
+    /// How long a keepalive ping may go unanswered [default: 10s].
+    #[arg(long, env = "EVENTBUS_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Option<Duration>,
+    /// Log level or filter (as RUST_LOG), e.g. `info` or `eventbus=debug` [default: info].
+    #[arg(long, env = "EVENTBUS_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "EVENTBUS_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The `--config` file: the same settings as the flags, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<SocketAddr>,
+    retention_max_events: Option<u64>,
+    retention_max_bytes: Option<u64>,
+    subscriber_queue_size: Option<usize>,
+    max_event_data_bytes: Option<usize>,
+    max_batch_events: Option<usize>,
+    max_message_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    default_query_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    max_query_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    keepalive_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    keepalive_timeout: Option<Duration>,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+/// Durations in the TOML file are written as humans write them: `"5s"`, `"250ms"`.
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The log settings, which the binary applies before anything else runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl ServeArgs {
+    /// Merges flags and environment (already in `self`) over the config file over defaults, and
+    /// checks the result.
+    pub fn resolve(&self) -> Result<(ServerConfig, LogConfig), ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_config_file(path)?,
+            None => ConfigFile::default(),
+        };
+        let defaults = ServerConfig::default();
+        let bus_defaults = &defaults.bus;
+        let bus = BusConfig {
+            retention_max_events: self
+                .retention_max_events
+                .or(file.retention_max_events)
+                .unwrap_or(bus_defaults.retention_max_events),
+            retention_max_bytes: self
+                .retention_max_bytes
+                .or(file.retention_max_bytes)
+                .unwrap_or(bus_defaults.retention_max_bytes),
+            subscriber_queue_size: self
+                .subscriber_queue_size
+                .or(file.subscriber_queue_size)
+                .unwrap_or(bus_defaults.subscriber_queue_size),
+            max_event_data_bytes: self
+                .max_event_data_bytes
+                .or(file.max_event_data_bytes)
+                .unwrap_or(bus_defaults.max_event_data_bytes),
+            max_batch_events: self
+                .max_batch_events
+                .or(file.max_batch_events)
+                .unwrap_or(bus_defaults.max_batch_events),
+            max_message_bytes: self
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(bus_defaults.max_message_bytes),
+            default_query_timeout: self
+                .default_query_timeout
+                .or(file.default_query_timeout)
+                .unwrap_or(bus_defaults.default_query_timeout),
+            max_query_timeout: self
+                .max_query_timeout
+                .or(file.max_query_timeout)
+                .unwrap_or(bus_defaults.max_query_timeout),
+        };
+        bus.validate()?;
+        let server = ServerConfig {
+            listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
+            bus,
+            shutdown_grace: self
+                .shutdown_grace
+                .or(file.shutdown_grace)
+                .unwrap_or(defaults.shutdown_grace),
+            keepalive_interval: self
+                .keepalive_interval
+                .or(file.keepalive_interval)
+                .unwrap_or(defaults.keepalive_interval),
+            keepalive_timeout: self
+                .keepalive_timeout
+                .or(file.keepalive_timeout)
+                .unwrap_or(defaults.keepalive_timeout),
+        };
+        let log = LogConfig {
+            level: self
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".to_owned()),
+            format: self.log_format.or(file.log_format).unwrap_or_default(),
+        };
+        Ok((server, log))
+    }
+}
+
+fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let (server, log) = ServeArgs::default().resolve().unwrap();
+        assert_eq!(server, ServerConfig::default());
+        assert_eq!(log.level, "info");
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:6000\"\nsubscriber_queue_size = 10\nmax_query_timeout = \"2m\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            subscriber_queue_size: Some(20),
+            ..ServeArgs::default()
+        };
+        let (server, _) = args.resolve().unwrap();
+        assert_eq!(server.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(server.bus.subscriber_queue_size, 20);
+        assert_eq!(server.bus.max_query_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        std::fs::write(&path, "lisen = \"127.0.0.1:6000\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.contains("lisen"), "{error}");
+    }
+
+    #[test]
+    fn contradictory_limits_are_refused_by_name() {
+        let args = ServeArgs {
+            max_message_bytes: Some(1024),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("max_message_bytes:"), "{error}");
+        let args = ServeArgs {
+            subscriber_queue_size: Some(0),
+            ..ServeArgs::default()
+        };
+        assert!(args
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .starts_with("subscriber_queue_size:"));
+    }
+}

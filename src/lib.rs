@@ -1,0 +1,18 @@
+//! # eventbus
+//!
+//! A gRPC event bus for microservices that talk asynchronously.
+//!
+//! # Layout
+//! - [`pb`]: the generated `eventbus.v1` types and gRPC stubs (from `proto/`).
+//! - [`topic`]: topic and pattern syntax.
+//! - [`sublist`]: the subject tree that matches a topic to subscriptions.
+//! - [`config`]: server settings from flags, environment and file.
+//! - [`sdk`]: the Rust client SDK.
+//! - [`cli`]: the `eventbus` command line.
+
+pub mod cli;
+pub mod config;
+pub mod pb;
+pub mod sdk;
+pub mod sublist;
+pub mod topic;
