@@ -31,7 +31,7 @@ pub struct ServerArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the bus.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Client commands (publish, subscribe, query, ...) live in this module; see below.
     #[command(skip)]
     Placeholder(PathBuf),
@@ -42,7 +42,7 @@ mod serve;
 /// Runs one command to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve::run(args).await,
+        Command::Serve(args) => serve::run(*args).await,
         Command::Placeholder(_) => Ok(()),
     }
 }
