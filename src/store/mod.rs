@@ -5,11 +5,14 @@
 //! are serialized by the broker (it calls [`Store::append`] under its routing lock, which is what
 //! makes delivery order equal log order); reads may run concurrently with them.
 
+pub mod codec;
+pub mod file;
 mod memory;
 
 use std::collections::HashMap;
 use std::time::SystemTime;
 
+pub use file::{FileStore, FileStoreConfig, FsyncPolicy};
 pub use memory::MemoryStore;
 
 use crate::event::{Event, SharedEvent};
@@ -19,6 +22,20 @@ use crate::event::{Event, SharedEvent};
 pub enum StoreError {
     #[error("storage i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A record that recovery cannot read, where it cannot be a torn final write.
+    #[error(
+        "corrupt log file {} at offset {offset}: {reason} (run `eventbus repair --data-dir DIR` \
+         to move the damaged part aside)",
+        path.display()
+    )]
+    Corrupt {
+        path: std::path::PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// The store can no longer guarantee durability and refuses writes.
+    #[error("storage failed: {0}")]
+    Failed(String),
 }
 
 /// The sequences a store holds. Sequences start at 1; 0 means "none".
@@ -57,4 +74,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many events of each topic family are held now.
     fn held_counts(&self) -> HeldCounts;
+
+    /// The last sequence that is durable, for stores whose appends become durable after
+    /// [`Store::append`] returns (group commit). `None`: every append is final when it returns.
+    fn durable_head(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// Why the store stopped making appends durable, if it did.
+    fn durability_error(&self) -> Option<String> {
+        None
+    }
 }

@@ -1,0 +1,810 @@
+//! The file store: the bus log as append-only segment files, so every acknowledged event survives
+//! a crash of the bus (kill -9) or of the machine (with `--fsync always`).
+//!
+//! # On disk
+//! `<data-dir>/log/<base sequence, 20 digits>.log` files, each a run of records with consecutive
+//! sequences in the [`codec`](super::codec) framing (length, CRC32C, payload). A segment is rolled
+//! when it passes `segment_bytes`; retention deletes whole segments, oldest first, never the
+//! active one.
+//!
+//! # Durability: group commit
+//! [`FileStore::append`] writes the batch to the active segment (a `write` into the page cache,
+//! under the broker's routing lock) and returns. A syncer thread makes written data durable:
+//! with [`FsyncPolicy::Always`] it runs `fdatasync` as soon as there is unsynced data, so all
+//! the appends that arrived during one sync share the next one (group commit); with `Interval`
+//! it syncs on a timer; with `Never` it leaves it to the OS. The durable head is published on a
+//! watch channel ([`Store::durable_head`]); the broker acknowledges a publish, and routes its
+//! events to subscribers, only once the durable head has reached them, so no subscriber ever sees
+//! an event that a crash could take back.
+//!
+//! # Reads
+//! Recent events are kept in a bounded in-memory tail cache (live replays and catch-ups hit it).
+//! Older ones are read from disk, seeking with a sparse in-memory index per segment (a sequence,
+//! file offset and publish time every [`INDEX_INTERVAL_BYTES`]) that recovery rebuilds.
+//!
+//! # Recovery
+//! On open, every segment is scanned and checked. A torn or corrupt record at the end of the last
+//! segment (a write cut short by a crash) is truncated away and logged. A bad record anywhere
+//! else stops start-up with [`StoreError::Corrupt`] naming the file and offset; [`repair`] moves
+//! the damaged part aside (never deletes it) so the bus can start with everything before it.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::codec::{self, DecodeError};
+use super::{HeldCounts, LogBounds, Store, StoreError};
+use crate::event::{Event, SharedEvent, StoredEvent};
+
+/// A sparse index entry is kept every this many bytes of a segment.
+pub const INDEX_INTERVAL_BYTES: u64 = 64 * 1024;
+
+/// When written data is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before a publish is acknowledged (group commit). The default.
+    Always,
+    /// Every interval: a crash of the machine (not of the bus alone) may lose up to that much.
+    Interval(Duration),
+    /// Never explicitly: the OS writes back when it likes. A bus crash loses nothing written; a
+    /// machine crash may lose recent events.
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            _ => match text.strip_prefix("interval:") {
+                Some(ms) => ms
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .map(|ms| FsyncPolicy::Interval(Duration::from_millis(ms)))
+                    .ok_or_else(|| {
+                        format!("interval:<ms> needs a positive whole number, got {ms:?}")
+                    }),
+                None => Err(format!(
+                    "expected always, never or interval:<ms>, got {text:?}"
+                )),
+            },
+        }
+    }
+}
+
+/// How the file store is laid out and bounded.
+#[derive(Debug, Clone)]
+pub struct FileStoreConfig {
+    pub dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// A segment is rolled once it is this large.
+    pub segment_bytes: u64,
+    /// Retention: events, bytes on disk and age, whichever is reached first. Whole segments are
+    /// deleted, so the log may hold a little more than the limits.
+    pub retention_max_events: u64,
+    pub retention_max_bytes: u64,
+    pub retention_max_age: Option<Duration>,
+    /// Bytes of recent events kept in memory for fast reads.
+    pub cache_bytes: u64,
+}
+
+impl FileStoreConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> FileStoreConfig {
+        FileStoreConfig {
+            dir: dir.into(),
+            fsync: FsyncPolicy::Always,
+            segment_bytes: 64 * 1024 * 1024,
+            retention_max_events: u64::MAX,
+            retention_max_bytes: u64::MAX,
+            retention_max_age: None,
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// One segment file's metadata.
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    file: Arc<File>,
+    /// The first sequence this segment holds (or will hold, while empty).
+    base: u64,
+    /// The last sequence it holds; `base - 1` while empty.
+    last: u64,
+    bytes: u64,
+    last_publish_time: Option<SystemTime>,
+    /// (sequence, offset, publish time), ascending, the first record always included.
+    index: Vec<(u64, u64, SystemTime)>,
+    held_by_family: HashMap<String, u64>,
+}
+
+impl Segment {
+    fn count(&self) -> u64 {
+        self.last + 1 - self.base
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Oldest first; the last one is the active segment that appends go to.
+    segments: Vec<Segment>,
+    head: u64,
+    last_publish_time: Option<SystemTime>,
+    /// The newest events, consecutive, ending at `head`.
+    cache: VecDeque<SharedEvent>,
+    cache_bytes: u64,
+    /// Reused encoding buffer.
+    buffer: Vec<u8>,
+}
+
+/// Shared with the syncer thread.
+#[derive(Debug)]
+struct Durability {
+    state: Mutex<SyncState>,
+    wake: Condvar,
+    durable: watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct SyncState {
+    /// The last sequence written to a file.
+    written: u64,
+    /// Files with written but unsynced data, the active segment last.
+    dirty: Vec<Arc<File>>,
+    failed: Option<String>,
+    closing: bool,
+}
+
+/// The bus log on disk. See the module docs.
+#[derive(Debug)]
+pub struct FileStore {
+    config: FileStoreConfig,
+    log_dir: PathBuf,
+    inner: RwLock<Inner>,
+    durability: Arc<Durability>,
+    syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl FileStore {
+    /// Opens (or creates) the log in `config.dir`, recovering it as described in the module docs.
+    pub fn open(config: FileStoreConfig) -> Result<FileStore, StoreError> {
+        let started = Instant::now();
+        let log_dir = config.dir.join("log");
+        fs::create_dir_all(&log_dir)?;
+        let mut paths = segment_paths(&log_dir)?;
+        let mut segments = Vec::with_capacity(paths.len());
+        let last_index = paths.len().checked_sub(1);
+        let mut recovered_events = 0u64;
+        for (position, (base, path)) in paths.drain(..).enumerate() {
+            let is_last = Some(position) == last_index;
+            let segment = scan_segment(&path, base, is_last)?;
+            if let Some(previous) = segments.last() {
+                let previous: &Segment = previous;
+                if segment.base != previous.last + 1 {
+                    return Err(StoreError::Corrupt {
+                        path: segment.path.clone(),
+                        offset: 0,
+                        reason: format!(
+                            "segment starts at sequence {} but the previous one ends at {}",
+                            segment.base, previous.last
+                        ),
+                    });
+                }
+            }
+            recovered_events += segment.count();
+            segments.push(segment);
+        }
+        if segments.is_empty() {
+            segments.push(create_segment(&log_dir, 1)?);
+        }
+        let active = segments.last().expect("at least one segment");
+        let head = active.last;
+        let last_publish_time = segments.iter().rev().find_map(|s| s.last_publish_time);
+        info!(
+            dir = %config.dir.display(),
+            segments = segments.len(),
+            events = recovered_events,
+            head,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "file store recovered"
+        );
+        let (durable, _) = watch::channel(head);
+        let durability = Arc::new(Durability {
+            state: Mutex::new(SyncState {
+                written: head,
+                dirty: Vec::new(),
+                failed: None,
+                closing: false,
+            }),
+            wake: Condvar::new(),
+            durable,
+        });
+        let syncer = {
+            let durability = durability.clone();
+            let policy = config.fsync;
+            std::thread::Builder::new()
+                .name("eventbus-fsync".into())
+                .spawn(move || run_syncer(&durability, policy))?
+        };
+        let store = FileStore {
+            log_dir,
+            inner: RwLock::new(Inner {
+                segments,
+                head,
+                last_publish_time,
+                cache: VecDeque::new(),
+                cache_bytes: 0,
+                buffer: Vec::new(),
+            }),
+            durability,
+            syncer: Mutex::new(Some(syncer)),
+            config,
+        };
+        store.apply_retention(&mut store.write_inner(), SystemTime::now())?;
+        Ok(store)
+    }
+
+    fn write_inner(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_inner(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply_retention(&self, inner: &mut Inner, now: SystemTime) -> Result<(), StoreError> {
+        loop {
+            if inner.segments.len() < 2 {
+                return Ok(());
+            }
+            let events: u64 = inner.segments.iter().map(Segment::count).sum();
+            let bytes: u64 = inner.segments.iter().map(|s| s.bytes).sum();
+            let oldest = &inner.segments[0];
+            let too_old = match (self.config.retention_max_age, oldest.last_publish_time) {
+                (Some(max_age), Some(last)) => {
+                    now.duration_since(last).is_ok_and(|age| age > max_age)
+                }
+                _ => false,
+            };
+            let over = events - oldest.count() >= self.config.retention_max_events
+                && events > self.config.retention_max_events;
+            let over_bytes = bytes > self.config.retention_max_bytes;
+            if !(too_old || over || over_bytes) {
+                return Ok(());
+            }
+            let removed = inner.segments.remove(0);
+            fs::remove_file(&removed.path)?;
+            while inner
+                .cache
+                .front()
+                .is_some_and(|e| e.sequence <= removed.last)
+            {
+                let evicted = inner.cache.pop_front().expect("checked");
+                inner.cache_bytes -= evicted.event.size_bytes() as u64;
+            }
+        }
+    }
+
+    /// Stops the syncer after a last sync. Called on drop too.
+    pub fn close(&self) {
+        {
+            let mut state = self
+                .durability
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            state.closing = true;
+        }
+        self.durability.wake.notify_all();
+        if let Some(handle) = self.syncer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+
+    /// Where the segments live.
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    fn read_from_disk(
+        &self,
+        inner: &Inner,
+        after: u64,
+        max: usize,
+        out: &mut Vec<SharedEvent>,
+    ) -> Result<(), StoreError> {
+        let mut next = after + 1;
+        for segment in &inner.segments {
+            if out.len() >= max {
+                break;
+            }
+            if segment.last < next || segment.count() == 0 {
+                continue;
+            }
+            let start = next.max(segment.base);
+            let entry = segment
+                .index
+                .partition_point(|(sequence, _, _)| *sequence <= start);
+            let mut offset = segment.index[entry.saturating_sub(1)].1;
+            let mut buffer = vec![0u8; 256 * 1024];
+            let mut filled = 0usize;
+            let mut consumed = 0usize;
+            while out.len() < max && next <= segment.last {
+                match codec::decode(&buffer[consumed..filled]) {
+                    Ok((stored, len)) => {
+                        consumed += len;
+                        if stored.sequence >= next {
+                            next = stored.sequence + 1;
+                            out.push(Arc::new(stored));
+                        }
+                    }
+                    Err(DecodeError::Incomplete { needed, .. }) => {
+                        // Move what is left to the front and read more.
+                        buffer.copy_within(consumed..filled, 0);
+                        filled -= consumed;
+                        offset += consumed as u64;
+                        consumed = 0;
+                        if buffer.len() < needed {
+                            buffer.resize(needed, 0);
+                        }
+                        let read = segment
+                            .file
+                            .read_at(&mut buffer[filled..], offset + filled as u64)?;
+                        if read == 0 {
+                            return Err(StoreError::Corrupt {
+                                path: segment.path.clone(),
+                                offset,
+                                reason: "segment ends inside a record".into(),
+                            });
+                        }
+                        filled += read;
+                    }
+                    Err(error) => {
+                        return Err(StoreError::Corrupt {
+                            path: segment.path.clone(),
+                            offset: offset + consumed as u64,
+                            reason: error.to_string(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FileStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Store for FileStore {
+    fn append(&self, events: Vec<Event>, now: SystemTime) -> Result<Vec<SharedEvent>, StoreError> {
+        if let Some(failed) = &self
+            .durability
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed
+        {
+            return Err(StoreError::Failed(failed.clone()));
+        }
+        let mut guard = self.write_inner();
+        let inner = &mut *guard;
+        let publish_time = match inner.last_publish_time {
+            Some(last) if last > now => last,
+            _ => now,
+        };
+        inner.last_publish_time = Some(publish_time);
+        let mut stored = Vec::with_capacity(events.len());
+        let mut buffer = std::mem::take(&mut inner.buffer);
+        buffer.clear();
+        let active = inner.segments.last_mut().expect("an active segment");
+        let mut offset = active.bytes;
+        let mut next_index_at = active
+            .index
+            .last()
+            .map_or(0, |(_, at, _)| at + INDEX_INTERVAL_BYTES);
+        let first_sequence = inner.head + 1;
+        for (position, mut event) in events.into_iter().enumerate() {
+            event.time.get_or_insert(publish_time);
+            let sequence = first_sequence + position as u64;
+            let record = StoredEvent {
+                sequence,
+                publish_time,
+                event,
+            };
+            let before = buffer.len();
+            codec::encode(&record, &mut buffer);
+            if offset >= next_index_at || active.index.is_empty() {
+                active.index.push((sequence, offset, publish_time));
+                next_index_at = offset + INDEX_INTERVAL_BYTES;
+            }
+            offset += (buffer.len() - before) as u64;
+            stored.push(Arc::new(record));
+        }
+        // One write for the batch. On failure nothing of it counts: the file is cut back, so the
+        // log never holds half a batch.
+        if let Err(error) = (&*active.file).write_all(&buffer) {
+            let _ = active.file.set_len(active.bytes);
+            active
+                .index
+                .retain(|(sequence, _, _)| *sequence < first_sequence);
+            inner.buffer = buffer;
+            return Err(error.into());
+        }
+        active.bytes = offset;
+        let last = stored.last().map_or(inner.head, |e| e.sequence);
+        active.last = last;
+        active.last_publish_time = Some(publish_time);
+        for event in &stored {
+            *active
+                .held_by_family
+                .entry(event.event.topic.family().to_owned())
+                .or_default() += 1;
+        }
+        inner.head = last;
+        for event in &stored {
+            inner.cache_bytes += event.event.size_bytes() as u64;
+            inner.cache.push_back(event.clone());
+        }
+        while inner.cache_bytes > self.config.cache_bytes && inner.cache.len() > 1 {
+            let evicted = inner.cache.pop_front().expect("non-empty");
+            inner.cache_bytes -= evicted.event.size_bytes() as u64;
+        }
+        buffer.clear();
+        inner.buffer = buffer;
+        let active_file = active.file.clone();
+        let roll = active.bytes >= self.config.segment_bytes;
+        {
+            let mut state = self
+                .durability
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            state.written = last;
+            if !state.dirty.iter().any(|f| Arc::ptr_eq(f, &active_file)) {
+                state.dirty.push(active_file);
+            }
+        }
+        if self.config.fsync == FsyncPolicy::Never {
+            self.durability.durable.send_replace(last);
+        } else {
+            self.durability.wake.notify_one();
+        }
+        if roll {
+            let segment = create_segment(&self.log_dir, last + 1)?;
+            inner.segments.push(segment);
+            self.apply_retention(inner, now)?;
+        }
+        Ok(stored)
+    }
+
+    fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
+        let inner = self.read_inner();
+        let mut out = Vec::new();
+        if max == 0 || after >= inner.head {
+            return Ok(out);
+        }
+        let cached_from = inner.cache.front().map(|e| e.sequence);
+        if cached_from.is_none_or(|first| after + 1 < first) {
+            let disk_max = match cached_from {
+                Some(first) => max.min((first - after - 1) as usize),
+                None => max,
+            };
+            self.read_from_disk(&inner, after, disk_max, &mut out)?;
+        }
+        if let Some(first) = cached_from {
+            let from = out.last().map_or(after, |e| e.sequence) + 1;
+            let skip = from.saturating_sub(first) as usize;
+            let room = max - out.len();
+            out.extend(inner.cache.iter().skip(skip).take(room).cloned());
+        }
+        Ok(out)
+    }
+
+    fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
+        let inner = self.read_inner();
+        let Some(segment) = inner
+            .segments
+            .iter()
+            .find(|s| s.count() > 0 && s.last_publish_time.is_some_and(|last| last >= time))
+        else {
+            return Ok(None);
+        };
+        // Start at the last index entry before `time`, then read forward.
+        let entry = segment.index.partition_point(|(_, _, at)| *at < time);
+        let after = segment.index[entry.saturating_sub(1)].0 - 1;
+        let mut after = after.max(segment.base - 1);
+        loop {
+            let mut chunk = Vec::new();
+            self.read_from_disk(&inner, after, 256, &mut chunk)?;
+            if chunk.is_empty() {
+                return Ok(None);
+            }
+            if let Some(found) = chunk.iter().find(|e| e.publish_time >= time) {
+                return Ok(Some(found.sequence));
+            }
+            after = chunk.last().expect("non-empty").sequence;
+        }
+    }
+
+    fn bounds(&self) -> LogBounds {
+        let inner = self.read_inner();
+        let oldest = inner
+            .segments
+            .iter()
+            .find(|s| s.count() > 0)
+            .map(|s| s.base);
+        LogBounds {
+            oldest,
+            head: inner.head,
+        }
+    }
+
+    fn held_counts(&self) -> HeldCounts {
+        let inner = self.read_inner();
+        let mut counts = HeldCounts::new();
+        for segment in &inner.segments {
+            for (family, count) in &segment.held_by_family {
+                *counts.entry(family.clone()).or_default() += count;
+            }
+        }
+        counts
+    }
+
+    fn durable_head(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.durability.durable.subscribe())
+    }
+
+    fn durability_error(&self) -> Option<String> {
+        self.durability
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed
+            .clone()
+    }
+}
+
+fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
+    let mut state = durability.state.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let durable = *durability.durable.borrow();
+        let pending = state.written > durable;
+        if state.closing && !pending {
+            return;
+        }
+        match policy {
+            FsyncPolicy::Always | FsyncPolicy::Never if !pending && !state.closing => {
+                state = durability
+                    .wake
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            FsyncPolicy::Interval(every) if !state.closing => {
+                state = durability
+                    .wake
+                    .wait_timeout(state, every)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                if state.written <= *durability.durable.borrow() && !state.closing {
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        let written = state.written;
+        let files = std::mem::take(&mut state.dirty);
+        drop(state);
+        let result = files.iter().try_for_each(|file| file.sync_data());
+        state = durability.state.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            // Appends made during the sync marked their file dirty again; the next round gets it.
+            Ok(()) => {
+                durability.durable.send_replace(written);
+            }
+            Err(error) => {
+                // After a failed fsync the kernel may have dropped the dirty pages: nothing
+                // written since the last good sync can be trusted, so the store stops taking
+                // writes rather than acknowledging what it may not have.
+                warn!(%error, "fsync failed: the store refuses further writes");
+                state.failed = Some(format!("fsync failed: {error}"));
+                // Wake the waiters without moving the durable head: they find the failure.
+                durability.durable.send_modify(|_| {});
+                return;
+            }
+        }
+    }
+}
+
+fn segment_name(base: u64) -> String {
+    format!("{base:020}.log")
+}
+
+fn segment_paths(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
+    let mut paths = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(base) = name
+            .strip_suffix(".log")
+            .and_then(|b| b.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        paths.push((base, path));
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+fn create_segment(dir: &Path, base: u64) -> Result<Segment, StoreError> {
+    let path = dir.join(segment_name(base));
+    let file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(&path)?;
+    // The new file's directory entry must be durable too, or a crash could lose the segment.
+    File::open(dir)?.sync_all()?;
+    Ok(Segment {
+        path,
+        file: Arc::new(file),
+        base,
+        last: base - 1,
+        bytes: 0,
+        last_publish_time: None,
+        index: Vec::new(),
+        held_by_family: HashMap::new(),
+    })
+}
+
+/// Reads and checks a whole segment. A bad record at the end of the last segment is a torn
+/// write and is cut off; anywhere else it is corruption.
+fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreError> {
+    let bytes = fs::read(path)?;
+    let mut segment = Segment {
+        path: path.to_owned(),
+        file: Arc::new(OpenOptions::new().read(true).append(true).open(path)?),
+        base,
+        last: base - 1,
+        bytes: 0,
+        last_publish_time: None,
+        index: Vec::new(),
+        held_by_family: HashMap::new(),
+    };
+    let mut offset = 0usize;
+    let mut next_index_at = 0u64;
+    while offset < bytes.len() {
+        let decoded = codec::decode(&bytes[offset..]).and_then(|(stored, len)| {
+            if stored.sequence == segment.last + 1 {
+                Ok((stored, len))
+            } else {
+                Err(DecodeError::Malformed("sequence out of order"))
+            }
+        });
+        match decoded {
+            Ok((stored, len)) => {
+                if offset as u64 >= next_index_at {
+                    segment
+                        .index
+                        .push((stored.sequence, offset as u64, stored.publish_time));
+                    next_index_at = offset as u64 + INDEX_INTERVAL_BYTES;
+                }
+                segment.last = stored.sequence;
+                segment.last_publish_time = Some(stored.publish_time);
+                *segment
+                    .held_by_family
+                    .entry(stored.event.topic.family().to_owned())
+                    .or_default() += 1;
+                offset += len;
+            }
+            Err(error) if is_last => {
+                warn!(
+                    path = %path.display(),
+                    offset,
+                    dropped_bytes = bytes.len() - offset,
+                    %error,
+                    "truncating a torn or corrupt tail of the log"
+                );
+                segment.file.set_len(offset as u64)?;
+                segment.file.sync_all()?;
+                break;
+            }
+            Err(error) => {
+                return Err(StoreError::Corrupt {
+                    path: path.to_owned(),
+                    offset: offset as u64,
+                    reason: error.to_string(),
+                })
+            }
+        }
+    }
+    segment.bytes = offset as u64;
+    Ok(segment)
+}
+
+/// What [`repair`] moved aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Files written under `<data-dir>/damaged/`.
+    pub moved: Vec<PathBuf>,
+    /// The last sequence kept, if any.
+    pub kept_through: Option<u64>,
+}
+
+/// Makes a log that fails recovery openable again: the first bad record and everything after it
+/// (the rest of that segment and all later segments) are moved into `<data-dir>/damaged/`, never
+/// deleted, and the log keeps every record before it.
+pub fn repair(data_dir: &Path) -> Result<RepairReport, StoreError> {
+    let log_dir = data_dir.join("log");
+    let damaged_dir = data_dir.join("damaged");
+    let mut moved = Vec::new();
+    let mut kept_through = None;
+    let mut damaged = false;
+    let mut expected_base = None;
+    for (base, path) in segment_paths(&log_dir)? {
+        let name = path.file_name().expect("a file name").to_owned();
+        if damaged || expected_base.is_some_and(|expected| expected != base) {
+            damaged = true;
+            fs::create_dir_all(&damaged_dir)?;
+            let target = damaged_dir.join(&name);
+            fs::rename(&path, &target)?;
+            moved.push(target);
+            continue;
+        }
+        match scan_segment(&path, base, false) {
+            Ok(segment) => {
+                if segment.count() > 0 {
+                    kept_through = Some(segment.last);
+                }
+                expected_base = Some(segment.last + 1);
+            }
+            Err(StoreError::Corrupt { offset, .. }) => {
+                damaged = true;
+                let bytes = fs::read(&path)?;
+                fs::create_dir_all(&damaged_dir)?;
+                let mut target_name = name.clone();
+                target_name.push(format!(".from-{offset}"));
+                let target = damaged_dir.join(target_name);
+                let mut out = File::create(&target)?;
+                out.write_all(&bytes[offset as usize..])?;
+                out.sync_all()?;
+                let file = OpenOptions::new().write(true).open(&path)?;
+                file.set_len(offset)?;
+                file.sync_all()?;
+                moved.push(target);
+                let kept = scan_segment(&path, base, false)?;
+                if kept.count() > 0 {
+                    kept_through = Some(kept.last);
+                }
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    if !moved.is_empty() {
+        File::open(&log_dir)?.sync_all()?;
+    }
+    Ok(RepairReport {
+        moved,
+        kept_through,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,306 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::topic::Topic;
+
+fn event(topic: &str, data: &[u8]) -> Event {
+    Event {
+        id: "id".into(),
+        source: Arc::from("test"),
+        event_type: topic.into(),
+        topic: Topic::parse(topic).unwrap(),
+        time: None,
+        data_content_type: String::new(),
+        data: bytes::Bytes::copy_from_slice(data),
+        attributes: HashMap::new(),
+        correlation_id: String::new(),
+        causation_id: String::new(),
+        reply_to: None,
+    }
+}
+
+fn config(dir: &Path) -> FileStoreConfig {
+    FileStoreConfig {
+        segment_bytes: 4096,
+        ..FileStoreConfig::new(dir)
+    }
+}
+
+fn fill(store: &FileStore, count: usize) {
+    for i in 0..count {
+        let data = format!("event-{i}");
+        store
+            .append(vec![event("a.b", data.as_bytes())], SystemTime::now())
+            .unwrap();
+    }
+}
+
+fn sequences(events: &[SharedEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.sequence).collect()
+}
+
+fn all(store: &FileStore) -> Vec<SharedEvent> {
+    store.read_after(0, usize::MAX).unwrap()
+}
+
+fn wait_durable(store: &FileStore, sequence: u64) {
+    let receiver = store.durable_head().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while *receiver.borrow() < sequence {
+        assert!(std::time::Instant::now() < deadline, "not durable in time");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn survives_a_reopen_across_segment_rolls() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = {
+        let store = FileStore::open(config(dir.path())).unwrap();
+        fill(&store, 300);
+        wait_durable(&store, 300);
+        all(&store)
+    };
+    assert!(segment_paths(&dir.path().join("log")).unwrap().len() > 3);
+    let store = FileStore::open(config(dir.path())).unwrap();
+    let reread = all(&store);
+    assert_eq!(reread, written);
+    assert_eq!(sequences(&reread), (1..=300).collect::<Vec<_>>());
+    assert_eq!(
+        store.bounds(),
+        LogBounds {
+            oldest: Some(1),
+            head: 300
+        }
+    );
+    assert_eq!(store.held_counts()["a.b"], 300);
+    // New appends go on from the recovered head.
+    let next = store
+        .append(vec![event("c", b"")], SystemTime::now())
+        .unwrap();
+    assert_eq!(next[0].sequence, 301);
+}
+
+#[test]
+fn reads_from_disk_and_cache_give_the_same_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(FileStoreConfig {
+        cache_bytes: 2000,
+        ..config(dir.path())
+    })
+    .unwrap();
+    fill(&store, 200);
+    let everything = all(&store);
+    assert_eq!(sequences(&everything), (1..=200).collect::<Vec<_>>());
+    for after in [0, 1, 57, 150, 198, 199, 200] {
+        for max in [1, 7, 500] {
+            let chunk = store.read_after(after, max).unwrap();
+            let expected: Vec<u64> = (after + 1..=200).take(max).collect();
+            assert_eq!(sequences(&chunk), expected, "after {after} max {max}");
+        }
+    }
+}
+
+#[test]
+fn a_torn_tail_is_cut_at_every_offset_keeping_every_complete_record() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStore::open(FileStoreConfig {
+            segment_bytes: u64::MAX,
+            ..config(dir.path())
+        })
+        .unwrap();
+        fill(&store, 20);
+    }
+    let path = dir.path().join("log").join(segment_name(1));
+    let original = std::fs::read(&path).unwrap();
+    // Record boundaries, to know how many records each cut keeps.
+    let mut boundaries = vec![0usize];
+    while *boundaries.last().unwrap() < original.len() {
+        let (_, len) = codec::decode(&original[*boundaries.last().unwrap()..]).unwrap();
+        boundaries.push(boundaries.last().unwrap() + len);
+    }
+    for cut in (0..original.len()).step_by(7) {
+        std::fs::write(&path, &original[..cut]).unwrap();
+        let store = FileStore::open(config(dir.path())).unwrap();
+        let complete = boundaries.iter().filter(|b| **b <= cut).count() as u64 - 1;
+        assert_eq!(store.bounds().head, complete, "cut at {cut}");
+        assert_eq!(all(&store).len() as u64, complete);
+        drop(store);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len() as usize,
+            boundaries[complete as usize]
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_last_record_is_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStore::open(config(dir.path())).unwrap();
+        fill(&store, 5);
+    }
+    let path = dir.path().join("log").join(segment_name(1));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let store = FileStore::open(config(dir.path())).unwrap();
+    assert_eq!(store.bounds().head, 4);
+}
+
+#[test]
+fn corruption_in_an_older_segment_stops_start_up_and_repair_moves_it_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStore::open(config(dir.path())).unwrap();
+        fill(&store, 300);
+    }
+    let segments = segment_paths(&dir.path().join("log")).unwrap();
+    assert!(segments.len() >= 3);
+    let (second_base, second) = segments[1].clone();
+    let mut bytes = std::fs::read(&second).unwrap();
+    let (_, first_len) = codec::decode(&bytes).unwrap();
+    bytes[first_len + 12] ^= 0x01; // inside the second record of the second segment
+    std::fs::write(&second, &bytes).unwrap();
+
+    let error = FileStore::open(config(dir.path())).unwrap_err();
+    match &error {
+        StoreError::Corrupt { path, offset, .. } => {
+            assert_eq!(path, &second);
+            assert_eq!(*offset, first_len as u64);
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+    assert!(error.to_string().contains("eventbus repair"));
+
+    let report = repair(dir.path()).unwrap();
+    assert_eq!(report.kept_through, Some(second_base));
+    assert_eq!(report.moved.len(), segments.len() - 1);
+    for moved in &report.moved {
+        assert!(moved.exists(), "{moved:?} kept");
+    }
+    let store = FileStore::open(config(dir.path())).unwrap();
+    assert_eq!(store.bounds().head, second_base);
+    assert_eq!(
+        sequences(&all(&store)),
+        (1..=second_base).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn retention_deletes_whole_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(FileStoreConfig {
+        retention_max_events: 100,
+        ..config(dir.path())
+    })
+    .unwrap();
+    fill(&store, 400);
+    let bounds = store.bounds();
+    let held = bounds.head + 1 - bounds.oldest.unwrap();
+    assert!(held >= 100, "keeps at least the limit: {held}");
+    assert!(held < 200, "deletes old segments: {held}");
+    assert_eq!(
+        sequences(&all(&store)),
+        (bounds.oldest.unwrap()..=400).collect::<Vec<_>>()
+    );
+    assert_eq!(store.held_counts()["a.b"], held);
+
+    let by_bytes = tempfile::tempdir().unwrap();
+    let store = FileStore::open(FileStoreConfig {
+        retention_max_bytes: 10_000,
+        ..config(by_bytes.path())
+    })
+    .unwrap();
+    fill(&store, 400);
+    let on_disk: u64 = segment_paths(&by_bytes.path().join("log"))
+        .unwrap()
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(on_disk <= 10_000 + 4096, "{on_disk}");
+}
+
+#[test]
+fn retention_by_age_applies_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStore::open(config(dir.path())).unwrap();
+        let long_ago = SystemTime::now() - Duration::from_secs(3600);
+        for _ in 0..100 {
+            store.append(vec![event("a", &[0; 64])], long_ago).unwrap();
+        }
+        fill(&store, 1);
+    }
+    let store = FileStore::open(FileStoreConfig {
+        retention_max_age: Some(Duration::from_secs(60)),
+        ..config(dir.path())
+    })
+    .unwrap();
+    // Every segment holding only old events is gone; the one that also holds the new event
+    // stays whole.
+    let oldest = store.bounds().oldest.unwrap();
+    assert!(oldest > 1 && oldest <= 101, "oldest {oldest}");
+    let first_segment = &segment_paths(&dir.path().join("log")).unwrap()[0];
+    assert_eq!(first_segment.0, oldest);
+}
+
+#[test]
+fn finds_sequences_by_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(config(dir.path())).unwrap();
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    for i in 0..200u64 {
+        store
+            .append(vec![event("a", &[0; 32])], t0 + Duration::from_secs(i))
+            .unwrap();
+    }
+    assert_eq!(store.first_sequence_at_or_after(t0).unwrap(), Some(1));
+    assert_eq!(
+        store
+            .first_sequence_at_or_after(t0 + Duration::from_millis(150_500))
+            .unwrap(),
+        Some(152)
+    );
+    assert_eq!(
+        store
+            .first_sequence_at_or_after(t0 + Duration::from_secs(500))
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn every_fsync_policy_makes_appends_durable() {
+    for policy in [
+        FsyncPolicy::Always,
+        FsyncPolicy::Interval(Duration::from_millis(5)),
+        FsyncPolicy::Never,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(FileStoreConfig {
+            fsync: policy,
+            ..config(dir.path())
+        })
+        .unwrap();
+        fill(&store, 50);
+        wait_durable(&store, 50);
+        assert_eq!(store.durability_error(), None);
+    }
+}
+
+#[test]
+fn parses_fsync_policies() {
+    assert_eq!("always".parse(), Ok(FsyncPolicy::Always));
+    assert_eq!("never".parse(), Ok(FsyncPolicy::Never));
+    assert_eq!(
+        "interval:250".parse(),
+        Ok(FsyncPolicy::Interval(Duration::from_millis(250)))
+    );
+    assert!("interval:0".parse::<FsyncPolicy>().is_err());
+    assert!("sometimes".parse::<FsyncPolicy>().is_err());
+}
