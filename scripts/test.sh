@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo test --workspace --locked --all-targets
+# The black-box suite again, with every test bus on the durable file store.
+EVENTBUS_TEST_STORAGE=file cargo test --locked --tests -p eventbus

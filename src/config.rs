@@ -8,13 +8,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::store::FsyncPolicy;
+
 /// Limits and sizes the broker works within. Every field has a default that suits one machine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BusConfig {
     /// Events kept for replay (`earliest`, `after_sequence`, `from_time`), at most this many...
     pub retention_max_events: u64,
-    /// ...and at most this many bytes of them (data plus metadata).
+    /// ...and at most this many bytes of them (data plus metadata in memory; on disk, the
+    /// segment files)...
     pub retention_max_bytes: u64,
+    /// ...and none older than this, if set.
+    pub retention_max_age: Option<Duration>,
     /// Events queued for one subscriber before it counts as too slow and its stream is ended;
     /// this bounds the bus's memory per subscription.
     pub subscriber_queue_size: usize,
@@ -35,6 +40,7 @@ impl Default for BusConfig {
         BusConfig {
             retention_max_events: 1_000_000,
             retention_max_bytes: 256 * 1024 * 1024,
+            retention_max_age: None,
             subscriber_queue_size: 8192,
             max_event_data_bytes: 1024 * 1024,
             max_batch_events: 10_000,
@@ -109,6 +115,7 @@ impl BusConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub bus: BusConfig,
+    pub storage: StorageConfig,
     /// How long shutdown waits for in-flight calls after ending open streams.
     pub shutdown_grace: Duration,
     /// HTTP/2 keepalive ping interval: how dead clients are noticed and their subscriptions freed.
@@ -122,12 +129,41 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             bus: BusConfig::default(),
+            storage: StorageConfig::Memory,
             shutdown_grace: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
+
+/// Where the bus keeps its log.
+///
+/// `eventbus serve` defaults to [`StorageConfig::File`] in `./eventbus-data`; the library's
+/// [`ServerConfig::default`] keeps [`StorageConfig::Memory`], so embedding and tests leave no
+/// files behind unless they ask for them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StorageConfig {
+    /// A bounded ring in memory: fast, and gone when the bus stops.
+    Memory,
+    /// Segment files on disk that survive a crash.
+    File {
+        data_dir: PathBuf,
+        fsync: FsyncPolicy,
+        segment_bytes: u64,
+    },
+}
+
+/// The `--storage` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    Memory,
+    File,
+}
+
+/// The default segment size of the file store.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
@@ -154,6 +190,22 @@ pub struct ServeArgs {
     /// Bytes of events kept for replay [default: 268435456].
     #[arg(long, env = "EVENTBUS_RETENTION_MAX_BYTES")]
     pub retention_max_bytes: Option<u64>,
+    /// Oldest events kept for replay, e.g. `7d` [default: no limit].
+    #[arg(long, env = "EVENTBUS_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub retention_max_age: Option<Duration>,
+    /// Where the log lives: `file` (durable segment files) or `memory` [default: file].
+    #[arg(long, env = "EVENTBUS_STORAGE", value_enum)]
+    pub storage: Option<StorageKind>,
+    /// Directory of the file store [default: ./eventbus-data].
+    #[arg(long, env = "EVENTBUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// When the file store syncs: `always` (before acknowledging), `interval:<ms>` or `never`
+    /// [default: always].
+    #[arg(long, env = "EVENTBUS_FSYNC")]
+    pub fsync: Option<FsyncPolicy>,
+    /// Size at which the file store starts a new segment file [default: 67108864].
+    #[arg(long, env = "EVENTBUS_SEGMENT_BYTES")]
+    pub segment_bytes: Option<u64>,
     /// Events queued per subscriber before it is ended as too slow [default: 8192].
     #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_SIZE")]
     pub subscriber_queue_size: Option<usize>,
@@ -196,6 +248,12 @@ struct ConfigFile {
     listen: Option<SocketAddr>,
     retention_max_events: Option<u64>,
     retention_max_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde_opt")]
+    retention_max_age: Option<Duration>,
+    storage: Option<StorageKind>,
+    data_dir: Option<PathBuf>,
+    fsync: Option<String>,
+    segment_bytes: Option<u64>,
     subscriber_queue_size: Option<usize>,
     max_event_data_bytes: Option<usize>,
     max_batch_events: Option<usize>,
@@ -252,6 +310,7 @@ impl ServeArgs {
                 .retention_max_bytes
                 .or(file.retention_max_bytes)
                 .unwrap_or(bus_defaults.retention_max_bytes),
+            retention_max_age: self.retention_max_age.or(file.retention_max_age),
             subscriber_queue_size: self
                 .subscriber_queue_size
                 .or(file.subscriber_queue_size)
@@ -278,9 +337,44 @@ impl ServeArgs {
                 .unwrap_or(bus_defaults.max_query_timeout),
         };
         bus.validate()?;
+        let file_fsync = file
+            .fsync
+            .as_deref()
+            .map(|text| {
+                text.parse::<FsyncPolicy>()
+                    .map_err(|rule| ConfigError::Invalid {
+                        setting: "fsync",
+                        rule,
+                    })
+            })
+            .transpose()?;
+        let storage = match self.storage.or(file.storage).unwrap_or(StorageKind::File) {
+            StorageKind::Memory => StorageConfig::Memory,
+            StorageKind::File => StorageConfig::File {
+                data_dir: self
+                    .data_dir
+                    .clone()
+                    .or(file.data_dir)
+                    .unwrap_or_else(|| PathBuf::from("eventbus-data")),
+                fsync: self.fsync.or(file_fsync).unwrap_or(FsyncPolicy::Always),
+                segment_bytes: self
+                    .segment_bytes
+                    .or(file.segment_bytes)
+                    .unwrap_or(DEFAULT_SEGMENT_BYTES),
+            },
+        };
+        if let StorageConfig::File { segment_bytes, .. } = &storage {
+            if *segment_bytes < 4096 {
+                return Err(ConfigError::Invalid {
+                    setting: "segment_bytes",
+                    rule: "must be at least 4096".into(),
+                });
+            }
+        }
         let server = ServerConfig {
             listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
             bus,
+            storage,
             shutdown_grace: self
                 .shutdown_grace
                 .or(file.shutdown_grace)
@@ -324,7 +418,17 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let (server, log) = ServeArgs::default().resolve().unwrap();
-        assert_eq!(server, ServerConfig::default());
+        assert_eq!(
+            server,
+            ServerConfig {
+                storage: StorageConfig::File {
+                    data_dir: PathBuf::from("eventbus-data"),
+                    fsync: FsyncPolicy::Always,
+                    segment_bytes: DEFAULT_SEGMENT_BYTES,
+                },
+                ..ServerConfig::default()
+            }
+        );
         assert_eq!(log.level, "info");
     }
 
@@ -334,7 +438,8 @@ mod tests {
         let path = dir.path().join("bus.toml");
         std::fs::write(
             &path,
-            "listen = \"127.0.0.1:6000\"\nsubscriber_queue_size = 10\nmax_query_timeout = \"2m\"\n",
+            "listen = \"127.0.0.1:6000\"\nsubscriber_queue_size = 10\nmax_query_timeout = \"2m\"\n\
+             fsync = \"interval:50\"\nstorage = \"file\"\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -346,6 +451,10 @@ mod tests {
         assert_eq!(server.listen, "127.0.0.1:6000".parse().unwrap());
         assert_eq!(server.bus.subscriber_queue_size, 20);
         assert_eq!(server.bus.max_query_timeout, Duration::from_secs(120));
+        let StorageConfig::File { fsync, .. } = server.storage else {
+            panic!("file storage expected");
+        };
+        assert_eq!(fsync, FsyncPolicy::Interval(Duration::from_millis(50)));
     }
 
     #[test]

@@ -17,11 +17,11 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
-use crate::config::{BusConfig, ServerConfig};
+use crate::config::{BusConfig, ServerConfig, StorageConfig};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
 use crate::service::{AdminApi, EventBusApi};
-use crate::store::MemoryStore;
+use crate::store::{FileStore, FileStoreConfig, MemoryStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -29,21 +29,42 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("building reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("opening the store: {0}")]
+    Storage(#[from] StoreError),
 }
 
-/// A broker on the default (in-memory) store, sized by `config`.
-pub fn memory_broker(config: &BusConfig) -> Broker {
-    let store = MemoryStore::new(config.retention_max_events, config.retention_max_bytes);
-    Broker::new(config.clone(), Arc::new(store))
+/// A broker on the store `storage` describes, bounded by `config`'s retention. Opening a file
+/// store recovers its log first.
+pub fn open_broker(config: &BusConfig, storage: &StorageConfig) -> Result<Broker, StoreError> {
+    let store: Arc<dyn Store> = match storage {
+        StorageConfig::Memory => Arc::new(MemoryStore::with_max_age(
+            config.retention_max_events,
+            config.retention_max_bytes,
+            config.retention_max_age,
+        )),
+        StorageConfig::File {
+            data_dir,
+            fsync,
+            segment_bytes,
+        } => Arc::new(FileStore::open(FileStoreConfig {
+            fsync: *fsync,
+            segment_bytes: *segment_bytes,
+            retention_max_events: config.retention_max_events,
+            retention_max_bytes: config.retention_max_bytes,
+            retention_max_age: config.retention_max_age,
+            ..FileStoreConfig::new(data_dir)
+        })?),
+    };
+    Ok(Broker::new(config.clone(), store))
 }
 
-/// Serves a new in-memory bus on `listener` until `shutdown` resolves.
+/// Opens the configured store and serves a bus on it on `listener` until `shutdown` resolves.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let broker = memory_broker(&config.bus);
+    let broker = open_broker(&config.bus, &config.storage)?;
     serve(listener, config, broker, shutdown).await
 }
 

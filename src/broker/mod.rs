@@ -15,16 +15,23 @@
 //! confirmed, no publish can slip past it. The lock is a std `Mutex` held only for memory work
 //! (no `.await` inside), so contention costs a few hundred nanoseconds, and batches amortize it.
 //! Lock order: the routing lock, then the store's own lock.
+//!
+//! # Durable stores
+//! A store that makes appends durable later (the file store's group commit) exposes a durable
+//! head. Then a publish appends under the lock but parks its events in `pending`; once the
+//! durable head passes them, whoever notices first routes everything durable, in order, under the
+//! lock. A publish is acknowledged only after that, and readers (replays) never read past the last
+//! routed sequence: nobody ever sees an event that a crash could take back.
 
 mod subscription;
 pub mod topology;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use subscription::{Delivery, StartPosition, SubscribeOptions, Subscription, SubscriptionInfo};
@@ -33,7 +40,7 @@ pub use topology::TopologySnapshot;
 use crate::config::BusConfig;
 use crate::error::BusError;
 use crate::event::{Event, SharedEvent};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic, INBOX_FAMILY};
 use topology::Topology;
@@ -51,6 +58,11 @@ struct Shared {
     /// Cancelled when the bus shuts down: ends every open subscription and refuses new work.
     shutdown: CancellationToken,
     next_subscription_id: AtomicU64,
+    /// The store's durable head, for stores that make appends durable later (group commit).
+    durable_head: Option<watch::Receiver<u64>>,
+    /// The last sequence routed to subscribers. Replays read no further, so an event is seen by
+    /// readers only once it is durable, and never both replayed and routed to one subscriber.
+    routed_through: AtomicU64,
 }
 
 /// Everything the publish path touches, behind the routing lock.
@@ -61,6 +73,8 @@ struct Routing {
     /// Reply inbox -> the service that asked, so a reply can be drawn as an edge between the
     /// two services in the topology.
     inbox_owners: HashMap<Topic, Arc<str>>,
+    /// Appended events waiting to be durable before they are routed, in sequence order.
+    pending: VecDeque<SharedEvent>,
 }
 
 /// The subscribers of one pattern.
@@ -152,6 +166,8 @@ enum Responders {
 
 impl Broker {
     pub fn new(config: BusConfig, store: Arc<dyn Store>) -> Broker {
+        let durable_head = store.durable_head();
+        let routed_through = AtomicU64::new(store.bounds().head);
         Broker {
             shared: Arc::new(Shared {
                 config,
@@ -161,9 +177,12 @@ impl Broker {
                     topology: Topology::default(),
                     topics: HashMap::new(),
                     inbox_owners: HashMap::new(),
+                    pending: VecDeque::new(),
                 }),
                 shutdown: CancellationToken::new(),
                 next_subscription_id: AtomicU64::new(1),
+                durable_head,
+                routed_through,
             }),
         }
     }
@@ -187,16 +206,25 @@ impl Broker {
         self.shared.shutdown.is_cancelled()
     }
 
-    /// Stores and routes a batch, all or none, and returns each event's sequence.
-    pub fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, BusError> {
-        self.publish_with(events, Responders::Optional)
+    /// Stores and routes a batch, all or none, and returns each event's sequence once the
+    /// store has made it durable.
+    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, BusError> {
+        self.begin_publish(events)?.finish().await
     }
 
-    fn publish_with(
+    /// The synchronous half of a publish: checks the batch and appends it, in publish order.
+    /// The returned [`PendingPublish`] resolves once the batch is durable and routed; callers
+    /// with many batches in flight (PublishStream) begin them in order and finish them
+    /// concurrently, so one fsync covers many batches.
+    pub fn begin_publish(&self, events: Vec<Event>) -> Result<PendingPublish, BusError> {
+        self.append(events, Responders::Optional)
+    }
+
+    fn append(
         &self,
         events: Vec<Event>,
         responders: Responders,
-    ) -> Result<Vec<u64>, BusError> {
+    ) -> Result<PendingPublish, BusError> {
         if self.is_shutting_down() {
             return Err(BusError::ShuttingDown);
         }
@@ -217,11 +245,67 @@ impl Broker {
             }
         }
         let stored = self.shared.store.append(events, now)?;
+        let sequences: Vec<u64> = stored.iter().map(|event| event.sequence).collect();
+        let last = *sequences.last().expect("a batch is never empty");
         for event in &stored {
-            routing.route(event);
             routing.record(event, now);
         }
-        Ok(stored.iter().map(|event| event.sequence).collect())
+        match &self.shared.durable_head {
+            // Appends are final on return: route at once, under the same lock.
+            None => {
+                for event in &stored {
+                    routing.route(event);
+                }
+                self.shared.routed_through.store(last, Ordering::Release);
+                Ok(PendingPublish {
+                    broker: self.clone(),
+                    sequences,
+                    wait: None,
+                })
+            }
+            // Routed once durable, so no subscriber sees what a crash could take back.
+            Some(durable_head) => {
+                routing.pending.extend(stored);
+                Ok(PendingPublish {
+                    broker: self.clone(),
+                    sequences,
+                    wait: Some(durable_head.clone()),
+                })
+            }
+        }
+    }
+
+    /// Routes, in sequence order, every pending event the store has made durable.
+    fn route_durable(&self, durable: u64) {
+        let mut routing = self.lock_routing();
+        let mut routed = None;
+        while routing
+            .pending
+            .front()
+            .is_some_and(|event| event.sequence <= durable)
+        {
+            let event = routing.pending.pop_front().expect("checked");
+            routing.route(&event);
+            routed = Some(event.sequence);
+        }
+        if let Some(routed) = routed {
+            self.shared.routed_through.store(routed, Ordering::Release);
+        }
+    }
+
+    /// The store's bounds as readers may see them: the head is the last routed sequence.
+    fn visible_bounds(&self) -> crate::store::LogBounds {
+        let bounds = self.shared.store.bounds();
+        let head = self.visible_head();
+        crate::store::LogBounds {
+            oldest: bounds.oldest.filter(|oldest| *oldest <= head),
+            head,
+        }
+    }
+
+    /// The last sequence routed to subscribers: the head of the log as readers may see it.
+    pub fn visible_head(&self) -> u64 {
+        self.shared.routed_through.load(Ordering::Acquire)
     }
 
     fn check_batch(&self, events: &[Event]) -> Result<(), BusError> {
@@ -275,7 +359,9 @@ impl Broker {
         let correlation_id = event.correlation_id.clone();
         let topic = event.topic.to_string();
         let mut reply_queue = self.register_inbox(&inbox, event.source.clone())?;
-        self.publish_with(vec![event], Responders::Required)?;
+        self.append(vec![event], Responders::Required)?
+            .finish()
+            .await?;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         loop {
@@ -451,6 +537,39 @@ impl Broker {
             .routing
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A batch that is stored and waits to be durable. See [`Broker::begin_publish`].
+#[must_use = "a publish is acknowledged only once finished"]
+pub struct PendingPublish {
+    broker: Broker,
+    sequences: Vec<u64>,
+    wait: Option<watch::Receiver<u64>>,
+}
+
+impl PendingPublish {
+    /// Waits until the batch is durable and routed; returns its sequences.
+    pub async fn finish(self) -> Result<Vec<u64>, BusError> {
+        let Some(mut durable_head) = self.wait else {
+            return Ok(self.sequences);
+        };
+        let last = *self.sequences.last().expect("a batch is never empty");
+        loop {
+            let durable = *durable_head.borrow_and_update();
+            if durable >= last {
+                self.broker.route_durable(durable);
+                return Ok(self.sequences);
+            }
+            if let Some(failure) = self.broker.shared.store.durability_error() {
+                return Err(BusError::Storage(StoreError::Failed(failure)));
+            }
+            if durable_head.changed().await.is_err() {
+                return Err(BusError::Storage(StoreError::Failed(
+                    "the store closed before the batch was durable".into(),
+                )));
+            }
+        }
     }
 }
 

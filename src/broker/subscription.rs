@@ -110,12 +110,12 @@ impl Subscription {
             StartPosition::Latest => {
                 let mut routing = broker.lock_routing();
                 let registration = broker.register_locked(&mut routing, request);
-                let bounds = store.bounds();
+                let bounds = broker.visible_bounds();
                 drop(routing);
                 (Phase::Live(registration), bounds, false)
             }
             start => {
-                let bounds = store.bounds();
+                let bounds = broker.visible_bounds();
                 let (after, truncated) = match start {
                     StartPosition::Earliest => (bounds.first_available() - 1, false),
                     StartPosition::AfterSequence(sequence) => {
@@ -260,9 +260,11 @@ impl Cursor {
     /// Reads the next chunk of the replay; near the head, switches to live.
     fn replay_step(&mut self, after: u64) -> Result<(), BusError> {
         let store = self.broker.shared.store.clone();
-        let chunk = store.read_after(after, REPLAY_CHUNK)?;
+        let visible = self.broker.visible_head();
+        let mut chunk = store.read_after(after, REPLAY_CHUNK)?;
+        chunk.retain(|event| event.sequence <= visible);
         self.check_no_gap(after, &chunk)?;
-        if chunk.len() == REPLAY_CHUNK {
+        if chunk.len() == REPLAY_CHUNK && chunk.last().is_some_and(|e| e.sequence < visible) {
             let last = chunk.last().expect("a full chunk").sequence;
             self.take_matching(chunk);
             self.phase = Phase::Replay { after: last };
@@ -273,9 +275,12 @@ impl Cursor {
         // Near the head: finish under the routing lock so no publish falls between the last
         // read and the registration.
         let mut routing = self.broker.lock_routing();
-        let rest = store.read_after(caught_up_after, usize::MAX)?;
+        // Under the lock the visible head cannot move: read up to it, no further (later events
+        // are pending durability and will be routed to the registration below).
+        let head = self.broker.visible_head();
+        let mut rest = store.read_after(caught_up_after, usize::MAX)?;
+        rest.retain(|event| event.sequence <= head);
         self.check_no_gap(caught_up_after, &rest)?;
-        let head = store.bounds().head;
         let registration = self.broker.register_locked(
             &mut routing,
             RegistrationRequest {

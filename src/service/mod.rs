@@ -7,7 +7,8 @@ pub mod status;
 
 use std::time::Duration;
 
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, FuturesOrdered, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, Instrument};
 
@@ -60,9 +61,8 @@ impl EventBusService for EventBusApi {
             topic = events.first().map(|e| e.topic.as_str()).unwrap_or(""),
             first_sequence = tracing::field::Empty,
         );
-        let _entered = span.enter();
-        let sequences =
-            convert::events_from_pb(events).and_then(|events| self.broker.publish(events))?;
+        let events = convert::events_from_pb(events)?;
+        let sequences = self.broker.publish(events).instrument(span.clone()).await?;
         span.record("first_sequence", sequences.first().copied().unwrap_or(0));
         Ok(Response::new(pb::PublishResponse { sequences }))
     }
@@ -77,6 +77,8 @@ impl EventBusService for EventBusApi {
         let state = PublishStreamState {
             broker: self.broker.clone(),
             inbound: request.into_inner(),
+            in_flight: FuturesOrdered::new(),
+            inbound_done: false,
             ended: false,
         };
         let responses = stream::unfold(state, move |mut state| {
@@ -171,38 +173,73 @@ impl EventBusService for EventBusApi {
     }
 }
 
-/// The per-stream state of a PublishStream call.
+/// Batches one PublishStream keeps waiting for durability at once: enough to fill many group
+/// commits, bounded so a client cannot make the bus hold unbounded work.
+const MAX_BATCHES_IN_FLIGHT: usize = 1024;
+
+type BatchOutcome = (u64, Result<Vec<u64>, BusError>);
+
+/// The per-stream state of a PublishStream call. Batches are appended in the order they arrive
+/// and answered in that order; waiting for durability overlaps, so one fsync covers many.
 struct PublishStreamState {
     broker: Broker,
     inbound: Streaming<pb::PublishStreamRequest>,
+    in_flight: FuturesOrdered<BoxFuture<'static, BatchOutcome>>,
+    inbound_done: bool,
     ended: bool,
 }
 
 impl PublishStreamState {
     async fn next(&mut self) -> Option<Result<pb::PublishStreamResponse, Status>> {
-        if self.ended {
-            return None;
-        }
-        let request = tokio::select! {
-            biased;
-            _ = self.broker.stopped() => {
-                self.ended = true;
-                return Some(Err(status::to_status(&BusError::ShuttingDown)));
-            }
-            request = self.inbound.next() => request,
-        };
-        let request = match request? {
-            Ok(request) => request,
-            // The client broke its side of the stream: nothing to answer.
-            Err(status) => {
-                debug!(%status, "publish stream ended by the client");
+        loop {
+            if self.ended {
                 return None;
             }
-        };
+            if self.inbound_done && self.in_flight.is_empty() {
+                return None;
+            }
+            let accepting = !self.inbound_done && self.in_flight.len() < MAX_BATCHES_IN_FLIGHT;
+            tokio::select! {
+                biased;
+                _ = self.broker.stopped(), if self.in_flight.is_empty() => {
+                    self.ended = true;
+                    return Some(Err(status::to_status(&BusError::ShuttingDown)));
+                }
+                Some((request_id, outcome)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    return self.answer(request_id, outcome);
+                }
+                request = self.inbound.next(), if accepting => match request {
+                    None => self.inbound_done = true,
+                    Some(Err(status)) => {
+                        // The client broke its side: answer what is in flight, take no more.
+                        debug!(%status, "publish stream ended by the client");
+                        self.inbound_done = true;
+                    }
+                    Some(Ok(request)) => self.begin(request),
+                },
+            }
+        }
+    }
+
+    fn begin(&mut self, request: pb::PublishStreamRequest) {
         let request_id = request.request_id;
-        let result = match convert::events_from_pb(request.events)
-            .and_then(|events| self.broker.publish(events))
-        {
+        let pending = convert::events_from_pb(request.events)
+            .and_then(|events| self.broker.begin_publish(events));
+        self.in_flight.push_back(Box::pin(async move {
+            let outcome = match pending {
+                Ok(pending) => pending.finish().await,
+                Err(error) => Err(error),
+            };
+            (request_id, outcome)
+        }));
+    }
+
+    fn answer(
+        &mut self,
+        request_id: u64,
+        outcome: Result<Vec<u64>, BusError>,
+    ) -> Option<Result<pb::PublishStreamResponse, Status>> {
+        let result = match outcome {
             Ok(sequences) => {
                 pb::publish_stream_response::Result::Published(pb::PublishedSequences { sequences })
             }

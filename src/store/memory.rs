@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::{HeldCounts, LogBounds, Store, StoreError};
 use crate::event::{Event, SharedEvent, StoredEvent};
@@ -12,6 +12,7 @@ use crate::event::{Event, SharedEvent, StoredEvent};
 pub struct MemoryStore {
     max_events: u64,
     max_bytes: u64,
+    max_age: Option<Duration>,
     /// A std lock: it is held only for memory operations, never across an `.await`.
     inner: RwLock<Inner>,
 }
@@ -28,9 +29,15 @@ struct Inner {
 
 impl MemoryStore {
     pub fn new(max_events: u64, max_bytes: u64) -> MemoryStore {
+        MemoryStore::with_max_age(max_events, max_bytes, None)
+    }
+
+    /// Also drops events published more than `max_age` before the newest append.
+    pub fn with_max_age(max_events: u64, max_bytes: u64, max_age: Option<Duration>) -> MemoryStore {
         MemoryStore {
             max_events,
             max_bytes,
+            max_age,
             inner: RwLock::new(Inner::default()),
         }
     }
@@ -69,7 +76,15 @@ impl Store for MemoryStore {
             inner.events.push_back(shared.clone());
             stored.push(shared);
         }
-        while inner.events.len() as u64 > self.max_events || inner.bytes > self.max_bytes {
+        let expired_before = self.max_age.and_then(|age| publish_time.checked_sub(age));
+        while inner.events.len() as u64 > self.max_events
+            || inner.bytes > self.max_bytes
+            || inner
+                .events
+                .front()
+                .zip(expired_before)
+                .is_some_and(|(oldest, cutoff)| oldest.publish_time < cutoff)
+        {
             let Some(evicted) = inner.events.pop_front() else {
                 break;
             };
@@ -118,7 +133,6 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
     use crate::topic::Topic;
-    use std::time::Duration;
 
     fn event(topic: &str, data: &[u8]) -> Event {
         Event {
@@ -212,6 +226,20 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn retention_drops_events_older_than_the_max_age() {
+        let store = MemoryStore::with_max_age(100, 1 << 20, Some(Duration::from_secs(60)));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        store.append(vec![event("a", b"")], t0).unwrap();
+        store
+            .append(vec![event("a", b"")], t0 + Duration::from_secs(30))
+            .unwrap();
+        store
+            .append(vec![event("a", b"")], t0 + Duration::from_secs(61))
+            .unwrap();
+        assert_eq!(store.bounds().oldest, Some(2));
     }
 
     #[test]

@@ -6,9 +6,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use eventbus::config::{BusConfig, ServerConfig};
+use eventbus::config::{BusConfig, ServerConfig, StorageConfig};
 use eventbus::pb::admin_service_client::AdminServiceClient;
 use eventbus::pb::event_bus_service_client::EventBusServiceClient;
+use eventbus::store::FsyncPolicy;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -18,6 +19,18 @@ pub struct TestBus {
     pub addr: SocketAddr,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<()>>,
+    /// The file store's directory, removed when the bus is dropped.
+    _data_dir: Option<tempfile::TempDir>,
+}
+
+/// `EVENTBUS_TEST_STORAGE=file` runs every in-process test bus on the file store (in a temporary
+/// directory) instead of the in-memory one: the same suite checks both stores.
+fn storage_under_test() -> Option<tempfile::TempDir> {
+    match std::env::var("EVENTBUS_TEST_STORAGE").as_deref() {
+        Ok("file") => Some(tempfile::tempdir().expect("temporary data dir")),
+        Ok("memory") | Err(_) => None,
+        Ok(other) => panic!("EVENTBUS_TEST_STORAGE must be file or memory, not {other:?}"),
+    }
 }
 
 impl TestBus {
@@ -36,7 +49,18 @@ impl TestBus {
         TestBus::start_server(config).await
     }
 
-    pub async fn start_server(config: ServerConfig) -> TestBus {
+    pub async fn start_server(mut config: ServerConfig) -> TestBus {
+        let data_dir = match config.storage {
+            StorageConfig::Memory => storage_under_test(),
+            StorageConfig::File { .. } => None,
+        };
+        if let Some(dir) = &data_dir {
+            config.storage = StorageConfig::File {
+                data_dir: dir.path().to_owned(),
+                fsync: FsyncPolicy::Always,
+                segment_bytes: 1024 * 1024,
+            };
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -50,6 +74,7 @@ impl TestBus {
             addr,
             shutdown,
             handle: Some(handle),
+            _data_dir: data_dir,
         }
     }
 
