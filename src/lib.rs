@@ -10,9 +10,15 @@
 //! - [`sdk`]: the Rust client SDK.
 //! - [`cli`]: the `eventbus` command line.
 
+pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod error;
+pub mod event;
 pub mod pb;
 pub mod sdk;
+pub mod server;
+pub mod service;
+pub mod store;
 pub mod sublist;
 pub mod topic;

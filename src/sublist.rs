@@ -146,32 +146,18 @@ impl<V> SubjectTree<V> {
     /// Calls `visit` with the value of every pattern that matches `topic`. Each matching pattern
     /// is visited exactly once.
     pub fn for_each_match(&mut self, topic: &Topic, mut visit: impl FnMut(&mut V)) {
-        fn walk<V>(level: &mut Level<V>, remaining: &str, visit: &mut dyn FnMut(&mut V)) {
-            let (token, after) = match remaining.split_once('.') {
-                Some((token, after)) => (token, Some(after)),
-                None => (remaining, None),
-            };
-            if let Some(value) = level.rest.as_mut() {
-                visit(value);
-            }
-            if let Some(node) = level.literal.get_mut(token) {
-                step(node, after, visit);
-            }
-            if let Some(node) = level.any.as_deref_mut() {
-                step(node, after, visit);
-            }
-        }
-        fn step<V>(node: &mut Node<V>, after: Option<&str>, visit: &mut dyn FnMut(&mut V)) {
-            match after {
-                None => {
-                    if let Some(value) = node.leaf.as_mut() {
-                        visit(value);
-                    }
-                }
-                Some(after) => walk(&mut node.next, after, visit),
-            }
-        }
-        walk(&mut self.root, topic.as_str(), &mut visit);
+        walk(&mut self.root, topic.as_str(), &mut visit, None);
+    }
+
+    /// Like [`SubjectTree::for_each_match`], for a `visit` that may empty values: afterwards, a
+    /// value that `is_empty` says is empty is removed and its branch pruned.
+    pub fn for_each_match_and_prune(
+        &mut self,
+        topic: &Topic,
+        mut visit: impl FnMut(&mut V),
+        is_empty: impl Fn(&V) -> bool,
+    ) {
+        walk(&mut self.root, topic.as_str(), &mut visit, Some(&is_empty));
     }
 
     /// Whether the tree holds no values at all.
@@ -184,6 +170,54 @@ impl<V> Level<V> {
     fn is_empty(&self) -> bool {
         self.literal.is_empty() && self.any.is_none() && self.rest.is_none()
     }
+}
+
+type Visit<'a, V> = &'a mut dyn FnMut(&mut V);
+type IsEmpty<'a, V> = Option<&'a dyn Fn(&V) -> bool>;
+
+/// Matches `remaining` (the topic's tokens from here on) at `level`.
+fn walk<V>(level: &mut Level<V>, remaining: &str, visit: Visit<'_, V>, prune: IsEmpty<'_, V>) {
+    let (token, after) = match remaining.split_once('.') {
+        Some((token, after)) => (token, Some(after)),
+        None => (remaining, None),
+    };
+    if let Some(value) = level.rest.as_mut() {
+        visit(value);
+        if prune.is_some_and(|is_empty| is_empty(value)) {
+            level.rest = None;
+        }
+    }
+    if let Some(node) = level.literal.get_mut(token) {
+        if step(node, after, visit, prune) {
+            level.literal.remove(token);
+        }
+    }
+    if let Some(node) = level.any.as_deref_mut() {
+        if step(node, after, visit, prune) {
+            level.any = None;
+        }
+    }
+}
+
+/// Matches past `node`; returns whether the node is left empty and should be pruned.
+fn step<V>(
+    node: &mut Node<V>,
+    after: Option<&str>,
+    visit: Visit<'_, V>,
+    prune: IsEmpty<'_, V>,
+) -> bool {
+    match after {
+        None => {
+            if let Some(value) = node.leaf.as_mut() {
+                visit(value);
+                if prune.is_some_and(|is_empty| is_empty(value)) {
+                    node.leaf = None;
+                }
+            }
+        }
+        Some(after) => walk(&mut node.next, after, visit, prune),
+    }
+    prune.is_some() && node.leaf.is_none() && node.next.is_empty()
 }
 
 #[cfg(test)]
@@ -236,6 +270,23 @@ mod tests {
         assert_eq!(matches(&mut tree, "a.b.c"), vec!["y"]);
         tree.get_mut(&pattern("a.>")).unwrap().clear();
         tree.remove_if(&pattern("a.>"), Vec::is_empty);
+        assert!(tree.is_empty());
+    }
+
+    #[test]
+    fn matching_can_prune_values_it_emptied() {
+        let mut tree = SubjectTree::<Vec<String>>::new();
+        tree.entry(&pattern("a.*")).push("x".into());
+        tree.entry(&pattern("a.>")).push("y".into());
+        tree.entry(&pattern("a.b")).push("z".into());
+        let topic = Topic::parse("a.b").unwrap();
+        tree.for_each_match_and_prune(
+            &topic,
+            |v| v.retain(|s| s != "x" && s != "z"),
+            Vec::is_empty,
+        );
+        assert_eq!(matches(&mut tree, "a.b"), vec!["y"]);
+        tree.for_each_match_and_prune(&topic, Vec::clear, Vec::is_empty);
         assert!(tree.is_empty());
     }
 

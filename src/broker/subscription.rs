@@ -1,0 +1,321 @@
+//! One subscription's stream: a replay from storage (when it starts in the past), then live
+//! events from its queue.
+//!
+//! # Replay without gaps or duplicates
+//! A subscription that starts in the past is not put in the subject tree at once. It reads the
+//! store in chunks from its start; when a read comes back short (it is near the head), it takes
+//! the routing lock, reads what was appended since, and registers, all while no publish can run.
+//! Everything up to the head at that moment comes from the store, everything after from the
+//! queue. The `caught_up` marker sits between the two. Since the store holds every event
+//! published after the `subscribed` confirmation, the confirmation's promise holds during the
+//! replay too.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use futures_util::stream::{self, BoxStream, Stream};
+
+use super::{Broker, Registration, RegistrationRequest};
+use crate::error::BusError;
+use crate::event::SharedEvent;
+use crate::topic::Pattern;
+
+/// Events read from the store per step of a replay.
+const REPLAY_CHUNK: usize = 512;
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartPosition {
+    /// Only events published after the confirmation.
+    #[default]
+    Latest,
+    /// Everything still held.
+    Earliest,
+    /// Every held event with a greater sequence.
+    AfterSequence(u64),
+    /// Every held event published at or after this time.
+    FromTime(SystemTime),
+}
+
+/// What a subscriber asks for.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    pub pattern: Pattern,
+    /// Members of one group on one pattern share its events.
+    pub group: Option<Arc<str>>,
+    /// The subscribing service, for the topology and logs.
+    pub subscriber: Arc<str>,
+    pub start: StartPosition,
+}
+
+/// The confirmation of a subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionInfo {
+    pub id: u64,
+    pub pattern: Pattern,
+    pub group: Option<Arc<str>>,
+    /// The last sequence assigned when the subscription was confirmed.
+    pub head_sequence: u64,
+    /// The oldest sequence held then, if any.
+    pub oldest_sequence: Option<u64>,
+    /// The requested start was older than anything held: the replay starts at the oldest.
+    pub start_truncated: bool,
+}
+
+/// One item of a subscription stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    Event(SharedEvent),
+    /// The replay reached the live head; this is the last replayed sequence (the head then).
+    CaughtUp {
+        sequence: u64,
+    },
+}
+
+/// An open subscription: its confirmation and its stream of deliveries. Dropping it
+/// unsubscribes.
+pub struct Subscription {
+    info: SubscriptionInfo,
+    deliveries: BoxStream<'static, Result<Delivery, BusError>>,
+}
+
+impl Subscription {
+    pub fn info(&self) -> &SubscriptionInfo {
+        &self.info
+    }
+
+    pub(super) fn open(
+        broker: Broker,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, BusError> {
+        if options.group.is_some() && options.start != StartPosition::Latest {
+            return Err(BusError::invalid(
+                "start",
+                "a group subscription starts at latest: its members share live events, and \
+                 replay for groups is not supported",
+            ));
+        }
+        let queue_size = broker.config().subscriber_queue_size;
+        let store = broker.shared.store.clone();
+        let request = RegistrationRequest {
+            pattern: &options.pattern,
+            group: options.group.as_ref(),
+            subscriber: Some(&*options.subscriber),
+            queue_size,
+        };
+        let (phase, bounds, start_truncated) = match options.start {
+            StartPosition::Latest => {
+                let mut routing = broker.lock_routing();
+                let registration = broker.register_locked(&mut routing, request);
+                let bounds = store.bounds();
+                drop(routing);
+                (Phase::Live(registration), bounds, false)
+            }
+            start => {
+                let bounds = store.bounds();
+                let (after, truncated) = match start {
+                    StartPosition::Earliest => (bounds.first_available() - 1, false),
+                    StartPosition::AfterSequence(sequence) => {
+                        let oldest_wanted = sequence.saturating_add(1);
+                        let first = bounds.first_available();
+                        if oldest_wanted < first {
+                            (first - 1, true)
+                        } else {
+                            (sequence, false)
+                        }
+                    }
+                    StartPosition::FromTime(time) => {
+                        match store.first_sequence_at_or_after(time)? {
+                            Some(sequence) => (sequence - 1, false),
+                            None => (bounds.head, false),
+                        }
+                    }
+                    StartPosition::Latest => unreachable!("handled above"),
+                };
+                (Phase::Replay { after }, bounds, truncated)
+            }
+        };
+        let id = match &phase {
+            Phase::Live(registration) => registration.id,
+            _ => broker
+                .shared
+                .next_subscription_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+        let info = SubscriptionInfo {
+            id,
+            pattern: options.pattern.clone(),
+            group: options.group.clone(),
+            head_sequence: bounds.head,
+            oldest_sequence: bounds.oldest,
+            start_truncated,
+        };
+        let state = Cursor {
+            broker,
+            options,
+            queue_size,
+            phase,
+            pending: VecDeque::new(),
+            caught_up: None,
+            last_delivered: 0,
+        };
+        let deliveries = stream::unfold(state, |mut state| async move {
+            let item = state.next().await?;
+            Some((item, state))
+        });
+        Ok(Subscription {
+            info,
+            deliveries: Box::pin(deliveries),
+        })
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Delivery, BusError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.deliveries.as_mut().poll_next(cx)
+    }
+}
+
+enum Phase {
+    /// Reading the store; everything up to `after` is done.
+    Replay { after: u64 },
+    /// In the subject tree, reading the queue.
+    Live(Registration),
+    /// Ended; the stream yields nothing more.
+    Done,
+}
+
+/// The state behind a subscription stream.
+struct Cursor {
+    broker: Broker,
+    options: SubscribeOptions,
+    queue_size: usize,
+    phase: Phase,
+    /// Replayed events not yet yielded.
+    pending: VecDeque<SharedEvent>,
+    /// The `caught_up` marker to yield once `pending` is empty.
+    caught_up: Option<u64>,
+    last_delivered: u64,
+}
+
+impl Cursor {
+    async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                self.last_delivered = event.sequence;
+                return Some(Ok(Delivery::Event(event)));
+            }
+            if let Some(sequence) = self.caught_up.take() {
+                return Some(Ok(Delivery::CaughtUp { sequence }));
+            }
+            match &mut self.phase {
+                Phase::Done => return None,
+                Phase::Replay { after } => {
+                    let after = *after;
+                    if self.broker.is_shutting_down() {
+                        return self.end(BusError::ShuttingDown);
+                    }
+                    if let Err(error) = self.replay_step(after) {
+                        return self.end(error);
+                    }
+                    // A replay of a busy log through a narrow pattern may find nothing for many
+                    // chunks: let other tasks run between them.
+                    tokio::task::consume_budget().await;
+                }
+                Phase::Live(registration) => {
+                    let shutdown = self.broker.shared.shutdown.clone();
+                    let received = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => None,
+                        received = registration.receiver.recv() => Some(received),
+                    };
+                    match received {
+                        None => return self.end(BusError::ShuttingDown),
+                        Some(Some(event)) => {
+                            self.last_delivered = event.sequence;
+                            return Some(Ok(Delivery::Event(event)));
+                        }
+                        Some(None) => {
+                            let error = if registration.overflowed() {
+                                BusError::SlowConsumer {
+                                    queue_size: self.queue_size,
+                                    last_delivered: self.last_delivered,
+                                }
+                            } else {
+                                BusError::ShuttingDown
+                            };
+                            return self.end(error);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the next chunk of the replay; near the head, switches to live.
+    fn replay_step(&mut self, after: u64) -> Result<(), BusError> {
+        let store = self.broker.shared.store.clone();
+        let chunk = store.read_after(after, REPLAY_CHUNK)?;
+        self.check_no_gap(after, &chunk)?;
+        if chunk.len() == REPLAY_CHUNK {
+            let last = chunk.last().expect("a full chunk").sequence;
+            self.take_matching(chunk);
+            self.phase = Phase::Replay { after: last };
+            return Ok(());
+        }
+        let caught_up_after = chunk.last().map_or(after, |e| e.sequence);
+        self.take_matching(chunk);
+        // Near the head: finish under the routing lock so no publish falls between the last
+        // read and the registration.
+        let mut routing = self.broker.lock_routing();
+        let rest = store.read_after(caught_up_after, usize::MAX)?;
+        self.check_no_gap(caught_up_after, &rest)?;
+        let head = store.bounds().head;
+        let registration = self.broker.register_locked(
+            &mut routing,
+            RegistrationRequest {
+                pattern: &self.options.pattern,
+                group: self.options.group.as_ref(),
+                subscriber: Some(&*self.options.subscriber),
+                queue_size: self.queue_size,
+            },
+        );
+        drop(routing);
+        self.take_matching(rest);
+        self.caught_up = Some(head);
+        self.phase = Phase::Live(registration);
+        Ok(())
+    }
+
+    /// A chunk that does not start right after `after` means retention dropped events this
+    /// replay had not delivered yet.
+    fn check_no_gap(&self, after: u64, chunk: &[SharedEvent]) -> Result<(), BusError> {
+        match chunk.first() {
+            Some(first) if first.sequence > after + 1 => Err(BusError::ReplayOverrun {
+                last_delivered: self.last_delivered.max(after),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn take_matching(&mut self, chunk: Vec<SharedEvent>) {
+        let pattern = &self.options.pattern;
+        self.pending.extend(
+            chunk
+                .into_iter()
+                .filter(|e| pattern.matches(&e.event.topic)),
+        );
+    }
+
+    fn end(&mut self, error: BusError) -> Option<Result<Delivery, BusError>> {
+        // Dropping a live registration here unsubscribes at once rather than when the stream
+        // itself is dropped.
+        self.phase = Phase::Done;
+        Some(Err(error))
+    }
+}

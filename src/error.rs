@@ -1,0 +1,66 @@
+//! The bus's domain errors. Each says what was wrong in words a client can act on; the service
+//! adapter maps each variant to a gRPC status in exactly one place
+//! ([`crate::service::status`]).
+
+use std::time::Duration;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A request field breaks a rule. `field` is a path such as `events[2].topic`.
+    #[error("{field}: {rule}")]
+    InvalidArgument { field: String, rule: String },
+
+    /// An event's data is over the configured limit.
+    #[error("events[{index}].data: {size} bytes is over the limit of {limit} bytes")]
+    EventTooLarge {
+        index: usize,
+        size: usize,
+        limit: usize,
+    },
+
+    /// A query's topic had no subscriber when it was published, so no reply can come.
+    #[error("no responders for topic {topic}")]
+    NoResponders { topic: String },
+
+    /// No reply came in time.
+    #[error("no reply to the query on topic {topic} within {}", humantime::format_duration(*.timeout))]
+    QueryTimeout { topic: String, timeout: Duration },
+
+    /// A subscriber's queue overflowed: it reads slower than events arrive.
+    #[error(
+        "subscriber too slow: its queue of {queue_size} events overflowed; last delivered \
+         sequence {last_delivered}; resubscribe with after_sequence={last_delivered} to go on"
+    )]
+    SlowConsumer {
+        queue_size: usize,
+        last_delivered: u64,
+    },
+
+    /// A replay read slower than retention dropped events, so the next one is gone.
+    #[error(
+        "replay fell behind retention: events after sequence {last_delivered} were dropped \
+         before they could be delivered; resubscribe with after_sequence={last_delivered} to go \
+         on from the oldest held event"
+    )]
+    ReplayOverrun { last_delivered: u64 },
+
+    /// The bus is stopping and takes no new work.
+    #[error("the bus is shutting down")]
+    ShuttingDown,
+
+    /// The store failed.
+    #[error(transparent)]
+    Storage(#[from] StoreError),
+}
+
+impl BusError {
+    /// A bad field, with the rule it breaks.
+    pub fn invalid(field: impl Into<String>, rule: impl Into<String>) -> BusError {
+        BusError::InvalidArgument {
+            field: field.into(),
+            rule: rule.into(),
+        }
+    }
+}

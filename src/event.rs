@@ -1,0 +1,69 @@
+//! The bus's own event types. Wire messages are converted to these once, at the service edge
+//! ([`crate::service::convert`]); the broker and the stores never see protobuf.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::topic::Topic;
+
+/// An event as a producer publishes it, already checked for syntax. CloudEvents 1.0 fields plus
+/// the correlation extension and the bus's routing fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Unique per source; a UUIDv7 when the producer sent none.
+    pub id: String,
+    pub source: Arc<str>,
+    pub event_type: String,
+    pub topic: Topic,
+    /// Producer time; set to the publish time when the producer sent none.
+    pub time: Option<SystemTime>,
+    pub data_content_type: String,
+    /// Shared, never copied per subscriber.
+    pub data: Bytes,
+    pub attributes: HashMap<String, String>,
+    pub correlation_id: String,
+    pub causation_id: String,
+    pub reply_to: Option<Topic>,
+}
+
+/// Bytes an event's metadata is charged on top of its data in retention accounting, to cover
+/// the struct and the allocations behind it.
+const METADATA_OVERHEAD_BYTES: usize = 128;
+
+impl Event {
+    /// An estimate of the memory the event holds, for retention limits.
+    pub fn size_bytes(&self) -> usize {
+        let attributes: usize = self
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 16)
+            .sum();
+        METADATA_OVERHEAD_BYTES
+            + self.data.len()
+            + self.id.len()
+            + self.source.len()
+            + self.event_type.len()
+            + self.topic.as_str().len()
+            + self.data_content_type.len()
+            + self.correlation_id.len()
+            + self.causation_id.len()
+            + self.reply_to.as_ref().map_or(0, |t| t.as_str().len())
+            + attributes
+    }
+}
+
+/// An event the bus has stored: its place in the log and when it was stored. Shared by `Arc`
+/// between the store and every subscriber it is delivered to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Position in the bus log, strictly increasing across the whole bus.
+    pub sequence: u64,
+    pub publish_time: SystemTime,
+    pub event: Event,
+}
+
+/// How events are shared once stored.
+pub type SharedEvent = Arc<StoredEvent>;

@@ -1,0 +1,466 @@
+//! The one boundary between wire types (`pb`) and domain types. Incoming messages are checked
+//! here field by field, so an error names the field (`events[2].topic`) and the rule it breaks;
+//! nothing past this point sees an unchecked value.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::broker::topology::{Edge, EdgeKind, Node, NodeKind, TopologySnapshot};
+use crate::broker::{StartPosition, SubscribeOptions, SubscriptionInfo, TopicSummary};
+use crate::error::BusError;
+use crate::event::{Event, StoredEvent};
+use crate::pb;
+use crate::topic::{Pattern, Topic};
+
+/// The longest `id`, `source`, `type`, `data_content_type`, `correlation_id`, `causation_id`,
+/// group or subscriber name.
+pub const MAX_NAME_BYTES: usize = 256;
+/// The most attributes on one event.
+pub const MAX_ATTRIBUTES: usize = 64;
+/// The longest attribute key.
+pub const MAX_ATTRIBUTE_KEY_BYTES: usize = 128;
+/// The longest attribute value.
+pub const MAX_ATTRIBUTE_VALUE_BYTES: usize = 4096;
+
+/// Subscriber name used when a subscription names none.
+pub const UNNAMED_SUBSCRIBER: &str = "unnamed";
+
+/// Checks and converts a published event. `path` is how the error names it, e.g. `events[3]`.
+pub fn event_from_pb(event: pb::Event, path: &str) -> Result<Event, BusError> {
+    let field = |name: &str| format!("{path}.{name}");
+    let topic = Topic::parse_client_publishable(&event.topic)
+        .map_err(|rule| BusError::invalid(field("topic"), rule.to_string()))?;
+    if event.source.is_empty() {
+        return Err(BusError::invalid(
+            field("source"),
+            "must not be empty: it names the producing service (CloudEvents source)",
+        ));
+    }
+    for (name, value) in [
+        ("id", &event.id),
+        ("source", &event.source),
+        ("type", &event.r#type),
+        ("data_content_type", &event.data_content_type),
+        ("correlation_id", &event.correlation_id),
+        ("causation_id", &event.causation_id),
+    ] {
+        check_name(&field(name), value)?;
+    }
+    let reply_to = if event.reply_to.is_empty() {
+        None
+    } else {
+        Some(
+            Topic::parse_client_publishable(&event.reply_to)
+                .map_err(|rule| BusError::invalid(field("reply_to"), rule.to_string()))?,
+        )
+    };
+    check_attributes(&field("attributes"), &event.attributes)?;
+    let time = event
+        .time
+        .map(|t| system_time_from_pb(&t, &field("time")))
+        .transpose()?;
+    Ok(Event {
+        id: if event.id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            event.id
+        },
+        source: Arc::from(event.source),
+        event_type: if event.r#type.is_empty() {
+            topic.to_string()
+        } else {
+            event.r#type
+        },
+        topic,
+        time,
+        data_content_type: event.data_content_type,
+        data: event.data,
+        attributes: event.attributes,
+        correlation_id: event.correlation_id,
+        causation_id: event.causation_id,
+        reply_to,
+    })
+}
+
+/// Checks and converts a publish batch, naming each event by its index.
+pub fn events_from_pb(events: Vec<pb::Event>) -> Result<Vec<Event>, BusError> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(index, event)| event_from_pb(event, &format!("events[{index}]")))
+        .collect()
+}
+
+fn check_name(field: &str, value: &str) -> Result<(), BusError> {
+    if value.len() > MAX_NAME_BYTES {
+        return Err(BusError::invalid(
+            field,
+            format!("is {} bytes, the limit is {MAX_NAME_BYTES}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(BusError::invalid(field, "must not hold control characters"));
+    }
+    Ok(())
+}
+
+fn check_attributes(
+    field: &str,
+    attributes: &std::collections::HashMap<String, String>,
+) -> Result<(), BusError> {
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(BusError::invalid(
+            field,
+            format!(
+                "{} attributes is over the limit of {MAX_ATTRIBUTES}",
+                attributes.len()
+            ),
+        ));
+    }
+    for (key, value) in attributes {
+        let valid_key = !key.is_empty()
+            && key.len() <= MAX_ATTRIBUTE_KEY_BYTES
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid_key {
+            return Err(BusError::invalid(
+                format!("{field}[{key:?}]"),
+                format!("keys are 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes of [A-Za-z0-9._-]"),
+            ));
+        }
+        if value.len() > MAX_ATTRIBUTE_VALUE_BYTES {
+            return Err(BusError::invalid(
+                format!("{field}[{key:?}]"),
+                format!(
+                    "value is {} bytes, the limit is {MAX_ATTRIBUTE_VALUE_BYTES}",
+                    value.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Converts a stored event for the wire.
+pub fn event_to_pb(stored: &StoredEvent) -> pb::Event {
+    let event = &stored.event;
+    pb::Event {
+        id: event.id.clone(),
+        source: event.source.to_string(),
+        r#type: event.event_type.clone(),
+        topic: event.topic.to_string(),
+        time: event.time.map(timestamp),
+        data_content_type: event.data_content_type.clone(),
+        data: event.data.clone(),
+        attributes: event.attributes.clone(),
+        correlation_id: event.correlation_id.clone(),
+        causation_id: event.causation_id.clone(),
+        reply_to: event
+            .reply_to
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        sequence: stored.sequence,
+        publish_time: Some(timestamp(stored.publish_time)),
+    }
+}
+
+/// Checks and converts a subscription request.
+pub fn subscribe_options_from_pb(
+    request: pb::SubscribeRequest,
+) -> Result<SubscribeOptions, BusError> {
+    use pb::subscribe_request::Start;
+    let pattern = Pattern::parse(&request.topic)
+        .map_err(|rule| BusError::invalid("topic", rule.to_string()))?;
+    check_name("group", &request.group)?;
+    check_name("subscriber", &request.subscriber)?;
+    let start = match request.start {
+        None | Some(Start::Latest(())) => StartPosition::Latest,
+        Some(Start::Earliest(())) => StartPosition::Earliest,
+        Some(Start::AfterSequence(sequence)) => StartPosition::AfterSequence(sequence),
+        Some(Start::FromTime(time)) => {
+            StartPosition::FromTime(system_time_from_pb(&time, "from_time")?)
+        }
+    };
+    Ok(SubscribeOptions {
+        pattern,
+        group: (!request.group.is_empty()).then(|| Arc::from(request.group)),
+        subscriber: Arc::from(if request.subscriber.is_empty() {
+            UNNAMED_SUBSCRIBER.to_owned()
+        } else {
+            request.subscriber
+        }),
+        start,
+    })
+}
+
+pub fn subscribed_to_pb(info: &SubscriptionInfo) -> pb::Subscribed {
+    pb::Subscribed {
+        subscription_id: info.id.to_string(),
+        topic: info.pattern.to_string(),
+        group: info.group.as_deref().unwrap_or_default().to_owned(),
+        head_sequence: info.head_sequence,
+        oldest_sequence: info.oldest_sequence.unwrap_or(0),
+        start_truncated: info.start_truncated,
+    }
+}
+
+/// A query's timeout: the request's, or the default; never more than the maximum or the call's
+/// own gRPC deadline.
+pub fn query_timeout(
+    requested: Option<prost_types::Duration>,
+    grpc_deadline: Option<Duration>,
+    default: Duration,
+    maximum: Duration,
+) -> Result<Duration, BusError> {
+    let requested = match requested {
+        None => default,
+        Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
+            return Err(BusError::invalid("timeout", "must be positive"));
+        }
+        Some(d) => Duration::new(d.seconds as u64, d.nanos as u32),
+    };
+    let mut timeout = requested.min(maximum);
+    if let Some(deadline) = grpc_deadline {
+        timeout = timeout.min(deadline);
+    }
+    Ok(timeout)
+}
+
+pub fn topic_to_pb(summary: TopicSummary) -> pb::TopicInfo {
+    pb::TopicInfo {
+        name: summary.name,
+        last_sequence: summary.last_sequence,
+        events_held: summary.events_held,
+        events_published: summary.events_published,
+        subscriber_count: summary.subscriber_count,
+        groups: summary.groups,
+        last_publish_time: Some(timestamp(summary.last_publish_time)),
+    }
+}
+
+pub fn topology_to_pb(snapshot: TopologySnapshot) -> pb::GetTopologyResponse {
+    pb::GetTopologyResponse {
+        nodes: snapshot
+            .nodes
+            .into_iter()
+            .map(|Node { id, kind, name }| pb::TopologyNode {
+                id,
+                kind: match kind {
+                    NodeKind::Service => pb::NodeKind::Service,
+                    NodeKind::Topic => pb::NodeKind::Topic,
+                } as i32,
+                name,
+            })
+            .collect(),
+        edges: snapshot
+            .edges
+            .into_iter()
+            .map(|edge: Edge| pb::TopologyEdge {
+                from: edge.from,
+                to: edge.to,
+                kind: match edge.kind {
+                    EdgeKind::Publishes => pb::EdgeKind::Publishes,
+                    EdgeKind::Subscribes => pb::EdgeKind::Subscribes,
+                    EdgeKind::Replies => pb::EdgeKind::Replies,
+                    EdgeKind::Matches => pb::EdgeKind::Matches,
+                } as i32,
+                events: edge.events,
+                group: edge.group,
+                active_subscriptions: edge.active_subscriptions,
+                last_seen: (edge.last_seen > UNIX_EPOCH).then(|| timestamp(edge.last_seen)),
+            })
+            .collect(),
+    }
+}
+
+pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}
+
+fn system_time_from_pb(time: &prost_types::Timestamp, field: &str) -> Result<SystemTime, BusError> {
+    let invalid = || {
+        BusError::invalid(
+            field,
+            "must be a valid timestamp: nanos in 0..1e9, after 1970-01-01",
+        )
+    };
+    if !(0..1_000_000_000).contains(&time.nanos) || time.seconds < 0 {
+        return Err(invalid());
+    }
+    UNIX_EPOCH
+        .checked_add(Duration::new(time.seconds as u64, time.nanos as u32))
+        .ok_or_else(invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> pb::Event {
+        pb::Event {
+            topic: "user.query".into(),
+            source: "test".into(),
+            ..Default::default()
+        }
+    }
+
+    fn error_of(event: pb::Event) -> String {
+        event_from_pb(event, "events[0]").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn fills_defaults() {
+        let event = event_from_pb(valid(), "events[0]").unwrap();
+        assert_eq!(event.event_type, "user.query");
+        assert!(uuid::Uuid::parse_str(&event.id).is_ok());
+        assert_eq!(event.reply_to, None);
+    }
+
+    #[test]
+    fn names_the_field_and_rule() {
+        let cases: Vec<(pb::Event, &str)> = vec![
+            (
+                pb::Event {
+                    topic: "".into(),
+                    ..valid()
+                },
+                "events[0].topic: must not be empty",
+            ),
+            (
+                pb::Event {
+                    topic: "a..b".into(),
+                    ..valid()
+                },
+                "events[0].topic: has an empty token",
+            ),
+            (
+                pb::Event {
+                    topic: "a.*".into(),
+                    ..valid()
+                },
+                "events[0].topic: wildcard",
+            ),
+            (
+                pb::Event {
+                    topic: "_bus.x".into(),
+                    ..valid()
+                },
+                "events[0].topic: topics under '_bus.'",
+            ),
+            (
+                pb::Event {
+                    source: "".into(),
+                    ..valid()
+                },
+                "events[0].source: must not be empty",
+            ),
+            (
+                pb::Event {
+                    id: "x".repeat(300),
+                    ..valid()
+                },
+                "events[0].id: is 300 bytes",
+            ),
+            (
+                pb::Event {
+                    r#type: "a\nb".into(),
+                    ..valid()
+                },
+                "events[0].type: must not hold control",
+            ),
+            (
+                pb::Event {
+                    reply_to: "a b".into(),
+                    ..valid()
+                },
+                "events[0].reply_to: token",
+            ),
+            (
+                pb::Event {
+                    attributes: [("bad key".to_owned(), "v".to_owned())].into(),
+                    ..valid()
+                },
+                "events[0].attributes[\"bad key\"]: keys are",
+            ),
+            (
+                pb::Event {
+                    time: Some(prost_types::Timestamp {
+                        seconds: 1,
+                        nanos: -1,
+                    }),
+                    ..valid()
+                },
+                "events[0].time: must be a valid timestamp",
+            ),
+        ];
+        for (event, expected) in cases {
+            let error = error_of(event);
+            assert!(
+                error.starts_with(expected),
+                "{error:?} should start with {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn round_trips_a_stored_event() {
+        let mut event = event_from_pb(
+            pb::Event {
+                data: bytes::Bytes::from_static(b"hi"),
+                attributes: [("traceparent".to_owned(), "00-x".to_owned())].into(),
+                reply_to: "_bus.inbox.abc".into(),
+                ..valid()
+            },
+            "event",
+        )
+        .unwrap();
+        let now = SystemTime::now();
+        event.time = Some(now);
+        let wire = event_to_pb(&StoredEvent {
+            sequence: 7,
+            publish_time: now,
+            event: event.clone(),
+        });
+        assert_eq!(wire.sequence, 7);
+        assert_eq!(wire.reply_to, "_bus.inbox.abc");
+        let back = event_from_pb(wire, "event").unwrap();
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn query_timeout_takes_the_smallest_limit() {
+        let second = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        let requested = Some(prost_types::Duration {
+            seconds: 10,
+            nanos: 0,
+        });
+        assert_eq!(
+            query_timeout(None, None, 5 * second, max).unwrap(),
+            5 * second
+        );
+        assert_eq!(
+            query_timeout(requested, None, 5 * second, max).unwrap(),
+            10 * second
+        );
+        assert_eq!(
+            query_timeout(requested, Some(2 * second), 5 * second, max).unwrap(),
+            2 * second
+        );
+        let huge = Some(prost_types::Duration {
+            seconds: 1000,
+            nanos: 0,
+        });
+        assert_eq!(query_timeout(huge, None, 5 * second, max).unwrap(), max);
+        let negative = Some(prost_types::Duration {
+            seconds: -1,
+            nanos: 0,
+        });
+        assert!(query_timeout(negative, None, second, max)
+            .unwrap_err()
+            .to_string()
+            .starts_with("timeout: must be positive"));
+    }
+}

@@ -1,0 +1,43 @@
+//! The one place domain errors become gRPC statuses. The `match` is exhaustive with no catch-all
+//! arm: a new error variant does not compile until someone picks its status on purpose.
+//!
+//! Besides the code and message, every status carries an `eventbus-error` metadata entry with a
+//! stable reason (`no-responders`, `shutting-down`, ...), so clients can tell apart errors that
+//! share a code (both of those are UNAVAILABLE) without parsing messages.
+
+use tonic::{Code, Status};
+
+use crate::error::BusError;
+
+/// The metadata key of the stable error reason.
+pub const ERROR_REASON_KEY: &str = "eventbus-error";
+
+/// The gRPC code and stable reason for an error.
+pub fn classify(error: &BusError) -> (Code, &'static str) {
+    match error {
+        BusError::InvalidArgument { .. } => (Code::InvalidArgument, "invalid-argument"),
+        BusError::EventTooLarge { .. } => (Code::InvalidArgument, "event-too-large"),
+        BusError::NoResponders { .. } => (Code::Unavailable, "no-responders"),
+        BusError::QueryTimeout { .. } => (Code::DeadlineExceeded, "query-timeout"),
+        BusError::SlowConsumer { .. } => (Code::ResourceExhausted, "slow-consumer"),
+        BusError::ReplayOverrun { .. } => (Code::ResourceExhausted, "replay-overrun"),
+        BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
+        BusError::Storage(_) => (Code::Internal, "storage"),
+    }
+}
+
+pub fn to_status(error: &BusError) -> Status {
+    let (code, reason) = classify(error);
+    let mut status = Status::new(code, error.to_string());
+    status.metadata_mut().insert(
+        ERROR_REASON_KEY,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    status
+}
+
+impl From<BusError> for Status {
+    fn from(error: BusError) -> Status {
+        to_status(&error)
+    }
+}

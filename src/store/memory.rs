@@ -1,0 +1,229 @@
+//! The in-memory store: a ring of the most recent events, bounded by count and bytes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use super::{HeldCounts, LogBounds, Store, StoreError};
+use crate::event::{Event, SharedEvent, StoredEvent};
+
+/// Keeps the newest events up to `max_events` and `max_bytes`, dropping the oldest first.
+#[derive(Debug)]
+pub struct MemoryStore {
+    max_events: u64,
+    max_bytes: u64,
+    /// A std lock: it is held only for memory operations, never across an `.await`.
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Consecutive sequences: `events[i].sequence == events[0].sequence + i`.
+    events: VecDeque<SharedEvent>,
+    bytes: u64,
+    head: u64,
+    last_publish_time: Option<SystemTime>,
+    held_by_family: HashMap<String, u64>,
+}
+
+impl MemoryStore {
+    pub fn new(max_events: u64, max_bytes: u64) -> MemoryStore {
+        MemoryStore {
+            max_events,
+            max_bytes,
+            inner: RwLock::new(Inner::default()),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the ring half-updated in a way readers
+        // could misread (every mutation is a push or pop), so poisoning is ignored.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn append(&self, events: Vec<Event>, now: SystemTime) -> Result<Vec<SharedEvent>, StoreError> {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        // Publish times never go backwards, even if the wall clock does, so `from_time` can
+        // binary-search the log.
+        let publish_time = match inner.last_publish_time {
+            Some(last) if last > now => last,
+            _ => now,
+        };
+        inner.last_publish_time = Some(publish_time);
+        let mut stored = Vec::with_capacity(events.len());
+        for mut event in events {
+            inner.head += 1;
+            event.time.get_or_insert(publish_time);
+            let shared = Arc::new(StoredEvent {
+                sequence: inner.head,
+                publish_time,
+                event,
+            });
+            inner.bytes += shared.event.size_bytes() as u64;
+            *inner
+                .held_by_family
+                .entry(shared.event.topic.family().to_owned())
+                .or_default() += 1;
+            inner.events.push_back(shared.clone());
+            stored.push(shared);
+        }
+        while inner.events.len() as u64 > self.max_events || inner.bytes > self.max_bytes {
+            let Some(evicted) = inner.events.pop_front() else {
+                break;
+            };
+            inner.bytes -= evicted.event.size_bytes() as u64;
+            let family = evicted.event.topic.family();
+            if let Some(count) = inner.held_by_family.get_mut(family) {
+                *count -= 1;
+                if *count == 0 {
+                    inner.held_by_family.remove(family);
+                }
+            }
+        }
+        Ok(stored)
+    }
+
+    fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
+        let inner = self.read();
+        let Some(first) = inner.events.front().map(|e| e.sequence) else {
+            return Ok(Vec::new());
+        };
+        let start = after.saturating_add(1).max(first);
+        let skip = (start - first) as usize;
+        Ok(inner.events.iter().skip(skip).take(max).cloned().collect())
+    }
+
+    fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
+        let inner = self.read();
+        let index = inner.events.partition_point(|e| e.publish_time < time);
+        Ok(inner.events.get(index).map(|e| e.sequence))
+    }
+
+    fn bounds(&self) -> LogBounds {
+        let inner = self.read();
+        LogBounds {
+            oldest: inner.events.front().map(|e| e.sequence),
+            head: inner.head,
+        }
+    }
+
+    fn held_counts(&self) -> HeldCounts {
+        self.read().held_by_family.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::Topic;
+    use std::time::Duration;
+
+    fn event(topic: &str, data: &[u8]) -> Event {
+        Event {
+            id: "id".into(),
+            source: Arc::from("test"),
+            event_type: topic.into(),
+            topic: Topic::parse(topic).unwrap(),
+            time: None,
+            data_content_type: String::new(),
+            data: bytes::Bytes::copy_from_slice(data),
+            attributes: HashMap::new(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            reply_to: None,
+        }
+    }
+
+    fn sequences(events: &[SharedEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.sequence).collect()
+    }
+
+    #[test]
+    fn assigns_consecutive_sequences_and_reads_after() {
+        let store = MemoryStore::new(100, 1 << 20);
+        let t = SystemTime::now();
+        let first = store
+            .append(vec![event("a", b"1"), event("b", b"2")], t)
+            .unwrap();
+        assert_eq!(sequences(&first), vec![1, 2]);
+        assert_eq!(first[0].event.time, Some(t));
+        store.append(vec![event("a", b"3")], t).unwrap();
+        assert_eq!(sequences(&store.read_after(0, 10).unwrap()), vec![1, 2, 3]);
+        assert_eq!(sequences(&store.read_after(1, 1).unwrap()), vec![2]);
+        assert!(store.read_after(3, 10).unwrap().is_empty());
+        assert_eq!(
+            store.bounds(),
+            LogBounds {
+                oldest: Some(1),
+                head: 3
+            }
+        );
+        assert_eq!(store.held_counts()["a"], 2);
+    }
+
+    #[test]
+    fn retention_drops_the_oldest_by_count_and_bytes() {
+        let store = MemoryStore::new(3, 1 << 20);
+        let t = SystemTime::now();
+        for _ in 0..5 {
+            store.append(vec![event("a", b"x")], t).unwrap();
+        }
+        assert_eq!(
+            store.bounds(),
+            LogBounds {
+                oldest: Some(3),
+                head: 5
+            }
+        );
+        assert_eq!(sequences(&store.read_after(0, 10).unwrap()), vec![3, 4, 5]);
+        assert_eq!(store.held_counts()["a"], 3);
+
+        let one = event("b", &[0; 100]).size_bytes() as u64;
+        let store = MemoryStore::new(100, one * 2);
+        for _ in 0..3 {
+            store.append(vec![event("b", &[0; 100])], t).unwrap();
+        }
+        assert_eq!(store.bounds().oldest, Some(2));
+    }
+
+    #[test]
+    fn finds_sequences_by_time_even_if_the_clock_goes_back() {
+        let store = MemoryStore::new(100, 1 << 20);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        store.append(vec![event("a", b"")], t0).unwrap();
+        store
+            .append(vec![event("a", b"")], t0 + Duration::from_secs(10))
+            .unwrap();
+        // The clock steps back: the stored publish time stays at the latest seen.
+        let back = store.append(vec![event("a", b"")], t0).unwrap();
+        assert_eq!(back[0].publish_time, t0 + Duration::from_secs(10));
+        assert_eq!(store.first_sequence_at_or_after(t0).unwrap(), Some(1));
+        assert_eq!(
+            store
+                .first_sequence_at_or_after(t0 + Duration::from_secs(5))
+                .unwrap(),
+            Some(2)
+        );
+        assert_eq!(
+            store
+                .first_sequence_at_or_after(t0 + Duration::from_secs(11))
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn an_empty_store_reports_what_comes_next() {
+        let store = MemoryStore::new(1, 1 << 20);
+        assert_eq!(store.bounds().first_available(), 1);
+        store
+            .append(vec![event("a", b"")], SystemTime::now())
+            .unwrap();
+        store
+            .append(vec![event("a", b"")], SystemTime::now())
+            .unwrap();
+        assert_eq!(store.bounds().first_available(), 2);
+    }
+}

@@ -1,0 +1,60 @@
+//! Storage of the bus log behind one trait, so the broker does not care whether events live in
+//! memory, in segment files on disk, or in a cluster.
+//!
+//! The log has one global sequence: the store assigns consecutive sequences on append. Appends
+//! are serialized by the broker (it calls [`Store::append`] under its routing lock, which is what
+//! makes delivery order equal log order); reads may run concurrently with them.
+
+mod memory;
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+pub use memory::MemoryStore;
+
+use crate::event::{Event, SharedEvent};
+
+/// What a store can fail with. The in-memory store cannot fail; durable ones will.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The sequences a store holds. Sequences start at 1; 0 means "none".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogBounds {
+    /// The oldest sequence still held, or `None` when nothing is held.
+    pub oldest: Option<u64>,
+    /// The last sequence ever assigned (0 before the first append). Held or not.
+    pub head: u64,
+}
+
+impl LogBounds {
+    /// The oldest sequence a reader can still get: the oldest held, or the next to be assigned.
+    pub fn first_available(&self) -> u64 {
+        self.oldest.unwrap_or(self.head + 1)
+    }
+}
+
+/// Per topic family (see [`crate::topic::Topic::family`]): how many events are held.
+pub type HeldCounts = HashMap<String, u64>;
+
+/// The bus log.
+pub trait Store: Send + Sync + 'static {
+    /// Appends the events in order, assigning each the next sequence and the publish time
+    /// `now`, and applies retention. All or nothing.
+    fn append(&self, events: Vec<Event>, now: SystemTime) -> Result<Vec<SharedEvent>, StoreError>;
+
+    /// Up to `max` held events with a sequence greater than `after`, in order.
+    fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError>;
+
+    /// The first held sequence published at or after `time`, or `None` if there is none yet.
+    fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError>;
+
+    /// What is held now.
+    fn bounds(&self) -> LogBounds;
+
+    /// How many events of each topic family are held now.
+    fn held_counts(&self) -> HeldCounts;
+}
