@@ -14,7 +14,7 @@ use super::format;
 use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyArgs};
 use super::{SubscribeArgs, CLI_SOURCE};
 use crate::pb;
-use crate::sdk::{Client, EventBuilder, Reply, SubscribeOptions, SubscriptionItem};
+use crate::sdk::{Client, EventBuilder, Reply, ServeOptions, SubscribeOptions, SubscriptionItem};
 
 async fn connect(server: &str, source: &str) -> anyhow::Result<Client> {
     Ok(Client::builder(server).source(source).connect().await?)
@@ -184,6 +184,9 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
             _ = done.notified() => {}
         }
     };
+    let options = ServeOptions::default().group(&args.group);
+    let responder = client.responder(&args.topic, options).await?;
+    // Printed once the subscription is confirmed: queries asked from now on are answered.
     eprintln!(
         "answering queries on {} (group {})",
         args.topic,
@@ -193,9 +196,7 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
             &args.group
         }
     );
-    client
-        .serve(&args.topic, &args.group, handler, shutdown)
-        .await?;
+    responder.run(handler, shutdown).await?;
     Ok(())
 }
 
