@@ -103,8 +103,10 @@ impl Client {
     /// For each event, `handler` runs (up to [`ServeOptions::concurrency`] at once) and its
     /// reply is published to the event's `reply_to` with the same `correlation_id`,
     /// `causation_id` set to the query's id, and `source` set to this client's. Events without
-    /// `reply_to` are handled but not answered. A handler error is sent as an error reply (see
-    /// the [module docs](self)). The subscription resumes by itself after a broken stream.
+    /// `reply_to` are handled but not answered. A handler error is sent as an error reply: the
+    /// attribute [`ERROR_ATTRIBUTE`] holds its message, `data` the same as `text/plain`, and
+    /// `type` is [`ERROR_EVENT_TYPE`]; [`Client::query`] turns it into [`Error::Remote`]. The
+    /// subscription resumes by itself after a broken stream.
     ///
     /// Returns `Ok` after `shutdown` resolves and running handlers have finished (their
     /// replies sent), or the subscription's error if it ends for good (e.g. a bad pattern).

@@ -158,7 +158,20 @@ pub enum SubscriptionItem {
 }
 
 /// A live subscription; made by [`Client::subscribe`]. A [`Stream`] of
-/// `Result<SubscriptionItem>` that ends after an error that is not retried.
+/// `Result<SubscriptionItem>`.
+///
+/// When the stream breaks (the bus restarts or shuts down, cuts off a slow reader with
+/// RESOURCE_EXHAUSTED, or the connection drops) it resubscribes by itself with [`Backoff`],
+/// from right after the last event it delivered, and drops anything already delivered: no
+/// duplicates, and no gaps while the bus still holds the events. A [`SubscriptionItem::Resumed`]
+/// marks each resume, a [`SubscriptionItem::Gap`] any range the bus no longer held. A group
+/// subscription resumes live (`latest`): the bus serves groups live only, and what was
+/// published meanwhile went to other members. Refusals (INVALID_ARGUMENT, PERMISSION_DENIED,
+/// ...) are not retried: the stream yields the error and ends.
+///
+/// Items are read ahead into a bounded buffer ([`SubscribeOptions::buffer`]); a reader slower
+/// than that holds up the gRPC stream, and the bus's slow-consumer rule (and a resume)
+/// follows. Dropping the subscription ends it.
 #[derive(Debug)]
 pub struct Subscription {
     items: mpsc::Receiver<Result<SubscriptionItem>>,
