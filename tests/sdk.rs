@@ -422,3 +422,62 @@ async fn admin_calls_list_topics_and_topology() {
         .iter()
         .any(|e| e.kind == pb::EdgeKind::Publishes as i32 && e.from == "service:billing"));
 }
+
+/// A bus on a given address (to restart one where clients expect it), stopped by `stop`.
+async fn bus_on(
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        eventbus::server::run(
+            listener,
+            eventbus::config::ServerConfig::default(),
+            stop.cancelled_owned(),
+        )
+        .await
+        .unwrap();
+    })
+}
+
+#[tokio::test]
+async fn subscription_survives_a_bus_restart_and_notices_the_new_log() {
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let url = format!("http://{addr}");
+    let first_stop = CancellationToken::new();
+    let first = bus_on(addr, first_stop.clone()).await;
+    let client = Client::connect(&url).await.unwrap();
+    let mut subscription = client.subscribe("restart.*").await.unwrap();
+    client.publish("restart.a", "one").await.unwrap();
+    client.publish("restart.a", "two").await.unwrap();
+    assert_eq!(&next_event(&mut subscription).await.data[..], b"one");
+    assert_eq!(next_event(&mut subscription).await.sequence, 2);
+
+    // The bus goes away (its in-memory log with it) and comes back on the same address.
+    first_stop.cancel();
+    tokio::time::timeout(WAIT, first).await.unwrap().unwrap();
+    let second_stop = CancellationToken::new();
+    let second = bus_on(addr, second_stop.clone()).await;
+    let publisher = Client::connect(&url).await.unwrap();
+    publisher.publish("restart.a", "three").await.unwrap();
+
+    match next_item(&mut subscription).await {
+        SubscriptionItem::BusReset { last_seen, head } => {
+            assert_eq!(last_seen, 2);
+            assert!(head < 2);
+        }
+        other => panic!("expected a bus reset, got {other:?}"),
+    }
+    // Sequences start again at 1 on the new log, and nothing of it is dropped.
+    let three = next_event(&mut subscription).await;
+    assert_eq!((&three.data[..], three.sequence), (&b"three"[..], 1));
+    publisher.publish("restart.a", "four").await.unwrap();
+    let four = next_event(&mut subscription).await;
+    assert_eq!((&four.data[..], four.sequence), (&b"four"[..], 2));
+
+    second_stop.cancel();
+    tokio::time::timeout(WAIT, second).await.unwrap().unwrap();
+}

@@ -109,6 +109,10 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 ..
             } => eprintln!("stream broke; resumed after sequence {after}"),
             SubscriptionItem::Resumed { .. } => eprintln!("stream broke; resumed live"),
+            SubscriptionItem::BusReset { last_seen, head } => eprintln!(
+                "warning: the bus restarted without its log (last seen {last_seen}, new head \
+                 {head}); starting over on the new log"
+            ),
             SubscriptionItem::Gap { from, to } => {
                 eprintln!("warning: events {from} to {to} are gone from the bus and were missed")
             }
