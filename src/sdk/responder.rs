@@ -71,11 +71,11 @@ impl Client {
             event: Some(event),
             timeout: prost_types::Duration::try_from(timeout).ok(),
         });
-        request.set_timeout(timeout + DEADLINE_MARGIN);
+        request.set_timeout(timeout.saturating_add(DEADLINE_MARGIN));
         let mut bus = self.bus();
         let call = async move { bus.query(request).await };
         // The grpc-timeout header tells the bus; this bounds the wait if the bus never answers.
-        let response = tokio::time::timeout(timeout + 2 * DEADLINE_MARGIN, call)
+        let response = tokio::time::timeout(timeout.saturating_add(2 * DEADLINE_MARGIN), call)
             .instrument(span)
             .await
             .map_err(|_| {
