@@ -1,11 +1,19 @@
 //! The `eventbus` command line: `serve` runs the bus; every other command is a client of a
 //! running bus, built on the Rust SDK, in the spirit of the `nats` CLI.
+//!
+//! - `client`: the client commands (publish, subscribe, query, reply, topics, topology).
+//! - `format`: what they print, as pure functions with unit tests.
 
-use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::ServeArgs;
+use crate::sdk::Start;
+
+mod client;
+pub mod format;
+mod serve;
 
 /// A gRPC event bus for microservices that talk asynchronously.
 #[derive(Debug, Parser)]
@@ -28,21 +36,257 @@ pub struct ServerArg {
     pub server: String,
 }
 
+/// The source (service) name client commands use unless told otherwise.
+pub const CLI_SOURCE: &str = "eventbus-cli";
+
+/// The consumer group `eventbus reply` joins unless told otherwise, so that several responders
+/// started for a try-out share the queries instead of all answering.
+pub const REPLY_GROUP: &str = "eventbus-reply";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the bus.
     Serve(Box<ServeArgs>),
-    /// Client commands (publish, subscribe, query, ...) live in this module; see below.
-    #[command(skip)]
-    Placeholder(PathBuf),
+    /// Publish an event (or --count copies) and print its sequence.
+    Publish(PublishArgs),
+    /// Print the events on a topic pattern, one line each.
+    Subscribe(SubscribeArgs),
+    /// Ask a question over events and print the reply's data.
+    Query(QueryArgs),
+    /// Answer queries on a topic: echo them, or answer with fixed data.
+    Reply(ReplyArgs),
+    /// List the topics the bus has seen.
+    Topics(TopicsArgs),
+    /// Show who publishes and subscribes to what.
+    Topology(TopologyArgs),
 }
 
-mod serve;
+/// Fields of a published or asked event.
+#[derive(Debug, Clone, Args)]
+pub struct EventArgs {
+    /// The event type (default: the topic).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub event_type: Option<String>,
+    /// An attribute, KEY=VALUE; repeatable.
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = format::parse_attr)]
+    pub attrs: Vec<(String, String)>,
+    /// The media type of the data, e.g. application/json.
+    #[arg(long)]
+    pub content_type: Option<String>,
+    /// The correlation id (the bus makes one for queries when unset).
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    /// The service name to publish as.
+    #[arg(long, default_value = CLI_SOURCE)]
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PublishArgs {
+    /// The topic to publish to.
+    pub topic: String,
+    /// The data; read from stdin when `-` or absent.
+    pub data: Option<String>,
+    #[command(flatten)]
+    pub event: EventArgs,
+    /// Publish the event this many times (batched over one stream).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SubscribeArgs {
+    /// The topic pattern, e.g. `orders.*` or `orders.>`.
+    pub pattern: String,
+    /// Join this consumer group (members share the events).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Where to start: earliest, latest, a sequence (resume after it) or an RFC 3339 time.
+    #[arg(long, default_value = "latest", value_parser = format::parse_start)]
+    pub from: Start,
+    /// One JSON object per line, with every field (data as JSON, text or data_base64).
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// The subscriber name shown in the topology.
+    #[arg(long, default_value = CLI_SOURCE)]
+    pub subscriber: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueryArgs {
+    /// The topic to ask on.
+    pub topic: String,
+    /// The query data; `-` reads stdin.
+    pub data: String,
+    /// How long to wait for the reply, e.g. 500ms, 5s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Print the whole reply as one JSON object instead of its data.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub event: EventArgs,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplyArgs {
+    /// The topic (or pattern) to answer on.
+    pub topic: String,
+    /// The consumer group; responders in one group share the queries.
+    #[arg(long, default_value = REPLY_GROUP)]
+    pub group: String,
+    /// Answer every query with this data instead of echoing it.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Exit after answering this many queries.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// The service name to answer as.
+    #[arg(long, default_value = CLI_SOURCE)]
+    pub source: String,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopicsArgs {
+    /// Only topics matching this pattern.
+    #[arg(long)]
+    pub pattern: Option<String>,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopologyArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = format::TopologyFormat::Text)]
+    pub format: format::TopologyFormat,
+    #[command(flatten)]
+    pub server: ServerArg,
+}
 
 /// Runs one command to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Serve(_)) {
+        client_logging();
+    }
     match cli.command {
         Command::Serve(args) => serve::run(*args).await,
-        Command::Placeholder(_) => Ok(()),
+        Command::Publish(args) => client::publish(args).await,
+        Command::Subscribe(args) => client::subscribe(args).await,
+        Command::Query(args) => client::query(args).await,
+        Command::Reply(args) => client::reply(args).await,
+        Command::Topics(args) => client::topics(args).await,
+        Command::Topology(args) => client::topology(args).await,
+    }
+}
+
+/// SDK logs (resumes, handler failures) on stderr, only when `RUST_LOG` asks for them: the
+/// client commands already print what matters, and stdout stays for data.
+fn client_logging() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Command {
+        Cli::try_parse_from(std::iter::once("eventbus").chain(args.iter().copied()))
+            .unwrap()
+            .command
+    }
+
+    #[test]
+    fn publish_flags() {
+        let Command::Publish(args) = parse(&[
+            "publish",
+            "a.b",
+            "hello",
+            "--type",
+            "greeting",
+            "--attr",
+            "k=v",
+            "--attr",
+            "x=y",
+            "--count",
+            "3",
+            "--server",
+            "http://h:1",
+        ]) else {
+            panic!("not publish")
+        };
+        assert_eq!(args.topic, "a.b");
+        assert_eq!(args.data.as_deref(), Some("hello"));
+        assert_eq!(args.event.event_type.as_deref(), Some("greeting"));
+        assert_eq!(
+            args.event.attrs,
+            vec![("k".into(), "v".into()), ("x".into(), "y".into())]
+        );
+        assert_eq!(args.count, 3);
+        assert_eq!(args.server.server, "http://h:1");
+        assert_eq!(args.event.source, CLI_SOURCE);
+    }
+
+    #[test]
+    fn publish_refuses_zero_count_and_bad_attrs() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("eventbus").chain(args.iter().copied()))
+        };
+        assert!(parse(&["publish", "a", "x", "--count", "0"]).is_err());
+        assert!(parse(&["publish", "a", "x", "--attr", "novalue"]).is_err());
+    }
+
+    #[test]
+    fn subscribe_from_positions() {
+        let Command::Subscribe(args) = parse(&["subscribe", "a.>", "--from", "17", "--json"])
+        else {
+            panic!("not subscribe")
+        };
+        assert_eq!(args.from, Start::AfterSequence(17));
+        assert!(args.json);
+        let Command::Subscribe(args) = parse(&["subscribe", "a.*", "--group", "g"]) else {
+            panic!("not subscribe")
+        };
+        assert_eq!(args.from, Start::Latest);
+        assert_eq!(args.group.as_deref(), Some("g"));
+    }
+
+    #[test]
+    fn query_and_reply_defaults() {
+        let Command::Query(args) = parse(&["query", "user.query", "42", "--timeout", "250ms"])
+        else {
+            panic!("not query")
+        };
+        assert_eq!(args.timeout, Duration::from_millis(250));
+        let Command::Reply(args) = parse(&["reply", "user.query", "--data", "fixed"]) else {
+            panic!("not reply")
+        };
+        assert_eq!(args.group, REPLY_GROUP);
+        assert_eq!(args.data.as_deref(), Some("fixed"));
+    }
+
+    #[test]
+    fn topology_formats() {
+        let Command::Topology(args) = parse(&["topology", "--format", "mermaid"]) else {
+            panic!("not topology")
+        };
+        assert_eq!(args.format, format::TopologyFormat::Mermaid);
+        assert!(Cli::try_parse_from(["eventbus", "topology", "--format", "png"]).is_err());
     }
 }

@@ -1,1 +1,68 @@
-//! The Rust SDK: a client of the bus over gRPC, used by the CLI and by the services in `clients/`.
+//! The Rust SDK: a client of the bus over gRPC, used by the CLI and by the services in
+//! `clients/`.
+//!
+//! Services never call each other; they publish events and subscribe to topics. The SDK makes
+//! the parts of that which are easy to get wrong the default:
+//!
+//! - **One connection, many calls.** A [`Client`] is a cheap clone around a tonic `Channel`
+//!   and a service name ([`Client::source`]) that is stamped on every event it publishes and
+//!   every subscription it opens, so the bus's topology can show who talks to whom.
+//! - **Publishing**: [`Client::publish`] and the [`EventBuilder`] ([`Client::event`]) for one
+//!   event per call; [`Client::publish_batch`] for an all-or-nothing batch; and a batching
+//!   [`Publisher`] over `PublishStream` for throughput. The publisher never resends a batch
+//!   whose fate is unknown (see [`Publisher`]): whether a duplicate is harmless is the
+//!   caller's call.
+//! - **Subscribing**: [`Client::subscribe`] returns a [`Subscription`], a `Stream` that resumes
+//!   by itself after a broken stream from the last sequence it saw, with no duplicates and no
+//!   silent gaps ([`SubscriptionItem::Gap`] when the bus no longer held the events).
+//! - **Request/response over events**: [`Client::query`] asks (one RPC: the bus does the
+//!   inbox and correlation); [`Client::serve`] answers, with a handler per query.
+//! - **Errors** are one enum, [`Error`], which keeps the bus's status code and message.
+//!
+//! ```no_run
+//! # async fn demo() -> eventbus::sdk::Result<()> {
+//! use std::time::Duration;
+//! use eventbus::sdk::{Client, Reply};
+//!
+//! let client = Client::builder("http://127.0.0.1:50051").source("user-service").connect().await?;
+//! client.publish("user.created", "alice").await?;
+//!
+//! // Answer queries until Ctrl-C (replicas in the same group share them).
+//! let server = client.clone();
+//! tokio::spawn(async move {
+//!     let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//!     server
+//!         .serve("user.query", "user-service", |query| async move {
+//!             Ok::<_, std::convert::Infallible>(Reply::new(query.data))
+//!         }, shutdown)
+//!         .await
+//! });
+//!
+//! let reply = client.query("user.query", "alice", Duration::from_secs(5)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - `client`: [`Client`], connection settings, unary publish, admin calls.
+//! - `event`: [`EventBuilder`].
+//! - `publisher`: the batching [`Publisher`].
+//! - `subscription`: [`Subscription`], start positions, resume logic.
+//! - `backoff`: reconnect delays.
+//! - `responder`: [`Client::query`], [`Client::serve`] and the error-reply convention.
+//! - `error`: [`Error`].
+
+mod backoff;
+mod client;
+mod error;
+mod event;
+mod publisher;
+mod responder;
+mod subscription;
+
+pub use backoff::Backoff;
+pub use client::{Client, ClientBuilder, DEFAULT_SOURCE};
+pub use error::{code_name, Error, Result};
+pub use event::{EventBuilder, JSON_CONTENT_TYPE};
+pub use publisher::{PendingPublish, Publisher, PublisherOptions};
+pub use responder::{Reply, Responder, ServeOptions, ERROR_ATTRIBUTE, ERROR_EVENT_TYPE};
+pub use subscription::{Start, SubscribeOptions, Subscription, SubscriptionItem};

@@ -1,0 +1,219 @@
+//! The client commands: each connects with the SDK, does one thing, and prints it. Human
+//! notes (subscribed, caught up, resumed) go to stderr so stdout stays one line per event.
+
+use std::io::{Read as _, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::sync::Notify;
+
+use super::format;
+use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyArgs};
+use super::{SubscribeArgs, CLI_SOURCE};
+use crate::pb;
+use crate::sdk::{Client, EventBuilder, Reply, ServeOptions, SubscribeOptions, SubscriptionItem};
+
+async fn connect(server: &str, source: &str) -> anyhow::Result<Client> {
+    Ok(Client::builder(server).source(source).connect().await?)
+}
+
+/// The data argument, or stdin when it is `-` or absent.
+fn read_data(data: Option<&str>) -> anyhow::Result<Bytes> {
+    match data {
+        Some(data) if data != "-" => Ok(Bytes::copy_from_slice(data.as_bytes())),
+        _ => {
+            let mut buffer = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buffer)
+                .context("cannot read the data from stdin")?;
+            Ok(buffer.into())
+        }
+    }
+}
+
+fn apply(mut builder: EventBuilder, args: &EventArgs, data: Bytes) -> EventBuilder {
+    builder = builder.data(data);
+    if let Some(event_type) = &args.event_type {
+        builder = builder.event_type(event_type);
+    }
+    if let Some(content_type) = &args.content_type {
+        builder = builder.content_type(content_type);
+    }
+    if let Some(correlation_id) = &args.correlation_id {
+        builder = builder.correlation_id(correlation_id);
+    }
+    for (key, value) in &args.attrs {
+        builder = builder.attr(key, value);
+    }
+    builder
+}
+
+pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let data = read_data(args.data.as_deref())?;
+    let client = connect(&args.server.server, &args.event.source).await?;
+    let event = apply(client.event(&args.topic), &args.event, data);
+    if args.count == 1 {
+        println!("{}", event.publish().await?);
+        return Ok(());
+    }
+    let event = event.build();
+    let publisher = client.publisher();
+    let mut pending = Vec::with_capacity(args.count as usize);
+    for _ in 0..args.count {
+        pending.push(publisher.submit(event.clone()).await?);
+    }
+    let mut stdout = std::io::stdout().lock();
+    for sequence in pending {
+        writeln!(stdout, "{}", sequence.await?)?;
+    }
+    drop(stdout);
+    publisher.close().await?;
+    Ok(())
+}
+
+pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    let client = connect(&args.server.server, &args.subscriber).await?;
+    let mut options = SubscribeOptions::new()
+        .start(args.from)
+        .subscriber(&args.subscriber);
+    if let Some(group) = &args.group {
+        options = options.group(group);
+    }
+    let mut subscription = client.subscribe_with(&args.pattern, options).await?;
+    let subscribed = subscription.subscribed();
+    eprintln!(
+        "subscribed to {} (subscription {}, head sequence {})",
+        subscribed.topic, subscribed.subscription_id, subscribed.head_sequence
+    );
+    let mut seen = 0;
+    while let Some(item) = subscription.next().await {
+        match item? {
+            SubscriptionItem::Event(event) => {
+                print_event(&event, args.json)?;
+                seen += 1;
+                if args.count.is_some_and(|count| seen >= count) {
+                    break;
+                }
+            }
+            SubscriptionItem::CaughtUp { sequence } => {
+                eprintln!("caught up at sequence {sequence}; live from here")
+            }
+            SubscriptionItem::Resumed {
+                after_sequence: Some(after),
+                ..
+            } => eprintln!("stream broke; resumed after sequence {after}"),
+            SubscriptionItem::Resumed { .. } => eprintln!("stream broke; resumed live"),
+            SubscriptionItem::BusReset { last_seen, head } => eprintln!(
+                "warning: the bus restarted without its log (last seen {last_seen}, new head \
+                 {head}); starting over on the new log"
+            ),
+            SubscriptionItem::Gap { from, to } => {
+                eprintln!("warning: events {from} to {to} are gone from the bus and were missed")
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_event(event: &pb::Event, json: bool) -> anyhow::Result<()> {
+    let line = if json {
+        format::event_json(event).to_string()
+    } else {
+        format::event_line(event)
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    let data = read_data(Some(&args.data))?;
+    let client = connect(&args.server.server, &args.event.source).await?;
+    let reply = apply(client.event(&args.topic), &args.event, data)
+        .query(args.timeout)
+        .await?;
+    if args.json {
+        println!("{}", format::event_json(&reply));
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&reply.data)?;
+    if !reply.data.ends_with(b"\n") {
+        stdout.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
+    if args.count == Some(0) {
+        return Ok(());
+    }
+    let client = connect(&args.server.server, &args.source).await?;
+    let fixed = args.data.map(Bytes::from);
+    let answered = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(Notify::new());
+    let count = args.count;
+    let handler = {
+        let answered = answered.clone();
+        let done = done.clone();
+        move |query: pb::Event| {
+            let reply = match &fixed {
+                Some(data) => Reply::new(data.clone()),
+                None => Reply::new(query.data.clone()).content_type(&query.data_content_type),
+            };
+            // The log line is the query as `subscribe` prints it.
+            let line = format::event_line(&query);
+            let answered = answered.clone();
+            let done = done.clone();
+            async move {
+                println!("{line}");
+                let total = answered.fetch_add(1, Ordering::SeqCst) + 1;
+                if count.is_some_and(|count| total >= count) {
+                    done.notify_one();
+                }
+                Ok::<_, std::convert::Infallible>(reply)
+            }
+        }
+    };
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = done.notified() => {}
+        }
+    };
+    let options = ServeOptions::default().group(&args.group);
+    let responder = client.responder(&args.topic, options).await?;
+    // Printed once the subscription is confirmed: queries asked from now on are answered.
+    eprintln!(
+        "answering queries on {} (group {})",
+        args.topic,
+        if args.group.is_empty() {
+            "none"
+        } else {
+            &args.group
+        }
+    );
+    responder.run(handler, shutdown).await?;
+    Ok(())
+}
+
+pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
+    let client = connect(&args.server.server, CLI_SOURCE).await?;
+    let topics = client.list_topics(args.pattern.as_deref()).await?;
+    print!("{}", format::topics_table(&topics));
+    Ok(())
+}
+
+pub async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
+    let client = connect(&args.server.server, CLI_SOURCE).await?;
+    let graph = client.topology().await?;
+    print!("{}", format::topology(&graph, args.format));
+    Ok(())
+}

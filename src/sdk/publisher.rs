@@ -1,0 +1,424 @@
+//! [`Publisher`]: many events over one `PublishStream`, batched, with many batches in flight.
+//!
+//! One unary `Publish` per event pays a round trip each; the stream amortises that. A
+//! background task owns the stream: it collects events into batches (up to `max_batch` events
+//! or `max_batch_bytes`, or whatever arrived within `linger`), tags each batch with a
+//! `request_id`, and keeps up to `max_in_flight` batches unacknowledged. Each event's future
+//! resolves when its batch's answer comes back. Every queue is bounded, so a fast producer
+//! waits instead of filling memory.
+//!
+//! Failures: a batch the bus refuses (`PublishError`) fails exactly that batch's events with
+//! the bus's code and message; nothing of it was stored. When the stream itself breaks, the
+//! batches in flight fail with [`Error::StreamBroken`]: the bus may or may not have stored
+//! them, so the publisher does **not** resend them (that could store them twice). Whoever
+//! knows whether a duplicate is harmful decides to retry. Later events open a new stream.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument as _;
+
+use super::client::Client;
+use super::error::{Error, Result};
+use crate::pb;
+use crate::pb::publish_stream_response::Result as BatchResult;
+
+/// Tuning of a [`Publisher`].
+#[derive(Debug, Clone)]
+pub struct PublisherOptions {
+    /// Most events in one batch.
+    pub max_batch: usize,
+    /// A batch is sent once its encoded events reach this size (keep it under the bus's gRPC
+    /// message limit).
+    pub max_batch_bytes: usize,
+    /// How long the first event of a batch may wait for company.
+    pub linger: Duration,
+    /// Most batches sent and not yet acknowledged.
+    pub max_in_flight: usize,
+    /// Events queued in front of the batcher before `publish` waits.
+    pub queue: usize,
+}
+
+impl Default for PublisherOptions {
+    fn default() -> Self {
+        PublisherOptions {
+            max_batch: 512,
+            max_batch_bytes: 1024 * 1024,
+            linger: Duration::from_millis(2),
+            max_in_flight: 16,
+            queue: 4096,
+        }
+    }
+}
+
+type Ack = oneshot::Sender<Result<u64>>;
+
+// Nearly every command is a Publish: boxing it would cost an allocation per event to save
+// space in the rare ones.
+#[allow(clippy::large_enum_variant)]
+enum Command {
+    Publish(pb::Event, Ack),
+    Flush(oneshot::Sender<()>),
+    Close(oneshot::Sender<()>),
+}
+
+/// A batching publisher over one `PublishStream`; made by [`Client::publisher`]. Cheap to
+/// clone: clones share the stream. The background task ends when [`Publisher::close`] is
+/// called or every clone is dropped, after sending what is queued.
+///
+/// A batch the bus refuses fails exactly its own events with the bus's code and message
+/// (nothing of it was stored). When the stream breaks, the events in flight fail with
+/// [`Error::StreamBroken`]: the bus may or may not have stored them, and the publisher does
+/// **not** resend them, since that could store them twice; retry only where a duplicate is
+/// harmless. Later events open a new stream.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    commands: mpsc::Sender<Command>,
+    source: String,
+}
+
+/// The outcome of one queued event: resolves to its sequence once its batch is acknowledged.
+#[derive(Debug)]
+#[must_use = "the event's outcome is only known by awaiting it"]
+pub struct PendingPublish {
+    ack: oneshot::Receiver<Result<u64>>,
+}
+
+impl Future for PendingPublish {
+    type Output = Result<u64>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.ack)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(Error::PublisherClosed)))
+    }
+}
+
+impl Publisher {
+    pub(crate) fn new(client: Client, options: PublisherOptions) -> Self {
+        let options = PublisherOptions {
+            max_batch: options.max_batch.max(1),
+            max_in_flight: options.max_in_flight.max(1),
+            queue: options.queue.max(1),
+            ..options
+        };
+        let (commands, receiver) = mpsc::channel(options.queue);
+        let source = client.source().to_string();
+        let span = tracing::debug_span!("publisher", source = %source);
+        tokio::spawn(Batcher::new(client, options).run(receiver).instrument(span));
+        Publisher { commands, source }
+    }
+
+    /// Queues `event` and returns once its batch is acknowledged, with its sequence.
+    pub async fn publish(&self, event: pb::Event) -> Result<u64> {
+        self.submit(event).await?.await
+    }
+
+    /// Queues `event` (waiting only for queue space) and returns a future of its sequence, so
+    /// that many events can be in flight from one task.
+    pub async fn submit(&self, mut event: pb::Event) -> Result<PendingPublish> {
+        if event.source.is_empty() {
+            event.source = self.source.clone();
+        }
+        let (ack, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Publish(event, ack))
+            .await
+            .map_err(|_| Error::PublisherClosed)?;
+        Ok(PendingPublish { ack: answer })
+    }
+
+    /// Sends what is queued now and waits until every event queued before this call is
+    /// answered (successfully or not).
+    pub async fn flush(&self) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.commands
+            .send(Command::Flush(done))
+            .await
+            .map_err(|_| Error::PublisherClosed)?;
+        wait.await.map_err(|_| Error::PublisherClosed)
+    }
+
+    /// Sends what is queued, waits for every answer, and stops the background task. Later
+    /// `publish` calls on clones fail with [`Error::PublisherClosed`].
+    pub async fn close(self) -> Result<()> {
+        let (done, wait) = oneshot::channel();
+        self.commands
+            .send(Command::Close(done))
+            .await
+            .map_err(|_| Error::PublisherClosed)?;
+        wait.await.map_err(|_| Error::PublisherClosed)
+    }
+}
+
+/// The open stream: requests go in through a channel that tonic drains.
+struct OpenStream {
+    requests: mpsc::Sender<pb::PublishStreamRequest>,
+    responses: tonic::Streaming<pb::PublishStreamResponse>,
+}
+
+/// The background task's state.
+struct Batcher {
+    client: Client,
+    options: PublisherOptions,
+    /// The batch being collected, and the encoded size of its events.
+    pending: Vec<(pb::Event, Ack)>,
+    pending_bytes: usize,
+    /// When the batch being collected must go out.
+    deadline: Option<Instant>,
+    /// Send the collected batch at once (a flush or close asked for it).
+    force: bool,
+    /// Batches sent and not answered, by request_id, in send order.
+    in_flight: BTreeMap<u64, Vec<Ack>>,
+    next_id: u64,
+    stream: Option<OpenStream>,
+    /// Flush waiters and the last request_id each one waits for.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
+    closes: Vec<oneshot::Sender<()>>,
+    /// No more commands will be taken.
+    input_done: bool,
+}
+
+impl Batcher {
+    fn new(client: Client, options: PublisherOptions) -> Self {
+        Batcher {
+            client,
+            options,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            deadline: None,
+            force: false,
+            in_flight: BTreeMap::new(),
+            next_id: 1,
+            stream: None,
+            flushes: Vec::new(),
+            closes: Vec::new(),
+            input_done: false,
+        }
+    }
+
+    fn batch_due(&self, now: Instant) -> bool {
+        !self.pending.is_empty()
+            && (self.force
+                || self.input_done
+                || self.pending.len() >= self.options.max_batch
+                || self.pending_bytes >= self.options.max_batch_bytes
+                || self.deadline.is_some_and(|deadline| now >= deadline))
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            while self.batch_due(Instant::now())
+                && self.in_flight.len() < self.options.max_in_flight
+            {
+                self.send_batch().await;
+            }
+            self.resolve_flushes();
+            if self.input_done && self.pending.is_empty() && self.in_flight.is_empty() {
+                for close in self.closes.drain(..) {
+                    let _ = close.send(());
+                }
+                return;
+            }
+            let accept = !self.input_done
+                && self.pending.len() < self.options.max_batch
+                && self.pending_bytes < self.options.max_batch_bytes;
+            let linger = self
+                .deadline
+                .filter(|_| self.in_flight.len() < self.options.max_in_flight);
+            tokio::select! {
+                response = next_response(&mut self.stream), if !self.in_flight.is_empty() => {
+                    self.on_response(response);
+                }
+                command = commands.recv(), if accept => match command {
+                    Some(command) => self.on_command(command, &mut commands),
+                    None => self.input_done = true,
+                },
+                // Wakes the loop when the collected batch's linger time is up.
+                _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => {}
+                else => return,
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command, commands: &mut mpsc::Receiver<Command>) {
+        match command {
+            Command::Publish(event, ack) => {
+                if self.pending.is_empty() {
+                    self.deadline = Some(Instant::now() + self.options.linger);
+                }
+                self.pending_bytes += event.encoded_len();
+                self.pending.push((event, ack));
+            }
+            Command::Flush(done) => {
+                let last = if self.pending.is_empty() {
+                    self.next_id - 1
+                } else {
+                    self.next_id
+                };
+                self.force = true;
+                self.flushes.push((last, done));
+            }
+            Command::Close(done) => {
+                self.input_done = true;
+                // Later sends fail at once; commands queued after this one are dropped, so
+                // their callers see PublisherClosed.
+                commands.close();
+                self.closes.push(done);
+            }
+        }
+    }
+
+    /// Sends up to one batch's worth of the collected events.
+    async fn send_batch(&mut self) {
+        let mut take = 0;
+        let mut bytes = 0;
+        for (event, _) in &self.pending {
+            if take > 0
+                && (take == self.options.max_batch
+                    || bytes + event.encoded_len() > self.options.max_batch_bytes)
+            {
+                break;
+            }
+            bytes += event.encoded_len();
+            take += 1;
+        }
+        let (events, acks): (Vec<_>, Vec<_>) = self.pending.drain(..take).unzip();
+        self.pending_bytes -= bytes;
+        if self.pending.is_empty() {
+            self.deadline = None;
+            self.force = false;
+        }
+        let request_id = self.next_id;
+        self.next_id += 1;
+        tracing::trace!(request_id, events = events.len(), "sending batch");
+        let request = pb::PublishStreamRequest { request_id, events };
+
+        if let Some(stream) = &self.stream {
+            // Cannot be full: the channel holds max_in_flight + 1 and fewer are unanswered.
+            if stream.requests.try_send(request).is_err() {
+                fail_all(acks, || {
+                    Error::Status(tonic::Status::unavailable("the publish stream is closed"))
+                });
+            } else {
+                self.in_flight.insert(request_id, acks);
+            }
+            return;
+        }
+        // Open a stream with this batch already queued on it: the bus may wait for the first
+        // message before it answers with headers.
+        let (requests, receiver) = mpsc::channel(self.options.max_in_flight + 1);
+        requests
+            .try_send(request)
+            .expect("a fresh channel has room");
+        match self
+            .client
+            .bus()
+            .publish_stream(ReceiverStream::new(receiver))
+            .await
+        {
+            Ok(response) => {
+                self.stream = Some(OpenStream {
+                    requests,
+                    responses: response.into_inner(),
+                });
+                self.in_flight.insert(request_id, acks);
+            }
+            Err(status) => {
+                tracing::debug!(error = %status, "cannot open publish stream");
+                fail_all(acks, || Error::Status(status.clone()));
+            }
+        }
+    }
+
+    fn on_response(
+        &mut self,
+        response: std::result::Result<Option<pb::PublishStreamResponse>, tonic::Status>,
+    ) {
+        let response = match response {
+            Ok(Some(response)) => response,
+            Ok(None) => {
+                return self.break_stream(tonic::Status::unavailable(
+                    "the bus ended the publish stream",
+                ))
+            }
+            Err(status) => return self.break_stream(status),
+        };
+        let Some(acks) = self.in_flight.remove(&response.request_id) else {
+            tracing::warn!(
+                request_id = response.request_id,
+                "answer for an unknown batch"
+            );
+            return;
+        };
+        match response.result {
+            Some(BatchResult::Published(published)) if published.sequences.len() == acks.len() => {
+                for (ack, sequence) in acks.into_iter().zip(published.sequences) {
+                    let _ = ack.send(Ok(sequence));
+                }
+            }
+            Some(BatchResult::Published(published)) => {
+                let message = format!(
+                    "{} sequences for a batch of {} events",
+                    published.sequences.len(),
+                    acks.len()
+                );
+                fail_all(acks, || Error::Protocol(message.clone()));
+            }
+            Some(BatchResult::Error(error)) => {
+                let status = tonic::Status::new(tonic::Code::from(error.code), error.message);
+                tracing::debug!(request_id = response.request_id, error = %status, "batch refused");
+                fail_all(acks, || Error::Status(status.clone()));
+            }
+            None => fail_all(acks, || {
+                Error::Protocol("a batch answer with neither sequences nor error".into())
+            }),
+        }
+    }
+
+    /// The stream is gone: what is in flight may or may not be stored, so it fails (never
+    /// resent); the next batch opens a new stream.
+    fn break_stream(&mut self, status: tonic::Status) {
+        tracing::warn!(error = %status, in_flight = self.in_flight.len(), "publish stream broke");
+        self.stream = None;
+        for (_, acks) in std::mem::take(&mut self.in_flight) {
+            fail_all(acks, || Error::StreamBroken(status.clone()));
+        }
+    }
+
+    fn resolve_flushes(&mut self) {
+        let oldest_in_flight = self.in_flight.keys().next().copied();
+        let next_id = self.next_id;
+        let finished =
+            |last: u64| next_id > last && oldest_in_flight.is_none_or(|oldest| oldest > last);
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
+            .into_iter()
+            .partition(|(last, _)| finished(*last));
+        self.flushes = waiting;
+        for (_, flushed) in done {
+            let _ = flushed.send(());
+        }
+    }
+}
+
+fn fail_all(acks: Vec<Ack>, error: impl Fn() -> Error) {
+    for ack in acks {
+        let _ = ack.send(Err(error()));
+    }
+}
+
+async fn next_response(
+    stream: &mut Option<OpenStream>,
+) -> std::result::Result<Option<pb::PublishStreamResponse>, tonic::Status> {
+    match stream {
+        Some(stream) => stream.responses.message().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,638 @@
+//! [`Subscription`]: a stream of events that survives broken streams.
+//!
+//! A gRPC stream can end for reasons that are no fault of the subscriber's code: the bus
+//! restarts or shuts down (UNAVAILABLE), the subscriber fell too far behind and the bus cut
+//! it off to stay bounded (RESOURCE_EXHAUSTED), or the connection dropped. The bus keeps
+//! recent events and numbers every one with a global sequence, so the SDK resumes by itself:
+//! it reconnects with [`Backoff`], asks for `after_sequence = last sequence seen`, and drops
+//! anything it has already delivered. The caller sees one stream, without duplicates, and
+//! without gaps as long as the bus still holds the events; when it no longer does, the stream
+//! says so with [`SubscriptionItem::Gap`] instead of hiding it.
+//!
+//! Refusals (INVALID_ARGUMENT, PERMISSION_DENIED, ...) are not retried: the stream yields the
+//! error and ends.
+//!
+//! Consumer groups are live-only on the bus, so a group subscription resumes at `latest`:
+//! events published while it was away went to other members of the group (or, with none
+//! left, to no member).
+//!
+//! A background task reads the gRPC stream into a bounded channel; when the caller reads
+//! slowly the task stops reading too, and the bus's slow-consumer rule applies (followed by a
+//! resume). Dropping the [`Subscription`] ends the task and the stream.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::Code;
+use tracing::Instrument as _;
+
+use super::backoff::Backoff;
+use super::client::Client;
+use super::error::{Error, Result};
+use crate::pb;
+use crate::pb::subscribe_request::Start as PbStart;
+use crate::pb::subscribe_response::Message;
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Start {
+    /// Only events published after the subscription is confirmed.
+    #[default]
+    Latest,
+    /// Every event the bus still holds, then live ones.
+    Earliest,
+    /// Every held event with a greater sequence.
+    AfterSequence(u64),
+    /// Every held event published at or after this time.
+    FromTime(SystemTime),
+}
+
+impl Start {
+    fn to_pb(&self) -> PbStart {
+        match self {
+            Start::Latest => PbStart::Latest(()),
+            Start::Earliest => PbStart::Earliest(()),
+            Start::AfterSequence(sequence) => PbStart::AfterSequence(*sequence),
+            Start::FromTime(time) => PbStart::FromTime((*time).into()),
+        }
+    }
+}
+
+/// Options of [`Client::subscribe_with`].
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// Consumer group: members share the events, each goes to one of them.
+    pub group: Option<String>,
+    /// Where to start (the bus refuses anything but `Latest` with a group).
+    pub start: Start,
+    /// The subscriber's name in the topology; the client's source when unset.
+    pub subscriber: Option<String>,
+    /// Reconnect delays after a broken stream.
+    pub backoff: Backoff,
+    /// Items read ahead from the bus before the SDK stops reading.
+    pub buffer: usize,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            group: None,
+            start: Start::Latest,
+            subscriber: None,
+            backoff: Backoff::default(),
+            buffer: 256,
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// Default options: latest, no group.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Joins a consumer group.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into()).filter(|group| !group.is_empty());
+        self
+    }
+
+    /// Sets the start position.
+    pub fn start(mut self, start: Start) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// Names the subscriber (default: the client's source).
+    pub fn subscriber(mut self, subscriber: impl Into<String>) -> Self {
+        self.subscriber = Some(subscriber.into());
+        self
+    }
+
+    /// Sets the reconnect delays.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Sets the read-ahead buffer size.
+    pub fn buffer(mut self, buffer: usize) -> Self {
+        self.buffer = buffer.max(1);
+        self
+    }
+}
+
+/// One item of a [`Subscription`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+// Events are nearly every item; boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+pub enum SubscriptionItem {
+    /// A matching event.
+    Event(pb::Event),
+    /// A replay from the start position reached the live head: later events are live.
+    CaughtUp {
+        /// The last replayed sequence.
+        sequence: u64,
+    },
+    /// The stream broke and the SDK subscribed again.
+    Resumed {
+        /// The bus's id of the new subscription.
+        subscription_id: String,
+        /// The resume point (`None` when nothing was seen yet, or for a group).
+        after_sequence: Option<u64>,
+    },
+    /// The bus's sequence went backwards on a resume: it restarted without its log (the
+    /// in-memory store). Sequences start again; the subscription goes on from the start of
+    /// the new log (live for a group), and anything published to the old bus after
+    /// `last_seen` that was not delivered is lost.
+    BusReset {
+        /// The last sequence delivered from the old log.
+        last_seen: u64,
+        /// The new bus's head sequence when it was noticed.
+        head: u64,
+    },
+    /// Events in `from..=to` (global sequences; not all of them matched this subscription)
+    /// were gone from the bus when the subscription (re)started: they are lost to this
+    /// subscriber.
+    Gap {
+        /// The first sequence that may be missing.
+        from: u64,
+        /// The last sequence that may be missing.
+        to: u64,
+    },
+}
+
+/// A live subscription; made by [`Client::subscribe`]. A [`Stream`] of
+/// `Result<SubscriptionItem>`.
+///
+/// When the stream breaks (the bus restarts or shuts down, cuts off a slow reader with
+/// RESOURCE_EXHAUSTED, or the connection drops) it resubscribes by itself with [`Backoff`],
+/// from right after the last event it delivered, and drops anything already delivered: no
+/// duplicates, and no gaps while the bus still holds the events. A [`SubscriptionItem::Resumed`]
+/// marks each resume, a [`SubscriptionItem::Gap`] any range the bus no longer held, and a
+/// [`SubscriptionItem::BusReset`] a bus that came back without its log. A group
+/// subscription resumes live (`latest`): the bus serves groups live only, and what was
+/// published meanwhile went to other members. Refusals (INVALID_ARGUMENT, PERMISSION_DENIED,
+/// ...) are not retried: the stream yields the error and ends.
+///
+/// Items are read ahead into a bounded buffer ([`SubscribeOptions::buffer`]); a reader slower
+/// than that holds up the gRPC stream, and the bus's slow-consumer rule (and a resume)
+/// follows. Dropping the subscription ends it.
+#[derive(Debug)]
+pub struct Subscription {
+    items: mpsc::Receiver<Result<SubscriptionItem>>,
+    subscribed: pb::Subscribed,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscription {
+    pub(crate) async fn open(
+        client: Client,
+        pattern: String,
+        options: SubscribeOptions,
+    ) -> Result<Subscription> {
+        let request = pb::SubscribeRequest {
+            topic: pattern,
+            group: options.group.clone().unwrap_or_default(),
+            subscriber: options
+                .subscriber
+                .clone()
+                .unwrap_or_else(|| client.source().to_string()),
+            start: Some(options.start.to_pb()),
+        };
+        let span = tracing::info_span!(
+            "subscription",
+            topic = %request.topic,
+            group = %request.group,
+            subscriber = %request.subscriber,
+        );
+        let (subscribed, stream) = subscribe_once(&client, request.clone())
+            .instrument(span.clone())
+            .await?;
+        let cursor = Cursor::new(options.start.clone(), options.group.is_some());
+        let (items, receiver) = mpsc::channel(options.buffer.max(1));
+        if let Some((from, to)) = cursor.gap(&subscribed) {
+            tracing::warn!(parent: &span, from, to, "start is older than the bus holds");
+            let _ = items.try_send(Ok(SubscriptionItem::Gap { from, to }));
+        }
+        let resumer = Resumer {
+            client,
+            request,
+            cursor,
+            backoff: options.backoff,
+            items,
+        };
+        let task = tokio::spawn(resumer.run(stream).instrument(span));
+        Ok(Subscription {
+            items: receiver,
+            subscribed,
+            task,
+        })
+    }
+
+    /// The bus's confirmation of the first subscription: its id, the head sequence at that
+    /// moment, and whether the requested start was older than what the bus holds.
+    pub fn subscribed(&self) -> &pb::Subscribed {
+        &self.subscribed
+    }
+
+    /// The next event, skipping the markers; `None` when the subscription ended.
+    pub async fn next_event(&mut self) -> Option<Result<pb::Event>> {
+        loop {
+            match self.items.recv().await? {
+                Ok(SubscriptionItem::Event(event)) => return Some(Ok(event)),
+                Ok(_) => continue,
+                Err(error) => return Some(Err(error)),
+            }
+        }
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<SubscriptionItem>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.items.poll_recv(cx)
+    }
+}
+
+/// Opens one Subscribe stream and waits for its confirmation.
+async fn subscribe_once(
+    client: &Client,
+    request: pb::SubscribeRequest,
+) -> Result<(pb::Subscribed, tonic::Streaming<pb::SubscribeResponse>)> {
+    let mut stream = client.bus().subscribe(request).await?.into_inner();
+    match stream.message().await? {
+        Some(pb::SubscribeResponse {
+            message: Some(Message::Subscribed(subscribed)),
+        }) => {
+            tracing::debug!(
+                subscription_id = %subscribed.subscription_id,
+                head = subscribed.head_sequence,
+                "subscribed"
+            );
+            Ok((subscribed, stream))
+        }
+        Some(other) => Err(Error::Protocol(format!(
+            "expected a subscribed confirmation first, got {other:?}"
+        ))),
+        None => Err(Error::Status(tonic::Status::unavailable(
+            "the bus ended the subscription before confirming it",
+        ))),
+    }
+}
+
+/// Whether a broken stream is worth resuming. Refusals of the request itself are not: the
+/// same request would be refused again.
+pub(crate) fn is_retryable(code: Code) -> bool {
+    match code {
+        Code::Unavailable
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Internal
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::DataLoss
+        | Code::Ok => true,
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::Unauthenticated => false,
+    }
+}
+
+/// The resume position: what was asked for and what was seen. Pure, so the no-duplicates,
+/// no-gaps rules are unit-tested without a bus.
+#[derive(Debug, Clone)]
+struct Cursor {
+    start: Start,
+    group: bool,
+    last_seen: Option<u64>,
+}
+
+impl Cursor {
+    fn new(start: Start, group: bool) -> Self {
+        Cursor {
+            start,
+            group,
+            last_seen: None,
+        }
+    }
+
+    /// Where the next subscription starts: right after the last event seen; before anything
+    /// was seen, the original start (a replay interrupted before its first event must still
+    /// replay); `latest` for a group, which the bus only serves live.
+    fn next_start(&self) -> Start {
+        match self.last_seen {
+            _ if self.group => Start::Latest,
+            Some(sequence) => Start::AfterSequence(sequence),
+            None => self.start.clone(),
+        }
+    }
+
+    /// Records an event; false when it was already delivered.
+    fn accept(&mut self, sequence: u64) -> bool {
+        if self.last_seen.is_some_and(|last| sequence <= last) {
+            return false;
+        }
+        self.last_seen = Some(sequence);
+        true
+    }
+
+    /// Notices a bus whose log restarted (its head is behind what was already seen) and
+    /// starts over on the new log: from its earliest event, or live for a group. Returns the
+    /// last sequence seen on the old log.
+    fn reset_if_log_restarted(&mut self, subscribed: &pb::Subscribed) -> Option<u64> {
+        let last = self.last_seen?;
+        if subscribed.head_sequence >= last {
+            return None;
+        }
+        self.last_seen = None;
+        self.start = if self.group {
+            Start::Latest
+        } else {
+            Start::Earliest
+        };
+        Some(last)
+    }
+
+    /// The sequences lost between the requested start and the oldest event the bus holds,
+    /// when the bus says the start was truncated.
+    fn gap(&self, subscribed: &pb::Subscribed) -> Option<(u64, u64)> {
+        if !subscribed.start_truncated {
+            return None;
+        }
+        let after = match (self.last_seen, self.next_start()) {
+            (Some(last), _) => last,
+            (None, Start::AfterSequence(sequence)) => sequence,
+            (None, _) => 0,
+        };
+        let to = if subscribed.oldest_sequence == 0 {
+            subscribed.head_sequence
+        } else {
+            subscribed.oldest_sequence - 1
+        };
+        (after < to).then_some((after + 1, to))
+    }
+}
+
+/// The background task of a subscription: pumps the stream and resumes it.
+struct Resumer {
+    client: Client,
+    request: pb::SubscribeRequest,
+    cursor: Cursor,
+    backoff: Backoff,
+    items: mpsc::Sender<Result<SubscriptionItem>>,
+}
+
+impl Resumer {
+    async fn run(mut self, mut stream: tonic::Streaming<pb::SubscribeResponse>) {
+        loop {
+            let Some(broken) = self.pump(&mut stream).await else {
+                return;
+            };
+            if !is_retryable(broken.code()) {
+                let _ = self.items.send(Err(broken.into())).await;
+                return;
+            }
+            tracing::info!(
+                error = %broken,
+                last_seen = self.cursor.last_seen,
+                "subscription stream broke, resuming"
+            );
+            match self.resume(broken).await {
+                Some(resumed) => stream = resumed,
+                None => return,
+            }
+        }
+    }
+
+    /// Delivers the stream's items until it breaks (`Some(why)`) or the caller is gone.
+    async fn pump(
+        &mut self,
+        stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+    ) -> Option<tonic::Status> {
+        loop {
+            let message = tokio::select! {
+                _ = self.items.closed() => return None,
+                message = stream.message() => message,
+            };
+            let item = match message {
+                Ok(Some(pb::SubscribeResponse {
+                    message: Some(Message::Event(event)),
+                })) => {
+                    if !self.cursor.accept(event.sequence) {
+                        tracing::debug!(sequence = event.sequence, "dropping a duplicate");
+                        continue;
+                    }
+                    SubscriptionItem::Event(event)
+                }
+                Ok(Some(pb::SubscribeResponse {
+                    message: Some(Message::CaughtUp(caught_up)),
+                })) => SubscriptionItem::CaughtUp {
+                    sequence: caught_up.sequence,
+                },
+                Ok(Some(other)) => {
+                    tracing::debug!(?other, "ignoring an unexpected subscription message");
+                    continue;
+                }
+                Ok(None) => {
+                    return Some(tonic::Status::unavailable(
+                        "the bus ended the subscription stream",
+                    ))
+                }
+                Err(status) => return Some(status),
+            };
+            if self.items.send(Ok(item)).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Subscribes again with backoff; `None` when the caller is gone or it gave up (after
+    /// telling the caller why).
+    async fn resume(
+        &mut self,
+        mut last_error: tonic::Status,
+    ) -> Option<tonic::Streaming<pb::SubscribeResponse>> {
+        let mut failures = 0;
+        loop {
+            if !self.backoff.allows(failures) {
+                let _ = self.items.send(Err(last_error.into())).await;
+                return None;
+            }
+            let delay = self.backoff.delay(failures);
+            tokio::select! {
+                _ = self.items.closed() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let start = self.cursor.next_start();
+            let request = pb::SubscribeRequest {
+                start: Some(start.to_pb()),
+                ..self.request.clone()
+            };
+            match subscribe_once(&self.client, request).await {
+                Ok((subscribed, stream)) => {
+                    if let Some(last_seen) = self.cursor.reset_if_log_restarted(&subscribed) {
+                        tracing::warn!(
+                            last_seen,
+                            head = subscribed.head_sequence,
+                            "the bus restarted without its log; starting over on the new log"
+                        );
+                        let reset = SubscriptionItem::BusReset {
+                            last_seen,
+                            head: subscribed.head_sequence,
+                        };
+                        if self.items.send(Ok(reset)).await.is_err() {
+                            return None;
+                        }
+                        if !self.cursor.group {
+                            // This stream started after `last_seen`, past events of the new
+                            // log: subscribe again from its beginning.
+                            drop(stream);
+                            failures = 0;
+                            continue;
+                        }
+                    }
+                    let after_sequence = match start {
+                        Start::AfterSequence(sequence) => Some(sequence),
+                        _ => None,
+                    };
+                    let mut items = vec![SubscriptionItem::Resumed {
+                        subscription_id: subscribed.subscription_id.clone(),
+                        after_sequence,
+                    }];
+                    if let Some((from, to)) = self.cursor.gap(&subscribed) {
+                        tracing::warn!(from, to, "events were lost while resuming");
+                        items.push(SubscriptionItem::Gap { from, to });
+                    }
+                    for item in items {
+                        if self.items.send(Ok(item)).await.is_err() {
+                            return None;
+                        }
+                    }
+                    return Some(stream);
+                }
+                Err(Error::Status(status)) if is_retryable(status.code()) => {
+                    failures += 1;
+                    tracing::debug!(error = %status, failures, "resubscribe failed");
+                    last_error = status;
+                }
+                Err(error) => {
+                    let _ = self.items.send(Err(error)).await;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subscribed(truncated: bool, oldest: u64, head: u64) -> pb::Subscribed {
+        pb::Subscribed {
+            start_truncated: truncated,
+            oldest_sequence: oldest,
+            head_sequence: head,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn resumes_after_the_last_event_seen_and_drops_duplicates() {
+        let mut cursor = Cursor::new(Start::Earliest, false);
+        assert_eq!(cursor.next_start(), Start::Earliest);
+        assert!(cursor.accept(5));
+        assert!(cursor.accept(9));
+        assert_eq!(cursor.next_start(), Start::AfterSequence(9));
+        assert!(!cursor.accept(9));
+        assert!(!cursor.accept(3));
+        assert!(cursor.accept(10));
+    }
+
+    #[test]
+    fn nothing_seen_resumes_from_the_original_start() {
+        let cursor = Cursor::new(Start::AfterSequence(41), false);
+        assert_eq!(cursor.next_start(), Start::AfterSequence(41));
+        let time = SystemTime::UNIX_EPOCH;
+        assert_eq!(
+            Cursor::new(Start::FromTime(time), false).next_start(),
+            Start::FromTime(time)
+        );
+    }
+
+    #[test]
+    fn groups_resume_live() {
+        let mut cursor = Cursor::new(Start::Latest, true);
+        cursor.accept(7);
+        assert_eq!(cursor.next_start(), Start::Latest);
+    }
+
+    #[test]
+    fn truncated_start_reports_the_lost_range() {
+        let mut cursor = Cursor::new(Start::Latest, false);
+        cursor.accept(10);
+        assert_eq!(cursor.gap(&subscribed(true, 15, 20)), Some((11, 14)));
+        assert_eq!(cursor.gap(&subscribed(false, 15, 20)), None);
+        // Nothing held at all: everything up to the head is gone.
+        assert_eq!(cursor.gap(&subscribed(true, 0, 30)), Some((11, 30)));
+        let fresh = Cursor::new(Start::AfterSequence(3), false);
+        assert_eq!(fresh.gap(&subscribed(true, 8, 9)), Some((4, 7)));
+        // Truncated but nothing actually missing.
+        assert_eq!(cursor.gap(&subscribed(true, 11, 20)), None);
+    }
+
+    #[test]
+    fn a_restarted_log_starts_over() {
+        let mut cursor = Cursor::new(Start::Latest, false);
+        assert_eq!(
+            cursor.reset_if_log_restarted(&subscribed(false, 0, 0)),
+            None
+        );
+        cursor.accept(10);
+        assert_eq!(
+            cursor.reset_if_log_restarted(&subscribed(false, 1, 10)),
+            None
+        );
+        assert_eq!(
+            cursor.reset_if_log_restarted(&subscribed(false, 1, 3)),
+            Some(10)
+        );
+        assert_eq!(cursor.next_start(), Start::Earliest);
+        assert!(cursor.accept(1), "the new log's sequences are new events");
+
+        let mut group = Cursor::new(Start::Latest, true);
+        group.accept(10);
+        assert_eq!(
+            group.reset_if_log_restarted(&subscribed(false, 0, 0)),
+            Some(10)
+        );
+        assert_eq!(group.next_start(), Start::Latest);
+    }
+
+    #[test]
+    fn refusals_are_not_retried() {
+        assert!(is_retryable(Code::Unavailable));
+        assert!(is_retryable(Code::ResourceExhausted));
+        assert!(!is_retryable(Code::InvalidArgument));
+        assert!(!is_retryable(Code::PermissionDenied));
+    }
+}
