@@ -249,3 +249,85 @@ async fn acknowledged_events_survive_sigkill_exactly_once_and_in_order() {
         log.len()
     );
 }
+
+/// Runs the binary to completion, returning (success, stdout, stderr).
+fn run_eventbus(args: &[&str], data_dir: &std::path::Path) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("run eventbus");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_corrupt_older_segment_stops_start_up_until_repair_moves_it_aside() {
+    use eventbus::store::{FileStore, FileStoreConfig, Store};
+    let data_dir = tempfile::tempdir().unwrap();
+    {
+        let store = FileStore::open(FileStoreConfig {
+            segment_bytes: 4096,
+            ..FileStoreConfig::new(data_dir.path())
+        })
+        .unwrap();
+        for i in 0..200 {
+            let event = eventbus::event::Event {
+                id: format!("e{i}"),
+                source: "test".into(),
+                event_type: "t".into(),
+                topic: eventbus::topic::Topic::parse("repair.test").unwrap(),
+                time: None,
+                data_content_type: String::new(),
+                data: vec![b'x'; 64].into(),
+                attributes: Default::default(),
+                correlation_id: String::new(),
+                causation_id: String::new(),
+                reply_to: None,
+            };
+            store.append(vec![event], SystemTime::now()).unwrap();
+        }
+    }
+    let mut segments: Vec<_> = std::fs::read_dir(data_dir.path().join("log"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let damaged = &segments[1];
+    let mut bytes = std::fs::read(damaged).unwrap();
+    bytes[20] ^= 0xff;
+    std::fs::write(damaged, &bytes).unwrap();
+
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let (ok, _, stderr) = run_eventbus(&["serve", "--listen", &listen], data_dir.path());
+    assert!(!ok, "serve must refuse a corrupt log");
+    let name = damaged.file_name().unwrap().to_string_lossy();
+    assert!(
+        stderr.contains(&*name)
+            && stderr.contains("offset 0")
+            && stderr.contains("eventbus repair"),
+        "the error names the file, the offset and the fix: {stderr}"
+    );
+
+    let (ok, stdout, stderr) = run_eventbus(&["repair"], data_dir.path());
+    assert!(ok, "repair failed: {stderr}");
+    assert!(stdout.contains("moved aside"), "{stdout}");
+    assert!(data_dir.path().join("damaged").read_dir().unwrap().count() >= 2);
+
+    let bus = Bus::start(port.parse().unwrap(), data_dir.path());
+    let mut client = connect(port.parse().unwrap()).await;
+    let log = read_log(&mut client).await;
+    let first_damaged: u64 = name.trim_end_matches(".log").parse().unwrap();
+    assert_eq!(
+        log.len() as u64,
+        first_damaged - 1,
+        "everything before the damage is kept"
+    );
+    bus.kill();
+}

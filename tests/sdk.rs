@@ -210,7 +210,7 @@ async fn subscription_resumes_after_a_slow_consumer_cutoff_without_duplicates_or
 
 #[tokio::test]
 async fn replay_from_start_positions_and_report_truncation() {
-    let bus = TestBus::start_with(BusConfig {
+    let bus = TestBus::start_in_memory(BusConfig {
         retention_max_events: 5,
         ..BusConfig::default()
     })

@@ -12,6 +12,29 @@ use crate::config::ServeArgs;
 use crate::sdk::Start;
 
 mod client;
+
+/// `eventbus repair`: see [`crate::store::file::repair`].
+fn repair(args: &RepairArgs) -> anyhow::Result<()> {
+    if !args.data_dir.join("log").is_dir() {
+        anyhow::bail!(
+            "{} holds no eventbus log (no log/ folder)",
+            args.data_dir.display()
+        );
+    }
+    let report = crate::store::file::repair(&args.data_dir)?;
+    if report.moved.is_empty() {
+        println!("the log is intact; nothing moved");
+    } else {
+        for path in &report.moved {
+            println!("moved aside: {}", path.display());
+        }
+        match report.kept_through {
+            Some(sequence) => println!("the log keeps sequences up to {sequence}"),
+            None => println!("the log keeps no events"),
+        }
+    }
+    Ok(())
+}
 pub mod format;
 mod serve;
 
@@ -59,6 +82,18 @@ pub enum Command {
     Topics(TopicsArgs),
     /// Show who publishes and subscribes to what.
     Topology(TopologyArgs),
+    /// Make a file store that fails recovery openable again: move the first damaged record and
+    /// everything after it into <data-dir>/damaged/ (nothing is deleted). Run with the bus
+    /// stopped.
+    Repair(RepairArgs),
+}
+
+/// `eventbus repair`.
+#[derive(Debug, Clone, Args)]
+pub struct RepairArgs {
+    /// The file store's directory, as given to `serve --data-dir`.
+    #[arg(long, env = "EVENTBUS_DATA_DIR", default_value = "eventbus-data")]
+    pub data_dir: std::path::PathBuf,
 }
 
 /// Fields of a published or asked event.
@@ -188,6 +223,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reply(args) => client::reply(args).await,
         Command::Topics(args) => client::topics(args).await,
         Command::Topology(args) => client::topology(args).await,
+        Command::Repair(args) => repair(&args),
     }
 }
 

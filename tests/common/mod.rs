@@ -49,6 +49,20 @@ impl TestBus {
         TestBus::start_server(config).await
     }
 
+    /// Starts a bus on the memory store whatever `EVENTBUS_TEST_STORAGE` says: for tests whose
+    /// expectations depend on its exact retention (the file store retains whole segments, so it
+    /// may hold more than the limits; its retention has tests of its own).
+    pub async fn start_in_memory(bus: BusConfig) -> TestBus {
+        let config = ServerConfig {
+            bus,
+            shutdown_grace: Duration::from_secs(5),
+            ..ServerConfig::default()
+        };
+        TestBus::spawn(config, None).await
+    }
+
+    /// Starts a bus; a memory store is swapped for a file store under
+    /// `EVENTBUS_TEST_STORAGE=file`.
     pub async fn start_server(mut config: ServerConfig) -> TestBus {
         let data_dir = match config.storage {
             StorageConfig::Memory => storage_under_test(),
@@ -61,6 +75,10 @@ impl TestBus {
                 segment_bytes: 1024 * 1024,
             };
         }
+        TestBus::spawn(config, data_dir).await
+    }
+
+    async fn spawn(config: ServerConfig, data_dir: Option<tempfile::TempDir>) -> TestBus {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
