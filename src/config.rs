@@ -33,6 +33,11 @@ pub struct BusConfig {
     pub default_query_timeout: Duration,
     /// The longest a query may wait, whatever it asks for.
     pub max_query_timeout: Duration,
+    /// Idempotent publish: an event whose (source, id) was published within this window is not
+    /// stored again. Zero turns it off.
+    pub dedupe_window: Duration,
+    /// The most (source, id) pairs remembered, whatever the window: bounds memory.
+    pub dedupe_max_entries: usize,
 }
 
 impl Default for BusConfig {
@@ -47,6 +52,8 @@ impl Default for BusConfig {
             max_message_bytes: 16 * 1024 * 1024,
             default_query_timeout: Duration::from_secs(5),
             max_query_timeout: Duration::from_secs(60),
+            dedupe_window: Duration::from_secs(120),
+            dedupe_max_entries: 1_000_000,
         }
     }
 }
@@ -224,6 +231,13 @@ pub struct ServeArgs {
     /// Longest a query may wait [default: 60s].
     #[arg(long, env = "EVENTBUS_MAX_QUERY_TIMEOUT", value_parser = humantime::parse_duration)]
     pub max_query_timeout: Option<Duration>,
+    /// Idempotent publish window: a (source, id) seen within it is not stored again; `0s` turns
+    /// it off [default: 2m].
+    #[arg(long, env = "EVENTBUS_DEDUPE_WINDOW", value_parser = humantime::parse_duration)]
+    pub dedupe_window: Option<Duration>,
+    /// Most (source, id) pairs remembered for idempotent publish [default: 1000000].
+    #[arg(long, env = "EVENTBUS_DEDUPE_MAX_ENTRIES")]
+    pub dedupe_max_entries: Option<usize>,
     /// Grace period for in-flight calls at shutdown [default: 10s].
     #[arg(long, env = "EVENTBUS_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -262,6 +276,9 @@ struct ConfigFile {
     default_query_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     max_query_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    dedupe_window: Option<Duration>,
+    dedupe_max_entries: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     shutdown_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -335,6 +352,14 @@ impl ServeArgs {
                 .max_query_timeout
                 .or(file.max_query_timeout)
                 .unwrap_or(bus_defaults.max_query_timeout),
+            dedupe_window: self
+                .dedupe_window
+                .or(file.dedupe_window)
+                .unwrap_or(bus_defaults.dedupe_window),
+            dedupe_max_entries: self
+                .dedupe_max_entries
+                .or(file.dedupe_max_entries)
+                .unwrap_or(bus_defaults.dedupe_max_entries),
         };
         bus.validate()?;
         let file_fsync = file

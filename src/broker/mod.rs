@@ -23,6 +23,7 @@
 //! lock. A publish is acknowledged only after that, and readers (replays) never read past the last
 //! routed sequence: nobody ever sees an event that a crash could take back.
 
+mod dedupe;
 mod subscription;
 pub mod topology;
 
@@ -43,6 +44,7 @@ use crate::event::{Event, SharedEvent};
 use crate::store::{Store, StoreError};
 use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic, INBOX_FAMILY};
+use dedupe::DedupeWindow;
 use topology::Topology;
 
 /// The bus. Cheap to clone: a handle to shared state.
@@ -63,6 +65,8 @@ struct Shared {
     /// The last sequence routed to subscribers. Replays read no further, so an event is seen by
     /// readers only once it is durable, and never both replayed and routed to one subscriber.
     routed_through: AtomicU64,
+    /// The same, as a channel: durable group dispatchers wake on it.
+    routed: watch::Sender<u64>,
 }
 
 /// Everything the publish path touches, behind the routing lock.
@@ -75,6 +79,8 @@ struct Routing {
     inbox_owners: HashMap<Topic, Arc<str>>,
     /// Appended events waiting to be durable before they are routed, in sequence order.
     pending: VecDeque<SharedEvent>,
+    /// Recently published (source, id) pairs, for idempotent publish.
+    dedupe: DedupeWindow,
 }
 
 /// The subscribers of one pattern.
@@ -167,7 +173,10 @@ enum Responders {
 impl Broker {
     pub fn new(config: BusConfig, store: Arc<dyn Store>) -> Broker {
         let durable_head = store.durable_head();
-        let routed_through = AtomicU64::new(store.bounds().head);
+        let head = store.bounds().head;
+        let routed_through = AtomicU64::new(head);
+        let (routed, _) = watch::channel(head);
+        let dedupe = DedupeWindow::new(config.dedupe_window, config.dedupe_max_entries);
         Broker {
             shared: Arc::new(Shared {
                 config,
@@ -178,11 +187,13 @@ impl Broker {
                     topics: HashMap::new(),
                     inbox_owners: HashMap::new(),
                     pending: VecDeque::new(),
+                    dedupe,
                 }),
                 shutdown: CancellationToken::new(),
                 next_subscription_id: AtomicU64::new(1),
                 durable_head,
                 routed_through,
+                routed,
             }),
         }
     }
@@ -208,7 +219,7 @@ impl Broker {
 
     /// Stores and routes a batch, all or none, and returns each event's sequence once the
     /// store has made it durable.
-    pub async fn publish(&self, events: Vec<Event>) -> Result<Vec<u64>, BusError> {
+    pub async fn publish(&self, events: Vec<Event>) -> Result<Published, BusError> {
         self.begin_publish(events)?.finish().await
     }
 
@@ -244,35 +255,53 @@ impl Broker {
                 }
             }
         }
-        let stored = self.shared.store.append(events, now)?;
-        let sequences: Vec<u64> = stored.iter().map(|event| event.sequence).collect();
-        let last = *sequences.last().expect("a batch is never empty");
+        let batch = routing.dedupe.split(events);
+        let stored = if batch.fresh.is_empty() {
+            Vec::new()
+        } else {
+            self.shared.store.append(batch.fresh, now)?
+        };
+        let published = batch.resolve(&stored);
         for event in &stored {
             routing.record(event, now);
+            routing.dedupe.insert(
+                &event.event.source,
+                &event.event.id,
+                event.sequence,
+                event.publish_time,
+            );
         }
-        match &self.shared.durable_head {
+        match (&self.shared.durable_head, stored.last()) {
             // Appends are final on return: route at once, under the same lock.
-            None => {
+            (None, last) => {
                 for event in &stored {
                     routing.route(event);
                 }
-                self.shared.routed_through.store(last, Ordering::Release);
+                if let Some(last) = last {
+                    self.advance_routed(last.sequence);
+                }
                 Ok(PendingPublish {
                     broker: self.clone(),
-                    sequences,
+                    published,
                     wait: None,
                 })
             }
-            // Routed once durable, so no subscriber sees what a crash could take back.
-            Some(durable_head) => {
+            // Routed once durable, so no subscriber sees what a crash could take back. A batch
+            // of duplicates only waits for its originals.
+            (Some(durable_head), _) => {
                 routing.pending.extend(stored);
                 Ok(PendingPublish {
                     broker: self.clone(),
-                    sequences,
+                    published,
                     wait: Some(durable_head.clone()),
                 })
             }
         }
+    }
+
+    fn advance_routed(&self, sequence: u64) {
+        self.shared.routed_through.store(sequence, Ordering::Release);
+        self.shared.routed.send_replace(sequence);
     }
 
     /// Routes, in sequence order, every pending event the store has made durable.
@@ -289,7 +318,7 @@ impl Broker {
             routed = Some(event.sequence);
         }
         if let Some(routed) = routed {
-            self.shared.routed_through.store(routed, Ordering::Release);
+            self.advance_routed(routed);
         }
     }
 
@@ -359,9 +388,15 @@ impl Broker {
         let correlation_id = event.correlation_id.clone();
         let topic = event.topic.to_string();
         let mut reply_queue = self.register_inbox(&inbox, event.source.clone())?;
-        self.append(vec![event], Responders::Required)?
-            .finish()
-            .await?;
+        let published = self.append(vec![event], Responders::Required)?.finish().await?;
+        if published.duplicates[0] {
+            // The same (source, id) was asked within the dedupe window: this query was not
+            // published again, so no new reply will come to this inbox.
+            return Err(BusError::invalid(
+                "event.id",
+                "a query with this source and id was already published; use a new id per query",
+            ));
+        }
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         loop {
@@ -544,22 +579,37 @@ impl Broker {
 #[must_use = "a publish is acknowledged only once finished"]
 pub struct PendingPublish {
     broker: Broker,
-    sequences: Vec<u64>,
+    published: Published,
     wait: Option<watch::Receiver<u64>>,
 }
 
+/// What a publish did with each event of its batch, in batch order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Published {
+    /// The sequence of each event; for a duplicate, the original's.
+    pub sequences: Vec<u64>,
+    /// Whether each event was a duplicate within the dedupe window (and so not stored again).
+    pub duplicates: Vec<bool>,
+}
+
 impl PendingPublish {
-    /// Waits until the batch is durable and routed; returns its sequences.
-    pub async fn finish(self) -> Result<Vec<u64>, BusError> {
+    /// Waits until the batch (and the originals of its duplicates) is durable and routed.
+    pub async fn finish(self) -> Result<Published, BusError> {
         let Some(mut durable_head) = self.wait else {
-            return Ok(self.sequences);
+            return Ok(self.published);
         };
-        let last = *self.sequences.last().expect("a batch is never empty");
+        let last = self
+            .published
+            .sequences
+            .iter()
+            .copied()
+            .max()
+            .expect("a batch is never empty");
         loop {
             let durable = *durable_head.borrow_and_update();
             if durable >= last {
                 self.broker.route_durable(durable);
-                return Ok(self.sequences);
+                return Ok(self.published);
             }
             if let Some(failure) = self.broker.shared.store.durability_error() {
                 return Err(BusError::Storage(StoreError::Failed(failure)));
