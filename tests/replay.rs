@@ -208,8 +208,7 @@ async fn no_gaps_or_duplicates_across_the_switch_from_replay_to_live() {
         })
         .await;
         let mut client = bus.client().await;
-        let (subscribed, mut stream) =
-            subscribe(&mut client, request_from("live.*", start)).await;
+        let (subscribed, mut stream) = subscribe(&mut client, request_from("live.*", start)).await;
         readers.push(tokio::spawn(async move {
             let mut received = Vec::new();
             let mut marker = None;
