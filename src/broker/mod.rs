@@ -435,7 +435,9 @@ impl Broker {
                         groups.insert(group.name.to_string());
                     }
                 });
-            } else if filter.is_some() {
+            } else if filter.is_some_and(|pattern| !pattern.matches(&Topic::new_inbox())) {
+                // The family stands for every inbox: it is listed when the pattern matches
+                // inboxes (`>`, `_bus.>`, `_bus.inbox.*`); any one inbox tells, ids are random.
                 continue;
             }
             summaries.push(TopicSummary {
