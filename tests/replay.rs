@@ -324,3 +324,46 @@ async fn a_start_older_than_retention_begins_at_the_oldest_held_event() {
     assert_eq!(topics[0].events_held, 5);
     assert_eq!(topics[0].events_published, 12);
 }
+
+#[tokio::test]
+async fn a_from_time_older_than_retention_says_the_start_was_truncated() {
+    let bus = TestBus::start_with(BusConfig {
+        retention_max_events: 5,
+        ..BusConfig::default()
+    })
+    .await;
+    let mut client = bus.client().await;
+    let long_ago = SystemTime::now() - Duration::from_secs(3600);
+    for i in 0..12u8 {
+        publish_one(&mut client, event("kept", &[i])).await;
+    }
+
+    // Events published after `long_ago` were dropped: the replay cannot start where asked.
+    let (subscribed, mut stream) = subscribe(
+        &mut client,
+        request_from("kept", Start::FromTime(timestamp(long_ago))),
+    )
+    .await;
+    assert!(subscribed.start_truncated, "{subscribed:?}");
+    assert_eq!(subscribed.oldest_sequence, 8);
+    assert_eq!(
+        sequences(&replay(&mut stream).await.0),
+        vec![8, 9, 10, 11, 12]
+    );
+
+    // A time no dropped event reaches is not a truncation.
+    let held = replay(&mut stream_from(&mut client, Start::Earliest(())).await)
+        .await
+        .0;
+    let since = held[2].publish_time.unwrap();
+    let (subscribed, mut stream) =
+        subscribe(&mut client, request_from("kept", Start::FromTime(since))).await;
+    assert!(!subscribed.start_truncated, "{subscribed:?}");
+    let replayed = sequences(&replay(&mut stream).await.0);
+    assert_eq!(replayed.last(), Some(&12));
+    assert!(replayed[0] > 8, "{replayed:?}");
+}
+
+async fn stream_from(client: &mut Client, start: Start) -> Stream {
+    subscribe(client, request_from(">", start)).await.1
+}
