@@ -128,9 +128,12 @@ impl Subscription {
                         }
                     }
                     StartPosition::FromTime(time) => {
+                        // Publish times never go backwards, so if the newest dropped event is
+                        // not before `time`, events the subscriber asked for are gone.
+                        let truncated = bounds.newest_dropped_time.is_some_and(|t| t >= time);
                         match store.first_sequence_at_or_after(time)? {
-                            Some(sequence) => (sequence - 1, false),
-                            None => (bounds.head, false),
+                            Some(sequence) => (sequence - 1, truncated),
+                            None => (bounds.head, truncated),
                         }
                     }
                     StartPosition::Latest => unreachable!("handled above"),
