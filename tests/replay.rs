@@ -367,3 +367,57 @@ async fn a_from_time_older_than_retention_says_the_start_was_truncated() {
 async fn stream_from(client: &mut Client, start: Start) -> Stream {
     subscribe(client, request_from(">", start)).await.1
 }
+
+#[tokio::test]
+async fn earliest_on_a_busy_bus_at_its_retention_limit_replays_what_is_held() {
+    let bus = TestBus::start_with(BusConfig {
+        retention_max_events: 50,
+        ..BusConfig::default()
+    })
+    .await;
+    // Every publish now drops the oldest event, as on any long-running bus at its limit.
+    let mut client = bus.client().await;
+    for i in 0..100u8 {
+        publish_one(&mut client, event("busy", &[i])).await;
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut publishers = Vec::new();
+    for _ in 0..4 {
+        let mut client = bus.client().await;
+        let stop = stop.clone();
+        publishers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let batch = (0..20).map(|_| event("busy", b"more")).collect();
+                publish(&mut client, batch).await;
+            }
+        }));
+    }
+    for start in [Start::Earliest(()), Start::AfterSequence(1)] {
+        for round in 0..20 {
+            let (subscribed, mut stream) =
+                subscribe(&mut client, request_from("busy", start)).await;
+            let mut last = 0;
+            loop {
+                match tokio::time::timeout(WAIT, stream.message()).await.unwrap() {
+                    Ok(Some(response)) => match response.message.unwrap() {
+                        Message::Event(event) => {
+                            assert!(last == 0 || event.sequence == last + 1, "a gap");
+                            last = event.sequence;
+                        }
+                        Message::CaughtUp(_) => break,
+                        other => panic!("unexpected {other:?}"),
+                    },
+                    Ok(None) => panic!("ended"),
+                    Err(status) => panic!(
+                        "{start:?} round {round}: the replay of what is held failed: {status:?} \
+                         ({subscribed:?})"
+                    ),
+                }
+            }
+        }
+    }
+    stop.cancel();
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+}
