@@ -106,6 +106,9 @@ impl Subscription {
             subscriber: Some(&*options.subscriber),
             queue_size,
         };
+        // Whether the replay starts at whatever is oldest when it first reads: then events
+        // dropped between this confirmation and that read are no loss to the subscriber.
+        let from_oldest_held = options.start == StartPosition::Earliest;
         let (phase, bounds, start_truncated) = match options.start {
             StartPosition::Latest => {
                 let mut routing = broker.lock_routing();
@@ -164,6 +167,7 @@ impl Subscription {
             pending: VecDeque::new(),
             caught_up: None,
             last_delivered: 0,
+            from_oldest_held: from_oldest_held || start_truncated,
         };
         let deliveries = stream::unfold(state, |mut state| async move {
             let item = state.next().await?;
@@ -203,6 +207,9 @@ struct Cursor {
     pending: VecDeque<SharedEvent>,
     /// The `caught_up` marker to yield once `pending` is empty.
     caught_up: Option<u64>,
+    /// The replay asked for the oldest held event, not a given one: its first read takes
+    /// whatever is oldest then, even if retention dropped more since the confirmation.
+    from_oldest_held: bool,
     last_delivered: u64,
 }
 
@@ -264,7 +271,9 @@ impl Cursor {
     fn replay_step(&mut self, after: u64) -> Result<(), BusError> {
         let store = self.broker.shared.store.clone();
         let chunk = store.read_after(after, REPLAY_CHUNK)?;
-        self.check_no_gap(after, &chunk)?;
+        if !std::mem::take(&mut self.from_oldest_held) {
+            self.check_no_gap(after, &chunk)?;
+        }
         if chunk.len() == REPLAY_CHUNK {
             let last = chunk.last().expect("a full chunk").sequence;
             self.take_matching(chunk);
