@@ -12,10 +12,10 @@ pub enum BusError {
     #[error("{field}: {rule}")]
     InvalidArgument { field: String, rule: String },
 
-    /// An event's data is over the configured limit.
-    #[error("events[{index}].data: {size} bytes is over the limit of {limit} bytes")]
+    /// An event's data is over the configured limit. `field` is e.g. `events[2].data`.
+    #[error("{field}: {size} bytes is over the limit of {limit} bytes")]
     EventTooLarge {
-        index: usize,
+        field: String,
         size: usize,
         limit: usize,
     },

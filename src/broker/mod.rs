@@ -329,6 +329,7 @@ impl Broker {
         crate::store::LogBounds {
             oldest: bounds.oldest.filter(|oldest| *oldest <= head),
             head,
+            newest_dropped_time: bounds.newest_dropped_time,
         }
     }
 
@@ -353,13 +354,24 @@ impl Broker {
             ));
         }
         for (index, event) in events.iter().enumerate() {
-            if event.data.len() > config.max_event_data_bytes {
-                return Err(BusError::EventTooLarge {
-                    index,
-                    size: event.data.len(),
-                    limit: config.max_event_data_bytes,
-                });
-            }
+            self.check_data_size(event, || format!("events[{index}].data"))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses data over the limit; `field` names it as the request does.
+    fn check_data_size(
+        &self,
+        event: &Event,
+        field: impl FnOnce() -> String,
+    ) -> Result<(), BusError> {
+        let limit = self.shared.config.max_event_data_bytes;
+        if event.data.len() > limit {
+            return Err(BusError::EventTooLarge {
+                field: field(),
+                size: event.data.len(),
+                limit,
+            });
         }
         Ok(())
     }
@@ -380,6 +392,8 @@ impl Broker {
         mut event: Event,
         timeout: Duration,
     ) -> Result<SharedEvent, BusError> {
+        // Checked here so the error names the query's field, not a batch index.
+        self.check_data_size(&event, || "event.data".to_owned())?;
         if event.correlation_id.is_empty() {
             event.correlation_id = uuid::Uuid::now_v7().to_string();
         }
@@ -543,7 +557,9 @@ impl Broker {
                         groups.insert(group.name.to_string());
                     }
                 });
-            } else if filter.is_some() {
+            } else if filter.is_some_and(|pattern| !pattern.matches(&Topic::new_inbox())) {
+                // The family stands for every inbox: it is listed when the pattern matches
+                // inboxes (`>`, `_bus.>`, `_bus.inbox.*`); any one inbox tells, ids are random.
                 continue;
             }
             summaries.push(TopicSummary {

@@ -106,6 +106,9 @@ impl Subscription {
             subscriber: Some(&*options.subscriber),
             queue_size,
         };
+        // Whether the replay starts at whatever is oldest when it first reads: then events
+        // dropped between this confirmation and that read are no loss to the subscriber.
+        let from_oldest_held = options.start == StartPosition::Earliest;
         let (phase, bounds, start_truncated) = match options.start {
             StartPosition::Latest => {
                 let mut routing = broker.lock_routing();
@@ -128,9 +131,12 @@ impl Subscription {
                         }
                     }
                     StartPosition::FromTime(time) => {
+                        // Publish times never go backwards, so if the newest dropped event is
+                        // not before `time`, events the subscriber asked for are gone.
+                        let truncated = bounds.newest_dropped_time.is_some_and(|t| t >= time);
                         match store.first_sequence_at_or_after(time)? {
-                            Some(sequence) => (sequence - 1, false),
-                            None => (bounds.head, false),
+                            Some(sequence) => (sequence - 1, truncated),
+                            None => (bounds.head, truncated),
                         }
                     }
                     StartPosition::Latest => unreachable!("handled above"),
@@ -161,6 +167,7 @@ impl Subscription {
             pending: VecDeque::new(),
             caught_up: None,
             last_delivered: 0,
+            from_oldest_held: from_oldest_held || start_truncated,
         };
         let deliveries = stream::unfold(state, |mut state| async move {
             let item = state.next().await?;
@@ -200,6 +207,9 @@ struct Cursor {
     pending: VecDeque<SharedEvent>,
     /// The `caught_up` marker to yield once `pending` is empty.
     caught_up: Option<u64>,
+    /// The replay asked for the oldest held event, not a given one: its first read takes
+    /// whatever is oldest then, even if retention dropped more since the confirmation.
+    from_oldest_held: bool,
     last_delivered: u64,
 }
 
@@ -263,7 +273,9 @@ impl Cursor {
         let visible = self.broker.visible_head();
         let mut chunk = store.read_after(after, REPLAY_CHUNK)?;
         chunk.retain(|event| event.sequence <= visible);
-        self.check_no_gap(after, &chunk)?;
+        if !std::mem::take(&mut self.from_oldest_held) {
+            self.check_no_gap(after, &chunk)?;
+        }
         if chunk.len() == REPLAY_CHUNK && chunk.last().is_some_and(|e| e.sequence < visible) {
             let last = chunk.last().expect("a full chunk").sequence;
             self.take_matching(chunk);

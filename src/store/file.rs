@@ -140,6 +140,10 @@ struct Inner {
     segments: Vec<Segment>,
     head: u64,
     last_publish_time: Option<SystemTime>,
+    /// When the newest event retention deleted was published. After a restart the deleted
+    /// segments are gone, so a log that does not start at sequence 1 assumes it was just before
+    /// its oldest held event: a `from_time` before that is then reported as possibly truncated.
+    newest_dropped_time: Option<SystemTime>,
     /// The newest events, consecutive, ending at `head`.
     cache: VecDeque<SharedEvent>,
     cache_bytes: u64,
@@ -210,6 +214,10 @@ impl FileStore {
         let active = segments.last().expect("at least one segment");
         let head = active.last;
         let last_publish_time = segments.iter().rev().find_map(|s| s.last_publish_time);
+        let newest_dropped_time = match segments.iter().find(|s| s.count() > 0) {
+            Some(first) if first.base > 1 => first.index.first().map(|(_, _, time)| *time),
+            _ => None,
+        };
         info!(
             dir = %config.dir.display(),
             segments = segments.len(),
@@ -242,6 +250,7 @@ impl FileStore {
                 segments,
                 head,
                 last_publish_time,
+                newest_dropped_time,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
                 buffer: Vec::new(),
@@ -283,6 +292,9 @@ impl FileStore {
                 return Ok(());
             }
             let removed = inner.segments.remove(0);
+            if removed.last_publish_time.is_some() {
+                inner.newest_dropped_time = removed.last_publish_time;
+            }
             fs::remove_file(&removed.path)?;
             while inner
                 .cache
@@ -550,6 +562,7 @@ impl Store for FileStore {
         LogBounds {
             oldest,
             head: inner.head,
+            newest_dropped_time: inner.newest_dropped_time,
         }
     }
 

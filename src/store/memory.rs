@@ -24,6 +24,7 @@ struct Inner {
     bytes: u64,
     head: u64,
     last_publish_time: Option<SystemTime>,
+    newest_dropped_time: Option<SystemTime>,
     held_by_family: HashMap<String, u64>,
 }
 
@@ -89,6 +90,7 @@ impl Store for MemoryStore {
                 break;
             };
             inner.bytes -= evicted.event.size_bytes() as u64;
+            inner.newest_dropped_time = Some(evicted.publish_time);
             let family = evicted.event.topic.family();
             if let Some(count) = inner.held_by_family.get_mut(family) {
                 *count -= 1;
@@ -121,6 +123,7 @@ impl Store for MemoryStore {
         LogBounds {
             oldest: inner.events.front().map(|e| e.sequence),
             head: inner.head,
+            newest_dropped_time: inner.newest_dropped_time,
         }
     }
 
@@ -171,7 +174,8 @@ mod tests {
             store.bounds(),
             LogBounds {
                 oldest: Some(1),
-                head: 3
+                head: 3,
+                newest_dropped_time: None,
             }
         );
         assert_eq!(store.held_counts()["a"], 2);
@@ -188,7 +192,8 @@ mod tests {
             store.bounds(),
             LogBounds {
                 oldest: Some(3),
-                head: 5
+                head: 5,
+                newest_dropped_time: Some(t),
             }
         );
         assert_eq!(sequences(&store.read_after(0, 10).unwrap()), vec![3, 4, 5]);

@@ -45,6 +45,9 @@ pub struct LogBounds {
     pub oldest: Option<u64>,
     /// The last sequence ever assigned (0 before the first append). Held or not.
     pub head: u64,
+    /// When the newest event that retention dropped was published, `None` while nothing was
+    /// dropped: a `from_time` at or before it asks for events that are gone.
+    pub newest_dropped_time: Option<SystemTime>,
 }
 
 impl LogBounds {

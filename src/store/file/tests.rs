@@ -72,7 +72,8 @@ fn survives_a_reopen_across_segment_rolls() {
         store.bounds(),
         LogBounds {
             oldest: Some(1),
-            head: 300
+            head: 300,
+            newest_dropped_time: None,
         }
     );
     assert_eq!(store.held_counts()["a.b"], 300);

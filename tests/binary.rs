@@ -1,0 +1,176 @@
+//! The built `eventbus` binary: `serve` comes up, ends streams and exits 0 on SIGTERM, and a bad
+//! setting is one clear error and a non-zero exit.
+
+mod support;
+
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use eventbus::pb::event_bus_service_client::EventBusServiceClient;
+use support::*;
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_eventbus");
+
+fn eventbus() -> Command {
+    let mut command = Command::new(BIN);
+    // Settings come from the flags of each test only.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("EVENTBUS_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// A port that was free a moment ago: bind 127.0.0.1:0 and release it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child if the test fails before it exits.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_for_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn serve_ends_streams_and_exits_cleanly_on_sigterm() {
+    let grace = Duration::from_secs(30);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut server = None;
+    // The free port may be taken again before the server binds it: try a few.
+    for _ in 0..5 {
+        let port = free_port();
+        let child = eventbus()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--shutdown-grace", "30s", "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap();
+        let mut child = Server(child);
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + WAIT;
+        let connected = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break Err(status);
+            }
+            if let Ok(client) = EventBusServiceClient::connect(url.clone()).await {
+                break Ok(client);
+            }
+            assert!(Instant::now() < deadline, "the server did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if let Ok(client) = connected {
+            server = Some((child, client));
+            break;
+        }
+    }
+    let (mut child, mut client) = server.expect("the server came up on one of the ports");
+
+    let (_, mut stream) = subscribe(&mut client, request("events.>")).await;
+    let sequence = publish_one(&mut client, common_event("events.one")).await;
+    assert_eq!(next_event(&mut stream).await.sequence, sequence);
+
+    let started = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (_, status) = read_to_error(&mut stream).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let exit = wait_for_exit(&mut child.0, grace).await;
+    let logs = std::fs::read_to_string(log.path()).unwrap();
+    assert!(exit.success(), "exit {exit:?}; logs:\n{logs}");
+    assert!(
+        started.elapsed() < grace / 3,
+        "took {:?}: the open stream was not ended on purpose",
+        started.elapsed()
+    );
+    assert!(logs.contains("shutting down"), "logs:\n{logs}");
+}
+
+fn common_event(topic: &str) -> eventbus::pb::Event {
+    eventbus::pb::Event {
+        topic: topic.into(),
+        source: "binary-test".into(),
+        ..Default::default()
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    eventbus().args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+#[track_caller]
+fn assert_one_clear_error(output: &Output, parts: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "should fail; stderr:\n{stderr}");
+    for part in parts {
+        assert!(stderr.contains(part), "{part:?} not in stderr:\n{stderr}");
+    }
+    // One error line (clap's `error:`, or the binary's), not a log dump or a panic.
+    let errors = stderr
+        .lines()
+        .filter(|l| l.to_lowercase().starts_with("error"))
+        .count();
+    assert_eq!(errors, 1, "one error, not:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_bad_setting_is_one_clear_error_and_a_non_zero_exit() {
+    let output = run(&["serve", "--subscriber-queue-size", "0"]);
+    assert_one_clear_error(&output, &["subscriber_queue_size", "at least 1"]);
+
+    let output = run(&["serve", "--max-message-bytes", "1024"]);
+    assert_one_clear_error(&output, &["max_message_bytes"]);
+
+    let output = run(&["serve", "--no-such-flag"]);
+    assert_one_clear_error(&output, &["--no-such-flag"]);
+
+    let output = run(&["serve", "--listen", "not-an-address"]);
+    assert_one_clear_error(&output, &["--listen", "not-an-address"]);
+
+    let output = run(&["serve", "--config", "/nonexistent/eventbus.toml"]);
+    assert_one_clear_error(&output, &["/nonexistent/eventbus.toml"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bus.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nretention = 5\n").unwrap();
+    let output = run(&["serve", "--config", config.to_str().unwrap()]);
+    assert_one_clear_error(&output, &["retention"]);
+}
+
+#[test]
+fn a_taken_address_is_one_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = run(&["serve", "--listen", &addr]);
+    assert_one_clear_error(&output, &[&addr]);
+}

@@ -1,0 +1,151 @@
+//! Helpers for the black-box suite on top of `common`: subscribing and reading a stream with a
+//! deadline, publishing, and reading a stream to its final status. Every wait is bounded by
+//! [`WAIT`], which is generous so a loaded machine does not make tests flaky; a passing test
+//! never waits it out.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use eventbus::pb;
+use eventbus::pb::event_bus_service_client::EventBusServiceClient;
+use eventbus::pb::subscribe_response::Message;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+pub type Client = EventBusServiceClient<Channel>;
+pub type Stream = Streaming<pb::SubscribeResponse>;
+
+/// The longest any single wait may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A subscription request for `pattern` from service `test`, starting at latest.
+pub fn request(pattern: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        topic: pattern.to_owned(),
+        subscriber: "test".to_owned(),
+        ..Default::default()
+    }
+}
+
+/// A subscription request starting at `start`.
+pub fn request_from(pattern: &str, start: pb::subscribe_request::Start) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        start: Some(start),
+        ..request(pattern)
+    }
+}
+
+/// Subscribes and waits for the `subscribed` confirmation.
+pub async fn subscribe(
+    client: &mut Client,
+    request: pb::SubscribeRequest,
+) -> (pb::Subscribed, Stream) {
+    let mut stream = client
+        .subscribe(request)
+        .await
+        .expect("subscribe refused")
+        .into_inner();
+    match next(&mut stream).await {
+        Message::Subscribed(subscribed) => (subscribed, stream),
+        other => panic!("expected the subscribed confirmation first, got {other:?}"),
+    }
+}
+
+/// The next message of a stream; fails the test if the stream ends or errs first.
+pub async fn next(stream: &mut Stream) -> Message {
+    match tokio::time::timeout(WAIT, stream.message()).await {
+        Err(_) => panic!("no message within {WAIT:?}"),
+        Ok(Err(status)) => panic!("stream failed: {status:?}"),
+        Ok(Ok(None)) => panic!("stream ended"),
+        Ok(Ok(Some(response))) => response.message.expect("a message"),
+    }
+}
+
+/// The next message, which must be an event.
+pub async fn next_event(stream: &mut Stream) -> pb::Event {
+    match next(stream).await {
+        Message::Event(event) => event,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+/// The next `count` messages, which must all be events.
+pub async fn events(stream: &mut Stream, count: usize) -> Vec<pb::Event> {
+    let mut received = Vec::with_capacity(count);
+    for _ in 0..count {
+        received.push(next_event(stream).await);
+    }
+    received
+}
+
+/// The next message, which must be the `caught_up` marker; returns its sequence.
+pub async fn caught_up(stream: &mut Stream) -> u64 {
+    match next(stream).await {
+        Message::CaughtUp(marker) => marker.sequence,
+        other => panic!("expected caught_up, got {other:?}"),
+    }
+}
+
+/// Reads a stream until it ends with an error status; returns the events before it and the
+/// status. Fails if the stream ends cleanly or sends anything but events.
+pub async fn read_to_error(stream: &mut Stream) -> (Vec<pb::Event>, Status) {
+    let mut received = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, stream.message()).await {
+            Err(_) => panic!("stream did not end within {WAIT:?}"),
+            Ok(Err(status)) => return (received, status),
+            Ok(Ok(None)) => panic!("stream ended without an error status"),
+            Ok(Ok(Some(response))) => match response.message.expect("a message") {
+                Message::Event(event) => received.push(event),
+                other => panic!("expected events, got {other:?}"),
+            },
+        }
+    }
+}
+
+/// Publishes a batch and returns its sequences; fails the test on error.
+pub async fn publish(client: &mut Client, events: Vec<pb::Event>) -> Vec<u64> {
+    client
+        .publish(pb::PublishRequest { events })
+        .await
+        .expect("publish failed")
+        .into_inner()
+        .sequences
+}
+
+/// Publishes one event and returns its sequence.
+pub async fn publish_one(client: &mut Client, event: pb::Event) -> u64 {
+    publish(client, vec![event]).await[0]
+}
+
+/// The stable reason a status carries in its `eventbus-error` metadata.
+pub fn reason(status: &Status) -> Option<String> {
+    status
+        .metadata()
+        .get("eventbus-error")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Asserts a status's code and that its message contains every one of `parts`.
+#[track_caller]
+pub fn assert_status(status: &Status, code: Code, parts: &[&str]) {
+    assert_eq!(status.code(), code, "unexpected status {status:?}");
+    for part in parts {
+        assert!(
+            status.message().contains(part),
+            "message {:?} should contain {part:?}",
+            status.message()
+        );
+    }
+}
+
+/// The sequences of some events.
+pub fn sequences(events: &[pb::Event]) -> Vec<u64> {
+    events.iter().map(|e| e.sequence).collect()
+}
+
+/// A protobuf timestamp from a system time.
+pub fn timestamp(time: std::time::SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(time)
+}
