@@ -38,6 +38,17 @@ pub enum BusError {
         last_delivered: u64,
     },
 
+    /// Every member of a live group was full, and this one was ended.
+    #[error(
+        "group member too slow: every member's queue (of {queue_size} events) was full, so an \
+         event was dropped for the group and this member was ended; last delivered sequence \
+         {last_delivered}. Resubscribe to rejoin; for at-least-once delivery use ack_mode MANUAL"
+    )]
+    SlowGroupMember {
+        queue_size: usize,
+        last_delivered: u64,
+    },
+
     /// A replay read slower than retention dropped events, so the next one is gone.
     #[error(
         "replay fell behind retention: events after sequence {last_delivered} were dropped \
@@ -45,6 +56,12 @@ pub enum BusError {
          on from the oldest held event"
     )]
     ReplayOverrun { last_delivered: u64 },
+
+    /// An Ack or Nack names a group that has no MANUAL-ack subscription on this bus.
+    #[error(
+        "no MANUAL-ack group named {group:?} on this bus (subscribe with ack_mode MANUAL first)"
+    )]
+    UnknownGroup { group: String },
 
     /// The bus is stopping and takes no new work.
     #[error("the bus is shutting down")]

@@ -133,13 +133,15 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = server => {
-            result?;
-            info!("stopped");
-        }
+        result = server => result?,
         _ = grace_elapsed => {
             warn!(grace = ?grace, "grace period over: dropping the calls still in flight");
         }
     }
+    // Group dispatchers save their cursors last; the store closes when the broker is dropped.
+    if tokio::time::timeout(grace, broker.finish()).await.is_err() {
+        warn!("the broker's tasks did not finish within the grace period");
+    }
+    info!("stopped");
     Ok(())
 }

@@ -34,11 +34,6 @@ impl DedupeWindow {
         !self.window.is_zero() && self.max_entries > 0
     }
 
-    /// The window's length.
-    pub fn window(&self) -> Duration {
-        self.window
-    }
-
     /// The sequence an event with this source and id was published at, if within the window.
     pub fn get(&self, source: &Arc<str>, id: &str) -> Option<u64> {
         if !self.is_enabled() {
@@ -74,11 +69,13 @@ impl DedupeWindow {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.sequences.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.sequences.is_empty()
     }
 }

@@ -21,6 +21,8 @@
 //! dead-lettered), or the read position when nothing is. It is saved through the store (at most
 //! every [`SAVE_INTERVAL`], and when the dispatcher stops); after a restart the group rereads
 //! from it, so an event acked after the last save may be delivered again, never lost.
+//!
+//! Lock order: the broker's routing lock, then the group map, then one group's state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
-use super::{Broker, Responders};
+use super::{Broker, Responders, StartPosition};
 use crate::error::BusError;
 use crate::event::{Event, SharedEvent};
 use crate::store::GroupCursor;
@@ -150,7 +152,13 @@ impl GroupState {
 
     /// Hands an event back for another delivery, or to the dead-letter list once it had all
     /// its deliveries.
-    fn requeue(&mut self, event: SharedEvent, deliveries: u32, max: u32, dead: &mut Vec<(SharedEvent, u32)>) {
+    fn requeue(
+        &mut self,
+        event: SharedEvent,
+        deliveries: u32,
+        max: u32,
+        dead: &mut Vec<(SharedEvent, u32)>,
+    ) {
         if deliveries >= max {
             self.dead_lettering.insert(event.sequence);
             dead.push((event, deliveries));
@@ -170,6 +178,12 @@ pub(super) struct Membership {
     pub(super) receiver: mpsc::Receiver<(SharedEvent, u32)>,
 }
 
+impl Membership {
+    pub(super) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl Drop for Membership {
     fn drop(&mut self) {
         let mut state = lock(&self.group.state);
@@ -185,7 +199,12 @@ impl Drop for Membership {
         let mut dead = Vec::new();
         for sequence in orphaned {
             let flight = state.in_flight.remove(&sequence).expect("listed");
-            state.requeue(flight.event, flight.deliveries, self.group.max_deliveries, &mut dead);
+            state.requeue(
+                flight.event,
+                flight.deliveries,
+                self.group.max_deliveries,
+                &mut dead,
+            );
         }
         drop(state);
         // Rare: an orphan that had its last delivery. The dispatcher publishes it.
@@ -193,7 +212,9 @@ impl Drop for Membership {
             let mut state = lock(&self.group.state);
             for (event, deliveries) in dead {
                 state.dead_lettering.remove(&event.sequence);
-                state.ready.push_front((event, deliveries.saturating_sub(1)));
+                state
+                    .ready
+                    .push_front((event, deliveries.saturating_sub(1)));
             }
         }
         self.group.wake.notify_one();
@@ -233,7 +254,7 @@ impl Broker {
         group: &Arc<str>,
         pattern: &Pattern,
         subscriber: &Arc<str>,
-        start: super::StartPosition,
+        start: StartPosition,
         settings: &ManualAck,
     ) -> Result<Joined, BusError> {
         let mut groups = lock(&self.shared.durable.groups);
@@ -246,9 +267,13 @@ impl Broker {
                 let saved = self.shared.store.load_group_cursors()?.remove(&**group);
                 let (cursor, truncated) = match saved {
                     Some(saved) => {
-                        check_pattern(group, &Pattern::parse(&saved.pattern).map_err(|_| {
-                            BusError::invalid("group", "its saved pattern is unreadable")
-                        })?, pattern)?;
+                        check_pattern(
+                            group,
+                            &Pattern::parse(&saved.pattern).map_err(|_| {
+                                BusError::invalid("group", "its saved pattern is unreadable")
+                            })?,
+                            pattern,
+                        )?;
                         self.clamp_to_held(saved.cursor)
                     }
                     None => self.start_cursor(start)?,
@@ -270,7 +295,9 @@ impl Broker {
                 });
                 info!(group = %group, pattern = %pattern, cursor, "durable group started");
                 groups.insert(group.clone(), durable.clone());
-                tokio::spawn(dispatch(self.clone(), durable.clone()));
+                self.shared
+                    .tasks
+                    .spawn(dispatch(self.clone(), durable.clone()));
                 (durable, truncated)
             }
         };
@@ -313,8 +340,7 @@ impl Broker {
     }
 
     /// The cursor a new group starts from.
-    fn start_cursor(&self, start: super::StartPosition) -> Result<(u64, bool), BusError> {
-        use super::StartPosition;
+    fn start_cursor(&self, start: StartPosition) -> Result<(u64, bool), BusError> {
         let bounds = self.visible_bounds();
         Ok(match start {
             StartPosition::Latest => (bounds.head, false),
@@ -400,9 +426,9 @@ impl Broker {
     /// Whether a live member of a MANUAL-ack group would receive an event on `topic` (queries
     /// count such groups as responders).
     pub(super) fn durable_responders(&self, topic: &Topic) -> bool {
-        lock(&self.shared.durable.groups).values().any(|group| {
-            group.pattern.matches(topic) && !lock(&group.state).members.is_empty()
-        })
+        lock(&self.shared.durable.groups)
+            .values()
+            .any(|group| group.pattern.matches(topic) && !lock(&group.state).members.is_empty())
     }
 }
 
@@ -466,7 +492,12 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
             member.in_flight -= 1;
         }
         debug!(group = %group.name, sequence, deliveries = flight.deliveries, "ack deadline passed");
-        state.requeue(flight.event, flight.deliveries, group.max_deliveries, &mut dead);
+        state.requeue(
+            flight.event,
+            flight.deliveries,
+            group.max_deliveries,
+            &mut dead,
+        );
     }
     while let Some(entry) = state.delayed.first_entry() {
         if entry.key().0 > now {
@@ -528,7 +559,11 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
 fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
     let visible = broker.visible_head();
     while state.ready.len() < READ_AHEAD && state.read_through < visible {
-        let chunk = match broker.shared.store.read_after(state.read_through, READ_AHEAD) {
+        let chunk = match broker
+            .shared
+            .store
+            .read_after(state.read_through, READ_AHEAD)
+        {
             Ok(chunk) => chunk,
             Err(error) => {
                 warn!(group = %group.name, %error, "reading the log failed; retrying on the next wake");
@@ -601,7 +636,10 @@ async fn save_cursor(broker: &Broker, group: &DurableGroup, now: bool) {
     let cursor = {
         let state = lock(&group.state);
         let cursor = state.cursor();
-        let due = now || state.last_save.is_none_or(|at| at.elapsed() >= SAVE_INTERVAL);
+        let due = now
+            || state
+                .last_save
+                .is_none_or(|at| at.elapsed() >= SAVE_INTERVAL);
         if cursor == state.saved_cursor || !due {
             return;
         }

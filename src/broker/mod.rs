@@ -24,6 +24,7 @@
 //! routed sequence: nobody ever sees an event that a crash could take back.
 
 mod dedupe;
+pub mod durable;
 mod subscription;
 pub mod topology;
 
@@ -34,8 +35,12 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-pub use subscription::{Delivery, StartPosition, SubscribeOptions, Subscription, SubscriptionInfo};
+pub use durable::{Acked, ManualAck};
+pub use subscription::{
+    AckMode, Delivery, StartPosition, SubscribeOptions, Subscription, SubscriptionInfo,
+};
 pub use topology::TopologySnapshot;
 
 use crate::config::BusConfig;
@@ -67,6 +72,10 @@ struct Shared {
     routed_through: AtomicU64,
     /// The same, as a channel: durable group dispatchers wake on it.
     routed: watch::Sender<u64>,
+    /// MANUAL-ack consumer groups, each with its dispatcher.
+    durable: durable::DurableGroups,
+    /// The broker's own tasks (group dispatchers), so shutdown can wait for their last writes.
+    tasks: TaskTracker,
 }
 
 /// Everything the publish path touches, behind the routing lock.
@@ -176,7 +185,7 @@ impl Broker {
         let head = store.bounds().head;
         let routed_through = AtomicU64::new(head);
         let (routed, _) = watch::channel(head);
-        let dedupe = DedupeWindow::new(config.dedupe_window, config.dedupe_max_entries);
+        let dedupe = recent_publishes(&config, &*store);
         Broker {
             shared: Arc::new(Shared {
                 config,
@@ -194,6 +203,8 @@ impl Broker {
                 durable_head,
                 routed_through,
                 routed,
+                durable: durable::DurableGroups::default(),
+                tasks: TaskTracker::new(),
             }),
         }
     }
@@ -202,10 +213,23 @@ impl Broker {
         &self.shared.config
     }
 
+    /// The identity of the log behind this bus (see [`Store::log_id`]).
+    pub fn log_id(&self) -> &str {
+        self.shared.store.log_id()
+    }
+
     /// Stops the bus: open subscriptions end with [`BusError::ShuttingDown`] and new publishes,
     /// subscriptions and queries are refused.
     pub fn shutdown(&self) {
         self.shared.shutdown.cancel();
+    }
+
+    /// Shuts down and waits for the broker's own tasks to finish their last writes (group
+    /// cursors), so the store can be reopened right after.
+    pub async fn finish(&self) {
+        self.shutdown();
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
     }
 
     /// Resolves once [`Broker::shutdown`] has been called.
@@ -248,18 +272,19 @@ impl Broker {
                 routing
                     .subscriptions
                     .for_each_match(&event.topic, |interest| count += interest.responder_count());
-                if count == 0 {
+                if count == 0 && !self.durable_responders(&event.topic) {
                     return Err(BusError::NoResponders {
                         topic: event.topic.to_string(),
                     });
                 }
             }
         }
-        let batch = routing.dedupe.split(events);
-        let stored = if batch.fresh.is_empty() {
+        let mut batch = routing.dedupe.split(events);
+        let fresh = std::mem::take(&mut batch.fresh);
+        let stored = if fresh.is_empty() {
             Vec::new()
         } else {
-            self.shared.store.append(batch.fresh, now)?
+            self.shared.store.append(fresh, now)?
         };
         let published = batch.resolve(&stored);
         for event in &stored {
@@ -300,7 +325,9 @@ impl Broker {
     }
 
     fn advance_routed(&self, sequence: u64) {
-        self.shared.routed_through.store(sequence, Ordering::Release);
+        self.shared
+            .routed_through
+            .store(sequence, Ordering::Release);
         self.shared.routed.send_replace(sequence);
     }
 
@@ -402,7 +429,10 @@ impl Broker {
         let correlation_id = event.correlation_id.clone();
         let topic = event.topic.to_string();
         let mut reply_queue = self.register_inbox(&inbox, event.source.clone())?;
-        let published = self.append(vec![event], Responders::Required)?.finish().await?;
+        let published = self
+            .append(vec![event], Responders::Required)?
+            .finish()
+            .await?;
         if published.duplicates[0] {
             // The same (source, id) was asked within the dedupe window: this query was not
             // published again, so no new reply will come to this inbox.
@@ -588,6 +618,37 @@ impl Broker {
             .routing
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The dedupe window as the log left it: a durable store that restarts still knows what was
+/// published within the window, so a producer retrying across a bus restart is deduplicated too.
+fn recent_publishes(config: &BusConfig, store: &dyn Store) -> DedupeWindow {
+    let mut window = DedupeWindow::new(config.dedupe_window, config.dedupe_max_entries);
+    if !window.is_enabled() {
+        return window;
+    }
+    let Some(since) = SystemTime::now().checked_sub(config.dedupe_window) else {
+        return window;
+    };
+    let Ok(Some(first)) = store.first_sequence_at_or_after(since) else {
+        return window;
+    };
+    let mut after = first - 1;
+    loop {
+        let chunk = match store.read_after(after, 4096) {
+            Ok(chunk) if !chunk.is_empty() => chunk,
+            _ => return window,
+        };
+        for event in &chunk {
+            window.insert(
+                &event.event.source,
+                &event.event.id,
+                event.sequence,
+                event.publish_time,
+            );
+        }
+        after = chunk.last().expect("not empty").sequence;
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use futures_util::stream::{self, BoxStream, Stream};
 
+use super::durable::{ManualAck, Membership};
 use super::{Broker, Registration, RegistrationRequest};
 use crate::error::BusError;
 use crate::event::SharedEvent;
@@ -49,6 +50,17 @@ pub struct SubscribeOptions {
     /// The subscribing service, for the topology and logs.
     pub subscriber: Arc<str>,
     pub start: StartPosition,
+    pub ack: AckMode,
+}
+
+/// How deliveries are confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AckMode {
+    /// Delivered means done (at most once).
+    #[default]
+    Auto,
+    /// At least once, for a consumer group: see [`super::durable`].
+    Manual(ManualAck),
 }
 
 /// The confirmation of a subscription.
@@ -63,16 +75,19 @@ pub struct SubscriptionInfo {
     pub oldest_sequence: Option<u64>,
     /// The requested start was older than anything held: the replay starts at the oldest.
     pub start_truncated: bool,
+    /// The identity of the log (see [`crate::store::Store::log_id`]).
+    pub log_id: String,
+    /// MANUAL-ack groups: the group's cursor when this member joined.
+    pub group_cursor: Option<u64>,
 }
 
 /// One item of a subscription stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Delivery {
-    Event(SharedEvent),
+    /// An event; `attempt` counts its deliveries to a MANUAL-ack group (from 1), 0 otherwise.
+    Event { event: SharedEvent, attempt: u32 },
     /// The replay reached the live head; this is the last replayed sequence (the head then).
-    CaughtUp {
-        sequence: u64,
-    },
+    CaughtUp { sequence: u64 },
 }
 
 /// An open subscription: its confirmation and its stream of deliveries. Dropping it
@@ -91,11 +106,14 @@ impl Subscription {
         broker: Broker,
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
+        if let AckMode::Manual(settings) = &options.ack {
+            return Subscription::join_durable(broker, options.clone(), settings);
+        }
         if options.group.is_some() && options.start != StartPosition::Latest {
             return Err(BusError::invalid(
                 "start",
-                "a group subscription starts at latest: its members share live events, and \
-                 replay for groups is not supported",
+                "a live (AUTO-ack) group starts at latest: its members share live events; \
+                 for a group that starts in the past and keeps a cursor, use ack_mode MANUAL",
             ));
         }
         let queue_size = broker.config().subscriber_queue_size;
@@ -158,25 +176,79 @@ impl Subscription {
             head_sequence: bounds.head,
             oldest_sequence: bounds.oldest,
             start_truncated,
+            log_id: broker.log_id().to_owned(),
+            group_cursor: None,
         };
-        let state = Cursor {
-            broker,
-            options,
-            queue_size,
-            phase,
-            pending: VecDeque::new(),
-            caught_up: None,
-            last_delivered: 0,
-            from_oldest_held: from_oldest_held || start_truncated,
-        };
-        let deliveries = stream::unfold(state, |mut state| async move {
-            let item = state.next().await?;
-            Some((item, state))
+        Ok(Subscription::from_cursor(
+            info,
+            Cursor {
+                broker,
+                options,
+                queue_size,
+                phase,
+                pending: VecDeque::new(),
+                caught_up: None,
+                last_delivered: 0,
+                from_oldest_held: from_oldest_held || start_truncated,
+            },
+        ))
+    }
+
+    fn from_cursor(info: SubscriptionInfo, cursor: Cursor) -> Subscription {
+        let deliveries = stream::unfold(cursor, |mut cursor| async move {
+            let item = cursor.next().await?;
+            Some((item, cursor))
         });
-        Ok(Subscription {
+        Subscription {
             info,
             deliveries: Box::pin(deliveries),
-        })
+        }
+    }
+
+    /// Joins a MANUAL-ack group: the group's dispatcher feeds this member.
+    fn join_durable(
+        broker: Broker,
+        options: SubscribeOptions,
+        settings: &ManualAck,
+    ) -> Result<Subscription, BusError> {
+        let Some(group) = options.group.clone() else {
+            return Err(BusError::invalid(
+                "group",
+                "ack_mode MANUAL needs a consumer group: the bus keeps the group's cursor",
+            ));
+        };
+        let joined = broker.join_durable(
+            &group,
+            &options.pattern,
+            &options.subscriber,
+            options.start,
+            settings,
+        )?;
+        let bounds = broker.visible_bounds();
+        let info = SubscriptionInfo {
+            id: joined.membership.id(),
+            pattern: options.pattern.clone(),
+            group: Some(group),
+            head_sequence: bounds.head,
+            oldest_sequence: bounds.oldest,
+            start_truncated: joined.start_truncated,
+            log_id: broker.log_id().to_owned(),
+            group_cursor: Some(joined.cursor),
+        };
+        let queue_size = settings.max_in_flight as usize;
+        Ok(Subscription::from_cursor(
+            info,
+            Cursor {
+                broker,
+                options,
+                queue_size,
+                phase: Phase::Durable(joined.membership),
+                pending: VecDeque::new(),
+                caught_up: None,
+                last_delivered: 0,
+                from_oldest_held: false,
+            },
+        ))
     }
 }
 
@@ -193,6 +265,8 @@ enum Phase {
     Replay { after: u64 },
     /// In the subject tree, reading the queue.
     Live(Registration),
+    /// A member of a MANUAL-ack group, reading what its dispatcher hands it.
+    Durable(Membership),
     /// Ended; the stream yields nothing more.
     Done,
 }
@@ -218,7 +292,7 @@ impl Cursor {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 self.last_delivered = event.sequence;
-                return Some(Ok(Delivery::Event(event)));
+                return Some(Ok(Delivery::Event { event, attempt: 0 }));
             }
             if let Some(sequence) = self.caught_up.take() {
                 return Some(Ok(Delivery::CaughtUp { sequence }));
@@ -248,19 +322,39 @@ impl Cursor {
                         None => return self.end(BusError::ShuttingDown),
                         Some(Some(event)) => {
                             self.last_delivered = event.sequence;
-                            return Some(Ok(Delivery::Event(event)));
+                            return Some(Ok(Delivery::Event { event, attempt: 0 }));
                         }
                         Some(None) => {
-                            let error = if registration.overflowed() {
-                                BusError::SlowConsumer {
-                                    queue_size: self.queue_size,
-                                    last_delivered: self.last_delivered,
-                                }
-                            } else {
-                                BusError::ShuttingDown
+                            let (queue_size, last_delivered) =
+                                (self.queue_size, self.last_delivered);
+                            let error = match (registration.overflowed(), &self.options.group) {
+                                (false, _) => BusError::ShuttingDown,
+                                (true, None) => BusError::SlowConsumer {
+                                    queue_size,
+                                    last_delivered,
+                                },
+                                (true, Some(_)) => BusError::SlowGroupMember {
+                                    queue_size,
+                                    last_delivered,
+                                },
                             };
                             return self.end(error);
                         }
+                    }
+                }
+                Phase::Durable(membership) => {
+                    let shutdown = self.broker.shared.shutdown.clone();
+                    let received = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => None,
+                        received = membership.receiver.recv() => received,
+                    };
+                    match received {
+                        Some((event, attempt)) => {
+                            self.last_delivered = event.sequence;
+                            return Some(Ok(Delivery::Event { event, attempt }));
+                        }
+                        None => return self.end(BusError::ShuttingDown),
                     }
                 }
             }

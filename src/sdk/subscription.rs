@@ -210,6 +210,7 @@ impl Subscription {
                 .clone()
                 .unwrap_or_else(|| client.source().to_string()),
             start: Some(options.start.to_pb()),
+            ..Default::default()
         };
         let span = tracing::info_span!(
             "subscription",
@@ -276,6 +277,7 @@ async fn subscribe_once(
     match stream.message().await? {
         Some(pb::SubscribeResponse {
             message: Some(Message::Subscribed(subscribed)),
+            ..
         }) => {
             tracing::debug!(
                 subscription_id = %subscribed.subscription_id,
@@ -436,6 +438,7 @@ impl Resumer {
             let item = match message {
                 Ok(Some(pb::SubscribeResponse {
                     message: Some(Message::Event(event)),
+                    ..
                 })) => {
                     if !self.cursor.accept(event.sequence) {
                         tracing::debug!(sequence = event.sequence, "dropping a duplicate");
@@ -445,6 +448,7 @@ impl Resumer {
                 }
                 Ok(Some(pb::SubscribeResponse {
                     message: Some(Message::CaughtUp(caught_up)),
+                    ..
                 })) => SubscriptionItem::CaughtUp {
                     sequence: caught_up.sequence,
                 },

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::broker::topology::{Edge, EdgeKind, Node, NodeKind, TopologySnapshot};
-use crate::broker::{StartPosition, SubscribeOptions, SubscriptionInfo, TopicSummary};
+use crate::broker::{
+    AckMode, ManualAck, StartPosition, SubscribeOptions, SubscriptionInfo, TopicSummary,
+};
 use crate::error::BusError;
 use crate::event::{Event, StoredEvent};
 use crate::pb;
@@ -183,7 +185,23 @@ pub fn subscribe_options_from_pb(
             StartPosition::FromTime(system_time_from_pb(&time, "from_time")?)
         }
     };
+    let ack = match pb::AckMode::try_from(request.ack_mode) {
+        Ok(pb::AckMode::Unspecified | pb::AckMode::Auto) => AckMode::Auto,
+        Ok(pb::AckMode::Manual) => AckMode::Manual(manual_ack_from_pb(
+            request.ack_deadline,
+            request.max_deliveries,
+            request.max_in_flight,
+            &request.dead_letter_topic,
+        )?),
+        Err(_) => {
+            return Err(BusError::invalid(
+                "ack_mode",
+                format!("{} is not an AckMode", request.ack_mode),
+            ))
+        }
+    };
     Ok(SubscribeOptions {
+        ack,
         pattern,
         group: (!request.group.is_empty()).then(|| Arc::from(request.group)),
         subscriber: Arc::from(if request.subscriber.is_empty() {
@@ -195,6 +213,67 @@ pub fn subscribe_options_from_pb(
     })
 }
 
+/// The most unacked events one MANUAL-ack member may ask to hold.
+pub const MAX_IN_FLIGHT_LIMIT: u32 = 65_536;
+
+fn manual_ack_from_pb(
+    ack_deadline: Option<prost_types::Duration>,
+    max_deliveries: u32,
+    max_in_flight: u32,
+    dead_letter_topic: &str,
+) -> Result<ManualAck, BusError> {
+    let defaults = ManualAck::default();
+    let ack_deadline = match ack_deadline {
+        None => defaults.ack_deadline,
+        Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
+            return Err(BusError::invalid("ack_deadline", "must be positive"));
+        }
+        Some(d) => Duration::new(d.seconds as u64, d.nanos as u32),
+    };
+    if max_in_flight > MAX_IN_FLIGHT_LIMIT {
+        return Err(BusError::invalid(
+            "max_in_flight",
+            format!("{max_in_flight} is over the limit of {MAX_IN_FLIGHT_LIMIT}"),
+        ));
+    }
+    let dead_letter_topic = if dead_letter_topic.is_empty() {
+        None
+    } else {
+        Some(
+            Topic::parse(dead_letter_topic)
+                .map_err(|rule| BusError::invalid("dead_letter_topic", rule.to_string()))?,
+        )
+    };
+    Ok(ManualAck {
+        ack_deadline,
+        max_deliveries: if max_deliveries == 0 {
+            defaults.max_deliveries
+        } else {
+            max_deliveries
+        },
+        max_in_flight: if max_in_flight == 0 {
+            defaults.max_in_flight
+        } else {
+            max_in_flight
+        },
+        dead_letter_topic,
+    })
+}
+
+/// A positive duration from the wire, or zero when unset.
+pub fn delay_from_pb(
+    delay: Option<prost_types::Duration>,
+    field: &str,
+) -> Result<Duration, BusError> {
+    match delay {
+        None => Ok(Duration::ZERO),
+        Some(d) if d.seconds < 0 || d.nanos < 0 => {
+            Err(BusError::invalid(field, "must not be negative"))
+        }
+        Some(d) => Ok(Duration::new(d.seconds as u64, d.nanos as u32)),
+    }
+}
+
 pub fn subscribed_to_pb(info: &SubscriptionInfo) -> pb::Subscribed {
     pb::Subscribed {
         subscription_id: info.id.to_string(),
@@ -203,6 +282,8 @@ pub fn subscribed_to_pb(info: &SubscriptionInfo) -> pb::Subscribed {
         head_sequence: info.head_sequence,
         oldest_sequence: info.oldest_sequence.unwrap_or(0),
         start_truncated: info.start_truncated,
+        log_id: info.log_id.clone(),
+        group_cursor: info.group_cursor.unwrap_or(0),
     }
 }
 

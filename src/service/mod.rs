@@ -12,7 +12,7 @@ use futures_util::stream::{self, BoxStream, FuturesOrdered, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, Instrument};
 
-use crate::broker::{Broker, Delivery};
+use crate::broker::{Broker, Delivery, Published};
 use crate::error::BusError;
 use crate::pb;
 use pb::admin_service_server::AdminService;
@@ -45,6 +45,7 @@ impl AdminApi {
 fn subscribe_message(message: pb::subscribe_response::Message) -> pb::SubscribeResponse {
     pb::SubscribeResponse {
         message: Some(message),
+        delivery_attempt: 0,
     }
 }
 
@@ -62,9 +63,15 @@ impl EventBusService for EventBusApi {
             first_sequence = tracing::field::Empty,
         );
         let events = convert::events_from_pb(events)?;
-        let sequences = self.broker.publish(events).instrument(span.clone()).await?;
-        span.record("first_sequence", sequences.first().copied().unwrap_or(0));
-        Ok(Response::new(pb::PublishResponse { sequences }))
+        let published = self.broker.publish(events).instrument(span.clone()).await?;
+        span.record(
+            "first_sequence",
+            published.sequences.first().copied().unwrap_or(0),
+        );
+        Ok(Response::new(pb::PublishResponse {
+            sequences: published.sequences,
+            duplicates: published.duplicates,
+        }))
     }
 
     type PublishStreamStream = BoxStream<'static, Result<pb::PublishStreamResponse, Status>>;
@@ -114,11 +121,14 @@ impl EventBusService for EventBusApi {
         ));
         let log_span = span.clone();
         let deliveries = subscription.map(move |delivery| match delivery {
-            Ok(Delivery::Event(event)) => {
-                tracing::trace!(parent: &log_span, sequence = event.sequence, topic = %event.event.topic, correlation_id = %event.event.correlation_id, "deliver");
-                Ok(subscribe_message(pb::subscribe_response::Message::Event(
-                    convert::event_to_pb(&event),
-                )))
+            Ok(Delivery::Event { event, attempt }) => {
+                tracing::trace!(parent: &log_span, sequence = event.sequence, topic = %event.event.topic, correlation_id = %event.event.correlation_id, attempt, "deliver");
+                Ok(pb::SubscribeResponse {
+                    message: Some(pb::subscribe_response::Message::Event(
+                        convert::event_to_pb(&event),
+                    )),
+                    delivery_attempt: attempt,
+                })
             }
             Ok(Delivery::CaughtUp { sequence }) => Ok(subscribe_message(
                 pb::subscribe_response::Message::CaughtUp(pb::CaughtUp { sequence }),
@@ -171,13 +181,65 @@ impl EventBusService for EventBusApi {
             reply: Some(convert::event_to_pb(&reply)),
         }))
     }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let request = request.into_inner();
+        let group = EventBusApi::group_of(&request.group)?;
+        let sequences = EventBusApi::sequences_of(&request.sequences)?;
+        let acked = self.broker.ack(group, sequences)?;
+        debug!(
+            group,
+            acked = acked.acknowledged,
+            cursor = acked.cursor,
+            "ack"
+        );
+        Ok(Response::new(pb::AckResponse {
+            acknowledged: acked.acknowledged,
+            group_cursor: acked.cursor,
+        }))
+    }
+
+    async fn nack(
+        &self,
+        request: Request<pb::NackRequest>,
+    ) -> Result<Response<pb::NackResponse>, Status> {
+        let request = request.into_inner();
+        let group = EventBusApi::group_of(&request.group)?;
+        let sequences = EventBusApi::sequences_of(&request.sequences)?;
+        let delay = convert::delay_from_pb(request.redeliver_after, "redeliver_after")?;
+        let requeued = self.broker.nack(group, sequences, delay)?;
+        debug!(group, requeued, "nack");
+        Ok(Response::new(pb::NackResponse { requeued }))
+    }
+}
+
+impl EventBusApi {
+    fn group_of(group: &str) -> Result<&str, BusError> {
+        if group.is_empty() {
+            return Err(BusError::invalid("group", "must name the MANUAL-ack group"));
+        }
+        Ok(group)
+    }
+
+    fn sequences_of(sequences: &[u64]) -> Result<&[u64], BusError> {
+        if sequences.is_empty() {
+            return Err(BusError::invalid(
+                "sequences",
+                "must hold at least one sequence",
+            ));
+        }
+        Ok(sequences)
+    }
 }
 
 /// Batches one PublishStream keeps waiting for durability at once: enough to fill many group
 /// commits, bounded so a client cannot make the bus hold unbounded work.
 const MAX_BATCHES_IN_FLIGHT: usize = 1024;
 
-type BatchOutcome = (u64, Result<Vec<u64>, BusError>);
+type BatchOutcome = (u64, Result<Published, BusError>);
 
 /// The per-stream state of a PublishStream call. Batches are appended in the order they arrive
 /// and answered in that order; waiting for durability overlaps, so one fsync covers many.
@@ -237,21 +299,25 @@ impl PublishStreamState {
     fn answer(
         &mut self,
         request_id: u64,
-        outcome: Result<Vec<u64>, BusError>,
+        outcome: Result<Published, BusError>,
     ) -> Option<Result<pb::PublishStreamResponse, Status>> {
         let result = match outcome {
-            Ok(sequences) => {
-                pb::publish_stream_response::Result::Published(pb::PublishedSequences { sequences })
+            Ok(published) => {
+                pb::publish_stream_response::Result::Published(pb::PublishedSequences {
+                    sequences: published.sequences,
+                    duplicates: published.duplicates,
+                })
             }
             Err(BusError::ShuttingDown) => {
                 self.ended = true;
                 return Some(Err(status::to_status(&BusError::ShuttingDown)));
             }
             Err(error) => {
-                let (code, _) = status::classify(&error);
+                let (code, reason) = status::classify(&error);
                 pb::publish_stream_response::Result::Error(pb::PublishError {
                     code: code as i32,
                     message: error.to_string(),
+                    reason: reason.to_owned(),
                 })
             }
         };

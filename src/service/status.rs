@@ -20,6 +20,8 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         BusError::NoResponders { .. } => (Code::Unavailable, "no-responders"),
         BusError::QueryTimeout { .. } => (Code::DeadlineExceeded, "query-timeout"),
         BusError::SlowConsumer { .. } => (Code::ResourceExhausted, "slow-consumer"),
+        BusError::SlowGroupMember { .. } => (Code::ResourceExhausted, "slow-group-member"),
+        BusError::UnknownGroup { .. } => (Code::NotFound, "unknown-group"),
         BusError::ReplayOverrun { .. } => (Code::ResourceExhausted, "replay-overrun"),
         BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
         BusError::Storage(_) => (Code::Internal, "storage"),

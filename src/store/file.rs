@@ -30,7 +30,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -40,7 +40,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::codec::{self, DecodeError};
-use super::{HeldCounts, LogBounds, Store, StoreError};
+use super::{GroupCursor, HeldCounts, LogBounds, Store, StoreError};
 use crate::event::{Event, SharedEvent, StoredEvent};
 
 /// A sparse index entry is kept every this many bytes of a segment.
@@ -177,6 +177,9 @@ pub struct FileStore {
     inner: RwLock<Inner>,
     durability: Arc<Durability>,
     syncer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    log_id: String,
+    /// Every group's cursor, as last saved to `groups.json`.
+    group_cursors: Mutex<HashMap<String, GroupCursor>>,
 }
 
 impl FileStore {
@@ -244,7 +247,11 @@ impl FileStore {
                 .name("eventbus-fsync".into())
                 .spawn(move || run_syncer(&durability, policy))?
         };
+        let log_id = read_or_create_log_id(&config.dir)?;
+        let group_cursors = Mutex::new(read_group_cursors(&config.dir)?);
         let store = FileStore {
+            log_id,
+            group_cursors,
             log_dir,
             inner: RwLock::new(Inner {
                 segments,
@@ -581,6 +588,25 @@ impl Store for FileStore {
         Some(self.durability.durable.subscribe())
     }
 
+    fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError> {
+        Ok(self
+            .group_cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
+    }
+
+    fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError> {
+        let mut cursors = self.group_cursors.lock().unwrap_or_else(|e| e.into_inner());
+        cursors.insert(group.to_owned(), cursor.clone());
+        let json = serde_json::to_vec_pretty(&*cursors).map_err(io::Error::other)?;
+        write_atomically(&self.config.dir, GROUPS_FILE, &json)
+    }
+
     fn durability_error(&self) -> Option<String> {
         self.durability
             .state
@@ -640,6 +666,47 @@ fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
                 return;
             }
         }
+    }
+}
+
+/// Where the cursors of MANUAL-ack groups are kept, next to `log/`.
+const GROUPS_FILE: &str = "groups.json";
+/// The log's identity, written once when the data directory is new.
+const LOG_ID_FILE: &str = "log-id";
+
+/// Replaces `dir/name` with `bytes` so that a crash leaves either the old or the new file whole:
+/// write a temporary file, sync it, rename it over, sync the directory.
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let temporary = dir.join(format!("{name}.tmp"));
+    let mut file = File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&temporary, dir.join(name))?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn read_or_create_log_id(dir: &Path) -> Result<String, StoreError> {
+    match fs::read_to_string(dir.join(LOG_ID_FILE)) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
+        Ok(_) | Err(_) => {
+            let id = uuid::Uuid::now_v7().to_string();
+            write_atomically(dir, LOG_ID_FILE, id.as_bytes())?;
+            Ok(id)
+        }
+    }
+}
+
+fn read_group_cursors(dir: &Path) -> Result<HashMap<String, GroupCursor>, StoreError> {
+    let path = dir.join(GROUPS_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| StoreError::Corrupt {
+            path,
+            offset: 0,
+            reason: format!("unreadable group cursors: {error}"),
+        }),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(HashMap::new()),
+        Err(error) => Err(error.into()),
     }
 }
 

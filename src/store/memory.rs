@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{HeldCounts, LogBounds, Store, StoreError};
+use super::{GroupCursor, HeldCounts, LogBounds, Store, StoreError};
 use crate::event::{Event, SharedEvent, StoredEvent};
 
 /// Keeps the newest events up to `max_events` and `max_bytes`, dropping the oldest first.
@@ -15,6 +15,8 @@ pub struct MemoryStore {
     max_age: Option<Duration>,
     /// A std lock: it is held only for memory operations, never across an `.await`.
     inner: RwLock<Inner>,
+    log_id: String,
+    group_cursors: std::sync::Mutex<HashMap<String, GroupCursor>>,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +42,8 @@ impl MemoryStore {
             max_bytes,
             max_age,
             inner: RwLock::new(Inner::default()),
+            log_id: uuid::Uuid::now_v7().to_string(),
+            group_cursors: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -129,6 +133,26 @@ impl Store for MemoryStore {
 
     fn held_counts(&self) -> HeldCounts {
         self.read().held_by_family.clone()
+    }
+
+    fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError> {
+        Ok(self
+            .group_cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
+    }
+
+    fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError> {
+        self.group_cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(group.to_owned(), cursor.clone());
+        Ok(())
     }
 }
 

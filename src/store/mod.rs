@@ -88,4 +88,23 @@ pub trait Store: Send + Sync + 'static {
     fn durability_error(&self) -> Option<String> {
         None
     }
+
+    /// Identifies this log: the same across restarts of a durable store, new whenever the log
+    /// starts over (every start of a memory store), so a client can tell sequences began again.
+    fn log_id(&self) -> &str;
+
+    /// The saved cursors of MANUAL-ack consumer groups, by group name.
+    fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError>;
+
+    /// Saves one group's cursor (durably, for a durable store).
+    fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError>;
+}
+
+/// Where a MANUAL-ack consumer group is in the log: every event up to `cursor` is acked or
+/// dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupCursor {
+    /// The pattern the group reads: a group keeps one.
+    pub pattern: String,
+    pub cursor: u64,
 }
