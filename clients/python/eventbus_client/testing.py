@@ -14,12 +14,29 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from .bus import Bus
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Polls until ``condition()`` is truthy and returns its value; raises ``TimeoutError``
+    naming ``what`` after ``timeout`` seconds. Tests poll with a deadline instead of sleeping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
 
 
 def bus_binary() -> Path:
