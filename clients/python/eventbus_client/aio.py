@@ -61,7 +61,7 @@ class AsyncBus:
                                                     options=CHANNEL_OPTIONS)
         else:
             self._channel = grpc.aio.insecure_channel(parsed.address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.EventBusServiceStub(self._channel)
+        self._stub = pb_grpc.EventBusServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def __aenter__(self) -> AsyncBus:
@@ -298,7 +298,7 @@ class AsyncResponder:
         outcome: Reply | Data
         try:
             result = self._handler(request)
-            outcome = await result if inspect.isawaitable(result) else result  # type: ignore[assignment]
+            outcome = await result if inspect.isawaitable(result) else result
         except ReplyError as error:
             outcome = error_reply(error)
         except Exception as error:  # a handler bug must not stop the responder

@@ -79,7 +79,7 @@ class Bus:
                                                 options=CHANNEL_OPTIONS)
         else:
             self._channel = grpc.insecure_channel(parsed.address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.EventBusServiceStub(self._channel)
+        self._stub = pb_grpc.EventBusServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> Bus:
@@ -105,7 +105,7 @@ class Bus:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             except grpc.RpcError as error:
-                last = f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
+                last = f"{error.code().name}: {error.details()}"
             if time.monotonic() >= deadline:
                 raise errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
                                          f"bus at {self.target} not serving after {timeout} s "

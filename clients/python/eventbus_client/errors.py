@@ -142,7 +142,8 @@ def reason_of(metadata: object) -> str | None:
 
 def from_rpc_error(error: grpc.RpcError) -> BusError:
     """Converts a failed call of grpcio (sync or aio) into the matching :class:`BusError`."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-    details: str = error.details() or ""  # type: ignore[attr-defined]
-    reason = reason_of(error.trailing_metadata())  # type: ignore[attr-defined]
+    # grpcio has no type hints: these are the methods every failed call of it has.
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
+    reason = reason_of(error.trailing_metadata())
     return error_class(code, reason)(code, details, reason)

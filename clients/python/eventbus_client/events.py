@@ -81,7 +81,8 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
 def _datetime(stamp: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
     if not present:
         return None
-    return stamp.ToDatetime(tzinfo=timezone.utc)
+    moment: datetime = stamp.ToDatetime(tzinfo=timezone.utc)
+    return moment
 
 
 def to_pb(event: Event, default_source: str) -> pb.Event:
