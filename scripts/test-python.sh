@@ -17,7 +17,13 @@ fi
 venv=clients/python/.venv
 stamp="$venv/.requirements-dev.txt"
 if [[ ! -x "$venv/bin/python" ]]; then
-    python3 -m venv "$venv"
+    rm -rf "$venv"
+    # Some distributions ship python3 without its venv module; virtualenv from PyPI does the same.
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+        rm -rf "$venv"
+        python3 -m pip install --quiet --user virtualenv==21.15.11
+        python3 -m virtualenv --quiet "$venv"
+    fi
 fi
 # Reinstall only when the pins changed since the last install.
 if ! cmp -s clients/python/requirements-dev.txt "$stamp"; then

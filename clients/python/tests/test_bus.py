@@ -70,27 +70,24 @@ def test_replay_from_earliest_sequence_and_time(bus: Bus) -> None:
 
 
 def test_group_members_share_events(bus: Bus) -> None:
-    first = bus.subscribe("py.work", group="workers")
-    second = bus.subscribe("py.work", group="workers")
+    members = [bus.subscribe("py.work", group="workers") for _ in range(2)]
     watcher = bus.subscribe("py.work")
     bus.publish_batch([new_event("py.work", {"n": n}) for n in range(10)])
     assert len(drain(watcher, 10)) == 10
-    seen: list[int] = []
-    counts = []
-    for member in (first, second):
-        got = []
-        while len(seen) + len(got) < 10:
+    got: list[list[int]] = [[], []]
+    deadline = time.monotonic() + 10
+    while sum(map(len, got)) < 10:
+        assert time.monotonic() < deadline, f"group members got only {got}"
+        for index, member in enumerate(members):
             try:
-                event = member.next_event(timeout=0.5)
+                event = member.next_event(timeout=0.05)
             except TimeoutError:
-                break
+                continue
             assert event is not None
-            got.append(event.json()["n"])
-        counts.append(len(got))
-        seen += got
-    assert sorted(seen) == list(range(10))
-    assert all(counts), counts
-    for subscription in (first, second, watcher):
+            got[index].append(event.json()["n"])
+    assert sorted(got[0] + got[1]) == list(range(10))
+    assert got[0] and got[1], got
+    for subscription in [*members, watcher]:
         subscription.close()
 
 
