@@ -1,0 +1,198 @@
+/**
+ * Events as TypeScript values, and the one boundary where they become wire messages and back.
+ * Callers never see proto-loader's plain objects: they get {@link Event}, with `Buffer` data,
+ * `Date` times and camelCase fields.
+ */
+import type { Event as PbEvent, Event__Output as PbEventOutput } from "./generated/eventbus/v1/Event";
+import type { SubscribeRequest } from "./generated/eventbus/v1/SubscribeRequest";
+import type { Timestamp__Output } from "./generated/google/protobuf/Timestamp";
+
+/** A JSON value. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** A payload: bytes as they are, a string as UTF-8 text, anything else as JSON. */
+export type Data = Buffer | Uint8Array | string | Json;
+
+/** Where a subscription starts: only new events, everything held, after a sequence (resume), or
+ * from a time. */
+export type Start = "latest" | "earliest" | number | Date;
+
+export const JSON_TYPE = "application/json";
+
+/** The fields of an event to publish. */
+export interface EventInit {
+  topic: string;
+  data?: Data;
+  id?: string;
+  /** Defaults to the client's source. */
+  source?: string;
+  type?: string;
+  time?: Date;
+  /** Defaults from the data: JSON, text, or none for bytes. */
+  dataContentType?: string;
+  attributes?: Record<string, string>;
+  correlationId?: string;
+  causationId?: string;
+  replyTo?: string;
+}
+
+/** One event as received from the bus (CloudEvents 1.0 fields plus the bus's own). Times have
+ * millisecond precision (JavaScript's `Date`). */
+export class Event {
+  constructor(
+    readonly topic: string,
+    readonly data: Buffer,
+    readonly id: string,
+    readonly source: string,
+    readonly type: string,
+    readonly time: Date | undefined,
+    readonly dataContentType: string,
+    readonly attributes: Readonly<Record<string, string>>,
+    readonly correlationId: string,
+    readonly causationId: string,
+    readonly replyTo: string,
+    /** Set by the bus: the event's position in the bus log. */
+    readonly sequence: number,
+    /** Set by the bus: when it stored the event. */
+    readonly publishTime: Date | undefined,
+  ) {}
+
+  /** The data parsed as JSON. */
+  json<T = Json>(): T {
+    return JSON.parse(this.data.toString("utf8")) as T;
+  }
+
+  /** The data as UTF-8 text. */
+  text(): string {
+    return this.data.toString("utf8");
+  }
+}
+
+/** The bytes and media type of a payload; `contentType` wins when given. */
+export function encodeData(data: Data | undefined, contentType?: string): [Buffer, string] {
+  if (data === undefined) return [Buffer.alloc(0), contentType ?? ""];
+  if (Buffer.isBuffer(data)) return [data, contentType ?? ""];
+  if (data instanceof Uint8Array) return [Buffer.from(data), contentType ?? ""];
+  if (typeof data === "string") {
+    return [Buffer.from(data, "utf8"), contentType ?? "text/plain; charset=utf-8"];
+  }
+  return [Buffer.from(JSON.stringify(data), "utf8"), contentType ?? JSON_TYPE];
+}
+
+function timestamp(date: Date): { seconds: number; nanos: number } {
+  const ms = date.getTime();
+  const seconds = Math.floor(ms / 1000);
+  return { seconds, nanos: (ms - seconds * 1000) * 1_000_000 };
+}
+
+function toDate(stamp: Timestamp__Output | null): Date | undefined {
+  if (!stamp) return undefined;
+  return new Date(Number(stamp.seconds) * 1000 + Math.floor(stamp.nanos / 1_000_000));
+}
+
+/** The wire form of an event; an empty source becomes the client's. */
+export function toPb(init: EventInit, defaultSource: string): PbEvent {
+  const [data, dataContentType] = encodeData(init.data, init.dataContentType);
+  return {
+    id: init.id ?? "",
+    source: init.source || defaultSource,
+    type: init.type ?? "",
+    topic: init.topic,
+    time: init.time ? timestamp(init.time) : null,
+    data_content_type: dataContentType,
+    data,
+    attributes: { ...(init.attributes ?? {}) },
+    correlation_id: init.correlationId ?? "",
+    causation_id: init.causationId ?? "",
+    reply_to: init.replyTo ?? "",
+  };
+}
+
+/** An event as received. */
+export function fromPb(message: PbEventOutput): Event {
+  return new Event(
+    message.topic,
+    Buffer.from(message.data),
+    message.id,
+    message.source,
+    message.type,
+    toDate(message.time),
+    message.data_content_type,
+    { ...message.attributes },
+    message.correlation_id,
+    message.causation_id,
+    message.reply_to,
+    Number(message.sequence),
+    toDate(message.publish_time),
+  );
+}
+
+/** The wire form of a subscription request. */
+export function subscribeRequest(
+  pattern: string,
+  group: string | undefined,
+  subscriber: string,
+  start: Start,
+): SubscribeRequest {
+  const request: SubscribeRequest = { topic: pattern, group: group ?? "", subscriber };
+  if (start === "latest") request.latest = {};
+  else if (start === "earliest") request.earliest = {};
+  else if (typeof start === "number") {
+    if (!Number.isSafeInteger(start) || start < 0) {
+      throw new RangeError(`start: ${start} is not a sequence (a non-negative integer)`);
+    }
+    request.after_sequence = start;
+  } else if (start instanceof Date) request.from_time = timestamp(start);
+  else throw new TypeError("start must be 'latest', 'earliest', a sequence or a Date");
+  return request;
+}
+
+/** What a query handler returns when it wants more than the data: a type, attributes or a media
+ * type of its own. Plain data returned by a handler is sent as the reply's data. */
+export class Reply {
+  readonly data?: Data;
+  readonly type?: string;
+  readonly attributes?: Record<string, string>;
+  readonly dataContentType?: string;
+
+  constructor(fields: { data?: Data; type?: string; attributes?: Record<string, string>; dataContentType?: string }) {
+    Object.assign(this, fields);
+  }
+}
+
+/** Thrown by a query handler to answer with an error reply as docs/scenario-protocol.md defines
+ * it: data `{"error": {"code", "message"}}` and attribute `error` = code. */
+export class ReplyError extends Error {
+  constructor(
+    /** `not_found`, `invalid`, `unavailable` or `internal`. */
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = "ReplyError";
+  }
+}
+
+/** The scenario protocol's error reply. */
+export function errorReply(error: ReplyError): Reply {
+  return new Reply({
+    data: { error: { code: error.code, message: error.message } },
+    attributes: { error: error.code },
+  });
+}
+
+/** The reply to a query: to its reply_to, same correlation id, causation id = the query's id,
+ * type = the query topic plus `.result` unless the handler chose one. */
+export function replyEvent(request: Event, outcome: Reply | Data, source: string): EventInit {
+  const reply = outcome instanceof Reply ? outcome : new Reply({ data: outcome });
+  return {
+    topic: request.replyTo,
+    data: reply.data,
+    dataContentType: reply.dataContentType,
+    source,
+    type: reply.type ?? `${request.topic}.result`,
+    attributes: reply.attributes,
+    correlationId: request.correlationId,
+    causationId: request.id,
+  };
+}

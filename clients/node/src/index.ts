@@ -1,0 +1,17 @@
+/**
+ * eventbus-client: TypeScript services on the eventbus, on @grpc/grpc-js with the contract
+ * (`proto/eventbus/v1/eventbus.proto`) loaded at run time by @grpc/proto-loader.
+ *
+ * Layout: `bus` (Bus, Subscription, Responder), `events` (Event and the one boundary to and
+ * from wire messages), `errors` (errors that keep the gRPC status and the bus's reason),
+ * `proto` (loading the contract), `testing` (a real bus process for tests).
+ *
+ * ```ts
+ * const bus = new Bus("127.0.0.1:50051", { source: "greeter" });
+ * await bus.publish("greetings.sent", { to: "Ada" });
+ * const reply = await bus.query("user.query", { user_id: 7 }, { timeoutMs: 2000 });
+ * ```
+ */
+export * from "./bus";
+export * from "./errors";
+export { Event, Reply, ReplyError, encodeData, type Data, type EventInit, type Json, type Start } from "./events";

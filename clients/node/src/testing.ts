@@ -1,0 +1,102 @@
+/**
+ * A real bus process for tests: {@link BusProcess} starts `eventbus serve` on a free port, waits
+ * until its health check says SERVING, and stops it at the end. The binary is `$EVENTBUS_BIN`,
+ * else `target/debug/eventbus` of this repository (the test script builds it first).
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import * as net from "node:net";
+import * as path from "node:path";
+
+import { Bus } from "./bus";
+
+export const REPO_ROOT = path.resolve(__dirname, "..", "..", "..", "..");
+
+export function busBinary(): string {
+  const binary = process.env.EVENTBUS_BIN ?? path.join(REPO_ROOT, "target", "debug", "eventbus");
+  if (!existsSync(binary)) {
+    throw new Error(`bus binary ${binary} not found: run \`cargo build\` or set EVENTBUS_BIN`);
+  }
+  return binary;
+}
+
+/** A port nobody listens on now (bound to port 0, then released). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Polls until `condition()` is truthy; rejects naming `what` after `timeoutMs`. Tests poll
+ * with a deadline instead of sleeping. */
+export async function waitFor<T>(condition: () => T | Promise<T>, timeoutMs = 10_000,
+  what = "condition"): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await condition();
+    if (value) return value;
+    if (Date.now() >= deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/** `eventbus serve` on 127.0.0.1 and a free port; settings are serve flags in snake_case, e.g.
+ * `{ subscriber_queue_size: 1 }` becomes `--subscriber-queue-size 1`. */
+export class BusProcess {
+  port = 0;
+  private child: ChildProcess | undefined;
+  private output = "";
+
+  constructor(readonly settings: Record<string, string | number> = {}) {}
+
+  get address(): string {
+    return `127.0.0.1:${this.port}`;
+  }
+
+  get url(): string {
+    return `http://${this.address}`;
+  }
+
+  static async start(settings: Record<string, string | number> = {}): Promise<BusProcess> {
+    const bus = new BusProcess(settings);
+    await bus.start();
+    return bus;
+  }
+
+  async start(timeoutMs = 15_000): Promise<void> {
+    this.port = await freePort();
+    const args = ["serve", "--listen", this.address, "--log-level", "warn"];
+    for (const [key, value] of Object.entries(this.settings)) {
+      args.push(`--${key.replace(/_/g, "-")}`, String(value));
+    }
+    const child = spawn(busBinary(), args, { stdio: ["ignore", "pipe", "pipe"] });
+    this.child = child;
+    child.stdout?.on("data", (chunk: Buffer) => (this.output += chunk.toString()));
+    child.stderr?.on("data", (chunk: Buffer) => (this.output += chunk.toString()));
+    const client = new Bus(this.address);
+    try {
+      await client.waitReady(timeoutMs);
+    } catch (error) {
+      await this.stop();
+      throw new Error(`bus not serving: ${String(error)}\n${this.output}`);
+    } finally {
+      client.close();
+    }
+  }
+
+  /** SIGTERM (graceful shutdown), then SIGKILL if it does not exit in time. */
+  async stop(timeoutMs = 15_000): Promise<void> {
+    const child = this.child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+    child.kill("SIGTERM");
+    const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+    await exited;
+    clearTimeout(timer);
+  }
+}

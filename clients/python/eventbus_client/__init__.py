@@ -1,0 +1,76 @@
+"""eventbus-client: Python services on the eventbus, through stubs generated from
+``proto/eventbus/v1/eventbus.proto``.
+
+Layout:
+
+- :mod:`eventbus_client.bus`: the blocking client, :class:`Bus` (publish, subscribe, query,
+  serve);
+- :mod:`eventbus_client.aio`: the same on asyncio (grpc.aio), :class:`AsyncBus`;
+- :mod:`eventbus_client.events`: :class:`Event` and the one boundary to and from wire messages;
+- :mod:`eventbus_client.errors`: exceptions that keep the gRPC status and the bus's reason;
+- ``eventbus_client._proto``: the generated stubs (``python clients/python/generate.py``).
+
+Example::
+
+    from eventbus_client import Bus
+
+    with Bus("127.0.0.1:50051", source="greeter") as bus:
+        bus.publish("greetings.sent", {"to": "Ada"})
+        reply = bus.query("user.query", {"user_id": 7}, timeout=2.0)
+        print(reply.json())
+"""
+
+try:
+    from ._proto import eventbus_pb2 as _generated  # noqa: F401
+except ImportError as error:  # pragma: no cover - a message for a fresh checkout
+    raise ImportError(
+        "eventbus_client's gRPC stubs are not generated yet: run "
+        "`python clients/python/generate.py` (needs grpcio-tools)"
+    ) from error
+
+from . import errors
+from .aio import AsyncBus, AsyncResponder, AsyncSubscription
+from .bus import Bus, Responder, Subscription
+from .errors import (
+    BusError,
+    Cancelled,
+    DeadlineExceeded,
+    EventTooLarge,
+    InvalidArgument,
+    NoResponders,
+    QueryTimeout,
+    ReplayOverrun,
+    ResourceExhausted,
+    ShuttingDown,
+    SlowConsumer,
+    Unavailable,
+)
+from .events import Data, Event, Reply, ReplyError, Start, new_event
+
+__all__ = [
+    "AsyncBus",
+    "AsyncResponder",
+    "AsyncSubscription",
+    "Bus",
+    "BusError",
+    "Cancelled",
+    "Data",
+    "DeadlineExceeded",
+    "Event",
+    "EventTooLarge",
+    "InvalidArgument",
+    "NoResponders",
+    "QueryTimeout",
+    "ReplayOverrun",
+    "Reply",
+    "ReplyError",
+    "ResourceExhausted",
+    "Responder",
+    "ShuttingDown",
+    "SlowConsumer",
+    "Start",
+    "Subscription",
+    "Unavailable",
+    "errors",
+    "new_event",
+]

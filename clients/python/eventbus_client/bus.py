@@ -1,0 +1,404 @@
+"""The blocking client: :class:`Bus`, its :class:`Subscription` iterator and the query
+:class:`Responder`.
+
+A subscription reads its gRPC stream on a background thread into a small bounded queue, and the
+caller iterates the queue. The thread is what makes three things possible with grpcio's blocking
+API: waiting for the ``subscribed`` confirmation with a timeout (so ``subscribe()`` returns only
+once no publish can race past it), ``next_event(timeout)``, and reopening a broken stream without
+the caller noticing. The queue is bounded so a slow caller still slows the stream down, and the
+bus, not this process, decides when a subscriber is too slow.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from . import errors
+from ._common import (
+    CHANNEL_OPTIONS,
+    HEALTH_SERVICE,
+    RESUMABLE,
+    ResumePoint,
+    grpc_deadline,
+    parse_target,
+    secure_credentials,
+)
+from ._proto import eventbus_pb2 as pb
+from ._proto import eventbus_pb2_grpc as pb_grpc
+from .events import (
+    Data,
+    Event,
+    Reply,
+    ReplyError,
+    Start,
+    error_reply,
+    from_pb,
+    new_event,
+    query_request,
+    reply_event,
+    subscribe_request,
+    to_pb,
+)
+
+log = logging.getLogger(__name__)
+
+#: A query handler: gets the query event, returns the reply data (or a :class:`Reply`), or
+#: raises :class:`ReplyError` to answer with an error.
+Handler = Callable[[Event], "Reply | Data"]
+
+
+def _call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return function(*args, **kwargs)
+    except grpc.RpcError as error:
+        raise errors.from_rpc_error(error) from None
+
+
+class Bus:
+    """A connection to the bus.
+
+    ``target`` is ``host:port``, ``http://host:port`` or ``https://host:port`` (default:
+    ``$EVENTBUS_SERVER``, else ``127.0.0.1:50051``). ``source`` names this service: it is the
+    ``source`` of the events it publishes and its name in the bus's topology.
+    """
+
+    def __init__(self, target: str | None = None, *, source: str = "python-client") -> None:
+        parsed = parse_target(target)
+        self.target = parsed.address
+        self.source = source
+        if parsed.tls:
+            self._channel = grpc.secure_channel(parsed.address, secure_credentials(),
+                                                options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(parsed.address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.EventBusServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the connection; open subscriptions end."""
+        self._channel.close()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Polls the bus's health until its event API is SERVING; raises
+        :class:`errors.Unavailable` when it is not within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+        last = "no answer"
+        while True:
+            try:
+                response = self._health.Check(request, timeout=1.0)
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            except grpc.RpcError as error:
+                last = f"{error.code().name}: {error.details()}"
+            if time.monotonic() >= deadline:
+                raise errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
+                                         f"bus at {self.target} not serving after {timeout} s "
+                                         f"({last})")
+            time.sleep(0.05)
+
+    def publish(self, topic: str, data: Data = b"", **fields: Any) -> int:
+        """Publishes one event and returns its sequence. ``fields`` are other :class:`Event`
+        fields: ``type``, ``attributes``, ``id``, ``correlation_id``, ``data_content_type``..."""
+        return self.publish_batch([new_event(topic, data, **fields)])[0]
+
+    def publish_batch(self, events: Iterable[Event]) -> list[int]:
+        """Publishes events in order, all or none, and returns their sequences. Build events with
+        :func:`eventbus_client.new_event`."""
+        request = pb.PublishRequest(events=[to_pb(e, self.source) for e in events])
+        response = _call(self._stub.Publish, request)
+        return list(response.sequences)
+
+    def query(self, topic: str, data: Data = b"", *, timeout: float | None = None,
+              **fields: Any) -> Event:
+        """Asks a question over events and returns the reply event. ``timeout`` in seconds (the
+        bus's default, 5 s, when ``None``). Raises :class:`errors.NoResponders` at once when
+        nobody serves the topic, :class:`errors.QueryTimeout` when no reply comes in time."""
+        request = query_request(new_event(topic, data, **fields), self.source, timeout)
+        response = _call(self._stub.Query, request, timeout=grpc_deadline(timeout))
+        return from_pb(response.reply)
+
+    def subscribe(self, pattern: str, *, group: str | None = None, start: Start = "latest",
+                  subscriber: str | None = None, resume: bool = True,
+                  reconnect_timeout: float = 30.0, confirm_timeout: float = 10.0,
+                  buffer: int = 1024) -> Subscription:
+        """Subscribes to a topic pattern (``*`` one token, ``>`` the rest) and returns once the bus
+        has confirmed it: every matching event published after this returns is delivered.
+
+        ``start`` is ``"latest"`` (default), ``"earliest"``, a sequence to resume after, or a
+        ``datetime``. With ``resume`` (default), a stream the bus ends as too slow, or that breaks
+        because the bus went away, is reopened after the last event seen, retrying for up to
+        ``reconnect_timeout`` seconds; events come without duplicates or gaps while the bus still
+        holds them. ``buffer`` bounds the events read ahead of the caller.
+        """
+        return Subscription(self._stub, pattern, group=group, start=start,
+                            subscriber=subscriber or self.source, resume=resume,
+                            reconnect_timeout=reconnect_timeout,
+                            confirm_timeout=confirm_timeout, buffer=buffer)
+
+    def serve(self, topic: str, group: str | None, handler: Handler) -> Responder:
+        """Answers the queries on ``topic``: each query event goes to ``handler`` (on a background
+        thread, one at a time) and its result is published to the query's ``reply_to`` with the
+        same ``correlation_id``. ``group`` lets replicas share the queries (use the service's
+        name); ``None`` means this responder gets every query. Returns once subscribed."""
+        return Responder(self, topic, group, handler)
+
+
+_END = object()
+
+
+class Subscription(Iterator[Event]):
+    """A live subscription: iterate it for events (in sequence order), or call
+    :meth:`next_event`. Ends with :meth:`close` (or the ``with`` block); raises the
+    :class:`errors.BusError` that ended it when it cannot be resumed."""
+
+    def __init__(self, stub: pb_grpc.EventBusServiceStub, pattern: str, *, group: str | None,
+                 start: Start, subscriber: str, resume: bool, reconnect_timeout: float,
+                 confirm_timeout: float, buffer: int) -> None:
+        self.pattern = pattern
+        self.group = group
+        #: How many times a broken stream was reopened.
+        self.resumes = 0
+        #: The error that broke the stream most recently, resumed or not.
+        self.last_error: errors.BusError | None = None
+        #: The bus's first confirmation.
+        self.confirmation: pb.Subscribed | None = None
+        #: The sequence of the ``caught_up`` marker, once a replay reached the live head.
+        self.caught_up: int | None = None
+        self._stub = stub
+        self._subscriber = subscriber
+        self._resume = resume
+        self._reconnect_timeout = reconnect_timeout
+        self._point = ResumePoint(start, group)
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=buffer)
+        self._closed = threading.Event()
+        self._confirmed = threading.Event()
+        self._failure: errors.BusError | None = None
+        self._lock = threading.Lock()
+        self._call: Any = None
+        self._ended = False
+        # Open the first stream here so a bad request fails in the caller's thread.
+        first = self._open(start)
+        self._thread = threading.Thread(target=self._run, args=(first,),
+                                        name=f"eventbus-subscribe-{pattern}", daemon=True)
+        self._thread.start()
+        if not self._confirmed.wait(confirm_timeout):
+            self.close()
+            raise errors.DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                          f"no subscribed confirmation for {pattern} within "
+                                          f"{confirm_timeout} s")
+        if self._failure is not None and self.confirmation is None:
+            self.close()
+            raise self._failure
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> Event:
+        event = self.next_event()
+        if event is None:
+            raise StopIteration
+        return event
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event; ``None`` once the subscription is closed. Raises ``TimeoutError``
+        when none comes within ``timeout`` seconds, and the ending error when it broke for good."""
+        if self._ended:
+            return None
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no event on {self.pattern} within {timeout} s") from None
+        if item is _END:
+            self._ended = True
+            if self._failure is not None and not self._closed.is_set():
+                raise self._failure
+            return None
+        assert isinstance(item, Event)
+        return item
+
+    def close(self) -> None:
+        """Ends the subscription; iteration stops after the events already received."""
+        self._closed.set()
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+        self._confirmed.set()
+
+    def _open(self, start: Start) -> Any:
+        request = subscribe_request(self.pattern, self.group, self._subscriber, start)
+        call = self._stub.Subscribe(request)
+        with self._lock:
+            self._call = call
+            if self._closed.is_set():
+                call.cancel()
+        return call
+
+    def _run(self, call: Any) -> None:
+        failure: errors.BusError | None = None
+        try:
+            while True:
+                failure = self._read(call)
+                if self._closed.is_set() or failure is None:
+                    break
+                if (not self._resume or self.confirmation is None
+                        or not isinstance(failure, RESUMABLE)):
+                    break
+                log.info("subscription to %s broke (%s); resuming", self.pattern, failure)
+                call = self._reopen()
+                if call is None:
+                    break
+                self.resumes += 1
+        finally:
+            if failure is not None and not self._closed.is_set():
+                self._failure = failure
+            self._confirmed.set()
+            self._put(_END, force=True)
+
+    def _read(self, call: Any) -> errors.BusError | None:
+        """Reads one stream to its end; returns the error that ended it (None: ended cleanly)."""
+        try:
+            for message in call:
+                kind = message.WhichOneof("message")
+                if kind == "event":
+                    if self._point.is_new(message.event.sequence):
+                        if not self._put(from_pb(message.event)):
+                            return None
+                elif kind == "subscribed":
+                    self._point.confirmed(message.subscribed)
+                    if self.confirmation is None:
+                        self.confirmation = message.subscribed
+                    self._confirmed.set()
+                elif kind == "caught_up":
+                    self.caught_up = message.caught_up.sequence
+            return errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
+                                      "the bus ended the subscription stream")
+        except grpc.RpcError as error:
+            failure = errors.from_rpc_error(error)
+            self.last_error = failure
+            if self.confirmation is None:
+                self._failure = failure
+            return failure
+
+    def _reopen(self) -> Any:
+        """Reopens the stream after the last event seen, retrying with backoff until the bus
+        answers or ``reconnect_timeout`` passes. None when closed or out of time."""
+        deadline = time.monotonic() + self._reconnect_timeout
+        backoff = 0.05
+        while not self._closed.is_set():
+            call = self._open(self._point.next_start())
+            # The first message tells whether the bus took it: `subscribed`, or an error.
+            try:
+                first = next(call)
+            except grpc.RpcError as error:
+                failure = errors.from_rpc_error(error)
+                self.last_error = failure
+                if not isinstance(failure, RESUMABLE) or time.monotonic() >= deadline:
+                    self._failure = failure
+                    return None
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            except StopIteration:
+                # Ended before confirming: treat as a refusal worth retrying.
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            if first.WhichOneof("message") == "subscribed":
+                self._point.confirmed(first.subscribed)
+            return call
+        return None
+
+    def _put(self, item: object, force: bool = False) -> bool:
+        """Queues an item for the caller, waiting while the buffer is full; False if closed."""
+        while True:
+            if self._closed.is_set() and not force:
+                return False
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if force:
+                    # The caller stopped reading; make room for the end marker.
+                    try:
+                        self._queue.get_nowait()
+                    except queue.Empty:
+                        pass
+                continue
+
+
+class Responder:
+    """Answers queries on a topic until :meth:`stop`. ``handled`` counts the queries answered."""
+
+    def __init__(self, bus: Bus, topic: str, group: str | None, handler: Handler) -> None:
+        self.topic = topic
+        self.handled = 0
+        self._bus = bus
+        self._handler = handler
+        self._subscription = bus.subscribe(topic, group=group)
+        self._thread = threading.Thread(target=self._run, name=f"eventbus-serve-{topic}",
+                                        daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Responder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops answering and waits for the query in hand to finish."""
+        self._subscription.close()
+        self._thread.join(timeout)
+
+    def wait(self) -> None:
+        """Blocks until the responder stops (for a service's main thread)."""
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+
+    def _run(self) -> None:
+        try:
+            for request in self._subscription:
+                self._answer(request)
+        except errors.BusError as error:
+            log.error("responder on %s stopped: %s", self.topic, error)
+
+    def _answer(self, request: Event) -> None:
+        if not request.reply_to:
+            log.warning("event %s on %s has no reply_to; not a query, ignored", request.id,
+                        self.topic)
+            return
+        outcome: Reply | Data
+        try:
+            outcome = self._handler(request)
+        except ReplyError as error:
+            outcome = error_reply(error)
+        except Exception as error:  # a handler bug must not stop the responder
+            log.exception("handler for %s failed on event %s", self.topic, request.id)
+            outcome = error_reply(ReplyError("internal", f"{type(error).__name__}: {error}"))
+        try:
+            self._bus.publish_batch([reply_event(request, outcome, self._bus.source)])
+            self.handled += 1
+        except errors.BusError as error:
+            log.error("reply to %s on %s not published: %s", request.id, self.topic, error)

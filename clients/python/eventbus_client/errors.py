@@ -1,0 +1,149 @@
+"""Exceptions that keep the gRPC status.
+
+Every RPC failure becomes a :class:`BusError` carrying the status code, the details and the bus's
+stable reason. The bus puts that reason in the ``eventbus-error`` metadata of every error status
+(see ``src/service/status.rs``), because several errors share a code: "no responders" and
+"shutting down" are both UNAVAILABLE, yet a caller treats them differently. The reason, not the
+message text, picks the subclass; errors from the transport itself (connection refused, a
+client-side deadline) have no reason and are classified by their code alone.
+
+Hierarchy::
+
+    BusError
+    ├── InvalidArgument          INVALID_ARGUMENT
+    │   └── EventTooLarge        (event-too-large)
+    ├── Unavailable              UNAVAILABLE
+    │   ├── NoResponders         (no-responders)
+    │   └── ShuttingDown         (shutting-down)
+    ├── DeadlineExceeded         DEADLINE_EXCEEDED
+    │   └── QueryTimeout         (query-timeout)
+    ├── ResourceExhausted        RESOURCE_EXHAUSTED
+    │   ├── SlowConsumer         (slow-consumer)
+    │   └── ReplayOverrun        (replay-overrun)
+    └── Cancelled                CANCELLED
+"""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+#: The metadata key of the bus's stable error reason.
+ERROR_REASON_KEY = "eventbus-error"
+
+
+class BusError(Exception):
+    """A failed call to the bus. ``code`` is the gRPC status code, ``details`` its message and
+    ``reason`` the bus's stable reason (``None`` when the failure did not come from the bus)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str | None = None) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.reason = reason
+
+
+class InvalidArgument(BusError):
+    """The request broke a rule; ``details`` names the field and the rule."""
+
+
+class EventTooLarge(InvalidArgument):
+    """An event's data is over the bus's size limit."""
+
+
+class Unavailable(BusError):
+    """The bus cannot take the call now (down, unreachable, or see the subclasses)."""
+
+
+class NoResponders(Unavailable):
+    """A query's topic had no subscriber, so no reply could come. Raised at once."""
+
+
+class ShuttingDown(Unavailable):
+    """The bus is stopping."""
+
+
+class DeadlineExceeded(BusError):
+    """A deadline passed."""
+
+
+class QueryTimeout(DeadlineExceeded):
+    """No reply to a query came in time."""
+
+
+class ResourceExhausted(BusError):
+    """A limit of the bus was reached."""
+
+
+class SlowConsumer(ResourceExhausted):
+    """A subscription read slower than events arrived and the bus ended it. ``last_delivered``
+    is the sequence to resume after (subscriptions of this package do so by themselves)."""
+
+    @property
+    def last_delivered(self) -> int | None:
+        return _last_delivered(self.details)
+
+
+class ReplayOverrun(ResourceExhausted):
+    """A replay fell behind the bus's retention; events after ``last_delivered`` were dropped."""
+
+    @property
+    def last_delivered(self) -> int | None:
+        return _last_delivered(self.details)
+
+
+class Cancelled(BusError):
+    """The call was cancelled (by this client, usually through ``close()``)."""
+
+
+_BY_REASON: dict[str, type[BusError]] = {
+    "invalid-argument": InvalidArgument,
+    "event-too-large": EventTooLarge,
+    "no-responders": NoResponders,
+    "shutting-down": ShuttingDown,
+    "query-timeout": QueryTimeout,
+    "slow-consumer": SlowConsumer,
+    "replay-overrun": ReplayOverrun,
+}
+
+_BY_CODE: dict[grpc.StatusCode, type[BusError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+_LAST_DELIVERED = re.compile(r"after_sequence=(\d+)")
+
+
+def _last_delivered(details: str) -> int | None:
+    match = _LAST_DELIVERED.search(details)
+    return int(match.group(1)) if match else None
+
+
+def error_class(code: grpc.StatusCode, reason: str | None) -> type[BusError]:
+    """The exception class for a status: by reason when the bus gave one, else by code."""
+    if reason is not None and reason in _BY_REASON:
+        return _BY_REASON[reason]
+    return _BY_CODE.get(code, BusError)
+
+
+def reason_of(metadata: object) -> str | None:
+    """The ``eventbus-error`` value in gRPC metadata (a sequence of key/value pairs), if any."""
+    if not metadata:
+        return None
+    for key, value in metadata:  # type: ignore[attr-defined]
+        if key == ERROR_REASON_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def from_rpc_error(error: grpc.RpcError) -> BusError:
+    """Converts a failed call of grpcio (sync or aio) into the matching :class:`BusError`."""
+    # grpcio has no type hints: these are the methods every failed call of it has.
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
+    reason = reason_of(error.trailing_metadata())
+    return error_class(code, reason)(code, details, reason)

@@ -1,0 +1,124 @@
+"""A real bus process for tests: :class:`BusProcess` starts ``eventbus serve`` on a free port,
+waits until its health check says SERVING, and stops it at the end.
+
+Tests of this package, of the grpcurl docs and of the shared scenarios use it rather than a shared
+server, so each test run owns its bus and its configuration (e.g. a tiny subscriber queue). The
+binary is ``$EVENTBUS_BIN``, else ``target/debug/eventbus`` of this repository (the test scripts
+build it first).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from .bus import Bus
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Polls until ``condition()`` is truthy and returns its value; raises ``TimeoutError``
+    naming ``what`` after ``timeout`` seconds. Tests poll with a deadline instead of sleeping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def bus_binary() -> Path:
+    """The bus binary: ``$EVENTBUS_BIN`` or ``<repo>/target/debug/eventbus``."""
+    configured = os.environ.get("EVENTBUS_BIN")
+    path = Path(configured) if configured else REPO_ROOT / "target" / "debug" / "eventbus"
+    if not path.is_file():
+        raise FileNotFoundError(f"bus binary {path} not found: run `cargo build` or set "
+                                "EVENTBUS_BIN")
+    return path
+
+
+def free_port() -> int:
+    """A port nobody listens on now (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class BusProcess:
+    """``eventbus serve`` on 127.0.0.1 and a free port. ``settings`` are serve flags without
+    dashes, e.g. ``subscriber_queue_size=1`` becomes ``--subscriber-queue-size 1``."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT``, as grpcio and grpcurl take it."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``, as the Rust CLI and ``EVENTBUS_SERVER`` take it."""
+        return f"http://{self.address}"
+
+    def start(self, timeout: float = 15.0) -> BusProcess:
+        """Starts the bus and returns once it serves. A port taken between choosing it and the
+        bus binding it makes the bus exit; that is retried on another port."""
+        for _ in range(3):
+            self.port = free_port()
+            args = [str(bus_binary()), "serve", "--listen", self.address,
+                    "--log-level", "warn"]
+            for key, value in self.settings.items():
+                args += [f"--{key.replace('_', '-')}", str(value)]
+            self._log = tempfile.TemporaryFile()
+            self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
+            with Bus(self.address) as bus:
+                try:
+                    bus.wait_ready(timeout)
+                    return self
+                except Exception:
+                    if self.process.poll() is None:
+                        self.stop()
+                        raise RuntimeError(f"bus not serving within {timeout} s:\n"
+                                           f"{self.output()}") from None
+        raise RuntimeError(f"bus did not start:\n{self.output()}")
+
+    def output(self) -> str:
+        """What the bus logged so far."""
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (graceful shutdown), then SIGKILL if it does not exit in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> BusProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,149 @@
+"""Pure logic, no bus: how statuses become exceptions, and events become wire messages."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import grpc
+import pytest
+
+from eventbus_client import errors
+from eventbus_client._common import ResumePoint, parse_target
+from eventbus_client._proto import eventbus_pb2 as pb
+from eventbus_client.events import (
+    Event,
+    Reply,
+    ReplyError,
+    encode_data,
+    error_reply,
+    from_pb,
+    query_request,
+    reply_event,
+    subscribe_request,
+    to_pb,
+)
+
+C = grpc.StatusCode
+
+
+@pytest.mark.parametrize("code, reason, expected", [
+    (C.UNAVAILABLE, "no-responders", errors.NoResponders),
+    (C.UNAVAILABLE, "shutting-down", errors.ShuttingDown),
+    (C.UNAVAILABLE, None, errors.Unavailable),
+    (C.DEADLINE_EXCEEDED, "query-timeout", errors.QueryTimeout),
+    (C.DEADLINE_EXCEEDED, None, errors.DeadlineExceeded),
+    (C.INVALID_ARGUMENT, "invalid-argument", errors.InvalidArgument),
+    (C.INVALID_ARGUMENT, "event-too-large", errors.EventTooLarge),
+    (C.RESOURCE_EXHAUSTED, "slow-consumer", errors.SlowConsumer),
+    (C.RESOURCE_EXHAUSTED, "replay-overrun", errors.ReplayOverrun),
+    (C.CANCELLED, None, errors.Cancelled),
+    (C.INTERNAL, "storage", errors.BusError),
+    (C.UNAVAILABLE, "some-future-reason", errors.Unavailable),
+])
+def test_error_class_by_reason_then_code(code: grpc.StatusCode, reason: str | None,
+                                         expected: type[errors.BusError]) -> None:
+    assert errors.error_class(code, reason) is expected
+
+
+def test_no_responders_is_still_unavailable() -> None:
+    error = errors.NoResponders(C.UNAVAILABLE, "no responders for topic x", "no-responders")
+    assert isinstance(error, errors.Unavailable)
+    assert error.code == C.UNAVAILABLE and error.reason == "no-responders"
+    assert "UNAVAILABLE" in str(error)
+
+
+def test_slow_consumer_names_the_resume_point() -> None:
+    error = errors.SlowConsumer(C.RESOURCE_EXHAUSTED, "subscriber too slow: ...; resubscribe "
+                                "with after_sequence=41 to go on", "slow-consumer")
+    assert error.last_delivered == 41
+    assert errors.SlowConsumer(C.RESOURCE_EXHAUSTED, "odd", None).last_delivered is None
+
+
+def test_reason_of_reads_bytes_and_text_metadata() -> None:
+    assert errors.reason_of([("other", "x"), ("eventbus-error", b"no-responders")]) == \
+        "no-responders"
+    assert errors.reason_of([("eventbus-error", "query-timeout")]) == "query-timeout"
+    assert errors.reason_of(None) is None
+    assert errors.reason_of([("other", "x")]) is None
+
+
+def test_targets() -> None:
+    assert parse_target("http://127.0.0.1:1/").address == "127.0.0.1:1"
+    assert parse_target("https://bus.example:443").tls
+    assert not parse_target("127.0.0.1:1").tls
+
+
+def test_target_defaults_to_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTBUS_SERVER", "http://10.9.8.7:1234")
+    assert parse_target(None).address == "10.9.8.7:1234"
+    monkeypatch.delenv("EVENTBUS_SERVER")
+    assert parse_target(None).address == "127.0.0.1:50051"
+
+
+def test_data_encoding() -> None:
+    assert encode_data(b"\x00\x01") == (b"\x00\x01", "")
+    assert encode_data("héllo") == ("héllo".encode(), "text/plain; charset=utf-8")
+    assert encode_data({"a": [1, 2]}) == (b'{"a":[1,2]}', "application/json")
+    assert encode_data({"a": 1}, "application/vnd.x+json")[1] == "application/vnd.x+json"
+
+
+def test_event_round_trip_through_the_wire_form() -> None:
+    when = datetime(2025, 1, 2, 3, 4, 5, 600000, tzinfo=timezone.utc)
+    event = Event(topic="a.b", data=b"x", id="e1", type="t", time=when,
+                  attributes={"traceparent": "00-1"}, correlation_id="c", causation_id="k",
+                  reply_to="_bus.inbox.1")
+    message = to_pb(event, "svc")
+    assert message.source == "svc"
+    back = from_pb(message)
+    assert back == Event(topic="a.b", data=b"x", id="e1", source="svc", type="t", time=when,
+                         attributes={"traceparent": "00-1"}, correlation_id="c",
+                         causation_id="k", reply_to="_bus.inbox.1")
+    assert back.publish_time is None
+
+
+def test_subscribe_request_start_positions() -> None:
+    assert subscribe_request("a", None, "s", "latest").WhichOneof("start") == "latest"
+    assert subscribe_request("a", None, "s", "earliest").WhichOneof("start") == "earliest"
+    assert subscribe_request("a", "g", "s", 7).after_sequence == 7
+    when = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    assert subscribe_request("a", None, "s", when).from_time.seconds == int(when.timestamp())
+    with pytest.raises(ValueError, match="negative"):
+        subscribe_request("a", None, "s", -1)
+    with pytest.raises(TypeError):
+        subscribe_request("a", None, "s", True)
+    with pytest.raises(TypeError):
+        subscribe_request("a", None, "s", "yesterday")  # type: ignore[arg-type]
+
+
+def test_query_request_timeout() -> None:
+    assert not query_request(Event(topic="q"), "s", None).HasField("timeout")
+    assert query_request(Event(topic="q"), "s", 1.5).timeout.ToMilliseconds() == 1500
+    with pytest.raises(ValueError, match="not positive"):
+        query_request(Event(topic="q"), "s", 0)
+
+
+def test_reply_event_follows_the_protocol() -> None:
+    request = Event(topic="user.query", id="q1", correlation_id="c1", reply_to="_bus.inbox.9")
+    reply = reply_event(request, {"ok": True}, "user-service")
+    assert (reply.topic, reply.correlation_id, reply.causation_id, reply.source, reply.type) == \
+        ("_bus.inbox.9", "c1", "q1", "user-service", "user.query.result")
+    custom = reply_event(request, Reply(data="x", type="custom", attributes={"a": "b"}), "s")
+    assert (custom.type, custom.attributes, custom.data) == ("custom", {"a": "b"}, b"x")
+
+
+def test_error_reply_shape() -> None:
+    reply = error_reply(ReplyError("not_found", "unknown user 7"))
+    assert reply.data == {"error": {"code": "not_found", "message": "unknown user 7"}}
+    assert reply.attributes == {"error": "not_found"}
+
+
+def test_resume_point() -> None:
+    point = ResumePoint("latest", None)
+    point.confirmed(pb.Subscribed(head_sequence=10))
+    assert point.next_start() == 10
+    assert point.is_new(11) and not point.is_new(11) and not point.is_new(5)
+    assert point.next_start() == 11
+    assert ResumePoint("earliest", None).next_start() == "earliest"
+    grouped = ResumePoint("latest", "workers")
+    grouped.is_new(3)
+    assert grouped.next_start() == "latest"
