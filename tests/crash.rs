@@ -3,7 +3,7 @@
 //! every restart, every acknowledged event must be there exactly once, in order, and nothing may
 //! appear twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -109,6 +109,64 @@ async fn read_log(client: &mut EventBusServiceClient<Channel>) -> Vec<pb::Event>
     panic!("the stream ended before caught_up");
 }
 
+/// The durable consumer group that reads everything the publishers write, across the kills.
+const GROUP: &str = "crash-consumers";
+
+fn group_request() -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        topic: "crash.>".into(),
+        group: GROUP.into(),
+        subscriber: "crash-consumer".into(),
+        start: Some(pb::subscribe_request::Start::Earliest(())),
+        ack_mode: pb::AckMode::Manual as i32,
+        max_in_flight: 512,
+        ..Default::default()
+    }
+}
+
+/// A MANUAL-ack group member: records every event delivered to it and acks it, until the
+/// connection breaks.
+async fn consume_until_killed(
+    mut client: EventBusServiceClient<Channel>,
+    consumed: Arc<Mutex<HashSet<Vec<u8>>>>,
+) {
+    let Ok(response) = client.subscribe(group_request()).await else {
+        return;
+    };
+    let mut stream = response.into_inner();
+    loop {
+        // Ack in batches: whatever arrived, once the stream pauses or 256 are waiting.
+        let mut sequences = Vec::new();
+        while sequences.len() < 256 {
+            let wait = if sequences.is_empty() {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(2)
+            };
+            match tokio::time::timeout(wait, stream.next()).await {
+                Ok(Some(Ok(message))) => {
+                    if let Some(Message::Event(event)) = message.message {
+                        consumed.lock().unwrap().insert(event.data.to_vec());
+                        sequences.push(event.sequence);
+                    }
+                }
+                Ok(_) => return,
+                Err(_) => break,
+            }
+        }
+        if client
+            .ack(pb::AckRequest {
+                group: GROUP.into(),
+                sequences,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
 /// Publishes until the connection breaks, recording each acknowledged event.
 async fn publish_until_killed(
     mut client: EventBusServiceClient<Channel>,
@@ -199,6 +257,7 @@ fn check(log: &[pb::Event], acknowledged: &HashMap<String, u64>) {
 async fn acknowledged_events_survive_sigkill_exactly_once_and_in_order() {
     let data_dir = tempfile::tempdir().unwrap();
     let acknowledged = Arc::new(Mutex::new(HashMap::new()));
+    let consumed = Arc::new(Mutex::new(HashSet::new()));
     // Kill moments vary from cycle to cycle, from the same seed each run.
     let mut seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -212,6 +271,7 @@ async fn acknowledged_events_survive_sigkill_exactly_once_and_in_order() {
         let mut client = connect(port).await;
         check(&read_log(&mut client).await, &acknowledged.lock().unwrap());
 
+        let consumer = tokio::spawn(consume_until_killed(client.clone(), consumed.clone()));
         let publishers: Vec<_> = (0..PUBLISHERS)
             .map(|publisher| {
                 tokio::spawn(publish_until_killed(
@@ -231,6 +291,7 @@ async fn acknowledged_events_survive_sigkill_exactly_once_and_in_order() {
         for publisher in publishers {
             publisher.await.unwrap();
         }
+        consumer.await.unwrap();
     }
     let port = free_port();
     let _bus = Bus::start(port, data_dir.path());
@@ -238,6 +299,25 @@ async fn acknowledged_events_survive_sigkill_exactly_once_and_in_order() {
     let log = read_log(&mut client).await;
     let acknowledged = acknowledged.lock().unwrap();
     check(&log, &acknowledged);
+    // The durable group resumes from its cursor and gets every event of the log, unacked ones
+    // included: an event is lost to it only if it never arrives.
+    let consumer = tokio::spawn(consume_until_killed(client.clone(), consumed.clone()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing = log
+            .iter()
+            .filter(|event| !consumed.lock().unwrap().contains(&event.data[..]))
+            .count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the durable group never received {missing} events of the log"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.abort();
     assert!(
         acknowledged.len() > CYCLES * EVENTS_PER_BATCH,
         "too few events acknowledged ({}) for the test to mean anything",

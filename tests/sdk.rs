@@ -11,8 +11,8 @@ use common::TestBus;
 use eventbus::config::BusConfig;
 use eventbus::pb;
 use eventbus::sdk::{
-    Client, Error, PublisherOptions, Reply, ServeOptions, Start, SubscribeOptions, Subscription,
-    SubscriptionItem,
+    Client, Error, ManualAck, PublisherOptions, Reply, ServeOptions, Start, SubscribeOptions,
+    Subscription, SubscriptionItem,
 };
 use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -428,16 +428,179 @@ async fn bus_on(
     addr: std::net::SocketAddr,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    bus_with(addr, eventbus::config::ServerConfig::default(), stop).await
+}
+
+async fn bus_with(
+    addr: std::net::SocketAddr,
+    config: eventbus::config::ServerConfig,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(async move {
-        eventbus::server::run(
-            listener,
-            eventbus::config::ServerConfig::default(),
-            stop.cancelled_owned(),
+        eventbus::server::run(listener, config, stop.cancelled_owned())
+            .await
+            .unwrap();
+    })
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn manual_ack_deliveries_are_redelivered_until_acked() {
+    let bus = TestBus::start().await;
+    let worker = client(&bus, "worker").await;
+    let mut subscription = worker
+        .subscribe_with(
+            "jobs.*",
+            SubscribeOptions::new()
+                .group("workers")
+                .manual_ack(ManualAck {
+                    ack_deadline: Duration::from_millis(300),
+                    ..ManualAck::default()
+                }),
         )
         .await
         .unwrap();
+    let acked = worker.publish("jobs.a", "a").await.unwrap();
+    let forgotten = worker.publish("jobs.b", "b").await.unwrap();
+    let mut first = Vec::new();
+    for _ in 0..2 {
+        match next_item(&mut subscription).await {
+            SubscriptionItem::Delivery(delivery) => first.push(delivery),
+            other => panic!("expected a delivery, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        first
+            .iter()
+            .map(|d| (d.event.sequence, d.attempt))
+            .collect::<Vec<_>>(),
+        vec![(acked, 1), (forgotten, 1)]
+    );
+    first[0].ack().await.unwrap();
+    match next_item(&mut subscription).await {
+        SubscriptionItem::Delivery(again) => {
+            assert_eq!((again.event.sequence, again.attempt), (forgotten, 2));
+            again.ack().await.unwrap();
+        }
+        other => panic!("expected a redelivery, got {other:?}"),
+    }
+    let cursor = worker
+        .ack("workers", &[forgotten])
+        .await
+        .unwrap()
+        .group_cursor;
+    assert_eq!(cursor, forgotten);
+}
+
+#[tokio::test]
+async fn the_publisher_resends_across_a_bus_restart_and_the_bus_stores_each_event_once() {
+    const EVENTS: u32 = 20_000;
+    let data_dir = tempfile::tempdir().unwrap();
+    let config = || eventbus::config::ServerConfig {
+        storage: eventbus::config::StorageConfig::File {
+            data_dir: data_dir.path().to_owned(),
+            fsync: eventbus::store::FsyncPolicy::Always,
+            segment_bytes: 1024 * 1024,
+        },
+        ..eventbus::config::ServerConfig::default()
+    };
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let first_stop = CancellationToken::new();
+    let first = bus_with(addr, config(), first_stop.clone()).await;
+    let client = Client::builder(&url)
+        .source("producer")
+        .connect()
+        .await
+        .unwrap();
+    let publisher = client.publisher_with(PublisherOptions {
+        max_batch: 20,
+        retries: 50,
+        retry_backoff: eventbus::sdk::Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+            ..eventbus::sdk::Backoff::default()
+        },
+        ..PublisherOptions::default()
+    });
+    let producing = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            let mut sequences = Vec::new();
+            for i in 0..EVENTS {
+                let event = pb::Event {
+                    topic: "retry.test".into(),
+                    data: i.to_string().into_bytes().into(),
+                    ..Default::default()
+                };
+                sequences.push(publisher.submit(event).await.unwrap());
+            }
+            let mut acked = Vec::new();
+            for pending in sequences {
+                acked.push(
+                    pending
+                        .await
+                        .expect("every event is acknowledged in the end"),
+                );
+            }
+            acked
+        })
+    };
+    // Restart the bus while the producer is busy.
+    common::eventually("some events acknowledged", WAIT, || {
+        let client = client.clone();
+        async move {
+            let topics = client.list_topics(Some("retry.test")).await.ok()?;
+            topics
+                .first()
+                .filter(|t| t.events_published > 100)
+                .map(|_| ())
+        }
     })
+    .await;
+    first_stop.cancel();
+    tokio::time::timeout(WAIT, first).await.unwrap().unwrap();
+    assert!(
+        !producing.is_finished(),
+        "the producer must still be busy when the bus goes away, or nothing is retried"
+    );
+    let second_stop = CancellationToken::new();
+    let second = bus_with(addr, config(), second_stop.clone()).await;
+    let acked = tokio::time::timeout(Duration::from_secs(60), producing)
+        .await
+        .expect("the producer finished")
+        .unwrap();
+    publisher.close().await.unwrap();
+
+    let reader = Client::connect(&url).await.unwrap();
+    let mut log = reader
+        .subscribe_with("retry.test", SubscribeOptions::new().start(Start::Earliest))
+        .await
+        .unwrap();
+    let mut stored = Vec::new();
+    while stored.len() < EVENTS as usize {
+        stored.push(next_event(&mut log).await);
+    }
+    let payloads: std::collections::HashSet<_> = stored.iter().map(|e| e.data.clone()).collect();
+    assert_eq!(
+        payloads.len(),
+        EVENTS as usize,
+        "every event stored exactly once"
+    );
+    let mut by_payload = HashMap::new();
+    for event in &stored {
+        by_payload.insert(event.data.clone(), event.sequence);
+    }
+    for (i, sequence) in acked.iter().enumerate() {
+        assert_eq!(by_payload[i.to_string().as_bytes()], *sequence);
+    }
+    second_stop.cancel();
+    tokio::time::timeout(WAIT, second).await.unwrap().unwrap();
 }
 
 #[tokio::test]

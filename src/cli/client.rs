@@ -14,7 +14,9 @@ use super::format;
 use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyArgs};
 use super::{SubscribeArgs, CLI_SOURCE};
 use crate::pb;
-use crate::sdk::{Client, EventBuilder, Reply, ServeOptions, SubscribeOptions, SubscriptionItem};
+use crate::sdk::{
+    Client, EventBuilder, ManualAck, Reply, ServeOptions, SubscribeOptions, SubscriptionItem,
+};
 
 async fn connect(server: &str, source: &str) -> anyhow::Result<Client> {
     Ok(Client::builder(server).source(source).connect().await?)
@@ -85,6 +87,9 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     if let Some(group) = &args.group {
         options = options.group(group);
     }
+    if args.ack {
+        options = options.manual_ack(ManualAck::default());
+    }
     let mut subscription = client.subscribe_with(&args.pattern, options).await?;
     let subscribed = subscription.subscribed();
     eprintln!(
@@ -96,6 +101,17 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         match item? {
             SubscriptionItem::Event(event) => {
                 print_event(&event, args.json)?;
+                seen += 1;
+                if args.count.is_some_and(|count| seen >= count) {
+                    break;
+                }
+            }
+            SubscriptionItem::Delivery(delivery) => {
+                if delivery.attempt > 1 {
+                    eprintln!("delivery attempt {}", delivery.attempt);
+                }
+                print_event(&delivery.event, args.json)?;
+                delivery.ack().await?;
                 seen += 1;
                 if args.count.is_some_and(|count| seen >= count) {
                     break;

@@ -150,6 +150,10 @@ pub struct SubscribeArgs {
     /// The subscriber name shown in the topology.
     #[arg(long, default_value = CLI_SOURCE)]
     pub subscriber: String,
+    /// Join the group as a MANUAL-ack member (at-least-once; the bus keeps the group's
+    /// cursor) and acknowledge each event once printed. Needs --group.
+    #[arg(long, requires = "group")]
+    pub ack: bool,
     #[command(flatten)]
     pub server: ServerArg,
 }

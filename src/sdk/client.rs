@@ -199,6 +199,38 @@ impl Client {
     }
 
     /// Lists the topics the bus has seen, optionally only those matching `pattern`.
+    /// Acknowledges events of the MANUAL-ack group `group`; returns how many were waiting for
+    /// it and the group's cursor.
+    pub async fn ack(&self, group: &str, sequences: &[u64]) -> Result<pb::AckResponse> {
+        let response = self
+            .bus()
+            .ack(pb::AckRequest {
+                group: group.to_owned(),
+                sequences: sequences.to_vec(),
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// Hands events of the MANUAL-ack group `group` back for another delivery after
+    /// `redeliver_after`; returns how many were handed back.
+    pub async fn nack(
+        &self,
+        group: &str,
+        sequences: &[u64],
+        redeliver_after: Duration,
+    ) -> Result<u32> {
+        let response = self
+            .bus()
+            .nack(pb::NackRequest {
+                group: group.to_owned(),
+                sequences: sequences.to_vec(),
+                redeliver_after: prost_types::Duration::try_from(redeliver_after).ok(),
+            })
+            .await?;
+        Ok(response.into_inner().requeued)
+    }
+
     pub async fn list_topics(&self, pattern: Option<&str>) -> Result<Vec<pb::TopicInfo>> {
         let request = pb::ListTopicsRequest {
             pattern: pattern.unwrap_or_default().to_string(),

@@ -65,4 +65,6 @@ pub use error::{code_name, Error, Result};
 pub use event::{EventBuilder, JSON_CONTENT_TYPE};
 pub use publisher::{PendingPublish, Publisher, PublisherOptions};
 pub use responder::{Reply, Responder, ServeOptions, ERROR_ATTRIBUTE, ERROR_EVENT_TYPE};
-pub use subscription::{Start, SubscribeOptions, Subscription, SubscriptionItem};
+pub use subscription::{
+    Delivery, ManualAck, Start, SubscribeOptions, Subscription, SubscriptionItem,
+};

@@ -9,11 +9,14 @@
 //!
 //! Failures: a batch the bus refuses (`PublishError`) fails exactly that batch's events with
 //! the bus's code and message; nothing of it was stored. When the stream itself breaks, the
-//! batches in flight fail with [`Error::StreamBroken`]: the bus may or may not have stored
-//! them, so the publisher does **not** resend them (that could store them twice). Whoever
-//! knows whether a duplicate is harmful decides to retry. Later events open a new stream.
+//! bus may or may not have stored the batches in flight. The publisher gives every event an id
+//! before its first send (a UUIDv7 when it has none), and the bus deduplicates by (source, id)
+//! within its dedupe window (2 minutes by default), so resending is safe: those batches are
+//! sent again on a new stream, with backoff, up to [`PublisherOptions::retries`] times, and an
+//! event that was stored the first time is answered with its original sequence. Only after the
+//! last retry do they fail with [`Error::StreamBroken`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -25,6 +28,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument as _;
 
+use super::backoff::Backoff;
 use super::client::Client;
 use super::error::{Error, Result};
 use crate::pb;
@@ -44,6 +48,11 @@ pub struct PublisherOptions {
     pub max_in_flight: usize,
     /// Events queued in front of the batcher before `publish` waits.
     pub queue: usize,
+    /// Times a batch whose stream broke is sent again (with the same event ids, so the bus
+    /// stores it once) before its events fail.
+    pub retries: u32,
+    /// Delays between those retries.
+    pub retry_backoff: Backoff,
 }
 
 impl Default for PublisherOptions {
@@ -54,6 +63,8 @@ impl Default for PublisherOptions {
             linger: Duration::from_millis(2),
             max_in_flight: 16,
             queue: 4096,
+            retries: 5,
+            retry_backoff: Backoff::default(),
         }
     }
 }
@@ -74,10 +85,10 @@ enum Command {
 /// called or every clone is dropped, after sending what is queued.
 ///
 /// A batch the bus refuses fails exactly its own events with the bus's code and message
-/// (nothing of it was stored). When the stream breaks, the events in flight fail with
-/// [`Error::StreamBroken`]: the bus may or may not have stored them, and the publisher does
-/// **not** resend them, since that could store them twice; retry only where a duplicate is
-/// harmless. Later events open a new stream.
+/// (nothing of it was stored). When the stream breaks, the batches in flight are sent again on
+/// a new stream with the same event ids, which the bus deduplicates, so an event is stored once
+/// (see [`PublisherOptions::retries`]); after the last retry they fail with
+/// [`Error::StreamBroken`].
 #[derive(Debug, Clone)]
 pub struct Publisher {
     commands: mpsc::Sender<Command>,
@@ -127,6 +138,11 @@ impl Publisher {
         if event.source.is_empty() {
             event.source = self.source.clone();
         }
+        if event.id.is_empty() {
+            // Fixed before the first send, so a resend after a broken stream is recognised by
+            // the bus as the same event.
+            event.id = uuid::Uuid::now_v7().to_string();
+        }
         let (ack, answer) = oneshot::channel();
         self.commands
             .send(Command::Publish(event, ack))
@@ -164,6 +180,14 @@ struct OpenStream {
     responses: tonic::Streaming<pb::PublishStreamResponse>,
 }
 
+/// A batch on its way: kept until answered, so it can be sent again after a broken stream.
+struct SentBatch {
+    events: Vec<pb::Event>,
+    acks: Vec<Ack>,
+    /// Sends so far.
+    attempts: u32,
+}
+
 /// The background task's state.
 struct Batcher {
     client: Client,
@@ -176,7 +200,10 @@ struct Batcher {
     /// Send the collected batch at once (a flush or close asked for it).
     force: bool,
     /// Batches sent and not answered, by request_id, in send order.
-    in_flight: BTreeMap<u64, Vec<Ack>>,
+    in_flight: BTreeMap<u64, SentBatch>,
+    /// Batches whose stream broke, to send again (oldest first) from `resend_at`.
+    resend: VecDeque<SentBatch>,
+    resend_at: Option<Instant>,
     next_id: u64,
     stream: Option<OpenStream>,
     /// Flush waiters and the last request_id each one waits for.
@@ -196,6 +223,8 @@ impl Batcher {
             deadline: None,
             force: false,
             in_flight: BTreeMap::new(),
+            resend: VecDeque::new(),
+            resend_at: None,
             next_id: 1,
             stream: None,
             flushes: Vec::new(),
@@ -215,13 +244,28 @@ impl Batcher {
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         loop {
-            while self.batch_due(Instant::now())
+            // Batches to send again go first, so the stream keeps the publisher's order.
+            while self.resend_at.is_some_and(|at| Instant::now() >= at)
+                && self.in_flight.len() < self.options.max_in_flight
+            {
+                let Some(batch) = self.resend.pop_front() else {
+                    self.resend_at = None;
+                    break;
+                };
+                self.send(batch).await;
+            }
+            while self.resend.is_empty()
+                && self.batch_due(Instant::now())
                 && self.in_flight.len() < self.options.max_in_flight
             {
                 self.send_batch().await;
             }
             self.resolve_flushes();
-            if self.input_done && self.pending.is_empty() && self.in_flight.is_empty() {
+            if self.input_done
+                && self.pending.is_empty()
+                && self.in_flight.is_empty()
+                && self.resend.is_empty()
+            {
                 for close in self.closes.drain(..) {
                     let _ = close.send(());
                 }
@@ -243,6 +287,8 @@ impl Batcher {
                 },
                 // Wakes the loop when the collected batch's linger time is up.
                 _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => {}
+                // Wakes the loop when batches whose stream broke may be sent again.
+                _ = tokio::time::sleep_until(self.resend_at.unwrap_or_else(Instant::now)), if self.resend_at.is_some() => {}
                 else => return,
             }
         }
@@ -296,19 +342,40 @@ impl Batcher {
             self.deadline = None;
             self.force = false;
         }
+        self.send(SentBatch {
+            events,
+            acks,
+            attempts: 0,
+        })
+        .await;
+    }
+
+    /// Sends one batch on the open stream, or on a new one.
+    async fn send(&mut self, mut batch: SentBatch) {
         let request_id = self.next_id;
         self.next_id += 1;
-        tracing::trace!(request_id, events = events.len(), "sending batch");
-        let request = pb::PublishStreamRequest { request_id, events };
+        batch.attempts += 1;
+        tracing::trace!(
+            request_id,
+            events = batch.events.len(),
+            attempt = batch.attempts,
+            "sending batch"
+        );
+        let request = pb::PublishStreamRequest {
+            request_id,
+            events: batch.events.clone(),
+        };
 
         if let Some(stream) = &self.stream {
             // Cannot be full: the channel holds max_in_flight + 1 and fewer are unanswered.
             if stream.requests.try_send(request).is_err() {
-                fail_all(acks, || {
-                    Error::Status(tonic::Status::unavailable("the publish stream is closed"))
-                });
+                self.stream = None;
+                self.retry_or_fail(
+                    batch,
+                    tonic::Status::unavailable("the publish stream is closed"),
+                );
             } else {
-                self.in_flight.insert(request_id, acks);
+                self.in_flight.insert(request_id, batch);
             }
             return;
         }
@@ -329,13 +396,30 @@ impl Batcher {
                     requests,
                     responses: response.into_inner(),
                 });
-                self.in_flight.insert(request_id, acks);
+                self.in_flight.insert(request_id, batch);
             }
             Err(status) => {
                 tracing::debug!(error = %status, "cannot open publish stream");
-                fail_all(acks, || Error::Status(status.clone()));
+                if super::subscription::is_retryable(status.code()) {
+                    self.retry_or_fail(batch, status);
+                } else {
+                    fail_all(batch.acks, || Error::Status(status.clone()));
+                }
             }
         }
+    }
+
+    /// Queues a batch whose fate is unknown to be sent again, or fails it after its last retry.
+    fn retry_or_fail(&mut self, batch: SentBatch, status: tonic::Status) {
+        if batch.attempts > self.options.retries {
+            fail_all(batch.acks, || Error::StreamBroken(status.clone()));
+            return;
+        }
+        let delay = self.options.retry_backoff.delay(batch.attempts - 1);
+        let at = Instant::now() + delay;
+        self.resend_at = Some(self.resend_at.map_or(at, |earlier| earlier.min(at)));
+        // Keep the oldest first: batches are requeued in request order.
+        self.resend.push_back(batch);
     }
 
     fn on_response(
@@ -351,7 +435,7 @@ impl Batcher {
             }
             Err(status) => return self.break_stream(status),
         };
-        let Some(acks) = self.in_flight.remove(&response.request_id) else {
+        let Some(SentBatch { acks, .. }) = self.in_flight.remove(&response.request_id) else {
             tracing::warn!(
                 request_id = response.request_id,
                 "answer for an unknown batch"
@@ -383,21 +467,24 @@ impl Batcher {
         }
     }
 
-    /// The stream is gone: what is in flight may or may not be stored, so it fails (never
-    /// resent); the next batch opens a new stream.
+    /// The stream is gone: what is in flight may or may not be stored, so it is sent again on
+    /// a new stream (the bus deduplicates by event id), up to the retry limit.
     fn break_stream(&mut self, status: tonic::Status) {
         tracing::warn!(error = %status, in_flight = self.in_flight.len(), "publish stream broke");
         self.stream = None;
-        for (_, acks) in std::mem::take(&mut self.in_flight) {
-            fail_all(acks, || Error::StreamBroken(status.clone()));
+        for (_, batch) in std::mem::take(&mut self.in_flight) {
+            self.retry_or_fail(batch, status.clone());
         }
     }
 
     fn resolve_flushes(&mut self) {
         let oldest_in_flight = self.in_flight.keys().next().copied();
         let next_id = self.next_id;
-        let finished =
-            |last: u64| next_id > last && oldest_in_flight.is_none_or(|oldest| oldest > last);
+        // A batch waiting to be sent again was queued before any flush now waiting.
+        let resending = !self.resend.is_empty();
+        let finished = |last: u64| {
+            !resending && next_id > last && oldest_in_flight.is_none_or(|oldest| oldest > last)
+        };
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
             .into_iter()
             .partition(|(last, _)| finished(*last));

@@ -75,6 +75,8 @@ pub struct SubscribeOptions {
     pub backoff: Backoff,
     /// Items read ahead from the bus before the SDK stops reading.
     pub buffer: usize,
+    /// At-least-once delivery for a group: see [`ManualAck`].
+    pub manual_ack: Option<ManualAck>,
 }
 
 impl Default for SubscribeOptions {
@@ -85,7 +87,71 @@ impl Default for SubscribeOptions {
             subscriber: None,
             backoff: Backoff::default(),
             buffer: 256,
+            manual_ack: None,
         }
+    }
+}
+
+/// MANUAL-ack settings: the bus keeps the group's cursor (durably with its file store), hands
+/// each event to one member, waits for [`Delivery::ack`], and delivers again what is not acked
+/// within `ack_deadline` or is nacked; after `max_deliveries` the event goes to the group's
+/// dead-letter topic. Events arrive as [`SubscriptionItem::Delivery`]. A new group starts at the
+/// subscription's start position; an existing group resumes from its cursor, after a bus
+/// restart too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManualAck {
+    /// Unacked this long, an event is delivered again.
+    pub ack_deadline: std::time::Duration,
+    /// Deliveries before the dead-letter topic.
+    pub max_deliveries: u32,
+    /// Unacked events this member holds at once.
+    pub max_in_flight: u32,
+    /// Where dead letters go (default `_bus.dlq.<group>`).
+    pub dead_letter_topic: Option<String>,
+}
+
+impl Default for ManualAck {
+    fn default() -> Self {
+        ManualAck {
+            ack_deadline: std::time::Duration::from_secs(30),
+            max_deliveries: 5,
+            max_in_flight: 256,
+            dead_letter_topic: None,
+        }
+    }
+}
+
+/// An event of a MANUAL-ack group, to be acknowledged once processed.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub event: pb::Event,
+    /// Which delivery of this event this is, from 1.
+    pub attempt: u32,
+    group: String,
+    client: Client,
+}
+
+impl PartialEq for Delivery {
+    fn eq(&self, other: &Self) -> bool {
+        self.event == other.event && self.attempt == other.attempt && self.group == other.group
+    }
+}
+
+impl Delivery {
+    /// Confirms the event is processed: it is not delivered again.
+    pub async fn ack(&self) -> Result<()> {
+        self.client
+            .ack(&self.group, &[self.event.sequence])
+            .await
+            .map(|_| ())
+    }
+
+    /// Hands the event back, to be delivered again after `redeliver_after`.
+    pub async fn nack(&self, redeliver_after: std::time::Duration) -> Result<()> {
+        self.client
+            .nack(&self.group, &[self.event.sequence], redeliver_after)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -124,6 +190,12 @@ impl SubscribeOptions {
         self.buffer = buffer.max(1);
         self
     }
+
+    /// At-least-once delivery with acknowledgements (needs a group).
+    pub fn manual_ack(mut self, settings: ManualAck) -> Self {
+        self.manual_ack = Some(settings);
+        self
+    }
 }
 
 /// One item of a [`Subscription`].
@@ -134,6 +206,8 @@ impl SubscribeOptions {
 pub enum SubscriptionItem {
     /// A matching event.
     Event(pb::Event),
+    /// A matching event of a MANUAL-ack group, to acknowledge.
+    Delivery(Delivery),
     /// A replay from the start position reached the live head: later events are live.
     CaughtUp {
         /// The last replayed sequence.
@@ -202,7 +276,7 @@ impl Subscription {
         pattern: String,
         options: SubscribeOptions,
     ) -> Result<Subscription> {
-        let request = pb::SubscribeRequest {
+        let mut request = pb::SubscribeRequest {
             topic: pattern,
             group: options.group.clone().unwrap_or_default(),
             subscriber: options
@@ -212,6 +286,13 @@ impl Subscription {
             start: Some(options.start.to_pb()),
             ..Default::default()
         };
+        if let Some(manual) = &options.manual_ack {
+            request.ack_mode = pb::AckMode::Manual as i32;
+            request.ack_deadline = prost_types::Duration::try_from(manual.ack_deadline).ok();
+            request.max_deliveries = manual.max_deliveries;
+            request.max_in_flight = manual.max_in_flight;
+            request.dead_letter_topic = manual.dead_letter_topic.clone().unwrap_or_default();
+        }
         let span = tracing::info_span!(
             "subscription",
             topic = %request.topic,
@@ -221,7 +302,9 @@ impl Subscription {
         let (subscribed, stream) = subscribe_once(&client, request.clone())
             .instrument(span.clone())
             .await?;
-        let cursor = Cursor::new(options.start.clone(), options.group.is_some());
+        let mut cursor = Cursor::new(options.start.clone(), options.group.is_some());
+        cursor.manual = options.manual_ack.is_some();
+        cursor.log_id = Some(subscribed.log_id.clone()).filter(|id| !id.is_empty());
         let (items, receiver) = mpsc::channel(options.buffer.max(1));
         if let Some((from, to)) = cursor.gap(&subscribed) {
             tracing::warn!(parent: &span, from, to, "start is older than the bus holds");
@@ -253,6 +336,7 @@ impl Subscription {
         loop {
             match self.items.recv().await? {
                 Ok(SubscriptionItem::Event(event)) => return Some(Ok(event)),
+                Ok(SubscriptionItem::Delivery(delivery)) => return Some(Ok(delivery.event)),
                 Ok(_) => continue,
                 Err(error) => return Some(Err(error)),
             }
@@ -325,7 +409,11 @@ pub(crate) fn is_retryable(code: Code) -> bool {
 struct Cursor {
     start: Start,
     group: bool,
+    /// A MANUAL-ack group: the bus keeps the position and redelivers on purpose.
+    manual: bool,
     last_seen: Option<u64>,
+    /// The bus's log identity, to tell a resume from a log that started over.
+    log_id: Option<String>,
 }
 
 impl Cursor {
@@ -333,7 +421,9 @@ impl Cursor {
         Cursor {
             start,
             group,
+            manual: false,
             last_seen: None,
+            log_id: None,
         }
     }
 
@@ -342,14 +432,20 @@ impl Cursor {
     /// replay); `latest` for a group, which the bus only serves live.
     fn next_start(&self) -> Start {
         match self.last_seen {
+            // The bus resumes a MANUAL-ack group from its own cursor, whatever is asked.
+            _ if self.manual => self.start.clone(),
             _ if self.group => Start::Latest,
             Some(sequence) => Start::AfterSequence(sequence),
             None => self.start.clone(),
         }
     }
 
-    /// Records an event; false when it was already delivered.
+    /// Records an event; false when it was already delivered. A MANUAL-ack group's
+    /// redeliveries are on purpose, so they all pass.
     fn accept(&mut self, sequence: u64) -> bool {
+        if self.manual {
+            return true;
+        }
         if self.last_seen.is_some_and(|last| sequence <= last) {
             return false;
         }
@@ -361,8 +457,18 @@ impl Cursor {
     /// starts over on the new log: from its earliest event, or live for a group. Returns the
     /// last sequence seen on the old log.
     fn reset_if_log_restarted(&mut self, subscribed: &pb::Subscribed) -> Option<u64> {
+        let known = self.log_id.clone();
+        if !subscribed.log_id.is_empty() {
+            self.log_id = Some(subscribed.log_id.clone());
+        }
         let last = self.last_seen?;
-        if subscribed.head_sequence >= last {
+        let restarted = match (known, subscribed.log_id.as_str()) {
+            // The bus names its log: a new name is a new log, however far its head is.
+            (Some(known), current) if !current.is_empty() => known != current,
+            // An older bus without log ids: only a head behind what was seen gives it away.
+            _ => subscribed.head_sequence < last,
+        };
+        if !restarted {
             return None;
         }
         self.last_seen = None;
@@ -438,13 +544,22 @@ impl Resumer {
             let item = match message {
                 Ok(Some(pb::SubscribeResponse {
                     message: Some(Message::Event(event)),
-                    ..
+                    delivery_attempt,
                 })) => {
                     if !self.cursor.accept(event.sequence) {
                         tracing::debug!(sequence = event.sequence, "dropping a duplicate");
                         continue;
                     }
-                    SubscriptionItem::Event(event)
+                    if self.cursor.manual {
+                        SubscriptionItem::Delivery(Delivery {
+                            event,
+                            attempt: delivery_attempt,
+                            group: self.request.group.clone(),
+                            client: self.client.clone(),
+                        })
+                    } else {
+                        SubscriptionItem::Event(event)
+                    }
                 }
                 Ok(Some(pb::SubscribeResponse {
                     message: Some(Message::CaughtUp(caught_up)),

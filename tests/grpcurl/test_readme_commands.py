@@ -1,5 +1,5 @@
-"""Runs every command of docs/grpcurl.md (the README section "Explore with grpcurl") against a
-fresh bus and checks that each prints what the document shows, so the docs cannot go stale.
+"""Runs every command of the ```console blocks of README.md (its section "Explore with grpcurl")
+against a fresh bus and checks that each prints what the document shows, so the docs cannot go stale.
 
 The document's ```console blocks hold ``$ command`` lines, each followed by its output. Commands
 run in document order with bash, from the repository root, with the Python client's virtualenv
@@ -29,7 +29,7 @@ from pathlib import Path
 from eventbus_client.testing import BusProcess
 
 REPO = Path(__file__).resolve().parents[2]
-DOC = REPO / "docs" / "grpcurl.md"
+DOC = REPO / "README.md"
 DOC_ADDRESS = "localhost:50051"
 COMMAND_TIMEOUT = 30.0
 

@@ -71,6 +71,11 @@ export class BusProcess {
   async start(timeoutMs = 15_000): Promise<void> {
     this.port = await freePort();
     const args = ["serve", "--listen", this.address, "--log-level", "warn"];
+    // The bus's own default is its durable file store in ./eventbus-data; a test bus keeps its
+    // log in memory unless the test asks for storage settings.
+    if (!("storage" in this.settings)) {
+      args.push("--storage", "memory");
+    }
     for (const [key, value] of Object.entries(this.settings)) {
       args.push(`--${key.replace(/_/g, "-")}`, String(value));
     }

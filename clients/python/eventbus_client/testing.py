@@ -84,6 +84,10 @@ class BusProcess:
             self.port = free_port()
             args = [str(bus_binary()), "serve", "--listen", self.address,
                     "--log-level", "warn"]
+            # The bus's own default is its durable file store in ./eventbus-data; a test bus
+            # keeps its log in memory unless the test asks for storage settings.
+            if "storage" not in self.settings:
+                args += ["--storage", "memory"]
             for key, value in self.settings.items():
                 args += [f"--{key.replace('_', '-')}", str(value)]
             self._log = tempfile.TemporaryFile()

@@ -3,7 +3,7 @@
     python clients/python/examples/echo_responder.py greet.hello --bus 127.0.0.1:50051
 
 With it running, ``bus.query("greet.hello", {"name": "Ada"})`` (or grpcurl's Query, see
-docs/grpcurl.md) gets ``{"name": "Ada"}`` back.
+the README section "Explore with grpcurl") gets ``{"name": "Ada"}`` back.
 """
 
 from __future__ import annotations
