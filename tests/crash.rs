@@ -297,7 +297,7 @@ async fn acknowledged_events_survive_sigkill_exactly_once_and_in_order() {
     let _bus = Bus::start(port, data_dir.path());
     let mut client = connect(port).await;
     let log = read_log(&mut client).await;
-    let acknowledged = acknowledged.lock().unwrap();
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
     check(&log, &acknowledged);
     // The durable group resumes from its cursor and gets every event of the log, unacked ones
     // included: an event is lost to it only if it never arrives.
