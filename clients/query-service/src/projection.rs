@@ -110,7 +110,7 @@ impl Projection {
     /// Opens (or creates) the read model in `db`.
     pub async fn open(db: Db) -> anyhow::Result<Projection> {
         db.call(|conn| Ok(conn.execute_batch(SCHEMA)?)).await?;
-        let last = db.call(|conn| last_sequence(conn)).await?;
+        let last = db.call(last_sequence).await?;
         let progress = Progress::default();
         progress.last_sequence.store(last, Ordering::Relaxed);
         Ok(Projection {
@@ -148,7 +148,7 @@ impl Projection {
 
     /// One subscription, until shutdown (`Ok`) or it ends (`Err`).
     async fn follow(&self, client: &Client, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut after = self.db.call(|conn| last_sequence(conn)).await?;
+        let mut after = self.db.call(last_sequence).await?;
         let start = |after| match after {
             0 => Start::Earliest,
             n => Start::AfterSequence(n),
@@ -167,7 +167,7 @@ impl Projection {
                 "the bus is behind this projection (restarted with an empty log?); following it from earliest"
             );
             drop(subscription);
-            self.db.call(|conn| reset_position(conn)).await?;
+            self.db.call(reset_position).await?;
             after = 0;
             subscription = client
                 .subscribe_with(PATTERN, SubscribeOptions::new().start(Start::Earliest))
