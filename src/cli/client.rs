@@ -14,7 +14,7 @@ use super::format;
 use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyArgs};
 use super::{SubscribeArgs, CLI_SOURCE};
 use crate::pb;
-use crate::sdk::{Client, EventBuilder, Reply, SubscribeOptions, SubscriptionItem};
+use crate::sdk::{Client, EventBuilder, Reply, ServeOptions, SubscribeOptions, SubscriptionItem};
 
 async fn connect(server: &str, source: &str) -> anyhow::Result<Client> {
     Ok(Client::builder(server).source(source).connect().await?)
@@ -109,6 +109,10 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 ..
             } => eprintln!("stream broke; resumed after sequence {after}"),
             SubscriptionItem::Resumed { .. } => eprintln!("stream broke; resumed live"),
+            SubscriptionItem::BusReset { last_seen, head } => eprintln!(
+                "warning: the bus restarted without its log (last seen {last_seen}, new head \
+                 {head}); starting over on the new log"
+            ),
             SubscriptionItem::Gap { from, to } => {
                 eprintln!("warning: events {from} to {to} are gone from the bus and were missed")
             }
@@ -184,6 +188,9 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
             _ = done.notified() => {}
         }
     };
+    let options = ServeOptions::default().group(&args.group);
+    let responder = client.responder(&args.topic, options).await?;
+    // Printed once the subscription is confirmed: queries asked from now on are answered.
     eprintln!(
         "answering queries on {} (group {})",
         args.topic,
@@ -193,9 +200,7 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
             &args.group
         }
     );
-    client
-        .serve(&args.topic, &args.group, handler, shutdown)
-        .await?;
+    responder.run(handler, shutdown).await?;
     Ok(())
 }
 

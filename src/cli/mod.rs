@@ -177,6 +177,9 @@ pub struct TopologyArgs {
 
 /// Runs one command to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Command::Serve(_)) {
+        client_logging();
+    }
     match cli.command {
         Command::Serve(args) => serve::run(*args).await,
         Command::Publish(args) => client::publish(args).await,
@@ -185,6 +188,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reply(args) => client::reply(args).await,
         Command::Topics(args) => client::topics(args).await,
         Command::Topology(args) => client::topology(args).await,
+    }
+}
+
+/// SDK logs (resumes, handler failures) on stderr, only when `RUST_LOG` asks for them: the
+/// client commands already print what matters, and stdout stays for data.
+fn client_logging() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
     }
 }
 

@@ -6,6 +6,9 @@ use tonic::Code;
 
 use crate::pb;
 
+/// The metadata key under which the bus sends a stable reason with each error status.
+pub const ERROR_REASON_KEY: &str = "eventbus-error";
+
 /// Result of SDK calls.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -87,8 +90,25 @@ impl Error {
 
     /// Query found nobody subscribed to its topic (the bus fails fast with UNAVAILABLE).
     pub fn is_no_responders(&self) -> bool {
-        matches!(self, Error::Status(status) if status.code() == Code::Unavailable
-            && status.message().contains("no responders"))
+        let Error::Status(status) = self else {
+            return false;
+        };
+        let reason = status
+            .metadata()
+            .get(ERROR_REASON_KEY)
+            .and_then(|reason| reason.to_str().ok());
+        status.code() == Code::Unavailable
+            && (reason == Some("no-responders") || status.message().starts_with("no responders"))
+    }
+
+    /// The bus's stable reason for the error (`no-responders`, `slow-consumer`,
+    /// `shutting-down`, ...), from the `eventbus-error` metadata entry, when it sent one.
+    pub fn reason(&self) -> Option<&str> {
+        self.status()?
+            .metadata()
+            .get(ERROR_REASON_KEY)?
+            .to_str()
+            .ok()
     }
 
     /// The call (e.g. a query) ran out of time.
@@ -174,6 +194,20 @@ mod tests {
         assert_eq!(err.code(), Code::InvalidArgument);
         // A plain UNAVAILABLE (e.g. shutting down) is not "no responders".
         assert!(!Error::from(tonic::Status::unavailable("shutting down")).is_no_responders());
+    }
+
+    #[test]
+    fn reason_comes_from_the_metadata() {
+        let mut status = tonic::Status::unavailable("the bus is shutting down");
+        status.metadata_mut().insert(
+            ERROR_REASON_KEY,
+            tonic::metadata::MetadataValue::from_static("shutting-down"),
+        );
+        let err = Error::from(status);
+        assert_eq!(err.reason(), Some("shutting-down"));
+        // The SDK keeps its own copy of the key so it does not depend on the server's code.
+        assert_eq!(ERROR_REASON_KEY, crate::service::status::ERROR_REASON_KEY);
+        assert!(!err.is_no_responders());
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! - **Publishing**: [`Client::publish`] and the [`EventBuilder`] ([`Client::event`]) for one
 //!   event per call; [`Client::publish_batch`] for an all-or-nothing batch; and a batching
 //!   [`Publisher`] over `PublishStream` for throughput. The publisher never resends a batch
-//!   whose fate is unknown (see [`publisher`](Publisher) docs): a duplicate is the caller's
-//!   call.
+//!   whose fate is unknown (see [`Publisher`]): whether a duplicate is harmless is the
+//!   caller's call.
 //! - **Subscribing**: [`Client::subscribe`] returns a [`Subscription`], a `Stream` that resumes
 //!   by itself after a broken stream from the last sequence it saw, with no duplicates and no
 //!   silent gaps ([`SubscriptionItem::Gap`] when the bus no longer held the events).
@@ -64,5 +64,5 @@ pub use client::{Client, ClientBuilder, DEFAULT_SOURCE};
 pub use error::{code_name, Error, Result};
 pub use event::{EventBuilder, JSON_CONTENT_TYPE};
 pub use publisher::{PendingPublish, Publisher, PublisherOptions};
-pub use responder::{Reply, ServeOptions, ERROR_ATTRIBUTE, ERROR_EVENT_TYPE};
+pub use responder::{Reply, Responder, ServeOptions, ERROR_ATTRIBUTE, ERROR_EVENT_TYPE};
 pub use subscription::{Start, SubscribeOptions, Subscription, SubscriptionItem};

@@ -69,9 +69,15 @@ enum Command {
     Close(oneshot::Sender<()>),
 }
 
-/// A batching publisher; made by [`Client::publisher`]. Cheap to clone: clones share the
-/// stream. The background task ends when [`Publisher::close`] is called or every clone is
-/// dropped, after sending what is queued.
+/// A batching publisher over one `PublishStream`; made by [`Client::publisher`]. Cheap to
+/// clone: clones share the stream. The background task ends when [`Publisher::close`] is
+/// called or every clone is dropped, after sending what is queued.
+///
+/// A batch the bus refuses fails exactly its own events with the bus's code and message
+/// (nothing of it was stored). When the stream breaks, the events in flight fail with
+/// [`Error::StreamBroken`]: the bus may or may not have stored them, and the publisher does
+/// **not** resend them, since that could store them twice; retry only where a duplicate is
+/// harmless. Later events open a new stream.
 #[derive(Debug, Clone)]
 pub struct Publisher {
     commands: mpsc::Sender<Command>,

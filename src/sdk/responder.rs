@@ -28,7 +28,7 @@ use tracing::Instrument as _;
 use super::client::Client;
 use super::error::{Error, Result};
 use super::event::JSON_CONTENT_TYPE;
-use super::subscription::{SubscribeOptions, SubscriptionItem};
+use super::subscription::{SubscribeOptions, Subscription, SubscriptionItem};
 use crate::pb;
 
 /// The attribute of an error reply that holds the error message.
@@ -71,11 +71,11 @@ impl Client {
             event: Some(event),
             timeout: prost_types::Duration::try_from(timeout).ok(),
         });
-        request.set_timeout(timeout + DEADLINE_MARGIN);
+        request.set_timeout(timeout.saturating_add(DEADLINE_MARGIN));
         let mut bus = self.bus();
         let call = async move { bus.query(request).await };
         // The grpc-timeout header tells the bus; this bounds the wait if the bus never answers.
-        let response = tokio::time::timeout(timeout + 2 * DEADLINE_MARGIN, call)
+        let response = tokio::time::timeout(timeout.saturating_add(2 * DEADLINE_MARGIN), call)
             .instrument(span)
             .await
             .map_err(|_| {
@@ -103,8 +103,10 @@ impl Client {
     /// For each event, `handler` runs (up to [`ServeOptions::concurrency`] at once) and its
     /// reply is published to the event's `reply_to` with the same `correlation_id`,
     /// `causation_id` set to the query's id, and `source` set to this client's. Events without
-    /// `reply_to` are handled but not answered. A handler error is sent as an error reply (see
-    /// the [module docs](self)). The subscription resumes by itself after a broken stream.
+    /// `reply_to` are handled but not answered. A handler error is sent as an error reply: the
+    /// attribute [`ERROR_ATTRIBUTE`] holds its message, `data` the same as `text/plain`, and
+    /// `type` is [`ERROR_EVENT_TYPE`]; [`Client::query`] turns it into [`Error::Remote`]. The
+    /// subscription resumes by itself after a broken stream.
     ///
     /// Returns `Ok` after `shutdown` resolves and running handlers have finished (their
     /// replies sent), or the subscription's error if it ends for good (e.g. a bad pattern).
@@ -137,13 +139,66 @@ impl Client {
         F: Future<Output = std::result::Result<Reply, E>> + Send + 'static,
         E: Display + Send + 'static,
     {
+        self.responder(topic, options)
+            .await?
+            .run(handler, shutdown)
+            .await
+    }
+
+    /// Subscribes to `topic` for answering queries, and returns once the bus has confirmed the
+    /// subscription: from then on, queries on the topic reach this responder (or its group).
+    /// [`Responder::run`] then answers them. Splitting the two lets a caller (a test, a CLI)
+    /// know when it is ready.
+    pub async fn responder(
+        &self,
+        topic: impl Into<String>,
+        options: ServeOptions,
+    ) -> Result<Responder> {
         let topic = topic.into();
-        let mut subscription = self
+        let subscription = self
             .subscribe_with(topic.clone(), options.subscribe)
             .await?;
-        tracing::info!(%topic, id = %subscription.subscribed().subscription_id, "serving queries");
+        tracing::info!(
+            %topic,
+            subscription_id = %subscription.subscribed().subscription_id,
+            "serving queries"
+        );
+        Ok(Responder {
+            client: self.clone(),
+            subscription,
+            concurrency: options.concurrency.max(1),
+        })
+    }
+}
+
+/// A subscription ready to answer queries; made by [`Client::responder`].
+#[derive(Debug)]
+pub struct Responder {
+    client: Client,
+    subscription: Subscription,
+    concurrency: usize,
+}
+
+impl Responder {
+    /// The bus's confirmation of the responder's subscription.
+    pub fn subscribed(&self) -> &pb::Subscribed {
+        self.subscription.subscribed()
+    }
+
+    /// Answers queries until `shutdown` resolves; see [`Client::serve`].
+    pub async fn run<H, F, E>(self, handler: H, shutdown: impl Future<Output = ()>) -> Result<()>
+    where
+        H: Fn(pb::Event) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<Reply, E>> + Send + 'static,
+        E: Display + Send + 'static,
+    {
+        let Responder {
+            client,
+            mut subscription,
+            concurrency,
+        } = self;
         let handler = Arc::new(handler);
-        let permits = Arc::new(Semaphore::new(options.concurrency.max(1)));
+        let permits = Arc::new(Semaphore::new(concurrency));
         let mut running = JoinSet::new();
         tokio::pin!(shutdown);
         let outcome = loop {
@@ -173,7 +228,7 @@ impl Client {
                 sequence = event.sequence,
                 correlation_id = %event.correlation_id,
             );
-            let client = self.clone();
+            let client = client.clone();
             let handler = handler.clone();
             running.spawn(
                 async move {

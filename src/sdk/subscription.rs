@@ -146,6 +146,16 @@ pub enum SubscriptionItem {
         /// The resume point (`None` when nothing was seen yet, or for a group).
         after_sequence: Option<u64>,
     },
+    /// The bus's sequence went backwards on a resume: it restarted without its log (the
+    /// in-memory store). Sequences start again; the subscription goes on from the start of
+    /// the new log (live for a group), and anything published to the old bus after
+    /// `last_seen` that was not delivered is lost.
+    BusReset {
+        /// The last sequence delivered from the old log.
+        last_seen: u64,
+        /// The new bus's head sequence when it was noticed.
+        head: u64,
+    },
     /// Events in `from..=to` (global sequences; not all of them matched this subscription)
     /// were gone from the bus when the subscription (re)started: they are lost to this
     /// subscriber.
@@ -158,7 +168,21 @@ pub enum SubscriptionItem {
 }
 
 /// A live subscription; made by [`Client::subscribe`]. A [`Stream`] of
-/// `Result<SubscriptionItem>` that ends after an error that is not retried.
+/// `Result<SubscriptionItem>`.
+///
+/// When the stream breaks (the bus restarts or shuts down, cuts off a slow reader with
+/// RESOURCE_EXHAUSTED, or the connection drops) it resubscribes by itself with [`Backoff`],
+/// from right after the last event it delivered, and drops anything already delivered: no
+/// duplicates, and no gaps while the bus still holds the events. A [`SubscriptionItem::Resumed`]
+/// marks each resume, a [`SubscriptionItem::Gap`] any range the bus no longer held, and a
+/// [`SubscriptionItem::BusReset`] a bus that came back without its log. A group
+/// subscription resumes live (`latest`): the bus serves groups live only, and what was
+/// published meanwhile went to other members. Refusals (INVALID_ARGUMENT, PERMISSION_DENIED,
+/// ...) are not retried: the stream yields the error and ends.
+///
+/// Items are read ahead into a bounded buffer ([`SubscribeOptions::buffer`]); a reader slower
+/// than that holds up the gRPC stream, and the bus's slow-consumer rule (and a resume)
+/// follows. Dropping the subscription ends it.
 #[derive(Debug)]
 pub struct Subscription {
     items: mpsc::Receiver<Result<SubscriptionItem>>,
@@ -331,6 +355,23 @@ impl Cursor {
         true
     }
 
+    /// Notices a bus whose log restarted (its head is behind what was already seen) and
+    /// starts over on the new log: from its earliest event, or live for a group. Returns the
+    /// last sequence seen on the old log.
+    fn reset_if_log_restarted(&mut self, subscribed: &pb::Subscribed) -> Option<u64> {
+        let last = self.last_seen?;
+        if subscribed.head_sequence >= last {
+            return None;
+        }
+        self.last_seen = None;
+        self.start = if self.group {
+            Start::Latest
+        } else {
+            Start::Earliest
+        };
+        Some(last)
+    }
+
     /// The sequences lost between the requested start and the oldest event the bus holds,
     /// when the bus says the start was truncated.
     fn gap(&self, subscribed: &pb::Subscribed) -> Option<(u64, u64)> {
@@ -448,6 +489,27 @@ impl Resumer {
             };
             match subscribe_once(&self.client, request).await {
                 Ok((subscribed, stream)) => {
+                    if let Some(last_seen) = self.cursor.reset_if_log_restarted(&subscribed) {
+                        tracing::warn!(
+                            last_seen,
+                            head = subscribed.head_sequence,
+                            "the bus restarted without its log; starting over on the new log"
+                        );
+                        let reset = SubscriptionItem::BusReset {
+                            last_seen,
+                            head: subscribed.head_sequence,
+                        };
+                        if self.items.send(Ok(reset)).await.is_err() {
+                            return None;
+                        }
+                        if !self.cursor.group {
+                            // This stream started after `last_seen`, past events of the new
+                            // log: subscribe again from its beginning.
+                            drop(stream);
+                            failures = 0;
+                            continue;
+                        }
+                    }
                     let after_sequence = match start {
                         Start::AfterSequence(sequence) => Some(sequence),
                         _ => None,
@@ -536,6 +598,34 @@ mod tests {
         assert_eq!(fresh.gap(&subscribed(true, 8, 9)), Some((4, 7)));
         // Truncated but nothing actually missing.
         assert_eq!(cursor.gap(&subscribed(true, 11, 20)), None);
+    }
+
+    #[test]
+    fn a_restarted_log_starts_over() {
+        let mut cursor = Cursor::new(Start::Latest, false);
+        assert_eq!(
+            cursor.reset_if_log_restarted(&subscribed(false, 0, 0)),
+            None
+        );
+        cursor.accept(10);
+        assert_eq!(
+            cursor.reset_if_log_restarted(&subscribed(false, 1, 10)),
+            None
+        );
+        assert_eq!(
+            cursor.reset_if_log_restarted(&subscribed(false, 1, 3)),
+            Some(10)
+        );
+        assert_eq!(cursor.next_start(), Start::Earliest);
+        assert!(cursor.accept(1), "the new log's sequences are new events");
+
+        let mut group = Cursor::new(Start::Latest, true);
+        group.accept(10);
+        assert_eq!(
+            group.reset_if_log_restarted(&subscribed(false, 0, 0)),
+            Some(10)
+        );
+        assert_eq!(group.next_start(), Start::Latest);
     }
 
     #[test]
