@@ -209,6 +209,19 @@ impl Projection {
                         self.apply(events).await?;
                         anyhow::bail!("the subscription stream broke");
                     }
+                    Some(Ok(SubscriptionItem::BusReset { last_seen, head })) => {
+                        // The bus came back without its log and numbers from 1 again: what
+                        // was applied stays (ids keep a replay from applying it twice), the
+                        // position starts over with the new log.
+                        self.apply(std::mem::take(&mut events)).await?;
+                        tracing::warn!(
+                            last_seen,
+                            head,
+                            "the bus restarted without its log; following it from earliest"
+                        );
+                        self.db.call(reset_position).await?;
+                        anyhow::bail!("the bus restarted without its log");
+                    }
                     Some(Ok(SubscriptionItem::Gap { from, to })) => {
                         tracing::warn!(
                             from,

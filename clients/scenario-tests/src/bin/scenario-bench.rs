@@ -30,7 +30,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let scenario = Scenario::start().await;
     let _services = scenario.services().await;
-    let rr = scenario.query_service("request-reply", "query-rr", &[]).await;
+    let rr = scenario
+        .query_service("request-reply", "query-rr", &[])
+        .await;
     let pr = scenario
         .query_service("projection", "query-projection", &[])
         .await;
