@@ -23,13 +23,25 @@ struct Args {
     /// Unmeasured requests per case first.
     #[arg(long, default_value_t = 200)]
     warmup: usize,
+    /// Start product-service with this `--reply-delay` (e.g. `5ms`): one slow service.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    slow_products: Option<Duration>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let scenario = Scenario::start().await;
-    let _services = scenario.services().await;
+    let delay = args.slow_products.map(|d| humantime::format_duration(d).to_string());
+    let product_args: Vec<&str> = match &delay {
+        Some(delay) => vec!["--reply-delay", delay],
+        None => vec![],
+    };
+    let _services = tokio::join!(
+        scenario.service("user-service", "user-service", &[]),
+        scenario.service("product-service", "product-service", &product_args),
+        scenario.service("order-service", "order-service", &[]),
+    );
     let rr = scenario
         .query_service("request-reply", "query-rr", &[])
         .await;
@@ -77,8 +89,13 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "{} requests per case after {} warm-up, sequential, one connection\n",
-        args.requests, args.warmup
+        "{} requests per case after {} warm-up, sequential, one connection{}\n",
+        args.requests,
+        args.warmup,
+        match &delay {
+            Some(delay) => format!("; product-service answers {delay} late"),
+            None => String::new(),
+        }
     );
     println!("| case | p50 | p99 | mean |");
     println!("|---|---:|---:|---:|");
