@@ -32,7 +32,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let scenario = Scenario::start().await;
-    let delay = args.slow_products.map(|d| humantime::format_duration(d).to_string());
+    let delay = args
+        .slow_products
+        .map(|d| humantime::format_duration(d).to_string());
     let product_args: Vec<&str> = match &delay {
         Some(delay) => vec!["--reply-delay", delay],
         None => vec![],
