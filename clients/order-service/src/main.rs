@@ -209,14 +209,14 @@ async fn order_create(state: State, query: pb::Event) -> Reply {
         product_ids: items.iter().map(|item| item.product_id).collect(),
     };
     let (user, products) = tokio::join!(
-        bus::ask::<_, UserReply>(
+        bus::ask_read::<_, UserReply>(
             &state.client,
             topics::USER_QUERY,
             &user_query,
             correlation_id,
             state.query_timeout,
         ),
-        bus::ask::<_, ProductsReply>(
+        bus::ask_read::<_, ProductsReply>(
             &state.client,
             topics::PRODUCT_QUERY,
             &product_query,

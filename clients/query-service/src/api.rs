@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use eventbus::sdk::Client;
-use scenario_common::bus::{ask, AskError};
+use scenario_common::bus::{ask, ask_read, AskError};
 use scenario_common::model::{
     services, topics, ByUser, CreateOrder, ErrorCode, OrderItem, OrderReply, OrdersReply,
     ProductQuery, ProductsReply, UserReply,
@@ -287,7 +287,7 @@ async fn request_reply(
             .time(
                 "user",
                 topics::USER_QUERY,
-                ask::<_, UserReply>(
+                ask_read::<_, UserReply>(
                     client,
                     topics::USER_QUERY,
                     &by_user,
@@ -303,7 +303,7 @@ async fn request_reply(
             .time(
                 "orders",
                 topics::ORDER_QUERY,
-                ask::<_, OrdersReply>(
+                ask_read::<_, OrdersReply>(
                     client,
                     topics::ORDER_QUERY,
                     &by_user,
@@ -328,7 +328,7 @@ async fn request_reply(
             .time(
                 "products",
                 topics::PRODUCT_QUERY,
-                ask::<_, ProductsReply>(
+                ask_read::<_, ProductsReply>(
                     client,
                     topics::PRODUCT_QUERY,
                     &query,

@@ -98,6 +98,29 @@ pub async fn ask<Q: Serialize, R: DeserializeOwned>(
     })
 }
 
+/// [`ask`] for a read, which is safe to send twice: when the bus could not be reached (a
+/// transport error, not an answer of the bus), tries once more after a moment. A connection
+/// that was down fails its first call while it reconnects, so the first request after the bus
+/// comes back would fail without this.
+pub async fn ask_read<Q: Serialize, R: DeserializeOwned>(
+    client: &Client,
+    topic: &str,
+    request: &Q,
+    correlation_id: &str,
+    timeout: Duration,
+) -> Result<R, AskError> {
+    match ask(client, topic, request, correlation_id, timeout).await {
+        Err(AskError::Bus(error))
+            if error.code() == tonic::Code::Unavailable && error.reason().is_none() =>
+        {
+            tracing::debug!(topic, %error, "bus unreachable; asking once more");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            ask(client, topic, request, correlation_id, timeout).await
+        }
+        outcome => outcome,
+    }
+}
+
 /// A successful reply to a query on `topic`: JSON data, type `<topic>.result`.
 pub fn ok<T: Serialize>(topic: &str, value: &T) -> Reply {
     Reply::json(value)
