@@ -60,12 +60,15 @@ async fn wait_for_exit(child: &mut Child, within: Duration) -> ExitStatus {
 async fn serve_ends_streams_and_exits_cleanly_on_sigterm() {
     let grace = Duration::from_secs(30);
     let log = tempfile::NamedTempFile::new().unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
     let mut server = None;
     // The free port may be taken again before the server binds it: try a few.
     for _ in 0..5 {
         let port = free_port();
         let child = eventbus()
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(data_dir.path())
             .args(["--shutdown-grace", "30s", "--log-level", "info"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -171,6 +174,6 @@ fn a_bad_setting_is_one_clear_error_and_a_non_zero_exit() {
 fn a_taken_address_is_one_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let output = run(&["serve", "--listen", &addr]);
+    let output = run(&["serve", "--listen", &addr, "--storage", "memory"]);
     assert_one_clear_error(&output, &[&addr]);
 }
