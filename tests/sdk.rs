@@ -292,7 +292,7 @@ async fn query_gets_the_reply_from_serve() {
     assert_eq!(&reply.data[..], b"ALICE");
     assert_eq!(reply.correlation_id, "corr-1");
     assert_eq!(reply.source, "users");
-    assert_eq!(reply.r#type, "user.lookup.reply");
+    assert_eq!(reply.r#type, "user.lookup.result");
     assert_eq!(reply.attributes["answered-by"], "users");
     assert!(
         !reply.causation_id.is_empty(),

@@ -296,7 +296,7 @@ pub(crate) fn reply_event(
             event.r#type = if !reply.event_type.is_empty() {
                 reply.event_type
             } else if !request.r#type.is_empty() {
-                format!("{}.reply", request.r#type)
+                format!("{}.result", request.r#type)
             } else {
                 String::new()
             };
@@ -350,7 +350,7 @@ impl ServeOptions {
 }
 
 /// What a [`Client::serve`] handler answers. `reply_to`, `correlation_id`, `causation_id` and
-/// `source` are filled in by `serve`; `type` defaults to the query's type plus `.reply`.
+/// `source` are filled in by `serve`; `type` defaults to the query's type plus `.result` (as in docs/scenario-protocol.md).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Reply {
     /// The payload.
@@ -443,7 +443,7 @@ mod tests {
         assert_eq!(reply.correlation_id, "c9");
         assert_eq!(reply.causation_id, "q1");
         assert_eq!(reply.source, "users");
-        assert_eq!(reply.r#type, "user.lookup.reply");
+        assert_eq!(reply.r#type, "user.lookup.result");
         assert_eq!(reply.data.as_ref(), b"alice");
         assert_eq!(reply.attributes["k"], "v");
         assert!(!reply.attributes.contains_key(ERROR_ATTRIBUTE));
