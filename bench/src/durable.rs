@@ -25,7 +25,7 @@ pub async fn eventbus(
     payload: usize,
     count: u64,
     limit: Duration,
-) -> Result<f64> {
+) -> Result<(f64, u64)> {
     let client = Client::builder(url)
         .source("bench-durable")
         .connect()
@@ -72,7 +72,7 @@ pub async fn eventbus(
         outstanding -= 1;
         acked += batch as u64;
     }
-    Ok(acked as f64 / start.elapsed().as_secs_f64())
+    Ok((acked as f64 / start.elapsed().as_secs_f64(), acked))
 }
 
 /// Acknowledged messages per second into a JetStream file-storage stream, `in_flight`
@@ -84,7 +84,7 @@ pub async fn jetstream(
     payload: usize,
     count: u64,
     limit: Duration,
-) -> Result<f64> {
+) -> Result<(f64, u64)> {
     let client = async_nats::connect(url).await?;
     let jetstream = async_nats::jetstream::new(client);
     let subject = format!("bench.durable.{tag}");
@@ -123,5 +123,5 @@ pub async fn jetstream(
     }
     let rate = acked as f64 / start.elapsed().as_secs_f64();
     let _ = jetstream.delete_stream(&name).await;
-    Ok(rate)
+    Ok((rate, acked))
 }

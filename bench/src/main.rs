@@ -306,6 +306,29 @@ async fn start_redis(context: &Context) -> Result<Option<Server>> {
     }
 }
 
+/// The CPU seconds process `pid` has used, if it can be read.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    pid.and_then(|pid| procs::cpu_seconds(pid).ok())
+}
+
+/// A latency row with the server's CPU time per round trip. The histogram holds the timed
+/// round trips only; the CPU time also covers the warm-up, a small overstatement for all alike.
+fn latency_row_with_cpu(
+    case: &str,
+    system: &str,
+    histogram: &hdrhistogram::Histogram<u64>,
+    cpu_seconds: f64,
+) -> Row {
+    let mut latency = Latency::from_histogram(histogram);
+    latency.server_cpu_us = Some(cpu_seconds * 1e6 / latency.count.max(1) as f64);
+    Row {
+        scenario: "reqrep",
+        case: case.to_string(),
+        system: system.to_string(),
+        measure: Measure::Latency(latency),
+    }
+}
+
 fn latency_row(
     scenario: &'static str,
     case: &str,
@@ -331,6 +354,10 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
     let mut query: Vec<_> = buses.iter().map(|_| histogram()).collect();
     let mut sdk_path: Vec<_> = buses.iter().map(|_| histogram()).collect();
     let mut nats_hist = histogram();
+    // Server CPU seconds spent per path, summed over rounds.
+    let mut query_cpu = vec![0.0; buses.len()];
+    let mut sdk_cpu = vec![0.0; buses.len()];
+    let mut nats_cpu = 0.0;
     for round in 0..context.args.rounds {
         context.step(format!("reqrep round {}: TCP", round + 1));
         floor::ping_pong(1, 64, count, limit, &mut ping).await?;
@@ -339,18 +366,23 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
         context.done_step();
         for (index, (label, bus)) in buses.iter().enumerate() {
             context.step(format!("reqrep round {}: {label} Query RPC", round + 1));
+            let before = cpu_seconds(bus.pid());
             reqrep::eventbus_query(&bus.url(), round, count, limit, &mut query[index]).await?;
+            query_cpu[index] += cpu_seconds(bus.pid()).unwrap_or(0.0) - before.unwrap_or(0.0);
             context.done_step();
             context.step(format!(
                 "reqrep round {}: {label} subscribe+publish",
                 round + 1
             ));
+            let before = cpu_seconds(bus.pid());
             reqrep::eventbus_pubsub_path(&bus.url(), round, count, limit, &mut sdk_path[index])
                 .await?;
+            sdk_cpu[index] += cpu_seconds(bus.pid()).unwrap_or(0.0) - before.unwrap_or(0.0);
             context.done_step();
         }
         if let Some(nats) = &nats {
             context.step(format!("reqrep round {}: NATS", round + 1));
+            let before = cpu_seconds(nats.pid());
             reqrep::nats_request(
                 &format!("nats://{}", nats.addr),
                 round,
@@ -359,6 +391,7 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
                 &mut nats_hist,
             )
             .await?;
+            nats_cpu += cpu_seconds(nats.pid()).unwrap_or(0.0) - before.unwrap_or(0.0);
             context.done_step();
         }
     }
@@ -375,25 +408,25 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
         &relay,
     ));
     for (index, (label, _)) in buses.iter().enumerate() {
-        context.rows.push(latency_row(
-            "reqrep",
+        context.rows.push(latency_row_with_cpu(
             CASE,
             &format!("{label} Query RPC"),
             &query[index],
+            query_cpu[index],
         ));
-        context.rows.push(latency_row(
-            "reqrep",
+        context.rows.push(latency_row_with_cpu(
             CASE,
             &format!("{label} subscribe+publish (SDK)"),
             &sdk_path[index],
+            sdk_cpu[index],
         ));
     }
     match &nats {
-        Some(_) => context.rows.push(latency_row(
-            "reqrep",
+        Some(_) => context.rows.push(latency_row_with_cpu(
             CASE,
             "NATS request/reply",
             &nats_hist,
+            nats_cpu,
         )),
         None => context.rows.push(Row::skipped(
             "reqrep",
@@ -433,24 +466,32 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
         window,
         limit: context.limit(),
     };
-    let mut contenders: Vec<(String, Option<(System, String)>)> =
+    let mut contenders: Vec<(String, Option<(System, String, Option<u32>)>)> =
         vec![("TCP relay stream (floor)".into(), None)];
     for (label, bus) in &buses {
-        contenders.push((label.to_string(), Some((System::Eventbus, bus.url()))));
+        contenders.push((
+            label.to_string(),
+            Some((System::Eventbus, bus.url(), bus.pid())),
+        ));
     }
     if let Some(nats) = &nats {
         contenders.push((
             NATS.into(),
-            Some((System::Nats, format!("nats://{}", nats.addr))),
+            Some((System::Nats, format!("nats://{}", nats.addr), nats.pid())),
         ));
     }
     if let Some(redis) = &redis {
         contenders.push((
             REDIS.into(),
-            Some((System::Redis, format!("redis://{}", redis.addr))),
+            Some((
+                System::Redis,
+                format!("redis://{}", redis.addr),
+                redis.pid(),
+            )),
         ));
     }
     let mut rates = vec![vec![Vec::new(); contenders.len()]; shapes.len()];
+    let mut cpu = rates.clone();
     for round in 0..context.args.rounds {
         for (s, shape) in shapes.iter().enumerate() {
             for (c, (label, system)) in contenders.iter().enumerate() {
@@ -466,9 +507,15 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
                         floor::stream_relay(load.payload, load.events, load.limit).await?
                             * shape.subscribers as f64
                     }
-                    Some((system, url)) => {
+                    Some((system, url, pid)) => {
                         let tag = format!("r{round}s{s}c{c}");
-                        pubsub::run(*system, url, *shape, load, &tag).await?
+                        let before = cpu_seconds(*pid);
+                        let (rate, received) =
+                            pubsub::run(*system, url, *shape, load, &tag).await?;
+                        if let (Some(before), Some(after)) = (before, cpu_seconds(*pid)) {
+                            cpu[s][c].push((after - before) * 1e6 / received.max(1) as f64);
+                        }
+                        rate
                     }
                 };
                 rates[s][c].push(rate);
@@ -483,6 +530,7 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
                 shape.label(),
                 label.clone(),
                 rates[s][c].clone(),
+                cpu[s][c].clone(),
             ));
         }
     }
@@ -513,6 +561,7 @@ async fn run_durable(context: &mut Context) -> Result<()> {
         contenders.push(JETSTREAM.into());
     }
     let mut rates = vec![vec![Vec::new(); contenders.len()]; in_flight.len()];
+    let mut cpu = rates.clone();
     for round in 0..context.args.rounds {
         for (f, flight) in in_flight.iter().enumerate() {
             for (c, label) in contenders.iter().enumerate() {
@@ -520,7 +569,12 @@ async fn run_durable(context: &mut Context) -> Result<()> {
                     "durable round {} {flight} in flight: {label}",
                     round + 1
                 ));
-                let rate = match buses.get(c) {
+                let pid = match buses.get(c) {
+                    Some((_, bus)) => bus.pid(),
+                    None => nats.as_ref().and_then(Server::pid),
+                };
+                let before = cpu_seconds(pid);
+                let (rate, acked) = match buses.get(c) {
                     Some((_, bus)) => {
                         durable::eventbus(&bus.url(), *flight, 1, 128, count, limit).await?
                     }
@@ -538,6 +592,9 @@ async fn run_durable(context: &mut Context) -> Result<()> {
                         .await?
                     }
                 };
+                if let (Some(before), Some(after)) = (before, cpu_seconds(pid)) {
+                    cpu[f][c].push((after - before) * 1e6 / acked.max(1) as f64);
+                }
                 rates[f][c].push(rate);
                 context.done_step();
             }
@@ -550,6 +607,7 @@ async fn run_durable(context: &mut Context) -> Result<()> {
                 format!("{flight} in flight"),
                 label.clone(),
                 rates[f][c].clone(),
+                cpu[f][c].clone(),
             ));
         }
     }

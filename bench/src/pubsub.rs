@@ -101,8 +101,15 @@ impl Flow {
     }
 }
 
-/// Runs one measurement; returns events per second received, summed over subscribers.
-pub async fn run(system: System, url: &str, shape: Shape, load: Load, tag: &str) -> Result<f64> {
+/// Runs one measurement; returns events per second received, summed over subscribers, and the
+/// events received.
+pub async fn run(
+    system: System,
+    url: &str,
+    shape: Shape,
+    load: Load,
+    tag: &str,
+) -> Result<(f64, u64)> {
     let topic = format!("bench.ps.{tag}");
     let per_subscriber = load.events;
     let flow = Arc::new(Flow {
@@ -219,7 +226,7 @@ pub async fn run(system: System, url: &str, shape: Shape, load: Load, tag: &str)
         .map(|count| count.load(Ordering::Acquire))
         .sum();
     let elapsed = last.duration_since(start).as_secs_f64().max(1e-9);
-    Ok(received as f64 / elapsed)
+    Ok((received as f64 / elapsed, received))
 }
 
 fn eventbus_batch(topic: &str, load: &Load) -> Vec<pb::Event> {

@@ -82,8 +82,8 @@ pub fn markdown(report: &Report) -> String {
                     "scenario: GET /users/{id}/products, sequential"
                 };
                 let _ = writeln!(out, "### {title}\n");
-                let _ = writeln!(out, "| path | p50 | p90 | p99 | max | n | p50 ÷ two-hop floor | eventbus p50 ÷ this | eventbus p99 ÷ this |");
-                let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+                let _ = writeln!(out, "| path | p50 | p90 | p99 | max | n | server CPU per round trip | p50 ÷ two-hop floor | eventbus p50 ÷ this | eventbus p99 ÷ this |");
+                let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
                 for row in these {
                     let (bus, floor) = references(rows, row);
                     match &row.measure {
@@ -94,13 +94,14 @@ pub fn markdown(report: &Report) -> String {
                             });
                             let _ = writeln!(
                                 out,
-                                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                                 row.system,
                                 micros(l.p50_us),
                                 micros(l.p90_us),
                                 micros(l.p99_us),
                                 micros(l.max_us),
                                 l.count,
+                                l.server_cpu_us.map_or("–".into(), micros),
                                 ratio(Some(l.p50_us), floor.and_then(Row::headline)),
                                 ratio(bus.and_then(Row::headline), Some(l.p50_us)),
                                 ratio(bus_p99, Some(l.p99_us)),
@@ -109,7 +110,7 @@ pub fn markdown(report: &Report) -> String {
                         Measure::Skipped { reason } => {
                             let _ = writeln!(
                                 out,
-                                "| {} | skipped: {reason} | | | | | | | |",
+                                "| {} | skipped: {reason} | | | | | | | | |",
                                 row.system
                             );
                         }
@@ -126,21 +127,26 @@ pub fn markdown(report: &Report) -> String {
                 let _ = writeln!(out, "### {title}\n");
                 let _ = writeln!(
                     out,
-                    "| case | system | events/s | rounds | eventbus ÷ this | this ÷ floor |"
+                    "| case | system | events/s | rounds | server CPU per event | eventbus ÷ this | this ÷ floor |"
                 );
-                let _ = writeln!(out, "|---|---|---:|---|---:|---:|");
+                let _ = writeln!(out, "|---|---|---:|---|---:|---:|---:|");
                 for row in these {
                     let (bus, floor) = references(rows, row);
                     match &row.measure {
-                        Measure::Rate { median, rounds } => {
+                        Measure::Rate {
+                            median,
+                            rounds,
+                            server_cpu_us,
+                        } => {
                             let rounds: Vec<String> = rounds.iter().map(|r| rate(*r)).collect();
                             let _ = writeln!(
                                 out,
-                                "| {} | {} | {} | {} | {} | {} |",
+                                "| {} | {} | {} | {} | {} | {} | {} |",
                                 row.case,
                                 row.system,
                                 rate(*median),
                                 rounds.join(", "),
+                                server_cpu_us.map_or("–".into(), |us| format!("{us:.2} µs")),
                                 ratio(bus.and_then(Row::headline), Some(*median)),
                                 ratio(Some(*median), floor.and_then(Row::headline)),
                             );
@@ -148,7 +154,7 @@ pub fn markdown(report: &Report) -> String {
                         Measure::Skipped { reason } => {
                             let _ = writeln!(
                                 out,
-                                "| {} | {} | skipped: {reason} | | | |",
+                                "| {} | {} | skipped: {reason} | | | | |",
                                 row.case, row.system
                             );
                         }

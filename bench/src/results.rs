@@ -10,6 +10,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, Serialize)]
 pub struct Latency {
     pub count: u64,
+    /// The server's CPU time per round trip, when the server is a process of its own.
+    pub server_cpu_us: Option<f64>,
     pub p50_us: f64,
     pub p90_us: f64,
     pub p99_us: f64,
@@ -30,6 +32,7 @@ impl Latency {
         let us = |nanos: u64| nanos as f64 / 1000.0;
         Latency {
             count: histogram.len(),
+            server_cpu_us: None,
             p50_us: us(histogram.value_at_quantile(0.50)),
             p90_us: us(histogram.value_at_quantile(0.90)),
             p99_us: us(histogram.value_at_quantile(0.99)),
@@ -44,8 +47,13 @@ impl Latency {
 pub enum Measure {
     /// Round trips, every round's samples merged.
     Latency(Latency),
-    /// Events per second: the median round, and every round.
-    Rate { median: f64, rounds: Vec<f64> },
+    /// Events per second: the median round, and every round; and the server's CPU time per
+    /// event (median of rounds), which a busy shared machine disturbs far less than the rate.
+    Rate {
+        median: f64,
+        rounds: Vec<f64>,
+        server_cpu_us: Option<f64>,
+    },
     /// Growth of the server's resident memory.
     Memory { bytes: u64, per_item_bytes: f64 },
     /// Not measured, and why.
@@ -66,14 +74,19 @@ impl Row {
         scenario: &'static str,
         case: impl Into<String>,
         system: impl Into<String>,
-        mut rounds: Vec<f64>,
+        rounds: Vec<f64>,
+        cpu_us: Vec<f64>,
     ) -> Row {
-        let median = median(&mut rounds);
+        let rate = median(&rounds);
         Row {
             scenario,
             case: case.into(),
             system: system.into(),
-            measure: Measure::Rate { median, rounds },
+            measure: Measure::Rate {
+                median: rate,
+                rounds,
+                server_cpu_us: (!cpu_us.is_empty()).then(|| median(&cpu_us)),
+            },
         }
     }
 
@@ -104,7 +117,7 @@ impl Row {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
+fn median(values: &[f64]) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
