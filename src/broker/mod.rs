@@ -352,7 +352,7 @@ impl Broker {
         timeout: Duration,
     ) -> Result<SharedEvent, BusError> {
         if event.correlation_id.is_empty() {
-            event.correlation_id = uuid::Uuid::now_v7().to_string();
+            event.correlation_id = crate::event::new_id();
         }
         let inbox = Topic::new_inbox();
         event.reply_to = Some(inbox.clone());
