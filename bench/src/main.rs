@@ -438,6 +438,9 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
     Ok(())
 }
 
+/// A pub/sub server under test: its kind, URL and process id (for its CPU time).
+type Target = (System, String, Option<u32>);
+
 async fn run_pubsub(context: &mut Context) -> Result<()> {
     let window = context.args.window;
     // Queues deep enough that the flow-control window never overflows one.
@@ -466,7 +469,7 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
         window,
         limit: context.limit(),
     };
-    let mut contenders: Vec<(String, Option<(System, String, Option<u32>)>)> =
+    let mut contenders: Vec<(String, Option<Target>)> =
         vec![("TCP relay stream (floor)".into(), None)];
     for (label, bus) in &buses {
         contenders.push((
