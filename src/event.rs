@@ -65,5 +65,16 @@ pub struct StoredEvent {
     pub event: Event,
 }
 
+/// A fresh UUIDv7 as text, for an event id or a correlation id the producer left empty. It runs
+/// for every such event, so it skips `fmt` and takes its random bits from a thread-local CSPRNG
+/// (uuid's `fast-rng`) rather than a `getrandom` system call each time.
+pub fn new_id() -> String {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buffer)
+        .to_owned()
+}
+
 /// How events are shared once stored.
 pub type SharedEvent = Arc<StoredEvent>;

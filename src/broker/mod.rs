@@ -422,7 +422,7 @@ impl Broker {
         // Checked here so the error names the query's field, not a batch index.
         self.check_data_size(&event, || "event.data".to_owned())?;
         if event.correlation_id.is_empty() {
-            event.correlation_id = uuid::Uuid::now_v7().to_string();
+            event.correlation_id = crate::event::new_id();
         }
         let inbox = Topic::new_inbox();
         event.reply_to = Some(inbox.clone());

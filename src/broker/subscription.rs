@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use futures_util::stream::{self, BoxStream, Stream};
+use tokio::sync::mpsc;
 
 use super::durable::{ManualAck, Membership};
 use super::{Broker, Registration, RegistrationRequest};
@@ -312,11 +313,20 @@ impl Cursor {
                     tokio::task::consume_budget().await;
                 }
                 Phase::Live(registration) => {
-                    let shutdown = self.broker.shared.shutdown.clone();
-                    let received = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => None,
-                        received = registration.receiver.recv() => Some(received),
+                    // An event already queued needs no waiting: take it without building the
+                    // select below (a cancellation-token clone and a waiter per event).
+                    let received = match registration.receiver.try_recv() {
+                        Ok(_) if self.broker.is_shutting_down() => None,
+                        Ok(event) => Some(Some(event)),
+                        Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            let shutdown = &self.broker.shared.shutdown;
+                            tokio::select! {
+                                biased;
+                                _ = shutdown.cancelled() => None,
+                                received = registration.receiver.recv() => Some(received),
+                            }
+                        }
                     };
                     match received {
                         None => return self.end(BusError::ShuttingDown),

@@ -63,7 +63,7 @@ pub fn event_from_pb(event: pb::Event, path: &str) -> Result<Event, BusError> {
         .transpose()?;
     Ok(Event {
         id: if event.id.is_empty() {
-            uuid::Uuid::now_v7().to_string()
+            crate::event::new_id()
         } else {
             event.id
         },
