@@ -39,5 +39,8 @@ fuzz_target!(|bytes: &[u8]| {
     })
     .expect("a damaged last segment is truncated, never fatal");
     assert_eq!(store.bounds().head, complete);
-    assert_eq!(store.read_after(0, usize::MAX).unwrap().len() as u64, complete);
+    assert_eq!(
+        store.read_after(0, usize::MAX).unwrap().len() as u64,
+        complete
+    );
 });
