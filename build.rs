@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".eventbus.v1.Event.data")
+        .codec_path("crate::pb::codec::BusCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }
