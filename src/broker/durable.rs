@@ -111,6 +111,8 @@ struct GroupState {
     delayed: BTreeMap<(Instant, u64), (SharedEvent, u32)>,
     /// Being published to the dead-letter topic.
     dead_lettering: BTreeSet<u64>,
+    /// Had all their deliveries; the dispatcher publishes them to the dead-letter topic next.
+    to_dead_letter: Vec<(SharedEvent, u32)>,
     members: Vec<Member>,
     next_member: usize,
     saved_cursor: u64,
@@ -152,16 +154,10 @@ impl GroupState {
 
     /// Hands an event back for another delivery, or to the dead-letter list once it had all
     /// its deliveries.
-    fn requeue(
-        &mut self,
-        event: SharedEvent,
-        deliveries: u32,
-        max: u32,
-        dead: &mut Vec<(SharedEvent, u32)>,
-    ) {
+    fn requeue(&mut self, event: SharedEvent, deliveries: u32, max: u32) {
         if deliveries >= max {
             self.dead_lettering.insert(event.sequence);
-            dead.push((event, deliveries));
+            self.to_dead_letter.push((event, deliveries));
         } else {
             self.ready.push_front((event, deliveries));
         }
@@ -196,27 +192,11 @@ impl Drop for Membership {
             .filter(|(_, f)| f.member == self.id)
             .map(|(sequence, _)| *sequence)
             .collect();
-        let mut dead = Vec::new();
         for sequence in orphaned {
             let flight = state.in_flight.remove(&sequence).expect("listed");
-            state.requeue(
-                flight.event,
-                flight.deliveries,
-                self.group.max_deliveries,
-                &mut dead,
-            );
+            state.requeue(flight.event, flight.deliveries, self.group.max_deliveries);
         }
         drop(state);
-        // Rare: an orphan that had its last delivery. The dispatcher publishes it.
-        if !dead.is_empty() {
-            let mut state = lock(&self.group.state);
-            for (event, deliveries) in dead {
-                state.dead_lettering.remove(&event.sequence);
-                state
-                    .ready
-                    .push_front((event, deliveries.saturating_sub(1)));
-            }
-        }
         self.group.wake.notify_one();
         self.broker.lock_routing().topology.subscription_ended(
             &self.group.pattern,
@@ -478,7 +458,6 @@ async fn dispatch(broker: Broker, group: Arc<DurableGroup>) {
 fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Option<Instant>) {
     let mut state = lock(&group.state);
     let now = Instant::now();
-    let mut dead = Vec::new();
 
     let expired: Vec<u64> = state
         .in_flight
@@ -492,19 +471,14 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
             member.in_flight -= 1;
         }
         debug!(group = %group.name, sequence, deliveries = flight.deliveries, "ack deadline passed");
-        state.requeue(
-            flight.event,
-            flight.deliveries,
-            group.max_deliveries,
-            &mut dead,
-        );
+        state.requeue(flight.event, flight.deliveries, group.max_deliveries);
     }
     while let Some(entry) = state.delayed.first_entry() {
         if entry.key().0 > now {
             break;
         }
         let (event, deliveries) = entry.remove();
-        state.requeue(event, deliveries, group.max_deliveries, &mut dead);
+        state.requeue(event, deliveries, group.max_deliveries);
     }
 
     read_ahead(broker, group, &mut state);
@@ -551,7 +525,7 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
     .into_iter()
     .flatten()
     .min();
-    (dead, next_deadline)
+    (std::mem::take(&mut state.to_dead_letter), next_deadline)
 }
 
 /// Reads matching events from the log after the group's read position, up to the visible head,
