@@ -524,3 +524,36 @@ async fn a_query_finds_a_manual_ack_responder() {
     let reply = asking.await.unwrap().unwrap().into_inner().reply.unwrap();
     assert_eq!(&reply.data[..], b"9.99");
 }
+
+#[tokio::test]
+async fn topics_list_what_is_subscribed_by_name_and_counts_manual_members() {
+    let bus = TestBus::start().await;
+    let mut client = bus.client().await;
+    let _first = open(&mut client, manual("stock.query", "stock")).await;
+    let _second = open(&mut client, manual("stock.query", "stock")).await;
+    let _wildcard = open(
+        &mut client,
+        pb::SubscribeRequest {
+            topic: "stock.*".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let topics = bus
+        .admin()
+        .await
+        .list_topics(pb::ListTopicsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .topics;
+    // Nothing was published; the topic is listed because services wait on it by name. The
+    // wildcard subscription names no topic of its own but counts where it matches.
+    assert_eq!(topics.len(), 1, "{topics:?}");
+    let stock = &topics[0];
+    assert_eq!(stock.name, "stock.query");
+    assert_eq!((stock.events_published, stock.last_sequence), (0, 0));
+    assert!(stock.last_publish_time.is_none());
+    assert_eq!(stock.subscriber_count, 3);
+    assert_eq!(stock.groups, vec!["stock".to_string()]);
+}

@@ -403,6 +403,19 @@ impl Broker {
         Ok(requeued)
     }
 
+    /// The MANUAL-ack groups whose pattern matches `topic`, with their live member counts.
+    pub(super) fn durable_members(&self, topic: &Topic) -> Vec<(String, u32)> {
+        lock(&self.shared.durable.groups)
+            .values()
+            .filter(|group| group.pattern.matches(topic))
+            .map(|group| {
+                let members = lock(&group.state).members.len() as u32;
+                (group.name.to_string(), members)
+            })
+            .filter(|(_, members)| *members > 0)
+            .collect()
+    }
+
     /// Whether a live member of a MANUAL-ack group would receive an event on `topic` (queries
     /// count such groups as responders).
     pub(super) fn durable_responders(&self, topic: &Topic) -> bool {

@@ -168,7 +168,8 @@ pub struct TopicSummary {
     pub events_published: u64,
     pub subscriber_count: u32,
     pub groups: Vec<String>,
-    pub last_publish_time: SystemTime,
+    /// `None` for a topic that has subscribers but no event yet.
+    pub last_publish_time: Option<SystemTime>,
 }
 
 /// Whether a publish must find a subscriber before it is stored (a query: no responder means
@@ -564,11 +565,18 @@ impl Broker {
     pub fn list_topics(&self, filter: Option<&Pattern>) -> Vec<TopicSummary> {
         let held = self.shared.store.held_counts();
         let mut routing = self.lock_routing();
-        let counters: Vec<(String, TopicCounters)> = routing
+        let mut counters: Vec<(String, Option<TopicCounters>)> = routing
             .topics
             .iter()
-            .map(|(name, counters)| (name.clone(), *counters))
+            .map(|(name, counters)| (name.clone(), Some(*counters)))
             .collect();
+        // Topics someone listens to by name but nobody has published to yet (a service's query
+        // topic before the first query) are listed too: who waits for what is half the story.
+        for name in routing.topology.live_literal_patterns() {
+            if !routing.topics.contains_key(&name) {
+                counters.push((name, None));
+            }
+        }
         let mut summaries = Vec::with_capacity(counters.len());
         for (name, counters) in counters {
             let mut subscriber_count = 0u32;
@@ -587,6 +595,10 @@ impl Broker {
                         groups.insert(group.name.to_string());
                     }
                 });
+                for (group, members) in self.durable_members(&topic) {
+                    subscriber_count += members;
+                    groups.insert(group);
+                }
             } else if filter.is_some_and(|pattern| !pattern.matches(&Topic::new_inbox())) {
                 // The family stands for every inbox: it is listed when the pattern matches
                 // inboxes (`>`, `_bus.>`, `_bus.inbox.*`); any one inbox tells, ids are random.
@@ -595,11 +607,11 @@ impl Broker {
             summaries.push(TopicSummary {
                 events_held: held.get(&name).copied().unwrap_or(0),
                 name,
-                last_sequence: counters.last_sequence,
-                events_published: counters.published,
+                last_sequence: counters.map_or(0, |c| c.last_sequence),
+                events_published: counters.map_or(0, |c| c.published),
                 subscriber_count,
                 groups: groups.into_iter().collect(),
-                last_publish_time: counters.last_publish_time,
+                last_publish_time: counters.map(|c| c.last_publish_time),
             });
         }
         summaries.sort_by(|a, b| a.name.cmp(&b.name));

@@ -85,6 +85,23 @@ impl Topology {
         }
     }
 
+    /// Literal (wildcard-free) patterns with a live subscription: topics someone waits on.
+    pub fn live_literal_patterns(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .subscriptions
+            .iter()
+            .filter(|(key, used)| {
+                used.active > 0
+                    && !key.pattern.contains(['*', '>'])
+                    && !key.pattern.starts_with("_bus.inbox.")
+            })
+            .map(|(key, _)| key.pattern.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// The graph as nodes and edges, sorted so output is stable.
     pub fn snapshot(&self) -> TopologySnapshot {
         let mut nodes = BTreeMap::new();

@@ -317,7 +317,7 @@ pub fn topic_to_pb(summary: TopicSummary) -> pb::TopicInfo {
         events_published: summary.events_published,
         subscriber_count: summary.subscriber_count,
         groups: summary.groups,
-        last_publish_time: Some(timestamp(summary.last_publish_time)),
+        last_publish_time: summary.last_publish_time.map(timestamp),
     }
 }
 

@@ -221,7 +221,10 @@ async fn a_created_order_appears_in_the_projection() {
         let r = http(pr.port, "GET", "/users/7/products", None, &[])
             .await
             .unwrap();
-        (quantity(&r.json(), 3) == had + 2).then_some(r)
+        // The header follows the applied data a moment later (it is read from the projection's
+        // progress counter, updated right after the transaction commits).
+        let sequence: u64 = r.header("x-projection-sequence")?.parse().ok()?;
+        (quantity(&r.json(), 3) == had + 2 && sequence > sequence_before).then_some(r)
     })
     .await;
     let sequence_after: u64 = after
