@@ -13,7 +13,8 @@ use crate::topic::Topic;
 /// the correlation extension and the bus's routing fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    /// Unique per source; a UUIDv7 when the producer sent none.
+    /// Unique per source. Empty until published when the producer sent none: the broker then
+    /// gives a UUIDv7 (see `broker::dedupe`).
     pub id: String,
     pub source: Arc<str>,
     pub event_type: String,

@@ -3,12 +3,68 @@
 //! the event twice. The window is bounded in time and in entries, so memory stays bounded under
 //! any publish rate; a retry older than the window is stored again, which the docs say.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// (source, id) of an event.
-type Key = (Arc<str>, Box<str>);
+use hashbrown::{Equivalent, HashMap};
+
+use crate::event::Event;
+
+/// (source, id) of a remembered event. Both halves are shared, so the expiry queue's copy of a
+/// key costs two reference counts, not a string copy. hashbrown's default hasher (foldhash,
+/// seeded per process) replaces SipHash, which was the largest single cost of a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Key {
+    source: Arc<str>,
+    id: Arc<str>,
+}
+
+/// A (source, id) pair borrowed from an event, to look a key up without building one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyRef<'a> {
+    source: &'a str,
+    id: &'a str,
+}
+
+// `Key` and `KeyRef` must hash alike for borrowed lookups to find owned keys.
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        KeyRef::from(self).hash(state);
+    }
+}
+
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.source.hash(state);
+        self.id.hash(state);
+    }
+}
+
+impl<'a> From<&'a Key> for KeyRef<'a> {
+    fn from(key: &'a Key) -> KeyRef<'a> {
+        KeyRef {
+            source: &key.source,
+            id: &key.id,
+        }
+    }
+}
+
+impl<'a> From<&'a Event> for KeyRef<'a> {
+    fn from(event: &'a Event) -> KeyRef<'a> {
+        KeyRef {
+            source: &event.source,
+            id: &event.id,
+        }
+    }
+}
+
+impl Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *self == KeyRef::from(key)
+    }
+}
 
 #[derive(Debug)]
 pub struct DedupeWindow {
@@ -35,15 +91,12 @@ impl DedupeWindow {
     }
 
     /// The sequence an event with this source and id was published at, if within the window.
-    pub fn get(&self, source: &Arc<str>, id: &str) -> Option<u64> {
+    #[cfg(test)]
+    fn get(&self, source: &str, id: &str) -> Option<u64> {
         if !self.is_enabled() {
             return None;
         }
-        // The map is keyed by owned pairs; a borrowed lookup would need a custom key type, and
-        // this clone is one refcount increment plus a short string copy.
-        self.sequences
-            .get(&(source.clone(), Box::from(id)))
-            .copied()
+        self.sequences.get(&KeyRef { source, id }).copied()
     }
 
     /// Remembers a published event, and forgets what has fallen out of the window.
@@ -51,10 +104,28 @@ impl DedupeWindow {
         if !self.is_enabled() {
             return;
         }
-        let key: Key = (source.clone(), Box::from(id));
+        let key = Key {
+            source: source.clone(),
+            id: Arc::from(id),
+        };
         self.sequences.insert(key.clone(), sequence);
         self.order.push_back((published, key));
         self.expire(published);
+    }
+
+    /// Remembers the fresh events of `batch` that the producer gave an id (see
+    /// [`DedupeWindow::split`]), now stored as `stored`.
+    pub fn remember(&mut self, batch: &SplitBatch, stored: &[crate::event::SharedEvent]) {
+        for (event, &remember) in stored.iter().zip(&batch.remember) {
+            if remember {
+                self.insert(
+                    &event.event.source,
+                    &event.event.id,
+                    event.sequence,
+                    event.publish_time,
+                );
+            }
+        }
     }
 
     fn expire(&mut self, now: SystemTime) {
@@ -84,8 +155,11 @@ impl DedupeWindow {
 /// in batch order once the fresh events have sequences.
 #[derive(Debug)]
 pub struct SplitBatch {
-    pub fresh: Vec<crate::event::Event>,
+    pub fresh: Vec<Event>,
     slots: Vec<Slot>,
+    /// Per fresh event: whether the producer gave its id (so a retry can repeat it). An event
+    /// the bus gave an id cannot be retried with that id, so it is not remembered.
+    remember: Vec<bool>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,32 +194,55 @@ impl SplitBatch {
 
 impl DedupeWindow {
     /// Separates the events seen within the window (or earlier in the same batch) from those
-    /// to store.
-    pub fn split(&self, events: Vec<crate::event::Event>) -> SplitBatch {
-        if !self.is_enabled() {
-            return SplitBatch {
-                slots: (0..events.len()).map(Slot::Fresh).collect(),
-                fresh: events,
-            };
-        }
-        let mut fresh = Vec::with_capacity(events.len());
+    /// to store, and gives an id (a UUIDv7) to each event that has none. Events without a
+    /// producer id are never duplicates: nothing the producer sends again can name them.
+    pub fn split(&self, mut events: Vec<Event>) -> SplitBatch {
+        let enabled = self.is_enabled();
         let mut slots = Vec::with_capacity(events.len());
-        let mut in_batch: HashMap<(Arc<str>, String), usize> = HashMap::new();
-        for event in events {
-            if let Some(sequence) = self.get(&event.source, &event.id) {
-                slots.push(Slot::Earlier(sequence));
-                continue;
+        let mut remember = Vec::with_capacity(events.len());
+        let mut keep = Vec::with_capacity(events.len());
+        {
+            // Fresh events with a producer id seen so far in this batch, by key.
+            let mut in_batch: HashMap<KeyRef<'_>, usize> = HashMap::new();
+            let mut fresh = 0;
+            for event in &events {
+                if !enabled || event.id.is_empty() {
+                    slots.push(Slot::Fresh(fresh));
+                    remember.push(enabled && !event.id.is_empty());
+                    keep.push(true);
+                    fresh += 1;
+                    continue;
+                }
+                let key = KeyRef::from(event);
+                if let Some(sequence) = self.sequences.get(&key) {
+                    slots.push(Slot::Earlier(*sequence));
+                    keep.push(false);
+                } else if let Some(&index) = in_batch.get(&key) {
+                    slots.push(Slot::InBatch(index));
+                    keep.push(false);
+                } else {
+                    if events.len() > 1 {
+                        in_batch.insert(key, fresh);
+                    }
+                    slots.push(Slot::Fresh(fresh));
+                    remember.push(true);
+                    keep.push(true);
+                    fresh += 1;
+                }
             }
-            let key = (event.source.clone(), event.id.clone());
-            if let Some(index) = in_batch.get(&key) {
-                slots.push(Slot::InBatch(*index));
-                continue;
-            }
-            in_batch.insert(key, fresh.len());
-            slots.push(Slot::Fresh(fresh.len()));
-            fresh.push(event);
         }
-        SplitBatch { fresh, slots }
+        for event in &mut events {
+            if event.id.is_empty() {
+                event.id = crate::event::new_id();
+            }
+        }
+        let mut keep = keep.into_iter();
+        events.retain(|_| keep.next().expect("one flag per event"));
+        SplitBatch {
+            fresh: events,
+            slots,
+            remember,
+        }
     }
 }
 
@@ -177,6 +274,79 @@ mod tests {
         assert_eq!(window.len(), 3);
         assert_eq!(window.get(&source, "9"), Some(9));
         assert_eq!(window.get(&source, "6"), None);
+    }
+
+    fn event(source: &str, id: &str) -> Event {
+        Event {
+            id: id.to_owned(),
+            source: Arc::from(source),
+            event_type: "t".to_owned(),
+            topic: crate::topic::Topic::parse("a.b").unwrap(),
+            time: None,
+            data_content_type: String::new(),
+            data: bytes::Bytes::new(),
+            attributes: Default::default(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            reply_to: None,
+        }
+    }
+
+    #[test]
+    fn splits_earlier_and_in_batch_duplicates_and_gives_missing_ids() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut window = DedupeWindow::new(Duration::from_secs(120), 100);
+        window.insert(&Arc::from("svc"), "old", 41, t0);
+        let batch = window.split(vec![
+            event("svc", "old"),
+            event("svc", "new"),
+            event("other", "new"),
+            event("svc", "new"),
+            event("svc", ""),
+            event("svc", ""),
+        ]);
+        let fresh: Vec<(&str, &str)> = batch
+            .fresh
+            .iter()
+            .map(|e| (&*e.source, e.id.as_str()))
+            .collect();
+        assert_eq!(&fresh[..2], &[("svc", "new"), ("other", "new")]);
+        assert_eq!(fresh.len(), 4, "events without ids are never duplicates");
+        for (_, id) in &fresh[2..] {
+            assert!(uuid::Uuid::parse_str(id).is_ok(), "{id} is a given UUID");
+        }
+        assert_ne!(fresh[2].1, fresh[3].1);
+        assert_eq!(batch.remember, [true, true, false, false]);
+        let stored: Vec<crate::event::SharedEvent> = batch
+            .fresh
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                Arc::new(crate::event::StoredEvent {
+                    sequence: 50 + i as u64,
+                    publish_time: t0,
+                    event: e.clone(),
+                })
+            })
+            .collect();
+        let published = batch.resolve(&stored);
+        assert_eq!(published.sequences, [41, 50, 51, 50, 52, 53]);
+        assert_eq!(
+            published.duplicates,
+            [true, false, false, true, false, false]
+        );
+        window.remember(&batch, &stored);
+        assert_eq!(window.len(), 3, "only producer ids are remembered");
+        assert_eq!(window.get("other", "new"), Some(51));
+    }
+
+    #[test]
+    fn a_disabled_window_still_gives_ids() {
+        let window = DedupeWindow::new(Duration::ZERO, 100);
+        let batch = window.split(vec![event("svc", "a"), event("svc", "a"), event("svc", "")]);
+        assert_eq!(batch.fresh.len(), 3);
+        assert!(!batch.fresh[2].id.is_empty());
+        assert_eq!(batch.remember, [false, false, false]);
     }
 
     #[test]

@@ -290,13 +290,8 @@ impl Broker {
         let published = batch.resolve(&stored);
         for event in &stored {
             routing.record(event, now);
-            routing.dedupe.insert(
-                &event.event.source,
-                &event.event.id,
-                event.sequence,
-                event.publish_time,
-            );
         }
+        routing.dedupe.remember(&batch, &stored);
         match (&self.shared.durable_head, stored.last()) {
             // Appends are final on return: route at once, under the same lock.
             (None, last) => {

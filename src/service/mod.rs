@@ -151,7 +151,7 @@ impl EventBusService for EventBusApi {
         let event = request
             .event
             .ok_or_else(|| BusError::invalid("event", "is required"))?;
-        let event = convert::event_from_pb(event, "event")?;
+        let event = convert::event_from_pb(event, convert::EventPath::Named("event"))?;
         let config = self.broker.config();
         let timeout = convert::query_timeout(
             request.timeout,
