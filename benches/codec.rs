@@ -73,7 +73,10 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("convert pb to domain (publish)", |b| {
         b.iter(|| {
-            black_box(convert::event_from_pb(black_box(wire.clone()), "event").expect("valid"))
+            black_box(
+                convert::event_from_pb(black_box(wire.clone()), convert::EventPath::Named("event"))
+                    .expect("valid"),
+            )
         })
     });
     group.bench_function("convert domain to pb (deliver)", |b| {
