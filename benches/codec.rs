@@ -16,10 +16,10 @@ use prost::Message as _;
 
 /// A typical event: a 128-byte payload, a correlation id and one attribute.
 fn stored() -> StoredEvent {
-    StoredEvent {
-        sequence: 123_456,
-        publish_time: SystemTime::now(),
-        event: Event {
+    StoredEvent::new(
+        123_456,
+        SystemTime::now(),
+        Event {
             id: "0192c4a8-7b3e-7cc1-9c55-3f2b1e4d5a6b".into(),
             source: Arc::from("order-service"),
             event_type: "order.created".into(),
@@ -37,7 +37,7 @@ fn stored() -> StoredEvent {
             causation_id: String::new(),
             reply_to: None,
         },
-    }
+    )
 }
 
 fn bench(c: &mut Criterion) {

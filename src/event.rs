@@ -2,7 +2,7 @@
 //! ([`crate::service::convert`]); the broker and the stores never see protobuf.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -64,6 +64,47 @@ pub struct StoredEvent {
     pub sequence: u64,
     pub publish_time: SystemTime,
     pub event: Event,
+    /// The event's encoded wire form, once a transport has made it. See [`EncodedOnce`].
+    pub encoded: EncodedOnce,
+}
+
+impl StoredEvent {
+    pub fn new(sequence: u64, publish_time: SystemTime, event: Event) -> StoredEvent {
+        StoredEvent {
+            sequence,
+            publish_time,
+            event,
+            encoded: EncodedOnce::default(),
+        }
+    }
+
+    /// Memory the event holds while stored, for retention limits: the event, and room for its
+    /// wire form (about the event again, less the struct overhead).
+    pub fn held_bytes(&self) -> usize {
+        let size = self.event.size_bytes();
+        size + (size - METADATA_OVERHEAD_BYTES)
+    }
+}
+
+/// A slot for an event's encoded form, filled by a transport the first time it sends the event
+/// and reused for every later send: a fan-out to eight subscribers encodes once, not eight
+/// times. The broker and the stores only carry it; what the bytes mean is the transport's
+/// business ([`crate::service`] keeps the protobuf `eventbus.v1.Event` there). A cached copy
+/// never makes two events unequal.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedOnce(OnceLock<Bytes>);
+
+impl EncodedOnce {
+    /// The encoded form, made by `encode` if no one has made it yet.
+    pub fn get_or_init(&self, encode: impl FnOnce() -> Bytes) -> &Bytes {
+        self.0.get_or_init(encode)
+    }
+}
+
+impl PartialEq for EncodedOnce {
+    fn eq(&self, _other: &EncodedOnce) -> bool {
+        true
+    }
 }
 
 /// A fresh UUIDv7 as text, for an event id or a correlation id the producer left empty. It runs

@@ -37,7 +37,8 @@ pub mod codec {
         }
     }
 
-    fn settings() -> BufferSettings {
+    /// The buffer settings of every stream's encoder and decoder.
+    pub fn settings() -> BufferSettings {
         BufferSettings::new(STREAM_BUFFER_BYTES, YIELD_THRESHOLD_BYTES)
     }
 

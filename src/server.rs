@@ -20,6 +20,7 @@ use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
+use crate::service::subscribe::EventBusServer;
 use crate::service::{AdminApi, EventBusApi};
 use crate::store::{FileStore, FileStoreConfig, MemoryStore, Store, StoreError};
 
@@ -92,9 +93,7 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let message_limit = config.bus.max_message_bytes;
-    let bus_service = EventBusServiceServer::new(EventBusApi::new(broker.clone()))
-        .max_decoding_message_size(message_limit)
-        .max_encoding_message_size(message_limit);
+    let bus_service = EventBusServer::new(EventBusApi::new(broker.clone()), message_limit);
     let admin_service = AdminServiceServer::new(AdminApi::new(broker.clone()))
         .max_encoding_message_size(message_limit);
 

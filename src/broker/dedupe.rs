@@ -321,13 +321,7 @@ mod tests {
             .fresh
             .iter()
             .enumerate()
-            .map(|(i, e)| {
-                Arc::new(crate::event::StoredEvent {
-                    sequence: 50 + i as u64,
-                    publish_time: t0,
-                    event: e.clone(),
-                })
-            })
+            .map(|(i, e)| Arc::new(crate::event::StoredEvent::new(50 + i as u64, t0, e.clone())))
             .collect();
         let published = batch.resolve(&stored);
         assert_eq!(published.sequences, [41, 50, 51, 50, 52, 53]);

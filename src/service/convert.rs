@@ -521,11 +521,7 @@ mod tests {
         .unwrap();
         let now = SystemTime::now();
         event.time = Some(now);
-        let wire = event_to_pb(&StoredEvent {
-            sequence: 7,
-            publish_time: now,
-            event: event.clone(),
-        });
+        let wire = event_to_pb(&StoredEvent::new(7, now, event.clone()));
         assert_eq!(wire.sequence, 7);
         assert_eq!(wire.reply_to, "_bus.inbox.abc");
         let back = event_from_pb(wire, EventPath::Named("event")).unwrap();

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod status;
+pub mod subscribe;
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use crate::error::BusError;
 use crate::pb;
 use pb::admin_service_server::AdminService;
 use pb::event_bus_service_server::EventBusService;
+use subscribe::SubscribeFrame;
 
 /// `eventbus.v1.EventBusService`.
 #[derive(Clone)]
@@ -101,45 +103,19 @@ impl EventBusService for EventBusApi {
 
     type SubscribeStream = BoxStream<'static, Result<pb::SubscribeResponse, Status>>;
 
+    /// The bus serves Subscribe through [`subscribe::EventBusServer`], which encodes frames
+    /// itself; this is the same stream as generated messages, for anyone mounting the
+    /// generated server.
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let options = convert::subscribe_options_from_pb(request.into_inner())?;
-        let span = info_span!(
-            "subscribe",
-            topic = %options.pattern,
-            group = options.group.as_deref().unwrap_or(""),
-            subscriber = %options.subscriber,
-            subscription_id = tracing::field::Empty,
-        );
-        let subscription = span.in_scope(|| self.broker.subscribe(options))?;
-        span.record("subscription_id", subscription.info().id);
-        debug!(parent: &span, head = subscription.info().head_sequence, "subscribed");
-        let subscribed = subscribe_message(pb::subscribe_response::Message::Subscribed(
-            convert::subscribed_to_pb(subscription.info()),
-        ));
-        let log_span = span.clone();
-        let deliveries = subscription.map(move |delivery| match delivery {
-            Ok(Delivery::Event { event, attempt }) => {
-                tracing::trace!(parent: &log_span, sequence = event.sequence, topic = %event.event.topic, correlation_id = %event.event.correlation_id, attempt, "deliver");
-                Ok(pb::SubscribeResponse {
-                    message: Some(pb::subscribe_response::Message::Event(
-                        convert::event_to_pb(&event),
-                    )),
-                    delivery_attempt: attempt,
-                })
-            }
-            Ok(Delivery::CaughtUp { sequence }) => Ok(subscribe_message(
-                pb::subscribe_response::Message::CaughtUp(pb::CaughtUp { sequence }),
-            )),
-            Err(error) => {
-                debug!(parent: &log_span, %error, "subscription ended");
-                Err(status::to_status(&error))
-            }
-        });
-        let responses = stream::once(async move { Ok(subscribed) }).chain(deliveries);
-        Ok(Response::new(responses.boxed()))
+        let frames = self.subscribe_frames(request)?;
+        Ok(Response::new(
+            frames
+                .map(|frame| frame.map(SubscribeFrame::into_pb))
+                .boxed(),
+        ))
     }
 
     async fn query(
@@ -217,6 +193,47 @@ impl EventBusService for EventBusApi {
 }
 
 impl EventBusApi {
+    /// Opens a subscription: the confirmation, then its deliveries, as frames.
+    fn subscribe_frames(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<BoxStream<'static, Result<SubscribeFrame, Status>>, Status> {
+        let options = convert::subscribe_options_from_pb(request.into_inner())?;
+        let span = info_span!(
+            "subscribe",
+            topic = %options.pattern,
+            group = options.group.as_deref().unwrap_or(""),
+            subscriber = %options.subscriber,
+            subscription_id = tracing::field::Empty,
+        );
+        let subscription = span.in_scope(|| self.broker.subscribe(options))?;
+        span.record("subscription_id", subscription.info().id);
+        debug!(parent: &span, head = subscription.info().head_sequence, "subscribed");
+        let subscribed = SubscribeFrame::Message(subscribe_message(
+            pb::subscribe_response::Message::Subscribed(convert::subscribed_to_pb(
+                subscription.info(),
+            )),
+        ));
+        let deliveries = subscription.map(move |delivery| match delivery {
+            Ok(Delivery::Event { event, attempt }) => {
+                tracing::trace!(parent: &span, sequence = event.sequence, topic = %event.event.topic, correlation_id = %event.event.correlation_id, attempt, "deliver");
+                Ok(SubscribeFrame::Event { event, attempt })
+            }
+            Ok(Delivery::CaughtUp { sequence }) => Ok(SubscribeFrame::Message(
+                subscribe_message(pb::subscribe_response::Message::CaughtUp(pb::CaughtUp {
+                    sequence,
+                })),
+            )),
+            Err(error) => {
+                debug!(parent: &span, %error, "subscription ended");
+                Err(status::to_status(&error))
+            }
+        });
+        Ok(stream::once(async move { Ok(subscribed) })
+            .chain(deliveries)
+            .boxed())
+    }
+
     fn group_of(group: &str) -> Result<&str, BusError> {
         if group.is_empty() {
             return Err(BusError::invalid("group", "must name the MANUAL-ack group"));

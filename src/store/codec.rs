@@ -157,10 +157,10 @@ fn decode_payload(payload: &[u8]) -> Result<StoredEvent, DecodeError> {
     if !reader.bytes.is_empty() {
         return Err(DecodeError::Malformed("trailing bytes"));
     }
-    Ok(StoredEvent {
+    Ok(StoredEvent::new(
         sequence,
         publish_time,
-        event: Event {
+        Event {
             id,
             source: Arc::from(source),
             event_type,
@@ -173,7 +173,7 @@ fn decode_payload(payload: &[u8]) -> Result<StoredEvent, DecodeError> {
             causation_id,
             reply_to,
         },
-    })
+    ))
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -237,10 +237,10 @@ mod tests {
     use proptest::prelude::*;
 
     fn stored(sequence: u64, data: Vec<u8>, attributes: HashMap<String, String>) -> StoredEvent {
-        StoredEvent {
+        StoredEvent::new(
             sequence,
-            publish_time: time(1_700_000_000_123_456_789),
-            event: Event {
+            time(1_700_000_000_123_456_789),
+            Event {
                 id: format!("id-{sequence}"),
                 source: Arc::from("svc"),
                 event_type: "user.created".into(),
@@ -253,7 +253,7 @@ mod tests {
                 causation_id: String::new(),
                 reply_to: Some(Topic::parse("_bus.inbox.x").unwrap()),
             },
-        }
+        )
     }
 
     #[test]

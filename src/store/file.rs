@@ -309,7 +309,7 @@ impl FileStore {
                 .is_some_and(|e| e.sequence <= removed.last)
             {
                 let evicted = inner.cache.pop_front().expect("checked");
-                inner.cache_bytes -= evicted.event.size_bytes() as u64;
+                inner.cache_bytes -= evicted.held_bytes() as u64;
             }
         }
     }
@@ -439,11 +439,7 @@ impl Store for FileStore {
         for (position, mut event) in events.into_iter().enumerate() {
             event.time.get_or_insert(publish_time);
             let sequence = first_sequence + position as u64;
-            let record = StoredEvent {
-                sequence,
-                publish_time,
-                event,
-            };
+            let record = StoredEvent::new(sequence, publish_time, event);
             let before = buffer.len();
             codec::encode(&record, &mut buffer);
             if offset >= next_index_at || active.index.is_empty() {
@@ -475,12 +471,12 @@ impl Store for FileStore {
         }
         inner.head = last;
         for event in &stored {
-            inner.cache_bytes += event.event.size_bytes() as u64;
+            inner.cache_bytes += event.held_bytes() as u64;
             inner.cache.push_back(event.clone());
         }
         while inner.cache_bytes > self.config.cache_bytes && inner.cache.len() > 1 {
             let evicted = inner.cache.pop_front().expect("non-empty");
-            inner.cache_bytes -= evicted.event.size_bytes() as u64;
+            inner.cache_bytes -= evicted.held_bytes() as u64;
         }
         buffer.clear();
         inner.buffer = buffer;

@@ -68,12 +68,8 @@ impl Store for MemoryStore {
         for mut event in events {
             inner.head += 1;
             event.time.get_or_insert(publish_time);
-            let shared = Arc::new(StoredEvent {
-                sequence: inner.head,
-                publish_time,
-                event,
-            });
-            inner.bytes += shared.event.size_bytes() as u64;
+            let shared = Arc::new(StoredEvent::new(inner.head, publish_time, event));
+            inner.bytes += shared.held_bytes() as u64;
             *inner
                 .held_by_family
                 .entry(shared.event.topic.family().to_owned())
@@ -93,7 +89,7 @@ impl Store for MemoryStore {
             let Some(evicted) = inner.events.pop_front() else {
                 break;
             };
-            inner.bytes -= evicted.event.size_bytes() as u64;
+            inner.bytes -= evicted.held_bytes() as u64;
             inner.newest_dropped_time = Some(evicted.publish_time);
             let family = evicted.event.topic.family();
             if let Some(count) = inner.held_by_family.get_mut(family) {
@@ -223,7 +219,7 @@ mod tests {
         assert_eq!(sequences(&store.read_after(0, 10).unwrap()), vec![3, 4, 5]);
         assert_eq!(store.held_counts()["a"], 3);
 
-        let one = event("b", &[0; 100]).size_bytes() as u64;
+        let one = StoredEvent::new(0, t, event("b", &[0; 100])).held_bytes() as u64;
         let store = MemoryStore::new(100, one * 2);
         for _ in 0..3 {
             store.append(vec![event("b", &[0; 100])], t).unwrap();
