@@ -107,8 +107,9 @@ struct Args {
 /// Labels of the systems in the results.
 const BUS: &str = "eventbus";
 const BASELINE: &str = "eventbus (baseline)";
+const BUS_FSYNC_INTERVAL: &str = "eventbus, fsync every 1 s";
 const NATS: &str = "NATS core";
-const JETSTREAM: &str = "NATS JetStream (file)";
+const JETSTREAM: &str = "NATS JetStream (file, fsync every 2 min)";
 const REDIS: &str = "Redis pub/sub";
 
 struct Context {
@@ -260,7 +261,7 @@ fn planned_steps(context: &Context) -> u64 {
         .map(|scenario| match scenario {
             Kind::Reqrep => rounds * (2 + 2 * buses + nats),
             Kind::Pubsub => rounds * 3 * (1 + buses + nats + redis),
-            Kind::Durable => rounds * 3 * (buses + nats),
+            Kind::Durable => rounds * 3 * (buses + 1 + nats),
             Kind::Subscriptions => buses + nats + redis,
             Kind::Scenario => rounds * 3,
         })
@@ -554,7 +555,12 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
 }
 
 async fn run_durable(context: &mut Context) -> Result<()> {
-    let buses = start_buses(context, BusStorage::FileFsyncAlways, 8192).await?;
+    let mut buses = start_buses(context, BusStorage::FileFsyncAlways, 8192).await?;
+    // JetStream acknowledges once written and syncs on a timer; so does this one.
+    buses.push((
+        BUS_FSYNC_INTERVAL,
+        procs::start_eventbus(&context.programs, BusStorage::FileFsyncInterval, 8192).await?,
+    ));
     let nats = start_nats(context).await?;
     let limit = Duration::from_secs_f64(context.args.durable_seconds);
     let in_flight = [1usize, 16, 256];

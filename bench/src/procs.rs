@@ -37,6 +37,9 @@ pub enum BusStorage {
     Memory,
     /// The file store with `--fsync always`.
     FileFsyncAlways,
+    /// The file store acknowledging once written and syncing every second (`--fsync
+    /// interval:1000`), as JetStream does by default (every two minutes).
+    FileFsyncInterval,
 }
 
 /// One running server process.
@@ -169,6 +172,17 @@ pub async fn start_eventbus(
         BusStorage::FileFsyncAlways => {
             command
                 .args(["--storage", "file", "--fsync", "always", "--data-dir"])
+                .arg(dir.path().join("data"));
+        }
+        BusStorage::FileFsyncInterval => {
+            command
+                .args([
+                    "--storage",
+                    "file",
+                    "--fsync",
+                    "interval:1000",
+                    "--data-dir",
+                ])
                 .arg(dir.path().join("data"));
         }
     }

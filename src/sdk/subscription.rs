@@ -20,11 +20,12 @@
 //! slowly the task stops reading too, and the bus's slow-consumer rule applies (followed by a
 //! resume). Dropping the [`Subscription`] ends the task and the stream.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
-use futures_util::Stream;
+use futures_util::{FutureExt as _, Stream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::Code;
@@ -259,7 +260,7 @@ pub enum SubscriptionItem {
 /// follows. Dropping the subscription ends it.
 #[derive(Debug)]
 pub struct Subscription {
-    items: mpsc::Receiver<Result<SubscriptionItem>>,
+    items: ItemReceiver,
     subscribed: pb::Subscribed,
     task: JoinHandle<()>,
 }
@@ -305,10 +306,12 @@ impl Subscription {
         let mut cursor = Cursor::new(options.start.clone(), options.group.is_some());
         cursor.manual = options.manual_ack.is_some();
         cursor.log_id = Some(subscribed.log_id.clone()).filter(|id| !id.is_empty());
-        let (items, receiver) = mpsc::channel(options.buffer.max(1));
+        let (items, receiver) = item_channel(options.buffer);
         if let Some((from, to)) = cursor.gap(&subscribed) {
             tracing::warn!(parent: &span, from, to, "start is older than the bus holds");
-            let _ = items.try_send(Ok(SubscriptionItem::Gap { from, to }));
+            let _ = items
+                .sender
+                .try_send(vec![Ok(SubscriptionItem::Gap { from, to })]);
         }
         let resumer = Resumer {
             client,
@@ -349,6 +352,70 @@ impl Stream for Subscription {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.items.poll_recv(cx)
+    }
+}
+
+/// Items cross from the background task to the reader in chunks of up to this many: one
+/// channel hand-off (and one wake-up) per chunk instead of per event.
+const ITEMS_PER_CHUNK: usize = 64;
+
+/// A channel of item chunks holding about `buffer` items.
+fn item_channel(buffer: usize) -> (ItemSender, ItemReceiver) {
+    let (sender, receiver) = mpsc::channel(buffer.div_ceil(ITEMS_PER_CHUNK).max(1));
+    (
+        ItemSender { sender },
+        ItemReceiver {
+            receiver,
+            ready: VecDeque::new(),
+        },
+    )
+}
+
+#[derive(Debug)]
+struct ItemSender {
+    sender: mpsc::Sender<Vec<Result<SubscriptionItem>>>,
+}
+
+impl ItemSender {
+    /// Sends one item; `Err` when the reader is gone.
+    async fn send(&self, item: Result<SubscriptionItem>) -> std::result::Result<(), ()> {
+        self.send_chunk(vec![item]).await
+    }
+
+    async fn send_chunk(
+        &self,
+        chunk: Vec<Result<SubscriptionItem>>,
+    ) -> std::result::Result<(), ()> {
+        self.sender.send(chunk).await.map_err(|_| ())
+    }
+
+    async fn closed(&self) {
+        self.sender.closed().await
+    }
+}
+
+#[derive(Debug)]
+struct ItemReceiver {
+    receiver: mpsc::Receiver<Vec<Result<SubscriptionItem>>>,
+    /// The rest of the last chunk received.
+    ready: VecDeque<Result<SubscriptionItem>>,
+}
+
+impl ItemReceiver {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<SubscriptionItem>>> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            match std::task::ready!(self.receiver.poll_recv(cx)) {
+                Some(chunk) => self.ready.extend(chunk),
+                None => return Poll::Ready(None),
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Result<SubscriptionItem>> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 }
 
@@ -506,7 +573,7 @@ struct Resumer {
     request: pb::SubscribeRequest,
     cursor: Cursor,
     backoff: Backoff,
-    items: mpsc::Sender<Result<SubscriptionItem>>,
+    items: ItemSender,
 }
 
 impl Resumer {
@@ -531,56 +598,82 @@ impl Resumer {
         }
     }
 
-    /// Delivers the stream's items until it breaks (`Some(why)`) or the caller is gone.
+    /// Delivers the stream's items until it breaks (`Some(why)`) or the caller is gone. What
+    /// the stream has ready is passed on in one chunk.
     async fn pump(
         &mut self,
         stream: &mut tonic::Streaming<pb::SubscribeResponse>,
     ) -> Option<tonic::Status> {
         loop {
-            let message = tokio::select! {
+            let mut message = tokio::select! {
                 _ = self.items.closed() => return None,
                 message = stream.message() => message,
             };
-            let item = match message {
-                Ok(Some(pb::SubscribeResponse {
-                    message: Some(Message::Event(event)),
-                    delivery_attempt,
-                })) => {
-                    if !self.cursor.accept(event.sequence) {
-                        tracing::debug!(sequence = event.sequence, "dropping a duplicate");
-                        continue;
-                    }
-                    if self.cursor.manual {
-                        SubscriptionItem::Delivery(Delivery {
-                            event,
-                            attempt: delivery_attempt,
-                            group: self.request.group.clone(),
-                            client: self.client.clone(),
-                        })
-                    } else {
-                        SubscriptionItem::Event(event)
-                    }
+            let mut chunk = Vec::new();
+            let broken = loop {
+                match self.item_of(message) {
+                    Ok(Some(item)) => chunk.push(Ok(item)),
+                    Ok(None) => {}
+                    Err(status) => break Some(status),
                 }
-                Ok(Some(pb::SubscribeResponse {
-                    message: Some(Message::CaughtUp(caught_up)),
-                    ..
-                })) => SubscriptionItem::CaughtUp {
-                    sequence: caught_up.sequence,
-                },
-                Ok(Some(other)) => {
-                    tracing::debug!(?other, "ignoring an unexpected subscription message");
-                    continue;
+                if chunk.len() >= ITEMS_PER_CHUNK {
+                    break None;
                 }
-                Ok(None) => {
-                    return Some(tonic::Status::unavailable(
-                        "the bus ended the subscription stream",
-                    ))
+                // `message()` is cancel-safe: a message not ready now is read next round.
+                match stream.message().now_or_never() {
+                    Some(next) => message = next,
+                    None => break None,
                 }
-                Err(status) => return Some(status),
             };
-            if self.items.send(Ok(item)).await.is_err() {
+            if !chunk.is_empty() && self.items.send_chunk(chunk).await.is_err() {
                 return None;
             }
+            if broken.is_some() {
+                return broken;
+            }
+        }
+    }
+
+    /// What one read from the stream means: an item to deliver, nothing (a duplicate, an
+    /// unknown message), or the stream's end.
+    fn item_of(
+        &mut self,
+        message: std::result::Result<Option<pb::SubscribeResponse>, tonic::Status>,
+    ) -> std::result::Result<Option<SubscriptionItem>, tonic::Status> {
+        match message {
+            Ok(Some(pb::SubscribeResponse {
+                message: Some(Message::Event(event)),
+                delivery_attempt,
+            })) => {
+                if !self.cursor.accept(event.sequence) {
+                    tracing::debug!(sequence = event.sequence, "dropping a duplicate");
+                    return Ok(None);
+                }
+                Ok(Some(if self.cursor.manual {
+                    SubscriptionItem::Delivery(Delivery {
+                        event,
+                        attempt: delivery_attempt,
+                        group: self.request.group.clone(),
+                        client: self.client.clone(),
+                    })
+                } else {
+                    SubscriptionItem::Event(event)
+                }))
+            }
+            Ok(Some(pb::SubscribeResponse {
+                message: Some(Message::CaughtUp(caught_up)),
+                ..
+            })) => Ok(Some(SubscriptionItem::CaughtUp {
+                sequence: caught_up.sequence,
+            })),
+            Ok(Some(other)) => {
+                tracing::debug!(?other, "ignoring an unexpected subscription message");
+                Ok(None)
+            }
+            Ok(None) => Err(tonic::Status::unavailable(
+                "the bus ended the subscription stream",
+            )),
+            Err(status) => Err(status),
         }
     }
 

@@ -15,7 +15,10 @@
 //! it syncs on a timer; with `Never` it leaves it to the OS. The durable head is published on a
 //! watch channel ([`Store::durable_head`]); the broker acknowledges a publish, and routes its
 //! events to subscribers, only once the durable head has reached them, so no subscriber ever sees
-//! an event that a crash could take back.
+//! an event that a crash could take back. Under `Always` the head moves after the sync; under
+//! `Interval` and `Never` it moves once written (a bus crash cannot take a written event back;
+//! a machine crash can take what the last sync did not cover), as JetStream acknowledges by
+//! default.
 //!
 //! # Reads
 //! Recent events are kept in a bounded in-memory tail cache (live replays and catch-ups hit it).
@@ -51,7 +54,8 @@ pub const INDEX_INTERVAL_BYTES: u64 = 64 * 1024;
 pub enum FsyncPolicy {
     /// Before a publish is acknowledged (group commit). The default.
     Always,
-    /// Every interval: a crash of the machine (not of the bus alone) may lose up to that much.
+    /// Acknowledged once written, synced every interval: a crash of the machine (not of the
+    /// bus alone) may lose up to that much.
     Interval(Duration),
     /// Never explicitly: the OS writes back when it likes. A bus crash loses nothing written; a
     /// machine crash may lose recent events.
@@ -493,10 +497,14 @@ impl Store for FileStore {
                 state.dirty.push(active_file);
             }
         }
-        if self.config.fsync == FsyncPolicy::Never {
-            self.durability.durable.send_replace(last);
-        } else {
-            self.durability.wake.notify_one();
+        match self.config.fsync {
+            // Acknowledged once synced: wake the syncer now (group commit).
+            FsyncPolicy::Always => self.durability.wake.notify_one(),
+            // Acknowledged once written (safe from a bus crash); the syncer's timer, or the OS,
+            // makes it safe from a machine crash.
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
+                self.durability.durable.send_replace(last);
+            }
         }
         if roll {
             let segment = create_segment(&self.log_dir, last + 1)?;
@@ -616,8 +624,13 @@ impl Store for FileStore {
 fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
     let mut state = durability.state.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        let durable = *durability.durable.borrow();
-        let pending = state.written > durable;
+        // Under `Always` the durable head waits for the sync, so it tells what is unsynced;
+        // under `Interval` it moved at write time and the dirty files tell.
+        let pending = match policy {
+            FsyncPolicy::Always => state.written > *durability.durable.borrow(),
+            FsyncPolicy::Interval(_) => !state.dirty.is_empty(),
+            FsyncPolicy::Never => false,
+        };
         if state.closing && !pending {
             return;
         }
@@ -635,7 +648,7 @@ fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
                     .wait_timeout(state, every)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
-                if state.written <= *durability.durable.borrow() && !state.closing {
+                if state.dirty.is_empty() && !state.closing {
                     continue;
                 }
             }
@@ -649,7 +662,9 @@ fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
         match result {
             // Appends made during the sync marked their file dirty again; the next round gets it.
             Ok(()) => {
-                durability.durable.send_replace(written);
+                if policy == FsyncPolicy::Always {
+                    durability.durable.send_replace(written);
+                }
             }
             Err(error) => {
                 // After a failed fsync the kernel may have dropped the dirty pages: nothing

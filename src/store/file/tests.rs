@@ -295,6 +295,21 @@ fn every_fsync_policy_makes_appends_durable() {
 }
 
 #[test]
+fn an_interval_policy_acknowledges_once_written_and_syncs_on_its_timer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(FileStoreConfig {
+        fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+        ..config(dir.path())
+    })
+    .unwrap();
+    fill(&store, 5);
+    // Durable (acknowledgeable) at once, not an hour later.
+    assert_eq!(*store.durable_head().unwrap().borrow(), 5);
+    let dirty = store.durability.state.lock().unwrap().dirty.len();
+    assert_eq!(dirty, 1, "written, not yet synced");
+}
+
+#[test]
 fn parses_fsync_policies() {
     assert_eq!("always".parse(), Ok(FsyncPolicy::Always));
     assert_eq!("never".parse(), Ok(FsyncPolicy::Never));
