@@ -5,12 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// mimalloc instead of glibc's malloc: the bus allocates per event (decoded strings, encode
-/// buffers) on several threads, where glibc's per-thread arenas showed up in profiles as
-/// `mprotect` calls and page clearing on every heap growth.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = eventbus::cli::Cli::parse();
     let outcome = tokio::runtime::Runtime::new()

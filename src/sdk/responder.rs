@@ -4,7 +4,7 @@
 //! `reply_to` set, and returns the first reply with the same correlation id. The answering side
 //! is plain Subscribe + Publish, so any language can answer; [`Client::serve`] does it for Rust:
 //! a group subscription (replicas share the queries), a handler per query with bounded
-//! concurrency, and the reply published to `reply_to`.
+//! concurrency, and the reply published to `reply_to` over one long-lived `PublishStream`.
 //!
 //! # Error replies
 //! A handler error becomes an *error reply*: attribute [`ERROR_ATTRIBUTE`] (`error`) holds the
@@ -28,6 +28,7 @@ use tracing::Instrument as _;
 use super::client::Client;
 use super::error::{Error, Result};
 use super::event::JSON_CONTENT_TYPE;
+use super::publisher::{Publisher, PublisherOptions};
 use super::subscription::{SubscribeOptions, Subscription, SubscriptionItem};
 use crate::pb;
 
@@ -198,6 +199,13 @@ impl Responder {
             concurrency,
         } = self;
         let handler = Arc::new(handler);
+        // Replies share one PublishStream (no new HTTP/2 stream, headers and server task per
+        // reply), sent as soon as they are ready; a broken stream resends them with their ids,
+        // which the bus deduplicates.
+        let replies = client.publisher_with(PublisherOptions {
+            linger: Duration::ZERO,
+            ..PublisherOptions::default()
+        });
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut running = JoinSet::new();
         tokio::pin!(shutdown);
@@ -228,11 +236,12 @@ impl Responder {
                 sequence = event.sequence,
                 correlation_id = %event.correlation_id,
             );
-            let client = client.clone();
+            let source = client.source().to_owned();
+            let replies = replies.clone();
             let handler = handler.clone();
             running.spawn(
                 async move {
-                    answer(&client, event, &*handler).await;
+                    answer(&source, &replies, event, &*handler).await;
                     drop(permit);
                 }
                 .instrument(span),
@@ -242,6 +251,9 @@ impl Responder {
         drop(subscription);
         while let Some(finished) = running.join_next().await {
             log_panic(finished);
+        }
+        if let Err(error) = replies.close().await {
+            tracing::warn!(%error, "closing the reply stream");
         }
         outcome
     }
@@ -254,7 +266,7 @@ fn log_panic(finished: std::result::Result<(), tokio::task::JoinError>) {
 }
 
 /// Runs the handler on one query and publishes its reply.
-async fn answer<H, F, E>(client: &Client, event: pb::Event, handler: &H)
+async fn answer<H, F, E>(source: &str, replies: &Publisher, event: pb::Event, handler: &H)
 where
     H: Fn(pb::Event) -> F,
     F: Future<Output = std::result::Result<Reply, E>>,
@@ -272,8 +284,8 @@ where
         tracing::debug!("the event has no reply_to; no reply sent");
         return;
     }
-    let reply = reply_event(client.source(), &request, outcome);
-    if let Err(error) = client.publish_batch(vec![reply]).await {
+    let reply = reply_event(source, &request, outcome);
+    if let Err(error) = replies.publish(reply).await {
         tracing::warn!(%error, reply_to = %request.reply_to, "cannot publish the reply");
     }
 }
