@@ -209,21 +209,21 @@ impl EventBusApi {
         let subscription = span.in_scope(|| self.broker.subscribe(options))?;
         span.record("subscription_id", subscription.info().id);
         debug!(parent: &span, head = subscription.info().head_sequence, "subscribed");
-        let subscribed = SubscribeFrame::Message(subscribe_message(
+        let subscribed = SubscribeFrame::Message(Box::new(subscribe_message(
             pb::subscribe_response::Message::Subscribed(convert::subscribed_to_pb(
                 subscription.info(),
             )),
-        ));
+        )));
         let deliveries = subscription.map(move |delivery| match delivery {
             Ok(Delivery::Event { event, attempt }) => {
                 tracing::trace!(parent: &span, sequence = event.sequence, topic = %event.event.topic, correlation_id = %event.event.correlation_id, attempt, "deliver");
                 Ok(SubscribeFrame::Event { event, attempt })
             }
-            Ok(Delivery::CaughtUp { sequence }) => Ok(SubscribeFrame::Message(
+            Ok(Delivery::CaughtUp { sequence }) => Ok(SubscribeFrame::Message(Box::new(
                 subscribe_message(pb::subscribe_response::Message::CaughtUp(pb::CaughtUp {
                     sequence,
                 })),
-            )),
+            ))),
             Err(error) => {
                 debug!(parent: &span, %error, "subscription ended");
                 Err(status::to_status(&error))

@@ -39,8 +39,9 @@ const DELIVERY_ATTEMPT_FIELD: u32 = 4;
 /// One `SubscribeResponse` of a subscription stream, before encoding.
 #[derive(Debug, Clone)]
 pub enum SubscribeFrame {
-    /// A response that is not an event (the confirmation, caught-up), as a message.
-    Message(pb::SubscribeResponse),
+    /// A response that is not an event (the confirmation, caught-up), as a message. Boxed:
+    /// these are rare, and frames stay small for the events.
+    Message(Box<pb::SubscribeResponse>),
     /// An event and which delivery of it this is (0 outside MANUAL-ack groups).
     Event { event: SharedEvent, attempt: u32 },
 }
@@ -49,7 +50,7 @@ impl SubscribeFrame {
     /// The same response as a generated message.
     pub fn into_pb(self) -> pb::SubscribeResponse {
         match self {
-            SubscribeFrame::Message(message) => message,
+            SubscribeFrame::Message(message) => *message,
             SubscribeFrame::Event { event, attempt } => pb::SubscribeResponse {
                 message: Some(pb::subscribe_response::Message::Event(
                     convert::event_to_pb(&event),
@@ -272,7 +273,7 @@ mod tests {
             delivery_attempt: 0,
         };
         assert_eq!(
-            frame_bytes(&SubscribeFrame::Message(message.clone())),
+            frame_bytes(&SubscribeFrame::Message(Box::new(message.clone()))),
             message.encode_to_vec()
         );
     }
