@@ -29,12 +29,16 @@ struct SubscriptionUse {
 }
 
 /// The recorded graph.
+/// Edges by source, then target: bumped for every published event, so hashbrown (foldhash)
+/// with borrowed-key lookups rather than SipHash on owned keys.
+type EdgeMap = hashbrown::HashMap<String, hashbrown::HashMap<String, EdgeUse>>;
+
 #[derive(Debug, Default)]
 pub struct Topology {
     /// source -> topic family -> use.
-    publishes: HashMap<String, HashMap<String, EdgeUse>>,
+    publishes: EdgeMap,
     /// replier -> asker -> use.
-    replies: HashMap<String, HashMap<String, EdgeUse>>,
+    replies: EdgeMap,
     subscriptions: HashMap<SubscriptionKey, SubscriptionUse>,
 }
 
@@ -198,16 +202,8 @@ impl Topology {
     }
 }
 
-fn bump(
-    map: &mut HashMap<String, HashMap<String, EdgeUse>>,
-    from: &str,
-    to: &str,
-    now: SystemTime,
-) {
-    if !map.contains_key(from) {
-        map.insert(from.to_owned(), HashMap::new());
-    }
-    let targets = map.get_mut(from).expect("inserted above");
+fn bump(map: &mut EdgeMap, from: &str, to: &str, now: SystemTime) {
+    let targets = map.entry_ref(from).or_default();
     match targets.get_mut(to) {
         Some(edge) => {
             edge.events += 1;

@@ -192,6 +192,64 @@ pub fn event_to_pb(stored: &StoredEvent) -> pb::Event {
     }
 }
 
+/// The `eventbus.v1.Event` encoding of a stored event, written straight from the domain type:
+/// the same bytes as `event_to_pb(stored).encode_to_vec()` (a test checks) without building the
+/// message's ten owned strings first. Subscribe caches it per event
+/// ([`crate::event::EncodedOnce`]).
+pub fn encode_event(stored: &StoredEvent) -> Vec<u8> {
+    use prost::encoding::{hash_map, message, string, uint64};
+    let event = &stored.event;
+    let publish_time = timestamp(stored.publish_time);
+    let time = event.time.map(timestamp);
+    let mut buf = Vec::with_capacity(event.size_bytes());
+    put_str(1, &event.id, &mut buf);
+    put_str(2, &event.source, &mut buf);
+    put_str(3, &event.event_type, &mut buf);
+    put_str(4, event.topic.as_str(), &mut buf);
+    if let Some(time) = &time {
+        message::encode(5, time, &mut buf);
+    }
+    put_str(6, &event.data_content_type, &mut buf);
+    put_str_bytes(7, &event.data, &mut buf);
+    hash_map::encode(
+        string::encode,
+        string::encoded_len,
+        string::encode,
+        string::encoded_len,
+        8,
+        &event.attributes,
+        &mut buf,
+    );
+    put_str(9, &event.correlation_id, &mut buf);
+    put_str(10, &event.causation_id, &mut buf);
+    put_str(
+        11,
+        event.reply_to.as_ref().map_or("", Topic::as_str),
+        &mut buf,
+    );
+    if stored.sequence != 0 {
+        uint64::encode(12, &stored.sequence, &mut buf);
+    }
+    message::encode(13, &publish_time, &mut buf);
+    buf
+}
+
+/// A proto3 `string` field: omitted when empty, as prost does.
+fn put_str(tag: u32, value: &str, buf: &mut Vec<u8>) {
+    put_str_bytes(tag, value.as_bytes(), buf);
+}
+
+/// A proto3 `string` or `bytes` field: omitted when empty.
+fn put_str_bytes(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    if value.is_empty() {
+        return;
+    }
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(value.len() as u64, buf);
+    buf.extend_from_slice(value);
+}
+
 /// Checks and converts a subscription request.
 pub fn subscribe_options_from_pb(
     request: pb::SubscribeRequest,
@@ -526,6 +584,40 @@ mod tests {
         assert_eq!(wire.reply_to, "_bus.inbox.abc");
         let back = event_from_pb(wire, EventPath::Named("event")).unwrap();
         assert_eq!(back, event);
+    }
+
+    #[test]
+    fn encodes_a_stored_event_as_prost_encodes_its_message() {
+        use prost::Message as _;
+        let full = event_from_pb(
+            pb::Event {
+                id: "id-1".into(),
+                r#type: "user.created".into(),
+                data_content_type: "application/json".into(),
+                data: bytes::Bytes::from(vec![1u8; 300]),
+                attributes: [("traceparent".to_owned(), "00-x".to_owned())].into(),
+                correlation_id: "c".into(),
+                causation_id: "cause".into(),
+                reply_to: "_bus.inbox.abc".into(),
+                time: Some(prost_types::Timestamp {
+                    seconds: 1_700_000_000,
+                    nanos: 5,
+                }),
+                ..valid()
+            },
+            EventPath::Named("event"),
+        )
+        .unwrap();
+        let bare = event_from_pb(valid(), EventPath::Named("event")).unwrap();
+        let epoch = std::time::UNIX_EPOCH;
+        for (sequence, publish_time, event) in [
+            (7, SystemTime::now(), full),
+            (0, epoch, bare.clone()),
+            (u64::MAX, epoch + Duration::new(1, 999_999_999), bare),
+        ] {
+            let stored = StoredEvent::new(sequence, publish_time, event);
+            assert_eq!(encode_event(&stored), event_to_pb(&stored).encode_to_vec());
+        }
     }
 
     #[test]

@@ -82,7 +82,7 @@ impl SubscribeFrame {
 fn encoded_event(event: &StoredEvent) -> &Bytes {
     event
         .encoded
-        .get_or_init(|| Bytes::from(convert::event_to_pb(event).encode_to_vec()))
+        .get_or_init(|| Bytes::from(convert::encode_event(event)))
 }
 
 /// Decodes `SubscribeRequest`s with prost; encodes [`SubscribeFrame`]s.

@@ -43,7 +43,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::codec::{self, DecodeError};
-use super::{GroupCursor, HeldCounts, LogBounds, Store, StoreError};
+use super::{count_family, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
 use crate::event::{Event, SharedEvent, StoredEvent};
 
 /// A sparse index entry is kept every this many bytes of a segment.
@@ -129,7 +129,7 @@ struct Segment {
     last_publish_time: Option<SystemTime>,
     /// (sequence, offset, publish time), ascending, the first record always included.
     index: Vec<(u64, u64, SystemTime)>,
-    held_by_family: HashMap<String, u64>,
+    held_by_family: HeldCounts,
 }
 
 impl Segment {
@@ -468,10 +468,7 @@ impl Store for FileStore {
         active.last = last;
         active.last_publish_time = Some(publish_time);
         for event in &stored {
-            *active
-                .held_by_family
-                .entry(event.event.topic.family().to_owned())
-                .or_default() += 1;
+            count_family(&mut active.held_by_family, event.event.topic.family());
         }
         inner.head = last;
         for event in &stored {
@@ -761,7 +758,7 @@ fn create_segment(dir: &Path, base: u64) -> Result<Segment, StoreError> {
         bytes: 0,
         last_publish_time: None,
         index: Vec::new(),
-        held_by_family: HashMap::new(),
+        held_by_family: HeldCounts::new(),
     })
 }
 
@@ -777,7 +774,7 @@ fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreE
         bytes: 0,
         last_publish_time: None,
         index: Vec::new(),
-        held_by_family: HashMap::new(),
+        held_by_family: HeldCounts::new(),
     };
     let mut offset = 0usize;
     let mut next_index_at = 0u64;
@@ -799,10 +796,7 @@ fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreE
                 }
                 segment.last = stored.sequence;
                 segment.last_publish_time = Some(stored.publish_time);
-                *segment
-                    .held_by_family
-                    .entry(stored.event.topic.family().to_owned())
-                    .or_default() += 1;
+                count_family(&mut segment.held_by_family, stored.event.topic.family());
                 offset += len;
             }
             Err(error) if is_last => {

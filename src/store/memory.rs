@@ -27,7 +27,7 @@ struct Inner {
     head: u64,
     last_publish_time: Option<SystemTime>,
     newest_dropped_time: Option<SystemTime>,
-    held_by_family: HashMap<String, u64>,
+    held_by_family: HeldCounts,
 }
 
 impl MemoryStore {
@@ -70,10 +70,7 @@ impl Store for MemoryStore {
             event.time.get_or_insert(publish_time);
             let shared = Arc::new(StoredEvent::new(inner.head, publish_time, event));
             inner.bytes += shared.held_bytes() as u64;
-            *inner
-                .held_by_family
-                .entry(shared.event.topic.family().to_owned())
-                .or_default() += 1;
+            super::count_family(&mut inner.held_by_family, shared.event.topic.family());
             inner.events.push_back(shared.clone());
             stored.push(shared);
         }

@@ -58,7 +58,13 @@ impl LogBounds {
 }
 
 /// Per topic family (see [`crate::topic::Topic::family`]): how many events are held.
-pub type HeldCounts = HashMap<String, u64>;
+pub type HeldCounts = hashbrown::HashMap<String, u64>;
+
+/// Counts one more event of `family` (allocating the key only the first time: this runs for
+/// every appended event).
+pub(crate) fn count_family(counts: &mut HeldCounts, family: &str) {
+    *counts.entry_ref(family).or_insert(0) += 1;
+}
 
 /// The bus log.
 pub trait Store: Send + Sync + 'static {
