@@ -11,13 +11,14 @@
 //! replay too.
 
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use futures_util::stream::{self, BoxStream, Stream};
-use tokio::sync::mpsc;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::durable::{ManualAck, Membership};
 use super::{Broker, Registration, RegistrationRequest};
@@ -191,15 +192,16 @@ impl Subscription {
                 caught_up: None,
                 last_delivered: 0,
                 from_oldest_held: from_oldest_held || start_truncated,
+                shutdown: None,
             },
         ))
     }
 
     fn from_cursor(info: SubscriptionInfo, cursor: Cursor) -> Subscription {
-        let deliveries = stream::unfold(cursor, |mut cursor| async move {
-            let item = cursor.next().await?;
-            Some((item, cursor))
-        });
+        // Polled in place: an `unfold` would move the whole cursor in and out of a new future
+        // for every event (`memmove` led the bus's pub/sub profile).
+        let mut cursor = cursor;
+        let deliveries = stream::poll_fn(move |cx| cursor.poll_next(cx));
         Subscription {
             info,
             deliveries: Box::pin(deliveries),
@@ -248,6 +250,7 @@ impl Subscription {
                 caught_up: None,
                 last_delivered: 0,
                 from_oldest_held: false,
+                shutdown: None,
             },
         ))
     }
@@ -286,55 +289,51 @@ struct Cursor {
     /// whatever is oldest then, even if retention dropped more since the confirmation.
     from_oldest_held: bool,
     last_delivered: u64,
+    /// Made on the first wait for the queue, then reused.
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
 
 impl Cursor {
-    async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery, BusError>>> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 self.last_delivered = event.sequence;
-                return Some(Ok(Delivery::Event { event, attempt: 0 }));
+                return Poll::Ready(Some(Ok(Delivery::Event { event, attempt: 0 })));
             }
             if let Some(sequence) = self.caught_up.take() {
-                return Some(Ok(Delivery::CaughtUp { sequence }));
+                return Poll::Ready(Some(Ok(Delivery::CaughtUp { sequence })));
             }
             match &mut self.phase {
-                Phase::Done => return None,
+                Phase::Done => return Poll::Ready(None),
                 Phase::Replay { after } => {
                     let after = *after;
                     if self.broker.is_shutting_down() {
-                        return self.end(BusError::ShuttingDown);
+                        return Poll::Ready(self.end(BusError::ShuttingDown));
                     }
                     if let Err(error) = self.replay_step(after) {
-                        return self.end(error);
+                        return Poll::Ready(self.end(error));
                     }
-                    // A replay of a busy log through a narrow pattern may find nothing for many
-                    // chunks: let other tasks run between them.
-                    tokio::task::consume_budget().await;
+                    if self.pending.is_empty() && matches!(self.phase, Phase::Replay { .. }) {
+                        // A replay of a busy log through a narrow pattern may find nothing
+                        // for many chunks: let other tasks run between them.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
                 }
                 Phase::Live(registration) => {
-                    // An event already queued needs no waiting: take it without building the
-                    // select below (a cancellation-token clone and a waiter per event).
-                    let received = match registration.receiver.try_recv() {
-                        Ok(_) if self.broker.is_shutting_down() => None,
-                        Ok(event) => Some(Some(event)),
-                        Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            let shutdown = &self.broker.shared.shutdown;
-                            tokio::select! {
-                                biased;
-                                _ = shutdown.cancelled() => None,
-                                received = registration.receiver.recv() => Some(received),
-                            }
-                        }
+                    if self.broker.is_shutting_down() {
+                        return Poll::Ready(self.end(BusError::ShuttingDown));
+                    }
+                    let received = match registration.receiver.poll_recv(cx) {
+                        Poll::Ready(received) => received,
+                        Poll::Pending => return self.poll_shutdown(cx),
                     };
                     match received {
-                        None => return self.end(BusError::ShuttingDown),
-                        Some(Some(event)) => {
+                        Some(event) => {
                             self.last_delivered = event.sequence;
-                            return Some(Ok(Delivery::Event { event, attempt: 0 }));
+                            return Poll::Ready(Some(Ok(Delivery::Event { event, attempt: 0 })));
                         }
-                        Some(None) => {
+                        None => {
                             let (queue_size, last_delivered) =
                                 (self.queue_size, self.last_delivered);
                             let error = match (registration.overflowed(), &self.options.group) {
@@ -348,26 +347,38 @@ impl Cursor {
                                     last_delivered,
                                 },
                             };
-                            return self.end(error);
+                            return Poll::Ready(self.end(error));
                         }
                     }
                 }
                 Phase::Durable(membership) => {
-                    let shutdown = self.broker.shared.shutdown.clone();
-                    let received = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => None,
-                        received = membership.receiver.recv() => received,
+                    if self.broker.is_shutting_down() {
+                        return Poll::Ready(self.end(BusError::ShuttingDown));
+                    }
+                    let received = match membership.receiver.poll_recv(cx) {
+                        Poll::Ready(received) => received,
+                        Poll::Pending => return self.poll_shutdown(cx),
                     };
                     match received {
                         Some((event, attempt)) => {
                             self.last_delivered = event.sequence;
-                            return Some(Ok(Delivery::Event { event, attempt }));
+                            return Poll::Ready(Some(Ok(Delivery::Event { event, attempt })));
                         }
-                        None => return self.end(BusError::ShuttingDown),
+                        None => return Poll::Ready(self.end(BusError::ShuttingDown)),
                     }
                 }
             }
+        }
+    }
+
+    /// Waiting for the queue: also wake on the bus's shutdown, and end then.
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Delivery, BusError>>> {
+        let shutdown = self
+            .shutdown
+            .get_or_insert_with(|| Box::pin(self.broker.shared.shutdown.clone().cancelled_owned()));
+        match shutdown.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(self.end(BusError::ShuttingDown)),
+            Poll::Pending => Poll::Pending,
         }
     }
 
