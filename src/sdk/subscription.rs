@@ -74,7 +74,8 @@ pub struct SubscribeOptions {
     pub subscriber: Option<String>,
     /// Reconnect delays after a broken stream.
     pub backoff: Backoff,
-    /// Items read ahead from the bus before the SDK stops reading.
+    /// Items read ahead from the bus before the SDK stops reading (about: they are held in
+    /// chunks of up to 64).
     pub buffer: usize,
     /// At-least-once delivery for a group: see [`ManualAck`].
     pub manual_ack: Option<ManualAck>,
@@ -186,7 +187,7 @@ impl SubscribeOptions {
         self
     }
 
-    /// Sets the read-ahead buffer size.
+    /// Sets the read-ahead buffer size (see [`SubscribeOptions::buffer`]).
     pub fn buffer(mut self, buffer: usize) -> Self {
         self.buffer = buffer.max(1);
         self
