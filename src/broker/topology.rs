@@ -28,11 +28,11 @@ struct SubscriptionUse {
     last_seen: SystemTime,
 }
 
-/// The recorded graph.
 /// Edges by source, then target: bumped for every published event, so hashbrown (foldhash)
 /// with borrowed-key lookups rather than SipHash on owned keys.
 type EdgeMap = hashbrown::HashMap<String, hashbrown::HashMap<String, EdgeUse>>;
 
+/// The recorded graph.
 #[derive(Debug, Default)]
 pub struct Topology {
     /// source -> topic family -> use.
