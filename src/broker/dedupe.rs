@@ -208,7 +208,7 @@ impl DedupeWindow {
             for event in &events {
                 if !enabled || event.id.is_empty() {
                     slots.push(Slot::Fresh(fresh));
-                    remember.push(enabled && !event.id.is_empty());
+                    remember.push(false);
                     keep.push(true);
                     fresh += 1;
                     continue;

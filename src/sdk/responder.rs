@@ -206,6 +206,7 @@ impl Responder {
             linger: Duration::ZERO,
             ..PublisherOptions::default()
         });
+        let source: Arc<str> = Arc::from(client.source());
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut running = JoinSet::new();
         tokio::pin!(shutdown);
@@ -236,7 +237,7 @@ impl Responder {
                 sequence = event.sequence,
                 correlation_id = %event.correlation_id,
             );
-            let source = client.source().to_owned();
+            let source = source.clone();
             let replies = replies.clone();
             let handler = handler.clone();
             running.spawn(
