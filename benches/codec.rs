@@ -74,8 +74,12 @@ fn bench(c: &mut Criterion) {
     group.bench_function("convert pb to domain (publish)", |b| {
         b.iter(|| {
             black_box(
-                convert::event_from_pb(black_box(wire.clone()), convert::EventPath::Named("event"))
-                    .expect("valid"),
+                convert::event_from_pb(
+                    black_box(wire.clone()),
+                    convert::EventPath::Named("event"),
+                    16 * 1024 * 1024,
+                )
+                .expect("valid"),
             )
         })
     });

@@ -20,6 +20,21 @@ pub enum BusError {
         limit: usize,
     },
 
+    /// An event the bus could store but not deliver: its encoding, with what the bus adds on
+    /// the way out, would not fit the server's message limit. `field` is e.g. `events[2]`.
+    #[error(
+        "{field}: the encoded event is {size} bytes, over the limit of {limit} bytes for a \
+         published event: with up to {} bytes the bus adds on delivery it must fit the server's \
+         message limit of {max_message_bytes} bytes (max_message_bytes)",
+        crate::service::convert::DELIVERY_OVERHEAD_BYTES
+    )]
+    UndeliverableSize {
+        field: String,
+        size: usize,
+        limit: usize,
+        max_message_bytes: usize,
+    },
+
     /// A query's topic had no subscriber when it was published, so no reply can come.
     #[error("no responders for topic {topic}")]
     NoResponders { topic: String },

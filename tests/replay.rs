@@ -89,7 +89,8 @@ async fn each_start_position_replays_what_it_should_then_goes_live() {
     assert_eq!(sequences(&replayed), expected);
     assert_eq!(head, 10);
 
-    // A time after everything: nothing to replay, then live.
+    // A time after everything: nothing to replay, and nothing published before that time
+    // either (tests/faults.rs follows such a stream until its time comes).
     let future = SystemTime::now() + Duration::from_secs(3600);
     let (_, mut from_future) = subscribe(
         &mut client,
@@ -106,7 +107,7 @@ async fn each_start_position_replays_what_it_should_then_goes_live() {
     assert_eq!(subscribed.head_sequence, 10);
     let (_, mut default) = subscribe(&mut client, request("r.*")).await;
 
-    // Live events follow on every stream, and no second marker ever comes.
+    // Live events follow on every stream that admits them, and no second marker ever comes.
     let live = publish(
         &mut client,
         vec![
@@ -121,7 +122,6 @@ async fn each_start_position_replays_what_it_should_then_goes_live() {
         &mut earliest,
         &mut after,
         &mut from_time,
-        &mut from_future,
         &mut latest,
         &mut default,
     ] {

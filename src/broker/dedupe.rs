@@ -128,7 +128,9 @@ impl DedupeWindow {
         }
     }
 
-    fn expire(&mut self, now: SystemTime) {
+    /// Forgets every pair published before `now - window`, and the oldest past `max_entries`.
+    /// Called with the wall clock before every lookup, so expiry never waits for a write.
+    pub fn expire(&mut self, now: SystemTime) {
         let cutoff = now.checked_sub(self.window);
         while let Some((published, _)) = self.order.front() {
             let expired = cutoff.is_some_and(|cutoff| *published < cutoff);
@@ -261,6 +263,21 @@ mod tests {
         window.insert(&source, "b", 2, t0 + Duration::from_secs(121));
         assert_eq!(window.get(&source, "a"), None);
         assert_eq!(window.get(&source, "b"), Some(2));
+    }
+
+    #[test]
+    fn a_passed_window_is_passed_without_any_write() {
+        // Issue: expiry ran only when a new id arrived, so a retry after the window with
+        // nothing published in between was still called a duplicate.
+        let source: Arc<str> = Arc::from("shop");
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut window = DedupeWindow::new(Duration::from_secs(2), 100);
+        window.insert(&source, "order-1", 1, t0);
+        window.expire(t0 + Duration::from_secs(1));
+        assert_eq!(window.split(vec![event("shop", "order-1")]).fresh.len(), 0);
+        window.expire(t0 + Duration::from_secs(3));
+        assert_eq!(window.split(vec![event("shop", "order-1")]).fresh.len(), 1);
+        assert!(window.is_empty());
     }
 
     #[test]

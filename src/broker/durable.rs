@@ -22,16 +22,36 @@
 //! every [`SAVE_INTERVAL`], and when the dispatcher stops); after a restart the group rereads
 //! from it, so an event acked after the last save may be delivered again, never lost.
 //!
+//! # Putting events back
+//! Every way an event goes back to the group (a Nack, with or without a delay; a passed ack
+//! deadline; its member leaving) goes through [`GroupState::put_back`], which applies the
+//! delivery limit (the `max_deliveries`-th delivery's return sends it to the dead-letter topic)
+//! and the redelivery backoff ([`redelivery_backoff`]). Events waiting for delivery are kept by
+//! sequence, so redeliveries come back in log order, never reversed.
+//!
+//! # Retention does not wait for groups
+//! As with JetStream's limits retention, the log's limits apply whatever groups have not
+//! acknowledged yet. What a group loses that way is logged, counted, and reported to every member
+//! that joins (`Subscribed.group_dropped_events`). A group never reads its own dead-letter topic,
+//! so a group on `>` cannot feed its dead letters back to itself.
+//!
+//! # Containment
+//! The dispatcher runs under a supervisor: a panic in one group's dispatcher is logged at ERROR
+//! and the dispatcher restarts on the same state, so one bad event or field cannot stop a group
+//! (or the bus) for everyone.
+//!
 //! Lock order: the broker's routing lock, then the group map, then one group's state.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, Notify};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::subscription::StartFloor;
 use super::{Broker, Responders, StartPosition};
 use crate::error::BusError;
 use crate::event::{Event, SharedEvent};
@@ -42,6 +62,31 @@ use crate::topic::{Pattern, Topic, MAX_TOPIC_BYTES};
 pub const SAVE_INTERVAL: Duration = Duration::from_millis(50);
 /// Events read from the log ahead of delivery.
 const READ_AHEAD: usize = 512;
+/// The first step of the redelivery backoff, and its ceiling.
+pub const REDELIVERY_BACKOFF_BASE: Duration = Duration::from_millis(50);
+pub const REDELIVERY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The furthest ahead a deadline is kept: 30 years, as Tokio's own "far future". Durations
+/// from the wire are within protobuf's range (10,000 years), which `Instant` arithmetic may not
+/// hold; deadlines past this are the same as never.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+/// `now + after`, saturating at [`FAR_FUTURE`] instead of overflowing.
+pub(super) fn deadline_after(now: Instant, after: Duration) -> Instant {
+    now + after.min(FAR_FUTURE)
+}
+
+/// How long an event waits before its next delivery when it comes back after `deliveries`
+/// deliveries: none after the first (a fluke gets one quick retry), then
+/// [`REDELIVERY_BACKOFF_BASE`] doubling per delivery, at most [`REDELIVERY_BACKOFF_MAX`]. A
+/// member that nacks everything at once cannot spin the group.
+pub fn redelivery_backoff(deliveries: u32) -> Duration {
+    match deliveries {
+        0 | 1 => Duration::ZERO,
+        n => REDELIVERY_BACKOFF_BASE
+            .saturating_mul(1u32 << (n - 2).min(16))
+            .min(REDELIVERY_BACKOFF_MAX),
+    }
+}
 
 /// Settings of a MANUAL-ack subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +139,8 @@ pub(super) struct DurableGroups {
 struct DurableGroup {
     name: Arc<str>,
     pattern: Pattern,
+    /// What the group's start position holds back ([`StartFloor`]), applied as it reads.
+    floor: StartFloor,
     max_deliveries: u32,
     dead_letter_topic: Topic,
     state: Mutex<GroupState>,
@@ -104,8 +151,9 @@ struct DurableGroup {
 struct GroupState {
     /// The highest sequence read from the log (matching or not).
     read_through: u64,
-    /// Events to deliver, with the deliveries they had so far.
-    ready: VecDeque<(SharedEvent, u32)>,
+    /// Events to deliver, by sequence (so redeliveries keep log order), with the deliveries
+    /// they had so far.
+    ready: BTreeMap<u64, (SharedEvent, u32)>,
     in_flight: BTreeMap<u64, InFlight>,
     /// Nacked with a delay: (due, sequence) -> (event, deliveries so far).
     delayed: BTreeMap<(Instant, u64), (SharedEvent, u32)>,
@@ -117,6 +165,8 @@ struct GroupState {
     next_member: usize,
     saved_cursor: u64,
     last_save: Option<Instant>,
+    /// Events retention dropped before the group could deliver them, since it started here.
+    dropped: u64,
 }
 
 struct InFlight {
@@ -137,7 +187,7 @@ struct Member {
 impl GroupState {
     fn cursor(&self) -> u64 {
         let outstanding = [
-            self.ready.iter().map(|(e, _)| e.sequence).min(),
+            self.ready.keys().next().copied(),
             self.in_flight.keys().next().copied(),
             self.delayed.values().map(|(e, _)| e.sequence).min(),
             self.dead_lettering.iter().next().copied(),
@@ -152,15 +202,39 @@ impl GroupState {
         self.members.iter_mut().find(|m| m.id == id)
     }
 
-    /// Hands an event back for another delivery, or to the dead-letter list once it had all
-    /// its deliveries.
-    fn requeue(&mut self, event: SharedEvent, deliveries: u32, max: u32) {
+    /// The one way an event goes back to the group (see the module docs): to the dead-letter
+    /// list once it had `max` deliveries; otherwise ready again after the longer of `delay` and
+    /// the [`redelivery_backoff`], in sequence order.
+    fn put_back(
+        &mut self,
+        event: SharedEvent,
+        deliveries: u32,
+        max: u32,
+        delay: Duration,
+        now: Instant,
+    ) {
         if deliveries >= max {
             self.dead_lettering.insert(event.sequence);
             self.to_dead_letter.push((event, deliveries));
-        } else {
-            self.ready.push_front((event, deliveries));
+            return;
         }
+        let wait = delay.max(redelivery_backoff(deliveries));
+        if wait.is_zero() {
+            self.ready.insert(event.sequence, (event, deliveries));
+        } else {
+            let due = deadline_after(now, wait);
+            self.delayed
+                .insert((due, event.sequence), (event, deliveries));
+        }
+    }
+
+    /// Takes an event out of flight (acked, nacked, expired, or its member left).
+    fn land(&mut self, sequence: u64) -> Option<InFlight> {
+        let flight = self.in_flight.remove(&sequence)?;
+        if let Some(member) = self.member_mut(flight.member) {
+            member.in_flight -= 1;
+        }
+        Some(flight)
     }
 }
 
@@ -192,9 +266,16 @@ impl Drop for Membership {
             .filter(|(_, f)| f.member == self.id)
             .map(|(sequence, _)| *sequence)
             .collect();
+        let now = Instant::now();
         for sequence in orphaned {
             let flight = state.in_flight.remove(&sequence).expect("listed");
-            state.requeue(flight.event, flight.deliveries, self.group.max_deliveries);
+            state.put_back(
+                flight.event,
+                flight.deliveries,
+                self.group.max_deliveries,
+                Duration::ZERO,
+                now,
+            );
         }
         drop(state);
         self.group.wake.notify_one();
@@ -211,6 +292,8 @@ pub(super) struct Joined {
     pub membership: Membership,
     pub cursor: u64,
     pub start_truncated: bool,
+    /// Events the group lost to retention so far (see the module docs).
+    pub dropped: u64,
 }
 
 /// Outcome of an ack.
@@ -244,8 +327,19 @@ impl Broker {
                 (existing.clone(), false)
             }
             None => {
+                if let Some(topic) = &settings.dead_letter_topic {
+                    if pattern.matches(topic) {
+                        return Err(BusError::invalid(
+                            "dead_letter_topic",
+                            format!(
+                                "{topic} matches the group's own pattern {pattern}: its dead \
+                                 letters would come back to the group; choose a topic outside it"
+                            ),
+                        ));
+                    }
+                }
                 let saved = self.shared.store.load_group_cursors()?.remove(&**group);
-                let (cursor, truncated) = match saved {
+                let (cursor, truncated, floor, dropped) = match saved {
                     Some(saved) => {
                         check_pattern(
                             group,
@@ -254,13 +348,40 @@ impl Broker {
                             })?,
                             pattern,
                         )?;
-                        self.clamp_to_held(saved.cursor)
+                        let (cursor, truncated) = self.clamp_to_held(saved.cursor);
+                        // A saved cursor behind the oldest held event: retention dropped what
+                        // the group had not acknowledged (while the bus was down, or before).
+                        let dropped = cursor - saved.cursor;
+                        if dropped > 0 {
+                            warn!(
+                                group = %group,
+                                from = saved.cursor + 1,
+                                to = cursor,
+                                dropped,
+                                "retention dropped events this group had not acknowledged"
+                            );
+                        }
+                        let floor = StartFloor {
+                            after_sequence: 0,
+                            not_before: saved.not_before,
+                        };
+                        (cursor, truncated, floor, dropped)
                     }
-                    None => self.start_cursor(start)?,
+                    None => {
+                        let (cursor, truncated) = self.start_cursor(start)?;
+                        // The cursor covers `after_sequence`; a `from_time` the log has not
+                        // reached yet is held back as the group reads.
+                        let floor = StartFloor {
+                            after_sequence: 0,
+                            not_before: StartFloor::of(start).not_before,
+                        };
+                        (cursor, truncated, floor, 0)
+                    }
                 };
                 let durable = Arc::new(DurableGroup {
                     name: group.clone(),
                     pattern: pattern.clone(),
+                    floor,
                     max_deliveries: settings.max_deliveries.max(1),
                     dead_letter_topic: settings
                         .dead_letter_topic
@@ -269,6 +390,7 @@ impl Broker {
                     state: Mutex::new(GroupState {
                         read_through: cursor,
                         saved_cursor: cursor,
+                        dropped,
                         ..GroupState::default()
                     }),
                     wake: Notify::new(),
@@ -277,7 +399,7 @@ impl Broker {
                 groups.insert(group.clone(), durable.clone());
                 self.shared
                     .tasks
-                    .spawn(dispatch(self.clone(), durable.clone()));
+                    .spawn(supervise(self.clone(), durable.clone()));
                 (durable, truncated)
             }
         };
@@ -288,7 +410,7 @@ impl Broker {
             .fetch_add(1, Ordering::Relaxed);
         let max_in_flight = settings.max_in_flight.max(1) as usize;
         let (sender, receiver) = mpsc::channel(max_in_flight);
-        let cursor = {
+        let (cursor, dropped) = {
             let mut state = lock(&durable.state);
             state.members.push(Member {
                 id,
@@ -297,7 +419,7 @@ impl Broker {
                 max_in_flight,
                 ack_deadline: settings.ack_deadline,
             });
-            state.cursor()
+            (state.cursor(), state.dropped)
         };
         durable.wake.notify_one();
         self.lock_routing().topology.subscription_started(
@@ -316,6 +438,7 @@ impl Broker {
             },
             cursor,
             start_truncated,
+            dropped,
         })
     }
 
@@ -360,10 +483,7 @@ impl Broker {
         let mut state = lock(&durable.state);
         let mut acknowledged = 0;
         for sequence in sequences {
-            if let Some(flight) = state.in_flight.remove(sequence) {
-                if let Some(member) = state.member_mut(flight.member) {
-                    member.in_flight -= 1;
-                }
+            if state.land(*sequence).is_some() {
                 acknowledged += 1;
             }
         }
@@ -376,27 +496,26 @@ impl Broker {
         })
     }
 
-    /// Hands events of a MANUAL-ack group back, to be delivered again after `delay`.
+    /// Hands events of a MANUAL-ack group back, to be delivered again after at least `delay`
+    /// (see [`GroupState::put_back`]: the delivery limit and the backoff apply). Returns how many
+    /// were in flight.
     pub fn nack(&self, group: &str, sequences: &[u64], delay: Duration) -> Result<u32, BusError> {
         let durable = self.durable_group(group)?;
         let mut state = lock(&durable.state);
-        let due = Instant::now() + delay;
+        let now = Instant::now();
         let mut requeued = 0;
         for sequence in sequences {
-            let Some(flight) = state.in_flight.remove(sequence) else {
+            let Some(flight) = state.land(*sequence) else {
                 continue;
             };
-            if let Some(member) = state.member_mut(flight.member) {
-                member.in_flight -= 1;
-            }
             requeued += 1;
-            if delay.is_zero() {
-                state.ready.push_front((flight.event, flight.deliveries));
-            } else {
-                state
-                    .delayed
-                    .insert((due, *sequence), (flight.event, flight.deliveries));
-            }
+            state.put_back(
+                flight.event,
+                flight.deliveries,
+                durable.max_deliveries,
+                delay,
+                now,
+            );
         }
         drop(state);
         durable.wake.notify_one();
@@ -425,6 +544,16 @@ impl Broker {
     }
 }
 
+impl DurableGroup {
+    /// Whether the group delivers this event: its pattern matches, its start position admits
+    /// it, and it is not one of the group's own dead letters.
+    fn reads(&self, event: &crate::event::StoredEvent) -> bool {
+        self.pattern.matches(&event.event.topic)
+            && event.event.topic != self.dead_letter_topic
+            && self.floor.admits(event)
+    }
+}
+
 fn check_pattern(group: &str, bound: &Pattern, asked: &Pattern) -> Result<(), BusError> {
     if bound == asked {
         Ok(())
@@ -436,6 +565,48 @@ fn check_pattern(group: &str, bound: &Pattern, asked: &Pattern) -> Result<(), Bu
                  keeps one pattern (use another group name)"
             ),
         ))
+    }
+}
+
+/// Runs a group's dispatcher, restarting it on the same state if it panics: the panic is
+/// logged at ERROR with the group's name, and the group goes on for its other members.
+async fn supervise(broker: Broker, group: Arc<DurableGroup>) {
+    let mut restarts = 0u32;
+    loop {
+        let run = std::panic::AssertUnwindSafe(dispatch(broker.clone(), group.clone()));
+        match run.catch_unwind().await {
+            Ok(()) => return,
+            Err(panic) => {
+                restarts += 1;
+                let message = panic_message(&*panic);
+                error!(
+                    group = %group.name,
+                    restarts,
+                    panic = %message,
+                    "the group's dispatcher panicked; restarting it"
+                );
+                // Back off so a panic on every round cannot spin a core.
+                let pause = redelivery_backoff(restarts.saturating_add(1));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = broker.stopped() => {
+                        save_cursor(&broker, &group, true).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a panic without a message".to_owned()
     }
 }
 
@@ -479,19 +650,23 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
         .map(|(sequence, _)| *sequence)
         .collect();
     for sequence in expired {
-        let flight = state.in_flight.remove(&sequence).expect("listed");
-        if let Some(member) = state.member_mut(flight.member) {
-            member.in_flight -= 1;
-        }
+        let flight = state.land(sequence).expect("listed");
         debug!(group = %group.name, sequence, deliveries = flight.deliveries, "ack deadline passed");
-        state.requeue(flight.event, flight.deliveries, group.max_deliveries);
+        state.put_back(
+            flight.event,
+            flight.deliveries,
+            group.max_deliveries,
+            Duration::ZERO,
+            now,
+        );
     }
+    // Due redeliveries: the limit was applied when they were put back.
     while let Some(entry) = state.delayed.first_entry() {
         if entry.key().0 > now {
             break;
         }
         let (event, deliveries) = entry.remove();
-        state.requeue(event, deliveries, group.max_deliveries);
+        state.ready.insert(event.sequence, (event, deliveries));
     }
 
     read_ahead(broker, group, &mut state);
@@ -505,13 +680,17 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
             if member.in_flight >= member.max_in_flight {
                 continue;
             }
-            let (event, deliveries) = state.ready.front().cloned().expect("not empty");
+            let (event, deliveries) = state
+                .ready
+                .first_key_value()
+                .map(|(_, ready)| ready.clone())
+                .expect("not empty");
             match member.queue.try_send((event.clone(), deliveries + 1)) {
                 Ok(()) => {
-                    state.ready.pop_front();
+                    state.ready.pop_first();
                     let member = &mut state.members[index];
                     member.in_flight += 1;
-                    let (id, deadline) = (member.id, now + member.ack_deadline);
+                    let (id, deadline) = (member.id, deadline_after(now, member.ack_deadline));
                     state.in_flight.insert(
                         event.sequence,
                         InFlight {
@@ -561,10 +740,13 @@ fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
             return;
         };
         if first.sequence > state.read_through + 1 {
+            let lost = first.sequence - 1 - state.read_through;
+            state.dropped += lost;
             warn!(
                 group = %group.name,
                 from = state.read_through + 1,
                 to = first.sequence - 1,
+                lost,
                 "retention dropped events this group had not read"
             );
         }
@@ -573,8 +755,8 @@ fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
                 break;
             }
             state.read_through = event.sequence;
-            if group.pattern.matches(&event.event.topic) {
-                state.ready.push_back((event, 0));
+            if group.reads(&event) {
+                state.ready.insert(event.sequence, (event, 0));
             }
         }
     }
@@ -583,18 +765,7 @@ fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
 /// Publishes an event that had all its deliveries to the group's dead-letter topic, with where it
 /// came from as attributes, then lets the cursor pass it.
 async fn dead_letter(broker: &Broker, group: &DurableGroup, event: SharedEvent, deliveries: u32) {
-    let original = &event.event;
-    let mut attributes = original.attributes.clone();
-    attributes.insert("dlq_original_topic".into(), original.topic.to_string());
-    attributes.insert("dlq_original_sequence".into(), event.sequence.to_string());
-    attributes.insert("dlq_attempts".into(), deliveries.to_string());
-    attributes.insert("dlq_group".into(), group.name.to_string());
-    let letter = Event {
-        id: format!("{}.dlq.{}", original.id, event.sequence),
-        topic: group.dead_letter_topic.clone(),
-        attributes,
-        ..original.clone()
-    };
+    let letter = dead_letter_event(&event, &group.name, &group.dead_letter_topic, deliveries);
     warn!(
         group = %group.name,
         sequence = event.sequence,
@@ -618,6 +789,46 @@ async fn dead_letter(broker: &Broker, group: &DurableGroup, event: SharedEvent, 
     }
 }
 
+/// The event published to a dead-letter topic for `event`, after `deliveries` deliveries to
+/// `group`: the original with the dead-letter topic, a [`dead_letter_id`], and the attributes
+/// `dlq_original_topic`, `dlq_original_sequence`, `dlq_attempts` and `dlq_group`.
+pub fn dead_letter_event(
+    event: &crate::event::StoredEvent,
+    group: &str,
+    dead_letter_topic: &Topic,
+    deliveries: u32,
+) -> Event {
+    let original = &event.event;
+    let mut attributes = original.attributes.clone();
+    attributes.insert("dlq_original_topic".into(), original.topic.to_string());
+    attributes.insert("dlq_original_sequence".into(), event.sequence.to_string());
+    attributes.insert("dlq_attempts".into(), deliveries.to_string());
+    attributes.insert("dlq_group".into(), group.to_owned());
+    Event {
+        id: dead_letter_id(&original.id, event.sequence),
+        topic: dead_letter_topic.clone(),
+        attributes,
+        ..original.clone()
+    }
+}
+
+/// The id of a dead letter: the original's id with `.dlq.<sequence>` (unique per source, so a
+/// retry of the dead-lettering after a crash is deduplicated). A dead letter of a dead letter
+/// (groups that feed each other) replaces the earlier suffix instead of growing the id by one
+/// suffix per round, so the event stays deliverable within the size rule of
+/// [`crate::service::convert`].
+pub fn dead_letter_id(id: &str, sequence: u64) -> String {
+    let root = match id.rsplit_once(".dlq.") {
+        Some((root, digits))
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            root
+        }
+        _ => id,
+    };
+    format!("{root}.dlq.{sequence}")
+}
+
 /// Saves the cursor if it moved (at most every [`SAVE_INTERVAL`], unless `now`).
 async fn save_cursor(broker: &Broker, group: &DurableGroup, now: bool) {
     let cursor = {
@@ -637,6 +848,7 @@ async fn save_cursor(broker: &Broker, group: &DurableGroup, now: bool) {
     let saved = GroupCursor {
         pattern: group.pattern.to_string(),
         cursor,
+        not_before: group.floor.not_before,
     };
     // A save may fsync: keep it off the async workers.
     let result = tokio::task::spawn_blocking(move || store.save_group_cursor(&name, &saved)).await;
@@ -646,5 +858,97 @@ async fn save_cursor(broker: &Broker, group: &DurableGroup, now: bool) {
         Ok(Ok(())) => state.saved_cursor = cursor,
         Ok(Err(error)) => warn!(group = %group.name, %error, "saving the group cursor failed"),
         Err(error) => warn!(group = %group.name, %error, "saving the group cursor panicked"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::StoredEvent;
+    use proptest::prelude::*;
+
+    fn stored(sequence: u64) -> SharedEvent {
+        Arc::new(StoredEvent::new(
+            sequence,
+            SystemTime::UNIX_EPOCH,
+            Event {
+                id: format!("e{sequence}"),
+                source: Arc::from("test"),
+                event_type: "t".into(),
+                topic: Topic::parse("a.b").unwrap(),
+                time: None,
+                data_content_type: String::new(),
+                data: bytes::Bytes::new(),
+                attributes: Default::default(),
+                correlation_id: String::new(),
+                causation_id: String::new(),
+                reply_to: None,
+            },
+        ))
+    }
+
+    #[test]
+    fn the_backoff_starts_after_the_first_redelivery_and_is_bounded() {
+        assert_eq!(redelivery_backoff(1), Duration::ZERO);
+        assert_eq!(redelivery_backoff(2), REDELIVERY_BACKOFF_BASE);
+        assert_eq!(redelivery_backoff(3), REDELIVERY_BACKOFF_BASE * 2);
+        assert_eq!(redelivery_backoff(u32::MAX), REDELIVERY_BACKOFF_MAX);
+    }
+
+    #[test]
+    fn dead_letter_ids_carry_one_suffix() {
+        assert_eq!(dead_letter_id("order-1", 7), "order-1.dlq.7");
+        assert_eq!(dead_letter_id("order-1.dlq.7", 9), "order-1.dlq.9");
+        assert_eq!(dead_letter_id("a.dlq.b", 9), "a.dlq.b.dlq.9");
+        assert_eq!(dead_letter_id("a.dlq.", 9), "a.dlq..dlq.9");
+    }
+
+    proptest! {
+        /// Whatever order events come back in, and however (nack now or later, deadline,
+        /// leave), they wait in sequence order, and none is delivered past the limit.
+        #[test]
+        fn put_back_keeps_order_and_the_limit(
+            returns in proptest::collection::vec((1u64..50, 1u32..8, 0u64..3), 1..60),
+            max in 1u32..6,
+        ) {
+            let mut state = GroupState::default();
+            let now = Instant::now();
+            for (sequence, deliveries, delay_ms) in returns {
+                if state.ready.contains_key(&sequence)
+                    || state.delayed.values().any(|(e, _)| e.sequence == sequence)
+                    || state.dead_lettering.contains(&sequence)
+                {
+                    continue;
+                }
+                state.put_back(stored(sequence), deliveries, max, Duration::from_millis(delay_ms), now);
+                if deliveries >= max {
+                    prop_assert!(state.dead_lettering.contains(&sequence));
+                } else if delay_ms == 0 && deliveries <= 1 {
+                    prop_assert!(state.ready.contains_key(&sequence));
+                } else {
+                    let due = state.delayed.iter().find(|(_, (e, _))| e.sequence == sequence);
+                    let ((due, _), _) = due.expect("delayed");
+                    let wanted = Duration::from_millis(delay_ms).max(redelivery_backoff(deliveries));
+                    prop_assert!(*due >= now + wanted);
+                }
+            }
+            let order: Vec<u64> = state.ready.keys().copied().collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(order, sorted);
+            prop_assert!(state.to_dead_letter.iter().all(|(_, d)| *d >= max));
+        }
+
+        /// Any Duration the wire can carry either is refused at the edge or makes a deadline
+        /// without overflow.
+        #[test]
+        fn wire_durations_never_overflow_a_deadline(seconds in any::<i64>(), nanos in any::<i32>()) {
+            let wire = prost_types::Duration { seconds, nanos };
+            if let Ok(duration) = crate::service::convert::non_negative_duration(&wire, "d") {
+                let deadline = deadline_after(Instant::now(), duration);
+                prop_assert!(deadline >= Instant::now());
+                let _ = deadline_after(Instant::now(), redelivery_backoff(nanos as u32).max(duration));
+            }
+        }
     }
 }

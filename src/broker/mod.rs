@@ -125,6 +125,10 @@ struct Subscriber {
     id: u64,
     queue: mpsc::Sender<SharedEvent>,
     end: Arc<AtomicU8>,
+    /// A query's inbox: only events with this correlation id are queued, and a full queue
+    /// drops the event instead of ending the inbox, so strays published into an inbox can
+    /// neither crowd out the reply nor end the query early.
+    only_correlation: Option<Arc<str>>,
 }
 
 /// Why a subscription's queue was closed by the bus, read by its stream when the queue ends.
@@ -140,8 +144,16 @@ enum Offer {
 
 impl Subscriber {
     fn offer(&self, event: &SharedEvent) -> Offer {
+        if let Some(correlation) = &self.only_correlation {
+            if event.event.correlation_id != **correlation {
+                return Offer::Queued;
+            }
+        }
         match self.queue.try_send(event.clone()) {
             Ok(()) => Offer::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) if self.only_correlation.is_some() => {
+                Offer::Queued
+            }
             Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
             Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
         }
@@ -281,6 +293,9 @@ impl Broker {
                 }
             }
         }
+        // Judged by the clock now, not only when an insert last swept: a window that has passed
+        // is passed even if nothing was published since.
+        routing.dedupe.expire(now);
         let mut batch = routing.dedupe.split(events);
         let fresh = std::mem::take(&mut batch.fresh);
         let stored = if fresh.is_empty() {
@@ -425,7 +440,8 @@ impl Broker {
         event.reply_to = Some(inbox.clone());
         let correlation_id = event.correlation_id.clone();
         let topic = event.topic.to_string();
-        let mut reply_queue = self.register_inbox(&inbox, event.source.clone())?;
+        let mut reply_queue =
+            self.register_inbox(&inbox, event.source.clone(), Arc::from(&*correlation_id))?;
         let published = self
             .append(vec![event], Responders::Required)?
             .finish()
@@ -448,22 +464,28 @@ impl Broker {
                 _ = self.shared.shutdown.cancelled() => return Err(BusError::ShuttingDown),
                 reply = reply_queue.receiver.recv() => match reply {
                     Some(reply) if reply.event.correlation_id == correlation_id => return Ok(reply),
-                    // Someone answered with another correlation id: not ours, keep waiting.
+                    // The inbox queues only this correlation id; kept as a guard.
                     Some(_) => continue,
-                    // The inbox overflowed with stray events: nothing more can arrive.
-                    None => return Err(BusError::QueryTimeout { topic, timeout }),
+                    // The inbox is never ended by the bus but at shutdown.
+                    None => return Err(BusError::ShuttingDown),
                 },
             }
         }
     }
 
-    fn register_inbox(&self, inbox: &Topic, asker: Arc<str>) -> Result<Registration, BusError> {
+    fn register_inbox(
+        &self,
+        inbox: &Topic,
+        asker: Arc<str>,
+        correlation_id: Arc<str>,
+    ) -> Result<Registration, BusError> {
         let pattern = Pattern::parse(inbox.as_str()).expect("an inbox is a valid pattern");
         let registration = self.register(RegistrationRequest {
             pattern: &pattern,
             group: None,
             subscriber: None,
             queue_size: INBOX_QUEUE_SIZE,
+            only_correlation: Some(correlation_id),
         });
         self.lock_routing()
             .inbox_owners
@@ -492,6 +514,7 @@ impl Broker {
             id,
             queue: sender,
             end: end.clone(),
+            only_correlation: request.only_correlation,
         };
         let interest = routing.subscriptions.entry(request.pattern);
         match request.group {
@@ -717,6 +740,8 @@ struct RegistrationRequest<'a> {
     /// The subscribing service, for the topology; `None` for the bus's own inboxes.
     subscriber: Option<&'a str>,
     queue_size: usize,
+    /// Set for a query's inbox: see [`Subscriber::only_correlation`].
+    only_correlation: Option<Arc<str>>,
 }
 
 /// The receiving side of a subscriber in the tree. Dropping it removes the subscriber.

@@ -23,11 +23,58 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::durable::{ManualAck, Membership};
 use super::{Broker, Registration, RegistrationRequest};
 use crate::error::BusError;
-use crate::event::SharedEvent;
+use crate::event::{SharedEvent, StoredEvent};
 use crate::topic::Pattern;
 
 /// Events read from the store per step of a replay.
 const REPLAY_CHUNK: usize = 512;
+
+/// The one rule for what a start position admits, applied on every path that delivers events
+/// (replay, the switch to live, live queues, MANUAL-ack groups, and so the SDK's resumes, which
+/// ask for `after_sequence`): an event is delivered only if its sequence is greater than
+/// `after_sequence` and it was published at or after `from_time`. The proto promises exactly
+/// that ("every held event with a sequence greater than this one"), so a start ahead of the
+/// head, or a `from_time` in the future, waits for the log to get there rather than delivering
+/// what comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StartFloor {
+    /// Events up to and including this sequence are not delivered (0: none are held back).
+    pub after_sequence: u64,
+    /// Events published before this time are not delivered.
+    pub not_before: Option<SystemTime>,
+}
+
+impl StartFloor {
+    /// The floor a start position sets. `Latest` and `Earliest` hold nothing back: latest is
+    /// enforced by where the subscription registers, earliest takes everything held.
+    pub fn of(start: StartPosition) -> StartFloor {
+        match start {
+            StartPosition::Latest | StartPosition::Earliest => StartFloor::default(),
+            StartPosition::AfterSequence(sequence) => StartFloor {
+                after_sequence: sequence,
+                not_before: None,
+            },
+            StartPosition::FromTime(time) => StartFloor {
+                after_sequence: 0,
+                not_before: Some(time),
+            },
+        }
+    }
+
+    /// Whether `event` may be delivered under this floor.
+    pub fn admits(&self, event: &StoredEvent) -> bool {
+        event.sequence > self.after_sequence
+            && self
+                .not_before
+                .is_none_or(|time| event.publish_time >= time)
+    }
+
+    /// Whether the floor can still hold anything back. Sequences and publish times only grow,
+    /// so once an event passed, every later one passes too and the check can be dropped.
+    pub fn is_open(&self) -> bool {
+        self.after_sequence == 0 && self.not_before.is_none()
+    }
+}
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -53,6 +100,10 @@ pub struct SubscribeOptions {
     pub subscriber: Arc<str>,
     pub start: StartPosition,
     pub ack: AckMode,
+    /// The log `start` was taken from (a `log_id` the client saw before). When the bus's log is
+    /// another one, a position in the old log means nothing here: the subscription starts at the
+    /// oldest held event instead and [`SubscriptionInfo::log_changed`] says so.
+    pub log_id: Option<String>,
 }
 
 /// How deliveries are confirmed.
@@ -81,6 +132,12 @@ pub struct SubscriptionInfo {
     pub log_id: String,
     /// MANUAL-ack groups: the group's cursor when this member joined.
     pub group_cursor: Option<u64>,
+    /// The request named a log other than this bus's: its start position was dropped and the
+    /// subscription starts at the oldest held event.
+    pub log_changed: bool,
+    /// MANUAL-ack groups: events the group had not acknowledged that retention dropped before
+    /// they could be delivered (since the group started on this bus). See [`super::durable`].
+    pub group_dropped: u64,
 }
 
 /// One item of a subscription stream.
@@ -108,8 +165,18 @@ impl Subscription {
         broker: Broker,
         options: SubscribeOptions,
     ) -> Result<Subscription, BusError> {
+        let mut options = options;
+        // A position in another log means nothing in this one: start from what this log holds.
+        let log_changed = options
+            .log_id
+            .as_deref()
+            .is_some_and(|asked| !asked.is_empty() && asked != broker.log_id());
+        if log_changed && options.start != StartPosition::Latest {
+            options.start = StartPosition::Earliest;
+        }
         if let AckMode::Manual(settings) = &options.ack {
-            return Subscription::join_durable(broker, options.clone(), settings);
+            let settings = settings.clone();
+            return Subscription::join_durable(broker, options, &settings, log_changed);
         }
         if options.group.is_some() && options.start != StartPosition::Latest {
             return Err(BusError::invalid(
@@ -125,6 +192,7 @@ impl Subscription {
             group: options.group.as_ref(),
             subscriber: Some(&*options.subscriber),
             queue_size,
+            only_correlation: None,
         };
         // Whether the replay starts at whatever is oldest when it first reads: then events
         // dropped between this confirmation and that read are no loss to the subscriber.
@@ -180,10 +248,13 @@ impl Subscription {
             start_truncated,
             log_id: broker.log_id().to_owned(),
             group_cursor: None,
+            log_changed,
+            group_dropped: 0,
         };
         Ok(Subscription::from_cursor(
             info,
             Cursor {
+                floor: StartFloor::of(options.start),
                 broker,
                 options,
                 queue_size,
@@ -213,6 +284,7 @@ impl Subscription {
         broker: Broker,
         options: SubscribeOptions,
         settings: &ManualAck,
+        log_changed: bool,
     ) -> Result<Subscription, BusError> {
         let Some(group) = options.group.clone() else {
             return Err(BusError::invalid(
@@ -237,11 +309,15 @@ impl Subscription {
             start_truncated: joined.start_truncated,
             log_id: broker.log_id().to_owned(),
             group_cursor: Some(joined.cursor),
+            log_changed,
+            group_dropped: joined.dropped,
         };
         let queue_size = settings.max_in_flight as usize;
         Ok(Subscription::from_cursor(
             info,
             Cursor {
+                // The group's dispatcher applies the floor when it reads the log.
+                floor: StartFloor::default(),
                 broker,
                 options,
                 queue_size,
@@ -277,6 +353,8 @@ enum Phase {
 
 /// The state behind a subscription stream.
 struct Cursor {
+    /// What the start position holds back, on the replay and on the live queue alike.
+    floor: StartFloor,
     broker: Broker,
     options: SubscribeOptions,
     queue_size: usize,
@@ -330,6 +408,9 @@ impl Cursor {
                     };
                     match received {
                         Some(event) => {
+                            if !self.passes_floor(&event) {
+                                continue;
+                            }
                             self.last_delivered = event.sequence;
                             return Poll::Ready(Some(Ok(Delivery::Event { event, attempt: 0 })));
                         }
@@ -415,6 +496,7 @@ impl Cursor {
                 group: self.options.group.as_ref(),
                 subscriber: Some(&*self.options.subscriber),
                 queue_size: self.queue_size,
+                only_correlation: None,
             },
         );
         drop(routing);
@@ -436,12 +518,24 @@ impl Cursor {
     }
 
     fn take_matching(&mut self, chunk: Vec<SharedEvent>) {
-        let pattern = &self.options.pattern;
-        self.pending.extend(
-            chunk
-                .into_iter()
-                .filter(|e| pattern.matches(&e.event.topic)),
-        );
+        for event in chunk {
+            if self.options.pattern.matches(&event.event.topic) && self.passes_floor(&event) {
+                self.pending.push_back(event);
+            }
+        }
+    }
+
+    /// Applies [`StartFloor`]; once an event passes, the floor is opened for good.
+    fn passes_floor(&mut self, event: &StoredEvent) -> bool {
+        if self.floor.is_open() {
+            return true;
+        }
+        if self.floor.admits(event) {
+            self.floor = StartFloor::default();
+            true
+        } else {
+            false
+        }
     }
 
     fn end(&mut self, error: BusError) -> Option<Result<Delivery, BusError>> {
@@ -449,5 +543,92 @@ impl Cursor {
         // itself is dropped.
         self.phase = Phase::Done;
         Some(Err(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BusConfig;
+    use crate::event::Event;
+    use crate::store::MemoryStore;
+    use futures_util::StreamExt as _;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    fn event() -> Event {
+        Event {
+            id: String::new(),
+            source: Arc::from("test"),
+            event_type: "t".into(),
+            topic: crate::topic::Topic::parse("r.a").unwrap(),
+            time: None,
+            data_content_type: String::new(),
+            data: bytes::Bytes::new(),
+            attributes: Default::default(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            reply_to: None,
+        }
+    }
+
+    /// The sequences a subscription delivers until `count` events, skipping markers.
+    async fn delivered(subscription: &mut Subscription, count: usize) -> Vec<u64> {
+        let mut sequences = Vec::new();
+        while sequences.len() < count {
+            let item = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+                .await
+                .expect("a delivery in time")
+                .expect("the stream goes on")
+                .expect("no error");
+            if let Delivery::Event { event, .. } = item {
+                sequences.push(event.sequence);
+            }
+        }
+        sequences
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// The start-position rule on every path at once: whatever is held when a subscription
+        /// starts (replay), and whatever comes after (live), a subscriber gets exactly the
+        /// events with a sequence greater than `after_sequence`, for a plain subscription and a
+        /// MANUAL-ack group alike.
+        #[test]
+        fn a_start_position_admits_the_same_events_on_every_path(
+            before in 0u64..12,
+            after in 1u64..12,
+            start in 0u64..30,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let broker = Broker::new(
+                    BusConfig::default(),
+                    Arc::new(MemoryStore::new(1_000, 1 << 30)),
+                );
+                for _ in 0..before {
+                    broker.publish(vec![event()]).await.unwrap();
+                }
+                let options = |group: Option<&str>, ack| SubscribeOptions {
+                    pattern: Pattern::parse("r.>").unwrap(),
+                    group: group.map(Arc::from),
+                    subscriber: Arc::from("test"),
+                    start: StartPosition::AfterSequence(start),
+                    ack,
+                    log_id: None,
+                };
+                let mut plain = broker.subscribe(options(None, AckMode::Auto)).unwrap();
+                let mut group = broker
+                    .subscribe(options(Some("g"), AckMode::Manual(ManualAck::default())))
+                    .unwrap();
+                for _ in 0..after {
+                    broker.publish(vec![event()]).await.unwrap();
+                }
+                let expected: Vec<u64> = (1..=before + after).filter(|s| *s > start).collect();
+                assert_eq!(delivered(&mut plain, expected.len()).await, expected);
+                assert_eq!(delivered(&mut group, expected.len()).await, expected);
+            });
+        }
     }
 }

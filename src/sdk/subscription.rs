@@ -698,6 +698,9 @@ impl Resumer {
             let start = self.cursor.next_start();
             let request = pb::SubscribeRequest {
                 start: Some(start.to_pb()),
+                // The bus drops a position taken from another log and starts at its oldest
+                // event, saying so in `log_changed`, in the same round trip.
+                log_id: self.cursor.log_id.clone().unwrap_or_default(),
                 ..self.request.clone()
             };
             match subscribe_once(&self.client, request).await {
@@ -715,9 +718,10 @@ impl Resumer {
                         if self.items.send(Ok(reset)).await.is_err() {
                             return None;
                         }
-                        if !self.cursor.group {
-                            // This stream started after `last_seen`, past events of the new
-                            // log: subscribe again from its beginning.
+                        if !self.cursor.group && !subscribed.log_changed {
+                            // A bus that did not understand `log_id` started this stream after
+                            // `last_seen`, past events of the new log: subscribe again from its
+                            // beginning.
                             drop(stream);
                             failures = 0;
                             continue;

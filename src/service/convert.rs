@@ -45,8 +45,42 @@ impl std::fmt::Display for EventPath<'_> {
     }
 }
 
-/// Checks and converts a published event. `path` is how the error names it, e.g. `events[3]`.
-pub fn event_from_pb(event: pb::Event, path: EventPath<'_>) -> Result<Event, BusError> {
+/// The most bytes the bus adds to an event's encoding on its way out, in any form it sends it:
+/// an id and a type when the producer left them empty, `time`, `sequence` and `publish_time`, a
+/// query's inbox and correlation id, a dead letter's topic, id suffix and four `dlq_*`
+/// attributes, and the `SubscribeResponse` / `QueryResponse` wrapping. The sum of those maxima
+/// is 1,351 bytes (a test builds the worst case); this leaves room.
+pub const DELIVERY_OVERHEAD_BYTES: usize = 2048;
+
+/// Whatever the bus accepts it must be able to deliver: an event whose encoding plus
+/// [`DELIVERY_OVERHEAD_BYTES`] does not fit in `max_message_bytes` (the largest message the
+/// server sends) is refused at publish, instead of ending every subscriber of its topic later.
+pub fn check_deliverable(
+    event: &pb::Event,
+    path: EventPath<'_>,
+    max_message_bytes: usize,
+) -> Result<(), BusError> {
+    use prost::Message as _;
+    let size = event.encoded_len();
+    if size.saturating_add(DELIVERY_OVERHEAD_BYTES) > max_message_bytes {
+        return Err(BusError::UndeliverableSize {
+            field: path.to_string(),
+            size,
+            limit: max_message_bytes.saturating_sub(DELIVERY_OVERHEAD_BYTES),
+            max_message_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Checks and converts a published event. `path` is how the error names it, e.g. `events[3]`;
+/// `max_message_bytes` is the server's message limit (see [`check_deliverable`]).
+pub fn event_from_pb(
+    event: pb::Event,
+    path: EventPath<'_>,
+    max_message_bytes: usize,
+) -> Result<Event, BusError> {
+    check_deliverable(&event, path, max_message_bytes)?;
     let field = |name: &str| format!("{path}.{name}");
     let topic = Topic::parse_client_publishable(&event.topic)
         .map_err(|rule| BusError::invalid(field("topic"), rule.to_string()))?;
@@ -106,11 +140,20 @@ pub fn event_from_pb(event: pb::Event, path: EventPath<'_>) -> Result<Event, Bus
 }
 
 /// Checks and converts a publish batch, naming each event by its index.
-pub fn events_from_pb(events: Vec<pb::Event>) -> Result<Vec<Event>, BusError> {
+pub fn events_from_pb(
+    events: Vec<pb::Event>,
+    max_message_bytes: usize,
+) -> Result<Vec<Event>, BusError> {
     events
         .into_iter()
         .enumerate()
-        .map(|(index, event)| event_from_pb(event, EventPath::Indexed("events", index)))
+        .map(|(index, event)| {
+            event_from_pb(
+                event,
+                EventPath::Indexed("events", index),
+                max_message_bytes,
+            )
+        })
         .collect()
 }
 
@@ -292,6 +335,7 @@ pub fn subscribe_options_from_pb(
             request.subscriber
         }),
         start,
+        log_id: (!request.log_id.is_empty()).then_some(request.log_id),
     })
 }
 
@@ -307,10 +351,7 @@ fn manual_ack_from_pb(
     let defaults = ManualAck::default();
     let ack_deadline = match ack_deadline {
         None => defaults.ack_deadline,
-        Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
-            return Err(BusError::invalid("ack_deadline", "must be positive"));
-        }
-        Some(d) => Duration::new(d.seconds as u64, d.nanos as u32),
+        Some(d) => positive_duration(&d, "ack_deadline")?,
     };
     if max_in_flight > MAX_IN_FLIGHT_LIMIT {
         return Err(BusError::invalid(
@@ -321,10 +362,18 @@ fn manual_ack_from_pb(
     let dead_letter_topic = if dead_letter_topic.is_empty() {
         None
     } else {
-        Some(
-            Topic::parse(dead_letter_topic)
-                .map_err(|rule| BusError::invalid("dead_letter_topic", rule.to_string()))?,
-        )
+        // The bus publishes dead letters on the group's behalf: the topic must be one its
+        // members could publish to themselves, and not a reply inbox (another service's).
+        let topic = Topic::parse_client_publishable(dead_letter_topic)
+            .map_err(|rule| BusError::invalid("dead_letter_topic", rule.to_string()))?;
+        if topic.is_inbox() {
+            return Err(BusError::invalid(
+                "dead_letter_topic",
+                "a reply inbox belongs to the service that asked; dead letters go to a topic \
+                 outside '_bus.'",
+            ));
+        }
+        Some(topic)
     };
     Ok(ManualAck {
         ack_deadline,
@@ -342,18 +391,60 @@ fn manual_ack_from_pb(
     })
 }
 
-/// A positive duration from the wire, or zero when unset.
+/// A non-negative duration from the wire, or zero when unset.
 pub fn delay_from_pb(
     delay: Option<prost_types::Duration>,
     field: &str,
 ) -> Result<Duration, BusError> {
     match delay {
         None => Ok(Duration::ZERO),
-        Some(d) if d.seconds < 0 || d.nanos < 0 => {
-            Err(BusError::invalid(field, "must not be negative"))
-        }
-        Some(d) => Ok(Duration::new(d.seconds as u64, d.nanos as u32)),
+        Some(d) => non_negative_duration(&d, field),
     }
+}
+
+/// The largest `google.protobuf.Duration`, in seconds either way: 10,000 years, as
+/// `google/protobuf/duration.proto` documents.
+pub const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+/// The range of `google.protobuf.Timestamp` seconds (`google/protobuf/timestamp.proto`):
+/// 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z. The bus takes only times from 1970 on.
+pub const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
+
+/// Refuses a wire Duration outside protobuf's documented range; `field` names it.
+fn check_duration_range(d: &prost_types::Duration, field: &str) -> Result<(), BusError> {
+    let in_range = (-MAX_DURATION_SECONDS..=MAX_DURATION_SECONDS).contains(&d.seconds)
+        && (-999_999_999..=999_999_999).contains(&d.nanos)
+        && !(d.seconds > 0 && d.nanos < 0 || d.seconds < 0 && d.nanos > 0);
+    if in_range {
+        return Ok(());
+    }
+    Err(BusError::invalid(
+        field,
+        format!(
+            "{}s {}ns is not a valid google.protobuf.Duration: seconds within \
+             ±{MAX_DURATION_SECONDS} (10,000 years), nanos within ±999999999 with the sign of \
+             seconds",
+            d.seconds, d.nanos
+        ),
+    ))
+}
+
+/// A wire Duration within protobuf's documented range and not negative (no field of the bus
+/// takes a negative one), as a std `Duration`; `field` names it in the error.
+pub fn non_negative_duration(d: &prost_types::Duration, field: &str) -> Result<Duration, BusError> {
+    check_duration_range(d, field)?;
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err(BusError::invalid(field, "must not be negative"));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+/// A wire Duration within protobuf's documented range and greater than zero.
+pub fn positive_duration(d: &prost_types::Duration, field: &str) -> Result<Duration, BusError> {
+    check_duration_range(d, field)?;
+    if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
+        return Err(BusError::invalid(field, "must be positive"));
+    }
+    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
 pub fn subscribed_to_pb(info: &SubscriptionInfo) -> pb::Subscribed {
@@ -366,6 +457,8 @@ pub fn subscribed_to_pb(info: &SubscriptionInfo) -> pb::Subscribed {
         start_truncated: info.start_truncated,
         log_id: info.log_id.clone(),
         group_cursor: info.group_cursor.unwrap_or(0),
+        log_changed: info.log_changed,
+        group_dropped_events: info.group_dropped,
     }
 }
 
@@ -379,10 +472,7 @@ pub fn query_timeout(
 ) -> Result<Duration, BusError> {
     let requested = match requested {
         None => default,
-        Some(d) if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) => {
-            return Err(BusError::invalid("timeout", "must be positive"));
-        }
-        Some(d) => Duration::new(d.seconds as u64, d.nanos as u32),
+        Some(d) => positive_duration(&d, "timeout")?,
     };
     let mut timeout = requested.min(maximum);
     if let Some(deadline) = grpc_deadline {
@@ -442,10 +532,16 @@ pub fn timestamp(time: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(time)
 }
 
-/// A wire timestamp as a `SystemTime`, or the rule it breaks.
+/// A wire timestamp as a `SystemTime`, or the rule it breaks: protobuf's Timestamp range
+/// (nanos in 0..1e9, up to 9999-12-31), and from 1970-01-01 on.
 fn system_time_from_pb(time: &prost_types::Timestamp) -> Result<SystemTime, &'static str> {
-    let invalid = || "must be a valid timestamp: nanos in 0..1e9, after 1970-01-01";
-    if !(0..1_000_000_000).contains(&time.nanos) || time.seconds < 0 {
+    let invalid = || {
+        "must be a valid timestamp (google.protobuf.Timestamp) from 1970-01-01 to \
+         9999-12-31T23:59:59Z, nanos in 0..1e9"
+    };
+    if !(0..1_000_000_000).contains(&time.nanos)
+        || !(0..=MAX_TIMESTAMP_SECONDS).contains(&time.seconds)
+    {
         return Err(invalid());
     }
     UNIX_EPOCH
@@ -466,14 +562,14 @@ mod tests {
     }
 
     fn error_of(event: pb::Event) -> String {
-        event_from_pb(event, EventPath::Indexed("events", 0))
+        event_from_pb(event, EventPath::Indexed("events", 0), usize::MAX)
             .unwrap_err()
             .to_string()
     }
 
     #[test]
     fn fills_defaults() {
-        let event = event_from_pb(valid(), EventPath::Indexed("events", 0)).unwrap();
+        let event = event_from_pb(valid(), EventPath::Indexed("events", 0), usize::MAX).unwrap();
         assert_eq!(event.event_type, "user.query");
         assert_eq!(event.id, "", "the broker gives the id");
         assert_eq!(event.reply_to, None);
@@ -565,6 +661,71 @@ mod tests {
         }
     }
 
+    /// The largest growth from what a client sends to what the bus sends, in every form: the
+    /// bus fills id, type, time, sequence and publish time, a query adds its inbox and
+    /// correlation id, a dead letter changes topic and id and adds its attributes, and frames
+    /// wrap it. Issue: an event accepted just under the message limit could not be delivered.
+    #[test]
+    fn what_the_bus_adds_on_delivery_fits_the_overhead() {
+        use prost::Message as _;
+        let long = |n: usize| "x".repeat(n);
+        let long_topic = vec!["t"; 128].join(".");
+        assert_eq!(long_topic.len(), crate::topic::MAX_TOPIC_BYTES);
+        let latest = UNIX_EPOCH + Duration::new(MAX_TIMESTAMP_SECONDS as u64, 999_999_999);
+        let inputs = [
+            // Everything the bus may fill left empty, the longest topic.
+            pb::Event {
+                topic: long_topic.clone(),
+                source: long(MAX_NAME_BYTES),
+                ..Default::default()
+            },
+            // The shortest topic (the dead-letter topic replaces it) and an id that already
+            // carries a dead-letter suffix.
+            pb::Event {
+                topic: "a".into(),
+                source: long(MAX_NAME_BYTES),
+                id: format!("{}.dlq.1", long(MAX_NAME_BYTES - 6)),
+                ..Default::default()
+            },
+        ];
+        for input in inputs {
+            let size_in = input.encoded_len();
+            let mut event =
+                event_from_pb(input, EventPath::Named("event"), usize::MAX).expect("valid");
+            if event.id.is_empty() {
+                event.id = crate::event::new_id();
+            }
+            event.time = Some(latest);
+            event.correlation_id = crate::event::new_id();
+            event.reply_to = Some(Topic::new_inbox());
+            let stored = StoredEvent::new(u64::MAX, latest, event);
+            let letter = crate::broker::durable::dead_letter_event(
+                &stored,
+                &long(MAX_NAME_BYTES),
+                &Topic::parse(&long_topic).unwrap(),
+                u32::MAX,
+            );
+            let letter = StoredEvent::new(u64::MAX, latest, letter);
+            let frame = |stored: &StoredEvent| {
+                pb::SubscribeResponse {
+                    message: Some(pb::subscribe_response::Message::Event(event_to_pb(stored))),
+                    delivery_attempt: u32::MAX,
+                }
+                .encoded_len()
+            };
+            let reply = pb::QueryResponse {
+                reply: Some(event_to_pb(&stored)),
+            }
+            .encoded_len();
+            for size_out in [frame(&stored), frame(&letter), reply] {
+                assert!(
+                    size_out <= size_in + DELIVERY_OVERHEAD_BYTES,
+                    "{size_in} bytes in became {size_out} out"
+                );
+            }
+        }
+    }
+
     #[test]
     fn round_trips_a_stored_event() {
         let mut event = event_from_pb(
@@ -575,6 +736,7 @@ mod tests {
                 ..valid()
             },
             EventPath::Named("event"),
+            usize::MAX,
         )
         .unwrap();
         let now = SystemTime::now();
@@ -582,7 +744,7 @@ mod tests {
         let wire = event_to_pb(&StoredEvent::new(7, now, event.clone()));
         assert_eq!(wire.sequence, 7);
         assert_eq!(wire.reply_to, "_bus.inbox.abc");
-        let back = event_from_pb(wire, EventPath::Named("event")).unwrap();
+        let back = event_from_pb(wire, EventPath::Named("event"), usize::MAX).unwrap();
         assert_eq!(back, event);
     }
 
@@ -606,9 +768,10 @@ mod tests {
                 ..valid()
             },
             EventPath::Named("event"),
+            usize::MAX,
         )
         .unwrap();
-        let bare = event_from_pb(valid(), EventPath::Named("event")).unwrap();
+        let bare = event_from_pb(valid(), EventPath::Named("event"), usize::MAX).unwrap();
         let epoch = std::time::UNIX_EPOCH;
         for (sequence, publish_time, event) in [
             (7, SystemTime::now(), full),

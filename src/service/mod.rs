@@ -64,7 +64,7 @@ impl EventBusService for EventBusApi {
             topic = events.first().map(|e| e.topic.as_str()).unwrap_or(""),
             first_sequence = tracing::field::Empty,
         );
-        let events = convert::events_from_pb(events)?;
+        let events = convert::events_from_pb(events, self.broker.config().max_message_bytes)?;
         let published = self.broker.publish(events).instrument(span.clone()).await?;
         span.record(
             "first_sequence",
@@ -127,7 +127,11 @@ impl EventBusService for EventBusApi {
         let event = request
             .event
             .ok_or_else(|| BusError::invalid("event", "is required"))?;
-        let event = convert::event_from_pb(event, convert::EventPath::Named("event"))?;
+        let event = convert::event_from_pb(
+            event,
+            convert::EventPath::Named("event"),
+            self.broker.config().max_message_bytes,
+        )?;
         let config = self.broker.config();
         let timeout = convert::query_timeout(
             request.timeout,
@@ -302,8 +306,9 @@ impl PublishStreamState {
 
     fn begin(&mut self, request: pb::PublishStreamRequest) {
         let request_id = request.request_id;
-        let pending = convert::events_from_pb(request.events)
-            .and_then(|events| self.broker.begin_publish(events));
+        let pending =
+            convert::events_from_pb(request.events, self.broker.config().max_message_bytes)
+                .and_then(|events| self.broker.begin_publish(events));
         self.in_flight.push_back(Box::pin(async move {
             let outcome = match pending {
                 Ok(pending) => pending.finish().await,

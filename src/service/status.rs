@@ -17,6 +17,7 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
     match error {
         BusError::InvalidArgument { .. } => (Code::InvalidArgument, "invalid-argument"),
         BusError::EventTooLarge { .. } => (Code::InvalidArgument, "event-too-large"),
+        BusError::UndeliverableSize { .. } => (Code::InvalidArgument, "event-too-large"),
         BusError::NoResponders { .. } => (Code::Unavailable, "no-responders"),
         BusError::QueryTimeout { .. } => (Code::DeadlineExceeded, "query-timeout"),
         BusError::SlowConsumer { .. } => (Code::ResourceExhausted, "slow-consumer"),

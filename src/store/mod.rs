@@ -113,4 +113,8 @@ pub struct GroupCursor {
     /// The pattern the group reads: a group keeps one.
     pub pattern: String,
     pub cursor: u64,
+    /// A group created with a `from_time` start: events published before it are never
+    /// delivered to the group, even after a restart (absent in files written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<SystemTime>,
 }
