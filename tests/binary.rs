@@ -56,19 +56,18 @@ async fn wait_for_exit(child: &mut Child, within: Duration) -> ExitStatus {
     }
 }
 
-#[tokio::test]
-async fn serve_ends_streams_and_exits_cleanly_on_sigterm() {
-    let grace = Duration::from_secs(30);
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let data_dir = tempfile::tempdir().unwrap();
-    let mut server = None;
-    // The free port may be taken again before the server binds it: try a few.
+/// Starts `eventbus serve` on `data_dir` with its stderr going to `log`, on a free port (trying a
+/// few: the port may be taken again before the server binds it), and connects to it.
+async fn serve_on_a_free_port(
+    data_dir: &std::path::Path,
+    log: &tempfile::NamedTempFile,
+) -> (Server, EventBusServiceClient<tonic::transport::Channel>) {
     for _ in 0..5 {
         let port = free_port();
         let child = eventbus()
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .arg("--data-dir")
-            .arg(data_dir.path())
+            .arg(data_dir)
             .args(["--shutdown-grace", "30s", "--log-level", "info"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -89,11 +88,21 @@ async fn serve_ends_streams_and_exits_cleanly_on_sigterm() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         if let Ok(client) = connected {
-            server = Some((child, client));
-            break;
+            return (child, client);
         }
     }
-    let (mut child, mut client) = server.expect("the server came up on one of the ports");
+    panic!(
+        "the server came up on none of the ports; logs:\n{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+}
+
+#[tokio::test]
+async fn serve_ends_streams_and_exits_cleanly_on_sigterm() {
+    let grace = Duration::from_secs(30);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let (mut child, mut client) = serve_on_a_free_port(data_dir.path(), &log).await;
 
     let (_, mut stream) = subscribe(&mut client, request("events.>")).await;
     let sequence = publish_one(&mut client, common_event("events.one")).await;
@@ -176,4 +185,46 @@ fn a_taken_address_is_one_clear_error() {
     let addr = taken.local_addr().unwrap().to_string();
     let output = run(&["serve", "--listen", &addr, "--storage", "memory"]);
     assert_one_clear_error(&output, &[&addr]);
+}
+
+#[tokio::test]
+async fn a_second_bus_on_the_same_data_dir_is_refused_naming_the_holder() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let (first, _client) = serve_on_a_free_port(data_dir.path(), &log).await;
+    let holder = format!("pid {}", first.0.id());
+    let dir = data_dir.path().display().to_string();
+
+    // Another port, the same directory: refused before it touches the log.
+    let second = eventbus()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut second = Server(second);
+    let status = wait_for_exit(&mut second.0, WAIT).await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "the second bus must not start: {stderr}");
+    let error_line = stderr
+        .lines()
+        .find(|line| line.starts_with("error"))
+        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
+    assert!(
+        error_line.contains(&dir) && error_line.contains(&holder),
+        "the error names the directory and the holder ({holder}): {error_line}"
+    );
+
+    // Repair writes the directory too: refused while the bus runs.
+    let output = eventbus()
+        .arg("repair")
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .output()
+        .unwrap();
+    assert_one_clear_error(&output, &[&dir, &holder]);
 }

@@ -25,6 +25,10 @@
 //! Older ones are read from disk, seeking with a sparse in-memory index per segment (a sequence,
 //! file offset and publish time every [`INDEX_INTERVAL_BYTES`]) that recovery rebuilds.
 //!
+//! # One writer per directory
+//! [`FileStore::open`] and [`repair`] first lock `<data-dir>/LOCK` (see [`DirLock`]): two buses
+//! on one directory would interleave appends and corrupt the log.
+//!
 //! # Recovery
 //! On open, every segment is scanned and checked. A torn or corrupt record at the end of the last
 //! segment (a write cut short by a crash) is truncated away and logged. A bad record anywhere
@@ -45,6 +49,11 @@ use tracing::{info, warn};
 use super::codec::{self, DecodeError};
 use super::{count_family, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
 use crate::event::{Event, SharedEvent, StoredEvent};
+
+mod lock;
+
+pub(crate) use lock::describe_holder;
+pub use lock::{DirLock, LOCK_FILE};
 
 /// A sparse index entry is kept every this many bytes of a segment.
 pub const INDEX_INTERVAL_BYTES: u64 = 64 * 1024;
@@ -184,12 +193,20 @@ pub struct FileStore {
     log_id: String,
     /// Every group's cursor, as last saved to `groups.json`.
     group_cursors: Mutex<HashMap<String, GroupCursor>>,
+    /// The claim on the data directory, released when the store is dropped (after `close`).
+    _lock: DirLock,
 }
 
 impl FileStore {
     /// Opens (or creates) the log in `config.dir`, recovering it as described in the module docs.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`] if another process (or another open store) uses the directory:
+    /// the lock is taken before recovery reads anything. [`StoreError::Corrupt`] for damage
+    /// recovery must not cut (see the module docs), [`StoreError::Io`] for I/O failures.
     pub fn open(config: FileStoreConfig) -> Result<FileStore, StoreError> {
         let started = Instant::now();
+        let lock = DirLock::acquire(&config.dir)?;
         let log_dir = config.dir.join("log");
         fs::create_dir_all(&log_dir)?;
         let mut paths = segment_paths(&log_dir)?;
@@ -269,6 +286,7 @@ impl FileStore {
             durability,
             syncer: Mutex::new(Some(syncer)),
             config,
+            _lock: lock,
         };
         store.apply_retention(&mut store.write_inner(), SystemTime::now())?;
         Ok(store)
@@ -837,6 +855,7 @@ pub struct RepairReport {
 /// (the rest of that segment and all later segments) are moved into `<data-dir>/damaged/`, never
 /// deleted, and the log keeps every record before it.
 pub fn repair(data_dir: &Path) -> Result<RepairReport, StoreError> {
+    let _lock = DirLock::acquire(data_dir)?;
     let log_dir = data_dir.join("log");
     let damaged_dir = data_dir.join("damaged");
     let mut moved = Vec::new();

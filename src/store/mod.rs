@@ -36,6 +36,19 @@ pub enum StoreError {
     /// The store can no longer guarantee durability and refuses writes.
     #[error("storage failed: {0}")]
     Failed(String),
+    /// Another process (or another open store in this one) holds the data directory: two
+    /// writers would corrupt each other's log.
+    #[error(
+        "data directory {} is in use by another eventbus process ({}): one process at a time \
+         may use it; stop that one or give this one another --data-dir",
+        dir.display(),
+        file::describe_holder(holder)
+    )]
+    Locked {
+        dir: std::path::PathBuf,
+        /// The holder's pid as it wrote it into `<dir>/LOCK`, if readable.
+        holder: Option<u32>,
+    },
 }
 
 /// The sequences a store holds. Sequences start at 1; 0 means "none".

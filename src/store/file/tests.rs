@@ -320,3 +320,35 @@ fn parses_fsync_policies() {
     assert!("interval:0".parse::<FsyncPolicy>().is_err());
     assert!("sometimes".parse::<FsyncPolicy>().is_err());
 }
+
+#[test]
+fn a_second_open_of_a_data_dir_is_refused_naming_the_holder_until_the_first_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = FileStore::open(config(dir.path())).unwrap();
+    fill(&first, 3);
+    let error = FileStore::open(config(dir.path())).unwrap_err();
+    match &error {
+        StoreError::Locked {
+            dir: locked,
+            holder,
+        } => {
+            assert_eq!(locked, dir.path());
+            assert_eq!(*holder, Some(std::process::id()));
+        }
+        other => panic!("expected the directory to be locked, got {other:?}"),
+    }
+    let message = error.to_string();
+    assert!(
+        message.contains(&dir.path().display().to_string())
+            && message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    // Repair writes the directory: it needs the same claim.
+    assert!(matches!(repair(dir.path()), Err(StoreError::Locked { .. })));
+    // The refused open touched nothing: the first store still appends.
+    fill(&first, 1);
+    assert_eq!(first.bounds().head, 4);
+    drop(first);
+    let reopened = FileStore::open(config(dir.path())).unwrap();
+    assert_eq!(reopened.bounds().head, 4);
+}
