@@ -3,9 +3,18 @@
 //!
 //! # On disk
 //! `<data-dir>/log/<base sequence, 20 digits>.log` files, each a run of records with consecutive
-//! sequences in the [`codec`](super::codec) framing (length, CRC32C, payload). A segment is rolled
-//! when it passes `segment_bytes`; retention deletes whole segments, oldest first, never the
+//! sequences in the [`codec`](super::codec) framing (length, CRC32C, payload). A segment that has
+//! reached `segment_bytes` is rolled by the next append, before that append writes anything, so
+//! a segment that cannot be created refuses the batch with nothing of it stored (rather than
+//! failing after the batch counted); retention deletes whole segments, oldest first, never the
 //! active one.
+//!
+//! # Failures
+//! Every storage error is logged at ERROR. An append whose write fails is cut back off the file
+//! and refused whole; the store stays writable. Only when the store cannot know what is on disk
+//! (a failed fsync, a failed write it cannot cut back) does it enter a failed state that refuses
+//! every later write ([`StoreError::Failed`], reported by [`Store::durability_error`]) until a
+//! restart, whose recovery keeps exactly the complete records.
 //!
 //! # Durability: group commit
 //! [`FileStore::append`] writes the batch to the active segment (a `write` into the page cache,
@@ -44,7 +53,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::codec::{self, DecodeError};
 use super::{count_family, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
@@ -320,11 +329,20 @@ impl FileStore {
             if !(too_old || over || over_bytes) {
                 return Ok(());
             }
+            // The file first: if it cannot be deleted the segment stays held, whole and
+            // readable, and the next round tries again.
+            if let Err(error) = fs::remove_file(&inner.segments[0].path) {
+                error!(
+                    path = %inner.segments[0].path.display(),
+                    %error,
+                    "retention cannot delete a segment; it stays"
+                );
+                return Err(error.into());
+            }
             let removed = inner.segments.remove(0);
             if removed.last_publish_time.is_some() {
                 inner.newest_dropped_time = removed.last_publish_time;
             }
-            fs::remove_file(&removed.path)?;
             while inner
                 .cache
                 .front()
@@ -350,6 +368,21 @@ impl FileStore {
         if let Some(handle) = self.syncer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = handle.join();
         }
+    }
+
+    /// Puts the store into the failed state: every later append is refused with
+    /// [`StoreError::Failed`], [`Store::durability_error`] reports `reason`, and waiters for
+    /// durability are woken to find it. Only a restart (recovery) clears it.
+    fn fail(&self, reason: String) {
+        error!(reason = %reason, "the file store failed: it refuses further writes");
+        let mut state = self
+            .durability
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        state.failed.get_or_insert(reason);
+        drop(state);
+        self.durability.durable.send_modify(|_| {});
     }
 
     /// Where the segments live.
@@ -443,6 +476,20 @@ impl Store for FileStore {
         }
         let mut guard = self.write_inner();
         let inner = &mut *guard;
+        // Every fallible step comes before the write that makes the batch count: a full active
+        // segment is rolled first, so a segment that cannot be created (no inodes, no fds, an
+        // unwritable directory) refuses this batch with nothing of it stored, and the store
+        // stays writable for when the cause is gone.
+        let active = inner.segments.last().expect("an active segment");
+        if active.bytes >= self.config.segment_bytes && active.count() > 0 {
+            let segment = create_segment(&self.log_dir, inner.head + 1).inspect_err(|error| {
+                error!(dir = %self.log_dir.display(), %error, "cannot roll to a new segment");
+            })?;
+            inner.segments.push(segment);
+            // Retention is not part of this write: a segment it cannot delete is logged and
+            // stays until the next roll or `expire`.
+            let _ = self.apply_retention(inner, now);
+        }
         let publish_time = match inner.last_publish_time {
             Some(last) if last > now => last,
             _ => now,
@@ -474,11 +521,20 @@ impl Store for FileStore {
         // One write for the batch. On failure nothing of it counts: the file is cut back, so the
         // log never holds half a batch.
         if let Err(error) = (&*active.file).write_all(&buffer) {
-            let _ = active.file.set_len(active.bytes);
+            error!(path = %active.path.display(), %error, "cannot write to the log");
             active
                 .index
                 .retain(|(sequence, _, _)| *sequence < first_sequence);
             inner.buffer = buffer;
+            if let Err(cut) = active.file.set_len(active.bytes) {
+                // Part of the batch may stay in the file, where the next append (the file is
+                // opened for appending) would land after it: stop writing instead. Recovery
+                // treats what is there on the next start like a crash's leftovers.
+                self.fail(format!(
+                    "cannot cut a failed write off {}: {cut}",
+                    active.path.display()
+                ));
+            }
             return Err(error.into());
         }
         active.bytes = offset;
@@ -500,7 +556,6 @@ impl Store for FileStore {
         buffer.clear();
         inner.buffer = buffer;
         let active_file = active.file.clone();
-        let roll = active.bytes >= self.config.segment_bytes;
         {
             let mut state = self
                 .durability
@@ -520,11 +575,6 @@ impl Store for FileStore {
             FsyncPolicy::Interval(_) | FsyncPolicy::Never => {
                 self.durability.durable.send_replace(last);
             }
-        }
-        if roll {
-            let segment = create_segment(&self.log_dir, last + 1)?;
-            inner.segments.push(segment);
-            self.apply_retention(inner, now)?;
         }
         Ok(stored)
     }
@@ -623,7 +673,9 @@ impl Store for FileStore {
         let mut cursors = self.group_cursors.lock().unwrap_or_else(|e| e.into_inner());
         cursors.insert(group.to_owned(), cursor.clone());
         let json = serde_json::to_vec_pretty(&*cursors).map_err(io::Error::other)?;
-        write_atomically(&self.config.dir, GROUPS_FILE, &json)
+        write_atomically(&self.config.dir, GROUPS_FILE, &json).inspect_err(|error| {
+            error!(dir = %self.config.dir.display(), %error, "cannot save group cursors");
+        })
     }
 
     fn durability_error(&self) -> Option<String> {
@@ -685,7 +737,7 @@ fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
                 // After a failed fsync the kernel may have dropped the dirty pages: nothing
                 // written since the last good sync can be trusted, so the store stops taking
                 // writes rather than acknowledging what it may not have.
-                warn!(%error, "fsync failed: the store refuses further writes");
+                error!(%error, "fsync failed: the store refuses further writes");
                 state.failed = Some(format!("fsync failed: {error}"));
                 // Wake the waiters without moving the durable head: they find the failure.
                 durability.durable.send_modify(|_| {});

@@ -103,7 +103,12 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// Why the store stopped making appends durable, if it did.
+    /// The store's health: `Some(reason)` once it has failed (an fsync failed, or a write could
+    /// not be undone) and refuses every append with [`StoreError::Failed`] until the process
+    /// restarts and recovery runs; `None` while it takes writes. It is what a server should
+    /// report as NOT_SERVING. A write refused for a passing cause (a full disk, no free inode for
+    /// the next segment) is returned as an error with nothing of its batch stored, and does
+    /// not fail the store.
     fn durability_error(&self) -> Option<String> {
         None
     }

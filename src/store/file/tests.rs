@@ -352,3 +352,180 @@ fn a_second_open_of_a_data_dir_is_refused_naming_the_holder_until_the_first_clos
     let reopened = FileStore::open(config(dir.path())).unwrap();
     assert_eq!(reopened.bounds().head, 4);
 }
+
+/// A tmpfs mounted for one test, so storage faults are real ones (no inodes, no space);
+/// unmounted when dropped. `None`, after saying why, where this process cannot mount.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(options: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Some(Tmpfs { dir }),
+            Ok(output) => {
+                eprintln!(
+                    "skipping: cannot mount a tmpfs ({options}): {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+                None
+            }
+            Err(error) => {
+                eprintln!("skipping: cannot run mount: {error}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Log lines emitted on this thread while `run` runs.
+fn capture_logs<T>(run: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Logs {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+        type Writer = Logs;
+        fn make_writer(&'a self) -> Logs {
+            self.clone()
+        }
+    }
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .finish();
+    let value = tracing::subscriber::with_default(subscriber, run);
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    (value, text)
+}
+
+/// Appends one event at a time until an append fails; returns the error and the head before it.
+fn append_until_refused(store: &FileStore) -> (StoreError, u64) {
+    for i in 0..100_000 {
+        let head = store.bounds().head;
+        let data = format!("event-{i}-{}", "x".repeat(200));
+        if let Err(error) = store.append(vec![event("a.b", data.as_bytes())], SystemTime::now()) {
+            return (error, head);
+        }
+    }
+    panic!("the fault never came");
+}
+
+/// What a reopened log holds: consecutive sequences from 1, each event once.
+fn assert_reopens_whole(dir: &Path, head: u64) {
+    let store = FileStore::open(config(dir)).unwrap();
+    let events = all(&store);
+    assert_eq!(sequences(&events), (1..=head).collect::<Vec<_>>());
+    let mut payloads: Vec<_> = events.iter().map(|e| e.event.data.clone()).collect();
+    payloads.sort();
+    payloads.dedup();
+    assert_eq!(payloads.len() as u64, head, "no event stored twice");
+}
+
+#[test]
+fn a_segment_that_cannot_be_created_refuses_the_batch_before_it_counts() {
+    // Inodes: the mount's root, LOCK, log/, log-id and a few segments; then rolling fails.
+    let Some(tmpfs) = Tmpfs::mount("size=16m,nr_inodes=10") else {
+        return;
+    };
+    let dir = tmpfs.path().join("data");
+    // An inode to give back later, as an operator freeing space would.
+    let spare = tmpfs.path().join("spare");
+    std::fs::write(&spare, b"").unwrap();
+    let store = FileStore::open(config(&dir)).unwrap();
+    let ((error, head), logs) = capture_logs(|| append_until_refused(&store));
+    assert!(
+        matches!(&error, StoreError::Io(e) if e.raw_os_error() == Some(28)),
+        "ENOSPC, got {error:?}"
+    );
+    assert!(
+        logs.contains("ERROR") && logs.contains("cannot roll"),
+        "{logs}"
+    );
+    // Nothing of the refused batch counts: not in the head, not readable, not on disk.
+    assert_eq!(store.bounds().head, head);
+    assert_eq!(sequences(&all(&store)), (1..=head).collect::<Vec<_>>());
+    let active = segment_paths(&dir.join("log")).unwrap().pop().unwrap().1;
+    let size = std::fs::metadata(&active).unwrap().len();
+    assert!(store
+        .append(vec![event("a.b", b"again")], SystemTime::now())
+        .is_err());
+    assert_eq!(
+        std::fs::metadata(&active).unwrap().len(),
+        size,
+        "the segment stops growing"
+    );
+    assert_eq!(
+        store.durability_error(),
+        None,
+        "a passing cause does not fail the store"
+    );
+    // Once an inode is free the store rolls and goes on.
+    std::fs::remove_file(&spare).unwrap();
+    let next = store
+        .append(vec![event("a.b", b"after")], SystemTime::now())
+        .unwrap();
+    assert_eq!(next[0].sequence, head + 1);
+    wait_durable(&store, head + 1);
+    drop(store);
+    assert_reopens_whole(&dir, head + 1);
+}
+
+#[test]
+fn a_write_that_finds_no_space_leaves_nothing_of_its_batch() {
+    let Some(tmpfs) = Tmpfs::mount("size=256k,nr_inodes=1000") else {
+        return;
+    };
+    let dir = tmpfs.path().join("data");
+    let spare = tmpfs.path().join("spare");
+    std::fs::write(&spare, vec![0u8; 64 * 1024]).unwrap();
+    let store = FileStore::open(FileStoreConfig {
+        segment_bytes: u64::MAX,
+        ..config(&dir)
+    })
+    .unwrap();
+    let ((error, head), logs) = capture_logs(|| append_until_refused(&store));
+    assert!(
+        matches!(&error, StoreError::Io(e) if e.raw_os_error() == Some(28)),
+        "ENOSPC, got {error:?}"
+    );
+    assert!(
+        logs.contains("ERROR") && logs.contains("cannot write"),
+        "{logs}"
+    );
+    assert_eq!(store.bounds().head, head);
+    assert_eq!(sequences(&all(&store)), (1..=head).collect::<Vec<_>>());
+    std::fs::remove_file(&spare).unwrap();
+    store
+        .append(vec![event("a.b", b"after")], SystemTime::now())
+        .unwrap();
+    wait_durable(&store, head + 1);
+    drop(store);
+    assert_reopens_whole(&dir, head + 1);
+}
