@@ -39,10 +39,17 @@
 //! on one directory would interleave appends and corrupt the log.
 //!
 //! # Recovery
-//! On open, every segment is scanned and checked. A torn or corrupt record at the end of the last
-//! segment (a write cut short by a crash) is truncated away and logged. A bad record anywhere
-//! else stops start-up with [`StoreError::Corrupt`] naming the file and offset; [`repair`] moves
-//! the damaged part aside (never deletes it) so the bus can start with everything before it.
+//! On open, every segment is scanned and checked. Only a torn write at the end of the last
+//! segment is cut off (and logged): the file ends inside a record (its declared length runs past
+//! the end) or in zeros, with no valid record after it. Such a record was never complete, so it
+//! was never acknowledged. Anything else (a complete record with a bad checksum or format, a
+//! length that runs into later records, a sequence out of order), in any segment, stops start-up
+//! with [`StoreError::Corrupt`] naming the file and offset: cutting there could eat acknowledged
+//! events. [`repair`] then sets the damaged part aside (never deletes it) so the bus can start;
+//! its docs say what it keeps. The log's identity (`log-id`) and the group cursors
+//! (`groups.json`) are checked too: [`StoreError::Metadata`] names a file that is unreadable, or
+//! a missing `log-id` of a log that holds events (a new identity must be given deliberately, by
+//! [`repair`], never silently).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -241,6 +248,11 @@ impl FileStore {
             recovered_events += segment.count();
             segments.push(segment);
         }
+        // Identity and cursors are checked before anything is created, and before the first
+        // segment exists, so a crash can never leave segments without a `log-id`.
+        let has_history = segments.iter().any(|s| s.count() > 0 || s.base > 1);
+        let log_id = log_id_for_open(&config.dir, has_history)?;
+        let group_cursors = Mutex::new(read_group_cursors(&config.dir)?);
         if segments.is_empty() {
             segments.push(create_segment(&log_dir, 1)?);
         }
@@ -277,8 +289,6 @@ impl FileStore {
                 .name("eventbus-fsync".into())
                 .spawn(move || run_syncer(&durability, policy))?
         };
-        let log_id = read_or_create_log_id(&config.dir)?;
-        let group_cursors = Mutex::new(read_group_cursors(&config.dir)?);
         let store = FileStore {
             log_id,
             group_cursors,
@@ -764,24 +774,54 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreErr
     Ok(())
 }
 
-fn read_or_create_log_id(dir: &Path) -> Result<String, StoreError> {
-    match fs::read_to_string(dir.join(LOG_ID_FILE)) {
-        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
-        Ok(_) | Err(_) => {
+/// The log's identity as `<dir>/log-id` holds it: `Ok(None)` when there is no such file, `Err`
+/// saying why when it cannot be read or holds no id.
+fn read_log_id(dir: &Path) -> Result<Option<String>, String> {
+    match fs::read(dir.join(LOG_ID_FILE)) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_owned())),
+            Ok(_) => Err("it is empty".into()),
+            Err(_) => Err("it is not text".into()),
+        },
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// The identity to open the log with. A log without history (no event was ever stored, so no
+/// client can have seen one) gets a new one; a log with history must have its own, or clients
+/// resuming on it would take it for a new log (or worse, a new log for the old one).
+fn log_id_for_open(dir: &Path, has_history: bool) -> Result<String, StoreError> {
+    let path = dir.join(LOG_ID_FILE);
+    match read_log_id(dir) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) | Err(_) if !has_history => {
             let id = uuid::Uuid::now_v7().to_string();
             write_atomically(dir, LOG_ID_FILE, id.as_bytes())?;
             Ok(id)
         }
+        Ok(None) => Err(StoreError::Metadata {
+            path,
+            reason: "the log's identity file is missing, but the log holds events: a new \
+                     identity would make resuming clients take it for a new log"
+                .into(),
+        }),
+        Err(why) => Err(StoreError::Metadata {
+            path,
+            reason: format!(
+                "the log's identity file is unreadable ({why}), but the log holds events: a \
+                 new identity would make resuming clients take it for a new log"
+            ),
+        }),
     }
 }
 
 fn read_group_cursors(dir: &Path) -> Result<HashMap<String, GroupCursor>, StoreError> {
     let path = dir.join(GROUPS_FILE);
     match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| StoreError::Corrupt {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| StoreError::Metadata {
             path,
-            offset: 0,
-            reason: format!("unreadable group cursors: {error}"),
+            reason: format!("unreadable consumer group cursors: {error}"),
         }),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(HashMap::new()),
         Err(error) => Err(error.into()),
@@ -832,8 +872,8 @@ fn create_segment(dir: &Path, base: u64) -> Result<Segment, StoreError> {
     })
 }
 
-/// Reads and checks a whole segment. A bad record at the end of the last segment is a torn
-/// write and is cut off; anywhere else it is corruption.
+/// Reads and checks a whole segment. Only a torn write at the end of the last segment (see
+/// [`is_torn_tail`]) is cut off, and logged; any other bad record is corruption.
 fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreError> {
     let bytes = fs::read(path)?;
     let mut segment = Segment {
@@ -869,24 +909,31 @@ fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreE
                 count_family(&mut segment.held_by_family, stored.event.topic.family());
                 offset += len;
             }
-            Err(error) if is_last => {
+            Err(error) if is_last && is_torn_tail(&bytes[offset..], &error) => {
                 warn!(
                     path = %path.display(),
                     offset,
                     dropped_bytes = bytes.len() - offset,
                     %error,
-                    "truncating a torn or corrupt tail of the log"
+                    "cutting a torn write off the end of the log"
                 );
                 segment.file.set_len(offset as u64)?;
                 segment.file.sync_all()?;
                 break;
             }
             Err(error) => {
+                let more = if offset + 1 < bytes.len()
+                    && codec::next_record(&bytes, offset + 1).is_some()
+                {
+                    ", and intact records follow it"
+                } else {
+                    ""
+                };
                 return Err(StoreError::Corrupt {
                     path: path.to_owned(),
                     offset: offset as u64,
-                    reason: error.to_string(),
-                })
+                    reason: format!("{error}{more}"),
+                });
             }
         }
     }
@@ -894,72 +941,301 @@ fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreE
     Ok(segment)
 }
 
-/// What [`repair`] moved aside.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepairReport {
-    /// Files written under `<data-dir>/damaged/`.
-    pub moved: Vec<PathBuf>,
-    /// The last sequence kept, if any.
-    pub kept_through: Option<u64>,
+/// Whether `rest`, from a record that failed with `error` to the end of the file, is a write a
+/// crash cut short: the file ends inside the record (its declared length runs past the end, or
+/// not even its header is there) or in the zeros a crash can leave past the last write, and no
+/// valid record follows. A complete record that fails its checksum or format is not: it was
+/// written whole (and may have been acknowledged), so it is corruption, never cut.
+fn is_torn_tail(rest: &[u8], error: &DecodeError) -> bool {
+    let ends_inside = matches!(error, DecodeError::Incomplete { .. });
+    let zeros = rest.iter().all(|byte| *byte == 0);
+    (ends_inside || zeros) && codec::next_record(rest, 1).is_none()
 }
 
-/// Makes a log that fails recovery openable again: the first bad record and everything after it
-/// (the rest of that segment and all later segments) are moved into `<data-dir>/damaged/`, never
-/// deleted, and the log keeps every record before it.
+/// What [`repair`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Every file written or moved under `<data-dir>/damaged/`, in order.
+    pub moved: Vec<PathBuf>,
+    /// Runs of intact records that followed damage and so left the log, each now a valid
+    /// segment file (named by its first sequence, readable with the [`codec`]) among `moved`:
+    /// (file, first sequence, last sequence).
+    pub intact_set_aside: Vec<(PathBuf, u64, u64)>,
+    /// The last sequence the log keeps, if it keeps any.
+    pub kept_through: Option<u64>,
+    /// The identity repair gave the log, when it gave it one: the log's sequences after
+    /// `kept_through` will be assigned again, or its `log-id` was missing or unreadable.
+    pub new_log_id: Option<String>,
+    /// Groups whose saved cursor survived repair, by name.
+    pub groups_kept: Vec<String>,
+    /// Groups whose cursor pointed past `kept_through` and was moved back to it.
+    pub groups_moved_back: Vec<String>,
+    /// True when `groups.json` was unreadable: it was moved aside and only the groups in
+    /// `groups_kept` could be read back from it; any other group starts as a new group.
+    pub groups_file_damaged: bool,
+}
+
+impl RepairReport {
+    /// Whether repair changed anything.
+    pub fn changed_anything(&self) -> bool {
+        !self.moved.is_empty() || self.new_log_id.is_some()
+    }
+}
+
+/// `<data-dir>/damaged/repair-<unix seconds>[-n]/`, created on first use: one directory per run,
+/// so repeated repairs never overwrite what an earlier one set aside.
+struct DamagedDir {
+    parent: PathBuf,
+    dir: Option<PathBuf>,
+}
+
+impl DamagedDir {
+    fn get(&mut self) -> Result<&Path, StoreError> {
+        if self.dir.is_none() {
+            let seconds = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            fs::create_dir_all(&self.parent)?;
+            let mut attempt = 0;
+            let dir = loop {
+                let name = match attempt {
+                    0 => format!("repair-{seconds}"),
+                    n => format!("repair-{seconds}-{n}"),
+                };
+                let dir = self.parent.join(name);
+                match fs::create_dir(&dir) {
+                    Ok(()) => break dir,
+                    Err(error) if error.kind() == io::ErrorKind::AlreadyExists => attempt += 1,
+                    Err(error) => return Err(error.into()),
+                }
+            };
+            File::open(&self.parent)?.sync_all()?;
+            self.dir = Some(dir);
+        }
+        Ok(self.dir.as_deref().expect("just set"))
+    }
+
+    /// Writes `bytes` as a new file `name` (durably) and returns its path.
+    fn write(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+        let path = self.get()?.join(name);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        Ok(path)
+    }
+
+    /// Moves `from` in (a rename: the bytes are not copied) and returns its new path.
+    fn take(&mut self, from: &Path) -> Result<PathBuf, StoreError> {
+        let name = from.file_name().expect("a file name").to_owned();
+        let path = self.get()?.join(name);
+        fs::rename(from, &path)?;
+        Ok(path)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        if let Some(dir) = &self.dir {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// One piece of a damaged segment's tail: `offset` and `len` in the bytes split, and for a run
+/// of intact records, its first and last sequence.
+type Piece = (usize, usize, Option<(u64, u64)>);
+
+/// Splits `bytes` (from the first bad record of a segment to its end) into damaged stretches
+/// and runs of intact, consecutive records, in order. Together they cover every byte once.
+fn split_damage(bytes: &[u8]) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        // A damaged stretch: up to the next valid record, or the end.
+        let resume = codec::next_record(bytes, at + 1).unwrap_or(bytes.len());
+        pieces.push((at, resume - at, None));
+        at = resume;
+        // An intact run: records with consecutive sequences, until the next bad one.
+        let start = at;
+        let mut run: Option<(u64, u64)> = None;
+        while let Ok((stored, len)) = codec::decode(&bytes[at..]) {
+            match run {
+                None => run = Some((stored.sequence, stored.sequence)),
+                Some((first, last)) if stored.sequence == last + 1 => {
+                    run = Some((first, stored.sequence))
+                }
+                Some(_) => break,
+            }
+            at += len;
+        }
+        if let Some(run) = run {
+            pieces.push((start, at - start, Some(run)));
+        }
+    }
+    pieces
+}
+
+/// Makes a data directory that fails recovery openable again, setting aside (never deleting)
+/// what it cannot keep into `<data-dir>/damaged/repair-<time>/`. Takes the directory's lock, so
+/// it refuses to run under a live bus.
+///
+/// - **The log.** Sequences in the log must stay consecutive (readers, retention and the
+///   clients' resume rules all rely on it), so the log keeps the run of records before the first
+///   damaged one. The damaged bytes go aside as `<segment>.damaged-at-<offset>`, exactly the
+///   stretch from the bad record to where valid records resume; each run of intact records
+///   after it goes aside as a valid segment file named by its first sequence (readable with the
+///   codec, or by opening that directory as a log); later segments are moved whole. A torn
+///   write at the end of the log is set aside the same way.
+/// - **Identity.** When records with sequences after the kept run were set aside, those
+///   sequences will be assigned again to new events, so the log gets a new `log-id` (the old
+///   file is set aside): clients see a new log and start over from its earliest event, instead
+///   of taking new events for ones they already saw. A missing or unreadable `log-id` of a log
+///   that holds events gets a new one the same way.
+/// - **Group cursors.** An unreadable `groups.json` is set aside and every group that can be
+///   read from it is kept; the others start as new groups. A cursor past the kept run is moved
+///   back to its end.
+///
+/// # Errors
+/// [`StoreError::Locked`] if a bus holds the directory; [`StoreError::Io`] if reading or moving
+/// fails (nothing of the log is cut before its copy is durable under `damaged/`).
 pub fn repair(data_dir: &Path) -> Result<RepairReport, StoreError> {
     let _lock = DirLock::acquire(data_dir)?;
     let log_dir = data_dir.join("log");
-    let damaged_dir = data_dir.join("damaged");
-    let mut moved = Vec::new();
-    let mut kept_through = None;
-    let mut damaged = false;
+    let mut damaged = DamagedDir {
+        parent: data_dir.join("damaged"),
+        dir: None,
+    };
+    let mut report = RepairReport::default();
+    // Whether sequences that were in the log (complete records) have been set aside.
+    let mut sequences_set_aside = false;
+    let mut cut = false;
     let mut expected_base = None;
+    let mut has_history = false;
     for (base, path) in segment_paths(&log_dir)? {
-        let name = path.file_name().expect("a file name").to_owned();
-        if damaged || expected_base.is_some_and(|expected| expected != base) {
-            damaged = true;
-            fs::create_dir_all(&damaged_dir)?;
-            let target = damaged_dir.join(&name);
-            fs::rename(&path, &target)?;
-            moved.push(target);
+        has_history |= base > 1;
+        if cut || expected_base.is_some_and(|expected| expected != base) {
+            cut = true;
+            sequences_set_aside = true;
+            report.moved.push(damaged.take(&path)?);
             continue;
         }
-        match scan_segment(&path, base, false) {
+        // Scanned as not the last segment: repair sets a torn tail aside too, never cuts it.
+        let offset = match scan_segment(&path, base, false) {
             Ok(segment) => {
                 if segment.count() > 0 {
-                    kept_through = Some(segment.last);
+                    report.kept_through = Some(segment.last);
+                    has_history = true;
                 }
                 expected_base = Some(segment.last + 1);
+                continue;
             }
-            Err(StoreError::Corrupt { offset, .. }) => {
-                damaged = true;
-                let bytes = fs::read(&path)?;
-                fs::create_dir_all(&damaged_dir)?;
-                let mut target_name = name.clone();
-                target_name.push(format!(".from-{offset}"));
-                let target = damaged_dir.join(target_name);
-                let mut out = File::create(&target)?;
-                out.write_all(&bytes[offset as usize..])?;
-                out.sync_all()?;
-                let file = OpenOptions::new().write(true).open(&path)?;
-                file.set_len(offset)?;
-                file.sync_all()?;
-                moved.push(target);
-                let kept = scan_segment(&path, base, false)?;
-                if kept.count() > 0 {
-                    kept_through = Some(kept.last);
+            Err(StoreError::Corrupt { offset, .. }) => offset as usize,
+            Err(other) => return Err(other),
+        };
+        cut = true;
+        let bytes = fs::read(&path)?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("a segment name")
+            .to_owned();
+        let rest = &bytes[offset..];
+        let torn = codec::decode(rest)
+            .err()
+            .is_some_and(|error| is_torn_tail(rest, &error));
+        sequences_set_aside |= !torn;
+        for (at, len, run) in split_damage(rest) {
+            let piece = &rest[at..at + len];
+            match run {
+                Some((first, last)) => {
+                    let file = damaged.write(&segment_name(first), piece)?;
+                    report.intact_set_aside.push((file.clone(), first, last));
+                    report.moved.push(file);
+                }
+                None => {
+                    let file =
+                        damaged.write(&format!("{name}.damaged-at-{}", offset + at), piece)?;
+                    report.moved.push(file);
                 }
             }
-            Err(other) => return Err(other),
+        }
+        damaged.sync()?;
+        // Only now that every byte is durable under damaged/ is the segment cut.
+        let file = OpenOptions::new().write(true).open(&path)?;
+        file.set_len(offset as u64)?;
+        file.sync_all()?;
+        let kept = scan_segment(&path, base, false)?;
+        if kept.count() > 0 {
+            report.kept_through = Some(kept.last);
+            has_history = true;
         }
     }
-    if !moved.is_empty() {
+    if !report.moved.is_empty() {
         File::open(&log_dir)?.sync_all()?;
     }
-    Ok(RepairReport {
-        moved,
-        kept_through,
-    })
+    has_history |= sequences_set_aside;
+
+    // Identity.
+    let id_path = data_dir.join(LOG_ID_FILE);
+    let id_readable = matches!(read_log_id(data_dir), Ok(Some(_)));
+    if sequences_set_aside || (has_history && !id_readable) {
+        if id_path.exists() {
+            report.moved.push(damaged.take(&id_path)?);
+            damaged.sync()?;
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        write_atomically(data_dir, LOG_ID_FILE, id.as_bytes())?;
+        report.new_log_id = Some(id);
+    }
+
+    // Group cursors.
+    let groups_path = data_dir.join(GROUPS_FILE);
+    let (mut cursors, readable) = match fs::read(&groups_path) {
+        Ok(bytes) => match serde_json::from_slice::<HashMap<String, GroupCursor>>(&bytes) {
+            Ok(cursors) => (cursors, true),
+            Err(_) => (salvage_group_cursors(&bytes), false),
+        },
+        Err(error) if error.kind() == io::ErrorKind::NotFound => (HashMap::new(), true),
+        Err(error) => return Err(error.into()),
+    };
+    let kept_through = report.kept_through.unwrap_or(0);
+    for (name, cursor) in &mut cursors {
+        if cursor.cursor > kept_through && sequences_set_aside {
+            cursor.cursor = kept_through;
+            report.groups_moved_back.push(name.clone());
+        }
+    }
+    report.groups_moved_back.sort();
+    report.groups_kept = cursors.keys().cloned().collect();
+    report.groups_kept.sort();
+    if !readable || !report.groups_moved_back.is_empty() {
+        report.groups_file_damaged = !readable;
+        report.moved.push(damaged.take(&groups_path)?);
+        damaged.sync()?;
+        let json = serde_json::to_vec_pretty(&cursors).map_err(io::Error::other)?;
+        write_atomically(data_dir, GROUPS_FILE, &json)?;
+    }
+    Ok(report)
+}
+
+/// The groups that can still be read from a damaged `groups.json` (typically one cut short):
+/// the longest prefix that ends after a whole entry, closed and parsed.
+fn salvage_group_cursors(bytes: &[u8]) -> HashMap<String, GroupCursor> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut best = HashMap::new();
+    for (end, _) in text.match_indices('}') {
+        let prefix = &text[..=end];
+        for candidate in [format!("{prefix}}}"), prefix.to_owned()] {
+            if let Ok(cursors) = serde_json::from_str::<HashMap<String, GroupCursor>>(&candidate) {
+                if cursors.len() >= best.len() {
+                    best = cursors;
+                }
+            }
+        }
+    }
+    best
 }
 
 #[cfg(test)]

@@ -33,6 +33,17 @@ pub enum StoreError {
         offset: u64,
         reason: String,
     },
+    /// A file recovery relies on besides the log (the log's identity, group cursors) that
+    /// cannot be used as it is.
+    #[error(
+        "{}: {reason} (run `eventbus repair --data-dir DIR` with the bus stopped: it sets the \
+         file aside and says what it did)",
+        path.display()
+    )]
+    Metadata {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// The store can no longer guarantee durability and refuses writes.
     #[error("storage failed: {0}")]
     Failed(String),

@@ -64,6 +64,15 @@ impl DirLock {
     }
 }
 
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // Unlock explicitly rather than by closing: a child forked by another thread of this
+        // process shares the open file (until its exec closes it) and would keep the lock
+        // held for a moment after the store is gone.
+        let _ = self._file.unlock();
+    }
+}
+
 /// How a refusal names the holder.
 pub(crate) fn describe_holder(holder: &Option<u32>) -> String {
     match holder {
