@@ -7,7 +7,10 @@
 //! reached `segment_bytes` is rolled by the next append, before that append writes anything, so
 //! a segment that cannot be created refuses the batch with nothing of it stored (rather than
 //! failing after the batch counted); retention deletes whole segments, oldest first, never the
-//! active one.
+//! active one. Age retention is also judged when read: reads skip events past the max age by the
+//! clock (the boundary inside a segment is found by reading forward from where it last stood,
+//! so each expired event is read once), and [`Store::expire`] deletes the segments that hold
+//! only such events.
 //!
 //! # Failures
 //! Every storage error is logged at ERROR. An append whose write fails is cut back off the file
@@ -63,7 +66,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::codec::{self, DecodeError};
-use super::{count_family, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
+use super::{count_family, AgeCutoff, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
 use crate::event::{Event, SharedEvent, StoredEvent};
 
 mod lock;
@@ -180,6 +183,23 @@ struct Inner {
     buffer: Vec<u8>,
 }
 
+/// The boundary of age retention inside the held log: events before `first_live` are expired.
+/// It only moves forward, a little at a time as the clock passes events, so finding it reads
+/// each expired event once.
+#[derive(Debug, Default)]
+struct Expiry {
+    /// The first sequence not expired (or not yet judged: see `first_live_time`).
+    first_live: u64,
+    /// The publish time of the event at `first_live`, once found: until the cutoff passes it,
+    /// the boundary stands.
+    first_live_time: Option<SystemTime>,
+    /// When the newest expired event was published.
+    newest_expired_time: Option<SystemTime>,
+    /// The segment (by base) holding both expired and live events, and its expired events per
+    /// family.
+    partial: Option<(u64, HeldCounts)>,
+}
+
 /// Shared with the syncer thread.
 #[derive(Debug)]
 struct Durability {
@@ -209,6 +229,11 @@ pub struct FileStore {
     log_id: String,
     /// Every group's cursor, as last saved to `groups.json`.
     group_cursors: Mutex<HashMap<String, GroupCursor>>,
+    /// Age retention's cutoff, judged when read.
+    age: AgeCutoff,
+    /// Where age retention stands inside the held segments (it deletes whole segments only, so
+    /// expired events can still be on disk). Lock order: `inner`, then this.
+    expiry: Mutex<Expiry>,
     /// The claim on the data directory, released when the store is dropped (after `close`).
     _lock: DirLock,
 }
@@ -304,6 +329,8 @@ impl FileStore {
             }),
             durability,
             syncer: Mutex::new(Some(syncer)),
+            age: AgeCutoff::new(config.retention_max_age),
+            expiry: Mutex::new(Expiry::default()),
             config,
             _lock: lock,
         };
@@ -327,10 +354,8 @@ impl FileStore {
             let events: u64 = inner.segments.iter().map(Segment::count).sum();
             let bytes: u64 = inner.segments.iter().map(|s| s.bytes).sum();
             let oldest = &inner.segments[0];
-            let too_old = match (self.config.retention_max_age, oldest.last_publish_time) {
-                (Some(max_age), Some(last)) => {
-                    now.duration_since(last).is_ok_and(|age| age > max_age)
-                }
+            let too_old = match (self.age.at(now), oldest.last_publish_time) {
+                (Some(cutoff), Some(last)) => last < cutoff,
                 _ => false,
             };
             let over = events - oldest.count() >= self.config.retention_max_events
@@ -393,6 +418,208 @@ impl FileStore {
         state.failed.get_or_insert(reason);
         drop(state);
         self.durability.durable.send_modify(|_| {});
+    }
+
+    /// [`Store::read_after`] as of `now`.
+    fn read_after_at(
+        &self,
+        after: u64,
+        max: usize,
+        now: SystemTime,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        let inner = self.read_inner();
+        let after = match self.age.at(now) {
+            Some(cutoff) => after.max(self.expiry(&inner, cutoff).first_live - 1),
+            None => after,
+        };
+        self.read_held(&inner, after, max)
+    }
+
+    /// [`Store::first_sequence_at_or_after`] as of `now`: nothing expired is found, since
+    /// publish times never go backwards.
+    fn first_sequence_at_or_after_at(
+        &self,
+        time: SystemTime,
+        now: SystemTime,
+    ) -> Result<Option<u64>, StoreError> {
+        let time = time.max(self.age.at(now).unwrap_or(time));
+        let inner = self.read_inner();
+        let Some(segment) = inner
+            .segments
+            .iter()
+            .find(|s| s.count() > 0 && s.last_publish_time.is_some_and(|last| last >= time))
+        else {
+            return Ok(None);
+        };
+        // Start at the last index entry before `time`, then read forward.
+        let entry = segment.index.partition_point(|(_, _, at)| *at < time);
+        let after = segment.index[entry.saturating_sub(1)].0 - 1;
+        let mut after = after.max(segment.base - 1);
+        loop {
+            let chunk = self.read_held(&inner, after, 256)?;
+            if chunk.is_empty() {
+                return Ok(None);
+            }
+            if let Some(found) = chunk.iter().find(|e| e.publish_time >= time) {
+                return Ok(Some(found.sequence));
+            }
+            after = chunk.last().expect("non-empty").sequence;
+        }
+    }
+
+    /// [`Store::bounds`] as of `now`.
+    fn bounds_at(&self, now: SystemTime) -> LogBounds {
+        let inner = self.read_inner();
+        let mut oldest = inner
+            .segments
+            .iter()
+            .find(|s| s.count() > 0)
+            .map(|s| s.base);
+        let mut newest_dropped_time = inner.newest_dropped_time;
+        if let Some(cutoff) = self.age.at(now) {
+            let expiry = self.expiry(&inner, cutoff);
+            if expiry.newest_expired_time.is_some() {
+                newest_dropped_time = newest_dropped_time.max(expiry.newest_expired_time);
+            }
+            oldest = oldest
+                .map(|oldest| oldest.max(expiry.first_live))
+                .filter(|oldest| *oldest <= inner.head);
+        }
+        LogBounds {
+            oldest,
+            head: inner.head,
+            newest_dropped_time,
+        }
+    }
+
+    /// [`Store::held_counts`] as of `now`.
+    fn held_counts_at(&self, now: SystemTime) -> HeldCounts {
+        let inner = self.read_inner();
+        let mut counts = HeldCounts::new();
+        let expiry = self.age.at(now).map(|cutoff| self.expiry(&inner, cutoff));
+        let first_live = expiry.as_ref().map_or(0, |e| e.first_live);
+        for segment in inner.segments.iter().filter(|s| s.last >= first_live) {
+            for (family, count) in &segment.held_by_family {
+                *counts.entry(family.clone()).or_default() += count;
+            }
+            let partial = expiry.as_ref().and_then(|e| e.partial.as_ref());
+            if let Some((_, expired)) = partial.filter(|(base, _)| *base == segment.base) {
+                for (family, count) in expired {
+                    if let Some(held) = counts.get_mut(family) {
+                        *held -= count;
+                        if *held == 0 {
+                            counts.remove(family);
+                        }
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    /// Moves the age boundary up to `cutoff` and returns it (locked). If the disk cannot be
+    /// read, the error is logged and the boundary stays where reading stopped: a read of the
+    /// events past it meets the same error and reports it.
+    fn expiry<'a>(
+        &'a self,
+        inner: &Inner,
+        cutoff: SystemTime,
+    ) -> std::sync::MutexGuard<'a, Expiry> {
+        let mut expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(error) = self.advance_expiry(inner, &mut expiry, cutoff) {
+            error!(%error, "cannot read the log to apply age retention");
+        }
+        expiry
+    }
+
+    fn advance_expiry(
+        &self,
+        inner: &Inner,
+        expiry: &mut Expiry,
+        cutoff: SystemTime,
+    ) -> Result<(), StoreError> {
+        let oldest_base = inner.segments[0].base;
+        if expiry.first_live < oldest_base {
+            // Retention deleted segments past the boundary.
+            expiry.first_live = oldest_base;
+            expiry.first_live_time = None;
+            expiry.partial = None;
+        }
+        if expiry.first_live_time.is_some_and(|time| time >= cutoff) {
+            return Ok(());
+        }
+        for segment in &inner.segments {
+            if segment.count() == 0 || segment.last < expiry.first_live {
+                continue;
+            }
+            if segment.last_publish_time.is_some_and(|last| last < cutoff) {
+                // The rest of this segment has expired.
+                expiry.first_live = segment.last + 1;
+                expiry.first_live_time = None;
+                expiry.newest_expired_time = segment.last_publish_time;
+                expiry.partial = None;
+                continue;
+            }
+            // The boundary is in this segment: read forward to it, counting what expired.
+            let mut after = expiry.first_live.max(segment.base) - 1;
+            loop {
+                let chunk = self.read_held(inner, after, 256)?;
+                let Some(last) = chunk.last().map(|e| e.sequence) else {
+                    return Ok(());
+                };
+                for event in chunk {
+                    if event.publish_time >= cutoff {
+                        expiry.first_live = event.sequence;
+                        expiry.first_live_time = Some(event.publish_time);
+                        return Ok(());
+                    }
+                    if expiry
+                        .partial
+                        .as_ref()
+                        .is_none_or(|(base, _)| *base != segment.base)
+                    {
+                        expiry.partial = Some((segment.base, HeldCounts::new()));
+                    }
+                    let (_, counts) = expiry.partial.as_mut().expect("just set");
+                    count_family(counts, event.event.topic.family());
+                    expiry.newest_expired_time = Some(event.publish_time);
+                    expiry.first_live = event.sequence + 1;
+                }
+                after = last;
+            }
+        }
+        // Everything held has expired.
+        expiry.first_live = inner.head + 1;
+        expiry.first_live_time = None;
+        Ok(())
+    }
+
+    /// Up to `max` events after `after`, from the cache or the disk, expired or not.
+    fn read_held(
+        &self,
+        inner: &Inner,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        let mut out = Vec::new();
+        if max == 0 || after >= inner.head {
+            return Ok(out);
+        }
+        let cached_from = inner.cache.front().map(|e| e.sequence);
+        if cached_from.is_none_or(|first| after + 1 < first) {
+            let disk_max = match cached_from {
+                Some(first) => max.min((first - after - 1) as usize),
+                None => max,
+            };
+            self.read_from_disk(inner, after, disk_max, &mut out)?;
+        }
+        if let Some(first) = cached_from {
+            let from = out.last().map_or(after, |e| e.sequence) + 1;
+            let skip = from.saturating_sub(first) as usize;
+            let room = max - out.len();
+            out.extend(inner.cache.iter().skip(skip).take(room).cloned());
+        }
+        Ok(out)
     }
 
     /// Where the segments live.
@@ -590,77 +817,23 @@ impl Store for FileStore {
     }
 
     fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
-        let inner = self.read_inner();
-        let mut out = Vec::new();
-        if max == 0 || after >= inner.head {
-            return Ok(out);
-        }
-        let cached_from = inner.cache.front().map(|e| e.sequence);
-        if cached_from.is_none_or(|first| after + 1 < first) {
-            let disk_max = match cached_from {
-                Some(first) => max.min((first - after - 1) as usize),
-                None => max,
-            };
-            self.read_from_disk(&inner, after, disk_max, &mut out)?;
-        }
-        if let Some(first) = cached_from {
-            let from = out.last().map_or(after, |e| e.sequence) + 1;
-            let skip = from.saturating_sub(first) as usize;
-            let room = max - out.len();
-            out.extend(inner.cache.iter().skip(skip).take(room).cloned());
-        }
-        Ok(out)
+        self.read_after_at(after, max, SystemTime::now())
     }
 
     fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
-        let inner = self.read_inner();
-        let Some(segment) = inner
-            .segments
-            .iter()
-            .find(|s| s.count() > 0 && s.last_publish_time.is_some_and(|last| last >= time))
-        else {
-            return Ok(None);
-        };
-        // Start at the last index entry before `time`, then read forward.
-        let entry = segment.index.partition_point(|(_, _, at)| *at < time);
-        let after = segment.index[entry.saturating_sub(1)].0 - 1;
-        let mut after = after.max(segment.base - 1);
-        loop {
-            let mut chunk = Vec::new();
-            self.read_from_disk(&inner, after, 256, &mut chunk)?;
-            if chunk.is_empty() {
-                return Ok(None);
-            }
-            if let Some(found) = chunk.iter().find(|e| e.publish_time >= time) {
-                return Ok(Some(found.sequence));
-            }
-            after = chunk.last().expect("non-empty").sequence;
-        }
+        self.first_sequence_at_or_after_at(time, SystemTime::now())
     }
 
     fn bounds(&self) -> LogBounds {
-        let inner = self.read_inner();
-        let oldest = inner
-            .segments
-            .iter()
-            .find(|s| s.count() > 0)
-            .map(|s| s.base);
-        LogBounds {
-            oldest,
-            head: inner.head,
-            newest_dropped_time: inner.newest_dropped_time,
-        }
+        self.bounds_at(SystemTime::now())
     }
 
     fn held_counts(&self) -> HeldCounts {
-        let inner = self.read_inner();
-        let mut counts = HeldCounts::new();
-        for segment in &inner.segments {
-            for (family, count) in &segment.held_by_family {
-                *counts.entry(family.clone()).or_default() += count;
-            }
-        }
-        counts
+        self.held_counts_at(SystemTime::now())
+    }
+
+    fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
+        self.apply_retention(&mut self.write_inner(), now)
     }
 
     fn durable_head(&self) -> Option<watch::Receiver<u64>> {

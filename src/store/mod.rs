@@ -10,7 +10,8 @@ pub mod file;
 mod memory;
 
 use std::collections::HashMap;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use file::{FileStore, FileStoreConfig, FsyncPolicy};
 pub use memory::MemoryStore;
@@ -90,7 +91,48 @@ pub(crate) fn count_family(counts: &mut HeldCounts, family: &str) {
     *counts.entry_ref(family).or_insert(0) += 1;
 }
 
+/// Age retention as the clock judges it. Both stores hide an event from every read once it is
+/// older than the max age by the clock *when read*, not only when something is appended (a
+/// quiet log would otherwise keep serving events past their age); physically dropping them is
+/// [`Store::expire`]'s job. The cutoff never moves back, so a wall clock stepping back does not
+/// bring hidden events back.
+#[derive(Debug)]
+pub(crate) struct AgeCutoff {
+    max_age: Option<Duration>,
+    /// The highest cutoff used so far, in nanoseconds since the epoch.
+    highest: AtomicU64,
+}
+
+impl AgeCutoff {
+    pub(crate) fn new(max_age: Option<Duration>) -> AgeCutoff {
+        AgeCutoff {
+            max_age,
+            highest: AtomicU64::new(0),
+        }
+    }
+
+    /// Events published before the returned time are expired at `now`; `None` without age
+    /// retention.
+    pub(crate) fn at(&self, now: SystemTime) -> Option<SystemTime> {
+        let max_age = self.max_age?;
+        let cutoff = now
+            .checked_sub(max_age)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64);
+        let highest = self
+            .highest
+            .fetch_max(cutoff, Ordering::Relaxed)
+            .max(cutoff);
+        Some(UNIX_EPOCH + Duration::from_nanos(highest))
+    }
+}
+
 /// The bus log.
+///
+/// Every read (`read_after`, `first_sequence_at_or_after`, `bounds`, `held_counts`) sees only
+/// events retention still holds, age judged by the clock at the time of the read; events hidden
+/// that way count as dropped in [`LogBounds::newest_dropped_time`], so a replay that loses them
+/// sees the gap.
 pub trait Store: Send + Sync + 'static {
     /// Appends the events in order, assigning each the next sequence and the publish time
     /// `now`, and applies retention. All or nothing.
@@ -107,6 +149,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many events of each topic family are held now.
     fn held_counts(&self) -> HeldCounts;
+
+    /// Applies age retention physically as of `now`: the memory store drops expired events, the
+    /// file store deletes whole segments whose newest event is older than the max age (never
+    /// the active segment). Reads hide expired events whether or not this runs; it frees their
+    /// memory or disk, and is meant to be called periodically. The default (stores without age
+    /// retention) does nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if a segment cannot be deleted (it stays, whole, and is tried again).
+    fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
+        let _ = now;
+        Ok(())
+    }
 
     /// The last sequence that is durable, for stores whose appends become durable after
     /// [`Store::append`] returns (group commit). `None`: every append is final when it returns.

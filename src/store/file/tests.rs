@@ -449,11 +449,11 @@ fn retention_by_age_applies_on_open() {
     })
     .unwrap();
     // Every segment holding only old events is gone; the one that also holds the new event
-    // stays whole.
-    let oldest = store.bounds().oldest.unwrap();
-    assert!(oldest > 1 && oldest <= 101, "oldest {oldest}");
-    let first_segment = &segment_paths(&dir.path().join("log")).unwrap()[0];
-    assert_eq!(first_segment.0, oldest);
+    // stays whole on disk, while reads see only the new event.
+    let first_segment = segment_paths(&dir.path().join("log")).unwrap()[0].0;
+    assert!(first_segment > 1 && first_segment <= 101, "{first_segment}");
+    assert_eq!(store.bounds().oldest, Some(101));
+    assert_eq!(sequences(&all(&store)), vec![101]);
 }
 
 #[test]
@@ -826,4 +826,105 @@ fn a_cut_short_groups_file_refuses_to_start_until_repair_keeps_what_it_can_read(
     // Nothing left to repair.
     drop(store);
     assert!(!repair(dir.path()).unwrap().changed_anything());
+}
+
+#[test]
+fn age_is_judged_by_the_clock_when_read_and_expire_deletes_whole_segments() {
+    for cache_bytes in [64 * 1024 * 1024, 2000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(FileStoreConfig {
+            retention_max_age: Some(Duration::from_secs(30)),
+            cache_bytes,
+            ..config(dir.path())
+        })
+        .unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let at = |millis: u64| t0 + Duration::from_millis(millis);
+        for i in 0..100u64 {
+            let topic = if i % 2 == 0 { "a.x" } else { "b.x" };
+            store
+                .append(vec![event(topic, &[0; 64])], at(i * 1000))
+                .unwrap();
+        }
+        let segments_before = segment_paths(&dir.path().join("log")).unwrap().len();
+        // Nothing appended since; at 90.5 s the events published before 60.5 s are past 30 s.
+        let now = at(90_500);
+        let check = |store: &FileStore| {
+            assert_eq!(
+                sequences(&store.read_after_at(0, usize::MAX, now).unwrap()),
+                (62..=100).collect::<Vec<_>>()
+            );
+            // A reader past the boundary is unaffected; one before it sees the gap.
+            assert_eq!(
+                sequences(&store.read_after_at(70, 3, now).unwrap()),
+                vec![71, 72, 73]
+            );
+            assert_eq!(store.read_after_at(10, 1, now).unwrap()[0].sequence, 62);
+            assert_eq!(
+                store.bounds_at(now),
+                LogBounds {
+                    oldest: Some(62),
+                    head: 100,
+                    newest_dropped_time: Some(at(60_000)),
+                }
+            );
+            let counts = store.held_counts_at(now);
+            assert_eq!((counts["a.x"], counts["b.x"]), (19, 20));
+            assert_eq!(
+                store.first_sequence_at_or_after_at(at(0), now).unwrap(),
+                Some(62)
+            );
+            assert_eq!(
+                store
+                    .first_sequence_at_or_after_at(at(69_500), now)
+                    .unwrap(),
+                Some(71)
+            );
+        };
+        check(&store);
+        // Expire deletes the segments holding only expired events, and reads agree.
+        store.expire(now).unwrap();
+        let remaining = segment_paths(&dir.path().join("log")).unwrap();
+        assert!(remaining.len() <= segments_before);
+        assert!(
+            remaining[0].0 <= 62 && remaining.get(1).is_none_or(|(base, _)| *base > 62),
+            "the segment holding 62 is the oldest left: {remaining:?}"
+        );
+        check(&store);
+        // Past every event's age: nothing is held, but the active segment stays.
+        let later = at(200_000);
+        assert!(store.read_after_at(0, 10, later).unwrap().is_empty());
+        let bounds = store.bounds_at(later);
+        assert_eq!(bounds.oldest, None);
+        assert_eq!(bounds.newest_dropped_time, Some(at(99_000)));
+        assert!(store.held_counts_at(later).is_empty());
+        assert_eq!(
+            store.first_sequence_at_or_after_at(at(0), later).unwrap(),
+            None
+        );
+        store.expire(later).unwrap();
+        assert_eq!(segment_paths(&dir.path().join("log")).unwrap().len(), 1);
+        let next = store.append(vec![event("a.x", b"")], later).unwrap();
+        assert_eq!(next[0].sequence, 101);
+        assert_eq!(store.bounds_at(later).oldest, Some(101));
+    }
+}
+
+#[test]
+fn an_event_past_its_age_is_hidden_on_the_real_clock_with_no_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::open(FileStoreConfig {
+        retention_max_age: Some(Duration::from_millis(300)),
+        ..config(dir.path())
+    })
+    .unwrap();
+    fill(&store, 3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.bounds().oldest.is_some() {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(all(&store).is_empty());
+    assert!(store.held_counts().is_empty());
+    assert!(store.bounds().newest_dropped_time.is_some());
 }
