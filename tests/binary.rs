@@ -228,3 +228,86 @@ async fn a_second_bus_on_the_same_data_dir_is_refused_naming_the_holder() {
         .unwrap();
     assert_one_clear_error(&output, &[&dir, &holder]);
 }
+
+/// A data directory with `count` events and one consumer group cursor, written by the store.
+fn a_log_with_events(dir: &std::path::Path, count: u64) {
+    use eventbus::store::{FileStore, FileStoreConfig, GroupCursor, Store};
+    let store = FileStore::open(FileStoreConfig::new(dir)).unwrap();
+    for i in 0..count {
+        let event = eventbus::event::Event {
+            id: format!("e{i}"),
+            source: "test".into(),
+            event_type: "t".into(),
+            topic: eventbus::topic::Topic::parse("meta.test").unwrap(),
+            time: None,
+            data_content_type: String::new(),
+            data: vec![b'x'; 16].into(),
+            attributes: Default::default(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            reply_to: None,
+        };
+        store
+            .append(vec![event], std::time::SystemTime::now())
+            .unwrap();
+    }
+    let cursor = GroupCursor {
+        pattern: "meta.>".into(),
+        cursor: 2,
+    };
+    store.save_group_cursor("workers", &cursor).unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_log_id_or_a_cut_groups_file_refuses_start_until_repair() {
+    for damage in ["log-id", "groups.json"] {
+        let data_dir = tempfile::tempdir().unwrap();
+        a_log_with_events(data_dir.path(), 5);
+        let file = data_dir.path().join(damage);
+        match damage {
+            "log-id" => std::fs::remove_file(&file).unwrap(),
+            _ => {
+                let bytes = std::fs::read(&file).unwrap();
+                std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+            }
+        }
+        let output = eventbus()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_one_clear_error(&output, &[&file.display().to_string(), "eventbus repair"]);
+
+        let output = eventbus()
+            .arg("repair")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{output:?}");
+        let said = match damage {
+            "log-id" => "new identity",
+            _ => "groups.json was unreadable",
+        };
+        assert!(stdout.contains(said), "{stdout}");
+        assert!(
+            stdout.contains("moved aside") || damage == "log-id",
+            "{stdout}"
+        );
+
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let (_server, mut client) = serve_on_a_free_port(data_dir.path(), &log).await;
+        let (subscribed, _) = subscribe(
+            &mut client,
+            request_from(
+                "meta.>",
+                eventbus::pb::subscribe_request::Start::Earliest(()),
+            ),
+        )
+        .await;
+        assert_eq!(subscribed.head_sequence, 5, "the log itself is untouched");
+    }
+}
