@@ -244,7 +244,9 @@ impl FileStore {
     /// # Errors
     /// [`StoreError::Locked`] if another process (or another open store) uses the directory:
     /// the lock is taken before recovery reads anything. [`StoreError::Corrupt`] for damage
-    /// recovery must not cut (see the module docs), [`StoreError::Io`] for I/O failures.
+    /// recovery must not cut (see the module docs); [`StoreError::Metadata`] for an unreadable
+    /// `groups.json`, or a missing or unreadable `log-id` when the log holds events;
+    /// [`StoreError::Io`] for I/O failures.
     pub fn open(config: FileStoreConfig) -> Result<FileStore, StoreError> {
         let started = Instant::now();
         let lock = DirLock::acquire(&config.dir)?;
@@ -1188,9 +1190,22 @@ impl DamagedDir {
         Ok(self.dir.as_deref().expect("just set"))
     }
 
+    /// A path for `name` in the run's directory that nothing holds yet (`name.1`, `name.2`, ...
+    /// if taken): nothing set aside is ever overwritten.
+    fn free_path(&mut self, name: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.get()?;
+        let mut path = dir.join(name);
+        let mut n = 0;
+        while path.exists() {
+            n += 1;
+            path = dir.join(format!("{name}.{n}"));
+        }
+        Ok(path)
+    }
+
     /// Writes `bytes` as a new file `name` (durably) and returns its path.
     fn write(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
-        let path = self.get()?.join(name);
+        let path = self.free_path(name)?;
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -1202,8 +1217,11 @@ impl DamagedDir {
 
     /// Moves `from` in (a rename: the bytes are not copied) and returns its new path.
     fn take(&mut self, from: &Path) -> Result<PathBuf, StoreError> {
-        let name = from.file_name().expect("a file name").to_owned();
-        let path = self.get()?.join(name);
+        let name = from
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("a file name");
+        let path = self.free_path(name)?;
         fs::rename(from, &path)?;
         Ok(path)
     }
