@@ -23,15 +23,6 @@ fn eventbus() -> Command {
     command
 }
 
-/// A port that was free a moment ago: bind 127.0.0.1:0 and release it.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the child if the test fails before it exits.
 struct Server(Child);
 
@@ -56,45 +47,52 @@ async fn wait_for_exit(child: &mut Child, within: Duration) -> ExitStatus {
     }
 }
 
-/// Starts `eventbus serve` on `data_dir` with its stderr going to `log`, on a free port (trying a
-/// few: the port may be taken again before the server binds it), and connects to it.
+/// Starts `eventbus serve` on `data_dir` with its stderr going to `log`, on a port the kernel
+/// picks (`127.0.0.1:0`), and connects to it. The port is read back from the server's own
+/// "eventbus listening" log line, so the client can only reach this server (a port found free
+/// beforehand could meanwhile be taken by another test's server).
 async fn serve_on_a_free_port(
     data_dir: &std::path::Path,
     log: &tempfile::NamedTempFile,
 ) -> (Server, EventBusServiceClient<tonic::transport::Channel>) {
-    for _ in 0..5 {
-        let port = free_port();
-        let child = eventbus()
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--shutdown-grace", "30s", "--log-level", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        let mut child = Server(child);
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + WAIT;
-        let connected = loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                break Err(status);
-            }
-            if let Ok(client) = EventBusServiceClient::connect(url.clone()).await {
-                break Ok(client);
-            }
-            assert!(Instant::now() < deadline, "the server did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        if let Ok(client) = connected {
-            return (child, client);
+    let child = eventbus()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--shutdown-grace", "30s", "--log-level", "info"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Server(child);
+    let deadline = Instant::now() + WAIT;
+    let port = loop {
+        let logs = std::fs::read_to_string(log.path()).unwrap_or_default();
+        let port = logs
+            .lines()
+            .find(|line| line.contains("eventbus listening"))
+            .and_then(|line| line.split("127.0.0.1:").nth(1))
+            .and_then(|rest| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u16>().ok()
+            });
+        if let Some(port) = port {
+            break port;
         }
-    }
-    panic!(
-        "the server came up on none of the ports; logs:\n{}",
-        std::fs::read_to_string(log.path()).unwrap_or_default()
-    );
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the server exited with {status} before listening; logs:\n{logs}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not come up; logs:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let client = EventBusServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("connect to the server that said it listens");
+    (child, client)
 }
 
 #[tokio::test]
