@@ -1294,49 +1294,117 @@ fn split_damage(bytes: &[u8]) -> Vec<Piece> {
 pub fn repair(data_dir: &Path) -> Result<RepairReport, StoreError> {
     let _lock = DirLock::acquire(data_dir)?;
     let log_dir = data_dir.join("log");
-    let mut damaged = DamagedDir {
-        parent: data_dir.join("damaged"),
-        dir: None,
-    };
+    let segments = segment_paths(&log_dir)?;
     let mut report = RepairReport::default();
-    // Whether sequences that were in the log (complete records) have been set aside.
-    let mut sequences_set_aside = false;
-    let mut cut = false;
-    let mut expected_base = None;
+
+    // First, reading only: where the log stops being whole, and what it keeps.
+    let mut damage: Option<Damage> = None;
     let mut has_history = false;
-    for (base, path) in segment_paths(&log_dir)? {
-        has_history |= base > 1;
-        if cut || expected_base.is_some_and(|expected| expected != base) {
-            cut = true;
-            sequences_set_aside = true;
-            report.moved.push(damaged.take(&path)?);
-            continue;
+    let mut expected_base = None;
+    for (position, (base, path)) in segments.iter().enumerate() {
+        has_history |= *base > 1;
+        if expected_base.is_some_and(|expected| expected != *base) {
+            damage = Some(Damage {
+                segment: position,
+                offset: None,
+                torn: false,
+            });
+            break;
         }
         // Scanned as not the last segment: repair sets a torn tail aside too, never cuts it.
-        let offset = match scan_segment(&path, base, false) {
+        match scan_segment(path, *base, false) {
             Ok(segment) => {
                 if segment.count() > 0 {
                     report.kept_through = Some(segment.last);
                     has_history = true;
                 }
                 expected_base = Some(segment.last + 1);
-                continue;
             }
-            Err(StoreError::Corrupt { offset, .. }) => offset as usize,
+            Err(StoreError::Corrupt { offset, .. }) => {
+                let bytes = fs::read(path)?;
+                let offset = offset as usize;
+                let before = count_records(&bytes[..offset]);
+                if before > 0 {
+                    report.kept_through = Some(base - 1 + before);
+                    has_history = true;
+                }
+                let rest = &bytes[offset..];
+                let torn = position + 1 == segments.len()
+                    && codec::decode(rest)
+                        .err()
+                        .is_some_and(|error| is_torn_tail(rest, &error));
+                damage = Some(Damage {
+                    segment: position,
+                    offset: Some(offset),
+                    torn,
+                });
+                break;
+            }
             Err(other) => return Err(other),
-        };
-        cut = true;
-        let bytes = fs::read(&path)?;
+        }
+    }
+    // Complete records (with sequences new events would be given again) leave the log.
+    let sequences_set_aside = damage.as_ref().is_some_and(|d| !d.torn);
+    has_history |= sequences_set_aside;
+    let kept_through = report.kept_through.unwrap_or(0);
+    let mut damaged = DamagedDir {
+        parent: data_dir.join("damaged"),
+        dir: None,
+    };
+
+    // The identity and the cursors are settled before the log is cut, so a repair cut short
+    // never leaves a shortened log under its old identity: run again, it finishes the job.
+    let id_path = data_dir.join(LOG_ID_FILE);
+    let id_readable = matches!(read_log_id(data_dir), Ok(Some(_)));
+    if sequences_set_aside || (has_history && !id_readable) {
+        if id_path.exists() {
+            report.moved.push(damaged.take(&id_path)?);
+            damaged.sync()?;
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        write_atomically(data_dir, LOG_ID_FILE, id.as_bytes())?;
+        report.new_log_id = Some(id);
+    }
+    let groups_path = data_dir.join(GROUPS_FILE);
+    let (mut cursors, readable) = match fs::read(&groups_path) {
+        Ok(bytes) => match serde_json::from_slice::<HashMap<String, GroupCursor>>(&bytes) {
+            Ok(cursors) => (cursors, true),
+            Err(_) => (salvage_group_cursors(&bytes), false),
+        },
+        Err(error) if error.kind() == io::ErrorKind::NotFound => (HashMap::new(), true),
+        Err(error) => return Err(error.into()),
+    };
+    for (name, cursor) in &mut cursors {
+        if sequences_set_aside && cursor.cursor > kept_through {
+            cursor.cursor = kept_through;
+            report.groups_moved_back.push(name.clone());
+        }
+    }
+    report.groups_moved_back.sort();
+    report.groups_kept = cursors.keys().cloned().collect();
+    report.groups_kept.sort();
+    if !readable || !report.groups_moved_back.is_empty() {
+        report.groups_file_damaged = !readable;
+        report.moved.push(damaged.take(&groups_path)?);
+        damaged.sync()?;
+        let json = serde_json::to_vec_pretty(&cursors).map_err(io::Error::other)?;
+        write_atomically(data_dir, GROUPS_FILE, &json)?;
+    }
+
+    // Then the log: the damaged segment's tail is copied aside and cut, later segments moved.
+    let Some(damage) = damage else {
+        return Ok(report);
+    };
+    let mut whole_from = damage.segment;
+    if let Some(offset) = damage.offset {
+        whole_from += 1;
+        let path = &segments[damage.segment].1;
+        let bytes = fs::read(path)?;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
-            .expect("a segment name")
-            .to_owned();
+            .expect("a segment name");
         let rest = &bytes[offset..];
-        let torn = codec::decode(rest)
-            .err()
-            .is_some_and(|error| is_torn_tail(rest, &error));
-        sequences_set_aside |= !torn;
         for (at, len, run) in split_damage(rest) {
             let piece = &rest[at..at + len];
             match run {
@@ -1354,61 +1422,38 @@ pub fn repair(data_dir: &Path) -> Result<RepairReport, StoreError> {
         }
         damaged.sync()?;
         // Only now that every byte is durable under damaged/ is the segment cut.
-        let file = OpenOptions::new().write(true).open(&path)?;
+        let file = OpenOptions::new().write(true).open(path)?;
         file.set_len(offset as u64)?;
         file.sync_all()?;
-        let kept = scan_segment(&path, base, false)?;
-        if kept.count() > 0 {
-            report.kept_through = Some(kept.last);
-            has_history = true;
-        }
     }
-    if !report.moved.is_empty() {
-        File::open(&log_dir)?.sync_all()?;
+    for (_, path) in &segments[whole_from..] {
+        report.moved.push(damaged.take(path)?);
     }
-    has_history |= sequences_set_aside;
-
-    // Identity.
-    let id_path = data_dir.join(LOG_ID_FILE);
-    let id_readable = matches!(read_log_id(data_dir), Ok(Some(_)));
-    if sequences_set_aside || (has_history && !id_readable) {
-        if id_path.exists() {
-            report.moved.push(damaged.take(&id_path)?);
-            damaged.sync()?;
-        }
-        let id = uuid::Uuid::now_v7().to_string();
-        write_atomically(data_dir, LOG_ID_FILE, id.as_bytes())?;
-        report.new_log_id = Some(id);
-    }
-
-    // Group cursors.
-    let groups_path = data_dir.join(GROUPS_FILE);
-    let (mut cursors, readable) = match fs::read(&groups_path) {
-        Ok(bytes) => match serde_json::from_slice::<HashMap<String, GroupCursor>>(&bytes) {
-            Ok(cursors) => (cursors, true),
-            Err(_) => (salvage_group_cursors(&bytes), false),
-        },
-        Err(error) if error.kind() == io::ErrorKind::NotFound => (HashMap::new(), true),
-        Err(error) => return Err(error.into()),
-    };
-    let kept_through = report.kept_through.unwrap_or(0);
-    for (name, cursor) in &mut cursors {
-        if cursor.cursor > kept_through && sequences_set_aside {
-            cursor.cursor = kept_through;
-            report.groups_moved_back.push(name.clone());
-        }
-    }
-    report.groups_moved_back.sort();
-    report.groups_kept = cursors.keys().cloned().collect();
-    report.groups_kept.sort();
-    if !readable || !report.groups_moved_back.is_empty() {
-        report.groups_file_damaged = !readable;
-        report.moved.push(damaged.take(&groups_path)?);
-        damaged.sync()?;
-        let json = serde_json::to_vec_pretty(&cursors).map_err(io::Error::other)?;
-        write_atomically(data_dir, GROUPS_FILE, &json)?;
-    }
+    damaged.sync()?;
+    File::open(&log_dir)?.sync_all()?;
     Ok(report)
+}
+
+/// Where [`repair`] found the log stops being whole.
+struct Damage {
+    /// The position (in base order) of the first segment not kept whole.
+    segment: usize,
+    /// Where in that segment the first bad record starts; `None` when the segment does not
+    /// follow on from the previous one and is set aside whole.
+    offset: Option<usize>,
+    /// Whether the bad part is a torn final write (no complete record lost).
+    torn: bool,
+}
+
+/// How many records `bytes` holds, all of them valid (as recovery checked).
+fn count_records(bytes: &[u8]) -> u64 {
+    let mut at = 0;
+    let mut count = 0;
+    while let Ok((_, len)) = codec::frame(&bytes[at..]) {
+        at += len;
+        count += 1;
+    }
+    count
 }
 
 /// The groups that can still be read from a damaged `groups.json` (typically one cut short):

@@ -188,6 +188,17 @@ fn log_id_of(dir: &Path) -> String {
 fn flip_refuse_and_repair(count: usize, damaged: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = one_segment_log(dir.path(), count);
+    {
+        // One group done with the whole log, one with none of it.
+        let store = FileStore::open(config(dir.path())).unwrap();
+        for (group, cursor) in [("late", count as u64), ("early", 0)] {
+            let cursor = GroupCursor {
+                pattern: ">".into(),
+                cursor,
+            };
+            store.save_group_cursor(group, &cursor).unwrap();
+        }
+    }
     let original = std::fs::read(&path).unwrap();
     let starts = boundaries(&original);
     let at = starts[damaged] + (starts[damaged + 1] - starts[damaged]) / 2;
@@ -235,10 +246,15 @@ fn flip_refuse_and_repair(count: usize, damaged: usize) {
     assert_eq!(rebuilt, flipped);
     let new_id = report.new_log_id.clone().expect("a new identity");
     assert_ne!(new_id, old_id);
+    // The group past the kept log is moved back to its end, so it reads the new events that
+    // will take the set-aside sequences.
+    assert_eq!(report.groups_moved_back, vec!["late".to_owned()]);
 
     let store = FileStore::open(config(dir.path())).unwrap();
     assert_eq!(store.log_id(), new_id);
     assert_eq!(sequences(&all(&store)), (1..=kept).collect::<Vec<_>>());
+    let cursors = store.load_group_cursors().unwrap();
+    assert_eq!((cursors["late"].cursor, cursors["early"].cursor), (kept, 0));
     let next = store
         .append(vec![event("a.b", b"after repair")], SystemTime::now())
         .unwrap();
