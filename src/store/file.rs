@@ -236,6 +236,10 @@ pub struct FileStore {
     expiry: Mutex<Expiry>,
     /// The claim on the data directory, released when the store is dropped (after `close`).
     _lock: DirLock,
+    /// Tests only: cutting a failed write back off the file fails, as no real fault can be
+    /// made to do on demand.
+    #[cfg(test)]
+    fail_cuts: std::sync::atomic::AtomicBool,
 }
 
 impl FileStore {
@@ -335,6 +339,8 @@ impl FileStore {
             expiry: Mutex::new(Expiry::default()),
             config,
             _lock: lock,
+            #[cfg(test)]
+            fail_cuts: std::sync::atomic::AtomicBool::new(false),
         };
         store.apply_retention(&mut store.write_inner(), SystemTime::now())?;
         Ok(store)
@@ -765,7 +771,13 @@ impl Store for FileStore {
                 .index
                 .retain(|(sequence, _, _)| *sequence < first_sequence);
             inner.buffer = buffer;
-            if let Err(cut) = active.file.set_len(active.bytes) {
+            let cut = active.file.set_len(active.bytes);
+            #[cfg(test)]
+            let cut = match self.fail_cuts.load(std::sync::atomic::Ordering::Relaxed) {
+                true => Err(io::Error::other("injected: the cut fails")),
+                false => cut,
+            };
+            if let Err(cut) = cut {
                 // Part of the batch may stay in the file, where the next append (the file is
                 // opened for appending) would land after it: stop writing instead. Recovery
                 // treats what is there on the next start like a crash's leftovers.

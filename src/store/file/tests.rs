@@ -944,3 +944,46 @@ fn an_event_past_its_age_is_hidden_on_the_real_clock_with_no_append() {
     assert!(store.held_counts().is_empty());
     assert!(store.bounds().newest_dropped_time.is_some());
 }
+
+#[test]
+fn a_failed_write_that_cannot_be_cut_back_fails_the_store_until_a_restart() {
+    let Some(tmpfs) = Tmpfs::mount("size=256k,nr_inodes=1000") else {
+        return;
+    };
+    let dir = tmpfs.path().join("data");
+    let spare = tmpfs.path().join("spare");
+    std::fs::write(&spare, vec![0u8; 64 * 1024]).unwrap();
+    let store = FileStore::open(FileStoreConfig {
+        segment_bytes: u64::MAX,
+        ..config(&dir)
+    })
+    .unwrap();
+    store
+        .fail_cuts
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let ((error, head), logs) = capture_logs(|| append_until_refused(&store));
+    assert!(matches!(error, StoreError::Io(_)), "{error:?}");
+    assert!(
+        logs.contains("ERROR") && logs.contains("refuses further writes"),
+        "{logs}"
+    );
+    // What is on disk past the head is unknown: the store says so and takes no more writes.
+    let reason = store.durability_error().expect("the store has failed");
+    assert!(reason.contains("cannot cut"), "{reason}");
+    std::fs::remove_file(&spare).unwrap();
+    assert!(matches!(
+        store.append(vec![event("a.b", b"refused")], SystemTime::now()),
+        Err(StoreError::Failed(_))
+    ));
+    assert_eq!(store.bounds().head, head);
+    drop(store);
+    // A restart recovers: the half-written record is a torn tail, cut; nothing is lost or
+    // stored twice, and writes go on.
+    assert_reopens_whole(&dir, head);
+    let store = FileStore::open(config(&dir)).unwrap();
+    assert_eq!(store.durability_error(), None);
+    let next = store
+        .append(vec![event("a.b", b"after")], SystemTime::now())
+        .unwrap();
+    assert_eq!(next[0].sequence, head + 1);
+}
