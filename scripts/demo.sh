@@ -2,7 +2,8 @@
 # The scenario in one command: builds the workspace (release), starts the bus and the four
 # services (query-service twice: request-reply on :8080, projection on :8081), prints what to
 # try, and stops everything on Ctrl-C. Data lives in a fresh temporary directory (DEMO_DIR to
-# choose one); logs are there too.
+# choose one); logs are there too. DEMO_BIN=<dir> uses binaries already built there instead of
+# building.
 #
 #   ./scripts/demo.sh
 set -euo pipefail
@@ -12,8 +13,12 @@ BUS_PORT=${BUS_PORT:-50051}
 RR_PORT=${RR_PORT:-8080}
 PROJECTION_PORT=${PROJECTION_PORT:-8081}
 
-cargo build --release --workspace --quiet
-BIN=$PWD/target/release
+if [[ -n "${DEMO_BIN:-}" ]]; then
+  BIN=$(cd "$DEMO_BIN" && pwd)
+else
+  cargo build --release --workspace --quiet
+  BIN=$PWD/target/release
+fi
 if [[ -n "${DEMO_DIR:-}" ]]; then
   mkdir -p "$DEMO_DIR"
 else
@@ -43,10 +48,45 @@ start() { # name, then the command
   echo $! >"$DEMO_DIR/$name.pid"
 }
 
-wait_until() { # what, then a command that succeeds when ready
-  local what=$1
-  shift
+# The pids listening on TCP port $1, one a line (empty when none or when no tool can tell).
+listeners() {
+  if command -v ss >/dev/null; then
+    ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u
+  elif command -v lsof >/dev/null; then
+    lsof -nP -t -iTCP:"$1" -sTCP:LISTEN 2>/dev/null | sort -u
+  fi
+}
+
+# Fails unless process $2 (started as $1) is alive and is the one listening on port $3: with
+# another bus or service already on that port, a health check would be answered by it while the
+# process this script started has died.
+check_ours() { # name, pid, port
+  local name=$1 pid=$2 port=$3
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "error: $name (pid $pid) exited: $(tail -n 1 "$DEMO_DIR/$name.log" 2>/dev/null)" >&2
+    echo "       see $DEMO_DIR/$name.log" >&2
+    exit 1
+  fi
+  local holders
+  holders=$(listeners "$port")
+  if [[ -z "$holders" ]] && ! command -v ss >/dev/null && ! command -v lsof >/dev/null; then
+    # No tool to ask: the process is alive, and it could not be if it had failed to bind.
+    return 0
+  fi
+  if ! grep -qx "$pid" <<<"$holders"; then
+    echo "error: port $port answers, but not from the $name this script started (pid $pid);" >&2
+    echo "       it is held by pid(s) $(echo "$holders" | tr '\n' ' ')- stop that, or choose" >&2
+    echo "       another port (BUS_PORT, RR_PORT, PROJECTION_PORT); see $DEMO_DIR/$name.log" >&2
+    exit 1
+  fi
+}
+
+wait_until() { # name, its pid, what, then a command that succeeds when ready
+  local name=$1 pid=$2 what=$3
+  shift 3
   for _ in $(seq 1 150); do
+    # A process that died cannot come up: say so at once rather than after the timeout.
+    if ! kill -0 "$pid" 2>/dev/null; then check_ours "$name" "$pid" 0; fi
     if "$@" >/dev/null 2>&1; then return 0; fi
     sleep 0.1
   done
@@ -55,15 +95,28 @@ wait_until() { # what, then a command that succeeds when ready
 }
 
 start eventbus "$BIN/eventbus" serve --listen "127.0.0.1:$BUS_PORT" --data-dir "$DEMO_DIR/eventbus-data"
-wait_until "the bus" "$BIN/eventbus" topics
+bus_pid=$!
+wait_until eventbus "$bus_pid" "the bus" "$BIN/eventbus" topics
+check_ours eventbus "$bus_pid" "$BUS_PORT"
 for service in user-service product-service order-service; do
   start "$service" "$BIN/$service" --db "$DEMO_DIR/$service.db"
 done
 start query-rr "$BIN/query-service" --mode request-reply --listen "127.0.0.1:$RR_PORT"
+rr_pid=$!
 start query-projection "$BIN/query-service" --mode projection \
   --listen "127.0.0.1:$PROJECTION_PORT" --db "$DEMO_DIR/query-service.db"
-wait_until "query-service (request-reply)" curl -sf "http://127.0.0.1:$RR_PORT/health"
-wait_until "query-service (projection)" curl -sf "http://127.0.0.1:$PROJECTION_PORT/health"
+projection_pid=$!
+wait_until query-rr "$rr_pid" "query-service (request-reply)" curl -sf "http://127.0.0.1:$RR_PORT/health"
+wait_until query-projection "$projection_pid" "query-service (projection)" \
+  curl -sf "http://127.0.0.1:$PROJECTION_PORT/health"
+check_ours query-rr "$rr_pid" "$RR_PORT"
+check_ours query-projection "$projection_pid" "$PROJECTION_PORT"
+# Still the bus this script started (it could have died while the services came up).
+check_ours eventbus "$bus_pid" "$BUS_PORT"
+for service in user-service product-service order-service; do
+  pid=$(cat "$DEMO_DIR/$service.pid")
+  kill -0 "$pid" 2>/dev/null || check_ours "$service" "$pid" 0
+done
 
 cat <<TXT
 

@@ -23,15 +23,6 @@ fn eventbus() -> Command {
     command
 }
 
-/// A port that was free a moment ago: bind 127.0.0.1:0 and release it.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the child if the test fails before it exits.
 struct Server(Child);
 
@@ -56,44 +47,60 @@ async fn wait_for_exit(child: &mut Child, within: Duration) -> ExitStatus {
     }
 }
 
+/// Starts `eventbus serve` on `data_dir` with its stderr going to `log`, on a port the kernel
+/// picks (`127.0.0.1:0`), and connects to it. The port is read back from the server's own
+/// "eventbus listening" log line, so the client can only reach this server (a port found free
+/// beforehand could meanwhile be taken by another test's server).
+async fn serve_on_a_free_port(
+    data_dir: &std::path::Path,
+    log: &tempfile::NamedTempFile,
+) -> (Server, EventBusServiceClient<tonic::transport::Channel>) {
+    let child = eventbus()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--shutdown-grace", "30s", "--log-level", "info"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Server(child);
+    let deadline = Instant::now() + WAIT;
+    let port = loop {
+        let logs = std::fs::read_to_string(log.path()).unwrap_or_default();
+        let port = logs
+            .lines()
+            .find(|line| line.contains("eventbus listening"))
+            .and_then(|line| line.split("127.0.0.1:").nth(1))
+            .and_then(|rest| {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u16>().ok()
+            });
+        if let Some(port) = port {
+            break port;
+        }
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the server exited with {status} before listening; logs:\n{logs}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not come up; logs:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let client = EventBusServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("connect to the server that said it listens");
+    (child, client)
+}
+
 #[tokio::test]
 async fn serve_ends_streams_and_exits_cleanly_on_sigterm() {
     let grace = Duration::from_secs(30);
     let log = tempfile::NamedTempFile::new().unwrap();
     let data_dir = tempfile::tempdir().unwrap();
-    let mut server = None;
-    // The free port may be taken again before the server binds it: try a few.
-    for _ in 0..5 {
-        let port = free_port();
-        let child = eventbus()
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(data_dir.path())
-            .args(["--shutdown-grace", "30s", "--log-level", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .unwrap();
-        let mut child = Server(child);
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + WAIT;
-        let connected = loop {
-            if let Some(status) = child.0.try_wait().unwrap() {
-                break Err(status);
-            }
-            if let Ok(client) = EventBusServiceClient::connect(url.clone()).await {
-                break Ok(client);
-            }
-            assert!(Instant::now() < deadline, "the server did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        if let Ok(client) = connected {
-            server = Some((child, client));
-            break;
-        }
-    }
-    let (mut child, mut client) = server.expect("the server came up on one of the ports");
+    let (mut child, mut client) = serve_on_a_free_port(data_dir.path(), &log).await;
 
     let (_, mut stream) = subscribe(&mut client, request("events.>")).await;
     let sequence = publish_one(&mut client, common_event("events.one")).await;
@@ -176,4 +183,129 @@ fn a_taken_address_is_one_clear_error() {
     let addr = taken.local_addr().unwrap().to_string();
     let output = run(&["serve", "--listen", &addr, "--storage", "memory"]);
     assert_one_clear_error(&output, &[&addr]);
+}
+
+#[tokio::test]
+async fn a_second_bus_on_the_same_data_dir_is_refused_naming_the_holder() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let (first, _client) = serve_on_a_free_port(data_dir.path(), &log).await;
+    let holder = format!("pid {}", first.0.id());
+    let dir = data_dir.path().display().to_string();
+
+    // Another port, the same directory: refused before it touches the log.
+    let second = eventbus()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut second = Server(second);
+    let status = wait_for_exit(&mut second.0, WAIT).await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "the second bus must not start: {stderr}");
+    let error_line = stderr
+        .lines()
+        .find(|line| line.starts_with("error"))
+        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
+    assert!(
+        error_line.contains(&dir) && error_line.contains(&holder),
+        "the error names the directory and the holder ({holder}): {error_line}"
+    );
+
+    // Repair writes the directory too: refused while the bus runs.
+    let output = eventbus()
+        .arg("repair")
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .output()
+        .unwrap();
+    assert_one_clear_error(&output, &[&dir, &holder]);
+}
+
+/// A data directory with `count` events and one consumer group cursor, written by the store.
+fn a_log_with_events(dir: &std::path::Path, count: u64) {
+    use eventbus::store::{FileStore, FileStoreConfig, GroupCursor, Store};
+    let store = FileStore::open(FileStoreConfig::new(dir)).unwrap();
+    for i in 0..count {
+        let event = eventbus::event::Event {
+            id: format!("e{i}"),
+            source: "test".into(),
+            event_type: "t".into(),
+            topic: eventbus::topic::Topic::parse("meta.test").unwrap(),
+            time: None,
+            data_content_type: String::new(),
+            data: vec![b'x'; 16].into(),
+            attributes: Default::default(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            reply_to: None,
+        };
+        store
+            .append(vec![event], std::time::SystemTime::now())
+            .unwrap();
+    }
+    let cursor = GroupCursor {
+        pattern: "meta.>".into(),
+        cursor: 2,
+    };
+    store.save_group_cursor("workers", &cursor).unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_log_id_or_a_cut_groups_file_refuses_start_until_repair() {
+    for damage in ["log-id", "groups.json"] {
+        let data_dir = tempfile::tempdir().unwrap();
+        a_log_with_events(data_dir.path(), 5);
+        let file = data_dir.path().join(damage);
+        match damage {
+            "log-id" => std::fs::remove_file(&file).unwrap(),
+            _ => {
+                let bytes = std::fs::read(&file).unwrap();
+                std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+            }
+        }
+        let output = eventbus()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_one_clear_error(&output, &[&file.display().to_string(), "eventbus repair"]);
+
+        let output = eventbus()
+            .arg("repair")
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{output:?}");
+        let said = match damage {
+            "log-id" => "new identity",
+            _ => "groups.json was unreadable",
+        };
+        assert!(stdout.contains(said), "{stdout}");
+        assert!(
+            stdout.contains("moved aside") || damage == "log-id",
+            "{stdout}"
+        );
+
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let (_server, mut client) = serve_on_a_free_port(data_dir.path(), &log).await;
+        let (subscribed, _) = subscribe(
+            &mut client,
+            request_from(
+                "meta.>",
+                eventbus::pb::subscribe_request::Start::Earliest(()),
+            ),
+        )
+        .await;
+        assert_eq!(subscribed.head_sequence, 5, "the log itself is untouched");
+    }
 }

@@ -421,3 +421,55 @@ async fn earliest_on_a_busy_bus_at_its_retention_limit_replays_what_is_held() {
         publisher.await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn events_past_their_age_are_not_replayed_though_nothing_was_published_since() {
+    // On either store (`EVENTBUS_TEST_STORAGE`): age is judged when read, not on append.
+    let bus = TestBus::start_with(BusConfig {
+        retention_max_age: Some(Duration::from_millis(400)),
+        ..BusConfig::default()
+    })
+    .await;
+    let mut client = bus.client().await;
+    for i in 0..3u8 {
+        publish_one(&mut client, event("aged", &[i])).await;
+    }
+    let mut admin = bus.admin().await;
+    // Nothing is published while the events age out.
+    eventually("the events to age out", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            let (subscribed, _) =
+                subscribe(&mut client, request_from("aged", Start::AfterSequence(0))).await;
+            (subscribed.oldest_sequence == 0).then_some(())
+        }
+    })
+    .await;
+    let (subscribed, mut stream) =
+        subscribe(&mut client, request_from("aged", Start::AfterSequence(0))).await;
+    assert!(subscribed.start_truncated, "the lost events are reported");
+    assert_eq!(subscribed.head_sequence, 3);
+    let (replayed, head) = replay(&mut stream).await;
+    assert!(replayed.is_empty(), "{replayed:?}");
+    assert_eq!(head, 3);
+    let (subscribed, _) = subscribe(
+        &mut client,
+        request_from("aged", Start::FromTime(timestamp(SystemTime::UNIX_EPOCH))),
+    )
+    .await;
+    assert!(subscribed.start_truncated);
+    let topics = admin
+        .list_topics(pb::ListTopicsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .topics;
+    assert!(
+        topics.iter().all(|t| t.events_held == 0),
+        "nothing is counted as held: {topics:?}"
+    );
+    // A new event is held and replayed as usual.
+    let sequence = publish_one(&mut client, event("aged", b"new")).await;
+    let (_, mut stream) = subscribe(&mut client, request_from("aged", Start::Earliest(()))).await;
+    assert_eq!(sequences(&replay(&mut stream).await.0), vec![sequence]);
+}

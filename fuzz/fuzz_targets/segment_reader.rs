@@ -1,10 +1,10 @@
 //! Fuzzes the file store's segment reader: arbitrary bytes, as the codec sees a record and as
-//! recovery sees the last segment of a log, must never panic, and recovery must keep exactly the
-//! records before the first bad one.
+//! recovery sees the last segment of a log, must never panic, and recovery must either refuse
+//! naming the first bad record or keep exactly the records before it.
 #![no_main]
 
 use eventbus::store::codec;
-use eventbus::store::{FileStore, FileStoreConfig, FsyncPolicy, Store};
+use eventbus::store::{FileStore, FileStoreConfig, FsyncPolicy, Store, StoreError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|bytes: &[u8]| {
@@ -26,21 +26,30 @@ fuzz_target!(|bytes: &[u8]| {
             Err(_) => break,
         }
     }
+    let offset_of_first_bad = offset;
 
-    // Recovery of a log whose only segment holds these bytes: it must open, keeping exactly
-    // the complete, well-ordered records before the first bad one.
+    // Recovery of a log whose only segment holds these bytes: it either refuses (corruption:
+    // a bad record that is not a torn final write) or opens keeping exactly the complete,
+    // well-ordered records before the first bad one (a torn tail is cut). It never opens with
+    // fewer.
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     std::fs::create_dir_all(&log).unwrap();
     std::fs::write(log.join(format!("{:020}.log", 1)), bytes).unwrap();
-    let store = FileStore::open(FileStoreConfig {
+    match FileStore::open(FileStoreConfig {
         fsync: FsyncPolicy::Never,
         ..FileStoreConfig::new(dir.path())
-    })
-    .expect("a damaged last segment is truncated, never fatal");
-    assert_eq!(store.bounds().head, complete);
-    assert_eq!(
-        store.read_after(0, usize::MAX).unwrap().len() as u64,
-        complete
-    );
+    }) {
+        Ok(store) => {
+            assert_eq!(store.bounds().head, complete);
+            assert_eq!(
+                store.read_after(0, usize::MAX).unwrap().len() as u64,
+                complete
+            );
+        }
+        Err(StoreError::Corrupt { offset, .. }) => {
+            assert_eq!(offset, offset_of_first_bad as u64, "refused at the first bad record");
+        }
+        Err(other) => panic!("recovery failed with {other}"),
+    }
 });

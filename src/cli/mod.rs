@@ -13,7 +13,7 @@ use crate::sdk::Start;
 
 mod client;
 
-/// `eventbus repair`: see [`crate::store::file::repair`].
+/// `eventbus repair`: see [`crate::store::file::repair`]. Prints what it did, one line each.
 fn repair(args: &RepairArgs) -> anyhow::Result<()> {
     if !args.data_dir.join("log").is_dir() {
         anyhow::bail!(
@@ -22,16 +22,39 @@ fn repair(args: &RepairArgs) -> anyhow::Result<()> {
         );
     }
     let report = crate::store::file::repair(&args.data_dir)?;
-    if report.moved.is_empty() {
-        println!("the log is intact; nothing moved");
-    } else {
-        for path in &report.moved {
-            println!("moved aside: {}", path.display());
-        }
-        match report.kept_through {
-            Some(sequence) => println!("the log keeps sequences up to {sequence}"),
-            None => println!("the log keeps no events"),
-        }
+    if !report.changed_anything() {
+        println!("the log, its identity and the group cursors are intact; nothing moved");
+        return Ok(());
+    }
+    for path in &report.moved {
+        println!("moved aside: {}", path.display());
+    }
+    for (path, first, last) in &report.intact_set_aside {
+        println!(
+            "intact records {first}..={last} followed the damage and left the log; they are in {}",
+            path.display()
+        );
+    }
+    match report.kept_through {
+        Some(sequence) => println!("the log keeps sequences up to {sequence}"),
+        None => println!("the log keeps no events"),
+    }
+    if let Some(id) = &report.new_log_id {
+        println!(
+            "the log has a new identity, {id}: clients that resume see a new log and start over \
+             from its earliest event"
+        );
+    }
+    if report.groups_file_damaged {
+        println!(
+            "groups.json was unreadable: kept the cursors of {} group(s) ({}); any other group \
+             starts as a new group",
+            report.groups_kept.len(),
+            report.groups_kept.join(", ")
+        );
+    }
+    for group in &report.groups_moved_back {
+        println!("group {group}: cursor moved back to the end of the kept log");
     }
     Ok(())
 }
@@ -82,9 +105,10 @@ pub enum Command {
     Topics(TopicsArgs),
     /// Show who publishes and subscribes to what.
     Topology(TopologyArgs),
-    /// Make a file store that fails recovery openable again: move the first damaged record and
-    /// everything after it into <data-dir>/damaged/ (nothing is deleted). Run with the bus
-    /// stopped.
+    /// Make a file store that fails recovery openable again: the log keeps the records before
+    /// the first damaged one; the damaged bytes and the intact records after them go into
+    /// <data-dir>/damaged/ (nothing is deleted); an unreadable groups.json or log-id is set
+    /// aside too. Run with the bus stopped.
     Repair(RepairArgs),
 }
 

@@ -23,6 +23,10 @@ const VERSION: u8 = 1;
 /// a corrupted length cannot make the reader allocate gigabytes.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024 * 1024;
 
+/// The smallest payload a record can have: version, sequence, publish time, time flag, eight
+/// empty strings, the attribute count and empty data.
+pub const MIN_PAYLOAD_BYTES: usize = 1 + 8 + 8 + 1 + 8 * 4 + 4 + 4;
+
 /// Why bytes are not a valid record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -85,6 +89,27 @@ pub fn encode(event: &StoredEvent, out: &mut Vec<u8>) {
 pub fn decode(bytes: &[u8]) -> Result<(StoredEvent, usize), DecodeError> {
     let (payload, frame_len) = frame(bytes)?;
     Ok((decode_payload(payload)?, frame_len))
+}
+
+/// The offset of the first complete, valid record that starts at or after `from` in `bytes`, if
+/// any: how a reader finds where intact records resume after a damaged one. Every offset is
+/// tried (a cheap look at the length, version byte and time flag first, then the checksum and
+/// the whole payload), so a match inside damaged bytes would need a CRC32C collision on a
+/// well-formed payload.
+pub fn next_record(bytes: &[u8], from: usize) -> Option<usize> {
+    let last_start = bytes
+        .len()
+        .checked_sub(FRAME_HEADER_BYTES + MIN_PAYLOAD_BYTES)?;
+    (from..=last_start).find(|&at| {
+        let rest = &bytes[at..];
+        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        // The version byte and the event-time flag (0 or 1) rule out all but ~1 offset in
+        // 30,000 of random bytes before any checksum is computed.
+        rest[FRAME_HEADER_BYTES] == VERSION
+            && rest[FRAME_HEADER_BYTES + 17] <= 1
+            && (MIN_PAYLOAD_BYTES..=rest.len() - FRAME_HEADER_BYTES).contains(&len)
+            && decode(rest).is_ok()
+    })
 }
 
 /// Checks the frame at the start of `bytes` (length and checksum) and returns its payload and
@@ -274,6 +299,27 @@ mod tests {
                 "flip at {byte}"
             );
         }
+    }
+
+    #[test]
+    fn next_record_finds_where_intact_records_resume() {
+        let mut log = Vec::new();
+        let mut starts = Vec::new();
+        for sequence in 1..=4 {
+            starts.push(log.len());
+            encode(&stored(sequence, vec![7; 40], HashMap::new()), &mut log);
+        }
+        assert_eq!(next_record(&log, 0), Some(0));
+        assert_eq!(next_record(&log, 1), Some(starts[1]));
+        // Damage inside the second record: the search lands on the third.
+        log[starts[1] + 20] ^= 0x10;
+        assert_eq!(next_record(&log, starts[1]), Some(starts[2]));
+        assert_eq!(next_record(&log, starts[3] + 1), None);
+        assert_eq!(next_record(&log[..starts[3] + 10], starts[3]), None);
+        assert_eq!(next_record(&[0; 200], 0), None);
+        let mut empty = Vec::new();
+        encode(&stored(1, Vec::new(), HashMap::new()), &mut empty);
+        assert!(empty.len() >= FRAME_HEADER_BYTES + MIN_PAYLOAD_BYTES);
     }
 
     #[test]

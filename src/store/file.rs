@@ -3,9 +3,21 @@
 //!
 //! # On disk
 //! `<data-dir>/log/<base sequence, 20 digits>.log` files, each a run of records with consecutive
-//! sequences in the [`codec`](super::codec) framing (length, CRC32C, payload). A segment is rolled
-//! when it passes `segment_bytes`; retention deletes whole segments, oldest first, never the
-//! active one.
+//! sequences in the [`codec`](super::codec) framing (length, CRC32C, payload). A segment that has
+//! reached `segment_bytes` is rolled by the next append, before that append writes anything, so
+//! a segment that cannot be created refuses the batch with nothing of it stored (rather than
+//! failing after the batch counted); retention deletes whole segments, oldest first, never the
+//! active one. Age retention is also judged when read: reads skip events past the max age by the
+//! clock (the boundary inside a segment is found by reading forward from where it last stood,
+//! so each expired event is read once), and [`Store::expire`] deletes the segments that hold
+//! only such events.
+//!
+//! # Failures
+//! Every storage error is logged at ERROR. An append whose write fails is cut back off the file
+//! and refused whole; the store stays writable. Only when the store cannot know what is on disk
+//! (a failed fsync, a failed write it cannot cut back) does it enter a failed state that refuses
+//! every later write ([`StoreError::Failed`], reported by [`Store::durability_error`]) until a
+//! restart, whose recovery keeps exactly the complete records.
 //!
 //! # Durability: group commit
 //! [`FileStore::append`] writes the batch to the active segment (a `write` into the page cache,
@@ -25,11 +37,22 @@
 //! Older ones are read from disk, seeking with a sparse in-memory index per segment (a sequence,
 //! file offset and publish time every [`INDEX_INTERVAL_BYTES`]) that recovery rebuilds.
 //!
+//! # One writer per directory
+//! [`FileStore::open`] and [`repair`] first lock `<data-dir>/LOCK` (see [`DirLock`]): two buses
+//! on one directory would interleave appends and corrupt the log.
+//!
 //! # Recovery
-//! On open, every segment is scanned and checked. A torn or corrupt record at the end of the last
-//! segment (a write cut short by a crash) is truncated away and logged. A bad record anywhere
-//! else stops start-up with [`StoreError::Corrupt`] naming the file and offset; [`repair`] moves
-//! the damaged part aside (never deletes it) so the bus can start with everything before it.
+//! On open, every segment is scanned and checked. Only a torn write at the end of the last
+//! segment is cut off (and logged): the file ends inside a record (its declared length runs past
+//! the end) or in zeros, with no valid record after it. Such a record was never complete, so it
+//! was never acknowledged. Anything else (a complete record with a bad checksum or format, a
+//! length that runs into later records, a sequence out of order), in any segment, stops start-up
+//! with [`StoreError::Corrupt`] naming the file and offset: cutting there could eat acknowledged
+//! events. [`repair`] then sets the damaged part aside (never deletes it) so the bus can start;
+//! its docs say what it keeps. The log's identity (`log-id`) and the group cursors
+//! (`groups.json`) are checked too: [`StoreError::Metadata`] names a file that is unreadable, or
+//! a missing `log-id` of a log that holds events (a new identity must be given deliberately, by
+//! [`repair`], never silently).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -40,11 +63,16 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::codec::{self, DecodeError};
-use super::{count_family, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
+use super::{count_family, AgeCutoff, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
 use crate::event::{Event, SharedEvent, StoredEvent};
+
+mod lock;
+
+pub(crate) use lock::describe_holder;
+pub use lock::{DirLock, LOCK_FILE};
 
 /// A sparse index entry is kept every this many bytes of a segment.
 pub const INDEX_INTERVAL_BYTES: u64 = 64 * 1024;
@@ -155,6 +183,23 @@ struct Inner {
     buffer: Vec<u8>,
 }
 
+/// The boundary of age retention inside the held log: events before `first_live` are expired.
+/// It only moves forward, a little at a time as the clock passes events, so finding it reads
+/// each expired event once.
+#[derive(Debug, Default)]
+struct Expiry {
+    /// The first sequence not expired (or not yet judged: see `first_live_time`).
+    first_live: u64,
+    /// The publish time of the event at `first_live`, once found: until the cutoff passes it,
+    /// the boundary stands.
+    first_live_time: Option<SystemTime>,
+    /// When the newest expired event was published.
+    newest_expired_time: Option<SystemTime>,
+    /// The segment (by base) holding both expired and live events, and its expired events per
+    /// family.
+    partial: Option<(u64, HeldCounts)>,
+}
+
 /// Shared with the syncer thread.
 #[derive(Debug)]
 struct Durability {
@@ -184,12 +229,31 @@ pub struct FileStore {
     log_id: String,
     /// Every group's cursor, as last saved to `groups.json`.
     group_cursors: Mutex<HashMap<String, GroupCursor>>,
+    /// Age retention's cutoff, judged when read.
+    age: AgeCutoff,
+    /// Where age retention stands inside the held segments (it deletes whole segments only, so
+    /// expired events can still be on disk). Lock order: `inner`, then this.
+    expiry: Mutex<Expiry>,
+    /// The claim on the data directory, released when the store is dropped (after `close`).
+    _lock: DirLock,
+    /// Tests only: cutting a failed write back off the file fails, as no real fault can be
+    /// made to do on demand.
+    #[cfg(test)]
+    fail_cuts: std::sync::atomic::AtomicBool,
 }
 
 impl FileStore {
     /// Opens (or creates) the log in `config.dir`, recovering it as described in the module docs.
+    ///
+    /// # Errors
+    /// [`StoreError::Locked`] if another process (or another open store) uses the directory:
+    /// the lock is taken before recovery reads anything. [`StoreError::Corrupt`] for damage
+    /// recovery must not cut (see the module docs); [`StoreError::Metadata`] for an unreadable
+    /// `groups.json`, or a missing or unreadable `log-id` when the log holds events;
+    /// [`StoreError::Io`] for I/O failures.
     pub fn open(config: FileStoreConfig) -> Result<FileStore, StoreError> {
         let started = Instant::now();
+        let lock = DirLock::acquire(&config.dir)?;
         let log_dir = config.dir.join("log");
         fs::create_dir_all(&log_dir)?;
         let mut paths = segment_paths(&log_dir)?;
@@ -215,6 +279,11 @@ impl FileStore {
             recovered_events += segment.count();
             segments.push(segment);
         }
+        // Identity and cursors are checked before anything is created, and before the first
+        // segment exists, so a crash can never leave segments without a `log-id`.
+        let has_history = segments.iter().any(|s| s.count() > 0 || s.base > 1);
+        let log_id = log_id_for_open(&config.dir, has_history)?;
+        let group_cursors = Mutex::new(read_group_cursors(&config.dir)?);
         if segments.is_empty() {
             segments.push(create_segment(&log_dir, 1)?);
         }
@@ -251,8 +320,6 @@ impl FileStore {
                 .name("eventbus-fsync".into())
                 .spawn(move || run_syncer(&durability, policy))?
         };
-        let log_id = read_or_create_log_id(&config.dir)?;
-        let group_cursors = Mutex::new(read_group_cursors(&config.dir)?);
         let store = FileStore {
             log_id,
             group_cursors,
@@ -268,7 +335,12 @@ impl FileStore {
             }),
             durability,
             syncer: Mutex::new(Some(syncer)),
+            age: AgeCutoff::new(config.retention_max_age),
+            expiry: Mutex::new(Expiry::default()),
             config,
+            _lock: lock,
+            #[cfg(test)]
+            fail_cuts: std::sync::atomic::AtomicBool::new(false),
         };
         store.apply_retention(&mut store.write_inner(), SystemTime::now())?;
         Ok(store)
@@ -290,10 +362,8 @@ impl FileStore {
             let events: u64 = inner.segments.iter().map(Segment::count).sum();
             let bytes: u64 = inner.segments.iter().map(|s| s.bytes).sum();
             let oldest = &inner.segments[0];
-            let too_old = match (self.config.retention_max_age, oldest.last_publish_time) {
-                (Some(max_age), Some(last)) => {
-                    now.duration_since(last).is_ok_and(|age| age > max_age)
-                }
+            let too_old = match (self.age.at(now), oldest.last_publish_time) {
+                (Some(cutoff), Some(last)) => last < cutoff,
                 _ => false,
             };
             let over = events - oldest.count() >= self.config.retention_max_events
@@ -302,11 +372,20 @@ impl FileStore {
             if !(too_old || over || over_bytes) {
                 return Ok(());
             }
+            // The file first: if it cannot be deleted the segment stays held, whole and
+            // readable, and the next round tries again.
+            if let Err(error) = fs::remove_file(&inner.segments[0].path) {
+                error!(
+                    path = %inner.segments[0].path.display(),
+                    %error,
+                    "retention cannot delete a segment; it stays"
+                );
+                return Err(error.into());
+            }
             let removed = inner.segments.remove(0);
             if removed.last_publish_time.is_some() {
                 inner.newest_dropped_time = removed.last_publish_time;
             }
-            fs::remove_file(&removed.path)?;
             while inner
                 .cache
                 .front()
@@ -332,6 +411,223 @@ impl FileStore {
         if let Some(handle) = self.syncer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = handle.join();
         }
+    }
+
+    /// Puts the store into the failed state: every later append is refused with
+    /// [`StoreError::Failed`], [`Store::durability_error`] reports `reason`, and waiters for
+    /// durability are woken to find it. Only a restart (recovery) clears it.
+    fn fail(&self, reason: String) {
+        error!(reason = %reason, "the file store failed: it refuses further writes");
+        let mut state = self
+            .durability
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        state.failed.get_or_insert(reason);
+        drop(state);
+        self.durability.durable.send_modify(|_| {});
+    }
+
+    /// [`Store::read_after`] as of `now`.
+    fn read_after_at(
+        &self,
+        after: u64,
+        max: usize,
+        now: SystemTime,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        let inner = self.read_inner();
+        let after = match self.age.at(now) {
+            Some(cutoff) => after.max(self.expiry(&inner, cutoff).first_live - 1),
+            None => after,
+        };
+        self.read_held(&inner, after, max)
+    }
+
+    /// [`Store::first_sequence_at_or_after`] as of `now`: nothing expired is found, since
+    /// publish times never go backwards.
+    fn first_sequence_at_or_after_at(
+        &self,
+        time: SystemTime,
+        now: SystemTime,
+    ) -> Result<Option<u64>, StoreError> {
+        let time = time.max(self.age.at(now).unwrap_or(time));
+        let inner = self.read_inner();
+        let Some(segment) = inner
+            .segments
+            .iter()
+            .find(|s| s.count() > 0 && s.last_publish_time.is_some_and(|last| last >= time))
+        else {
+            return Ok(None);
+        };
+        // Start at the last index entry before `time`, then read forward.
+        let entry = segment.index.partition_point(|(_, _, at)| *at < time);
+        let after = segment.index[entry.saturating_sub(1)].0 - 1;
+        let mut after = after.max(segment.base - 1);
+        loop {
+            let chunk = self.read_held(&inner, after, 256)?;
+            if chunk.is_empty() {
+                return Ok(None);
+            }
+            if let Some(found) = chunk.iter().find(|e| e.publish_time >= time) {
+                return Ok(Some(found.sequence));
+            }
+            after = chunk.last().expect("non-empty").sequence;
+        }
+    }
+
+    /// [`Store::bounds`] as of `now`.
+    fn bounds_at(&self, now: SystemTime) -> LogBounds {
+        let inner = self.read_inner();
+        let mut oldest = inner
+            .segments
+            .iter()
+            .find(|s| s.count() > 0)
+            .map(|s| s.base);
+        let mut newest_dropped_time = inner.newest_dropped_time;
+        if let Some(cutoff) = self.age.at(now) {
+            let expiry = self.expiry(&inner, cutoff);
+            if expiry.newest_expired_time.is_some() {
+                newest_dropped_time = newest_dropped_time.max(expiry.newest_expired_time);
+            }
+            oldest = oldest
+                .map(|oldest| oldest.max(expiry.first_live))
+                .filter(|oldest| *oldest <= inner.head);
+        }
+        LogBounds {
+            oldest,
+            head: inner.head,
+            newest_dropped_time,
+        }
+    }
+
+    /// [`Store::held_counts`] as of `now`.
+    fn held_counts_at(&self, now: SystemTime) -> HeldCounts {
+        let inner = self.read_inner();
+        let mut counts = HeldCounts::new();
+        let expiry = self.age.at(now).map(|cutoff| self.expiry(&inner, cutoff));
+        let first_live = expiry.as_ref().map_or(0, |e| e.first_live);
+        for segment in inner.segments.iter().filter(|s| s.last >= first_live) {
+            for (family, count) in &segment.held_by_family {
+                *counts.entry(family.clone()).or_default() += count;
+            }
+            let partial = expiry.as_ref().and_then(|e| e.partial.as_ref());
+            if let Some((_, expired)) = partial.filter(|(base, _)| *base == segment.base) {
+                for (family, count) in expired {
+                    if let Some(held) = counts.get_mut(family) {
+                        *held -= count;
+                        if *held == 0 {
+                            counts.remove(family);
+                        }
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    /// Moves the age boundary up to `cutoff` and returns it (locked). If the disk cannot be
+    /// read, the error is logged and the boundary stays where reading stopped: a read of the
+    /// events past it meets the same error and reports it.
+    fn expiry<'a>(
+        &'a self,
+        inner: &Inner,
+        cutoff: SystemTime,
+    ) -> std::sync::MutexGuard<'a, Expiry> {
+        let mut expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(error) = self.advance_expiry(inner, &mut expiry, cutoff) {
+            error!(%error, "cannot read the log to apply age retention");
+        }
+        expiry
+    }
+
+    fn advance_expiry(
+        &self,
+        inner: &Inner,
+        expiry: &mut Expiry,
+        cutoff: SystemTime,
+    ) -> Result<(), StoreError> {
+        let oldest_base = inner.segments[0].base;
+        if expiry.first_live < oldest_base {
+            // Retention deleted segments past the boundary.
+            expiry.first_live = oldest_base;
+            expiry.first_live_time = None;
+            expiry.partial = None;
+        }
+        if expiry.first_live_time.is_some_and(|time| time >= cutoff) {
+            return Ok(());
+        }
+        for segment in &inner.segments {
+            if segment.count() == 0 || segment.last < expiry.first_live {
+                continue;
+            }
+            if segment.last_publish_time.is_some_and(|last| last < cutoff) {
+                // The rest of this segment has expired.
+                expiry.first_live = segment.last + 1;
+                expiry.first_live_time = None;
+                expiry.newest_expired_time = segment.last_publish_time;
+                expiry.partial = None;
+                continue;
+            }
+            // The boundary is in this segment: read forward to it, counting what expired.
+            let mut after = expiry.first_live.max(segment.base) - 1;
+            loop {
+                let chunk = self.read_held(inner, after, 256)?;
+                let Some(last) = chunk.last().map(|e| e.sequence) else {
+                    return Ok(());
+                };
+                for event in chunk {
+                    if event.publish_time >= cutoff {
+                        expiry.first_live = event.sequence;
+                        expiry.first_live_time = Some(event.publish_time);
+                        return Ok(());
+                    }
+                    if expiry
+                        .partial
+                        .as_ref()
+                        .is_none_or(|(base, _)| *base != segment.base)
+                    {
+                        expiry.partial = Some((segment.base, HeldCounts::new()));
+                    }
+                    let (_, counts) = expiry.partial.as_mut().expect("just set");
+                    count_family(counts, event.event.topic.family());
+                    expiry.newest_expired_time = Some(event.publish_time);
+                    expiry.first_live = event.sequence + 1;
+                }
+                after = last;
+            }
+        }
+        // Everything held has expired.
+        expiry.first_live = inner.head + 1;
+        expiry.first_live_time = None;
+        Ok(())
+    }
+
+    /// Up to `max` events after `after`, from the cache or the disk, expired or not.
+    fn read_held(
+        &self,
+        inner: &Inner,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        let mut out = Vec::new();
+        if max == 0 || after >= inner.head {
+            return Ok(out);
+        }
+        let cached_from = inner.cache.front().map(|e| e.sequence);
+        if cached_from.is_none_or(|first| after + 1 < first) {
+            let disk_max = match cached_from {
+                Some(first) => max.min((first - after - 1) as usize),
+                None => max,
+            };
+            self.read_from_disk(inner, after, disk_max, &mut out)?;
+        }
+        if let Some(first) = cached_from {
+            let from = out.last().map_or(after, |e| e.sequence) + 1;
+            let skip = from.saturating_sub(first) as usize;
+            let room = max - out.len();
+            out.extend(inner.cache.iter().skip(skip).take(room).cloned());
+        }
+        Ok(out)
     }
 
     /// Where the segments live.
@@ -425,6 +721,20 @@ impl Store for FileStore {
         }
         let mut guard = self.write_inner();
         let inner = &mut *guard;
+        // Every fallible step comes before the write that makes the batch count: a full active
+        // segment is rolled first, so a segment that cannot be created (no inodes, no fds, an
+        // unwritable directory) refuses this batch with nothing of it stored, and the store
+        // stays writable for when the cause is gone.
+        let active = inner.segments.last().expect("an active segment");
+        if active.bytes >= self.config.segment_bytes && active.count() > 0 {
+            let segment = create_segment(&self.log_dir, inner.head + 1).inspect_err(|error| {
+                error!(dir = %self.log_dir.display(), %error, "cannot roll to a new segment");
+            })?;
+            inner.segments.push(segment);
+            // Retention is not part of this write: a segment it cannot delete is logged and
+            // stays until the next roll or `expire`.
+            let _ = self.apply_retention(inner, now);
+        }
         let publish_time = match inner.last_publish_time {
             Some(last) if last > now => last,
             _ => now,
@@ -456,11 +766,26 @@ impl Store for FileStore {
         // One write for the batch. On failure nothing of it counts: the file is cut back, so the
         // log never holds half a batch.
         if let Err(error) = (&*active.file).write_all(&buffer) {
-            let _ = active.file.set_len(active.bytes);
+            error!(path = %active.path.display(), %error, "cannot write to the log");
             active
                 .index
                 .retain(|(sequence, _, _)| *sequence < first_sequence);
             inner.buffer = buffer;
+            let cut = active.file.set_len(active.bytes);
+            #[cfg(test)]
+            let cut = match self.fail_cuts.load(std::sync::atomic::Ordering::Relaxed) {
+                true => Err(io::Error::other("injected: the cut fails")),
+                false => cut,
+            };
+            if let Err(cut) = cut {
+                // Part of the batch may stay in the file, where the next append (the file is
+                // opened for appending) would land after it: stop writing instead. Recovery
+                // treats what is there on the next start like a crash's leftovers.
+                self.fail(format!(
+                    "cannot cut a failed write off {}: {cut}",
+                    active.path.display()
+                ));
+            }
             return Err(error.into());
         }
         active.bytes = offset;
@@ -482,7 +807,6 @@ impl Store for FileStore {
         buffer.clear();
         inner.buffer = buffer;
         let active_file = active.file.clone();
-        let roll = active.bytes >= self.config.segment_bytes;
         {
             let mut state = self
                 .durability
@@ -503,86 +827,27 @@ impl Store for FileStore {
                 self.durability.durable.send_replace(last);
             }
         }
-        if roll {
-            let segment = create_segment(&self.log_dir, last + 1)?;
-            inner.segments.push(segment);
-            self.apply_retention(inner, now)?;
-        }
         Ok(stored)
     }
 
     fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
-        let inner = self.read_inner();
-        let mut out = Vec::new();
-        if max == 0 || after >= inner.head {
-            return Ok(out);
-        }
-        let cached_from = inner.cache.front().map(|e| e.sequence);
-        if cached_from.is_none_or(|first| after + 1 < first) {
-            let disk_max = match cached_from {
-                Some(first) => max.min((first - after - 1) as usize),
-                None => max,
-            };
-            self.read_from_disk(&inner, after, disk_max, &mut out)?;
-        }
-        if let Some(first) = cached_from {
-            let from = out.last().map_or(after, |e| e.sequence) + 1;
-            let skip = from.saturating_sub(first) as usize;
-            let room = max - out.len();
-            out.extend(inner.cache.iter().skip(skip).take(room).cloned());
-        }
-        Ok(out)
+        self.read_after_at(after, max, SystemTime::now())
     }
 
     fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
-        let inner = self.read_inner();
-        let Some(segment) = inner
-            .segments
-            .iter()
-            .find(|s| s.count() > 0 && s.last_publish_time.is_some_and(|last| last >= time))
-        else {
-            return Ok(None);
-        };
-        // Start at the last index entry before `time`, then read forward.
-        let entry = segment.index.partition_point(|(_, _, at)| *at < time);
-        let after = segment.index[entry.saturating_sub(1)].0 - 1;
-        let mut after = after.max(segment.base - 1);
-        loop {
-            let mut chunk = Vec::new();
-            self.read_from_disk(&inner, after, 256, &mut chunk)?;
-            if chunk.is_empty() {
-                return Ok(None);
-            }
-            if let Some(found) = chunk.iter().find(|e| e.publish_time >= time) {
-                return Ok(Some(found.sequence));
-            }
-            after = chunk.last().expect("non-empty").sequence;
-        }
+        self.first_sequence_at_or_after_at(time, SystemTime::now())
     }
 
     fn bounds(&self) -> LogBounds {
-        let inner = self.read_inner();
-        let oldest = inner
-            .segments
-            .iter()
-            .find(|s| s.count() > 0)
-            .map(|s| s.base);
-        LogBounds {
-            oldest,
-            head: inner.head,
-            newest_dropped_time: inner.newest_dropped_time,
-        }
+        self.bounds_at(SystemTime::now())
     }
 
     fn held_counts(&self) -> HeldCounts {
-        let inner = self.read_inner();
-        let mut counts = HeldCounts::new();
-        for segment in &inner.segments {
-            for (family, count) in &segment.held_by_family {
-                *counts.entry(family.clone()).or_default() += count;
-            }
-        }
-        counts
+        self.held_counts_at(SystemTime::now())
+    }
+
+    fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
+        self.apply_retention(&mut self.write_inner(), now)
     }
 
     fn durable_head(&self) -> Option<watch::Receiver<u64>> {
@@ -605,7 +870,9 @@ impl Store for FileStore {
         let mut cursors = self.group_cursors.lock().unwrap_or_else(|e| e.into_inner());
         cursors.insert(group.to_owned(), cursor.clone());
         let json = serde_json::to_vec_pretty(&*cursors).map_err(io::Error::other)?;
-        write_atomically(&self.config.dir, GROUPS_FILE, &json)
+        write_atomically(&self.config.dir, GROUPS_FILE, &json).inspect_err(|error| {
+            error!(dir = %self.config.dir.display(), %error, "cannot save group cursors");
+        })
     }
 
     fn durability_error(&self) -> Option<String> {
@@ -667,7 +934,7 @@ fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
                 // After a failed fsync the kernel may have dropped the dirty pages: nothing
                 // written since the last good sync can be trusted, so the store stops taking
                 // writes rather than acknowledging what it may not have.
-                warn!(%error, "fsync failed: the store refuses further writes");
+                error!(%error, "fsync failed: the store refuses further writes");
                 state.failed = Some(format!("fsync failed: {error}"));
                 // Wake the waiters without moving the durable head: they find the failure.
                 durability.durable.send_modify(|_| {});
@@ -694,24 +961,54 @@ fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreErr
     Ok(())
 }
 
-fn read_or_create_log_id(dir: &Path) -> Result<String, StoreError> {
-    match fs::read_to_string(dir.join(LOG_ID_FILE)) {
-        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_owned()),
-        Ok(_) | Err(_) => {
+/// The log's identity as `<dir>/log-id` holds it: `Ok(None)` when there is no such file, `Err`
+/// saying why when it cannot be read or holds no id.
+fn read_log_id(dir: &Path) -> Result<Option<String>, String> {
+    match fs::read(dir.join(LOG_ID_FILE)) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_owned())),
+            Ok(_) => Err("it is empty".into()),
+            Err(_) => Err("it is not text".into()),
+        },
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// The identity to open the log with. A log without history (no event was ever stored, so no
+/// client can have seen one) gets a new one; a log with history must have its own, or clients
+/// resuming on it would take it for a new log (or worse, a new log for the old one).
+fn log_id_for_open(dir: &Path, has_history: bool) -> Result<String, StoreError> {
+    let path = dir.join(LOG_ID_FILE);
+    match read_log_id(dir) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) | Err(_) if !has_history => {
             let id = uuid::Uuid::now_v7().to_string();
             write_atomically(dir, LOG_ID_FILE, id.as_bytes())?;
             Ok(id)
         }
+        Ok(None) => Err(StoreError::Metadata {
+            path,
+            reason: "the log's identity file is missing, but the log holds events: a new \
+                     identity would make resuming clients take it for a new log"
+                .into(),
+        }),
+        Err(why) => Err(StoreError::Metadata {
+            path,
+            reason: format!(
+                "the log's identity file is unreadable ({why}), but the log holds events: a \
+                 new identity would make resuming clients take it for a new log"
+            ),
+        }),
     }
 }
 
 fn read_group_cursors(dir: &Path) -> Result<HashMap<String, GroupCursor>, StoreError> {
     let path = dir.join(GROUPS_FILE);
     match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| StoreError::Corrupt {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| StoreError::Metadata {
             path,
-            offset: 0,
-            reason: format!("unreadable group cursors: {error}"),
+            reason: format!("unreadable consumer group cursors: {error}"),
         }),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(HashMap::new()),
         Err(error) => Err(error.into()),
@@ -762,8 +1059,8 @@ fn create_segment(dir: &Path, base: u64) -> Result<Segment, StoreError> {
     })
 }
 
-/// Reads and checks a whole segment. A bad record at the end of the last segment is a torn
-/// write and is cut off; anywhere else it is corruption.
+/// Reads and checks a whole segment. Only a torn write at the end of the last segment (see
+/// [`is_torn_tail`]) is cut off, and logged; any other bad record is corruption.
 fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreError> {
     let bytes = fs::read(path)?;
     let mut segment = Segment {
@@ -799,24 +1096,31 @@ fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreE
                 count_family(&mut segment.held_by_family, stored.event.topic.family());
                 offset += len;
             }
-            Err(error) if is_last => {
+            Err(error) if is_last && is_torn_tail(&bytes[offset..], &error) => {
                 warn!(
                     path = %path.display(),
                     offset,
                     dropped_bytes = bytes.len() - offset,
                     %error,
-                    "truncating a torn or corrupt tail of the log"
+                    "cutting a torn write off the end of the log"
                 );
                 segment.file.set_len(offset as u64)?;
                 segment.file.sync_all()?;
                 break;
             }
             Err(error) => {
+                let more = if offset + 1 < bytes.len()
+                    && codec::next_record(&bytes, offset + 1).is_some()
+                {
+                    ", and intact records follow it"
+                } else {
+                    ""
+                };
                 return Err(StoreError::Corrupt {
                     path: path.to_owned(),
                     offset: offset as u64,
-                    reason: error.to_string(),
-                })
+                    reason: format!("{error}{more}"),
+                });
             }
         }
     }
@@ -824,71 +1128,362 @@ fn scan_segment(path: &Path, base: u64, is_last: bool) -> Result<Segment, StoreE
     Ok(segment)
 }
 
-/// What [`repair`] moved aside.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RepairReport {
-    /// Files written under `<data-dir>/damaged/`.
-    pub moved: Vec<PathBuf>,
-    /// The last sequence kept, if any.
-    pub kept_through: Option<u64>,
+/// Whether `rest`, from a record that failed with `error` to the end of the file, is a write a
+/// crash cut short: the file ends inside the record (its declared length runs past the end, or
+/// not even its header is there) or in the zeros a crash can leave past the last write, and no
+/// valid record follows. A complete record that fails its checksum or format is not: it was
+/// written whole (and may have been acknowledged), so it is corruption, never cut.
+fn is_torn_tail(rest: &[u8], error: &DecodeError) -> bool {
+    let ends_inside = matches!(error, DecodeError::Incomplete { .. });
+    let zeros = rest.iter().all(|byte| *byte == 0);
+    (ends_inside || zeros) && codec::next_record(rest, 1).is_none()
 }
 
-/// Makes a log that fails recovery openable again: the first bad record and everything after it
-/// (the rest of that segment and all later segments) are moved into `<data-dir>/damaged/`, never
-/// deleted, and the log keeps every record before it.
-pub fn repair(data_dir: &Path) -> Result<RepairReport, StoreError> {
-    let log_dir = data_dir.join("log");
-    let damaged_dir = data_dir.join("damaged");
-    let mut moved = Vec::new();
-    let mut kept_through = None;
-    let mut damaged = false;
-    let mut expected_base = None;
-    for (base, path) in segment_paths(&log_dir)? {
-        let name = path.file_name().expect("a file name").to_owned();
-        if damaged || expected_base.is_some_and(|expected| expected != base) {
-            damaged = true;
-            fs::create_dir_all(&damaged_dir)?;
-            let target = damaged_dir.join(&name);
-            fs::rename(&path, &target)?;
-            moved.push(target);
-            continue;
+/// What [`repair`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Every file written or moved under `<data-dir>/damaged/`, in order.
+    pub moved: Vec<PathBuf>,
+    /// Runs of intact records that followed damage and so left the log, each now a valid
+    /// segment file (named by its first sequence, readable with the [`codec`]) among `moved`:
+    /// (file, first sequence, last sequence).
+    pub intact_set_aside: Vec<(PathBuf, u64, u64)>,
+    /// The last sequence the log keeps, if it keeps any.
+    pub kept_through: Option<u64>,
+    /// The identity repair gave the log, when it gave it one: the log's sequences after
+    /// `kept_through` will be assigned again, or its `log-id` was missing or unreadable.
+    pub new_log_id: Option<String>,
+    /// Groups whose saved cursor survived repair, by name.
+    pub groups_kept: Vec<String>,
+    /// Groups whose cursor pointed past `kept_through` and was moved back to it.
+    pub groups_moved_back: Vec<String>,
+    /// True when `groups.json` was unreadable: it was moved aside and only the groups in
+    /// `groups_kept` could be read back from it; any other group starts as a new group.
+    pub groups_file_damaged: bool,
+}
+
+impl RepairReport {
+    /// Whether repair changed anything.
+    pub fn changed_anything(&self) -> bool {
+        !self.moved.is_empty() || self.new_log_id.is_some()
+    }
+}
+
+/// `<data-dir>/damaged/repair-<unix seconds>[-n]/`, created on first use: one directory per run,
+/// so repeated repairs never overwrite what an earlier one set aside.
+struct DamagedDir {
+    parent: PathBuf,
+    dir: Option<PathBuf>,
+}
+
+impl DamagedDir {
+    fn get(&mut self) -> Result<&Path, StoreError> {
+        if self.dir.is_none() {
+            let seconds = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            fs::create_dir_all(&self.parent)?;
+            let mut attempt = 0;
+            let dir = loop {
+                let name = match attempt {
+                    0 => format!("repair-{seconds}"),
+                    n => format!("repair-{seconds}-{n}"),
+                };
+                let dir = self.parent.join(name);
+                match fs::create_dir(&dir) {
+                    Ok(()) => break dir,
+                    Err(error) if error.kind() == io::ErrorKind::AlreadyExists => attempt += 1,
+                    Err(error) => return Err(error.into()),
+                }
+            };
+            File::open(&self.parent)?.sync_all()?;
+            self.dir = Some(dir);
         }
-        match scan_segment(&path, base, false) {
+        Ok(self.dir.as_deref().expect("just set"))
+    }
+
+    /// A path for `name` in the run's directory that nothing holds yet (`name.1`, `name.2`, ...
+    /// if taken): nothing set aside is ever overwritten.
+    fn free_path(&mut self, name: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.get()?;
+        let mut path = dir.join(name);
+        let mut n = 0;
+        while path.exists() {
+            n += 1;
+            path = dir.join(format!("{name}.{n}"));
+        }
+        Ok(path)
+    }
+
+    /// Writes `bytes` as a new file `name` (durably) and returns its path.
+    fn write(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+        let path = self.free_path(name)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        Ok(path)
+    }
+
+    /// Moves `from` in (a rename: the bytes are not copied) and returns its new path.
+    fn take(&mut self, from: &Path) -> Result<PathBuf, StoreError> {
+        let name = from
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("a file name");
+        let path = self.free_path(name)?;
+        fs::rename(from, &path)?;
+        Ok(path)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        if let Some(dir) = &self.dir {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// One piece of a damaged segment's tail: `offset` and `len` in the bytes split, and for a run
+/// of intact records, its first and last sequence.
+type Piece = (usize, usize, Option<(u64, u64)>);
+
+/// Splits `bytes` (from the first bad record of a segment to its end) into damaged stretches
+/// and runs of intact, consecutive records, in order. Together they cover every byte once.
+fn split_damage(bytes: &[u8]) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        // A damaged stretch: up to the next valid record, or the end.
+        let resume = codec::next_record(bytes, at + 1).unwrap_or(bytes.len());
+        pieces.push((at, resume - at, None));
+        at = resume;
+        // An intact run: records with consecutive sequences, until the next bad one.
+        let start = at;
+        let mut run: Option<(u64, u64)> = None;
+        while let Ok((stored, len)) = codec::decode(&bytes[at..]) {
+            match run {
+                None => run = Some((stored.sequence, stored.sequence)),
+                Some((first, last)) if stored.sequence == last + 1 => {
+                    run = Some((first, stored.sequence))
+                }
+                Some(_) => break,
+            }
+            at += len;
+        }
+        if let Some(run) = run {
+            pieces.push((start, at - start, Some(run)));
+        }
+    }
+    pieces
+}
+
+/// Makes a data directory that fails recovery openable again, setting aside (never deleting)
+/// what it cannot keep into `<data-dir>/damaged/repair-<time>/`. Takes the directory's lock, so
+/// it refuses to run under a live bus.
+///
+/// - **The log.** Sequences in the log must stay consecutive (readers, retention and the
+///   clients' resume rules all rely on it), so the log keeps the run of records before the first
+///   damaged one. The damaged bytes go aside as `<segment>.damaged-at-<offset>`, exactly the
+///   stretch from the bad record to where valid records resume; each run of intact records
+///   after it goes aside as a valid segment file named by its first sequence (readable with the
+///   codec, or by opening that directory as a log); later segments are moved whole. A torn
+///   write at the end of the log is set aside the same way.
+/// - **Identity.** When records with sequences after the kept run were set aside, those
+///   sequences will be assigned again to new events, so the log gets a new `log-id` (the old
+///   file is set aside): clients see a new log and start over from its earliest event, instead
+///   of taking new events for ones they already saw. A missing or unreadable `log-id` of a log
+///   that holds events gets a new one the same way.
+/// - **Group cursors.** An unreadable `groups.json` is set aside and every group that can be
+///   read from it is kept; the others start as new groups. A cursor past the kept run is moved
+///   back to its end.
+///
+/// # Errors
+/// [`StoreError::Locked`] if a bus holds the directory; [`StoreError::Io`] if reading or moving
+/// fails (nothing of the log is cut before its copy is durable under `damaged/`).
+pub fn repair(data_dir: &Path) -> Result<RepairReport, StoreError> {
+    let _lock = DirLock::acquire(data_dir)?;
+    let log_dir = data_dir.join("log");
+    let segments = segment_paths(&log_dir)?;
+    let mut report = RepairReport::default();
+
+    // First, reading only: where the log stops being whole, and what it keeps.
+    let mut damage: Option<Damage> = None;
+    let mut has_history = false;
+    let mut expected_base = None;
+    for (position, (base, path)) in segments.iter().enumerate() {
+        has_history |= *base > 1;
+        if expected_base.is_some_and(|expected| expected != *base) {
+            damage = Some(Damage {
+                segment: position,
+                offset: None,
+                torn: false,
+            });
+            break;
+        }
+        // Scanned as not the last segment: repair sets a torn tail aside too, never cuts it.
+        match scan_segment(path, *base, false) {
             Ok(segment) => {
                 if segment.count() > 0 {
-                    kept_through = Some(segment.last);
+                    report.kept_through = Some(segment.last);
+                    has_history = true;
                 }
                 expected_base = Some(segment.last + 1);
             }
             Err(StoreError::Corrupt { offset, .. }) => {
-                damaged = true;
-                let bytes = fs::read(&path)?;
-                fs::create_dir_all(&damaged_dir)?;
-                let mut target_name = name.clone();
-                target_name.push(format!(".from-{offset}"));
-                let target = damaged_dir.join(target_name);
-                let mut out = File::create(&target)?;
-                out.write_all(&bytes[offset as usize..])?;
-                out.sync_all()?;
-                let file = OpenOptions::new().write(true).open(&path)?;
-                file.set_len(offset)?;
-                file.sync_all()?;
-                moved.push(target);
-                let kept = scan_segment(&path, base, false)?;
-                if kept.count() > 0 {
-                    kept_through = Some(kept.last);
+                let bytes = fs::read(path)?;
+                let offset = offset as usize;
+                let before = count_records(&bytes[..offset]);
+                if before > 0 {
+                    report.kept_through = Some(base - 1 + before);
+                    has_history = true;
                 }
+                let rest = &bytes[offset..];
+                let torn = position + 1 == segments.len()
+                    && codec::decode(rest)
+                        .err()
+                        .is_some_and(|error| is_torn_tail(rest, &error));
+                damage = Some(Damage {
+                    segment: position,
+                    offset: Some(offset),
+                    torn,
+                });
+                break;
             }
             Err(other) => return Err(other),
         }
     }
-    if !moved.is_empty() {
-        File::open(&log_dir)?.sync_all()?;
+    // Complete records (with sequences new events would be given again) leave the log.
+    let sequences_set_aside = damage.as_ref().is_some_and(|d| !d.torn);
+    has_history |= sequences_set_aside;
+    let kept_through = report.kept_through.unwrap_or(0);
+    let mut damaged = DamagedDir {
+        parent: data_dir.join("damaged"),
+        dir: None,
+    };
+
+    // The identity and the cursors are settled before the log is cut, so a repair cut short
+    // never leaves a shortened log under its old identity: run again, it finishes the job.
+    let id_path = data_dir.join(LOG_ID_FILE);
+    let id_readable = matches!(read_log_id(data_dir), Ok(Some(_)));
+    if sequences_set_aside || (has_history && !id_readable) {
+        if id_path.exists() {
+            report.moved.push(damaged.take(&id_path)?);
+            damaged.sync()?;
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        write_atomically(data_dir, LOG_ID_FILE, id.as_bytes())?;
+        report.new_log_id = Some(id);
     }
-    Ok(RepairReport {
-        moved,
-        kept_through,
-    })
+    let groups_path = data_dir.join(GROUPS_FILE);
+    let (mut cursors, readable) = match fs::read(&groups_path) {
+        Ok(bytes) => match serde_json::from_slice::<HashMap<String, GroupCursor>>(&bytes) {
+            Ok(cursors) => (cursors, true),
+            Err(_) => (salvage_group_cursors(&bytes), false),
+        },
+        Err(error) if error.kind() == io::ErrorKind::NotFound => (HashMap::new(), true),
+        Err(error) => return Err(error.into()),
+    };
+    for (name, cursor) in &mut cursors {
+        if sequences_set_aside && cursor.cursor > kept_through {
+            cursor.cursor = kept_through;
+            report.groups_moved_back.push(name.clone());
+        }
+    }
+    report.groups_moved_back.sort();
+    report.groups_kept = cursors.keys().cloned().collect();
+    report.groups_kept.sort();
+    if !readable || !report.groups_moved_back.is_empty() {
+        report.groups_file_damaged = !readable;
+        report.moved.push(damaged.take(&groups_path)?);
+        damaged.sync()?;
+        let json = serde_json::to_vec_pretty(&cursors).map_err(io::Error::other)?;
+        write_atomically(data_dir, GROUPS_FILE, &json)?;
+    }
+
+    // Then the log: the damaged segment's tail is copied aside and cut, later segments moved.
+    let Some(damage) = damage else {
+        return Ok(report);
+    };
+    let mut whole_from = damage.segment;
+    if let Some(offset) = damage.offset {
+        whole_from += 1;
+        let path = &segments[damage.segment].1;
+        let bytes = fs::read(path)?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("a segment name");
+        let rest = &bytes[offset..];
+        for (at, len, run) in split_damage(rest) {
+            let piece = &rest[at..at + len];
+            match run {
+                Some((first, last)) => {
+                    let file = damaged.write(&segment_name(first), piece)?;
+                    report.intact_set_aside.push((file.clone(), first, last));
+                    report.moved.push(file);
+                }
+                None => {
+                    let file =
+                        damaged.write(&format!("{name}.damaged-at-{}", offset + at), piece)?;
+                    report.moved.push(file);
+                }
+            }
+        }
+        damaged.sync()?;
+        // Only now that every byte is durable under damaged/ is the segment cut.
+        let file = OpenOptions::new().write(true).open(path)?;
+        file.set_len(offset as u64)?;
+        file.sync_all()?;
+    }
+    for (_, path) in &segments[whole_from..] {
+        report.moved.push(damaged.take(path)?);
+    }
+    damaged.sync()?;
+    File::open(&log_dir)?.sync_all()?;
+    Ok(report)
+}
+
+/// Where [`repair`] found the log stops being whole.
+struct Damage {
+    /// The position (in base order) of the first segment not kept whole.
+    segment: usize,
+    /// Where in that segment the first bad record starts; `None` when the segment does not
+    /// follow on from the previous one and is set aside whole.
+    offset: Option<usize>,
+    /// Whether the bad part is a torn final write (no complete record lost).
+    torn: bool,
+}
+
+/// How many records `bytes` holds, all of them valid (as recovery checked).
+fn count_records(bytes: &[u8]) -> u64 {
+    let mut at = 0;
+    let mut count = 0;
+    while let Ok((_, len)) = codec::frame(&bytes[at..]) {
+        at += len;
+        count += 1;
+    }
+    count
+}
+
+/// The groups that can still be read from a damaged `groups.json` (typically one cut short):
+/// the longest prefix that ends after a whole entry, closed and parsed.
+fn salvage_group_cursors(bytes: &[u8]) -> HashMap<String, GroupCursor> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut best = HashMap::new();
+    for (end, _) in text.match_indices('}') {
+        let prefix = &text[..=end];
+        for candidate in [format!("{prefix}}}"), prefix.to_owned()] {
+            if let Ok(cursors) = serde_json::from_str::<HashMap<String, GroupCursor>>(&candidate) {
+                if cursors.len() >= best.len() {
+                    best = cursors;
+                }
+            }
+        }
+    }
+    best
 }
 
 #[cfg(test)]

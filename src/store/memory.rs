@@ -1,10 +1,12 @@
-//! The in-memory store: a ring of the most recent events, bounded by count and bytes.
+//! The in-memory store: a ring of the most recent events, bounded by count, bytes and age. Age
+//! is judged by the clock when read (see [`super::AgeCutoff`]): an expired event is hidden from
+//! reads at once and dropped on the next append or [`Store::expire`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{GroupCursor, HeldCounts, LogBounds, Store, StoreError};
+use super::{AgeCutoff, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
 use crate::event::{Event, SharedEvent, StoredEvent};
 
 /// Keeps the newest events up to `max_events` and `max_bytes`, dropping the oldest first.
@@ -12,7 +14,7 @@ use crate::event::{Event, SharedEvent, StoredEvent};
 pub struct MemoryStore {
     max_events: u64,
     max_bytes: u64,
-    max_age: Option<Duration>,
+    age: AgeCutoff,
     /// A std lock: it is held only for memory operations, never across an `.await`.
     inner: RwLock<Inner>,
     log_id: String,
@@ -35,12 +37,13 @@ impl MemoryStore {
         MemoryStore::with_max_age(max_events, max_bytes, None)
     }
 
-    /// Also drops events published more than `max_age` before the newest append.
+    /// Also drops events published more than `max_age` ago: hidden from reads as soon as they
+    /// are that old, dropped on the next append or [`Store::expire`].
     pub fn with_max_age(max_events: u64, max_bytes: u64, max_age: Option<Duration>) -> MemoryStore {
         MemoryStore {
             max_events,
             max_bytes,
-            max_age,
+            age: AgeCutoff::new(max_age),
             inner: RwLock::new(Inner::default()),
             log_id: uuid::Uuid::now_v7().to_string(),
             group_cursors: std::sync::Mutex::new(HashMap::new()),
@@ -52,11 +55,94 @@ impl MemoryStore {
         // could misread (every mutation is a push or pop), so poisoning is ignored.
         self.inner.read().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The position in the ring of the first event not expired at `now`.
+    fn first_live(&self, inner: &Inner, now: SystemTime) -> usize {
+        match self.age.at(now) {
+            Some(cutoff) => inner.events.partition_point(|e| e.publish_time < cutoff),
+            None => 0,
+        }
+    }
+
+    /// [`Store::read_after`] as of `now`.
+    fn read_after_at(&self, after: u64, max: usize, now: SystemTime) -> Vec<SharedEvent> {
+        let inner = self.read();
+        let live = self.first_live(&inner, now);
+        let Some(first) = inner.events.get(live).map(|e| e.sequence) else {
+            return Vec::new();
+        };
+        let start = after.saturating_add(1).max(first);
+        let skip = (start - inner.events[0].sequence) as usize;
+        inner.events.iter().skip(skip).take(max).cloned().collect()
+    }
+
+    /// [`Store::first_sequence_at_or_after`] as of `now`.
+    fn first_sequence_at_or_after_at(&self, time: SystemTime, now: SystemTime) -> Option<u64> {
+        let inner = self.read();
+        let live = self.first_live(&inner, now);
+        let index = inner
+            .events
+            .partition_point(|e| e.publish_time < time)
+            .max(live);
+        inner.events.get(index).map(|e| e.sequence)
+    }
+
+    /// [`Store::bounds`] as of `now`.
+    fn bounds_at(&self, now: SystemTime) -> LogBounds {
+        let inner = self.read();
+        let live = self.first_live(&inner, now);
+        LogBounds {
+            oldest: inner.events.get(live).map(|e| e.sequence),
+            head: inner.head,
+            newest_dropped_time: match live {
+                0 => inner.newest_dropped_time,
+                _ => Some(inner.events[live - 1].publish_time),
+            },
+        }
+    }
+
+    /// [`Store::held_counts`] as of `now`.
+    fn held_counts_at(&self, now: SystemTime) -> HeldCounts {
+        let inner = self.read();
+        let live = self.first_live(&inner, now);
+        let mut counts = inner.held_by_family.clone();
+        for expired in inner.events.range(..live) {
+            forget_family(&mut counts, expired.event.topic.family());
+        }
+        counts
+    }
+
+    /// Drops the oldest events while `drop` says so.
+    fn evict(inner: &mut Inner, mut drop: impl FnMut(&Inner, &SharedEvent) -> bool) {
+        while let Some(oldest) = inner.events.front() {
+            if !drop(inner, oldest) {
+                break;
+            }
+            let evicted = inner.events.pop_front().expect("checked");
+            inner.bytes -= evicted.held_bytes() as u64;
+            inner.newest_dropped_time = Some(evicted.publish_time);
+            forget_family(&mut inner.held_by_family, evicted.event.topic.family());
+        }
+    }
+}
+
+/// Counts one event of `family` less.
+fn forget_family(counts: &mut HeldCounts, family: &str) {
+    if let Some(count) = counts.get_mut(family) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(family);
+        }
+    }
 }
 
 impl Store for MemoryStore {
     fn append(&self, events: Vec<Event>, now: SystemTime) -> Result<Vec<SharedEvent>, StoreError> {
-        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.write();
         // Publish times never go backwards, even if the wall clock does, so `from_time` can
         // binary-search the log.
         let publish_time = match inner.last_publish_time {
@@ -74,58 +160,37 @@ impl Store for MemoryStore {
             inner.events.push_back(shared.clone());
             stored.push(shared);
         }
-        let expired_before = self.max_age.and_then(|age| publish_time.checked_sub(age));
-        while inner.events.len() as u64 > self.max_events
-            || inner.bytes > self.max_bytes
-            || inner
-                .events
-                .front()
-                .zip(expired_before)
-                .is_some_and(|(oldest, cutoff)| oldest.publish_time < cutoff)
-        {
-            let Some(evicted) = inner.events.pop_front() else {
-                break;
-            };
-            inner.bytes -= evicted.held_bytes() as u64;
-            inner.newest_dropped_time = Some(evicted.publish_time);
-            let family = evicted.event.topic.family();
-            if let Some(count) = inner.held_by_family.get_mut(family) {
-                *count -= 1;
-                if *count == 0 {
-                    inner.held_by_family.remove(family);
-                }
-            }
-        }
+        let expired_before = self.age.at(publish_time);
+        let (max_events, max_bytes) = (self.max_events, self.max_bytes);
+        Self::evict(&mut inner, |inner, oldest| {
+            inner.events.len() as u64 > max_events
+                || inner.bytes > max_bytes
+                || expired_before.is_some_and(|cutoff| oldest.publish_time < cutoff)
+        });
         Ok(stored)
     }
 
     fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
-        let inner = self.read();
-        let Some(first) = inner.events.front().map(|e| e.sequence) else {
-            return Ok(Vec::new());
-        };
-        let start = after.saturating_add(1).max(first);
-        let skip = (start - first) as usize;
-        Ok(inner.events.iter().skip(skip).take(max).cloned().collect())
+        Ok(self.read_after_at(after, max, SystemTime::now()))
     }
 
     fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
-        let inner = self.read();
-        let index = inner.events.partition_point(|e| e.publish_time < time);
-        Ok(inner.events.get(index).map(|e| e.sequence))
+        Ok(self.first_sequence_at_or_after_at(time, SystemTime::now()))
     }
 
     fn bounds(&self) -> LogBounds {
-        let inner = self.read();
-        LogBounds {
-            oldest: inner.events.front().map(|e| e.sequence),
-            head: inner.head,
-            newest_dropped_time: inner.newest_dropped_time,
-        }
+        self.bounds_at(SystemTime::now())
     }
 
     fn held_counts(&self) -> HeldCounts {
-        self.read().held_by_family.clone()
+        self.held_counts_at(SystemTime::now())
+    }
+
+    fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
+        if let Some(cutoff) = self.age.at(now) {
+            Self::evict(&mut self.write(), |_, oldest| oldest.publish_time < cutoff);
+        }
+        Ok(())
     }
 
     fn log_id(&self) -> &str {
@@ -261,7 +326,74 @@ mod tests {
         store
             .append(vec![event("a", b"")], t0 + Duration::from_secs(61))
             .unwrap();
-        assert_eq!(store.bounds().oldest, Some(2));
+        assert_eq!(
+            store.bounds_at(t0 + Duration::from_secs(61)).oldest,
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn age_is_judged_by_the_clock_when_read_not_only_when_appended() {
+        let store = MemoryStore::with_max_age(100, 1 << 20, Some(Duration::from_secs(60)));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(10_000);
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        store.append(vec![event("a", b"")], at(0)).unwrap();
+        store.append(vec![event("a", b"")], at(10)).unwrap();
+        store.append(vec![event("b", b"")], at(20)).unwrap();
+        // Nothing is appended; the clock moves past the first event's age.
+        let now = at(65);
+        assert_eq!(sequences(&store.read_after_at(0, 10, now)), vec![2, 3]);
+        assert_eq!(
+            store.bounds_at(now),
+            LogBounds {
+                oldest: Some(2),
+                head: 3,
+                newest_dropped_time: Some(at(0)),
+            }
+        );
+        assert_eq!(store.held_counts_at(now)["a"], 1);
+        assert_eq!(store.first_sequence_at_or_after_at(at(0), now), Some(2));
+        assert_eq!(store.first_sequence_at_or_after_at(at(15), now), Some(3));
+        // Past every event's age: nothing held, and a replay sees what it lost.
+        let later = at(100);
+        assert!(store.read_after_at(0, 10, later).is_empty());
+        assert_eq!(
+            store.bounds_at(later),
+            LogBounds {
+                oldest: None,
+                head: 3,
+                newest_dropped_time: Some(at(20)),
+            }
+        );
+        assert!(store.held_counts_at(later).is_empty());
+        assert_eq!(store.first_sequence_at_or_after_at(at(0), later), None);
+        // The clock stepping back brings nothing back.
+        assert!(store.read_after_at(0, 10, now).is_empty());
+        // Nothing was dropped yet; `expire` does it.
+        assert_eq!(store.read().events.len(), 3);
+        store.expire(later).unwrap();
+        assert_eq!(store.read().events.len(), 0);
+        assert_eq!(store.read().bytes, 0);
+        assert_eq!(store.bounds_at(later).newest_dropped_time, Some(at(20)));
+        let next = store.append(vec![event("a", b"")], later).unwrap();
+        assert_eq!(next[0].sequence, 4);
+        assert_eq!(store.bounds_at(later).oldest, Some(4));
+    }
+
+    #[test]
+    fn an_event_past_its_age_is_hidden_on_the_real_clock_with_no_append() {
+        let store = MemoryStore::with_max_age(100, 1 << 20, Some(Duration::from_millis(300)));
+        store
+            .append(vec![event("a", b"")], SystemTime::now())
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.bounds().oldest.is_some() {
+            assert!(std::time::Instant::now() < deadline, "never expired");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(store.read_after(0, 10).unwrap().is_empty());
+        assert!(store.held_counts().is_empty());
+        assert!(store.bounds().newest_dropped_time.is_some());
     }
 
     #[test]

@@ -10,7 +10,8 @@ pub mod file;
 mod memory;
 
 use std::collections::HashMap;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use file::{FileStore, FileStoreConfig, FsyncPolicy};
 pub use memory::MemoryStore;
@@ -33,9 +34,33 @@ pub enum StoreError {
         offset: u64,
         reason: String,
     },
+    /// A file recovery relies on besides the log (the log's identity, group cursors) that
+    /// cannot be used as it is.
+    #[error(
+        "{}: {reason} (run `eventbus repair --data-dir DIR` with the bus stopped: it sets the \
+         file aside and says what it did)",
+        path.display()
+    )]
+    Metadata {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// The store can no longer guarantee durability and refuses writes.
     #[error("storage failed: {0}")]
     Failed(String),
+    /// Another process (or another open store in this one) holds the data directory: two
+    /// writers would corrupt each other's log.
+    #[error(
+        "data directory {} is in use by another eventbus process ({}): one process at a time \
+         may use it; stop that one or give this one another --data-dir",
+        dir.display(),
+        file::describe_holder(holder)
+    )]
+    Locked {
+        dir: std::path::PathBuf,
+        /// The holder's pid as it wrote it into `<dir>/LOCK`, if readable.
+        holder: Option<u32>,
+    },
 }
 
 /// The sequences a store holds. Sequences start at 1; 0 means "none".
@@ -66,7 +91,48 @@ pub(crate) fn count_family(counts: &mut HeldCounts, family: &str) {
     *counts.entry_ref(family).or_insert(0) += 1;
 }
 
+/// Age retention as the clock judges it. Both stores hide an event from every read once it is
+/// older than the max age by the clock *when read*, not only when something is appended (a
+/// quiet log would otherwise keep serving events past their age); physically dropping them is
+/// [`Store::expire`]'s job. The cutoff never moves back, so a wall clock stepping back does not
+/// bring hidden events back.
+#[derive(Debug)]
+pub(crate) struct AgeCutoff {
+    max_age: Option<Duration>,
+    /// The highest cutoff used so far, in nanoseconds since the epoch.
+    highest: AtomicU64,
+}
+
+impl AgeCutoff {
+    pub(crate) fn new(max_age: Option<Duration>) -> AgeCutoff {
+        AgeCutoff {
+            max_age,
+            highest: AtomicU64::new(0),
+        }
+    }
+
+    /// Events published before the returned time are expired at `now`; `None` without age
+    /// retention.
+    pub(crate) fn at(&self, now: SystemTime) -> Option<SystemTime> {
+        let max_age = self.max_age?;
+        let cutoff = now
+            .checked_sub(max_age)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos().min(u64::MAX as u128) as u64);
+        let highest = self
+            .highest
+            .fetch_max(cutoff, Ordering::Relaxed)
+            .max(cutoff);
+        Some(UNIX_EPOCH + Duration::from_nanos(highest))
+    }
+}
+
 /// The bus log.
+///
+/// Every read (`read_after`, `first_sequence_at_or_after`, `bounds`, `held_counts`) sees only
+/// events retention still holds, age judged by the clock at the time of the read; events hidden
+/// that way count as dropped in [`LogBounds::newest_dropped_time`], so a replay that loses them
+/// sees the gap.
 pub trait Store: Send + Sync + 'static {
     /// Appends the events in order, assigning each the next sequence and the publish time
     /// `now`, and applies retention. All or nothing.
@@ -84,13 +150,31 @@ pub trait Store: Send + Sync + 'static {
     /// How many events of each topic family are held now.
     fn held_counts(&self) -> HeldCounts;
 
+    /// Applies age retention physically as of `now`: the memory store drops expired events, the
+    /// file store deletes whole segments whose newest event is older than the max age (never
+    /// the active segment). Reads hide expired events whether or not this runs; it frees their
+    /// memory or disk, and is meant to be called periodically. The default (stores without age
+    /// retention) does nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if a segment cannot be deleted (it stays, whole, and is tried again).
+    fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
+        let _ = now;
+        Ok(())
+    }
+
     /// The last sequence that is durable, for stores whose appends become durable after
     /// [`Store::append`] returns (group commit). `None`: every append is final when it returns.
     fn durable_head(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
 
-    /// Why the store stopped making appends durable, if it did.
+    /// The store's health: `Some(reason)` once it has failed (an fsync failed, or a write could
+    /// not be undone) and refuses every append with [`StoreError::Failed`] until the process
+    /// restarts and recovery runs; `None` while it takes writes. It is what a server should
+    /// report as NOT_SERVING. A write refused for a passing cause (a full disk, no free inode for
+    /// the next segment) is returned as an error with nothing of its batch stored, and does
+    /// not fail the store.
     fn durability_error(&self) -> Option<String> {
         None
     }
