@@ -57,6 +57,13 @@ pub enum BusError {
     )]
     ReplayOverrun { last_delivered: u64 },
 
+    /// A request's bytes are not a valid protobuf encoding of its message type (a string field
+    /// that is not UTF-8, a truncated field, a bad wire type). `message` is the full protobuf
+    /// name (`eventbus.v1.PublishRequest`); `detail` is the decoder's account of what failed,
+    /// with the field path.
+    #[error("request {message} failed to decode: {detail}")]
+    MalformedRequest { message: String, detail: String },
+
     /// An Ack or Nack names a group that has no MANUAL-ack subscription on this bus.
     #[error(
         "no MANUAL-ack group named {group:?} on this bus (subscribe with ack_mode MANUAL first)"

@@ -88,6 +88,7 @@ impl EventBusService for EventBusApi {
             inbound: request.into_inner(),
             in_flight: FuturesOrdered::new(),
             inbound_done: false,
+            inbound_error: None,
             ended: false,
         };
         let responses = stream::unfold(state, move |mut state| {
@@ -265,6 +266,9 @@ struct PublishStreamState {
     inbound: Streaming<pb::PublishStreamRequest>,
     in_flight: FuturesOrdered<BoxFuture<'static, BatchOutcome>>,
     inbound_done: bool,
+    /// Why the inbound side failed (a request that did not decode, was too large or stopped
+    /// arriving), if it did: the stream ends with it once the batches before it are answered.
+    inbound_error: Option<Status>,
     ended: bool,
 }
 
@@ -275,7 +279,8 @@ impl PublishStreamState {
                 return None;
             }
             if self.inbound_done && self.in_flight.is_empty() {
-                return None;
+                self.ended = true;
+                return self.inbound_error.take().map(Err);
             }
             let accepting = !self.inbound_done && self.in_flight.len() < MAX_BATCHES_IN_FLIGHT;
             tokio::select! {
@@ -290,9 +295,11 @@ impl PublishStreamState {
                 request = self.inbound.next(), if accepting => match request {
                     None => self.inbound_done = true,
                     Some(Err(status)) => {
-                        // The client broke its side: answer what is in flight, take no more.
-                        debug!(%status, "publish stream ended by the client");
+                        // A request that cannot be read (or a client that broke its side):
+                        // answer what is in flight, take no more, end with the reason.
+                        debug!(%status, "publish stream's inbound side failed");
                         self.inbound_done = true;
+                        self.inbound_error = Some(status);
                     }
                     Some(Ok(request)) => self.begin(request),
                 },

@@ -23,6 +23,7 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         BusError::SlowGroupMember { .. } => (Code::ResourceExhausted, "slow-group-member"),
         BusError::UnknownGroup { .. } => (Code::NotFound, "unknown-group"),
         BusError::ReplayOverrun { .. } => (Code::ResourceExhausted, "replay-overrun"),
+        BusError::MalformedRequest { .. } => (Code::InvalidArgument, "malformed-request"),
         BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
         BusError::Storage(_) => (Code::Internal, "storage"),
     }
