@@ -64,6 +64,11 @@ pub enum BusError {
     #[error("request {message} failed to decode: {detail}")]
     MalformedRequest { message: String, detail: String },
 
+    /// The bus failed while serving the call: a panic in its handler or response stream, logged
+    /// by the bus with where it happened. Other calls, on the same connection too, go on.
+    #[error("internal error: the bus failed while serving this call (it logged the cause)")]
+    Internal,
+
     /// An Ack or Nack names a group that has no MANUAL-ack subscription on this bus.
     #[error(
         "no MANUAL-ack group named {group:?} on this bus (subscribe with ack_mode MANUAL first)"

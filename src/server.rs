@@ -5,19 +5,26 @@
 //! health goes NOT_SERVING, the broker ends every open subscription with UNAVAILABLE, tonic stops
 //! accepting and finishes in-flight calls, and after a bounded grace period whatever is left is
 //! dropped.
+//!
+//! A panic while serving a call is contained to that call: [`install_panic_hook`] logs it through
+//! `tracing`, and the call answers INTERNAL (reason `internal`) while other calls, on the same
+//! connection too, go on.
 
+use std::any::Any;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{info, warn};
 
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
+use crate::error::BusError;
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
 use crate::service::subscribe::EventBusServer;
@@ -60,13 +67,63 @@ pub fn open_broker(config: &BusConfig, storage: &StorageConfig) -> Result<Broker
 }
 
 /// Opens the configured store and serves a bus on it on `listener` until `shutdown` resolves.
+/// Installs [`install_panic_hook`] first.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    install_panic_hook();
     let broker = open_broker(&config.bus, &config.storage)?;
     serve(listener, config, broker, shutdown).await
+}
+
+/// Installs, once per process, a panic hook that logs every panic through `tracing` at ERROR with
+/// its message, location and thread, so a panic in a task others share (a connection, a group's
+/// dispatcher, the store's sync thread) is never silent. The hook it replaces (by default,
+/// printing to stderr) still runs when no global `tracing` subscriber is set, as in tests and
+/// embedders that log otherwise.
+pub fn install_panic_hook() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = panic_message(info.payload());
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+                .unwrap_or_default();
+            let thread = std::thread::current();
+            tracing::error!(
+                panic.message = %message,
+                panic.location = %location,
+                thread = thread.name().unwrap_or("<unnamed>"),
+                "panic"
+            );
+            if !tracing::dispatcher::has_been_set() {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// A panic's message, when it is text (as `panic!` makes it).
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(text) = payload.downcast_ref::<&str>() {
+        text
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text
+    } else {
+        "<non-text panic payload>"
+    }
+}
+
+/// The answer to a call whose handler panicked (the hook has logged the panic): INTERNAL with
+/// reason `internal`, as a gRPC response, so the connection and its other calls go on.
+fn panic_response(
+    _panic: Box<dyn Any + Send>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    tonic::Status::from(BusError::Internal).into_http()
 }
 
 /// Serves `broker` on `listener` until `shutdown` resolves.
@@ -118,6 +175,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     info!(addr = ?local_addr, "eventbus listening");
     let server = Server::builder()
+        .layer(CatchPanicLayer::custom(panic_response))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .add_service(health_service)
@@ -143,4 +201,172 @@ pub async fn serve(
     }
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use tonic::Code;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::*;
+    use crate::pb;
+    use crate::pb::event_bus_service_client::EventBusServiceClient;
+    use crate::service::status::ERROR_REASON_KEY;
+    use crate::service::test_hooks::PANIC;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    /// Log output, collected for the test to read.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl MakeWriter<'_> for Logs {
+        type Writer = Logs;
+
+        fn make_writer(&self) -> Logs {
+            self.clone()
+        }
+    }
+
+    fn assert_internal(status: &tonic::Status, what: &str) {
+        assert_eq!(status.code(), Code::Internal, "{what}: {status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get(ERROR_REASON_KEY)
+                .and_then(|v| v.to_str().ok()),
+            Some("internal"),
+            "{what}: {status:?}"
+        );
+    }
+
+    fn event(topic: &str) -> pb::Event {
+        pb::Event {
+            topic: topic.to_owned(),
+            source: "test".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// The default test runtime runs every task on this thread, so the scoped log subscriber
+    /// sees what the server's tasks (and the panic hook, on the panicking task) log.
+    #[tokio::test]
+    async fn a_panicking_call_answers_internal_is_logged_and_its_connection_goes_on() {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(run(
+            listener,
+            ServerConfig {
+                shutdown_grace: Duration::from_secs(2),
+                ..ServerConfig::default()
+            },
+            shutdown.clone().cancelled_owned(),
+        ));
+        // One channel is one HTTP/2 connection: every call below shares it.
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = EventBusServiceClient::new(channel);
+
+        tokio::time::timeout(WAIT, async {
+            let mut watcher = client
+                .subscribe(pb::SubscribeRequest {
+                    topic: "orders.>".into(),
+                    subscriber: "watcher".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            watcher.message().await.unwrap().expect("subscribed");
+
+            // A panic in a unary handler.
+            let status = client
+                .ack(pb::AckRequest {
+                    group: PANIC.into(),
+                    sequences: vec![1],
+                })
+                .await
+                .expect_err("the panicking Ack fails");
+            assert_internal(&status, "Ack");
+
+            // A panic in a response stream, after its headers went out.
+            let status = match client
+                .subscribe(pb::SubscribeRequest {
+                    topic: "orders.>".into(),
+                    subscriber: PANIC.into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(response) => response
+                    .into_inner()
+                    .message()
+                    .await
+                    .expect_err("the panicking stream ends with an error"),
+                Err(status) => status,
+            };
+            assert_internal(&status, "Subscribe");
+
+            // The connection, and the stream already open on it, go on.
+            client
+                .publish(pb::PublishRequest {
+                    events: vec![event("orders.created")],
+                })
+                .await
+                .expect("a publish after the panics");
+            let delivered = watcher.message().await.unwrap().expect("an event");
+            assert!(matches!(
+                delivered.message,
+                Some(pb::subscribe_response::Message::Event(_))
+            ));
+        })
+        .await
+        .expect("the calls finish in time");
+
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        for expected in [
+            "test-only panic in the Ack handler",
+            "test-only panic in a Subscribe stream",
+            "src/service/mod.rs:",
+        ] {
+            assert!(
+                logs.lines()
+                    .any(|line| line.contains("ERROR") && line.contains(expected)),
+                "an ERROR log naming {expected:?} in:\n{logs}"
+            );
+        }
+
+        shutdown.cancel();
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
 }

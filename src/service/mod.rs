@@ -6,6 +6,7 @@ pub mod convert;
 pub mod status;
 pub mod subscribe;
 
+use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -99,7 +100,7 @@ impl EventBusService for EventBusApi {
             }
             .instrument(span)
         });
-        Ok(Response::new(responses.boxed()))
+        Ok(Response::new(contain_panics(responses.boxed())))
     }
 
     type SubscribeStream = BoxStream<'static, Result<pb::SubscribeResponse, Status>>;
@@ -164,6 +165,10 @@ impl EventBusService for EventBusApi {
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
         let request = request.into_inner();
+        #[cfg(test)]
+        if request.group == test_hooks::PANIC {
+            panic!("test-only panic in the Ack handler");
+        }
         let group = EventBusApi::group_of(&request.group)?;
         let sequences = EventBusApi::sequences_of(&request.sequences)?;
         let acked = self.broker.ack(group, sequences)?;
@@ -200,6 +205,8 @@ impl EventBusApi {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<BoxStream<'static, Result<SubscribeFrame, Status>>, Status> {
         let options = convert::subscribe_options_from_pb(request.into_inner())?;
+        #[cfg(test)]
+        let panics = options.subscriber.as_ref() == test_hooks::PANIC;
         let span = info_span!(
             "subscribe",
             topic = %options.pattern,
@@ -230,9 +237,14 @@ impl EventBusApi {
                 Err(status::to_status(&error))
             }
         });
-        Ok(stream::once(async move { Ok(subscribed) })
-            .chain(deliveries)
-            .boxed())
+        let confirmation = stream::once(async move {
+            #[cfg(test)]
+            if panics {
+                panic!("test-only panic in a Subscribe stream");
+            }
+            Ok(subscribed)
+        });
+        Ok(contain_panics(confirmation.chain(deliveries).boxed()))
     }
 
     fn group_of(group: &str) -> Result<&str, BusError> {
@@ -251,6 +263,26 @@ impl EventBusApi {
         }
         Ok(sequences)
     }
+}
+
+/// Ends `stream` with INTERNAL (reason `internal`) if polling it panics. A response stream is
+/// polled by the HTTP/2 stream's task, outside the handler that `server`'s panic layer guards:
+/// without this a panic there resets the stream with no status. The panic hook logs the panic.
+fn contain_panics<T: 'static>(
+    stream: BoxStream<'static, Result<T, Status>>,
+) -> BoxStream<'static, Result<T, Status>> {
+    AssertUnwindSafe(stream)
+        .catch_unwind()
+        .map(|polled| polled.unwrap_or_else(|_panic| Err(BusError::Internal.into())))
+        .boxed()
+}
+
+/// Test-only triggers, compiled into the crate's unit tests alone (`server`'s tests use them to
+/// check that panics are contained): a MANUAL-ack group named [`test_hooks::PANIC`] makes Ack
+/// panic in its handler, and a subscriber of that name makes its Subscribe stream panic.
+#[cfg(test)]
+pub(crate) mod test_hooks {
+    pub const PANIC: &str = "test-panic";
 }
 
 /// Batches one PublishStream keeps waiting for durability at once: enough to fill many group

@@ -24,6 +24,7 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         BusError::UnknownGroup { .. } => (Code::NotFound, "unknown-group"),
         BusError::ReplayOverrun { .. } => (Code::ResourceExhausted, "replay-overrun"),
         BusError::MalformedRequest { .. } => (Code::InvalidArgument, "malformed-request"),
+        BusError::Internal => (Code::Internal, "internal"),
         BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
         BusError::Storage(_) => (Code::Internal, "storage"),
     }
