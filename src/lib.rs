@@ -7,9 +7,11 @@
 //! - [`topic`]: topic and pattern syntax.
 //! - [`sublist`]: the subject tree that matches a topic to subscriptions.
 //! - [`config`]: server settings from flags, environment and file.
+//! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors).
 //! - [`sdk`]: the Rust client SDK.
 //! - [`cli`]: the `eventbus` command line.
 
+pub mod accept;
 pub mod broker;
 pub mod cli;
 pub mod config;

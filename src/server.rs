@@ -16,12 +16,12 @@ use std::sync::{Arc, Once};
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{info, warn};
 
+use crate::accept::Incoming;
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
 use crate::error::BusError;
@@ -172,7 +172,7 @@ pub async fn serve(
         }
     };
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = Incoming::new(listener);
     info!(addr = ?local_addr, "eventbus listening");
     let server = Server::builder()
         .layer(CatchPanicLayer::custom(panic_response))
