@@ -27,9 +27,18 @@ use crate::config::{BusConfig, ServerConfig, StorageConfig};
 use crate::error::BusError;
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
+use crate::receive::{ReceiveLayer, ReceiveLimits};
 use crate::service::subscribe::EventBusServer;
 use crate::service::{AdminApi, EventBusApi};
 use crate::store::{FileStore, FileStoreConfig, MemoryStore, Store, StoreError};
+
+/// HTTP/2 flow control: how much a client may send on one stream, and on one connection, before
+/// the bus has read it. Data the bus has not read yet waits in these windows, so they bound what a
+/// connection can make the bus buffer beneath the receive limits ([`crate::receive`]). The
+/// connection's is larger so one stream the bus reads slowly (a PublishStream at its in-flight
+/// limit) does not stall the others. hyper's default is 1 MiB for both.
+const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -174,10 +183,19 @@ pub async fn serve(
 
     let incoming = Incoming::new(listener);
     info!(addr = ?local_addr, "eventbus listening");
+    let receive = ReceiveLayer::new(ReceiveLimits {
+        timeout: config.receive_timeout,
+        budget_bytes: config.receive_budget_bytes,
+        max_message_bytes: message_limit,
+    });
     let server = Server::builder()
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(receive)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
