@@ -8,6 +8,7 @@
 //! - [`sublist`]: the subject tree that matches a topic to subscriptions.
 //! - [`config`]: server settings from flags, environment and file.
 //! - [`receive`]: bounds on request bodies as they arrive (deadline, shared budget).
+//! - [`panics`]: the panic hook, and panics contained to the call they happen in.
 //! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors).
 //! - [`sdk`]: the Rust client SDK.
 //! - [`cli`]: the `eventbus` command line.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod panics;
 pub mod pb;
 pub mod receive;
 pub mod sdk;

@@ -6,25 +6,23 @@
 //! accepting and finishes in-flight calls, and after a bounded grace period whatever is left is
 //! dropped.
 //!
-//! A panic while serving a call is contained to that call: [`install_panic_hook`] logs it through
-//! `tracing`, and the call answers INTERNAL (reason `internal`) while other calls, on the same
-//! connection too, go on.
+//! A panic while serving a call is contained to that call ([`crate::panics`]): it is logged
+//! through `tracing`, and the call answers INTERNAL (reason `internal`) while other calls, on the
+//! same connection too, go on.
 
-use std::any::Any;
 use std::future::Future;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
-use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{info, warn};
 
 use crate::accept::Incoming;
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
-use crate::error::BusError;
+use crate::panics::{self, PanicSafeBodyLayer};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
 use crate::receive::{ReceiveLayer, ReceiveLimits};
@@ -76,63 +74,15 @@ pub fn open_broker(config: &BusConfig, storage: &StorageConfig) -> Result<Broker
 }
 
 /// Opens the configured store and serves a bus on it on `listener` until `shutdown` resolves.
-/// Installs [`install_panic_hook`] first.
+/// Installs [`crate::panics::install_panic_hook`] first.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    install_panic_hook();
+    crate::panics::install_panic_hook();
     let broker = open_broker(&config.bus, &config.storage)?;
     serve(listener, config, broker, shutdown).await
-}
-
-/// Installs, once per process, a panic hook that logs every panic through `tracing` at ERROR with
-/// its message, location and thread, so a panic in a task others share (a connection, a group's
-/// dispatcher, the store's sync thread) is never silent. The hook it replaces (by default,
-/// printing to stderr) still runs when no global `tracing` subscriber is set, as in tests and
-/// embedders that log otherwise.
-pub fn install_panic_hook() {
-    static INSTALLED: Once = Once::new();
-    INSTALLED.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let message = panic_message(info.payload());
-            let location = info
-                .location()
-                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
-                .unwrap_or_default();
-            let thread = std::thread::current();
-            tracing::error!(
-                panic.message = %message,
-                panic.location = %location,
-                thread = thread.name().unwrap_or("<unnamed>"),
-                "panic"
-            );
-            if !tracing::dispatcher::has_been_set() {
-                previous(info);
-            }
-        }));
-    });
-}
-
-/// A panic's message, when it is text (as `panic!` makes it).
-fn panic_message(payload: &(dyn Any + Send)) -> &str {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        text
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text
-    } else {
-        "<non-text panic payload>"
-    }
-}
-
-/// The answer to a call whose handler panicked (the hook has logged the panic): INTERNAL with
-/// reason `internal`, as a gRPC response, so the connection and its other calls go on.
-fn panic_response(
-    _panic: Box<dyn Any + Send>,
-) -> tonic::codegen::http::Response<tonic::body::Body> {
-    tonic::Status::from(BusError::Internal).into_http()
 }
 
 /// Serves `broker` on `listener` until `shutdown` resolves.
@@ -189,7 +139,8 @@ pub async fn serve(
         max_message_bytes: message_limit,
     });
     let server = Server::builder()
-        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(panics::catch_panics())
+        .layer(PanicSafeBodyLayer)
         .layer(receive)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))

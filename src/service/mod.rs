@@ -6,7 +6,6 @@ pub mod convert;
 pub mod status;
 pub mod subscribe;
 
-use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -100,7 +99,7 @@ impl EventBusService for EventBusApi {
             }
             .instrument(span)
         });
-        Ok(Response::new(contain_panics(responses.boxed())))
+        Ok(Response::new(responses.boxed()))
     }
 
     type SubscribeStream = BoxStream<'static, Result<pb::SubscribeResponse, Status>>;
@@ -244,7 +243,7 @@ impl EventBusApi {
             }
             Ok(subscribed)
         });
-        Ok(contain_panics(confirmation.chain(deliveries).boxed()))
+        Ok(confirmation.chain(deliveries).boxed())
     }
 
     fn group_of(group: &str) -> Result<&str, BusError> {
@@ -263,18 +262,6 @@ impl EventBusApi {
         }
         Ok(sequences)
     }
-}
-
-/// Ends `stream` with INTERNAL (reason `internal`) if polling it panics. A response stream is
-/// polled by the HTTP/2 stream's task, outside the handler that `server`'s panic layer guards:
-/// without this a panic there resets the stream with no status. The panic hook logs the panic.
-fn contain_panics<T: 'static>(
-    stream: BoxStream<'static, Result<T, Status>>,
-) -> BoxStream<'static, Result<T, Status>> {
-    AssertUnwindSafe(stream)
-        .catch_unwind()
-        .map(|polled| polled.unwrap_or_else(|_panic| Err(BusError::Internal.into())))
-        .boxed()
 }
 
 /// Test-only triggers, compiled into the crate's unit tests alone (`server`'s tests use them to
