@@ -139,6 +139,11 @@ pub struct ServerConfig {
     /// HTTP/2 streams (calls, subscriptions included) one connection may have open at once;
     /// a client that opens more waits for one to end.
     pub max_concurrent_streams: u32,
+    /// Open connections at most; `None`: the open-file limit less a reserve for files
+    /// ([`crate::accept::default_max_connections`]). At the limit new connections wait.
+    pub max_connections: Option<usize>,
+    /// How long a new connection may send nothing before it is closed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -153,6 +158,8 @@ impl Default for ServerConfig {
             receive_timeout: Duration::from_secs(30),
             receive_budget_bytes: 256 * 1024 * 1024,
             max_concurrent_streams: 4096,
+            max_connections: None,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -271,6 +278,13 @@ pub struct ServeArgs {
     /// HTTP/2 streams one connection may have open at once [default: 4096].
     #[arg(long, env = "EVENTBUS_MAX_CONCURRENT_STREAMS")]
     pub max_concurrent_streams: Option<u32>,
+    /// Open connections at most [default: the open-file limit less a quarter of it, at most
+    /// 1024, kept for files].
+    #[arg(long, env = "EVENTBUS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// How long a new connection may send nothing before it is closed [default: 10s].
+    #[arg(long, env = "EVENTBUS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Option<Duration>,
     /// Log level or filter (as RUST_LOG), e.g. `info` or `eventbus=debug` [default: info].
     #[arg(long, env = "EVENTBUS_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -313,6 +327,9 @@ struct ConfigFile {
     receive_timeout: Option<Duration>,
     receive_budget_bytes: Option<usize>,
     max_concurrent_streams: Option<u32>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    handshake_timeout: Option<Duration>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -452,6 +469,11 @@ impl ServeArgs {
                 .max_concurrent_streams
                 .or(file.max_concurrent_streams)
                 .unwrap_or(defaults.max_concurrent_streams),
+            max_connections: self.max_connections.or(file.max_connections),
+            handshake_timeout: self
+                .handshake_timeout
+                .or(file.handshake_timeout)
+                .unwrap_or(defaults.handshake_timeout),
         };
         server.validate_receiving()?;
         let log = LogConfig {
@@ -484,6 +506,12 @@ impl ServerConfig {
         }
         if self.max_concurrent_streams == 0 {
             return invalid("max_concurrent_streams", "must be at least 1".into());
+        }
+        if self.max_connections == Some(0) {
+            return invalid("max_connections", "must be at least 1".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return invalid("handshake_timeout", "must be more than 0s".into());
         }
         Ok(())
     }

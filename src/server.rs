@@ -19,7 +19,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
-use crate::accept::Incoming;
+use crate::accept::{AcceptLimits, Incoming};
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
 use crate::panics::{self, PanicSafeBodyLayer};
@@ -131,7 +131,17 @@ pub async fn serve(
         }
     };
 
-    let incoming = Incoming::new(listener);
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(crate::accept::default_max_connections);
+    info!(max_connections, "connection limit");
+    let incoming = Incoming::new(
+        listener,
+        AcceptLimits {
+            max_connections,
+            handshake_timeout: config.handshake_timeout,
+        },
+    );
     info!(addr = ?local_addr, "eventbus listening");
     let receive = ReceiveLayer::new(ReceiveLimits {
         timeout: config.receive_timeout,

@@ -1,6 +1,8 @@
-//! Connections at the file limit: a bus process that runs out of file descriptors pauses its
-//! accepts (instead of spinning a core on EMFILE), logs it at a bounded rate, keeps serving the
-//! connections it has, and serves new clients once descriptors free up.
+//! Connections at the file limit. A bus process holds at most its connection limit (by default
+//! the open-file limit less a reserve for files), closes connections that never speak, and if it
+//! runs out of file descriptors anyway it pauses its accepts (instead of spinning a core on
+//! EMFILE), logs it at a bounded rate, keeps serving the connections it has, and serves new
+//! clients once descriptors free up.
 
 mod bus_process;
 mod common;
@@ -21,9 +23,13 @@ const IDLE_CONNECTIONS: usize = 160;
 const WINDOW: Duration = Duration::from_secs(2);
 
 async fn publish(channel: Channel) -> Result<(), tonic::Status> {
+    publish_data(channel, b"x").await
+}
+
+async fn publish_data(channel: Channel, data: &[u8]) -> Result<(), tonic::Status> {
     let mut client = EventBusServiceClient::new(channel);
     let request = pb::PublishRequest {
-        events: vec![event("fd.test", b"x")],
+        events: vec![event("fd.test", data)],
     };
     tokio::time::timeout(Duration::from_secs(5), client.publish(request))
         .await
@@ -40,7 +46,8 @@ async fn connect(bus: &BusProcess) -> Option<Channel> {
 
 #[tokio::test]
 async fn out_of_descriptors_the_bus_pauses_accepts_and_serves_again() {
-    let bus = BusProcess::start(&[], Some(NOFILE));
+    // A connection limit above the open-file limit, so accepting runs into EMFILE.
+    let bus = BusProcess::start(&["--max-connections", "100000"], Some(NOFILE));
     let limit_logs = bus.logged("open-file limit");
     assert_eq!(
         limit_logs.first().map(|l| l["fields"]["limit"].clone()),
@@ -101,4 +108,76 @@ async fn out_of_descriptors_the_bus_pauses_accepts_and_serves_again() {
         !bus.logged("accepting connections again").is_empty(),
         "the bus logs that it accepts again"
     );
+}
+
+#[tokio::test]
+async fn the_connection_limit_keeps_descriptors_for_files_and_silent_connections_are_closed() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let data_dir = data_dir.path().to_str().unwrap();
+    let bus = BusProcess::start(
+        &[
+            "--storage",
+            "file",
+            "--data-dir",
+            data_dir,
+            "--segment-bytes",
+            "4096",
+            "--handshake-timeout",
+            "1s",
+        ],
+        Some(NOFILE),
+    );
+    let established = connect(&bus).await.expect("a first client connects");
+    publish(established.clone())
+        .await
+        .expect("a first client is served");
+
+    let mut idle = Vec::new();
+    for _ in 0..IDLE_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(bus.addr).await.unwrap());
+    }
+    eventually(
+        "the bus to reach its connection limit",
+        Duration::from_secs(20),
+        || async { (!bus.logged("at the connection limit").is_empty()).then_some(()) },
+    )
+    .await;
+
+    // At the limit the store still opens files: these publishes start new segments.
+    let cpu_before = bus.cpu_time();
+    let started = Instant::now();
+    for _ in 0..12 {
+        publish_data(established.clone(), &[7u8; 1000])
+            .await
+            .expect("the store opens new segments at the connection limit");
+    }
+    let cpu = bus.cpu_time() - cpu_before;
+    assert!(
+        cpu < started.elapsed() / 2 + Duration::from_millis(200),
+        "the bus used {cpu:?} of CPU in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        bus.logged("out of file descriptors").is_empty(),
+        "the limit keeps the bus from running out of descriptors"
+    );
+
+    // The silent connections are closed after the handshake timeout, so a new client is served
+    // while they are still open on this side.
+    eventually(
+        "a new client to be served",
+        Duration::from_secs(30),
+        || async {
+            let channel = connect(&bus).await?;
+            publish(channel).await.ok()
+        },
+    )
+    .await;
+    // What the bus sent (its HTTP/2 settings), then the end of the connection.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        while let Ok(1..) = tokio::io::AsyncReadExt::read(&mut idle[0], &mut buf).await {}
+    })
+    .await
+    .expect("the bus closes a silent connection");
 }

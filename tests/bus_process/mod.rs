@@ -22,8 +22,9 @@ pub struct BusProcess {
 }
 
 impl BusProcess {
-    /// Starts `eventbus serve` on the memory store with `args` added, under an open-file limit of
-    /// `nofile` (soft and hard, so the bus cannot raise it) when given. Waits until it listens.
+    /// Starts `eventbus serve` with `args` added (on the memory store unless they name a
+    /// `--storage`), under an open-file limit of `nofile` (soft and hard, so the bus cannot raise
+    /// it) when given. Waits until it listens.
     pub fn start(args: &[&str], nofile: Option<u64>) -> BusProcess {
         let mut command = Command::new(BIN);
         for (key, _) in std::env::vars() {
@@ -31,8 +32,12 @@ impl BusProcess {
                 command.env_remove(key);
             }
         }
+        command.arg("serve");
+        if !args.contains(&"--storage") {
+            command.args(["--storage", "memory"]);
+        }
         command
-            .args(["serve", "--storage", "memory", "--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0"])
             .args(["--log-format", "json", "--log-level", "info"])
             .args(args)
             .stdin(Stdio::null())
