@@ -58,9 +58,10 @@ pub enum BusError {
     ReplayOverrun { last_delivered: u64 },
 
     /// A request's bytes are not a valid protobuf encoding of its message type (a string field
-    /// that is not UTF-8, a truncated field, a bad wire type). `message` is the full protobuf
-    /// name (`eventbus.v1.PublishRequest`); `detail` is the decoder's account of what failed,
-    /// with the field path.
+    /// that is not UTF-8, a truncated field, a bad wire type, a body that ends mid-message).
+    /// `message` is the full protobuf name (`eventbus.v1.PublishRequest`), or `message` where
+    /// the framing failed before the type mattered; `detail` says what failed, with the field
+    /// path.
     #[error("request {message} failed to decode: {detail}")]
     MalformedRequest { message: String, detail: String },
 
