@@ -129,6 +129,21 @@ pub struct ServerConfig {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// The longest a unary request's body, or one message of a streaming request, may take to
+    /// arrive once started; a request that takes longer fails (DEADLINE_EXCEEDED
+    /// `receive-timeout`). Bounds how long a stalled client holds the bytes it sent.
+    pub receive_timeout: Duration,
+    /// Bytes of partly received requests the bus holds at once, across all connections; a
+    /// request that would pass it fails (RESOURCE_EXHAUSTED `receive-budget`).
+    pub receive_budget_bytes: usize,
+    /// HTTP/2 streams (calls, subscriptions included) one connection may have open at once;
+    /// a client that opens more waits for one to end.
+    pub max_concurrent_streams: u32,
+    /// Open connections at most; `None`: the open-file limit less a reserve for files
+    /// ([`crate::accept::default_max_connections`]). At the limit new connections wait.
+    pub max_connections: Option<usize>,
+    /// How long a new connection may send nothing before it is closed.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -140,6 +155,11 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            receive_timeout: Duration::from_secs(30),
+            receive_budget_bytes: 256 * 1024 * 1024,
+            max_concurrent_streams: 4096,
+            max_connections: None,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -247,6 +267,24 @@ pub struct ServeArgs {
     /// How long a keepalive ping may go unanswered [default: 10s].
     #[arg(long, env = "EVENTBUS_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Option<Duration>,
+    /// Longest a unary request, or one message of a stream, may take to arrive once started
+    /// [default: 30s].
+    #[arg(long, env = "EVENTBUS_RECEIVE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub receive_timeout: Option<Duration>,
+    /// Bytes of partly received requests held at once, across all connections
+    /// [default: 268435456].
+    #[arg(long, env = "EVENTBUS_RECEIVE_BUDGET_BYTES")]
+    pub receive_budget_bytes: Option<usize>,
+    /// HTTP/2 streams one connection may have open at once [default: 4096].
+    #[arg(long, env = "EVENTBUS_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Open connections at most [default: the open-file limit less a quarter of it, at most
+    /// 1024, kept for files].
+    #[arg(long, env = "EVENTBUS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// How long a new connection may send nothing before it is closed [default: 10s].
+    #[arg(long, env = "EVENTBUS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Option<Duration>,
     /// Log level or filter (as RUST_LOG), e.g. `info` or `eventbus=debug` [default: info].
     #[arg(long, env = "EVENTBUS_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -285,6 +323,13 @@ struct ConfigFile {
     keepalive_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     keepalive_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    receive_timeout: Option<Duration>,
+    receive_budget_bytes: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    handshake_timeout: Option<Duration>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -412,7 +457,25 @@ impl ServeArgs {
                 .keepalive_timeout
                 .or(file.keepalive_timeout)
                 .unwrap_or(defaults.keepalive_timeout),
+            receive_timeout: self
+                .receive_timeout
+                .or(file.receive_timeout)
+                .unwrap_or(defaults.receive_timeout),
+            receive_budget_bytes: self
+                .receive_budget_bytes
+                .or(file.receive_budget_bytes)
+                .unwrap_or(defaults.receive_budget_bytes),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .or(file.max_concurrent_streams)
+                .unwrap_or(defaults.max_concurrent_streams),
+            max_connections: self.max_connections.or(file.max_connections),
+            handshake_timeout: self
+                .handshake_timeout
+                .or(file.handshake_timeout)
+                .unwrap_or(defaults.handshake_timeout),
         };
+        server.validate_receiving()?;
         let log = LogConfig {
             level: self
                 .log_level
@@ -422,6 +485,35 @@ impl ServeArgs {
             format: self.log_format.or(file.log_format).unwrap_or_default(),
         };
         Ok((server, log))
+    }
+}
+
+impl ServerConfig {
+    /// Refuses receive limits that no full-size message could pass.
+    fn validate_receiving(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, rule: String| Err(ConfigError::Invalid { setting, rule });
+        if self.receive_timeout.is_zero() {
+            return invalid("receive_timeout", "must be more than 0s".into());
+        }
+        if self.receive_budget_bytes < self.bus.max_message_bytes {
+            return invalid(
+                "receive_budget_bytes",
+                format!(
+                    "must be at least max_message_bytes ({}) so one full-size message fits",
+                    self.bus.max_message_bytes
+                ),
+            );
+        }
+        if self.max_concurrent_streams == 0 {
+            return invalid("max_concurrent_streams", "must be at least 1".into());
+        }
+        if self.max_connections == Some(0) {
+            return invalid("max_connections", "must be at least 1".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return invalid("handshake_timeout", "must be more than 0s".into());
+        }
+        Ok(())
     }
 }
 
@@ -512,5 +604,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("subscriber_queue_size:"));
+        let args = ServeArgs {
+            receive_budget_bytes: Some(1024 * 1024),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("receive_budget_bytes:"), "{error}");
     }
 }

@@ -72,6 +72,39 @@ pub enum BusError {
     )]
     ReplayOverrun { last_delivered: u64 },
 
+    /// A request's bytes are not a valid protobuf encoding of its message type (a string field
+    /// that is not UTF-8, a truncated field, a bad wire type, a body that ends mid-message).
+    /// `message` is the full protobuf name (`eventbus.v1.PublishRequest`), or `message` where
+    /// the framing failed before the type mattered; `detail` says what failed, with the field
+    /// path.
+    #[error("request {message} failed to decode: {detail}")]
+    MalformedRequest { message: String, detail: String },
+
+    /// The bus failed while serving the call: a panic in its handler or response stream, logged
+    /// by the bus with where it happened. Other calls, on the same connection too, go on.
+    #[error("internal error: the bus failed while serving this call (it logged the cause)")]
+    Internal,
+
+    /// A request message declares more bytes than the bus takes in one message.
+    #[error("a request message of {declared} bytes is over the limit of {limit} bytes")]
+    MessageTooLarge { declared: usize, limit: usize },
+
+    /// A unary request's body, or one message of a streaming request, did not arrive whole
+    /// within the receive timeout after it started.
+    #[error(
+        "the request did not arrive within {}: a unary request, or each message of a stream, \
+         must arrive whole within it once started",
+        humantime::format_duration(*.timeout)
+    )]
+    ReceiveTimeout { timeout: Duration },
+
+    /// Partly received requests, across all connections, would pass the receive budget.
+    #[error(
+        "the bus is receiving too much at once: partly received requests would pass the budget \
+         of {budget} bytes; retry later"
+    )]
+    ReceiveBudgetExhausted { budget: usize },
+
     /// An Ack or Nack names a group that has no MANUAL-ack subscription on this bus.
     #[error(
         "no MANUAL-ack group named {group:?} on this bus (subscribe with ack_mode MANUAL first)"

@@ -7,15 +7,21 @@
 //! - [`topic`]: topic and pattern syntax.
 //! - [`sublist`]: the subject tree that matches a topic to subscriptions.
 //! - [`config`]: server settings from flags, environment and file.
+//! - [`receive`]: bounds on request bodies as they arrive (deadline, shared budget).
+//! - [`panics`]: the panic hook, and panics contained to the call they happen in.
+//! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors).
 //! - [`sdk`]: the Rust client SDK.
 //! - [`cli`]: the `eventbus` command line.
 
+pub mod accept;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod panics;
 pub mod pb;
+pub mod receive;
 pub mod sdk;
 pub mod server;
 pub mod service;

@@ -12,11 +12,18 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// prost codec with a smaller starting buffer per stream. Each open stream (every subscription)
 /// keeps one encode and one decode buffer; tonic's 8 KiB default made idle subscriptions cost
 /// about 10 KB each. Buffers still grow to fit any message.
+///
+/// Its decoder ([`BusDecoder`]) answers a request that is not valid protobuf with
+/// INVALID_ARGUMENT (reason `malformed-request`) naming the message and the field, where prost's
+/// codec answers INTERNAL with no reason: bad bytes from a client are the client's error.
 pub mod codec {
     use std::marker::PhantomData;
 
-    use tonic::codec::{BufferSettings, Codec};
-    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+    use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+    use tonic::Status;
+    use tonic_prost::{ProstCodec, ProstEncoder};
+
+    use crate::error::BusError;
 
     /// Starting size of a stream's encode and decode buffers.
     pub const STREAM_BUFFER_BYTES: usize = 256;
@@ -50,14 +57,93 @@ pub mod codec {
         type Encode = T;
         type Decode = U;
         type Encoder = ProstEncoder<T>;
-        type Decoder = ProstDecoder<U>;
+        type Decoder = BusDecoder<U>;
 
         fn encoder(&mut self) -> Self::Encoder {
             ProstCodec::<T, U>::raw_encoder(settings())
         }
 
         fn decoder(&mut self) -> Self::Decoder {
-            ProstCodec::<T, U>::raw_decoder(settings())
+            BusDecoder::default()
+        }
+    }
+
+    /// Decodes `U` with prost. A decode failure of a request (a message type whose name ends in
+    /// `Request`: this decoder serves the server's requests and the SDK's responses alike) is a
+    /// [`BusError::MalformedRequest`]; of a response, INTERNAL as in tonic's prost codec, since
+    /// then the bus is at fault, not the caller.
+    #[derive(Debug)]
+    pub struct BusDecoder<U> {
+        _type: PhantomData<U>,
+    }
+
+    impl<U> Default for BusDecoder<U> {
+        fn default() -> Self {
+            BusDecoder { _type: PhantomData }
+        }
+    }
+
+    impl<U: prost::Message + Default> Decoder for BusDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            U::decode(src).map(Some).map_err(decode_error::<U>)
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            settings()
+        }
+    }
+
+    /// The status of a message of type `U` that failed to decode. Built only on that path.
+    pub fn decode_error<U>(error: prost::DecodeError) -> Status {
+        let name = std::any::type_name::<U>();
+        let name = name.rsplit("::").next().unwrap_or(name);
+        if !name.ends_with("Request") {
+            return Status::internal(error.to_string());
+        }
+        // prost's text is "failed to decode Protobuf message: <field path>: <what>"; the
+        // variant's message already says it failed to decode.
+        let text = error.to_string();
+        let detail = text
+            .strip_prefix("failed to decode Protobuf message: ")
+            .unwrap_or(&text);
+        Status::from(BusError::MalformedRequest {
+            message: format!("eventbus.v1.{name}"),
+            detail: detail.to_owned(),
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_request_that_does_not_decode_is_the_callers_error() {
+            let bytes = [0x0a, 0x05, b'a'];
+            let error = <crate::pb::AckRequest as prost::Message>::decode(&bytes[..]).unwrap_err();
+            let status = decode_error::<crate::pb::AckRequest>(error);
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status.message().starts_with(
+                    "request eventbus.v1.AckRequest failed to decode: AckRequest.group"
+                ),
+                "{}",
+                status.message()
+            );
+            assert_eq!(
+                status.metadata().get("eventbus-error").unwrap(),
+                "malformed-request"
+            );
+        }
+
+        #[test]
+        fn a_response_that_does_not_decode_is_internal() {
+            let bytes = [0x0a, 0x05, b'a'];
+            let error = <crate::pb::AckResponse as prost::Message>::decode(&bytes[..]).unwrap_err();
+            let status = decode_error::<crate::pb::AckResponse>(error);
+            assert_eq!(status.code(), tonic::Code::Internal);
         }
     }
 }

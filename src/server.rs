@@ -5,24 +5,38 @@
 //! health goes NOT_SERVING, the broker ends every open subscription with UNAVAILABLE, tonic stops
 //! accepting and finishes in-flight calls, and after a bounded grace period whatever is left is
 //! dropped.
+//!
+//! A panic while serving a call is contained to that call ([`crate::panics`]): it is logged
+//! through `tracing`, and the call answers INTERNAL (reason `internal`) while other calls, on the
+//! same connection too, go on.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use crate::accept::{AcceptLimits, Incoming};
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
+use crate::panics::{self, PanicSafeBodyLayer};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
+use crate::receive::{ReceiveLayer, ReceiveLimits};
 use crate::service::subscribe::EventBusServer;
 use crate::service::{AdminApi, EventBusApi};
 use crate::store::{FileStore, FileStoreConfig, MemoryStore, Store, StoreError};
+
+/// HTTP/2 flow control: how much a client may send on one stream, and on one connection, before
+/// the bus has read it. Data the bus has not read yet waits in these windows, so they bound what a
+/// connection can make the bus buffer beneath the receive limits ([`crate::receive`]). The
+/// connection's is larger so one stream the bus reads slowly (a PublishStream at its in-flight
+/// limit) does not stall the others. hyper's default is 1 MiB for both.
+const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -60,11 +74,13 @@ pub fn open_broker(config: &BusConfig, storage: &StorageConfig) -> Result<Broker
 }
 
 /// Opens the configured store and serves a bus on it on `listener` until `shutdown` resolves.
+/// Installs [`crate::panics::install_panic_hook`] first.
 pub async fn run(
     listener: TcpListener,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    crate::panics::install_panic_hook();
     let broker = open_broker(&config.bus, &config.storage)?;
     serve(listener, config, broker, shutdown).await
 }
@@ -115,11 +131,32 @@ pub async fn serve(
         }
     };
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(crate::accept::default_max_connections);
+    info!(max_connections, "connection limit");
+    let incoming = Incoming::new(
+        listener,
+        AcceptLimits {
+            max_connections,
+            handshake_timeout: config.handshake_timeout,
+        },
+    );
     info!(addr = ?local_addr, "eventbus listening");
+    let receive = ReceiveLayer::new(ReceiveLimits {
+        timeout: config.receive_timeout,
+        budget_bytes: config.receive_budget_bytes,
+        max_message_bytes: message_limit,
+    });
     let server = Server::builder()
+        .layer(panics::catch_panics())
+        .layer(PanicSafeBodyLayer)
+        .layer(receive)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -143,4 +180,172 @@ pub async fn serve(
     }
     info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use tonic::Code;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::*;
+    use crate::pb;
+    use crate::pb::event_bus_service_client::EventBusServiceClient;
+    use crate::service::status::ERROR_REASON_KEY;
+    use crate::service::test_hooks::PANIC;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    /// Log output, collected for the test to read.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl MakeWriter<'_> for Logs {
+        type Writer = Logs;
+
+        fn make_writer(&self) -> Logs {
+            self.clone()
+        }
+    }
+
+    fn assert_internal(status: &tonic::Status, what: &str) {
+        assert_eq!(status.code(), Code::Internal, "{what}: {status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get(ERROR_REASON_KEY)
+                .and_then(|v| v.to_str().ok()),
+            Some("internal"),
+            "{what}: {status:?}"
+        );
+    }
+
+    fn event(topic: &str) -> pb::Event {
+        pb::Event {
+            topic: topic.to_owned(),
+            source: "test".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// The default test runtime runs every task on this thread, so the scoped log subscriber
+    /// sees what the server's tasks (and the panic hook, on the panicking task) log.
+    #[tokio::test]
+    async fn a_panicking_call_answers_internal_is_logged_and_its_connection_goes_on() {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(run(
+            listener,
+            ServerConfig {
+                shutdown_grace: Duration::from_secs(2),
+                ..ServerConfig::default()
+            },
+            shutdown.clone().cancelled_owned(),
+        ));
+        // One channel is one HTTP/2 connection: every call below shares it.
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = EventBusServiceClient::new(channel);
+
+        tokio::time::timeout(WAIT, async {
+            let mut watcher = client
+                .subscribe(pb::SubscribeRequest {
+                    topic: "orders.>".into(),
+                    subscriber: "watcher".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            watcher.message().await.unwrap().expect("subscribed");
+
+            // A panic in a unary handler.
+            let status = client
+                .ack(pb::AckRequest {
+                    group: PANIC.into(),
+                    sequences: vec![1],
+                })
+                .await
+                .expect_err("the panicking Ack fails");
+            assert_internal(&status, "Ack");
+
+            // A panic in a response stream, after its headers went out.
+            let status = match client
+                .subscribe(pb::SubscribeRequest {
+                    topic: "orders.>".into(),
+                    subscriber: PANIC.into(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(response) => response
+                    .into_inner()
+                    .message()
+                    .await
+                    .expect_err("the panicking stream ends with an error"),
+                Err(status) => status,
+            };
+            assert_internal(&status, "Subscribe");
+
+            // The connection, and the stream already open on it, go on.
+            client
+                .publish(pb::PublishRequest {
+                    events: vec![event("orders.created")],
+                })
+                .await
+                .expect("a publish after the panics");
+            let delivered = watcher.message().await.unwrap().expect("an event");
+            assert!(matches!(
+                delivered.message,
+                Some(pb::subscribe_response::Message::Event(_))
+            ));
+        })
+        .await
+        .expect("the calls finish in time");
+
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        for expected in [
+            "test-only panic in the Ack handler",
+            "test-only panic in a Subscribe stream",
+            "src/service/mod.rs:",
+        ] {
+            assert!(
+                logs.lines()
+                    .any(|line| line.contains("ERROR") && line.contains(expected)),
+                "an ERROR log naming {expected:?} in:\n{logs}"
+            );
+        }
+
+        shutdown.cancel();
+        tokio::time::timeout(WAIT, server)
+            .await
+            .expect("the server stops")
+            .unwrap()
+            .unwrap();
+    }
 }

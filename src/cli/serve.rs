@@ -8,6 +8,8 @@ use crate::config::{LogConfig, LogFormat, ServeArgs};
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (config, log) = args.resolve()?;
     init_logging(&log)?;
+    crate::panics::install_panic_hook();
+    crate::accept::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;

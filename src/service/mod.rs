@@ -88,6 +88,7 @@ impl EventBusService for EventBusApi {
             inbound: request.into_inner(),
             in_flight: FuturesOrdered::new(),
             inbound_done: false,
+            inbound_error: None,
             ended: false,
         };
         let responses = stream::unfold(state, move |mut state| {
@@ -167,6 +168,10 @@ impl EventBusService for EventBusApi {
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
         let request = request.into_inner();
+        #[cfg(test)]
+        if request.group == test_hooks::PANIC {
+            panic!("test-only panic in the Ack handler");
+        }
         let group = EventBusApi::group_of(&request.group)?;
         let sequences = EventBusApi::sequences_of(&request.sequences)?;
         let acked = self.broker.ack(group, sequences)?;
@@ -203,6 +208,8 @@ impl EventBusApi {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<BoxStream<'static, Result<SubscribeFrame, Status>>, Status> {
         let options = convert::subscribe_options_from_pb(request.into_inner())?;
+        #[cfg(test)]
+        let panics = options.subscriber.as_ref() == test_hooks::PANIC;
         let span = info_span!(
             "subscribe",
             topic = %options.pattern,
@@ -233,9 +240,14 @@ impl EventBusApi {
                 Err(status::to_status(&error))
             }
         });
-        Ok(stream::once(async move { Ok(subscribed) })
-            .chain(deliveries)
-            .boxed())
+        let confirmation = stream::once(async move {
+            #[cfg(test)]
+            if panics {
+                panic!("test-only panic in a Subscribe stream");
+            }
+            Ok(subscribed)
+        });
+        Ok(confirmation.chain(deliveries).boxed())
     }
 
     fn group_of(group: &str) -> Result<&str, BusError> {
@@ -256,6 +268,14 @@ impl EventBusApi {
     }
 }
 
+/// Test-only triggers, compiled into the crate's unit tests alone (`server`'s tests use them to
+/// check that panics are contained): a MANUAL-ack group named [`test_hooks::PANIC`] makes Ack
+/// panic in its handler, and a subscriber of that name makes its Subscribe stream panic.
+#[cfg(test)]
+pub(crate) mod test_hooks {
+    pub const PANIC: &str = "test-panic";
+}
+
 /// Batches one PublishStream keeps waiting for durability at once: enough to fill many group
 /// commits, bounded so a client cannot make the bus hold unbounded work.
 const MAX_BATCHES_IN_FLIGHT: usize = 1024;
@@ -269,6 +289,9 @@ struct PublishStreamState {
     inbound: Streaming<pb::PublishStreamRequest>,
     in_flight: FuturesOrdered<BoxFuture<'static, BatchOutcome>>,
     inbound_done: bool,
+    /// Why the inbound side failed (a request that did not decode, was too large or stopped
+    /// arriving), if it did: the stream ends with it once the batches before it are answered.
+    inbound_error: Option<Status>,
     ended: bool,
 }
 
@@ -279,7 +302,8 @@ impl PublishStreamState {
                 return None;
             }
             if self.inbound_done && self.in_flight.is_empty() {
-                return None;
+                self.ended = true;
+                return self.inbound_error.take().map(Err);
             }
             let accepting = !self.inbound_done && self.in_flight.len() < MAX_BATCHES_IN_FLIGHT;
             tokio::select! {
@@ -294,9 +318,11 @@ impl PublishStreamState {
                 request = self.inbound.next(), if accepting => match request {
                     None => self.inbound_done = true,
                     Some(Err(status)) => {
-                        // The client broke its side: answer what is in flight, take no more.
-                        debug!(%status, "publish stream ended by the client");
+                        // A request that cannot be read (or a client that broke its side):
+                        // answer what is in flight, take no more, end with the reason.
+                        debug!(%status, "publish stream's inbound side failed");
                         self.inbound_done = true;
+                        self.inbound_error = Some(status);
                     }
                     Some(Ok(request)) => self.begin(request),
                 },

@@ -24,6 +24,11 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         BusError::SlowGroupMember { .. } => (Code::ResourceExhausted, "slow-group-member"),
         BusError::UnknownGroup { .. } => (Code::NotFound, "unknown-group"),
         BusError::ReplayOverrun { .. } => (Code::ResourceExhausted, "replay-overrun"),
+        BusError::MalformedRequest { .. } => (Code::InvalidArgument, "malformed-request"),
+        BusError::Internal => (Code::Internal, "internal"),
+        BusError::MessageTooLarge { .. } => (Code::OutOfRange, "message-too-large"),
+        BusError::ReceiveTimeout { .. } => (Code::DeadlineExceeded, "receive-timeout"),
+        BusError::ReceiveBudgetExhausted { .. } => (Code::ResourceExhausted, "receive-budget"),
         BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
         BusError::Storage(_) => (Code::Internal, "storage"),
     }

@@ -22,7 +22,6 @@ use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::codegen::{http, Body as HttpBody, BoxFuture, Context, Poll, Service, StdError};
 use tonic::server::{Grpc, NamedService, ServerStreamingService};
 use tonic::{Request, Response, Status};
-use tonic_prost::{ProstCodec, ProstDecoder};
 
 use super::{convert, EventBusApi};
 use crate::event::{SharedEvent, StoredEvent};
@@ -85,7 +84,7 @@ fn encoded_event(event: &StoredEvent) -> &Bytes {
         .get_or_init(|| Bytes::from(convert::encode_event(event)))
 }
 
-/// Decodes `SubscribeRequest`s with prost; encodes [`SubscribeFrame`]s.
+/// Decodes `SubscribeRequest`s as every other request ([`pb::codec::BusDecoder`]); encodes [`SubscribeFrame`]s.
 #[derive(Debug, Default)]
 struct SubscribeCodec;
 
@@ -93,14 +92,14 @@ impl Codec for SubscribeCodec {
     type Encode = SubscribeFrame;
     type Decode = pb::SubscribeRequest;
     type Encoder = FrameEncoder;
-    type Decoder = ProstDecoder<pb::SubscribeRequest>;
+    type Decoder = pb::codec::BusDecoder<pb::SubscribeRequest>;
 
     fn encoder(&mut self) -> FrameEncoder {
         FrameEncoder
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<pb::SubscribeResponse, pb::SubscribeRequest>::raw_decoder(pb::codec::settings())
+        pb::codec::BusDecoder::default()
     }
 }
 

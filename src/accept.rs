@@ -1,0 +1,300 @@
+//! Accepting connections without spinning: the stream of accepted TCP connections the server
+//! hands to tonic, and the open-file limit raised at start.
+//!
+//! Every connection holds a file descriptor, and so do the store's segment files. Three rules keep
+//! connections from exhausting them, or the bus's CPU:
+//!
+//! - **A connection limit** ([`AcceptLimits::max_connections`], by default the open-file limit
+//!   less a reserve for files, see [`default_max_connections`]): at the limit [`Incoming`] stops
+//!   accepting until a connection closes, so the store can still open files.
+//! - **A handshake deadline** ([`AcceptLimits::handshake_timeout`]): a connection that sends
+//!   nothing within it is closed, so idle sockets that never speak HTTP/2 cannot hold the limit.
+//!   (Once a client has spoken, HTTP/2 keepalive pings watch it.)
+//! - **Backoff on accept errors.** tonic's own `TcpIncoming` yields every accept error and its
+//!   server loop retries at once: out of file descriptors (EMFILE, or ENFILE for the whole
+//!   system), the pending connection stays queued, the listener stays readable, and the loop
+//!   spins a whole core while every other task starves. [`Incoming`] sleeps after such an error,
+//!   10 ms and doubling up to 1 s until an accept succeeds, and logs at most once per
+//!   [`LOG_EVERY`] with a count of the errors it left out.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tokio_util::sync::PollSemaphore;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::{debug, error, info, warn};
+
+/// The first pause after an accept error.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest pause between accept attempts while they keep failing.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// At most one accept-error log line per this long.
+pub const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// File descriptors kept for anything but connections (store segments, `groups.json`, the
+/// runtime's own), at most: a quarter of the open-file limit, up to this many.
+pub const RESERVED_DESCRIPTORS: u64 = 1024;
+
+/// How many connections [`Incoming`] holds at once, and how soon each must speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptLimits {
+    /// Open connections at most; at the limit, accepting waits for one to close.
+    pub max_connections: usize,
+    /// How long a new connection may stay silent before it is closed.
+    pub handshake_timeout: Duration,
+}
+
+/// The connection limit when none is configured: the soft open-file limit less a quarter of it,
+/// at most [`RESERVED_DESCRIPTORS`], kept for files. 10,000 where the limit cannot be read.
+pub fn default_max_connections() -> usize {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, _hard)) => {
+            let reserve = (soft / 4).min(RESERVED_DESCRIPTORS);
+            usize::try_from(soft - reserve).unwrap_or(usize::MAX).max(1)
+        }
+        Err(_) => 10_000,
+    }
+}
+
+/// Accepted connections (with TCP_NODELAY set), for `serve_with_incoming_shutdown`. Never yields
+/// an error: errors are logged and waited out (see the module docs).
+#[derive(Debug)]
+pub struct Incoming {
+    listener: TcpListener,
+    limits: AcceptLimits,
+    /// One permit per open connection; each [`Connection`] returns its own when it closes.
+    permits: PollSemaphore,
+    /// The permit for the next connection, taken before accepting it.
+    permit: Option<OwnedSemaphorePermit>,
+    /// When reaching the connection limit was last logged.
+    full_logged: Option<Instant>,
+    /// Armed after an accept error; no accept is tried until it fires.
+    pause: Option<Pin<Box<Sleep>>>,
+    /// The next pause, doubled after each error in a row.
+    backoff: Duration,
+    /// When an accept error was last logged, and how many have failed since without a log.
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Incoming {
+    /// Accepts connections on `listener`, within `limits`.
+    pub fn new(listener: TcpListener, limits: AcceptLimits) -> Incoming {
+        Incoming {
+            listener,
+            limits,
+            permits: PollSemaphore::new(Arc::new(Semaphore::new(limits.max_connections))),
+            permit: None,
+            full_logged: None,
+            pause: None,
+            backoff: FIRST_BACKOFF,
+            last_logged: None,
+            unlogged: 0,
+        }
+    }
+
+    fn on_error(&mut self, error: &io::Error) {
+        let now = Instant::now();
+        let due = self
+            .last_logged
+            .is_none_or(|last| now.duration_since(last) >= LOG_EVERY);
+        if due {
+            let left_out = self.unlogged;
+            if is_out_of_descriptors(error) {
+                error!(
+                    %error,
+                    left_out,
+                    retry_in = ?self.backoff,
+                    "cannot accept connections: out of file descriptors (raise the open-file \
+                     limit, ulimit -n, or close idle clients); pausing accepts"
+                );
+            } else {
+                warn!(%error, left_out, retry_in = ?self.backoff, "accepting a connection failed; pausing accepts");
+            }
+            self.last_logged = Some(now);
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        self.pause = Some(Box::pin(tokio::time::sleep(self.backoff)));
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Whether the process or the system ran out of file descriptors (EMFILE, ENFILE).
+fn is_out_of_descriptors(error: &io::Error) -> bool {
+    // Linux's numbers; Rust's ErrorKind has no variant for these.
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(error.raw_os_error(), Some(ENFILE | EMFILE))
+}
+
+/// Errors that concern only the connection being accepted (it was reset or aborted while
+/// queued): the next one may be fine, so they are retried at once, as hyper always did.
+fn is_per_connection(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+    )
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<Connection>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(pause) = self.pause.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                self.pause = None;
+            }
+            if self.permit.is_none() {
+                match self.permits.poll_acquire(cx) {
+                    Poll::Ready(Some(permit)) => self.permit = Some(permit),
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Pending => {
+                        let now = Instant::now();
+                        if self
+                            .full_logged
+                            .is_none_or(|last| now.duration_since(last) >= LOG_EVERY)
+                        {
+                            warn!(
+                                max_connections = self.limits.max_connections,
+                                "at the connection limit: new connections wait until one closes \
+                                 (--max-connections)"
+                            );
+                            self.full_logged = Some(now);
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            match ready!(self.listener.poll_accept(cx)) {
+                Ok((stream, _peer)) => {
+                    if self.backoff != FIRST_BACKOFF {
+                        info!(left_out = self.unlogged, "accepting connections again");
+                        self.backoff = FIRST_BACKOFF;
+                        self.last_logged = None;
+                        self.unlogged = 0;
+                    }
+                    if let Err(error) = stream.set_nodelay(true) {
+                        debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+                    }
+                    let permit = self.permit.take().expect("a permit was taken above");
+                    let deadline = tokio::time::sleep(self.limits.handshake_timeout);
+                    return Poll::Ready(Some(Ok(Connection {
+                        stream,
+                        handshake: Some(Box::pin(deadline)),
+                        _permit: permit,
+                    })));
+                }
+                Err(error) if is_per_connection(&error) => {
+                    debug!(%error, "an accepted connection was already gone");
+                }
+                Err(error) => self.on_error(&error),
+            }
+        }
+    }
+}
+
+/// An accepted connection: the socket, its place under the connection limit, and, until it first
+/// sends something, its handshake deadline.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    /// Running until the first byte arrives; a read after it passes fails with TimedOut.
+    handshake: Option<Pin<Box<Sleep>>>,
+    /// Returned to [`Incoming`]'s limit when the connection is dropped.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if self.handshake.is_some() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.handshake = None,
+                Poll::Pending => {
+                    let deadline = self.handshake.as_mut().expect("checked above");
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the connection sent nothing within the handshake timeout",
+                        )));
+                    }
+                }
+                _ => {}
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+/// Raises the soft limit on open files (RLIMIT_NOFILE) to the hard limit, since every client
+/// connection holds a descriptor, and logs what it got. Returns
+/// the soft limit now in force. Where the limit cannot be read or raised, logs why and goes on.
+pub fn raise_open_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => {
+            info!(limit, "open-file limit (RLIMIT_NOFILE soft limit)");
+            Some(limit)
+        }
+        Err(error) => {
+            warn!(%error, "cannot raise the open-file limit; keeping it as it is");
+            None
+        }
+    }
+}
