@@ -85,6 +85,32 @@ pub async fn run(
     serve(listener, config, broker, shutdown).await
 }
 
+/// How often the store's health is looked at for the gRPC health service.
+const STORE_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Turns a failed store (it refuses every write until a restart, see
+/// [`crate::store::Store::durability_error`]) into NOT_SERVING on gRPC health, with one ERROR
+/// line, so load balancers and clients move away from this node. Ends at shutdown.
+async fn report_store_failure(broker: Broker, health: tonic_health::server::HealthReporter) {
+    let mut ticks = tokio::time::interval(STORE_HEALTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = broker.stopped() => return,
+        }
+        if let Some(failure) = broker.store_failure() {
+            tracing::error!(%failure, "the store failed and refuses writes: health NOT_SERVING until a restart");
+            health
+                .set_not_serving::<EventBusServiceServer<EventBusApi>>()
+                .await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            return;
+        }
+    }
+}
+
 /// Serves `broker` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -112,6 +138,8 @@ pub async fn serve(
     let bus_service = EventBusServer::new(EventBusApi::new(broker.clone()), message_limit);
     let admin_service = AdminServiceServer::new(AdminApi::new(broker.clone()))
         .max_encoding_message_size(message_limit);
+
+    tokio::spawn(report_store_failure(broker.clone(), health.clone()));
 
     let stopping = Arc::new(Notify::new());
     let signal = {
@@ -347,5 +375,141 @@ mod tests {
             .expect("the server stops")
             .unwrap()
             .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod store_health_tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, SystemTime};
+
+    use tokio_util::sync::CancellationToken;
+    use tonic_health::pb::health_check_response::ServingStatus as Wire;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    use super::*;
+    use crate::event::{Event, SharedEvent};
+    use crate::pb;
+    use crate::pb::event_bus_service_client::EventBusServiceClient;
+    use crate::store::{GroupCursor, HeldCounts, LogBounds};
+
+    /// A memory store that can be switched into the failed state a file store enters when a
+    /// write can neither be made durable nor undone.
+    struct Failing {
+        inner: MemoryStore,
+        failed: AtomicBool,
+    }
+
+    impl Store for Failing {
+        fn append(
+            &self,
+            events: Vec<Event>,
+            now: SystemTime,
+        ) -> Result<Vec<SharedEvent>, StoreError> {
+            match self.durability_error() {
+                Some(why) => Err(StoreError::Failed(why)),
+                None => self.inner.append(events, now),
+            }
+        }
+        fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
+            self.inner.read_after(after, max)
+        }
+        fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
+            self.inner.first_sequence_at_or_after(time)
+        }
+        fn bounds(&self) -> LogBounds {
+            self.inner.bounds()
+        }
+        fn held_counts(&self) -> HeldCounts {
+            self.inner.held_counts()
+        }
+        fn durability_error(&self) -> Option<String> {
+            self.failed
+                .load(Ordering::Acquire)
+                .then(|| "fsync failed: injected".to_owned())
+        }
+        fn log_id(&self) -> &str {
+            self.inner.log_id()
+        }
+        fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError> {
+            self.inner.load_group_cursors()
+        }
+        fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError> {
+            self.inner.save_group_cursor(group, cursor)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_makes_the_node_not_serving_and_publishes_unavailable() {
+        let store = Arc::new(Failing {
+            inner: MemoryStore::new(1000, 1 << 20),
+            failed: AtomicBool::new(false),
+        });
+        let broker = Broker::new(BusConfig::default(), store.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            ServerConfig::default(),
+            broker,
+            shutdown.clone().cancelled_owned(),
+        ));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel.clone());
+        let mut bus = EventBusServiceClient::new(channel);
+        let status = |health: &mut HealthClient<_>| {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status
+            }
+        };
+        assert_eq!(status(&mut health).await, Wire::Serving as i32);
+        let event = pb::Event {
+            topic: "a.b".into(),
+            source: "test".into(),
+            ..Default::default()
+        };
+        bus.publish(pb::PublishRequest {
+            events: vec![event.clone()],
+        })
+        .await
+        .unwrap();
+
+        store.failed.store(true, Ordering::Release);
+        let refused = bus
+            .publish(pb::PublishRequest {
+                events: vec![event],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            refused.metadata().get("eventbus-error").unwrap(),
+            "store-failed"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while status(&mut health).await != Wire::NotServing as i32 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "health stayed SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
     }
 }

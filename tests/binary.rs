@@ -252,6 +252,7 @@ fn a_log_with_events(dir: &std::path::Path, count: u64) {
     let cursor = GroupCursor {
         pattern: "meta.>".into(),
         cursor: 2,
+        not_before: None,
     };
     store.save_group_cursor("workers", &cursor).unwrap();
 }

@@ -248,6 +248,77 @@ async fn a_dedupe_window_that_passed_has_passed_without_any_other_write() {
     assert!(elapsed >= window, "stored again after {elapsed:?}");
 }
 
+/// The events a bus says it holds, over all topics.
+async fn events_held(bus: &TestBus) -> u64 {
+    bus.admin()
+        .await
+        .list_topics(pb::ListTopicsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .topics
+        .iter()
+        .map(|t| t.events_held)
+        .sum()
+}
+
+#[tokio::test]
+async fn retention_by_age_holds_nothing_past_its_age_and_frees_disk_without_writes() {
+    use eventbus::config::{ServerConfig, StorageConfig};
+    let age = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let file_bus = TestBus::start_server(ServerConfig {
+        bus: BusConfig {
+            retention_max_age: Some(age),
+            ..BusConfig::default()
+        },
+        storage: StorageConfig::File {
+            data_dir: dir.path().to_owned(),
+            fsync: eventbus::store::FsyncPolicy::Never,
+            segment_bytes: 4096,
+        },
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await;
+    let memory_bus = TestBus::start_in_memory(BusConfig {
+        retention_max_age: Some(age),
+        ..BusConfig::default()
+    })
+    .await;
+    let segments = || {
+        std::fs::read_dir(dir.path().join("log"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("log".as_ref()))
+            .count()
+    };
+    for bus in [&file_bus, &memory_bus] {
+        let mut client = bus.client().await;
+        for _ in 0..10 {
+            let batch = (0..4).map(|_| event("aged.a", &[1u8; 1000])).collect();
+            publish(&mut client, batch).await;
+        }
+        assert_eq!(events_held(bus).await, 40);
+    }
+    assert!(segments() > 3, "{} segments", segments());
+    // Nothing is written from here on.
+    for bus in [&file_bus, &memory_bus] {
+        eventually("aged events to be gone", WAIT, || async {
+            (events_held(bus).await == 0).then_some(())
+        })
+        .await;
+        let mut client = bus.client().await;
+        let (subscribed, mut replay) =
+            subscribe(&mut client, request_from("aged.>", Start::Earliest(()))).await;
+        assert_eq!(subscribed.oldest_sequence, 0);
+        assert_eq!(caught_up(&mut replay).await, 40);
+    }
+    eventually("expired segments to be deleted", WAIT, || async {
+        (segments() == 1).then_some(())
+    })
+    .await;
+}
+
 // ---- 3. and 4. put-back paths ---------------------------------------------------------------
 
 #[tokio::test]

@@ -200,7 +200,7 @@ impl Broker {
         let routed_through = AtomicU64::new(head);
         let (routed, _) = watch::channel(head);
         let dedupe = recent_publishes(&config, &*store);
-        Broker {
+        let broker = Broker {
             shared: Arc::new(Shared {
                 config,
                 store,
@@ -220,7 +220,22 @@ impl Broker {
                 durable: durable::DurableGroups::default(),
                 tasks: TaskTracker::new(),
             }),
+        };
+        // Outside a runtime (a broker built for a synchronous test) there is no housekeeping:
+        // reads still judge expiry by the clock, only memory and disk wait for the next write.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            broker
+                .shared
+                .tasks
+                .spawn(housekeeping(broker.clone(), HOUSEKEEPING_INTERVAL));
         }
+        broker
+    }
+
+    /// Why the store stopped taking writes, if it did ([`Store::durability_error`]): the bus
+    /// then refuses publishes and should be reported NOT_SERVING.
+    pub fn store_failure(&self) -> Option<String> {
+        self.shared.store.durability_error()
     }
 
     pub fn config(&self) -> &BusConfig {
@@ -649,6 +664,33 @@ impl Broker {
             .routing
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// How often [`housekeeping`] runs.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Frees what has a time-to-live while nothing is written: events past the retention age (the
+/// store's [`Store::expire`]) and dedupe entries past the window. Correctness never waits for
+/// it (reads and lookups judge by the clock); it bounds memory and disk on a quiet bus. Ends
+/// when the bus shuts down.
+async fn housekeeping(broker: Broker, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = broker.stopped() => return,
+        }
+        let now = SystemTime::now();
+        broker.lock_routing().dedupe.expire(now);
+        let store = broker.shared.store.clone();
+        // Expiry may delete segment files: keep it off the async workers.
+        match tokio::task::spawn_blocking(move || store.expire(now)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "applying retention by age failed"),
+            Err(error) => tracing::error!(%error, "applying retention by age panicked"),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 use tonic::{Code, Status};
 
 use crate::error::BusError;
+use crate::store::StoreError;
 
 /// The metadata key of the stable error reason.
 pub const ERROR_REASON_KEY: &str = "eventbus-error";
@@ -30,7 +31,15 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         BusError::ReceiveTimeout { .. } => (Code::DeadlineExceeded, "receive-timeout"),
         BusError::ReceiveBudgetExhausted { .. } => (Code::ResourceExhausted, "receive-budget"),
         BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
-        BusError::Storage(_) => (Code::Internal, "storage"),
+        // A failed store refuses every write until a restart: the node is unavailable, and a
+        // client may go to another (health says NOT_SERVING too).
+        BusError::Storage(StoreError::Failed(_)) => (Code::Unavailable, "store-failed"),
+        BusError::Storage(
+            StoreError::Io(_)
+            | StoreError::Corrupt { .. }
+            | StoreError::Metadata { .. }
+            | StoreError::Locked { .. },
+        ) => (Code::Internal, "storage"),
     }
 }
 

@@ -195,6 +195,7 @@ fn flip_refuse_and_repair(count: usize, damaged: usize) {
             let cursor = GroupCursor {
                 pattern: ">".into(),
                 cursor,
+                not_before: None,
             };
             store.save_group_cursor(group, &cursor).unwrap();
         }
@@ -802,6 +803,7 @@ fn a_cut_short_groups_file_refuses_to_start_until_repair_keeps_what_it_can_read(
             let cursor = GroupCursor {
                 pattern: "a.>".into(),
                 cursor,
+                not_before: None,
             };
             store.save_group_cursor(name, &cursor).unwrap();
         }
