@@ -36,6 +36,8 @@ fuzz_target!(|bytes: &[u8]| {
     let log = dir.path().join("log");
     std::fs::create_dir_all(&log).unwrap();
     std::fs::write(log.join(format!("{:020}.log", 1)), bytes).unwrap();
+    // A log that holds events has an identity; without one, start-up refuses (by design).
+    std::fs::write(dir.path().join("log-id"), "fuzz-log").unwrap();
     match FileStore::open(FileStoreConfig {
         fsync: FsyncPolicy::Never,
         ..FileStoreConfig::new(dir.path())
