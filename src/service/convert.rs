@@ -363,14 +363,16 @@ fn manual_ack_from_pb(
         None
     } else {
         // The bus publishes dead letters on the group's behalf: the topic must be one its
-        // members could publish to themselves, and not a reply inbox (another service's).
-        let topic = Topic::parse_client_publishable(dead_letter_topic)
+        // members could publish to themselves, and not a reply inbox (another service's). The
+        // default, `_bus.dlq.<group>`, is the bus's own choice and is not named here.
+        let topic = Topic::parse(dead_letter_topic)
             .map_err(|rule| BusError::invalid("dead_letter_topic", rule.to_string()))?;
-        if topic.is_inbox() {
+        if topic.as_str().starts_with(crate::topic::RESERVED_PREFIX) {
             return Err(BusError::invalid(
                 "dead_letter_topic",
-                "a reply inbox belongs to the service that asked; dead letters go to a topic \
-                 outside '_bus.'",
+                "topics under '_bus.' belong to the bus (reply inboxes to the services that \
+                 asked): name a topic outside it, or leave it empty for the bus's default \
+                 _bus.dlq.<group>",
             ));
         }
         Some(topic)
