@@ -15,7 +15,7 @@ use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyAr
 use super::{SubscribeArgs, CLI_SOURCE};
 use crate::pb;
 use crate::sdk::{
-    Client, EventBuilder, ManualAck, Reply, ServeOptions, SubscribeOptions, SubscriptionItem,
+    Client, EventBuilder, ManualAck, Reply, ServeOptions, Start, SubscribeOptions, SubscriptionItem,
 };
 
 async fn connect(server: &str, source: &str) -> anyhow::Result<Client> {
@@ -82,7 +82,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     }
     let client = connect(&args.server.server, &args.subscriber).await?;
     let mut options = SubscribeOptions::new()
-        .start(args.from)
+        .start(args.from.clone())
         .subscriber(&args.subscriber);
     if let Some(group) = &args.group {
         options = options.group(group);
@@ -117,9 +117,17 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                     break;
                 }
             }
-            SubscriptionItem::CaughtUp { sequence } => {
-                eprintln!("caught up at sequence {sequence}; live from here")
-            }
+            SubscriptionItem::CaughtUp { sequence } => match &args.from {
+                // The start is ahead of the log: nothing up to it is delivered (the proto's rule).
+                Start::AfterSequence(after) if *after > sequence => eprintln!(
+                    "caught up at sequence {sequence}; waiting for events after sequence {after}"
+                ),
+                Start::FromTime(time) if *time > std::time::SystemTime::now() => eprintln!(
+                    "caught up at sequence {sequence}; waiting for events published from {}",
+                    humantime::format_rfc3339(*time)
+                ),
+                _ => eprintln!("caught up at sequence {sequence}; live from here"),
+            },
             SubscriptionItem::Resumed {
                 after_sequence: Some(after),
                 ..
