@@ -25,6 +25,8 @@ import {
   fromPb,
   replyEvent,
   subscribeRequest,
+  subscribedFromPb,
+  type Subscribed,
   toPb,
   type Data,
   type EventInit,
@@ -41,6 +43,7 @@ import type { HealthClient } from "./generated/grpc/health/v1/Health";
 import type { HealthCheckRequest } from "./generated/grpc/health/v1/HealthCheckRequest";
 import type { HealthCheckResponse__Output } from "./generated/grpc/health/v1/HealthCheckResponse";
 import { protos } from "./proto";
+import { sequenceFromWire, type Sequence } from "./sequence";
 
 /** The environment variable naming the bus, shared with the Rust CLI. */
 export const SERVER_ENV = "EVENTBUS_SERVER";
@@ -153,17 +156,17 @@ export class Bus {
   }
 
   /** Publishes one event; resolves to its sequence. */
-  async publish(topic: string, data?: Data, fields: Omit<EventInit, "topic" | "data"> = {}): Promise<number> {
+  async publish(topic: string, data?: Data, fields: Omit<EventInit, "topic" | "data"> = {}): Promise<Sequence> {
     const [sequence] = await this.publishBatch([{ ...fields, topic, data }]);
     return sequence;
   }
 
   /** Publishes events in order, all or none; resolves to their sequences. */
-  async publishBatch(events: EventInit[]): Promise<number[]> {
+  async publishBatch(events: EventInit[]): Promise<Sequence[]> {
     const response = await unary<PublishRequest, PublishResponse__Output>(this.client.Publish.bind(this.client), {
       events: events.map((e) => toPb(e, this.source)),
     });
-    return response.sequences.map(Number);
+    return response.sequences.map(sequenceFromWire);
   }
 
   /** Asks a question over events; resolves to the reply event. Rejects with
@@ -205,17 +208,17 @@ export class Bus {
 
 /** Tracks how far a subscription got, so a reopened stream goes on after the last event seen. */
 class ResumePoint {
-  lastSequence = 0;
-  headAtConfirmation: number | undefined;
+  lastSequence = 0n;
+  headAtConfirmation: Sequence | undefined;
 
   constructor(readonly start: Start, readonly group: string | undefined) {}
 
   confirmed(subscribed: Subscribed__Output): void {
-    this.headAtConfirmation ??= Number(subscribed.head_sequence);
+    this.headAtConfirmation ??= sequenceFromWire(subscribed.head_sequence);
   }
 
   /** Records a received sequence; false for one already delivered. */
-  isNew(sequence: number): boolean {
+  isNew(sequence: Sequence): boolean {
     if (sequence <= this.lastSequence) return false;
     this.lastSequence = sequence;
     return true;
@@ -224,7 +227,7 @@ class ResumePoint {
   /** Groups restart at latest: the bus refuses replay for groups. */
   nextStart(): Start {
     if (this.group) return "latest";
-    if (this.lastSequence) return this.lastSequence;
+    if (this.lastSequence > 0n) return this.lastSequence;
     if (this.start === "latest" && this.headAtConfirmation !== undefined) return this.headAtConfirmation;
     return this.start;
   }
@@ -239,9 +242,9 @@ export class Subscription implements AsyncIterable<Event> {
   /** The error that broke the stream most recently, resumed or not. */
   lastError: BusError | undefined;
   /** The bus's first confirmation. */
-  confirmation: Subscribed__Output | undefined;
+  confirmation: Subscribed | undefined;
   /** The sequence of the `caught_up` marker, once a replay reached the live head. */
-  caughtUp: number | undefined;
+  caughtUp: Sequence | undefined;
 
   private readonly point: ResumePoint;
   private readonly buffer: Event[] = [];
@@ -336,11 +339,11 @@ export class Subscription implements AsyncIterable<Event> {
           if (!confirmed) {
             confirmed = true;
             this.point.confirmed(message.subscribed);
-            this.confirmation ??= message.subscribed;
+            this.confirmation ??= subscribedFromPb(message.subscribed);
             resolve(call);
           }
         } else if (message.message === "event" && message.event) {
-          if (this.point.isNew(Number(message.event.sequence))) {
+          if (this.point.isNew(sequenceFromWire(message.event.sequence))) {
             this.buffer.push(fromPb(message.event));
             if (!this.paused && this.buffer.length >= this.highWater()) {
               this.paused = true;
@@ -349,7 +352,7 @@ export class Subscription implements AsyncIterable<Event> {
             this.wake();
           }
         } else if (message.message === "caught_up" && message.caught_up) {
-          this.caughtUp = Number(message.caught_up.sequence);
+          this.caughtUp = sequenceFromWire(message.caught_up.sequence);
         }
       });
       call.on("error", (error: grpc.ServiceError) => {

@@ -64,9 +64,9 @@ export class QueryTimeoutError extends DeadlineExceededError {}
 /** A limit of the bus was reached. */
 export class ResourceExhaustedError extends BusError {
   /** The sequence to resume after, when the bus named one. */
-  get lastDelivered(): number | undefined {
+  get lastDelivered(): bigint | undefined {
     const match = /after_sequence=(\d+)/.exec(this.details);
-    return match ? Number(match[1]) : undefined;
+    return match ? BigInt(match[1]) : undefined;
   }
 }
 /** A subscription read slower than events arrived and the bus ended it. */

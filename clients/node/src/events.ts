@@ -5,7 +5,9 @@
  */
 import type { Event as PbEvent, Event__Output as PbEventOutput } from "./generated/eventbus/v1/Event";
 import type { SubscribeRequest } from "./generated/eventbus/v1/SubscribeRequest";
+import type { Subscribed__Output } from "./generated/eventbus/v1/Subscribed";
 import type { Timestamp__Output } from "./generated/google/protobuf/Timestamp";
+import { sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
 
 /** A JSON value. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
@@ -13,9 +15,10 @@ export type Json = null | boolean | number | string | Json[] | { [key: string]: 
 /** A payload: bytes as they are, a string as UTF-8 text, anything else as JSON. */
 export type Data = Buffer | Uint8Array | string | Json;
 
-/** Where a subscription starts: only new events, everything held, after a sequence (resume), or
- * from a time. */
-export type Start = "latest" | "earliest" | number | Date;
+/** Where a subscription starts: only new events, everything held, after a sequence (resume:
+ * every held event with a greater sequence; a `bigint`, or a `number` that is a safe
+ * integer), or every held event published at or after a time. */
+export type Start = "latest" | "earliest" | Sequence | number | Date;
 
 export const JSON_TYPE = "application/json";
 
@@ -51,8 +54,8 @@ export class Event {
     readonly correlationId: string,
     readonly causationId: string,
     readonly replyTo: string,
-    /** Set by the bus: the event's position in the bus log. */
-    readonly sequence: number,
+    /** Set by the bus: the event's position in the bus log (exact, up to 2^64 − 1). */
+    readonly sequence: Sequence,
     /** Set by the bus: when it stored the event. */
     readonly publishTime: Date | undefined,
   ) {}
@@ -66,6 +69,48 @@ export class Event {
   text(): string {
     return this.data.toString("utf8");
   }
+}
+
+/** The bus's confirmation of a subscription (`Subscribed` on the wire), sequences exact. */
+export interface Subscribed {
+  /** The bus's id for this subscription, as in its logs. */
+  readonly subscriptionId: string;
+  /** The pattern subscribed to. */
+  readonly topic: string;
+  /** The consumer group, `""` for none. */
+  readonly group: string;
+  /** The bus's last assigned sequence when the subscription was registered (0 when none). */
+  readonly headSequence: Sequence;
+  /** The oldest sequence the bus still holds (0 when it holds none). */
+  readonly oldestSequence: Sequence;
+  /** The requested start was older than anything held: the replay starts at
+   * `oldestSequence`, and events before it are gone. */
+  readonly startTruncated: boolean;
+  /** The identity of the bus's log; it changes when the log starts over. */
+  readonly logId: string;
+  /** MANUAL-ack groups: every event up to this sequence is acked or dead-lettered. */
+  readonly groupCursor: Sequence;
+  /** The request's `log_id` named another log: its start was dropped and the subscription
+   * starts at the oldest held event of this log. */
+  readonly logChanged: boolean;
+  /** MANUAL-ack groups: unacknowledged events retention dropped before delivery. */
+  readonly groupDroppedEvents: bigint;
+}
+
+/** The wire confirmation as a {@link Subscribed}. */
+export function subscribedFromPb(message: Subscribed__Output): Subscribed {
+  return {
+    subscriptionId: message.subscription_id,
+    topic: message.topic,
+    group: message.group,
+    headSequence: sequenceFromWire(message.head_sequence),
+    oldestSequence: sequenceFromWire(message.oldest_sequence),
+    startTruncated: message.start_truncated,
+    logId: message.log_id,
+    groupCursor: sequenceFromWire(message.group_cursor),
+    logChanged: message.log_changed,
+    groupDroppedEvents: sequenceFromWire(message.group_dropped_events),
+  };
 }
 
 /** The bytes and media type of a payload; `contentType` wins when given. */
@@ -122,7 +167,7 @@ export function fromPb(message: PbEventOutput): Event {
     message.correlation_id,
     message.causation_id,
     message.reply_to,
-    Number(message.sequence),
+    sequenceFromWire(message.sequence),
     toDate(message.publish_time),
   );
 }
@@ -137,11 +182,8 @@ export function subscribeRequest(
   const request: SubscribeRequest = { topic: pattern, group: group ?? "", subscriber };
   if (start === "latest") request.latest = {};
   else if (start === "earliest") request.earliest = {};
-  else if (typeof start === "number") {
-    if (!Number.isSafeInteger(start) || start < 0) {
-      throw new RangeError(`start: ${start} is not a sequence (a non-negative integer)`);
-    }
-    request.after_sequence = start;
+  else if (typeof start === "bigint" || typeof start === "number") {
+    request.after_sequence = sequenceToWire(start, "start");
   } else if (start instanceof Date) request.from_time = timestamp(start);
   else throw new TypeError("start must be 'latest', 'earliest', a sequence or a Date");
   return request;

@@ -14,4 +14,5 @@
  */
 export * from "./bus";
 export * from "./errors";
-export { Event, Reply, ReplyError, encodeData, type Data, type EventInit, type Json, type Start } from "./events";
+export { MAX_SEQUENCE, sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
+export { Event, Reply, ReplyError, encodeData, type Data, type EventInit, type Json, type Start, type Subscribed } from "./events";

@@ -7,7 +7,7 @@
  * second code generator to keep in step. Type safety comes from `proto-loader-gen-types`, which
  * writes TypeScript interfaces for the same options into `src/generated` at build time (not
  * committed, like the Python stubs). The loader options below must match its flags in
- * package.json: keepCase, longs=Number, enums=String, defaults, oneofs.
+ * package.json: keepCase, longs=String, enums=String, defaults, oneofs.
  */
 import * as path from "node:path";
 
@@ -22,24 +22,29 @@ export const PROTO_DIR = process.env.EVENTBUS_PROTO_DIR ?? path.join(__dirname, 
 
 const LOADER_OPTIONS: protoLoader.Options = {
   keepCase: true,
-  // Sequences as plain numbers: exact up to 2^53, which a bus would take centuries to reach.
-  longs: Number,
+  // uint64 as exact decimal strings, turned into bigint at one boundary (src/sequence.ts):
+  // a Number would round sequences above 2^53.
+  longs: String,
   enums: String,
   defaults: true,
   oneofs: true,
   includeDirs: [PROTO_DIR],
 };
 
+let definition: protoLoader.PackageDefinition | undefined;
 let loaded: (EventbusTypes & HealthTypes) | undefined;
+
+/** The contract as proto-loader reads it (loaded once): serialisers per method. */
+export function packageDefinition(): protoLoader.PackageDefinition {
+  definition ??= protoLoader.loadSync(
+    ["eventbus/v1/eventbus.proto", "grpc/health/v1/health.proto"],
+    LOADER_OPTIONS,
+  );
+  return definition;
+}
 
 /** The loaded service constructors (loaded once). */
 export function protos(): EventbusTypes & HealthTypes {
-  if (!loaded) {
-    const definition = protoLoader.loadSync(
-      ["eventbus/v1/eventbus.proto", "grpc/health/v1/health.proto"],
-      LOADER_OPTIONS,
-    );
-    loaded = grpc.loadPackageDefinition(definition) as unknown as EventbusTypes & HealthTypes;
-  }
+  loaded ??= grpc.loadPackageDefinition(packageDefinition()) as unknown as EventbusTypes & HealthTypes;
   return loaded;
 }

@@ -90,7 +90,7 @@ describe("npm pack", () => {
     // The declarations, as a TypeScript user of either module system resolves them.
     const typed = (load: string) => `${load}
 const bus: Bus = new Bus("127.0.0.1:1");
-export const sequence: Promise<number> = bus.publish("a.b", { x: 1 });
+export const sequence: Promise<bigint> = bus.publish("a.b", { x: 1 });
 export const isError = (error: unknown): boolean => error instanceof BusError;
 `;
     writeFileSync(path.join(project, "typed-esm.mts"), typed('import { Bus, BusError } from "eventbus-client";'));
