@@ -23,6 +23,7 @@ import {
   ReplyError,
   errorReply,
   fromPb,
+  durationFromMs,
   replyEvent,
   subscribeRequest,
   subscribedFromPb,
@@ -30,9 +31,14 @@ import {
   toPb,
   type Data,
   type EventInit,
+  type ManualAck,
   type Start,
 } from "./events";
+import type { AckRequest } from "./generated/eventbus/v1/AckRequest";
+import type { AckResponse__Output } from "./generated/eventbus/v1/AckResponse";
 import type { EventBusServiceClient } from "./generated/eventbus/v1/EventBusService";
+import type { NackRequest } from "./generated/eventbus/v1/NackRequest";
+import type { NackResponse__Output } from "./generated/eventbus/v1/NackResponse";
 import type { PublishRequest } from "./generated/eventbus/v1/PublishRequest";
 import type { PublishResponse__Output } from "./generated/eventbus/v1/PublishResponse";
 import type { QueryRequest } from "./generated/eventbus/v1/QueryRequest";
@@ -43,7 +49,7 @@ import type { HealthClient } from "./generated/grpc/health/v1/Health";
 import type { HealthCheckRequest } from "./generated/grpc/health/v1/HealthCheckRequest";
 import type { HealthCheckResponse__Output } from "./generated/grpc/health/v1/HealthCheckResponse";
 import { protos } from "./proto";
-import { sequenceFromWire, type Sequence } from "./sequence";
+import { sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
 
 /** The environment variable naming the bus, shared with the Rust CLI. */
 export const SERVER_ENV = "EVENTBUS_SERVER";
@@ -66,8 +72,12 @@ export interface BusOptions {
 export interface SubscribeOptions {
   /** A consumer group: members share the events. */
   group?: string;
-  /** Where to start; `latest` by default. Groups always start at `latest`. */
+  /** Where to start; `latest` by default. AUTO groups always start at `latest`; a new MANUAL
+   * group starts here, an existing one at its cursor. */
   start?: Start;
+  /** At-least-once delivery for a `group`: the subscription yields {@link Delivery} objects to
+   * ack or nack (see {@link ManualAck}; `{}` takes the bus's defaults). */
+  manualAck?: ManualAck;
   /** The subscribing service's name; the bus client's source by default. */
   subscriber?: string;
   /** Reopen a broken stream after the last event seen (default true). */
@@ -78,6 +88,27 @@ export interface SubscribeOptions {
   confirmTimeoutMs?: number;
   /** Events read ahead of the caller before the stream is paused (default 1024). */
   buffer?: number;
+}
+
+/** {@link SubscribeOptions} of a MANUAL-ack group: a group and the ack settings are required. */
+export interface ManualSubscribeOptions extends SubscribeOptions {
+  group: string;
+  manualAck: ManualAck;
+}
+
+/** The answer to an ack. */
+export interface AckResult {
+  /** How many of the sequences were waiting for an ack (the others were already acked,
+   * redelivered elsewhere, or never delivered to the group). */
+  acknowledged: number;
+  /** The group's cursor after the ack: every event up to it is acked or dead-lettered. */
+  groupCursor: Sequence;
+}
+
+/** The answer to a nack. */
+export interface NackResult {
+  /** How many of the sequences were in flight and will be delivered again. */
+  requeued: number;
 }
 
 export interface QueryOptions extends Omit<EventInit, "topic" | "data"> {
@@ -192,10 +223,52 @@ export class Bus {
     return fromPb(response.reply);
   }
 
-  /** Subscribes to a topic pattern (`*` one token, `>` the rest); resolves once the bus has
-   * confirmed, so every matching event published after that is delivered. */
-  subscribe(pattern: string, options: SubscribeOptions = {}): Promise<Subscription> {
-    return Subscription.open(this.client, pattern, { subscriber: this.source, ...options });
+  /**
+   * Subscribes to a topic pattern (`*` one token, `>` the rest); resolves once the bus has
+   * confirmed, so every matching event published after that is delivered.
+   *
+   * With `manualAck` (and a `group`) the subscription is a MANUAL-ack group member and yields
+   * {@link Delivery} objects: ack each once processed, or nack it to have it delivered again.
+   * Rejects with {@link InvalidArgumentError} when the bus refuses the request (a bad pattern,
+   * a replay for an AUTO group, a bad dead-letter topic), with `RangeError` for settings out
+   * of range, and with {@link UnavailableError} when the bus cannot be reached.
+   */
+  subscribe(pattern: string, options: ManualSubscribeOptions): Promise<Subscription<Delivery>>;
+  subscribe(pattern: string, options?: SubscribeOptions): Promise<Subscription<Event>>;
+  subscribe(pattern: string, options: SubscribeOptions = {}): Promise<Subscription<Event | Delivery>> {
+    if (options.manualAck && !options.group) {
+      return Promise.reject(new TypeError("manualAck needs a group: MANUAL acks are kept per consumer group"));
+    }
+    return Subscription.open(this, pattern, { subscriber: this.source, ...options });
+  }
+
+  /** Confirms that a MANUAL-ack `group` has processed the events with these sequences: they
+   * are not delivered again and the group's cursor moves past them. Rejects with a
+   * {@link BusError} with code NOT_FOUND (`unknown-group`) when the bus has no such group. */
+  async ack(group: string, sequences: Array<Sequence | number>): Promise<AckResult> {
+    const response = await unary<AckRequest, AckResponse__Output>(this.client.Ack.bind(this.client), {
+      group,
+      sequences: sequences.map((sequence) => sequenceToWire(sequence)),
+    });
+    return { acknowledged: response.acknowledged, groupCursor: sequenceFromWire(response.group_cursor) };
+  }
+
+  /** Hands events of a MANUAL-ack `group` back for redelivery, after at least
+   * `redeliverAfterMs` milliseconds when given (the bus's redelivery backoff applies too).
+   * Each nack counts as a delivery against the group's `maxDeliveries`. */
+  async nack(group: string, sequences: Array<Sequence | number>, redeliverAfterMs?: number): Promise<NackResult> {
+    const request: NackRequest = {
+      group,
+      sequences: sequences.map((sequence) => sequenceToWire(sequence)),
+      redeliver_after: redeliverAfterMs === undefined ? null : durationFromMs(redeliverAfterMs, "redeliverAfterMs"),
+    };
+    const response = await unary<NackRequest, NackResponse__Output>(this.client.Nack.bind(this.client), request);
+    return { requeued: response.requeued };
+  }
+
+  /** @internal The generated gRPC client, for the subscription and publisher classes. */
+  get rpc(): EventBusServiceClient {
+    return this.client;
   }
 
   /** Answers the queries on `topic` with `handler`, one at a time; `group` lets replicas share
@@ -206,26 +279,60 @@ export class Bus {
   }
 }
 
+/** An event of a MANUAL-ack group, to acknowledge once processed. Unacked within the
+ * subscription's ack deadline, it is delivered again (to this or another member). */
+export class Delivery {
+  constructor(
+    /** The event. */
+    readonly event: Event,
+    /** Which delivery of this event this is, from 1. */
+    readonly attempt: number,
+    /** The consumer group it was delivered to. */
+    readonly group: string,
+    private readonly bus: Bus,
+  ) {}
+
+  /** The event's sequence. */
+  get sequence(): Sequence {
+    return this.event.sequence;
+  }
+
+  /** Confirms the event is processed: it is not delivered again. See {@link Bus.ack}. */
+  ack(): Promise<AckResult> {
+    return this.bus.ack(this.group, [this.event.sequence]);
+  }
+
+  /** Hands the event back, to be delivered again after at least `delayMs` milliseconds (the
+   * bus's redelivery backoff alone when unset). See {@link Bus.nack}. */
+  nack(delayMs?: number): Promise<NackResult> {
+    return this.bus.nack(this.group, [this.event.sequence], delayMs);
+  }
+}
+
 /** Tracks how far a subscription got, so a reopened stream goes on after the last event seen. */
 class ResumePoint {
   lastSequence = 0n;
   headAtConfirmation: Sequence | undefined;
 
-  constructor(readonly start: Start, readonly group: string | undefined) {}
+  constructor(readonly start: Start, readonly group: string | undefined, readonly manual: boolean) {}
 
   confirmed(subscribed: Subscribed__Output): void {
     this.headAtConfirmation ??= sequenceFromWire(subscribed.head_sequence);
   }
 
-  /** Records a received sequence; false for one already delivered. */
+  /** Records a received sequence; false for one already delivered. A MANUAL-ack group's
+   * redeliveries are on purpose, so they all pass. */
   isNew(sequence: Sequence): boolean {
+    if (this.manual) return true;
     if (sequence <= this.lastSequence) return false;
     this.lastSequence = sequence;
     return true;
   }
 
-  /** Groups restart at latest: the bus refuses replay for groups. */
+  /** AUTO groups restart at latest: the bus refuses replay for them. A MANUAL group resumes
+   * from its cursor on the bus whatever is asked, so it asks what it asked first. */
   nextStart(): Start {
+    if (this.manual) return this.start;
     if (this.group) return "latest";
     if (this.lastSequence > 0n) return this.lastSequence;
     if (this.start === "latest" && this.headAtConfirmation !== undefined) return this.headAtConfirmation;
@@ -235,8 +342,9 @@ class ResumePoint {
 
 type Stream = grpc.ClientReadableStream<SubscribeResponse__Output>;
 
-/** A live subscription: `for await (const event of subscription)`, or {@link next}. */
-export class Subscription implements AsyncIterable<Event> {
+/** A live subscription: `for await (const event of subscription)`, or {@link next}. Yields
+ * {@link Event}s, or {@link Delivery} objects for a MANUAL-ack group. */
+export class Subscription<T extends Event | Delivery = Event> implements AsyncIterable<T> {
   /** How many times a broken stream was reopened. */
   resumes = 0;
   /** The error that broke the stream most recently, resumed or not. */
@@ -247,24 +355,27 @@ export class Subscription implements AsyncIterable<Event> {
   caughtUp: Sequence | undefined;
 
   private readonly point: ResumePoint;
-  private readonly buffer: Event[] = [];
+  private readonly buffer: T[] = [];
   private readonly waiters: Array<() => void> = [];
   private call: Stream | undefined;
   private paused = false;
   private closed = false;
   private failure: BusError | undefined;
 
+  private readonly client: EventBusServiceClient;
+
   private constructor(
-    private readonly client: EventBusServiceClient,
+    private readonly bus: Bus,
     readonly pattern: string,
     private readonly options: SubscribeOptions & { subscriber: string },
   ) {
-    this.point = new ResumePoint(options.start ?? "latest", options.group);
+    this.client = bus.rpc;
+    this.point = new ResumePoint(options.start ?? "latest", options.group, options.manualAck !== undefined);
   }
 
-  static async open(client: EventBusServiceClient, pattern: string,
-    options: SubscribeOptions & { subscriber: string }): Promise<Subscription> {
-    const subscription = new Subscription(client, pattern, options);
+  static async open<T extends Event | Delivery>(bus: Bus, pattern: string,
+    options: SubscribeOptions & { subscriber: string }): Promise<Subscription<T>> {
+    const subscription = new Subscription<T>(bus, pattern, options);
     const confirmTimeoutMs = options.confirmTimeoutMs ?? 10_000;
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
@@ -284,7 +395,7 @@ export class Subscription implements AsyncIterable<Event> {
 
   /** The next event; `null` once closed. Rejects with the ending error when the stream broke for
    * good, and with a `TimeoutError` when none comes within `timeoutMs`. */
-  async next(timeoutMs?: number): Promise<Event | null> {
+  async next(timeoutMs?: number): Promise<T | null> {
     const deadline = timeoutMs === undefined ? undefined : Date.now() + timeoutMs;
     for (;;) {
       const event = this.buffer.shift();
@@ -307,7 +418,7 @@ export class Subscription implements AsyncIterable<Event> {
     }
   }
 
-  async *[Symbol.asyncIterator](): AsyncIterator<Event> {
+  async *[Symbol.asyncIterator](): AsyncIterator<T> {
     for (;;) {
       const event = await this.next();
       if (event === null) return;
@@ -330,8 +441,8 @@ export class Subscription implements AsyncIterable<Event> {
    * after the confirmation go to the buffer; a later break reopens it. */
   private openStream(start: Start): Promise<Stream> {
     return new Promise((resolve, reject) => {
-      const call = this.client.Subscribe(
-        subscribeRequest(this.pattern, this.options.group, this.options.subscriber, start));
+      const call = this.client.Subscribe(subscribeRequest(this.pattern, this.options.group,
+        this.options.subscriber, start, { manualAck: this.options.manualAck }));
       this.call = call;
       let confirmed = false;
       call.on("data", (message: SubscribeResponse__Output) => {
@@ -344,7 +455,10 @@ export class Subscription implements AsyncIterable<Event> {
           }
         } else if (message.message === "event" && message.event) {
           if (this.point.isNew(sequenceFromWire(message.event.sequence))) {
-            this.buffer.push(fromPb(message.event));
+            const event = fromPb(message.event);
+            this.buffer.push((this.options.manualAck
+              ? new Delivery(event, message.delivery_attempt, this.options.group ?? "", this.bus)
+              : event) as T);
             if (!this.paused && this.buffer.length >= this.highWater()) {
               this.paused = true;
               call.pause();
@@ -439,7 +553,7 @@ export class Responder {
   readonly topic: string;
   private readonly done: Promise<void>;
 
-  constructor(private readonly bus: Bus, private readonly subscription: Subscription,
+  constructor(private readonly bus: Bus, private readonly subscription: Subscription<Event>,
     private readonly handler: Handler) {
     this.topic = subscription.pattern;
     this.done = this.run();

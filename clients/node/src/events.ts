@@ -172,12 +172,58 @@ export function fromPb(message: PbEventOutput): Event {
   );
 }
 
+/** MANUAL-ack settings of a consumer group (at least once): the bus keeps the group's cursor,
+ * hands each event to one member, waits for an ack, and delivers again what is nacked or not
+ * acked in time; after `maxDeliveries` the event goes to the dead-letter topic. Unset fields
+ * take the bus's defaults. `maxDeliveries` and `deadLetterTopic` are per group (the member that
+ * creates the group sets them); `ackDeadlineMs` and `maxInFlight` are per member. */
+export interface ManualAck {
+  /** How long (milliseconds, > 0) a delivered event may stay unacknowledged before it is
+   * delivered again. The bus's default: 30 000. */
+  ackDeadlineMs?: number;
+  /** Deliveries of one event before it moves to the dead-letter topic (≥ 1). Default 5. */
+  maxDeliveries?: number;
+  /** The most unacknowledged events this member holds at once (flow control, ≥ 1). Default
+   * 256. */
+  maxInFlight?: number;
+  /** Where events go after `maxDeliveries`, with the attributes `dlq_original_topic`,
+   * `dlq_original_sequence`, `dlq_attempts` and `dlq_group`. Default `_bus.dlq.<group>`. A
+   * topic clients may publish to, and not one the group's own pattern matches. */
+  deadLetterTopic?: string;
+}
+
+/** Milliseconds as a protobuf Duration; `RangeError` unless a finite number ≥ 0. */
+export function durationFromMs(ms: number, what: string): { seconds: number; nanos: number } {
+  if (typeof ms !== "number" || !Number.isFinite(ms) || ms < 0) {
+    throw new RangeError(`${what}: ${ms} is not a duration in milliseconds (a finite number >= 0)`);
+  }
+  const seconds = Math.floor(ms / 1000);
+  return { seconds, nanos: Math.round((ms - seconds * 1000) * 1_000_000) };
+}
+
+function count(value: number | undefined, what: string): number {
+  if (value === undefined) return 0;
+  if (!Number.isInteger(value) || value < 1 || value > 0xffff_ffff) {
+    throw new RangeError(`${what}: ${value} is not a whole number from 1 to 2^32-1`);
+  }
+  return value;
+}
+
+/** What a subscription request may carry besides its pattern and start. */
+export interface SubscribeExtras {
+  /** MANUAL-ack mode and its settings. */
+  manualAck?: ManualAck;
+  /** The log the start position was taken from (`Subscribed.logId` seen before). */
+  logId?: string;
+}
+
 /** The wire form of a subscription request. */
 export function subscribeRequest(
   pattern: string,
   group: string | undefined,
   subscriber: string,
   start: Start,
+  extras: SubscribeExtras = {},
 ): SubscribeRequest {
   const request: SubscribeRequest = { topic: pattern, group: group ?? "", subscriber };
   if (start === "latest") request.latest = {};
@@ -186,6 +232,18 @@ export function subscribeRequest(
     request.after_sequence = sequenceToWire(start, "start");
   } else if (start instanceof Date) request.from_time = timestamp(start);
   else throw new TypeError("start must be 'latest', 'earliest', a sequence or a Date");
+  const manual = extras.manualAck;
+  if (manual) {
+    request.ack_mode = "ACK_MODE_MANUAL";
+    if (manual.ackDeadlineMs !== undefined) {
+      if (!(manual.ackDeadlineMs > 0)) throw new RangeError(`ackDeadlineMs: ${manual.ackDeadlineMs} is not positive`);
+      request.ack_deadline = durationFromMs(manual.ackDeadlineMs, "ackDeadlineMs");
+    }
+    request.max_deliveries = count(manual.maxDeliveries, "maxDeliveries");
+    request.max_in_flight = count(manual.maxInFlight, "maxInFlight");
+    request.dead_letter_topic = manual.deadLetterTopic ?? "";
+  }
+  if (extras.logId) request.log_id = extras.logId;
   return request;
 }
 

@@ -15,4 +15,4 @@
 export * from "./bus";
 export * from "./errors";
 export { MAX_SEQUENCE, sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
-export { Event, Reply, ReplyError, encodeData, type Data, type EventInit, type Json, type Start, type Subscribed } from "./events";
+export { Event, Reply, ReplyError, encodeData, type Data, type EventInit, type Json, type ManualAck, type Start, type Subscribed } from "./events";
