@@ -49,6 +49,7 @@ import type { HealthClient } from "./generated/grpc/health/v1/Health";
 import type { HealthCheckRequest } from "./generated/grpc/health/v1/HealthCheckRequest";
 import type { HealthCheckResponse__Output } from "./generated/grpc/health/v1/HealthCheckResponse";
 import { protos } from "./proto";
+import { Publisher, type PublisherOptions } from "./publisher";
 import { sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
 
 /** The environment variable naming the bus, shared with the Rust CLI. */
@@ -264,6 +265,12 @@ export class Bus {
     };
     const response = await unary<NackRequest, NackResponse__Output>(this.client.Nack.bind(this.client), request);
     return { requeued: response.requeued };
+  }
+
+  /** A batching, idempotent publisher over one `PublishStream` (see {@link Publisher}): the
+   * fast way to publish many events. Close it when done. */
+  publisher(options: PublisherOptions = {}): Publisher {
+    return new Publisher(this, options);
   }
 
   /** @internal The generated gRPC client, for the subscription and publisher classes. */

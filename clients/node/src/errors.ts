@@ -109,6 +109,38 @@ export function fromServiceError(error: ServiceError): BusError {
   return new Class(error.code, error.details ?? error.message, reason);
 }
 
+/** Whether a call that failed with `code` may succeed if made again (the bus or the connection
+ * went away, a limit was reached for a while); refusals of the request itself are final.
+ * The same split as the Rust SDK's `is_retryable`. */
+export function isRetryableCode(code: status): boolean {
+  switch (code) {
+    case status.OK:
+    case status.CANCELLED:
+    case status.UNKNOWN:
+    case status.DEADLINE_EXCEEDED:
+    case status.RESOURCE_EXHAUSTED:
+    case status.ABORTED:
+    case status.INTERNAL:
+    case status.UNAVAILABLE:
+    case status.DATA_LOSS:
+      return true;
+    default:
+      return false;
+  }
+}
+
+/** The publish stream broke while this event's batch was in flight, and it was sent again up
+ * to the publisher's `retries` without an answer. The bus may or may not have stored it (with
+ * the same id, a later publish of it is deduplicated within the bus's dedupe window). */
+export class StreamBrokenError extends BusError {}
+
+/** The {@link Publisher} was closed before the event was handed to it. */
+export class PublisherClosedError extends BusError {
+  constructor(details = "the publisher is closed") {
+    super(status.CANCELLED, details);
+  }
+}
+
 /** Whether a broken subscription is worth reopening: the bus ended it with a place to resume
  * from, or the bus or the connection went away for a while. */
 export function isResumable(error: BusError): boolean {

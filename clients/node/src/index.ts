@@ -14,5 +14,7 @@
  */
 export * from "./bus";
 export * from "./errors";
+export { Backoff, type BackoffOptions } from "./backoff";
+export { Publisher, uuidv7, type PendingPublish, type PublisherOptions } from "./publisher";
 export { MAX_SEQUENCE, sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
 export { Event, Reply, ReplyError, encodeData, type Data, type EventInit, type Json, type ManualAck, type Start, type Subscribed } from "./events";

@@ -68,8 +68,10 @@ export class BusProcess {
     return bus;
   }
 
+  /** Starts the process: on a free port the first time, on the same port again after
+   * {@link stop} (so clients reconnect to the same address). */
   async start(timeoutMs = 15_000): Promise<void> {
-    this.port = await freePort();
+    if (this.port === 0) this.port = await freePort();
     const args = ["serve", "--listen", this.address, "--log-level", "warn"];
     // The bus's own default is its durable file store in ./eventbus-data; a test bus keeps its
     // log in memory unless the test asks for storage settings.
@@ -94,12 +96,19 @@ export class BusProcess {
     }
   }
 
+  /** Stops the process (SIGKILL: a crash, nothing flushed or said goodbye) and starts it again
+   * on the same port with the same settings, so a file store comes back with its log. */
+  async restart(options: { kill?: boolean } = {}): Promise<void> {
+    await this.stop(15_000, options.kill ? "SIGKILL" : "SIGTERM");
+    await this.start();
+  }
+
   /** SIGTERM (graceful shutdown), then SIGKILL if it does not exit in time. */
-  async stop(timeoutMs = 15_000): Promise<void> {
+  async stop(timeoutMs = 15_000, signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
     const child = this.child;
     if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-    child.kill("SIGTERM");
+    child.kill(signal);
     const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
     await exited;
     clearTimeout(timer);
