@@ -14,13 +14,16 @@ import {
   BusError,
   DeadlineExceededError,
   UnavailableError,
+  RemoteError,
   fromServiceError,
-  isResumable,
+  isRetryableCode,
 } from "./errors";
+import { Backoff, type BackoffOptions } from "./backoff";
 import {
   Event,
   Reply,
   ReplyError,
+  ERROR_ATTRIBUTE,
   errorReply,
   fromPb,
   durationFromMs,
@@ -44,7 +47,6 @@ import type { PublishResponse__Output } from "./generated/eventbus/v1/PublishRes
 import type { QueryRequest } from "./generated/eventbus/v1/QueryRequest";
 import type { QueryResponse__Output } from "./generated/eventbus/v1/QueryResponse";
 import type { SubscribeResponse__Output } from "./generated/eventbus/v1/SubscribeResponse";
-import type { Subscribed__Output } from "./generated/eventbus/v1/Subscribed";
 import type { HealthClient } from "./generated/grpc/health/v1/Health";
 import type { HealthCheckRequest } from "./generated/grpc/health/v1/HealthCheckRequest";
 import type { HealthCheckResponse__Output } from "./generated/grpc/health/v1/HealthCheckResponse";
@@ -83,12 +85,37 @@ export interface SubscribeOptions {
   subscriber?: string;
   /** Reopen a broken stream after the last event seen (default true). */
   resume?: boolean;
-  /** How long to keep trying to reopen a broken stream (default 30 s). */
+  /** Delays between attempts to reopen a broken stream: by default the Rust SDK's (50 ms,
+   * doubling, at most 5 s) with full jitter, and never giving up; `maxAttempts` sets a limit
+   * on failures in a row. */
+  backoff?: BackoffOptions;
+  /** Give up reopening a broken stream after this many milliseconds (default: never). */
   reconnectTimeoutMs?: number;
+  /** The log a `start` sequence was taken from (a `Subscribed.logId` seen before), for a
+   * caller that stored its position: if the bus's log is another one now, the bus starts at
+   * its oldest event instead and {@link onLogChanged} is called. Resumes always send it. */
+  logId?: string;
+  /** Called when the bus's log turned out to be another one than the position came from (a
+   * memory-store bus that restarted, a repaired log): the subscription has started over at
+   * the beginning of the new log (AUTO groups: live), and events of the old log after
+   * `lastSeen` that were not delivered are lost to it. Called before the new log's events. */
+  onLogChanged?: (change: LogChange) => void;
   /** How long to wait for the bus's confirmation (default 10 s). */
   confirmTimeoutMs?: number;
   /** Events read ahead of the caller before the stream is paused (default 1024). */
   buffer?: number;
+}
+
+/** What {@link SubscribeOptions.onLogChanged} is told. */
+export interface LogChange {
+  /** The log the position came from (`""` if unknown). */
+  previousLogId: string;
+  /** The bus's log now. */
+  logId: string;
+  /** The last sequence delivered from the old log (or the start asked for; 0 for none). */
+  lastSeen: Sequence;
+  /** The new log's head when it was noticed. */
+  headSequence: Sequence;
 }
 
 /** {@link SubscribeOptions} of a MANUAL-ack group: a group and the ack settings are required. */
@@ -202,8 +229,10 @@ export class Bus {
   }
 
   /** Asks a question over events; resolves to the reply event. Rejects with
-   * {@link NoRespondersError} at once when nobody serves the topic, and with
-   * {@link QueryTimeoutError} when no reply comes in time. */
+   * {@link NoRespondersError} at once when nobody serves the topic, with
+   * {@link QueryTimeoutError} when no reply comes in time, and with {@link RemoteError} when
+   * the reply is an error reply (it has the attribute `error`: a responder's handler failed,
+   * in any language). */
   async query(topic: string, data?: Data, options: QueryOptions = {}): Promise<Event> {
     const { timeoutMs, ...fields } = options;
     if (timeoutMs !== undefined && !(timeoutMs > 0)) {
@@ -221,7 +250,9 @@ export class Bus {
     if (!response.reply) {
       throw new BusError(grpc.status.INTERNAL, "the bus answered a query without a reply");
     }
-    return fromPb(response.reply);
+    const reply = fromPb(response.reply);
+    if (reply.attributes[ERROR_ATTRIBUTE] !== undefined) throw RemoteError.fromReply(topic, reply);
+    return reply;
   }
 
   /**
@@ -321,10 +352,31 @@ class ResumePoint {
   lastSequence = 0n;
   headAtConfirmation: Sequence | undefined;
 
-  constructor(readonly start: Start, readonly group: string | undefined, readonly manual: boolean) {}
+  constructor(
+    public start: Start,
+    readonly group: string | undefined,
+    readonly manual: boolean,
+    /** The log the position belongs to: the last `Subscribed.logId` seen (or the caller's). */
+    public logId: string | undefined,
+  ) {}
 
-  confirmed(subscribed: Subscribed__Output): void {
-    this.headAtConfirmation ??= sequenceFromWire(subscribed.head_sequence);
+  /** Takes in a confirmation. When the bus says the position was from another log (or names
+   * another log than the one seen), the position means nothing any more: start over at the
+   * beginning of the new log (latest for an AUTO group), and return what changed. */
+  confirmed(subscribed: Subscribed): LogChange | undefined {
+    const previous = this.logId;
+    if (subscribed.logId) this.logId = subscribed.logId;
+    this.headAtConfirmation ??= subscribed.headSequence;
+    const changed = subscribed.logChanged
+      || (previous !== undefined && subscribed.logId !== "" && previous !== subscribed.logId);
+    if (!changed) return undefined;
+    const lastSeen = this.lastSequence > 0n ? this.lastSequence
+      : typeof this.start === "bigint" ? this.start
+        : typeof this.start === "number" ? BigInt(this.start) : 0n;
+    this.lastSequence = 0n;
+    this.headAtConfirmation = subscribed.headSequence;
+    if (!this.manual) this.start = this.group ? "latest" : "earliest";
+    return { previousLogId: previous ?? "", logId: subscribed.logId, lastSeen, headSequence: subscribed.headSequence };
   }
 
   /** Records a received sequence; false for one already delivered. A MANUAL-ack group's
@@ -354,6 +406,9 @@ type Stream = grpc.ClientReadableStream<SubscribeResponse__Output>;
 export class Subscription<T extends Event | Delivery = Event> implements AsyncIterable<T> {
   /** How many times a broken stream was reopened. */
   resumes = 0;
+  /** How many times the bus's log turned out to be another one (see
+   * {@link SubscribeOptions.onLogChanged}). */
+  logChanges = 0;
   /** The error that broke the stream most recently, resumed or not. */
   lastError: BusError | undefined;
   /** The bus's first confirmation. */
@@ -370,6 +425,7 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
   private failure: BusError | undefined;
 
   private readonly client: EventBusServiceClient;
+  private readonly backoff: Backoff;
 
   private constructor(
     private readonly bus: Bus,
@@ -377,7 +433,9 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
     private readonly options: SubscribeOptions & { subscriber: string },
   ) {
     this.client = bus.rpc;
-    this.point = new ResumePoint(options.start ?? "latest", options.group, options.manualAck !== undefined);
+    this.backoff = new Backoff(options.backoff);
+    this.point = new ResumePoint(options.start ?? "latest", options.group, options.manualAck !== undefined,
+      options.logId || undefined);
   }
 
   static async open<T extends Event | Delivery>(bus: Bus, pattern: string,
@@ -449,15 +507,25 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
   private openStream(start: Start): Promise<Stream> {
     return new Promise((resolve, reject) => {
       const call = this.client.Subscribe(subscribeRequest(this.pattern, this.options.group,
-        this.options.subscriber, start, { manualAck: this.options.manualAck }));
+        this.options.subscriber, start, { manualAck: this.options.manualAck, logId: this.point.logId }));
       this.call = call;
       let confirmed = false;
       call.on("data", (message: SubscribeResponse__Output) => {
         if (message.message === "subscribed" && message.subscribed) {
           if (!confirmed) {
             confirmed = true;
-            this.point.confirmed(message.subscribed);
-            this.confirmation ??= subscribedFromPb(message.subscribed);
+            const subscribed = subscribedFromPb(message.subscribed);
+            // Here, before this stream's events: they belong to the new log.
+            const change = this.point.confirmed(subscribed);
+            this.confirmation ??= subscribed;
+            if (change) {
+              this.logChanges += 1;
+              try {
+                this.options.onLogChanged?.(change);
+              } catch (error) {
+                console.error(`onLogChanged of the subscription to ${this.pattern} threw:`, error);
+              }
+            }
             resolve(call);
           }
         } else if (message.message === "event" && message.event) {
@@ -501,18 +569,29 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
       return;
     }
     this.lastError = failure;
-    if (this.options.resume === false || !isResumable(failure)) {
+    if (this.options.resume === false || !isRetryableCode(failure.code)) {
       this.fail(failure);
       return;
     }
     void this.reopen();
   }
 
+  /** Subscribes again until it works, with backoff before every attempt (the Rust SDK's
+   * schedule), from right after the last event seen and naming the log it was seen in. Gives
+   * up (the next `next()` rejects with the last error) on a refusal, after
+   * `backoff.maxAttempts` failures in a row, or after `reconnectTimeoutMs`. */
   private async reopen(): Promise<void> {
-    const deadline = Date.now() + (this.options.reconnectTimeoutMs ?? 30_000);
-    let backoff = 50;
+    const giveUpAt = this.options.reconnectTimeoutMs === undefined ? Infinity
+      : Date.now() + this.options.reconnectTimeoutMs;
+    let failures = 0;
     this.paused = false;
     while (!this.closed) {
+      if (!this.backoff.allows(failures) || Date.now() >= giveUpAt) {
+        this.fail(this.lastError as BusError);
+        return;
+      }
+      await this.changed(Math.min(this.backoff.delayMs(failures), Math.max(0, giveUpAt - Date.now())));
+      if (this.closed) break;
       try {
         await this.openStream(this.point.nextStart());
         this.resumes += 1;
@@ -520,14 +599,13 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
       } catch (error) {
         const failure = error as BusError;
         if (this.closed) break;
+        failures += 1;
         this.lastError = failure;
-        if (!isResumable(failure) || Date.now() >= deadline) {
+        if (!isRetryableCode(failure.code)) {
           this.fail(failure);
           return;
         }
       }
-      await delay(backoff);
-      backoff = Math.min(backoff * 2, 1000);
     }
     this.wake();
   }

@@ -19,10 +19,15 @@
  * ├── ResourceExhaustedError      RESOURCE_EXHAUSTED
  * │   ├── SlowConsumerError       (slow-consumer)
  * │   └── ReplayOverrunError      (replay-overrun)
- * └── CancelledError              CANCELLED
+ * ├── CancelledError              CANCELLED
+ * │   └── PublisherClosedError    (the publisher was closed)
+ * ├── StreamBrokenError           the publish stream's code, after the last resend
+ * └── RemoteError                 UNKNOWN: a query's reply was an error reply
  * ```
  */
 import { status, type ServiceError } from "@grpc/grpc-js";
+
+import type { Event } from "./events";
 
 /** The metadata key of the bus's stable error reason. */
 export const ERROR_REASON_KEY = "eventbus-error";
@@ -109,6 +114,46 @@ export function fromServiceError(error: ServiceError): BusError {
   return new Class(error.code, error.details ?? error.message, reason);
 }
 
+/**
+ * The responder answering a query sent an error reply: one with the attribute `error`. Two
+ * shapes are understood: the Rust SDK's (type `eventbus.error`, the attribute and the text
+ * data hold the message) and the scenario protocol's, which this client's responders send for
+ * a {@link ReplyError} (attribute `error` = a code such as `not_found`, data
+ * `{"error": {"code", "message"}}`). The gRPC code is UNKNOWN, as the Rust SDK's
+ * `Error::Remote`: the failure was the responder's, not the bus's.
+ */
+export class RemoteError extends BusError {
+  constructor(
+    /** The query's topic. */
+    readonly topic: string,
+    /** The responder's error message. */
+    readonly remoteMessage: string,
+    /** The whole error reply. */
+    readonly reply: Event,
+    /** The error code of a scenario-protocol reply (`not_found`, `invalid`, ...); undefined
+     * for the Rust SDK's replies, which carry a message only. */
+    readonly errorCode?: string,
+  ) {
+    super(status.UNKNOWN, `the responder on ${topic} failed: ${remoteMessage}`);
+  }
+
+  /** The error of an error reply to a query on `topic`. */
+  static fromReply(topic: string, reply: Event): RemoteError {
+    const attribute = reply.attributes.error ?? "";
+    try {
+      const body = reply.dataContentType.startsWith("application/json")
+        ? reply.json<{ error?: { code?: unknown; message?: unknown } }>() : undefined;
+      if (body && typeof body === "object" && body.error && typeof body.error.message === "string") {
+        const code = typeof body.error.code === "string" ? body.error.code : attribute;
+        return new RemoteError(topic, body.error.message, reply, code);
+      }
+    } catch {
+      // Not JSON: the Rust SDK's shape, the message is the attribute.
+    }
+    return new RemoteError(topic, attribute || reply.text(), reply);
+  }
+}
+
 /** Whether a call that failed with `code` may succeed if made again (the bus or the connection
  * went away, a limit was reached for a while); refusals of the request itself are final.
  * The same split as the Rust SDK's `is_retryable`. */
@@ -135,14 +180,13 @@ export function isRetryableCode(code: status): boolean {
 export class StreamBrokenError extends BusError {}
 
 /** The {@link Publisher} was closed before the event was handed to it. */
-export class PublisherClosedError extends BusError {
+export class PublisherClosedError extends CancelledError {
   constructor(details = "the publisher is closed") {
     super(status.CANCELLED, details);
   }
 }
 
-/** Whether a broken subscription is worth reopening: the bus ended it with a place to resume
- * from, or the bus or the connection went away for a while. */
+/** Whether a broken subscription is worth reopening: see {@link isRetryableCode}. */
 export function isResumable(error: BusError): boolean {
-  return error instanceof ResourceExhaustedError || error instanceof UnavailableError;
+  return isRetryableCode(error.code);
 }

@@ -22,6 +22,11 @@ export type Start = "latest" | "earliest" | Sequence | number | Date;
 
 export const JSON_TYPE = "application/json";
 
+/** The attribute that marks an error reply (the Rust SDK's `ERROR_ATTRIBUTE`). */
+export const ERROR_ATTRIBUTE = "error";
+/** The `type` of the Rust SDK's error replies. */
+export const ERROR_EVENT_TYPE = "eventbus.error";
+
 /** The fields of an event to publish. */
 export interface EventInit {
   topic: string;

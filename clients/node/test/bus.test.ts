@@ -7,10 +7,13 @@ import { after, before, describe, test } from "node:test";
 import {
   Bus,
   BusError,
+  ERROR_ATTRIBUTE,
+  ERROR_EVENT_TYPE,
   EventTooLargeError,
   InvalidArgumentError,
   NoRespondersError,
   QueryTimeoutError,
+  RemoteError,
   Reply,
   ReplyError,
   SlowConsumerError,
@@ -157,18 +160,42 @@ describe("against a bus", () => {
     await responder.stop();
   });
 
-  test("handler errors become error replies", async () => {
+  test("handler errors become error replies, which reject the query with RemoteError", async () => {
     const responder = await bus.serve("node.fail", "fail", async (request) => {
       if (request.json<{ boom: boolean }>().boom) throw new Error("kaput");
       throw new ReplyError("not_found", "unknown thing");
     });
-    const reply = await bus.query("node.fail", { boom: false }, { timeoutMs: 5000 });
-    assert.deepEqual(reply.json(), { error: { code: "not_found", message: "unknown thing" } });
-    assert.deepEqual(reply.attributes, { error: "not_found" });
-    const crashed = await bus.query("node.fail", { boom: true }, { timeoutMs: 5000 });
-    assert.deepEqual(crashed.attributes, { error: "internal" });
-    assert.match(crashed.json<{ error: { message: string } }>().error.message, /kaput/);
+    await assert.rejects(bus.query("node.fail", { boom: false }, { timeoutMs: 5000 }), (error: unknown) => {
+      assert.ok(error instanceof RemoteError && error instanceof BusError);
+      assert.equal(error.errorCode, "not_found");
+      assert.equal(error.remoteMessage, "unknown thing");
+      assert.equal(error.topic, "node.fail");
+      assert.equal(error.codeName, "UNKNOWN");
+      assert.deepEqual(error.reply.json(), { error: { code: "not_found", message: "unknown thing" } });
+      assert.deepEqual(error.reply.attributes, { error: "not_found" });
+      return true;
+    });
+    await assert.rejects(bus.query("node.fail", { boom: true }, { timeoutMs: 5000 }), (error: unknown) =>
+      error instanceof RemoteError && error.errorCode === "internal" && /kaput/.test(error.remoteMessage));
     await responder.stop();
+  });
+
+  test("a Rust-style error reply (type eventbus.error) rejects the query with RemoteError", async () => {
+    // What the Rust SDK's responders send for a handler error (src/sdk/responder.rs).
+    const queries = await bus.subscribe("node.rusty", { group: "rusty" });
+    const answering = (async () => {
+      const query = await queries.next(5000);
+      assert.ok(query);
+      await bus.publish(query.replyTo, Buffer.from("no such user"), {
+        type: ERROR_EVENT_TYPE, dataContentType: "text/plain", attributes: { [ERROR_ATTRIBUTE]: "no such user" },
+        correlationId: query.correlationId, causationId: query.id,
+      });
+    })();
+    await assert.rejects(bus.query("node.rusty", { user_id: 7 }, { timeoutMs: 5000 }), (error: unknown) =>
+      error instanceof RemoteError && error.remoteMessage === "no such user" && error.errorCode === undefined
+        && error.reply.type === ERROR_EVENT_TYPE && /the responder on node.rusty failed: no such user/.test(error.message));
+    await answering;
+    queries.close();
   });
 
   test("a responder ignores events without reply_to and can reply with a Reply", async () => {
