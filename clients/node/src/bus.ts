@@ -1,12 +1,15 @@
 /**
- * The client: {@link Bus} (publish, subscribe, query, serve), {@link Subscription} (an async
- * iterator that resumes a broken stream by itself) and {@link Responder}.
+ * The client: {@link Bus} (publish, subscribe, ack/nack, query, serve), {@link Subscription}
+ * (an async iterator that resumes a broken stream by itself), {@link Delivery} (an event of a
+ * MANUAL-ack group) and {@link Responder}.
  *
  * A subscription reads its stream into a small buffer and pauses the stream while the buffer is
  * full, so a slow consumer still slows the stream down and the bus, not this process, decides
- * when a subscriber is too slow. When the bus ends a stream (slow consumer, shutting down) or the
- * connection breaks, the subscription reopens it after the last sequence it saw: no duplicates,
- * and no gaps while the bus still holds the events.
+ * when a subscriber is too slow. When the stream breaks for a reason that may pass (the bus
+ * restarts or stops, cuts off a slow consumer, the connection drops), the subscription reopens
+ * it with {@link Backoff} after the last sequence it delivered, naming the log that sequence
+ * belongs to: no duplicates, no gaps while the bus still holds the events, and a fresh start
+ * (reported) when the bus's log is another one.
  */
 import * as grpc from "@grpc/grpc-js";
 
@@ -214,13 +217,18 @@ export class Bus {
     }
   }
 
-  /** Publishes one event; resolves to its sequence. */
+  /** Publishes one event with a unary call; resolves to its sequence (for a duplicate
+   * (source, id) within the bus's dedupe window, the original's). Rejects with
+   * {@link InvalidArgumentError} (naming the field) or {@link EventTooLargeError} for an event
+   * the bus refuses, {@link UnavailableError} when it cannot be reached. For many events, a
+   * {@link Publisher} is faster. */
   async publish(topic: string, data?: Data, fields: Omit<EventInit, "topic" | "data"> = {}): Promise<Sequence> {
     const [sequence] = await this.publishBatch([{ ...fields, topic, data }]);
     return sequence;
   }
 
-  /** Publishes events in order, all or none; resolves to their sequences. */
+  /** Publishes events in order, all or none; resolves to their sequences, in order. Errors as
+   * {@link publish}; the message names the failing event's index. */
   async publishBatch(events: EventInit[]): Promise<Sequence[]> {
     const response = await unary<PublishRequest, PublishResponse__Output>(this.client.Publish.bind(this.client), {
       events: events.map((e) => toPb(e, this.source)),

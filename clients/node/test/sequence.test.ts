@@ -68,3 +68,14 @@ test("a slow-consumer error names its resume point exactly", () => {
   const error = new ResourceExhaustedError(status.RESOURCE_EXHAUSTED, `resubscribe with after_sequence=${MAX} to go on`);
   assert.equal(error.lastDelivered, MAX_SEQUENCE);
 });
+
+test("ack and nack sequences and the group cursor cross the wire exactly", () => {
+  const ack = method("Ack");
+  const sent = ack.requestDeserialize(ack.requestSerialize({ group: "g", sequences: [sequenceToWire(ABOVE_2_53), sequenceToWire(MAX_SEQUENCE)] }));
+  assert.deepEqual(sent.sequences.map(sequenceFromWire), [ABOVE_2_53, MAX_SEQUENCE]);
+  const answer = ack.responseDeserialize(ack.responseSerialize({ acknowledged: 1, group_cursor: String(ABOVE_2_53 + 1n) }));
+  assert.equal(sequenceFromWire(answer.group_cursor), ABOVE_2_53 + 1n);
+  const nack = method("Nack");
+  const handedBack = nack.requestDeserialize(nack.requestSerialize({ group: "g", sequences: [sequenceToWire(ABOVE_2_53 + 4n)] }));
+  assert.equal(sequenceFromWire(handedBack.sequences[0]), ABOVE_2_53 + 4n);
+});
