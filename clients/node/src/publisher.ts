@@ -124,6 +124,9 @@ export class Publisher {
   reconnects = 0;
   /** Batches sent again after a broken stream. */
   resentBatches = 0;
+  /** Events the bus answered as duplicates (already stored with the same source and id): after
+   * a broken stream, the resent events that the bus had stored the first time. */
+  duplicates = 0;
 
   private readonly maxBatch: number;
   private readonly maxBatchBytes: number;
@@ -312,6 +315,7 @@ export class Publisher {
     if (response.result === "published" && response.published) {
       const sequences = response.published.sequences;
       if (sequences.length === items.length) {
+        for (const duplicate of response.published.duplicates) if (duplicate) this.duplicates += 1;
         items.forEach((item, i) => item.resolve(sequenceFromWire(sequences[i])));
       } else {
         const message = `${sequences.length} sequences for a batch of ${items.length} events`;
