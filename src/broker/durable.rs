@@ -35,6 +35,16 @@
 //! that joins (`Subscribed.group_dropped_events`). A group never reads its own dead-letter topic,
 //! so a group on `>` cannot feed its dead letters back to itself.
 //!
+//! # Parking and unloading
+//! Group names are chosen by clients, and a group outlives its members. A group with no member
+//! **parks**: its dispatcher drops its read-ahead (keeping the delivery counts of events that
+//! were delivered before, so the delivery limit still holds), rewinds its read position to the
+//! cursor (which is saved), and stops waking on new events; it wakes when a member joins and
+//! reads again from the cursor. Nothing is lost: events in flight with a member that left were
+//! handed back before, and everything after the cursor is read again (at least once). A group
+//! parked for `names_idle_after` is unloaded: its dispatcher ends and the group leaves the
+//! map; a member that joins later resumes it from the saved cursor, as after a restart.
+//!
 //! # Containment
 //! The dispatcher runs under a supervisor: a panic in one group's dispatcher is logged at ERROR
 //! and the dispatcher restarts on the same state, so one bad event or field cannot stop a group
@@ -43,7 +53,7 @@
 //! Lock order: the broker's routing lock, then the group map, then one group's state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -134,6 +144,21 @@ pub fn default_dead_letter_topic(group: &str) -> Topic {
 #[derive(Default)]
 pub(super) struct DurableGroups {
     groups: Mutex<HashMap<Arc<str>, Arc<DurableGroup>>>,
+    /// Rounds of work of all dispatchers: each wake-up counts one.
+    wakes: AtomicU64,
+}
+
+/// Counts of the MANUAL-ack groups, for tests and diagnostics ([`Broker::durable_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableStats {
+    /// Groups loaded (with a dispatcher task), parked ones included.
+    pub groups: usize,
+    /// Loaded groups that are parked: no member, no read-ahead, not woken by new events.
+    pub parked: usize,
+    /// Events held in the groups' read-ahead, ready to deliver.
+    pub ready_events: usize,
+    /// Rounds of work of all dispatchers since start: each wake-up counts one.
+    pub dispatcher_wakes: u64,
 }
 
 struct DurableGroup {
@@ -167,6 +192,11 @@ struct GroupState {
     last_save: Option<Instant>,
     /// Events retention dropped before the group could deliver them, since it started here.
     dropped: u64,
+    /// Parked (see the module docs): no member, nothing read ahead, not woken by new events.
+    parked: bool,
+    /// Deliveries so far of events after the cursor that parking dropped from memory, so the
+    /// delivery limit holds when they are read again. At most what was outstanding then.
+    redeliveries: BTreeMap<u64, u32>,
 }
 
 struct InFlight {
@@ -196,6 +226,34 @@ impl GroupState {
             Some(smallest) => smallest - 1,
             None => self.read_through,
         }
+    }
+
+    /// Parks a group without members (see the module docs): drops the read-ahead and rewinds
+    /// the read position to the cursor. Returns whether it is parked; a group with events being
+    /// dead-lettered is not, since reading them again would deliver them once more.
+    fn park(&mut self) -> bool {
+        if self.parked {
+            return true;
+        }
+        if !self.members.is_empty()
+            || !self.in_flight.is_empty()
+            || !self.dead_lettering.is_empty()
+            || !self.to_dead_letter.is_empty()
+        {
+            return false;
+        }
+        let cursor = self.cursor();
+        let ready = std::mem::take(&mut self.ready);
+        let delayed = std::mem::take(&mut self.delayed);
+        let returned = ready.into_values().chain(delayed.into_values());
+        for (event, deliveries) in returned {
+            if deliveries > 0 {
+                self.redeliveries.insert(event.sequence, deliveries);
+            }
+        }
+        self.read_through = cursor;
+        self.parked = true;
+        true
     }
 
     fn member_mut(&mut self, id: u64) -> Option<&mut Member> {
@@ -403,7 +461,6 @@ impl Broker {
                 (durable, truncated)
             }
         };
-        drop(groups);
         let id = self
             .shared
             .next_subscription_id
@@ -419,8 +476,12 @@ impl Broker {
                 max_in_flight,
                 ack_deadline: settings.ack_deadline,
             });
+            state.parked = false;
             (state.cursor(), state.dropped)
         };
+        // Held until the member is in: an unloading dispatcher takes the map's lock first, so it
+        // either went before (and the group was created anew above) or sees the member.
+        drop(groups);
         durable.wake.notify_one();
         self.lock_routing().topology.subscription_started(
             pattern,
@@ -522,17 +583,33 @@ impl Broker {
         Ok(requeued)
     }
 
-    /// The MANUAL-ack groups whose pattern matches `topic`, with their live member counts.
-    pub(super) fn durable_members(&self, topic: &Topic) -> Vec<(String, u32)> {
+    /// The MANUAL-ack groups with a live member: name, pattern and member count. Copied under
+    /// the group map's lock, so matching them against topics happens outside it.
+    pub(super) fn durable_member_counts(&self) -> Vec<(Arc<str>, Pattern, u32)> {
         lock(&self.shared.durable.groups)
             .values()
-            .filter(|group| group.pattern.matches(topic))
-            .map(|group| {
+            .filter_map(|group| {
                 let members = lock(&group.state).members.len() as u32;
-                (group.name.to_string(), members)
+                (members > 0).then(|| (group.name.clone(), group.pattern.clone(), members))
             })
-            .filter(|(_, members)| *members > 0)
             .collect()
+    }
+
+    /// Counts of the loaded groups (see [`DurableStats`]).
+    pub fn durable_stats(&self) -> DurableStats {
+        let groups = lock(&self.shared.durable.groups);
+        let mut stats = DurableStats {
+            groups: groups.len(),
+            parked: 0,
+            ready_events: 0,
+            dispatcher_wakes: self.shared.durable.wakes.load(Ordering::Relaxed),
+        };
+        for group in groups.values() {
+            let state = lock(&group.state);
+            stats.parked += usize::from(state.parked);
+            stats.ready_events += state.ready.len();
+        }
+        stats
     }
 
     /// Whether a live member of a MANUAL-ack group would receive an event on `topic` (queries
@@ -614,11 +691,33 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 async fn dispatch(broker: Broker, group: Arc<DurableGroup>) {
     let mut routed = broker.shared.routed.subscribe();
     loop {
+        broker.shared.durable.wakes.fetch_add(1, Ordering::Relaxed);
         let (dead, next_deadline) = step(&broker, &group);
         for (event, deliveries) in dead {
             dead_letter(&broker, &group, event, deliveries).await;
         }
         save_cursor(&broker, &group, false).await;
+        let parked = lock(&group.state).park();
+        if parked {
+            save_cursor(&broker, &group, true).await;
+            let idle = tokio::time::sleep(broker.shared.config.names_idle_after);
+            tokio::select! {
+                // A member joined (or a stray ack or nack came): look again.
+                _ = group.wake.notified() => {}
+                _ = idle => {
+                    if unload(&broker, &group) {
+                        return;
+                    }
+                }
+                _ = broker.stopped() => {
+                    save_cursor(&broker, &group, true).await;
+                    return;
+                }
+            }
+            // What was published while parked is read from the cursor, not from this signal.
+            routed.borrow_and_update();
+            continue;
+        }
         let sleep = async {
             match next_deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
@@ -635,6 +734,25 @@ async fn dispatch(broker: Broker, group: Arc<DurableGroup>) {
             }
         }
     }
+}
+
+/// Takes a group that stayed parked out of the map, once its cursor is saved. Returns whether
+/// it did (the dispatcher then ends).
+fn unload(broker: &Broker, group: &Arc<DurableGroup>) -> bool {
+    let mut groups = lock(&broker.shared.durable.groups);
+    let state = lock(&group.state);
+    if !state.parked || !state.members.is_empty() || state.cursor() != state.saved_cursor {
+        return false;
+    }
+    drop(state);
+    if groups
+        .get(&group.name)
+        .is_some_and(|loaded| Arc::ptr_eq(loaded, group))
+    {
+        groups.remove(&group.name);
+    }
+    info!(group = %group.name, "durable group unloaded after idling without members");
+    true
 }
 
 /// One round of the dispatcher's work under the group lock. Returns events to dead-letter and
@@ -723,6 +841,10 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
 /// Reads matching events from the log after the group's read position, up to the visible head,
 /// until enough are ready.
 fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
+    if state.members.is_empty() {
+        // Nobody to deliver to: reading ahead would only hold events in memory.
+        return;
+    }
     let visible = broker.visible_head();
     while state.ready.len() < READ_AHEAD && state.read_through < visible {
         let chunk = match broker
@@ -755,8 +877,9 @@ fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
                 break;
             }
             state.read_through = event.sequence;
+            let deliveries = state.redeliveries.remove(&event.sequence).unwrap_or(0);
             if group.reads(&event) {
-                state.ready.insert(event.sequence, (event, 0));
+                state.ready.insert(event.sequence, (event, deliveries));
             }
         }
     }
