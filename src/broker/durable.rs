@@ -1010,6 +1010,191 @@ mod tests {
         ))
     }
 
+    mod parking {
+        use std::time::Instant;
+
+        use futures_util::StreamExt as _;
+
+        use super::super::super::{AckMode, Delivery, SubscribeOptions, Subscription};
+        use super::*;
+        use crate::config::BusConfig;
+        use crate::store::MemoryStore;
+
+        const WITHIN: Duration = Duration::from_secs(60);
+
+        fn bus(config: BusConfig) -> Broker {
+            Broker::new(config, Arc::new(MemoryStore::new(100_000, 1 << 30)))
+        }
+
+        fn event(topic: &str) -> Event {
+            Event {
+                topic: Topic::parse(topic).unwrap(),
+                ..stored(0).event.clone()
+            }
+        }
+
+        fn join(broker: &Broker, group: &str, start: StartPosition) -> Subscription {
+            broker
+                .subscribe(SubscribeOptions {
+                    pattern: Pattern::parse("jobs.>").unwrap(),
+                    group: Some(Arc::from(group)),
+                    subscriber: Arc::from("worker"),
+                    start,
+                    ack: AckMode::Manual(ManualAck::default()),
+                    log_id: None,
+                })
+                .unwrap()
+        }
+
+        async fn publish_each(broker: &Broker, count: usize) -> Duration {
+            let started = Instant::now();
+            for i in 0..count {
+                let mut event = event("jobs.run");
+                event.id = format!("e{i}-{}", crate::event::new_id());
+                broker.publish(vec![event]).await.unwrap();
+            }
+            started.elapsed()
+        }
+
+        async fn until(what: &str, mut check: impl FnMut() -> bool) {
+            let deadline = Instant::now() + WITHIN;
+            while !check() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        async fn next_event(subscription: &mut Subscription) -> (u64, u32) {
+            loop {
+                let delivery = tokio::time::timeout(WITHIN, subscription.next())
+                    .await
+                    .expect("a delivery in time")
+                    .expect("open")
+                    .expect("no error");
+                if let Delivery::Event { event, attempt } = delivery {
+                    return (event.sequence, attempt);
+                }
+            }
+        }
+
+        /// 2,000 groups that joined and left are parked: publishing does not wake their
+        /// dispatchers, they hold no read-ahead, and the publish rate stays near the rate
+        /// without them.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn groups_without_members_are_not_woken_by_publishes() {
+            const GROUPS: usize = 2_000;
+            const EVENTS: usize = 10_000;
+            let broker = bus(BusConfig::default());
+            let alone = publish_each(&broker, EVENTS).await;
+
+            for index in 0..GROUPS {
+                // Half from earliest: those would hold a full read-ahead if they did not park.
+                let start = if index % 2 == 0 {
+                    StartPosition::Earliest
+                } else {
+                    StartPosition::Latest
+                };
+                drop(join(&broker, &format!("g{index}"), start));
+            }
+            // Settled: no dispatcher wakes for 200 ms.
+            let mut last = broker.durable_stats().dispatcher_wakes;
+            let deadline = Instant::now() + WITHIN;
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = broker.durable_stats().dispatcher_wakes;
+                if now == last {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "dispatchers never settled");
+                last = now;
+            }
+            let before = broker.durable_stats();
+            assert_eq!(before.ready_events, 0, "parked groups hold no read-ahead");
+
+            let with_groups = publish_each(&broker, EVENTS).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let after = broker.durable_stats();
+            let ratio = alone.as_secs_f64() / with_groups.as_secs_f64();
+            println!(
+                "publish rate with {GROUPS} parked groups / without: {ratio:.2} \
+                 ({EVENTS} events in {with_groups:?} vs {alone:?}); dispatcher wake-ups \
+                 during the publishes: {}",
+                after.dispatcher_wakes - before.dispatcher_wakes
+            );
+            // Unparked, each publish would wake every group: GROUPS x EVENTS wake-ups.
+            assert!(
+                after.dispatcher_wakes - before.dispatcher_wakes < 100,
+                "parked dispatchers were woken: {before:?} -> {after:?}"
+            );
+            assert_eq!(after.ready_events, 0);
+            assert_eq!(after.parked, GROUPS);
+            assert!(ratio > 0.2, "publishing slowed to {ratio:.2} of its rate");
+            broker.finish().await;
+        }
+
+        /// A parked group resumes from its cursor when a member joins: what was delivered and
+        /// not acked comes again (with its delivery count), then what was published meanwhile.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_parked_group_resumes_from_its_cursor_at_least_once() {
+            let broker = bus(BusConfig::default());
+            let mut member = join(&broker, "workers", StartPosition::Latest);
+            publish_each(&broker, 4).await;
+            let mut delivered = Vec::new();
+            for _ in 0..4 {
+                delivered.push(next_event(&mut member).await);
+            }
+            assert!(delivered.iter().all(|(_, attempt)| *attempt == 1));
+            let sequences: Vec<u64> = delivered.iter().map(|(s, _)| *s).collect();
+            broker.ack("workers", &sequences[..2]).unwrap();
+            drop(member);
+            until("the group to park", || broker.durable_stats().parked == 1).await;
+            publish_each(&broker, 2).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(broker.durable_stats().ready_events, 0);
+
+            let mut member = join(&broker, "workers", StartPosition::Latest);
+            let mut again = Vec::new();
+            for _ in 0..4 {
+                again.push(next_event(&mut member).await);
+            }
+            let last = sequences[3];
+            assert_eq!(
+                again,
+                [
+                    (sequences[2], 2),
+                    (sequences[3], 2),
+                    (last + 1, 1),
+                    (last + 2, 1)
+                ],
+                "unacked events come again with their count, then the new ones"
+            );
+            broker.finish().await;
+        }
+
+        /// A group parked for `names_idle_after` leaves the map; joining again resumes it from
+        /// the saved cursor.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn an_idle_group_is_unloaded_and_resumes_from_its_saved_cursor() {
+            let broker = bus(BusConfig {
+                names_idle_after: Duration::from_millis(300),
+                ..BusConfig::default()
+            });
+            let mut member = join(&broker, "workers", StartPosition::Latest);
+            publish_each(&broker, 3).await;
+            let (first, _) = next_event(&mut member).await;
+            broker.ack("workers", &[first]).unwrap();
+            drop(member);
+            until("the group to be unloaded", || {
+                broker.durable_stats().groups == 0
+            })
+            .await;
+            let mut member = join(&broker, "workers", StartPosition::Latest);
+            assert_eq!(member.info().group_cursor, Some(first));
+            assert_eq!(next_event(&mut member).await, (first + 1, 1));
+            broker.finish().await;
+        }
+    }
+
     #[test]
     fn the_backoff_starts_after_the_first_redelivery_and_is_bounded() {
         assert_eq!(redelivery_backoff(1), Duration::ZERO);
