@@ -676,6 +676,7 @@ impl Broker {
             }
         }
         let mut names: Vec<(Arc<str>, Option<TopicCounters>)> = names.into_iter().collect();
+        let total = names.len();
         let limit = limit.max(1);
         let more = names.len() > limit;
         if more {
@@ -719,6 +720,10 @@ impl Broker {
                 last_publish_time: counters.map(|c| c.last_publish_time),
             });
         }
+        if total >= FORGOTTEN_BEFORE_TRIM {
+            // The copies were per name: hand their memory back.
+            names::release_freed_memory();
+        }
         let next_after = if more {
             topics.last().map(|t| t.name.clone())
         } else {
@@ -735,8 +740,16 @@ impl Broker {
     /// `max_bytes` of names (see [`topology::RawTopology::build`]). Under the routing lock it
     /// only copies the graph's entries; the graph is built outside it.
     pub fn topology(&self, max_edges: usize, max_bytes: usize) -> TopologySnapshot {
-        let raw = self.lock_routing().topology.raw();
-        raw.build(max_edges, max_bytes)
+        let (raw, entries) = {
+            let routing = self.lock_routing();
+            (routing.topology.raw(), routing.topology.entries())
+        };
+        let snapshot = raw.build(max_edges, max_bytes);
+        if entries >= FORGOTTEN_BEFORE_TRIM {
+            // Building allocated per name, and most of it was cut: hand it back.
+            names::release_freed_memory();
+        }
+        snapshot
     }
 
     /// How much state keyed by client-chosen names the bus holds now, for tests and
@@ -803,6 +816,7 @@ async fn forget_idle_names(broker: &Broker, now: SystemTime) {
         return;
     };
     let held = broker.shared.store.held_counts();
+    let mut forgotten = 0;
     loop {
         let done = {
             let mut routing = broker.lock_routing();
@@ -811,7 +825,7 @@ async fn forget_idle_names(broker: &Broker, now: SystemTime) {
                 subscriptions,
                 ..
             } = &mut *routing;
-            topics.sweep_slice(idle_before, |name| {
+            topics.sweep_slice(idle_before, &mut forgotten, |name| {
                 held.contains_key(name)
                     || Pattern::parse(name)
                         .is_ok_and(|pattern| subscriptions.get_mut(&pattern).is_some())
@@ -822,10 +836,22 @@ async fn forget_idle_names(broker: &Broker, now: SystemTime) {
         }
         tokio::task::yield_now().await;
     }
-    while !broker.lock_routing().topology.sweep_slice(idle_before) {
+    while !broker
+        .lock_routing()
+        .topology
+        .sweep_slice(idle_before, &mut forgotten)
+    {
         tokio::task::yield_now().await;
     }
+    if forgotten >= FORGOTTEN_BEFORE_TRIM {
+        tracing::debug!(forgotten, "forgot idle names");
+        names::release_freed_memory();
+    }
 }
+
+/// Names forgotten in one sweep, or copied for one listing, before freed memory is handed back
+/// to the system ([`names::release_freed_memory`]).
+const FORGOTTEN_BEFORE_TRIM: usize = 10_000;
 
 /// The dedupe window as the log left it: a durable store that restarts still knows what was
 /// published within the window, so a producer retrying across a bus restart is deduplicated too.

@@ -200,20 +200,20 @@ impl Topology {
     }
 
     /// Looks at up to [`SWEEP_SLICE`] entries from where the last slice stopped, forgetting edges
-    /// last used, and subscriptions last ended, before `idle_before`. Returns whether the sweep
-    /// went round the whole graph.
-    pub fn sweep_slice(&mut self, idle_before: SystemTime) -> bool {
+    /// last used, and subscriptions last ended, before `idle_before`, counting them in
+    /// `forgotten`. Returns whether the sweep went round the whole graph.
+    pub fn sweep_slice(&mut self, idle_before: SystemTime, forgotten: &mut usize) -> bool {
         let mut budget = SWEEP_SLICE;
         loop {
             let (map, at) = &mut self.sweep_at;
             let done = match map {
-                0 => sweep_map(&mut self.publishes, at, &mut budget, |e| {
+                0 => sweep_map(&mut self.publishes, at, &mut budget, forgotten, |e| {
                     e.last_seen < idle_before
                 }),
-                1 => sweep_map(&mut self.replies, at, &mut budget, |e| {
+                1 => sweep_map(&mut self.replies, at, &mut budget, forgotten, |e| {
                     e.last_seen < idle_before
                 }),
-                _ => sweep_map(&mut self.subscriptions, at, &mut budget, |s| {
+                _ => sweep_map(&mut self.subscriptions, at, &mut budget, forgotten, |s| {
                     s.active == 0 && s.last_seen < idle_before
                 }),
             };
@@ -281,6 +281,7 @@ fn sweep_map<K, V>(
     map: &mut IndexMap<K, V, hashbrown::DefaultHashBuilder>,
     at: &mut usize,
     budget: &mut usize,
+    forgotten: &mut usize,
     stale: impl Fn(&V) -> bool,
 ) -> bool {
     while *budget > 0 && *at < map.len() {
@@ -289,6 +290,7 @@ fn sweep_map<K, V>(
         if stale(value) {
             // The last entry moves here: look at this position again.
             map.swap_remove_index(*at);
+            *forgotten += 1;
         } else {
             *at += 1;
         }

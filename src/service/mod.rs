@@ -410,8 +410,9 @@ impl AdminService for AdminApi {
             TOPOLOGY_EDGES_DEFAULT,
             TOPOLOGY_EDGES_MAX,
         );
-        // Half the message limit: the estimate of a graph's size is rough, the limit is not.
-        let max_bytes = self.broker.config().max_message_bytes / 2;
+        // The estimate of a graph's size is rough (and high), the limits are not: half the
+        // server's message limit, and within the 4 MiB that gRPC clients accept by default.
+        let max_bytes = (self.broker.config().max_message_bytes / 2).min(TOPOLOGY_MAX_BYTES);
         let broker = self.broker.clone();
         // Building a large graph takes a while: keep it off the async workers. A panic there is
         // resumed here, where the panic layer answers INTERNAL as for any handler.
@@ -428,6 +429,8 @@ pub const TOPICS_PAGE_MAX: usize = 10_000;
 /// GetTopology: the default and the most edges in one response.
 pub const TOPOLOGY_EDGES_DEFAULT: usize = 10_000;
 pub const TOPOLOGY_EDGES_MAX: usize = 100_000;
+/// GetTopology: the most bytes of one response, by a high estimate.
+pub const TOPOLOGY_MAX_BYTES: usize = 3 * 1024 * 1024;
 
 /// The call's deadline from its `grpc-timeout` header (e.g. `500m`, `5S`), if any.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
