@@ -2,13 +2,11 @@
 //! once idle, listed in pages of bounded size, and never computed under the lock publishers
 //! need.
 
-mod bus_process;
 mod common;
 mod support;
 
 use std::time::{Duration, Instant};
 
-use bus_process::BusProcess;
 use common::{eventually, TestBus};
 use eventbus::config::BusConfig;
 use eventbus::pb;
@@ -17,8 +15,6 @@ use eventbus::pb::event_bus_service_client::EventBusServiceClient;
 use prost::Message as _;
 use support::*;
 use tonic::transport::Channel;
-
-const MIB: f64 = 1024.0 * 1024.0;
 
 /// `count` events, each to its own topic `<prefix>.<i>` from its own source, published in
 /// batches of 5,000.
@@ -79,100 +75,6 @@ async fn topology(
         .await
         .unwrap()
         .into_inner()
-}
-
-/// 200,000 topics, each from its own source, on a real `eventbus serve`: once they are idle
-/// (and retention has dropped their events) the bus forgets them, and its resident memory comes
-/// back near where it was before them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_names_age_out_and_memory_returns_near_its_baseline() {
-    const NAMES: usize = 200_000;
-    const RETAINED: usize = 1_000;
-    let bus = BusProcess::start(
-        &[
-            "--retention-max-events",
-            "1000",
-            "--names-idle-after",
-            "2s",
-            "--max-names",
-            "1000000",
-        ],
-        None,
-    );
-    let channel = Channel::from_shared(bus.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = EventBusServiceClient::new(channel.clone());
-    let admin = AdminServiceClient::new(channel);
-    let forgotten = |admin: &AdminServiceClient<Channel>| {
-        let mut admin = admin.clone();
-        async move {
-            let names = all_topics(&mut admin, 10_000).await;
-            let graph = topology(&mut admin, 0).await;
-            // What retention still holds is kept: its topics and their edges.
-            (names.len() <= RETAINED && graph.edges.len() <= RETAINED).then_some(())
-        }
-    };
-
-    // Warm up the paths (buffers, pools) with names of their own, and let them go.
-    publish_names(&mut client, "warm", 20_000).await;
-    eventually("the warm-up names to be forgotten", WAIT, || {
-        forgotten(&admin)
-    })
-    .await;
-    let baseline = bus.rss_bytes();
-
-    let mut rounds = Vec::new();
-    for round in 0..3 {
-        let mut peak = 0;
-        for batch in 0..NAMES / 20_000 {
-            publish_names(&mut client, &format!("n{round}-{batch}"), 20_000).await;
-            peak = peak.max(bus.rss_bytes());
-        }
-        eventually("the idle names to be forgotten", WAIT, || forgotten(&admin)).await;
-        rounds.push((peak, bus.rss_bytes()));
-    }
-    let mib = |bytes: u64| bytes.saturating_sub(baseline) as f64 / MIB;
-    println!(
-        "RSS over a baseline of {:.1} MiB: {}",
-        baseline as f64 / MIB,
-        rounds
-            .iter()
-            .map(|(peak, after)| format!(
-                "+{:.1} MiB with {NAMES} names, +{:.1} MiB after they aged out",
-                mib(*peak),
-                mib(*after)
-            ))
-            .collect::<Vec<_>>()
-            .join("; then ")
-    );
-    // Names are forgotten while later ones are still published (2 s idle), so the highest
-    // peak is the best measure of what 200,000 names cost.
-    let cost = rounds
-        .iter()
-        .map(|(peak, _)| mib(*peak))
-        .fold(0.0, f64::max);
-    assert!(
-        cost > 20.0,
-        "200,000 names should cost memory while known: +{cost:.1} MiB"
-    );
-    for (index, (_, after)) in rounds.iter().enumerate() {
-        assert!(
-            mib(*after) < 0.5 * cost,
-            "round {index}: memory should come back towards its baseline: +{:.1} MiB of \
-             +{cost:.1} MiB remain",
-            mib(*after),
-        );
-    }
-    let (first, last) = (rounds[0].1, rounds[rounds.len() - 1].1);
-    assert!(
-        mib(last) < mib(first) + 0.25 * cost,
-        "memory should not accumulate round after round: +{:.1} MiB, then +{:.1} MiB",
-        mib(first),
-        mib(last)
-    );
 }
 
 /// Listings stay within their page bounds however many names there are, and the pages together
