@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, TestBus};
+use common::TestBus;
 use eventbus::config::BusConfig;
 use eventbus::pb;
 use eventbus::pb::admin_service_client::AdminServiceClient;
