@@ -22,9 +22,10 @@ use indexmap::IndexMap;
 pub(super) const SWEEP_SLICE: usize = 4096;
 
 /// Hands memory freed by a sweep back to the system. Names are many small allocations that
-/// glibc's malloc keeps in its arenas once freed (measured: +47 MiB for 200,000 names stayed
-/// resident, and grew, after they were all forgotten); `malloc_trim` returns the free pages.
-/// Called only after a sweep that forgot many names, outside every lock.
+/// glibc's malloc keeps in its arenas once freed; `malloc_trim` returns the pages that hold no
+/// live allocation (pages pinned by a survivor stay: tests/names_memory.rs measures what is
+/// left). Called only after a sweep that forgot many names, or a listing of many, outside every
+/// lock.
 pub(super) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it takes no pointer.
