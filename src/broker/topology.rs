@@ -546,6 +546,68 @@ mod tests {
     }
 
     #[test]
+    fn idle_edges_and_ended_subscriptions_age_out_and_the_graph_is_capped() {
+        use std::time::Duration;
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut topology = Topology::new(3);
+        let x = Topic::parse("x").unwrap();
+        topology.record_publish("a", &x, start);
+        topology.record_publish("b", &x, start + Duration::from_secs(10));
+        topology.record_reply("c", "a", start);
+        topology.record_publish("d", &x, start);
+        assert_eq!(
+            topology.raw().untracked_events,
+            1,
+            "the fourth edge is past the cap"
+        );
+        let live = Pattern::parse("live.*").unwrap();
+        let ended = Pattern::parse("ended.*").unwrap();
+        topology.subscription_started(&live, "s", "", start);
+        topology.subscription_started(&ended, "s", "", start);
+        topology.subscription_ended(&ended, "s", "");
+        assert_eq!(topology.entries(), 5);
+
+        let mut forgotten = 0;
+        while !topology.sweep_slice(start + Duration::from_secs(5), &mut forgotten) {}
+        assert_eq!(
+            forgotten, 2,
+            "a -> x and c -> a were idle; the ended one ended just now"
+        );
+        let later = SystemTime::now() + Duration::from_secs(60);
+        while !topology.sweep_slice(later, &mut forgotten) {}
+        let snapshot = topology.snapshot();
+        let edges: Vec<_> = snapshot
+            .edges
+            .iter()
+            .map(|e| (e.from.as_str(), e.to.as_str()))
+            .collect();
+        assert_eq!(
+            edges,
+            [("topic:live.*", "service:s")],
+            "a live subscription stays"
+        );
+    }
+
+    #[test]
+    fn a_large_graph_is_cut_to_the_asked_bounds() {
+        let mut topology = Topology::default();
+        let now = SystemTime::now();
+        for i in 0..100 {
+            topology.record_publish(&format!("s{i}"), &Topic::parse("t").unwrap(), now);
+        }
+        let cut = topology.raw().build(10, usize::MAX);
+        assert!(cut.truncated);
+        assert_eq!(cut.edges.len(), 10);
+        assert_eq!(cut.nodes.len(), 11, "ten services and the topic");
+        let small = topology.raw().build(usize::MAX, 1_000);
+        assert!(small.truncated);
+        assert!(!small.edges.is_empty() && small.edges.len() < 10);
+        let whole = topology.raw().build(usize::MAX, usize::MAX);
+        assert!(!whole.truncated);
+        assert_eq!(whole.edges.len(), 100);
+    }
+
+    #[test]
     fn inboxes_fold_into_one_topic_node() {
         let mut topology = Topology::default();
         let now = SystemTime::now();
