@@ -104,6 +104,9 @@ async fn listings_stay_within_their_page_bounds() {
         .into_inner();
     assert_eq!(largest.topics.len(), 10_000, "the maximum page size");
     assert_eq!(all_topics(&mut admin, 7_777).await.len(), NAMES);
+    // The SDK (and so `eventbus topics`) follows the pages to the last.
+    let sdk = eventbus::sdk::Client::connect(&bus.url()).await.unwrap();
+    assert_eq!(sdk.list_topics(None).await.unwrap().len(), NAMES);
 
     let graph = topology(&mut admin, 0).await;
     assert_eq!(graph.edges.len(), 10_000, "the default edge bound");
