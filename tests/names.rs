@@ -236,3 +236,61 @@ async fn publishers_do_not_wait_for_listings_of_many_names() {
         "a publish waited {worst:?} while the listings took {calls:?}"
     );
 }
+
+/// The next event of a MANUAL-ack stream: its sequence and delivery attempt.
+async fn next_attempt(stream: &mut Stream) -> (u64, u32) {
+    loop {
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("a delivery in time")
+            .unwrap()
+            .expect("open");
+        if let Some(pb::subscribe_response::Message::Event(event)) = message.message {
+            return (event.sequence, message.delivery_attempt);
+        }
+    }
+}
+
+/// A MANUAL-ack group whose members left parks and, after `names_idle_after`, is unloaded; the
+/// next member resumes it from the cursor the store saved (on either store), and what was
+/// delivered and not acked comes again.
+#[tokio::test]
+async fn an_abandoned_manual_group_resumes_from_its_saved_cursor() {
+    let bus = TestBus::start_with(BusConfig {
+        names_idle_after: Duration::from_millis(300),
+        ..BusConfig::default()
+    })
+    .await;
+    let mut client = bus.client().await;
+    let member = pb::SubscribeRequest {
+        group: "workers".into(),
+        subscriber: "worker".into(),
+        ack_mode: pb::AckMode::Manual as i32,
+        ..request("jobs.>")
+    };
+    let (_, mut stream) = subscribe(&mut client, member.clone()).await;
+    let sequences = publish(
+        &mut client,
+        (0..3).map(|i| common::event("jobs.run", &[i])).collect(),
+    )
+    .await;
+    assert_eq!(next_attempt(&mut stream).await, (sequences[0], 1));
+    assert_eq!(next_attempt(&mut stream).await, (sequences[1], 1));
+    client
+        .ack(pb::AckRequest {
+            group: "workers".into(),
+            sequences: vec![sequences[0]],
+        })
+        .await
+        .unwrap();
+    drop(stream);
+    // Long past the idle time: parked, saved, unloaded.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let (subscribed, mut stream) = subscribe(&mut client, member).await;
+    assert_eq!(subscribed.group_cursor, sequences[0]);
+    // Unloaded, the group forgot the delivery counts (as a restart does); parked alone, it keeps
+    // them (the broker's unit tests check that).
+    assert_eq!(next_attempt(&mut stream).await, (sequences[1], 1));
+    assert_eq!(next_attempt(&mut stream).await, (sequences[2], 1));
+}
