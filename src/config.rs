@@ -589,7 +589,8 @@ mod tests {
         std::fs::write(
             &path,
             "listen = \"127.0.0.1:6000\"\nsubscriber_queue_size = 10\nmax_query_timeout = \"2m\"\n\
-             fsync = \"interval:50\"\nstorage = \"file\"\n",
+             fsync = \"interval:50\"\nstorage = \"file\"\nnames_idle_after = \"10m\"\n\
+             max_names = 500\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -601,6 +602,8 @@ mod tests {
         assert_eq!(server.listen, "127.0.0.1:6000".parse().unwrap());
         assert_eq!(server.bus.subscriber_queue_size, 20);
         assert_eq!(server.bus.max_query_timeout, Duration::from_secs(120));
+        assert_eq!(server.bus.names_idle_after, Duration::from_secs(600));
+        assert_eq!(server.bus.max_names, 500);
         let StorageConfig::File { fsync, .. } = server.storage else {
             panic!("file storage expected");
         };
@@ -637,6 +640,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("subscriber_queue_size:"));
+        let args = ServeArgs {
+            max_names: Some(0),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("max_names:"), "{error}");
+        let args = ServeArgs {
+            names_idle_after: Some(Duration::ZERO),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("names_idle_after:"), "{error}");
         let args = ServeArgs {
             receive_budget_bytes: Some(1024 * 1024),
             ..ServeArgs::default()

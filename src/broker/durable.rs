@@ -41,7 +41,9 @@
 //! were delivered before, so the delivery limit still holds), rewinds its read position to the
 //! cursor (which is saved), and stops waking on new events; it wakes when a member joins and
 //! reads again from the cursor. Nothing is lost: events in flight with a member that left were
-//! handed back before, and everything after the cursor is read again (at least once). A group
+//! handed back before, and everything after the cursor is read again (at least once: as after a
+//! restart, events acked out of order after the cursor may come again, and a nack's delay is not
+//! kept). A group
 //! parked for `names_idle_after` is unloaded: its dispatcher ends and the group leaves the
 //! map; a member that joins later resumes it from the saved cursor, as after a restart.
 //!
