@@ -38,6 +38,13 @@ pub struct BusConfig {
     pub dedupe_window: Duration,
     /// The most (source, id) pairs remembered, whatever the window: bounds memory.
     pub dedupe_max_entries: usize,
+    /// State keyed by names clients choose (a topic's counters, a topology edge, an ended
+    /// subscription, a MANUAL-ack group with no member) is forgotten once unused this long, so
+    /// memory follows the names in use, not every name ever seen. A group's cursor stays saved.
+    pub names_idle_after: Duration,
+    /// The most topics, and separately the most topology edges and subscriptions, tracked at
+    /// once; events of names past it are counted as untracked instead.
+    pub max_names: usize,
 }
 
 impl Default for BusConfig {
@@ -54,6 +61,8 @@ impl Default for BusConfig {
             max_query_timeout: Duration::from_secs(60),
             dedupe_window: Duration::from_secs(120),
             dedupe_max_entries: 1_000_000,
+            names_idle_after: Duration::from_secs(3600),
+            max_names: 100_000,
         }
     }
 }
@@ -106,6 +115,12 @@ impl BusConfig {
                 "retention_max_bytes",
                 format!("must hold at least one full-size event ({smallest_message} bytes)"),
             );
+        }
+        if self.max_names == 0 {
+            return invalid("max_names", "must be at least 1".into());
+        }
+        if self.names_idle_after.is_zero() {
+            return invalid("names_idle_after", "must be more than 0s".into());
         }
         if self.default_query_timeout > self.max_query_timeout {
             return invalid(
@@ -258,6 +273,13 @@ pub struct ServeArgs {
     /// Most (source, id) pairs remembered for idempotent publish [default: 1000000].
     #[arg(long, env = "EVENTBUS_DEDUPE_MAX_ENTRIES")]
     pub dedupe_max_entries: Option<usize>,
+    /// Forget a topic's counters, a topology edge, an ended subscription or a member-less
+    /// MANUAL-ack group unused this long [default: 1h].
+    #[arg(long, env = "EVENTBUS_NAMES_IDLE_AFTER", value_parser = humantime::parse_duration)]
+    pub names_idle_after: Option<Duration>,
+    /// Most topics, and most topology edges, tracked at once [default: 100000].
+    #[arg(long, env = "EVENTBUS_MAX_NAMES")]
+    pub max_names: Option<usize>,
     /// Grace period for in-flight calls at shutdown [default: 10s].
     #[arg(long, env = "EVENTBUS_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
@@ -317,6 +339,9 @@ struct ConfigFile {
     #[serde(default, with = "humantime_serde_opt")]
     dedupe_window: Option<Duration>,
     dedupe_max_entries: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    names_idle_after: Option<Duration>,
+    max_names: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     shutdown_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -405,6 +430,14 @@ impl ServeArgs {
                 .dedupe_max_entries
                 .or(file.dedupe_max_entries)
                 .unwrap_or(bus_defaults.dedupe_max_entries),
+            names_idle_after: self
+                .names_idle_after
+                .or(file.names_idle_after)
+                .unwrap_or(bus_defaults.names_idle_after),
+            max_names: self
+                .max_names
+                .or(file.max_names)
+                .unwrap_or(bus_defaults.max_names),
         };
         bus.validate()?;
         let file_fsync = file
@@ -556,7 +589,8 @@ mod tests {
         std::fs::write(
             &path,
             "listen = \"127.0.0.1:6000\"\nsubscriber_queue_size = 10\nmax_query_timeout = \"2m\"\n\
-             fsync = \"interval:50\"\nstorage = \"file\"\n",
+             fsync = \"interval:50\"\nstorage = \"file\"\nnames_idle_after = \"10m\"\n\
+             max_names = 500\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -568,6 +602,8 @@ mod tests {
         assert_eq!(server.listen, "127.0.0.1:6000".parse().unwrap());
         assert_eq!(server.bus.subscriber_queue_size, 20);
         assert_eq!(server.bus.max_query_timeout, Duration::from_secs(120));
+        assert_eq!(server.bus.names_idle_after, Duration::from_secs(600));
+        assert_eq!(server.bus.max_names, 500);
         let StorageConfig::File { fsync, .. } = server.storage else {
             panic!("file storage expected");
         };
@@ -604,6 +640,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("subscriber_queue_size:"));
+        let args = ServeArgs {
+            max_names: Some(0),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("max_names:"), "{error}");
+        let args = ServeArgs {
+            names_idle_after: Some(Duration::ZERO),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("names_idle_after:"), "{error}");
         let args = ServeArgs {
             receive_budget_bytes: Some(1024 * 1024),
             ..ServeArgs::default()

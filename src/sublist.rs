@@ -164,6 +164,39 @@ impl<V> SubjectTree<V> {
     pub fn is_empty(&self) -> bool {
         self.root.is_empty()
     }
+
+    /// Calls `visit` with every pattern in the tree (as text) and its value, in no set order.
+    /// For snapshots taken under a lock, so the work on them can happen outside it.
+    pub fn for_each(&self, mut visit: impl FnMut(&str, &V)) {
+        fn walk_all<V>(level: &Level<V>, prefix: &mut String, visit: &mut dyn FnMut(&str, &V)) {
+            let start = prefix.len();
+            let push = |prefix: &mut String, token: &str| {
+                if !prefix.is_empty() {
+                    prefix.push('.');
+                }
+                prefix.push_str(token);
+            };
+            if let Some(value) = &level.rest {
+                push(prefix, ">");
+                visit(prefix, value);
+                prefix.truncate(start);
+            }
+            let children = level
+                .literal
+                .iter()
+                .map(|(token, node)| (&**token, node))
+                .chain(level.any.as_deref().map(|node| ("*", node)));
+            for (token, node) in children {
+                push(prefix, token);
+                if let Some(value) = &node.leaf {
+                    visit(prefix, value);
+                }
+                walk_all(&node.next, prefix, visit);
+                prefix.truncate(start);
+            }
+        }
+        walk_all(&self.root, &mut String::new(), &mut visit);
+    }
 }
 
 impl<V> Level<V> {
@@ -257,6 +290,24 @@ mod tests {
         );
         assert_eq!(matches(&mut tree, "user.query.x"), vec![">", "user.>"]);
         assert_eq!(matches(&mut tree, "user"), vec![">"]);
+    }
+
+    #[test]
+    fn for_each_visits_every_pattern_with_its_text() {
+        let mut tree = SubjectTree::<String>::new();
+        let texts = ["user.query", "user.*", "*.query", "user.>", ">", "a.*.b.>"];
+        for p in texts {
+            *tree.entry(&pattern(p)) = p.to_owned();
+        }
+        let mut seen = Vec::new();
+        tree.for_each(|text, value| {
+            assert_eq!(text, value);
+            seen.push(text.to_owned());
+        });
+        seen.sort();
+        let mut expected: Vec<_> = texts.iter().map(|t| t.to_string()).collect();
+        expected.sort();
+        assert_eq!(seen, expected);
     }
 
     #[test]

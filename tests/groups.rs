@@ -142,6 +142,7 @@ async fn a_member_that_leaves_stops_receiving_and_the_rest_get_everything() {
             let topics = admin
                 .list_topics(pb::ListTopicsRequest {
                     pattern: "tasks".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()

@@ -183,6 +183,7 @@ async fn topics(admin: &mut AdminServiceClient<Channel>, pattern: &str) -> Vec<p
     admin
         .list_topics(pb::ListTopicsRequest {
             pattern: pattern.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -352,7 +353,7 @@ async fn topology_shows_who_publishes_subscribes_answers_and_matches() {
     answered.await.unwrap();
 
     let topology = admin
-        .get_topology(pb::GetTopologyRequest {})
+        .get_topology(pb::GetTopologyRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -396,7 +397,7 @@ async fn topology_shows_who_publishes_subscribes_answers_and_matches() {
         let mut admin = admin.clone();
         async move {
             let topology = admin
-                .get_topology(pb::GetTopologyRequest {})
+                .get_topology(pb::GetTopologyRequest::default())
                 .await
                 .ok()?
                 .into_inner();

@@ -333,6 +333,7 @@ async fn an_invalid_topic_list_pattern_is_refused() {
         let status = admin
             .list_topics(pb::ListTopicsRequest {
                 pattern: pattern.into(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -35,6 +35,18 @@
 //! that joins (`Subscribed.group_dropped_events`). A group never reads its own dead-letter topic,
 //! so a group on `>` cannot feed its dead letters back to itself.
 //!
+//! # Parking and unloading
+//! Group names are chosen by clients, and a group outlives its members. A group with no member
+//! **parks**: its dispatcher drops its read-ahead (keeping the delivery counts of events that
+//! were delivered before, so the delivery limit still holds), rewinds its read position to the
+//! cursor (which is saved), and stops waking on new events; it wakes when a member joins and
+//! reads again from the cursor. Nothing is lost: events in flight with a member that left were
+//! handed back before, and everything after the cursor is read again (at least once: as after a
+//! restart, events acked out of order after the cursor may come again, and a nack's delay is not
+//! kept). A group
+//! parked for `names_idle_after` is unloaded: its dispatcher ends and the group leaves the
+//! map; a member that joins later resumes it from the saved cursor, as after a restart.
+//!
 //! # Containment
 //! The dispatcher runs under a supervisor: a panic in one group's dispatcher is logged at ERROR
 //! and the dispatcher restarts on the same state, so one bad event or field cannot stop a group
@@ -43,7 +55,7 @@
 //! Lock order: the broker's routing lock, then the group map, then one group's state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -134,6 +146,21 @@ pub fn default_dead_letter_topic(group: &str) -> Topic {
 #[derive(Default)]
 pub(super) struct DurableGroups {
     groups: Mutex<HashMap<Arc<str>, Arc<DurableGroup>>>,
+    /// Rounds of work of all dispatchers: each wake-up counts one.
+    wakes: AtomicU64,
+}
+
+/// Counts of the MANUAL-ack groups, for tests and diagnostics ([`Broker::durable_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableStats {
+    /// Groups loaded (with a dispatcher task), parked ones included.
+    pub groups: usize,
+    /// Loaded groups that are parked: no member, no read-ahead, not woken by new events.
+    pub parked: usize,
+    /// Events held in the groups' read-ahead, ready to deliver.
+    pub ready_events: usize,
+    /// Rounds of work of all dispatchers since start: each wake-up counts one.
+    pub dispatcher_wakes: u64,
 }
 
 struct DurableGroup {
@@ -167,6 +194,11 @@ struct GroupState {
     last_save: Option<Instant>,
     /// Events retention dropped before the group could deliver them, since it started here.
     dropped: u64,
+    /// Parked (see the module docs): no member, nothing read ahead, not woken by new events.
+    parked: bool,
+    /// Deliveries so far of events after the cursor that parking dropped from memory, so the
+    /// delivery limit holds when they are read again. At most what was outstanding then.
+    redeliveries: BTreeMap<u64, u32>,
 }
 
 struct InFlight {
@@ -196,6 +228,34 @@ impl GroupState {
             Some(smallest) => smallest - 1,
             None => self.read_through,
         }
+    }
+
+    /// Parks a group without members (see the module docs): drops the read-ahead and rewinds
+    /// the read position to the cursor. Returns whether it is parked; a group with events being
+    /// dead-lettered is not, since reading them again would deliver them once more.
+    fn park(&mut self) -> bool {
+        if self.parked {
+            return true;
+        }
+        if !self.members.is_empty()
+            || !self.in_flight.is_empty()
+            || !self.dead_lettering.is_empty()
+            || !self.to_dead_letter.is_empty()
+        {
+            return false;
+        }
+        let cursor = self.cursor();
+        let ready = std::mem::take(&mut self.ready);
+        let delayed = std::mem::take(&mut self.delayed);
+        let returned = ready.into_values().chain(delayed.into_values());
+        for (event, deliveries) in returned {
+            if deliveries > 0 {
+                self.redeliveries.insert(event.sequence, deliveries);
+            }
+        }
+        self.read_through = cursor;
+        self.parked = true;
+        true
     }
 
     fn member_mut(&mut self, id: u64) -> Option<&mut Member> {
@@ -403,7 +463,6 @@ impl Broker {
                 (durable, truncated)
             }
         };
-        drop(groups);
         let id = self
             .shared
             .next_subscription_id
@@ -419,8 +478,12 @@ impl Broker {
                 max_in_flight,
                 ack_deadline: settings.ack_deadline,
             });
+            state.parked = false;
             (state.cursor(), state.dropped)
         };
+        // Held until the member is in: an unloading dispatcher takes the map's lock first, so it
+        // either went before (and the group was created anew above) or sees the member.
+        drop(groups);
         durable.wake.notify_one();
         self.lock_routing().topology.subscription_started(
             pattern,
@@ -522,17 +585,33 @@ impl Broker {
         Ok(requeued)
     }
 
-    /// The MANUAL-ack groups whose pattern matches `topic`, with their live member counts.
-    pub(super) fn durable_members(&self, topic: &Topic) -> Vec<(String, u32)> {
+    /// The MANUAL-ack groups with a live member: name, pattern and member count. Copied under
+    /// the group map's lock, so matching them against topics happens outside it.
+    pub(super) fn durable_member_counts(&self) -> Vec<(Arc<str>, Pattern, u32)> {
         lock(&self.shared.durable.groups)
             .values()
-            .filter(|group| group.pattern.matches(topic))
-            .map(|group| {
+            .filter_map(|group| {
                 let members = lock(&group.state).members.len() as u32;
-                (group.name.to_string(), members)
+                (members > 0).then(|| (group.name.clone(), group.pattern.clone(), members))
             })
-            .filter(|(_, members)| *members > 0)
             .collect()
+    }
+
+    /// Counts of the loaded groups (see [`DurableStats`]).
+    pub fn durable_stats(&self) -> DurableStats {
+        let groups = lock(&self.shared.durable.groups);
+        let mut stats = DurableStats {
+            groups: groups.len(),
+            parked: 0,
+            ready_events: 0,
+            dispatcher_wakes: self.shared.durable.wakes.load(Ordering::Relaxed),
+        };
+        for group in groups.values() {
+            let state = lock(&group.state);
+            stats.parked += usize::from(state.parked);
+            stats.ready_events += state.ready.len();
+        }
+        stats
     }
 
     /// Whether a live member of a MANUAL-ack group would receive an event on `topic` (queries
@@ -614,11 +693,33 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 async fn dispatch(broker: Broker, group: Arc<DurableGroup>) {
     let mut routed = broker.shared.routed.subscribe();
     loop {
+        broker.shared.durable.wakes.fetch_add(1, Ordering::Relaxed);
         let (dead, next_deadline) = step(&broker, &group);
         for (event, deliveries) in dead {
             dead_letter(&broker, &group, event, deliveries).await;
         }
         save_cursor(&broker, &group, false).await;
+        let parked = lock(&group.state).park();
+        if parked {
+            save_cursor(&broker, &group, true).await;
+            let idle = tokio::time::sleep(broker.shared.config.names_idle_after);
+            tokio::select! {
+                // A member joined (or a stray ack or nack came): look again.
+                _ = group.wake.notified() => {}
+                _ = idle => {
+                    if unload(&broker, &group) {
+                        return;
+                    }
+                }
+                _ = broker.stopped() => {
+                    save_cursor(&broker, &group, true).await;
+                    return;
+                }
+            }
+            // What was published while parked is read from the cursor, not from this signal.
+            routed.borrow_and_update();
+            continue;
+        }
         let sleep = async {
             match next_deadline {
                 Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
@@ -635,6 +736,25 @@ async fn dispatch(broker: Broker, group: Arc<DurableGroup>) {
             }
         }
     }
+}
+
+/// Takes a group that stayed parked out of the map, once its cursor is saved. Returns whether
+/// it did (the dispatcher then ends).
+fn unload(broker: &Broker, group: &Arc<DurableGroup>) -> bool {
+    let mut groups = lock(&broker.shared.durable.groups);
+    let state = lock(&group.state);
+    if !state.parked || !state.members.is_empty() || state.cursor() != state.saved_cursor {
+        return false;
+    }
+    drop(state);
+    if groups
+        .get(&group.name)
+        .is_some_and(|loaded| Arc::ptr_eq(loaded, group))
+    {
+        groups.remove(&group.name);
+    }
+    info!(group = %group.name, "durable group unloaded after idling without members");
+    true
 }
 
 /// One round of the dispatcher's work under the group lock. Returns events to dead-letter and
@@ -723,6 +843,10 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
 /// Reads matching events from the log after the group's read position, up to the visible head,
 /// until enough are ready.
 fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
+    if state.members.is_empty() {
+        // Nobody to deliver to: reading ahead would only hold events in memory.
+        return;
+    }
     let visible = broker.visible_head();
     while state.ready.len() < READ_AHEAD && state.read_through < visible {
         let chunk = match broker
@@ -755,8 +879,9 @@ fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
                 break;
             }
             state.read_through = event.sequence;
+            let deliveries = state.redeliveries.remove(&event.sequence).unwrap_or(0);
             if group.reads(&event) {
-                state.ready.insert(event.sequence, (event, 0));
+                state.ready.insert(event.sequence, (event, deliveries));
             }
         }
     }
@@ -885,6 +1010,191 @@ mod tests {
                 reply_to: None,
             },
         ))
+    }
+
+    mod parking {
+        use std::time::Instant;
+
+        use futures_util::StreamExt as _;
+
+        use super::super::super::{AckMode, Delivery, SubscribeOptions, Subscription};
+        use super::*;
+        use crate::config::BusConfig;
+        use crate::store::MemoryStore;
+
+        const WITHIN: Duration = Duration::from_secs(60);
+
+        fn bus(config: BusConfig) -> Broker {
+            Broker::new(config, Arc::new(MemoryStore::new(100_000, 1 << 30)))
+        }
+
+        fn event(topic: &str) -> Event {
+            Event {
+                topic: Topic::parse(topic).unwrap(),
+                ..stored(0).event.clone()
+            }
+        }
+
+        fn join(broker: &Broker, group: &str, start: StartPosition) -> Subscription {
+            broker
+                .subscribe(SubscribeOptions {
+                    pattern: Pattern::parse("jobs.>").unwrap(),
+                    group: Some(Arc::from(group)),
+                    subscriber: Arc::from("worker"),
+                    start,
+                    ack: AckMode::Manual(ManualAck::default()),
+                    log_id: None,
+                })
+                .unwrap()
+        }
+
+        async fn publish_each(broker: &Broker, count: usize) -> Duration {
+            let started = Instant::now();
+            for i in 0..count {
+                let mut event = event("jobs.run");
+                event.id = format!("e{i}-{}", crate::event::new_id());
+                broker.publish(vec![event]).await.unwrap();
+            }
+            started.elapsed()
+        }
+
+        async fn until(what: &str, mut check: impl FnMut() -> bool) {
+            let deadline = Instant::now() + WITHIN;
+            while !check() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        async fn next_event(subscription: &mut Subscription) -> (u64, u32) {
+            loop {
+                let delivery = tokio::time::timeout(WITHIN, subscription.next())
+                    .await
+                    .expect("a delivery in time")
+                    .expect("open")
+                    .expect("no error");
+                if let Delivery::Event { event, attempt } = delivery {
+                    return (event.sequence, attempt);
+                }
+            }
+        }
+
+        /// 2,000 groups that joined and left are parked: publishing does not wake their
+        /// dispatchers, they hold no read-ahead, and the publish rate stays near the rate
+        /// without them.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn groups_without_members_are_not_woken_by_publishes() {
+            const GROUPS: usize = 2_000;
+            const EVENTS: usize = 10_000;
+            let broker = bus(BusConfig::default());
+            let alone = publish_each(&broker, EVENTS).await;
+
+            for index in 0..GROUPS {
+                // Half from earliest: those would hold a full read-ahead if they did not park.
+                let start = if index % 2 == 0 {
+                    StartPosition::Earliest
+                } else {
+                    StartPosition::Latest
+                };
+                drop(join(&broker, &format!("g{index}"), start));
+            }
+            // Settled: no dispatcher wakes for 200 ms.
+            let mut last = broker.durable_stats().dispatcher_wakes;
+            let deadline = Instant::now() + WITHIN;
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = broker.durable_stats().dispatcher_wakes;
+                if now == last {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "dispatchers never settled");
+                last = now;
+            }
+            let before = broker.durable_stats();
+            assert_eq!(before.ready_events, 0, "parked groups hold no read-ahead");
+
+            let with_groups = publish_each(&broker, EVENTS).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let after = broker.durable_stats();
+            let ratio = alone.as_secs_f64() / with_groups.as_secs_f64();
+            println!(
+                "publish rate with {GROUPS} parked groups / without: {ratio:.2} \
+                 ({EVENTS} events in {with_groups:?} vs {alone:?}); dispatcher wake-ups \
+                 during the publishes: {}",
+                after.dispatcher_wakes - before.dispatcher_wakes
+            );
+            // Unparked, each publish would wake every group: GROUPS x EVENTS wake-ups.
+            assert!(
+                after.dispatcher_wakes - before.dispatcher_wakes < 100,
+                "parked dispatchers were woken: {before:?} -> {after:?}"
+            );
+            assert_eq!(after.ready_events, 0);
+            assert_eq!(after.parked, GROUPS);
+            assert!(ratio > 0.2, "publishing slowed to {ratio:.2} of its rate");
+            broker.finish().await;
+        }
+
+        /// A parked group resumes from its cursor when a member joins: what was delivered and
+        /// not acked comes again (with its delivery count), then what was published meanwhile.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_parked_group_resumes_from_its_cursor_at_least_once() {
+            let broker = bus(BusConfig::default());
+            let mut member = join(&broker, "workers", StartPosition::Latest);
+            publish_each(&broker, 4).await;
+            let mut delivered = Vec::new();
+            for _ in 0..4 {
+                delivered.push(next_event(&mut member).await);
+            }
+            assert!(delivered.iter().all(|(_, attempt)| *attempt == 1));
+            let sequences: Vec<u64> = delivered.iter().map(|(s, _)| *s).collect();
+            broker.ack("workers", &sequences[..2]).unwrap();
+            drop(member);
+            until("the group to park", || broker.durable_stats().parked == 1).await;
+            publish_each(&broker, 2).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(broker.durable_stats().ready_events, 0);
+
+            let mut member = join(&broker, "workers", StartPosition::Latest);
+            let mut again = Vec::new();
+            for _ in 0..4 {
+                again.push(next_event(&mut member).await);
+            }
+            let last = sequences[3];
+            assert_eq!(
+                again,
+                [
+                    (sequences[2], 2),
+                    (sequences[3], 2),
+                    (last + 1, 1),
+                    (last + 2, 1)
+                ],
+                "unacked events come again with their count, then the new ones"
+            );
+            broker.finish().await;
+        }
+
+        /// A group parked for `names_idle_after` leaves the map; joining again resumes it from
+        /// the saved cursor.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn an_idle_group_is_unloaded_and_resumes_from_its_saved_cursor() {
+            let broker = bus(BusConfig {
+                names_idle_after: Duration::from_millis(300),
+                ..BusConfig::default()
+            });
+            let mut member = join(&broker, "workers", StartPosition::Latest);
+            publish_each(&broker, 3).await;
+            let (first, _) = next_event(&mut member).await;
+            broker.ack("workers", &[first]).unwrap();
+            drop(member);
+            until("the group to be unloaded", || {
+                broker.durable_stats().groups == 0
+            })
+            .await;
+            let mut member = join(&broker, "workers", StartPosition::Latest);
+            assert_eq!(member.info().group_cursor, Some(first));
+            assert_eq!(next_event(&mut member).await, (first + 1, 1));
+            broker.finish().await;
+        }
     }
 
     #[test]

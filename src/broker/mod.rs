@@ -25,6 +25,7 @@
 
 mod dedupe;
 pub mod durable;
+mod names;
 mod subscription;
 pub mod topology;
 
@@ -38,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use durable::{Acked, ManualAck};
+pub use durable::{Acked, DurableStats, ManualAck};
 pub use subscription::{
     AckMode, Delivery, StartPosition, SubscribeOptions, Subscription, SubscriptionInfo,
 };
@@ -51,6 +52,7 @@ use crate::store::{Store, StoreError};
 use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic, INBOX_FAMILY};
 use dedupe::DedupeWindow;
+use names::{TopicCounters, TopicTable};
 use topology::Topology;
 
 /// The bus. Cheap to clone: a handle to shared state.
@@ -83,7 +85,8 @@ struct Shared {
 struct Routing {
     subscriptions: SubjectTree<Interest>,
     topology: Topology,
-    topics: HashMap<String, TopicCounters>,
+    /// Counters of the topics in use, bounded and aged out (see `names.rs`).
+    topics: TopicTable,
     /// Reply inbox -> the service that asked, so a reply can be drawn as an edge between the
     /// two services in the topology.
     inbox_owners: HashMap<Topic, Arc<str>>,
@@ -164,11 +167,27 @@ impl Subscriber {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct TopicCounters {
-    published: u64,
-    last_sequence: u64,
-    last_publish_time: SystemTime,
+/// See [`Broker::name_counts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameCounts {
+    /// Topics whose counters are kept.
+    pub topics: usize,
+    /// Topology edges and subscriptions kept.
+    pub topology_entries: usize,
+    /// Reply inboxes of queries waiting now.
+    pub inbox_owners: usize,
+}
+
+/// One page of [`Broker::list_topics`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPage {
+    /// The topics, sorted by name.
+    pub topics: Vec<TopicSummary>,
+    /// The name to list after for the next page; `None` on the last page.
+    pub next_after: Option<String>,
+    /// Events published to topics the bus did not track because `max_names` topics were
+    /// tracked already.
+    pub untracked_events: u64,
 }
 
 /// One topic as [`Broker::list_topics`] reports it.
@@ -200,14 +219,15 @@ impl Broker {
         let routed_through = AtomicU64::new(head);
         let (routed, _) = watch::channel(head);
         let dedupe = recent_publishes(&config, &*store);
+        let max_names = config.max_names;
         let broker = Broker {
             shared: Arc::new(Shared {
                 config,
                 store,
                 routing: Mutex::new(Routing {
                     subscriptions: SubjectTree::new(),
-                    topology: Topology::default(),
-                    topics: HashMap::new(),
+                    topology: Topology::new(max_names),
+                    topics: TopicTable::new(max_names),
                     inbox_owners: HashMap::new(),
                     pending: VecDeque::new(),
                     dedupe,
@@ -594,53 +614,105 @@ impl Broker {
         }
     }
 
-    /// Every topic seen since start, with what is held and who listens now, sorted by name.
-    /// Reply inboxes are folded into one entry, [`INBOX_FAMILY`].
-    pub fn list_topics(&self, filter: Option<&Pattern>) -> Vec<TopicSummary> {
+    /// One page of the topics in use, with what is held and who listens now, sorted by name:
+    /// those after `after` (a name from an earlier page's [`TopicPage::next_after`]) that match
+    /// `filter`, at most `limit` (at least 1). Reply inboxes are folded into one entry,
+    /// [`INBOX_FAMILY`].
+    ///
+    /// Under the routing lock it only copies the tables (pointers and counts: the topic
+    /// counters, the subscription patterns with their counts); sorting, filtering and matching
+    /// topics against subscriptions happen outside it, so a listing of many names never stalls
+    /// publishers for long.
+    pub fn list_topics(
+        &self,
+        filter: Option<&Pattern>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> TopicPage {
         let held = self.shared.store.held_counts();
-        let mut routing = self.lock_routing();
-        let mut counters: Vec<(String, Option<TopicCounters>)> = routing
-            .topics
-            .iter()
-            .map(|(name, counters)| (name.clone(), Some(*counters)))
+        let (counters, live_literals, subscriptions, untracked_events) = {
+            let routing = self.lock_routing();
+            let mut subscriptions = Vec::new();
+            routing.subscriptions.for_each(|pattern, interest| {
+                let groups: Vec<(Arc<str>, u32)> = interest
+                    .groups
+                    .iter()
+                    .map(|g| (g.name.clone(), g.members.len() as u32))
+                    .collect();
+                subscriptions.push((pattern.to_owned(), interest.individual.len() as u32, groups));
+            });
+            (
+                routing.topics.snapshot(),
+                routing.topology.live_literal_patterns(),
+                subscriptions,
+                routing.topics.untracked_events(),
+            )
+        };
+        let durable = self.durable_member_counts();
+
+        let after = after.unwrap_or("");
+        let admits = |name: &str| {
+            if *name <= *after {
+                return false;
+            }
+            match filter {
+                None => true,
+                // The family stands for every inbox: it is listed when the pattern matches
+                // inboxes (`>`, `_bus.>`, `_bus.inbox.*`); any one inbox tells, ids are random.
+                Some(pattern) if name == INBOX_FAMILY => pattern.matches(&Topic::new_inbox()),
+                Some(pattern) => Topic::parse(name).is_ok_and(|topic| pattern.matches(&topic)),
+            }
+        };
+        let mut names: hashbrown::HashMap<Arc<str>, Option<TopicCounters>> = counters
+            .into_iter()
+            .filter(|(name, _)| admits(name))
+            .map(|(name, counters)| (name, Some(counters)))
             .collect();
         // Topics someone listens to by name but nobody has published to yet (a service's query
         // topic before the first query) are listed too: who waits for what is half the story.
-        for name in routing.topology.live_literal_patterns() {
-            if !routing.topics.contains_key(&name) {
-                counters.push((name, None));
+        for name in live_literals {
+            if admits(&name) {
+                names.entry(name).or_insert(None);
             }
         }
-        let mut summaries = Vec::with_capacity(counters.len());
-        for (name, counters) in counters {
+        let mut names: Vec<(Arc<str>, Option<TopicCounters>)> = names.into_iter().collect();
+        let total = names.len();
+        let limit = limit.max(1);
+        let more = names.len() > limit;
+        if more {
+            names.select_nth_unstable_by(limit, |a, b| a.0.cmp(&b.0));
+            names.truncate(limit);
+        }
+        names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+        let mut tree = SubjectTree::<(u32, Vec<Arc<str>>)>::new();
+        for (pattern, individual, groups) in subscriptions {
+            let Ok(pattern) = Pattern::parse(&pattern) else {
+                continue;
+            };
+            let entry = tree.entry(&pattern);
+            entry.0 += individual + groups.iter().map(|(_, members)| members).sum::<u32>();
+            entry.1.extend(groups.into_iter().map(|(name, _)| name));
+        }
+        let mut topics = Vec::with_capacity(names.len());
+        for (name, counters) in names {
             let mut subscriber_count = 0u32;
             let mut groups = BTreeSet::new();
-            if name != INBOX_FAMILY {
-                let Ok(topic) = Topic::parse(&name) else {
-                    continue;
-                };
-                if filter.is_some_and(|pattern| !pattern.matches(&topic)) {
-                    continue;
-                }
-                routing.subscriptions.for_each_match(&topic, |interest| {
-                    subscriber_count += interest.individual.len() as u32;
-                    for group in &interest.groups {
-                        subscriber_count += group.members.len() as u32;
-                        groups.insert(group.name.to_string());
-                    }
+            if let Ok(topic) = Topic::parse(&name) {
+                tree.for_each_match(&topic, |(count, names)| {
+                    subscriber_count += *count;
+                    groups.extend(names.iter().map(|g| g.to_string()));
                 });
-                for (group, members) in self.durable_members(&topic) {
-                    subscriber_count += members;
-                    groups.insert(group);
+                for (group, pattern, members) in &durable {
+                    if pattern.matches(&topic) {
+                        subscriber_count += members;
+                        groups.insert(group.to_string());
+                    }
                 }
-            } else if filter.is_some_and(|pattern| !pattern.matches(&Topic::new_inbox())) {
-                // The family stands for every inbox: it is listed when the pattern matches
-                // inboxes (`>`, `_bus.>`, `_bus.inbox.*`); any one inbox tells, ids are random.
-                continue;
             }
-            summaries.push(TopicSummary {
-                events_held: held.get(&name).copied().unwrap_or(0),
-                name,
+            topics.push(TopicSummary {
+                events_held: held.get(&*name).copied().unwrap_or(0),
+                name: name.to_string(),
                 last_sequence: counters.map_or(0, |c| c.last_sequence),
                 events_published: counters.map_or(0, |c| c.published),
                 subscriber_count,
@@ -648,13 +720,47 @@ impl Broker {
                 last_publish_time: counters.map(|c| c.last_publish_time),
             });
         }
-        summaries.sort_by(|a, b| a.name.cmp(&b.name));
-        summaries
+        if total >= FORGOTTEN_BEFORE_TRIM {
+            // The copies were per name: hand their memory back.
+            names::release_freed_memory();
+        }
+        let next_after = if more {
+            topics.last().map(|t| t.name.clone())
+        } else {
+            None
+        };
+        TopicPage {
+            topics,
+            next_after,
+            untracked_events,
+        }
     }
 
-    /// The dependency graph as the bus has seen it.
-    pub fn topology(&self) -> TopologySnapshot {
-        self.lock_routing().topology.snapshot()
+    /// The dependency graph as the bus has seen it, at most `max_edges` edges and about
+    /// `max_bytes` of names (see [`topology::RawTopology::build`]). Under the routing lock it
+    /// only copies the graph's entries; the graph is built outside it.
+    pub fn topology(&self, max_edges: usize, max_bytes: usize) -> TopologySnapshot {
+        let (raw, entries) = {
+            let routing = self.lock_routing();
+            (routing.topology.raw(), routing.topology.entries())
+        };
+        let snapshot = raw.build(max_edges, max_bytes);
+        if entries >= FORGOTTEN_BEFORE_TRIM {
+            // Building allocated per name, and most of it was cut: hand it back.
+            names::release_freed_memory();
+        }
+        snapshot
+    }
+
+    /// How much state keyed by client-chosen names the bus holds now, for tests and
+    /// diagnostics: each count is bounded by `max_names` and falls as names go idle.
+    pub fn name_counts(&self) -> NameCounts {
+        let routing = self.lock_routing();
+        NameCounts {
+            topics: routing.topics.len(),
+            topology_entries: routing.topology.entries(),
+            inbox_owners: routing.inbox_owners.len(),
+        }
     }
 
     fn lock_routing(&self) -> MutexGuard<'_, Routing> {
@@ -671,12 +777,15 @@ impl Broker {
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Frees what has a time-to-live while nothing is written: events past the retention age (the
-/// store's [`Store::expire`]) and dedupe entries past the window. Correctness never waits for
-/// it (reads and lookups judge by the clock); it bounds memory and disk on a quiet bus. Ends
-/// when the bus shuts down.
+/// store's [`Store::expire`]), dedupe entries past the window, and state keyed by names that
+/// went idle ([`forget_idle_names`]). Correctness never waits for it (reads and lookups judge
+/// by the clock); it bounds memory and disk on a quiet bus. Ends when the bus shuts down.
 async fn housekeeping(broker: Broker, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A sweep of the names goes round every table; twice per idle time is often enough.
+    let sweep_every = (broker.shared.config.names_idle_after / 2).min(Duration::from_secs(30));
+    let mut last_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -691,8 +800,58 @@ async fn housekeeping(broker: Broker, every: Duration) {
             Ok(Err(error)) => tracing::error!(%error, "applying retention by age failed"),
             Err(error) => tracing::error!(%error, "applying retention by age panicked"),
         }
+        if last_sweep.elapsed() >= sweep_every {
+            last_sweep = tokio::time::Instant::now();
+            forget_idle_names(&broker, SystemTime::now()).await;
+        }
     }
 }
+
+/// Forgets the topic counters, topology edges and ended subscriptions unused for
+/// `names_idle_after` (a topic is kept while the store holds events of it or someone
+/// subscribes to it by name). Works a slice at a time, taking the routing lock for each slice
+/// and yielding between them, so publishers never wait for a time that grows with the names.
+async fn forget_idle_names(broker: &Broker, now: SystemTime) {
+    let Some(idle_before) = now.checked_sub(broker.shared.config.names_idle_after) else {
+        return;
+    };
+    let held = broker.shared.store.held_counts();
+    let mut forgotten = 0;
+    loop {
+        let done = {
+            let mut routing = broker.lock_routing();
+            let Routing {
+                topics,
+                subscriptions,
+                ..
+            } = &mut *routing;
+            topics.sweep_slice(idle_before, &mut forgotten, |name| {
+                held.contains_key(name)
+                    || Pattern::parse(name)
+                        .is_ok_and(|pattern| subscriptions.get_mut(&pattern).is_some())
+            })
+        };
+        if done {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    while !broker
+        .lock_routing()
+        .topology
+        .sweep_slice(idle_before, &mut forgotten)
+    {
+        tokio::task::yield_now().await;
+    }
+    if forgotten >= FORGOTTEN_BEFORE_TRIM {
+        tracing::debug!(forgotten, "forgot idle names");
+        names::release_freed_memory();
+    }
+}
+
+/// Names forgotten in one sweep, or copied for one listing, before freed memory is handed back
+/// to the system ([`names::release_freed_memory`]).
+const FORGOTTEN_BEFORE_TRIM: usize = 10_000;
 
 /// The dedupe window as the log left it: a durable store that restarts still knows what was
 /// published within the window, so a producer retrying across a bus restart is deduplicated too.
@@ -838,24 +997,8 @@ impl Routing {
     /// Bookkeeping for lists and the topology.
     fn record(&mut self, stored: &SharedEvent, now: SystemTime) {
         let event = &stored.event;
-        let family = event.topic.family();
-        match self.topics.get_mut(family) {
-            Some(counters) => {
-                counters.published += 1;
-                counters.last_sequence = stored.sequence;
-                counters.last_publish_time = stored.publish_time;
-            }
-            None => {
-                self.topics.insert(
-                    family.to_owned(),
-                    TopicCounters {
-                        published: 1,
-                        last_sequence: stored.sequence,
-                        last_publish_time: stored.publish_time,
-                    },
-                );
-            }
-        }
+        self.topics
+            .record(event.topic.family(), stored.sequence, stored.publish_time);
         match self.inbox_owners.get(&event.topic) {
             Some(asker) => self.topology.record_reply(&event.source, asker, now),
             None => self

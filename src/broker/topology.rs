@@ -2,10 +2,27 @@
 //! the bus sees it so it can be shown (`eventbus topology`) instead of reverse-engineered from
 //! code. Updated on the publish path, so lookups take borrowed keys and allocate only for a
 //! pair never seen before.
+//!
+//! # Bounded, aged out, and built outside the lock
+//! Sources, topics and subscribers are names clients choose, so the graph is capped: at most
+//! `max` edges (publishes and replies together) and `max` subscriptions are tracked, and events
+//! along edges past the cap are counted as untracked. An edge unused for `names_idle_after`, and
+//! a subscription ended that long ago, is forgotten by [`Topology::sweep_slice`], which works a
+//! slice at a time so the routing lock is never held for a time that grows with the graph.
+//! [`Topology::raw`] copies the graph's entries (pointers and counts) under the lock;
+//! [`RawTopology::build`] does everything else outside it: node ids, MATCHES edges (through a
+//! subject tree of the wildcard patterns, not patterns × topics), sorting, and the bounds of
+//! one response.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::SystemTime;
 
+use indexmap::IndexMap;
+
+use super::names::SWEEP_SLICE;
+use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic};
 
 /// Use of one edge: how many events went along it, and when last.
@@ -15,45 +32,136 @@ pub struct EdgeUse {
     pub last_seen: SystemTime,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct SubscriptionKey {
-    pattern: String,
-    subscriber: String,
-    group: String,
+    pattern: Arc<str>,
+    subscriber: Arc<str>,
+    group: Arc<str>,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct SubscriptionUse {
     active: u32,
+    /// When it last started, or, once none is active, when the last one ended.
     last_seen: SystemTime,
 }
 
-/// Edges by source, then target: bumped for every published event, so hashbrown (foldhash)
-/// with borrowed-key lookups rather than SipHash on owned keys.
-type EdgeMap = hashbrown::HashMap<String, hashbrown::HashMap<String, EdgeUse>>;
+/// An edge's ends. Hashed as the two strings, so [`EdgeRef`] finds it without allocating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EdgeKey {
+    from: Arc<str>,
+    to: Arc<str>,
+}
+
+impl Hash for EdgeKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (*self.from).hash(state);
+        (*self.to).hash(state);
+    }
+}
+
+/// A borrowed [`EdgeKey`], for lookups on the publish path.
+struct EdgeRef<'a>(&'a str, &'a str);
+
+impl Hash for EdgeRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+        self.1.hash(state);
+    }
+}
+
+impl indexmap::Equivalent<EdgeKey> for EdgeRef<'_> {
+    fn equivalent(&self, key: &EdgeKey) -> bool {
+        *key.from == *self.0 && *key.to == *self.1
+    }
+}
+
+/// Edges by (source, target): bumped for every published event, so foldhash and borrowed-key
+/// lookups rather than SipHash on owned keys.
+type EdgeMap = IndexMap<EdgeKey, EdgeUse, hashbrown::DefaultHashBuilder>;
 
 /// The recorded graph.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Topology {
-    /// source -> topic family -> use.
+    /// source -> topic family.
     publishes: EdgeMap,
-    /// replier -> asker -> use.
+    /// replier -> asker.
     replies: EdgeMap,
-    subscriptions: HashMap<SubscriptionKey, SubscriptionUse>,
+    subscriptions: IndexMap<SubscriptionKey, SubscriptionUse, hashbrown::DefaultHashBuilder>,
+    /// Edges (publishes and replies together), and separately subscriptions, kept at most.
+    max: usize,
+    /// Events along edges that were not tracked because the graph was full.
+    untracked_events: u64,
+    /// Where the sweep goes on: which map (0 publishes, 1 replies, 2 subscriptions), and where.
+    sweep_at: (u8, usize),
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology::new(usize::MAX)
+    }
 }
 
 impl Topology {
+    /// An empty graph that tracks at most `max` edges and `max` subscriptions.
+    pub fn new(max: usize) -> Topology {
+        Topology {
+            publishes: EdgeMap::default(),
+            replies: EdgeMap::default(),
+            subscriptions: IndexMap::default(),
+            max,
+            untracked_events: 0,
+            sweep_at: (0, 0),
+        }
+    }
+
     /// `source` published an event to `topic`.
     pub fn record_publish(&mut self, source: &str, topic: &Topic, now: SystemTime) {
-        bump(&mut self.publishes, source, topic.family(), now);
+        self.bump(false, source, topic.family(), now);
     }
 
     /// `replier` answered a query that `asker` made through the bus.
     pub fn record_reply(&mut self, replier: &str, asker: &str, now: SystemTime) {
-        bump(&mut self.replies, replier, asker, now);
+        self.bump(true, replier, asker, now);
     }
 
-    /// A subscription started.
+    fn bump(&mut self, reply: bool, from: &str, to: &str, now: SystemTime) {
+        let full = self.publishes.len() + self.replies.len() >= self.max;
+        let map = if reply {
+            &mut self.replies
+        } else {
+            &mut self.publishes
+        };
+        match map.get_mut(&EdgeRef(from, to)) {
+            Some(edge) => {
+                edge.events += 1;
+                edge.last_seen = now;
+            }
+            None if full => self.untracked_events += 1,
+            None => {
+                map.insert(
+                    EdgeKey {
+                        from: Arc::from(from),
+                        to: Arc::from(to),
+                    },
+                    EdgeUse {
+                        events: 1,
+                        last_seen: now,
+                    },
+                );
+            }
+        }
+    }
+
+    fn subscription_key(pattern: &Pattern, subscriber: &str, group: &str) -> SubscriptionKey {
+        SubscriptionKey {
+            pattern: Arc::from(pattern.as_str()),
+            subscriber: Arc::from(subscriber),
+            group: Arc::from(group),
+        }
+    }
+
+    /// A subscription started. Past the cap it is not drawn (it still works).
     pub fn subscription_started(
         &mut self,
         pattern: &Pattern,
@@ -61,38 +169,69 @@ impl Topology {
         group: &str,
         now: SystemTime,
     ) {
-        let entry = self
-            .subscriptions
-            .entry(SubscriptionKey {
-                pattern: pattern.as_str().to_owned(),
-                subscriber: subscriber.to_owned(),
-                group: group.to_owned(),
-            })
-            .or_insert(SubscriptionUse {
-                active: 0,
-                last_seen: now,
-            });
+        let key = Self::subscription_key(pattern, subscriber, group);
+        if self.subscriptions.len() >= self.max && !self.subscriptions.contains_key(&key) {
+            return;
+        }
+        let entry = self.subscriptions.entry(key).or_insert(SubscriptionUse {
+            active: 0,
+            last_seen: now,
+        });
         entry.active += 1;
         entry.last_seen = now;
     }
 
     /// A subscription ended. The edge stays, with no active subscription, so the graph shows
-    /// who depended on what even after a service went away.
+    /// who depended on what even after a service went away, until it has been idle for
+    /// `names_idle_after`.
     pub fn subscription_ended(&mut self, pattern: &Pattern, subscriber: &str, group: &str) {
-        let key = SubscriptionKey {
-            pattern: pattern.as_str().to_owned(),
-            subscriber: subscriber.to_owned(),
-            group: group.to_owned(),
-        };
+        let key = Self::subscription_key(pattern, subscriber, group);
         if let Some(entry) = self.subscriptions.get_mut(&key) {
             entry.active = entry.active.saturating_sub(1);
+            if entry.active == 0 {
+                entry.last_seen = SystemTime::now();
+            }
+        }
+    }
+
+    /// How many edges and subscriptions are tracked.
+    pub fn entries(&self) -> usize {
+        self.publishes.len() + self.replies.len() + self.subscriptions.len()
+    }
+
+    /// Looks at up to [`SWEEP_SLICE`] entries from where the last slice stopped, forgetting edges
+    /// last used, and subscriptions last ended, before `idle_before`, counting them in
+    /// `forgotten`. Returns whether the sweep went round the whole graph.
+    pub fn sweep_slice(&mut self, idle_before: SystemTime, forgotten: &mut usize) -> bool {
+        let mut budget = SWEEP_SLICE;
+        loop {
+            let (map, at) = &mut self.sweep_at;
+            let done = match map {
+                0 => sweep_map(&mut self.publishes, at, &mut budget, forgotten, |e| {
+                    e.last_seen < idle_before
+                }),
+                1 => sweep_map(&mut self.replies, at, &mut budget, forgotten, |e| {
+                    e.last_seen < idle_before
+                }),
+                _ => sweep_map(&mut self.subscriptions, at, &mut budget, forgotten, |s| {
+                    s.active == 0 && s.last_seen < idle_before
+                }),
+            };
+            if !done {
+                return false;
+            }
+            *at = 0;
+            if *map == 2 {
+                *map = 0;
+                return true;
+            }
+            *map += 1;
         }
     }
 
     /// Literal (wildcard-free) patterns with a live subscription: topics someone waits on.
-    pub fn live_literal_patterns(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .subscriptions
+    pub fn live_literal_patterns(&self) -> Vec<Arc<str>> {
+        self.subscriptions
             .iter()
             .filter(|(key, used)| {
                 used.active > 0
@@ -100,124 +239,221 @@ impl Topology {
                     && !key.pattern.starts_with("_bus.inbox.")
             })
             .map(|(key, _)| key.pattern.clone())
-            .collect();
-        names.sort();
-        names.dedup();
-        names
+            .collect()
     }
 
-    /// The graph as nodes and edges, sorted so output is stable.
+    /// The graph's entries, copied as pointers and counts (O(edges) and no string copied), for
+    /// [`RawTopology::build`] to turn into a graph outside the routing lock.
+    pub fn raw(&self) -> RawTopology {
+        let edges = |map: &EdgeMap| {
+            map.iter()
+                .map(|(key, used)| (key.from.clone(), key.to.clone(), *used))
+                .collect()
+        };
+        RawTopology {
+            publishes: edges(&self.publishes),
+            replies: edges(&self.replies),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(key, used)| {
+                    (
+                        key.pattern.clone(),
+                        key.subscriber.clone(),
+                        key.group.clone(),
+                        *used,
+                    )
+                })
+                .collect(),
+            untracked_events: self.untracked_events,
+        }
+    }
+
+    /// The whole graph as nodes and edges, sorted so output is stable.
     pub fn snapshot(&self) -> TopologySnapshot {
-        let mut nodes = BTreeMap::new();
-        let mut edges = Vec::new();
-        let service = |nodes: &mut BTreeMap<String, Node>, name: &str| {
-            let id = format!("service:{name}");
-            nodes.entry(id.clone()).or_insert_with(|| Node {
-                id: id.clone(),
-                kind: NodeKind::Service,
-                name: name.to_owned(),
-            });
-            id
-        };
-        let topic = |nodes: &mut BTreeMap<String, Node>, name: &str| {
-            let id = format!("topic:{name}");
-            nodes.entry(id.clone()).or_insert_with(|| Node {
-                id: id.clone(),
-                kind: NodeKind::Topic,
-                name: name.to_owned(),
-            });
-            id
-        };
+        self.raw().build(usize::MAX, usize::MAX)
+    }
+}
+
+/// One slice of a sweep over `map` from `at`, removing entries `stale` says are stale. Returns
+/// whether it reached the end.
+fn sweep_map<K, V>(
+    map: &mut IndexMap<K, V, hashbrown::DefaultHashBuilder>,
+    at: &mut usize,
+    budget: &mut usize,
+    forgotten: &mut usize,
+    stale: impl Fn(&V) -> bool,
+) -> bool {
+    while *budget > 0 && *at < map.len() {
+        *budget -= 1;
+        let (_, value) = map.get_index(*at).expect("within bounds");
+        if stale(value) {
+            // The last entry moves here: look at this position again.
+            map.swap_remove_index(*at);
+            *forgotten += 1;
+        } else {
+            *at += 1;
+        }
+    }
+    if *at < map.len() {
+        return false;
+    }
+    if map.capacity() > 2 * map.len() + 1024 {
+        map.shrink_to_fit();
+    }
+    true
+}
+
+/// The graph's entries as [`Topology::raw`] copied them.
+#[derive(Debug, Default)]
+pub struct RawTopology {
+    publishes: Vec<(Arc<str>, Arc<str>, EdgeUse)>,
+    replies: Vec<(Arc<str>, Arc<str>, EdgeUse)>,
+    /// (pattern, subscriber, group, use).
+    subscriptions: Vec<RawSubscription>,
+    untracked_events: u64,
+}
+
+type RawSubscription = (Arc<str>, Arc<str>, Arc<str>, SubscriptionUse);
+
+/// Bytes a node or an edge takes in a response beyond its strings: field tags, lengths, numbers
+/// and a timestamp, rounded up.
+const ENTRY_OVERHEAD_BYTES: usize = 48;
+
+impl RawTopology {
+    /// The graph as nodes and edges, sorted by kind, then ends, then group. At most
+    /// `max_edges` edges, and edges and their nodes of at most about `max_bytes` in all: a
+    /// graph cut short keeps a prefix of that order (which MATCHES edges it keeps is not
+    /// specified) and says so in `truncated`. Nodes are those the kept edges name.
+    pub fn build(self, max_edges: usize, max_bytes: usize) -> TopologySnapshot {
+        let mut edges = Vec::with_capacity(
+            self.publishes.len() + self.replies.len() + self.subscriptions.len(),
+        );
         let mut published_topics = HashSet::new();
-        for (source, topics) in &self.publishes {
-            for (family, edge_use) in topics {
-                published_topics.insert(family.as_str());
-                edges.push(Edge {
-                    from: service(&mut nodes, source),
-                    to: topic(&mut nodes, family),
-                    kind: EdgeKind::Publishes,
-                    events: edge_use.events,
-                    group: String::new(),
-                    active_subscriptions: 0,
-                    last_seen: edge_use.last_seen,
-                });
-            }
+        for (source, family, used) in &self.publishes {
+            published_topics.insert(family.clone());
+            edges.push(Edge {
+                from: format!("service:{source}"),
+                to: format!("topic:{family}"),
+                kind: EdgeKind::Publishes,
+                events: used.events,
+                group: String::new(),
+                active_subscriptions: 0,
+                last_seen: used.last_seen,
+            });
         }
-        for (replier, askers) in &self.replies {
-            for (asker, edge_use) in askers {
-                edges.push(Edge {
-                    from: service(&mut nodes, replier),
-                    to: service(&mut nodes, asker),
-                    kind: EdgeKind::Replies,
-                    events: edge_use.events,
-                    group: String::new(),
-                    active_subscriptions: 0,
-                    last_seen: edge_use.last_seen,
-                });
-            }
+        for (replier, asker, used) in &self.replies {
+            edges.push(Edge {
+                from: format!("service:{replier}"),
+                to: format!("service:{asker}"),
+                kind: EdgeKind::Replies,
+                events: used.events,
+                group: String::new(),
+                active_subscriptions: 0,
+                last_seen: used.last_seen,
+            });
         }
-        let mut wildcard_patterns = HashSet::new();
-        for (key, subscription) in &self.subscriptions {
-            if let Ok(pattern) = Pattern::parse(&key.pattern) {
-                if !pattern.is_literal() {
-                    wildcard_patterns.insert(pattern);
+        let mut wildcards = SubjectTree::<Option<Arc<str>>>::new();
+        for (pattern, subscriber, group, used) in &self.subscriptions {
+            if let Ok(parsed) = Pattern::parse(pattern) {
+                if !parsed.is_literal() {
+                    *wildcards.entry(&parsed) = Some(pattern.clone());
                 }
             }
             edges.push(Edge {
-                from: topic(&mut nodes, &key.pattern),
-                to: service(&mut nodes, &key.subscriber),
+                from: format!("topic:{pattern}"),
+                to: format!("service:{subscriber}"),
                 kind: EdgeKind::Subscribes,
                 events: 0,
-                group: key.group.clone(),
-                active_subscriptions: subscription.active,
-                last_seen: subscription.last_seen,
+                group: group.to_string(),
+                active_subscriptions: used.active,
+                last_seen: used.last_seen,
             });
         }
-        for pattern in &wildcard_patterns {
-            for name in &published_topics {
-                // Inboxes are private to one query each; no pattern is meant to catch them.
-                let Ok(published) = Topic::parse(name) else {
-                    continue;
-                };
-                if pattern.matches(&published) {
-                    edges.push(Edge {
-                        from: topic(&mut nodes, name),
-                        to: topic(&mut nodes, pattern.as_str()),
-                        kind: EdgeKind::Matches,
-                        events: 0,
-                        group: String::new(),
-                        active_subscriptions: 0,
-                        last_seen: SystemTime::UNIX_EPOCH,
-                    });
+        // MATCHES edges sort last: once the others fill the bound, none is needed.
+        let mut truncated = edges.len() > max_edges;
+        let room = max_edges.saturating_sub(edges.len());
+        let mut matches = 0usize;
+        'topics: for name in &published_topics {
+            // Inboxes are private to one query each; no pattern is meant to catch them.
+            let Ok(published) = Topic::parse(name) else {
+                continue;
+            };
+            let mut found = Vec::new();
+            wildcards.for_each_match(&published, |pattern| {
+                if let Some(pattern) = pattern {
+                    found.push(pattern.clone());
                 }
+            });
+            for pattern in found {
+                if matches >= room {
+                    truncated = true;
+                    break 'topics;
+                }
+                matches += 1;
+                edges.push(Edge {
+                    from: format!("topic:{name}"),
+                    to: format!("topic:{pattern}"),
+                    kind: EdgeKind::Matches,
+                    events: 0,
+                    group: String::new(),
+                    active_subscriptions: 0,
+                    last_seen: SystemTime::UNIX_EPOCH,
+                });
             }
         }
         edges.sort_by(|a, b| {
             (a.kind, &a.from, &a.to, &a.group).cmp(&(b.kind, &b.from, &b.to, &b.group))
         });
+        let mut nodes = BTreeMap::new();
+        let mut bytes = 0usize;
+        let mut kept = 0;
+        for edge in &edges {
+            if kept == max_edges {
+                break;
+            }
+            let mut cost = edge.from.len() + edge.to.len() + edge.group.len();
+            cost += ENTRY_OVERHEAD_BYTES;
+            for end in [&edge.from, &edge.to] {
+                if !nodes.contains_key(end.as_str()) {
+                    cost += 2 * end.len() + ENTRY_OVERHEAD_BYTES;
+                }
+            }
+            if bytes.saturating_add(cost) > max_bytes {
+                break;
+            }
+            bytes += cost;
+            kept += 1;
+            for end in [&edge.from, &edge.to] {
+                if !nodes.contains_key(end.as_str()) {
+                    nodes.insert(end.clone(), node(end));
+                }
+            }
+        }
+        if kept < edges.len() {
+            truncated = true;
+            edges.truncate(kept);
+        }
         TopologySnapshot {
             nodes: nodes.into_values().collect(),
             edges,
+            truncated,
+            untracked_events: self.untracked_events,
         }
     }
 }
 
-fn bump(map: &mut EdgeMap, from: &str, to: &str, now: SystemTime) {
-    let targets = map.entry_ref(from).or_default();
-    match targets.get_mut(to) {
-        Some(edge) => {
-            edge.events += 1;
-            edge.last_seen = now;
-        }
-        None => {
-            targets.insert(
-                to.to_owned(),
-                EdgeUse {
-                    events: 1,
-                    last_seen: now,
-                },
-            );
-        }
+/// The node an edge end names (`service:<name>` or `topic:<name>`).
+fn node(id: &str) -> Node {
+    let (kind, name) = match id.split_once(':') {
+        Some(("service", name)) => (NodeKind::Service, name),
+        Some((_, name)) => (NodeKind::Topic, name),
+        None => (NodeKind::Topic, id),
+    };
+    Node {
+        id: id.to_owned(),
+        kind,
+        name: name.to_owned(),
     }
 }
 
@@ -253,10 +489,15 @@ pub struct Edge {
     pub last_seen: SystemTime,
 }
 
+/// The graph, or the bounded part of it one response holds.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TopologySnapshot {
     pub nodes: Vec<Node>,
     pub edges: Vec<Edge>,
+    /// Whether edges were left out to keep within the asked bounds.
+    pub truncated: bool,
+    /// Events along edges the bus did not track because the graph was at its cap.
+    pub untracked_events: u64,
 }
 
 #[cfg(test)]
@@ -302,6 +543,68 @@ mod tests {
         assert_eq!(snapshot.edges[0].events, 2);
         assert_eq!(snapshot.edges[1].active_subscriptions, 1);
         assert_eq!(snapshot.nodes.len(), 4);
+    }
+
+    #[test]
+    fn idle_edges_and_ended_subscriptions_age_out_and_the_graph_is_capped() {
+        use std::time::Duration;
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let mut topology = Topology::new(3);
+        let x = Topic::parse("x").unwrap();
+        topology.record_publish("a", &x, start);
+        topology.record_publish("b", &x, start + Duration::from_secs(10));
+        topology.record_reply("c", "a", start);
+        topology.record_publish("d", &x, start);
+        assert_eq!(
+            topology.raw().untracked_events,
+            1,
+            "the fourth edge is past the cap"
+        );
+        let live = Pattern::parse("live.*").unwrap();
+        let ended = Pattern::parse("ended.*").unwrap();
+        topology.subscription_started(&live, "s", "", start);
+        topology.subscription_started(&ended, "s", "", start);
+        topology.subscription_ended(&ended, "s", "");
+        assert_eq!(topology.entries(), 5);
+
+        let mut forgotten = 0;
+        while !topology.sweep_slice(start + Duration::from_secs(5), &mut forgotten) {}
+        assert_eq!(
+            forgotten, 2,
+            "a -> x and c -> a were idle; the ended one ended just now"
+        );
+        let later = SystemTime::now() + Duration::from_secs(60);
+        while !topology.sweep_slice(later, &mut forgotten) {}
+        let snapshot = topology.snapshot();
+        let edges: Vec<_> = snapshot
+            .edges
+            .iter()
+            .map(|e| (e.from.as_str(), e.to.as_str()))
+            .collect();
+        assert_eq!(
+            edges,
+            [("topic:live.*", "service:s")],
+            "a live subscription stays"
+        );
+    }
+
+    #[test]
+    fn a_large_graph_is_cut_to_the_asked_bounds() {
+        let mut topology = Topology::default();
+        let now = SystemTime::now();
+        for i in 0..100 {
+            topology.record_publish(&format!("s{i}"), &Topic::parse("t").unwrap(), now);
+        }
+        let cut = topology.raw().build(10, usize::MAX);
+        assert!(cut.truncated);
+        assert_eq!(cut.edges.len(), 10);
+        assert_eq!(cut.nodes.len(), 11, "ten services and the topic");
+        let small = topology.raw().build(usize::MAX, 1_000);
+        assert!(small.truncated);
+        assert!(!small.edges.is_empty() && small.edges.len() < 10);
+        let whole = topology.raw().build(usize::MAX, usize::MAX);
+        assert!(!whole.truncated);
+        assert_eq!(whole.edges.len(), 100);
     }
 
     #[test]

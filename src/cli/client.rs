@@ -237,7 +237,19 @@ pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
 
 pub async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
     let client = connect(&args.server.server, CLI_SOURCE).await?;
-    let graph = client.topology().await?;
+    let graph = client.topology_bounded(args.max_edges).await?;
     print!("{}", format::topology(&graph, args.format));
+    if graph.truncated {
+        eprintln!(
+            "note: the graph was cut at {} edges; ask for more with --max-edges",
+            graph.edges.len()
+        );
+    }
+    if graph.untracked_events > 0 {
+        eprintln!(
+            "note: {} events went along edges the bus no longer tracks (--max-names)",
+            graph.untracked_events
+        );
+    }
     Ok(())
 }

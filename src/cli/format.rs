@@ -540,6 +540,7 @@ mod tests {
                     0,
                 ),
             ],
+            ..Default::default()
         }
     }
 

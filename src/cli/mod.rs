@@ -222,7 +222,7 @@ pub struct ReplyArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct TopicsArgs {
-    /// Only topics matching this pattern.
+    /// Only topics matching this pattern. Every page of the list is fetched.
     #[arg(long)]
     pub pattern: Option<String>,
     #[command(flatten)]
@@ -234,6 +234,9 @@ pub struct TopologyArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = format::TopologyFormat::Text)]
     pub format: format::TopologyFormat,
+    /// Edges at most; the server's default (10000) when 0, its maximum 100000.
+    #[arg(long, default_value_t = 0)]
+    pub max_edges: u32,
     #[command(flatten)]
     pub server: ServerArg,
 }

@@ -231,25 +231,50 @@ impl Client {
         Ok(response.into_inner().requeued)
     }
 
+    /// Every topic matching `pattern` (all when `None`), sorted by name: follows the pages of
+    /// ListTopics to the last.
     pub async fn list_topics(&self, pattern: Option<&str>) -> Result<Vec<pb::TopicInfo>> {
-        let request = pb::ListTopicsRequest {
-            pattern: pattern.unwrap_or_default().to_string(),
-        };
-        Ok(self
-            .admin
-            .clone()
-            .list_topics(request)
-            .await?
-            .into_inner()
-            .topics)
+        let mut topics = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self.list_topics_page(pattern, 0, &page_token).await?;
+            topics.extend(page.topics);
+            if page.next_page_token.is_empty() {
+                return Ok(topics);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
-    /// Who publishes to and who subscribes to which topic, as the bus has seen it.
+    /// One page of ListTopics: `page_size` topics at most (0: the server's default), after the
+    /// page whose `next_page_token` is `page_token` (empty for the first).
+    pub async fn list_topics_page(
+        &self,
+        pattern: Option<&str>,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<pb::ListTopicsResponse> {
+        let request = pb::ListTopicsRequest {
+            pattern: pattern.unwrap_or_default().to_string(),
+            page_size,
+            page_token: page_token.to_owned(),
+        };
+        Ok(self.admin.clone().list_topics(request).await?.into_inner())
+    }
+
+    /// Who publishes to and who subscribes to which topic, as the bus has seen it, within the
+    /// server's default bound (see [`Client::topology_bounded`]).
     pub async fn topology(&self) -> Result<pb::GetTopologyResponse> {
+        self.topology_bounded(0).await
+    }
+
+    /// The topology with at most `max_edges` edges (0: the server's default); `truncated` in
+    /// the answer tells whether edges were left out.
+    pub async fn topology_bounded(&self, max_edges: u32) -> Result<pb::GetTopologyResponse> {
         Ok(self
             .admin
             .clone()
-            .get_topology(pb::GetTopologyRequest {})
+            .get_topology(pb::GetTopologyRequest { max_edges })
             .await?
             .into_inner())
     }

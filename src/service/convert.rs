@@ -495,8 +495,18 @@ pub fn topic_to_pb(summary: TopicSummary) -> pb::TopicInfo {
     }
 }
 
+/// A requested page size: `0` is `default`, anything over `max` is `max`.
+pub fn page_size(asked: u32, default: usize, max: usize) -> usize {
+    match asked {
+        0 => default,
+        asked => (asked as usize).min(max),
+    }
+}
+
 pub fn topology_to_pb(snapshot: TopologySnapshot) -> pb::GetTopologyResponse {
     pb::GetTopologyResponse {
+        truncated: snapshot.truncated,
+        untracked_events: snapshot.untracked_events,
         nodes: snapshot
             .nodes
             .into_iter()

@@ -382,33 +382,55 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
-        let pattern = request.into_inner().pattern;
-        let filter = if pattern.is_empty() {
+        let request = request.into_inner();
+        let filter = if request.pattern.is_empty() {
             None
         } else {
             Some(
-                crate::topic::Pattern::parse(&pattern)
+                crate::topic::Pattern::parse(&request.pattern)
                     .map_err(|rule| BusError::invalid("pattern", rule.to_string()))?,
             )
         };
-        let topics = self
-            .broker
-            .list_topics(filter.as_ref())
-            .into_iter()
-            .map(convert::topic_to_pb)
-            .collect();
-        Ok(Response::new(pb::ListTopicsResponse { topics }))
+        let page_size = convert::page_size(request.page_size, TOPICS_PAGE_DEFAULT, TOPICS_PAGE_MAX);
+        let after = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
+        let page = self.broker.list_topics(filter.as_ref(), after, page_size);
+        Ok(Response::new(pb::ListTopicsResponse {
+            topics: page.topics.into_iter().map(convert::topic_to_pb).collect(),
+            next_page_token: page.next_after.unwrap_or_default(),
+            untracked_events: page.untracked_events,
+        }))
     }
 
     async fn get_topology(
         &self,
-        _request: Request<pb::GetTopologyRequest>,
+        request: Request<pb::GetTopologyRequest>,
     ) -> Result<Response<pb::GetTopologyResponse>, Status> {
-        Ok(Response::new(convert::topology_to_pb(
-            self.broker.topology(),
-        )))
+        let max_edges = convert::page_size(
+            request.into_inner().max_edges,
+            TOPOLOGY_EDGES_DEFAULT,
+            TOPOLOGY_EDGES_MAX,
+        );
+        // The estimate of a graph's size is rough (and high), the limits are not: half the
+        // server's message limit, and within the 4 MiB that gRPC clients accept by default.
+        let max_bytes = (self.broker.config().max_message_bytes / 2).min(TOPOLOGY_MAX_BYTES);
+        let broker = self.broker.clone();
+        // Building a large graph takes a while: keep it off the async workers. A panic there is
+        // resumed here, where the panic layer answers INTERNAL as for any handler.
+        let snapshot = tokio::task::spawn_blocking(move || broker.topology(max_edges, max_bytes))
+            .await
+            .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+        Ok(Response::new(convert::topology_to_pb(snapshot)))
     }
 }
+
+/// ListTopics pages: the default and the most topics in one.
+pub const TOPICS_PAGE_DEFAULT: usize = 1_000;
+pub const TOPICS_PAGE_MAX: usize = 10_000;
+/// GetTopology: the default and the most edges in one response.
+pub const TOPOLOGY_EDGES_DEFAULT: usize = 10_000;
+pub const TOPOLOGY_EDGES_MAX: usize = 100_000;
+/// GetTopology: the most bytes of one response, by a high estimate.
+pub const TOPOLOGY_MAX_BYTES: usize = 3 * 1024 * 1024;
 
 /// The call's deadline from its `grpc-timeout` header (e.g. `500m`, `5S`), if any.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
