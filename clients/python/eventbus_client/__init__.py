@@ -29,8 +29,15 @@ except ImportError as error:  # pragma: no cover - a message for a fresh checkou
     ) from error
 
 from . import errors
-from .aio import AsyncBus, AsyncResponder, AsyncSubscription
-from .bus import Bus, Responder, Subscription
+from .aio import (
+    AsyncBus,
+    AsyncDelivery,
+    AsyncManualSubscription,
+    AsyncResponder,
+    AsyncSubscription,
+)
+from ._common import Backoff, BusReset
+from .bus import Bus, Delivery, ManualSubscription, Responder, Subscription
 from .errors import (
     BusError,
     Cancelled,
@@ -38,28 +45,39 @@ from .errors import (
     EventTooLarge,
     InvalidArgument,
     NoResponders,
+    NotFound,
     QueryTimeout,
     ReplayOverrun,
     ResourceExhausted,
     ShuttingDown,
     SlowConsumer,
     Unavailable,
+    UnknownGroup,
 )
-from .events import Data, Event, Reply, ReplyError, Start, new_event
+from .events import AckResult, Data, Event, ManualAck, Reply, ReplyError, Start, new_event
 
 __all__ = [
+    "AsyncDelivery",
+    "AsyncManualSubscription",
+    "AckResult",
     "AsyncBus",
     "AsyncResponder",
     "AsyncSubscription",
+    "Backoff",
     "Bus",
     "BusError",
+    "BusReset",
     "Cancelled",
     "Data",
     "DeadlineExceeded",
+    "Delivery",
     "Event",
     "EventTooLarge",
     "InvalidArgument",
+    "ManualAck",
+    "ManualSubscription",
     "NoResponders",
+    "NotFound",
     "QueryTimeout",
     "ReplayOverrun",
     "Reply",
@@ -71,6 +89,7 @@ __all__ = [
     "Start",
     "Subscription",
     "Unavailable",
+    "UnknownGroup",
     "errors",
     "new_event",
 ]

@@ -20,7 +20,10 @@ Hierarchy::
     ├── ResourceExhausted        RESOURCE_EXHAUSTED
     │   ├── SlowConsumer         (slow-consumer)
     │   └── ReplayOverrun        (replay-overrun)
-    └── Cancelled                CANCELLED
+    ├── NotFound                 NOT_FOUND
+    │   └── UnknownGroup         (unknown-group)
+    ├── Cancelled                CANCELLED
+    └── RemoteError              UNKNOWN: a responder answered a query with an error reply
 """
 
 from __future__ import annotations
@@ -93,6 +96,15 @@ class ReplayOverrun(ResourceExhausted):
         return _last_delivered(self.details)
 
 
+class NotFound(BusError):
+    """Something the request names does not exist."""
+
+
+class UnknownGroup(NotFound):
+    """An Ack or Nack named no MANUAL-ack group of this bus (a bus that restarted with its memory
+    store forgets its groups)."""
+
+
 class Cancelled(BusError):
     """The call was cancelled (by this client, usually through ``close()``)."""
 
@@ -105,6 +117,7 @@ _BY_REASON: dict[str, type[BusError]] = {
     "query-timeout": QueryTimeout,
     "slow-consumer": SlowConsumer,
     "replay-overrun": ReplayOverrun,
+    "unknown-group": UnknownGroup,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[BusError]] = {
@@ -113,6 +126,7 @@ _BY_CODE: dict[grpc.StatusCode, type[BusError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.NOT_FOUND: NotFound,
 }
 
 _LAST_DELIVERED = re.compile(r"after_sequence=(\d+)")
