@@ -54,9 +54,14 @@ from .errors import (
     Unavailable,
     UnknownGroup,
 )
+from .publisher import AsyncPublisher, Publisher, PublisherClosed, StreamBroken
 from .events import AckResult, Data, Event, ManualAck, Reply, ReplyError, Start, new_event
 
 __all__ = [
+    "AsyncPublisher",
+    "Publisher",
+    "PublisherClosed",
+    "StreamBroken",
     "AsyncDelivery",
     "AsyncManualSubscription",
     "AckResult",

@@ -28,6 +28,7 @@ from ._common import (
 )
 from ._proto import eventbus_pb2 as pb
 from ._proto import eventbus_pb2_grpc as pb_grpc
+from .publisher import AsyncPublisher, Publisher
 from .events import (
     AckResult,
     Data,
@@ -59,6 +60,7 @@ class AsyncBus:
 
     def __init__(self, target: str | None = None, *, source: str = "python-client") -> None:
         parsed = parse_target(target)
+        self._parsed = parsed
         self.target = parsed.address
         self.source = source
         if parsed.tls:
@@ -112,6 +114,25 @@ class AsyncBus:
         except grpc.aio.AioRpcError as error:
             raise errors.from_rpc_error(error) from None
         return list(response.sequences)
+
+    def publisher(self, *, max_batch: int = 512, max_batch_bytes: int = 1024 * 1024,
+                  linger: float = 0.002, max_in_flight: int = 16, queue: int = 4096,
+                  backoff: Backoff | None = None,
+                  max_retries: int | None = None) -> AsyncPublisher:
+        """A batching publisher handing out asyncio futures; settings as
+        :meth:`eventbus_client.Bus.publisher`. It has its own (blocking) gRPC connection to the
+        same bus, closed with it: see :class:`AsyncPublisher`."""
+        if self._parsed.tls:
+            channel = grpc.secure_channel(self._parsed.address, secure_credentials(),
+                                          options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.insecure_channel(self._parsed.address, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.EventBusServiceStub(channel)  # type: ignore[no-untyped-call]
+        publisher = Publisher(stub, self.source, max_batch=max_batch,
+                              max_batch_bytes=max_batch_bytes, linger=linger,
+                              max_in_flight=max_in_flight, queue=queue, backoff=backoff,
+                              max_retries=max_retries)
+        return AsyncPublisher(publisher, channel)
 
     async def query(self, topic: str, data: Data = b"", *, timeout: float | None = None,
                     **fields: Any) -> Event:

@@ -34,6 +34,7 @@ from ._common import (
     secure_credentials,
 )
 from ._proto import eventbus_pb2 as pb
+from .publisher import Publisher
 from ._proto import eventbus_pb2_grpc as pb_grpc
 from .events import (
     AckResult,
@@ -128,6 +129,19 @@ class Bus:
         request = pb.PublishRequest(events=[to_pb(e, self.source) for e in events])
         response = _call(self._stub.Publish, request)
         return list(response.sequences)
+
+    def publisher(self, *, max_batch: int = 512, max_batch_bytes: int = 1024 * 1024,
+                  linger: float = 0.002, max_in_flight: int = 16, queue: int = 4096,
+                  backoff: Backoff | None = None,
+                  max_retries: int | None = None) -> Publisher:
+        """A batching publisher over one ``PublishStream`` on this connection, with
+        client-assigned ids and resends after a broken stream; see :class:`Publisher` for the
+        settings (``linger`` in seconds, ``max_batch_bytes`` in bytes). Close it before the
+        bus."""
+        return Publisher(self._stub, self.source, max_batch=max_batch,
+                         max_batch_bytes=max_batch_bytes, linger=linger,
+                         max_in_flight=max_in_flight, queue=queue, backoff=backoff,
+                         max_retries=max_retries)
 
     def query(self, topic: str, data: Data = b"", *, timeout: float | None = None,
               **fields: Any) -> Event:
