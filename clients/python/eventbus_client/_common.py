@@ -134,6 +134,10 @@ class BusReset:
     head: int
     #: The new log's id (empty from a bus that does not send one).
     log_id: str
+    #: The bus itself said the position named another log (``Subscribed.log_changed``, an
+    #: answer to the ``log_id`` the resume sent); False when it was noticed by the sequence
+    #: going backwards.
+    log_changed: bool
 
 
 class ResumePoint:
@@ -173,7 +177,7 @@ class ResumePoint:
         self.head_at_confirmation = subscribed.head_sequence
         self.start = "latest" if self.group else "earliest"
         return BusReset(last_seen=last, head=subscribed.head_sequence,
-                        log_id=subscribed.log_id)
+                        log_id=subscribed.log_id, log_changed=subscribed.log_changed)
 
     def is_new(self, sequence: int) -> bool:
         """Records a received sequence; False for one already delivered (a replay overlap).
