@@ -47,6 +47,7 @@ from .errors import (
     NoResponders,
     NotFound,
     QueryTimeout,
+    RemoteError,
     ReplayOverrun,
     ResourceExhausted,
     ShuttingDown,
@@ -58,6 +59,7 @@ from .publisher import AsyncPublisher, Publisher, PublisherClosed, StreamBroken
 from .events import AckResult, Data, Event, ManualAck, Reply, ReplyError, Start, new_event
 
 __all__ = [
+    "RemoteError",
     "AsyncPublisher",
     "Publisher",
     "PublisherClosed",

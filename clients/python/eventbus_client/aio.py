@@ -38,6 +38,7 @@ from .events import (
     ReplyError,
     Start,
     error_reply,
+    exception_reply,
     from_pb,
     nack_request,
     new_event,
@@ -137,13 +138,14 @@ class AsyncBus:
     async def query(self, topic: str, data: Data = b"", *, timeout: float | None = None,
                     **fields: Any) -> Event:
         """Asks a question over events; returns the reply. Raises :class:`errors.NoResponders`
-        or :class:`errors.QueryTimeout` as the blocking client does."""
+        or :class:`errors.QueryTimeout` as the blocking client does, and
+        :class:`errors.RemoteError` for an error reply."""
         request = query_request(new_event(topic, data, **fields), self.source, timeout)
         try:
             response = await self._stub.Query(request, timeout=grpc_deadline(timeout))
         except grpc.aio.AioRpcError as error:
             raise errors.from_rpc_error(error) from None
-        return from_pb(response.reply)
+        return errors.raise_if_error_reply(topic, from_pb(response.reply))
 
     async def subscribe(self, pattern: str, *, group: str | None = None,
                         start: Start = "latest", subscriber: str | None = None,
@@ -481,7 +483,7 @@ class AsyncResponder:
             outcome = error_reply(error)
         except Exception as error:  # a handler bug must not stop the responder
             log.exception("handler for %s failed on event %s", self.topic, request.id)
-            outcome = error_reply(ReplyError("internal", f"{type(error).__name__}: {error}"))
+            outcome = exception_reply(error)
         try:
             await self._bus.publish_batch([reply_event(request, outcome, self._bus.source)])
             self.handled += 1

@@ -45,6 +45,7 @@ from .events import (
     ReplyError,
     Start,
     error_reply,
+    exception_reply,
     from_pb,
     nack_request,
     new_event,
@@ -147,10 +148,12 @@ class Bus:
               **fields: Any) -> Event:
         """Asks a question over events and returns the reply event. ``timeout`` in seconds (the
         bus's default, 5 s, when ``None``). Raises :class:`errors.NoResponders` at once when
-        nobody serves the topic, :class:`errors.QueryTimeout` when no reply comes in time."""
+        nobody serves the topic, :class:`errors.QueryTimeout` when no reply comes in time, and
+        :class:`errors.RemoteError` when the responder answered with an error reply (a reply
+        with the attribute ``error``: a handler that raised, or a :class:`ReplyError`)."""
         request = query_request(new_event(topic, data, **fields), self.source, timeout)
         response = _call(self._stub.Query, request, timeout=grpc_deadline(timeout))
-        return from_pb(response.reply)
+        return errors.raise_if_error_reply(topic, from_pb(response.reply))
 
     def subscribe(self, pattern: str, *, group: str | None = None, start: Start = "latest",
                   subscriber: str | None = None, resume: bool = True,
@@ -215,7 +218,13 @@ class Bus:
         """Answers the queries on ``topic``: each query event goes to ``handler`` (on a background
         thread, one at a time) and its result is published to the query's ``reply_to`` with the
         same ``correlation_id``. ``group`` lets replicas share the queries (use the service's
-        name); ``None`` means this responder gets every query. Returns once subscribed."""
+        name); ``None`` means this responder gets every query. Returns once subscribed.
+
+        A handler that raises :class:`ReplyError` answers with the scenario protocol's error
+        reply (JSON ``{"error": {"code", "message"}}``, attribute ``error`` = the code); any
+        other exception answers as the Rust SDK does (type ``eventbus.error``, attribute
+        ``error`` = the message, the message as text data). Either way the asker's
+        :meth:`query` raises :class:`errors.RemoteError`."""
         return Responder(self, topic, group, handler)
 
 
@@ -577,7 +586,7 @@ class Responder:
             outcome = error_reply(error)
         except Exception as error:  # a handler bug must not stop the responder
             log.exception("handler for %s failed on event %s", self.topic, request.id)
-            outcome = error_reply(ReplyError("internal", f"{type(error).__name__}: {error}"))
+            outcome = exception_reply(error)
         try:
             self._bus.publish_batch([reply_event(request, outcome, self._bus.source)])
             self.handled += 1

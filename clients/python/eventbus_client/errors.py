@@ -30,7 +30,12 @@ from __future__ import annotations
 
 import re
 
+from typing import TYPE_CHECKING
+
 import grpc
+
+if TYPE_CHECKING:
+    from .events import Event
 
 #: The metadata key of the bus's stable error reason.
 ERROR_REASON_KEY = "eventbus-error"
@@ -109,6 +114,20 @@ class Cancelled(BusError):
     """The call was cancelled (by this client, usually through ``close()``)."""
 
 
+class RemoteError(BusError):
+    """The responder answered a query with an error reply: a reply carrying the attribute
+    ``error`` (the Rust SDK's ``Error::Remote``). ``topic`` is the query's topic, ``message`` the
+    attribute's value (the handler's error message, or the scenario protocol's error code such
+    as ``not_found``), ``reply`` the whole reply event, e.g. for ``reply.json()``. The code is
+    UNKNOWN: the failure is the responder's own, not the bus's."""
+
+    def __init__(self, topic: str, message: str, reply: Event) -> None:
+        super().__init__(grpc.StatusCode.UNKNOWN, f"the responder on {topic} failed: {message}")
+        self.topic = topic
+        self.message = message
+        self.reply = reply
+
+
 _BY_REASON: dict[str, type[BusError]] = {
     "invalid-argument": InvalidArgument,
     "event-too-large": EventTooLarge,
@@ -152,6 +171,14 @@ def reason_of(metadata: object) -> str | None:
         if key == ERROR_REASON_KEY:
             return value.decode() if isinstance(value, bytes) else str(value)
     return None
+
+
+def raise_if_error_reply(topic: str, reply: Event) -> Event:
+    """Returns ``reply``, or raises :class:`RemoteError` when it is marked as an error."""
+    message = reply.attributes.get("error")
+    if message is not None:
+        raise RemoteError(topic, message, reply)
+    return reply
 
 
 def from_rpc_error(error: grpc.RpcError) -> BusError:

@@ -245,9 +245,25 @@ def reply_event(request: Event, outcome: Reply | Data, source: str) -> Event:
     )
 
 
+#: The attribute that marks a reply as an error (both conventions below set it).
+ERROR_ATTRIBUTE = "error"
+
+#: The ``type`` of an error reply made from a handler's exception, as the Rust SDK's.
+ERROR_EVENT_TYPE = "eventbus.error"
+
+
+def exception_reply(error: BaseException) -> Reply:
+    """The error reply for a handler that raised, as the Rust SDK sends a handler's error:
+    ``type`` ``eventbus.error``, attribute ``error`` = the message, and the same message as
+    ``text/plain`` data. The asking side's ``query`` raises :class:`RemoteError` for it."""
+    message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return Reply(data=message, type=ERROR_EVENT_TYPE, attributes={ERROR_ATTRIBUTE: message},
+                 data_content_type="text/plain; charset=utf-8")
+
+
 def error_reply(error: ReplyError) -> Reply:
     """The scenario protocol's error reply for a :class:`ReplyError`."""
     return Reply(
         data={"error": {"code": error.code, "message": error.message}},
-        attributes={"error": error.code},
+        attributes={ERROR_ATTRIBUTE: error.code},
     )
