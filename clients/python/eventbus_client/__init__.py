@@ -6,9 +6,14 @@ Layout:
 - :mod:`eventbus_client.bus`: the blocking client, :class:`Bus` (publish, subscribe, query,
   serve);
 - :mod:`eventbus_client.aio`: the same on asyncio (grpc.aio), :class:`AsyncBus`;
+- :mod:`eventbus_client.publisher`: the batching :class:`Publisher` over ``PublishStream``
+  (client-assigned ids, resends after a broken stream) and :class:`AsyncPublisher`;
 - :mod:`eventbus_client.events`: :class:`Event` and the one boundary to and from wire messages;
 - :mod:`eventbus_client.errors`: exceptions that keep the gRPC status and the bus's reason;
-- ``eventbus_client._proto``: the generated stubs (``python clients/python/generate.py``).
+- :mod:`eventbus_client._common`: what both clients share: :class:`Backoff`, the resume rule;
+- :mod:`eventbus_client.testing`: :class:`BusProcess`, a real bus process for tests;
+- ``eventbus_client._proto``: the generated stubs (made at build time by ``setup.py``, or in a
+  checkout by ``python clients/python/generate.py``).
 
 Example::
 
@@ -59,15 +64,11 @@ from .publisher import AsyncPublisher, Publisher, PublisherClosed, StreamBroken
 from .events import AckResult, Data, Event, ManualAck, Reply, ReplyError, Start, new_event
 
 __all__ = [
-    "RemoteError",
-    "AsyncPublisher",
-    "Publisher",
-    "PublisherClosed",
-    "StreamBroken",
-    "AsyncDelivery",
-    "AsyncManualSubscription",
     "AckResult",
     "AsyncBus",
+    "AsyncDelivery",
+    "AsyncManualSubscription",
+    "AsyncPublisher",
     "AsyncResponder",
     "AsyncSubscription",
     "Backoff",
@@ -85,7 +86,10 @@ __all__ = [
     "ManualSubscription",
     "NoResponders",
     "NotFound",
+    "Publisher",
+    "PublisherClosed",
     "QueryTimeout",
+    "RemoteError",
     "ReplayOverrun",
     "Reply",
     "ReplyError",
@@ -94,6 +98,7 @@ __all__ = [
     "ShuttingDown",
     "SlowConsumer",
     "Start",
+    "StreamBroken",
     "Subscription",
     "Unavailable",
     "UnknownGroup",

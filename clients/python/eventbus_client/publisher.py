@@ -288,7 +288,12 @@ class Publisher:
         batch.attempts += 1
         if self._stream is None:
             stream = _Stream()
-            stream.call = self._stub.PublishStream(stream.request_iterator())
+            try:
+                stream.call = self._stub.PublishStream(stream.request_iterator())
+            except ValueError as error:  # grpcio: the channel is closed
+                closed = errors.Cancelled(grpc.StatusCode.CANCELLED, f"publisher: {error}")
+                self._settle.extend((f, closed) for f in batch.futures)
+                return
             self._stream = stream
             threading.Thread(target=self._read, args=(stream,), name="eventbus-publisher-read",
                              daemon=True).start()

@@ -19,6 +19,7 @@ from eventbus_client import (
     AsyncBus,
     Backoff,
     Bus,
+    BusError,
     InvalidArgument,
     PublisherClosed,
     new_event,
@@ -122,3 +123,14 @@ async def test_async_publisher_returns_asyncio_futures(bus_process: BusProcess) 
                 break
         assert received == list(range(20))
         subscription.close()
+
+
+def test_events_fail_once_the_connection_is_closed(bus_process: BusProcess) -> None:
+    bus = Bus(bus_process.address)
+    publisher = bus.publisher()
+    assert publisher.publish("pub.closed", b"1").result(10) > 0
+    bus.close()
+    late = publisher.publish("pub.closed", b"2")
+    with pytest.raises(BusError):
+        late.result(10)
+    publisher.close(timeout=10)
