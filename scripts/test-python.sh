@@ -32,13 +32,17 @@ if ! cmp -s clients/python/requirements-dev.txt "$stamp"; then
         -r clients/python/requirements-dev.txt
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         --no-build-isolation --no-deps -e clients/python
-    # The runtime dependencies as wheels, at the pinned versions: tests/test_package.py installs
-    # the built wheel into a fresh virtualenv from these and nothing else (--no-index).
     rm -rf "$venv/wheelhouse"
-    "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --only-binary :all: \
-        -d "$venv/wheelhouse" -c clients/python/requirements-dev.txt \
-        grpcio grpcio-health-checking protobuf
     cp clients/python/requirements-dev.txt "$stamp"
+fi
+# The runtime dependencies as wheels, at the pinned versions: tests/test_package.py installs the
+# built wheel into a fresh virtualenv from these and nothing else (--no-index).
+if [[ ! -d "$venv/wheelhouse" ]]; then
+    rm -rf "$venv/wheelhouse.tmp"
+    "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --only-binary :all: \
+        -d "$venv/wheelhouse.tmp" -c clients/python/requirements-dev.txt \
+        grpcio grpcio-health-checking protobuf
+    mv "$venv/wheelhouse.tmp" "$venv/wheelhouse"
 fi
 
 "$venv/bin/python" clients/python/generate.py 2>/dev/null
