@@ -30,7 +30,8 @@ def proto_root() -> Path:
     for root in (HERE / "proto", HERE.parent.parent / "proto"):
         if (root / PROTO_FILE).is_file():
             return root
-    raise SystemExit(f"{PROTO_FILE} not found in {HERE / 'proto'} or {HERE.parent.parent / 'proto'}")
+    raise SystemExit(f"{PROTO_FILE} not found in {HERE / 'proto'} or "
+                     f"{HERE.parent.parent / 'proto'}")
 
 
 class BuildPyWithStubs(build_py):

@@ -144,7 +144,7 @@ class Publisher:
         self._closing = False
         self._done = False
         self._settle: list[tuple[concurrent.futures.Future[int], int | BaseException]] = []
-        #: Times a broken stream was replaced by a new one.
+        #: Times the publish stream broke (failed reconnect attempts during an outage included).
         self.reconnects = 0
         self._thread = threading.Thread(target=self._run, name="eventbus-publisher",
                                         daemon=True)
@@ -156,7 +156,8 @@ class Publisher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def publish(self, topic: str, data: Data = b"", **fields: Any) -> concurrent.futures.Future[int]:
+    def publish(self, topic: str, data: Data = b"",
+                **fields: Any) -> concurrent.futures.Future[int]:
         """Queues one event (fields as :func:`eventbus_client.new_event`) and returns a future
         of its sequence. Blocks only while ``queue`` events are waiting."""
         return self.submit(new_event(topic, data, **fields))
@@ -405,7 +406,7 @@ class AsyncPublisher:
 
     @property
     def reconnects(self) -> int:
-        """Times a broken stream was replaced by a new one."""
+        """Times the publish stream broke (failed reconnect attempts included)."""
         return self._publisher.reconnects
 
     async def __aenter__(self) -> AsyncPublisher:
