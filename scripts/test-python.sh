@@ -4,7 +4,8 @@
 # and cargo (or EVENTBUS_BIN naming a built bus binary).
 #
 # Creates clients/python/.venv if missing with the pinned versions of requirements-dev.txt,
-# generates the stubs from the proto, type-checks with mypy, runs pytest.
+# generates the stubs from the proto, type-checks with mypy, runs pytest (which also builds the
+# sdist and wheel and installs the wheel into a throwaway virtualenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -31,7 +32,17 @@ if ! cmp -s clients/python/requirements-dev.txt "$stamp"; then
         -r clients/python/requirements-dev.txt
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
         --no-build-isolation --no-deps -e clients/python
+    rm -rf "$venv/wheelhouse"
     cp clients/python/requirements-dev.txt "$stamp"
+fi
+# The runtime dependencies as wheels, at the pinned versions: tests/test_package.py installs the
+# built wheel into a fresh virtualenv from these and nothing else (--no-index).
+if [[ ! -d "$venv/wheelhouse" ]]; then
+    rm -rf "$venv/wheelhouse.tmp"
+    "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --only-binary :all: \
+        -d "$venv/wheelhouse.tmp" -c clients/python/requirements-dev.txt \
+        grpcio grpcio-health-checking protobuf
+    mv "$venv/wheelhouse.tmp" "$venv/wheelhouse"
 fi
 
 "$venv/bin/python" clients/python/generate.py 2>/dev/null

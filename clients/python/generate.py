@@ -2,8 +2,9 @@
 
 The stubs are not committed: protobuf 7's generator marks its output "NO CHECKED-IN PROTOBUF
 GENCODE", and generating them from ``../../proto`` every time means they can never drift from the
-contract. ``scripts/test-python.sh`` runs this before the tests; run it yourself after cloning or
-after the proto changes::
+contract. Building the package runs it (``setup.py``: into the wheel, from the proto the sdist
+carries); ``scripts/test-python.sh`` runs it into the source tree before the tests; run it yourself
+for an editable install after cloning or after the proto changes::
 
     python clients/python/generate.py
 

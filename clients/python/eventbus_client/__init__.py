@@ -6,9 +6,14 @@ Layout:
 - :mod:`eventbus_client.bus`: the blocking client, :class:`Bus` (publish, subscribe, query,
   serve);
 - :mod:`eventbus_client.aio`: the same on asyncio (grpc.aio), :class:`AsyncBus`;
+- :mod:`eventbus_client.publisher`: the batching :class:`Publisher` over ``PublishStream``
+  (client-assigned ids, resends after a broken stream) and :class:`AsyncPublisher`;
 - :mod:`eventbus_client.events`: :class:`Event` and the one boundary to and from wire messages;
 - :mod:`eventbus_client.errors`: exceptions that keep the gRPC status and the bus's reason;
-- ``eventbus_client._proto``: the generated stubs (``python clients/python/generate.py``).
+- :mod:`eventbus_client._common`: what both clients share: :class:`Backoff`, the resume rule;
+- :mod:`eventbus_client.testing`: :class:`BusProcess`, a real bus process for tests;
+- ``eventbus_client._proto``: the generated stubs (made at build time by ``setup.py``, or in a
+  checkout by ``python clients/python/generate.py``).
 
 Example::
 
@@ -29,8 +34,15 @@ except ImportError as error:  # pragma: no cover - a message for a fresh checkou
     ) from error
 
 from . import errors
-from .aio import AsyncBus, AsyncResponder, AsyncSubscription
-from .bus import Bus, Responder, Subscription
+from .aio import (
+    AsyncBus,
+    AsyncDelivery,
+    AsyncManualSubscription,
+    AsyncResponder,
+    AsyncSubscription,
+)
+from ._common import Backoff, BusReset
+from .bus import Bus, Delivery, ManualSubscription, Responder, Subscription
 from .errors import (
     BusError,
     Cancelled,
@@ -38,29 +50,46 @@ from .errors import (
     EventTooLarge,
     InvalidArgument,
     NoResponders,
+    NotFound,
     QueryTimeout,
+    RemoteError,
     ReplayOverrun,
     ResourceExhausted,
     ShuttingDown,
     SlowConsumer,
     Unavailable,
+    UnknownGroup,
 )
-from .events import Data, Event, Reply, ReplyError, Start, new_event
+from .publisher import AsyncPublisher, Publisher, PublisherClosed, StreamBroken
+from .events import AckResult, Data, Event, ManualAck, Reply, ReplyError, Start, new_event
 
 __all__ = [
+    "AckResult",
     "AsyncBus",
+    "AsyncDelivery",
+    "AsyncManualSubscription",
+    "AsyncPublisher",
     "AsyncResponder",
     "AsyncSubscription",
+    "Backoff",
     "Bus",
     "BusError",
+    "BusReset",
     "Cancelled",
     "Data",
     "DeadlineExceeded",
+    "Delivery",
     "Event",
     "EventTooLarge",
     "InvalidArgument",
+    "ManualAck",
+    "ManualSubscription",
     "NoResponders",
+    "NotFound",
+    "Publisher",
+    "PublisherClosed",
     "QueryTimeout",
+    "RemoteError",
     "ReplayOverrun",
     "Reply",
     "ReplyError",
@@ -69,8 +98,10 @@ __all__ = [
     "ShuttingDown",
     "SlowConsumer",
     "Start",
+    "StreamBroken",
     "Subscription",
     "Unavailable",
+    "UnknownGroup",
     "errors",
     "new_event",
 ]

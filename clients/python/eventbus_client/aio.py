@@ -8,7 +8,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Union
+from typing import Any, Generic, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -18,22 +18,29 @@ from . import errors
 from ._common import (
     CHANNEL_OPTIONS,
     HEALTH_SERVICE,
-    RESUMABLE,
+    Backoff,
+    BusReset,
     ResumePoint,
     grpc_deadline,
+    is_retryable,
     parse_target,
     secure_credentials,
 )
 from ._proto import eventbus_pb2 as pb
 from ._proto import eventbus_pb2_grpc as pb_grpc
+from .publisher import AsyncPublisher, Publisher
 from .events import (
+    AckResult,
     Data,
     Event,
+    ManualAck,
     Reply,
     ReplyError,
     Start,
     error_reply,
+    exception_reply,
     from_pb,
+    nack_request,
     new_event,
     query_request,
     reply_event,
@@ -54,6 +61,7 @@ class AsyncBus:
 
     def __init__(self, target: str | None = None, *, source: str = "python-client") -> None:
         parsed = parse_target(target)
+        self._parsed = parsed
         self.target = parsed.address
         self.source = source
         if parsed.tls:
@@ -108,28 +116,78 @@ class AsyncBus:
             raise errors.from_rpc_error(error) from None
         return list(response.sequences)
 
+    def publisher(self, *, max_batch: int = 512, max_batch_bytes: int = 1024 * 1024,
+                  linger: float = 0.002, max_in_flight: int = 16, queue: int = 4096,
+                  backoff: Backoff | None = None,
+                  max_retries: int | None = None) -> AsyncPublisher:
+        """A batching publisher handing out asyncio futures; settings as
+        :meth:`eventbus_client.Bus.publisher`. It has its own (blocking) gRPC connection to the
+        same bus, closed with it: see :class:`AsyncPublisher`."""
+        if self._parsed.tls:
+            channel = grpc.secure_channel(self._parsed.address, secure_credentials(),
+                                          options=CHANNEL_OPTIONS)
+        else:
+            channel = grpc.insecure_channel(self._parsed.address, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.EventBusServiceStub(channel)  # type: ignore[no-untyped-call]
+        publisher = Publisher(stub, self.source, max_batch=max_batch,
+                              max_batch_bytes=max_batch_bytes, linger=linger,
+                              max_in_flight=max_in_flight, queue=queue, backoff=backoff,
+                              max_retries=max_retries)
+        return AsyncPublisher(publisher, channel)
+
     async def query(self, topic: str, data: Data = b"", *, timeout: float | None = None,
                     **fields: Any) -> Event:
         """Asks a question over events; returns the reply. Raises :class:`errors.NoResponders`
-        or :class:`errors.QueryTimeout` as the blocking client does."""
+        or :class:`errors.QueryTimeout` as the blocking client does, and
+        :class:`errors.RemoteError` for an error reply."""
         request = query_request(new_event(topic, data, **fields), self.source, timeout)
         try:
             response = await self._stub.Query(request, timeout=grpc_deadline(timeout))
         except grpc.aio.AioRpcError as error:
             raise errors.from_rpc_error(error) from None
-        return from_pb(response.reply)
+        return errors.raise_if_error_reply(topic, from_pb(response.reply))
 
     async def subscribe(self, pattern: str, *, group: str | None = None,
                         start: Start = "latest", subscriber: str | None = None,
-                        resume: bool = True, reconnect_timeout: float = 30.0,
+                        resume: bool = True, backoff: Backoff | None = None,
+                        reconnect_timeout: float | None = None,
                         confirm_timeout: float = 10.0) -> AsyncSubscription:
         """Subscribes and returns once the bus has confirmed; iterate the result with
         ``async for``. Resumes broken streams as :meth:`eventbus_client.Bus.subscribe` does."""
         subscription = AsyncSubscription(self._stub, pattern, group=group, start=start,
                                          subscriber=subscriber or self.source, resume=resume,
-                                         reconnect_timeout=reconnect_timeout)
+                                         backoff=backoff or Backoff(),
+                                         reconnect_timeout=reconnect_timeout, manual=None)
         await subscription._start(confirm_timeout)
         return subscription
+
+    async def subscribe_manual(self, pattern: str, group: str, *, ack_deadline: float = 30.0,
+                               max_deliveries: int = 5, max_in_flight: int = 256,
+                               dead_letter_topic: str | None = None, start: Start = "latest",
+                               subscriber: str | None = None, resume: bool = True,
+                               backoff: Backoff | None = None,
+                               reconnect_timeout: float | None = None,
+                               confirm_timeout: float = 10.0) -> AsyncManualSubscription:
+        """Joins ``group`` as a MANUAL-ack member; ``async for`` the result for
+        :class:`AsyncDelivery` items. Arguments as :meth:`eventbus_client.Bus.subscribe_manual`."""
+        manual = ManualAck(ack_deadline=ack_deadline, max_deliveries=max_deliveries,
+                           max_in_flight=max_in_flight, dead_letter_topic=dead_letter_topic)
+        subscription = AsyncManualSubscription(self._stub, pattern, group=group, start=start,
+                                               subscriber=subscriber or self.source,
+                                               resume=resume, backoff=backoff or Backoff(),
+                                               reconnect_timeout=reconnect_timeout,
+                                               manual=manual)
+        await subscription._start(confirm_timeout)
+        return subscription
+
+    async def ack(self, group: str, sequences: Iterable[int]) -> AckResult:
+        """Acknowledges events of a MANUAL-ack group; see :meth:`eventbus_client.Bus.ack`."""
+        return await _ack(self._stub, group, sequences)
+
+    async def nack(self, group: str, sequences: Iterable[int],
+                   delay: float | None = None) -> int:
+        """Hands events back for redelivery; see :meth:`eventbus_client.Bus.nack`."""
+        return await _nack(self._stub, group, sequences, delay)
 
     async def serve(self, topic: str, group: str | None,
                     handler: AsyncHandler) -> AsyncResponder:
@@ -139,12 +197,17 @@ class AsyncBus:
         return AsyncResponder(self, subscription, handler)
 
 
-class AsyncSubscription:
-    """A live subscription; ``async for event in subscription``. Ends with :meth:`close`."""
+T = TypeVar("T")
+
+
+class _AsyncSubscription(Generic[T]):
+    """What :class:`AsyncSubscription` and :class:`AsyncManualSubscription` share: reading,
+    the resume rule (the blocking client's), closing. ``T`` is what each event is handed out
+    as."""
 
     def __init__(self, stub: pb_grpc.EventBusServiceStub, pattern: str, *, group: str | None,
-                 start: Start, subscriber: str, resume: bool,
-                 reconnect_timeout: float) -> None:
+                 start: Start, subscriber: str, resume: bool, backoff: Backoff,
+                 reconnect_timeout: float | None, manual: ManualAck | None) -> None:
         self.pattern = pattern
         self.group = group
         #: How many times a broken stream was reopened.
@@ -155,28 +218,20 @@ class AsyncSubscription:
         self.confirmation: pb.Subscribed | None = None
         #: The sequence of the ``caught_up`` marker, once a replay reached the live head.
         self.caught_up: int | None = None
+        #: Each time a resume found the bus's log had started over (see :class:`BusReset`).
+        self.resets: list[BusReset] = []
         self._stub = stub
         self._subscriber = subscriber
         self._resume = resume
+        self._backoff = backoff
         self._reconnect_timeout = reconnect_timeout
-        self._point = ResumePoint(start, group)
+        self._manual = manual
+        self._point = ResumePoint(start, group, manual=manual is not None)
         self._call: Any = None
         self._closed = False
 
-    async def __aenter__(self) -> AsyncSubscription:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    def __aiter__(self) -> AsyncSubscription:
-        return self
-
-    async def __anext__(self) -> Event:
-        event = await self.next_event()
-        if event is None:
-            raise StopAsyncIteration
-        return event
+    def _item(self, message: pb.SubscribeResponse) -> T:
+        raise NotImplementedError
 
     def close(self) -> None:
         """Ends the subscription."""
@@ -186,17 +241,22 @@ class AsyncSubscription:
 
     async def _start(self, confirm_timeout: float) -> None:
         try:
-            self._call = await asyncio.wait_for(self._open(self._point.start), confirm_timeout)
+            call, subscribed = await asyncio.wait_for(self._open(self._point.start, ""),
+                                                      confirm_timeout)
         except asyncio.TimeoutError:
             self.close()
             raise errors.DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED,
                                           f"no subscribed confirmation for {self.pattern} "
                                           f"within {confirm_timeout} s") from None
+        self._point.confirmed(subscribed)
+        self.confirmation = subscribed
+        self._call = call
 
-    async def _open(self, start: Start) -> Any:
+    async def _open(self, start: Start, log_id: str) -> tuple[Any, pb.Subscribed]:
         """Opens a stream and reads its `subscribed` confirmation (or the refusal)."""
         call = self._stub.Subscribe(subscribe_request(self.pattern, self.group,
-                                                      self._subscriber, start))
+                                                      self._subscriber, start, self._manual,
+                                                      log_id))
         self._call = call
         try:
             first = await call.read()
@@ -205,13 +265,10 @@ class AsyncSubscription:
         if first is grpc.aio.EOF or first.WhichOneof("message") != "subscribed":
             raise errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
                                      "the bus ended the subscription stream before confirming")
-        self._point.confirmed(first.subscribed)
-        if self.confirmation is None:
-            self.confirmation = first.subscribed
-        return call
+        return call, first.subscribed
 
-    async def next_event(self) -> Event | None:
-        """The next event, or ``None`` once closed; raises the error that ended it for good."""
+    async def _next_item(self) -> T | None:
+        """The next item, or ``None`` once closed; raises the error that ended it for good."""
         while not self._closed:
             try:
                 message = await self._call.read()
@@ -220,7 +277,7 @@ class AsyncSubscription:
                     return None
                 failure = errors.from_rpc_error(error)
                 self.last_error = failure
-                if not self._resume or not isinstance(failure, RESUMABLE):
+                if not self._resume or not is_retryable(failure):
                     raise failure from None
                 await self._reopen(failure)
                 continue
@@ -239,27 +296,150 @@ class AsyncSubscription:
                 continue
             kind = message.WhichOneof("message")
             if kind == "event" and self._point.is_new(message.event.sequence):
-                return from_pb(message.event)
+                return self._item(message)
             if kind == "caught_up":
                 self.caught_up = message.caught_up.sequence
         return None
 
     async def _reopen(self, failure: errors.BusError) -> None:
+        """Subscribes again after the last event seen with :class:`Backoff` between attempts;
+        raises the last error when refused, or out of attempts or time."""
         log.info("subscription to %s broke (%s); resuming", self.pattern, failure)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._reconnect_timeout
-        backoff = 0.05
+        started = loop.time()
+        failures = 0
+        last = failure
         while not self._closed:
-            try:
-                self._call = await self._open(self._point.next_start())
-                self.resumes += 1
+            out_of_time = (self._reconnect_timeout is not None
+                           and loop.time() - started >= self._reconnect_timeout)
+            if out_of_time or not self._backoff.allows(failures):
+                raise last
+            await asyncio.sleep(self._backoff.delay(failures))
+            if self._closed:
                 return
+            try:
+                call, subscribed = await self._open(self._point.next_start(),
+                                                    self._point.log_id)
             except errors.BusError as error:
-                self.last_error = error
-                if not isinstance(error, RESUMABLE) or loop.time() >= deadline:
+                self.last_error = last = error
+                if not is_retryable(error):
                     raise error from None
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+                failures += 1
+                continue
+            reset = self._point.confirmed(subscribed)
+            if reset is not None:
+                self.resets.append(reset)
+                log.warning("subscription to %s: the bus's log started over (last seen %d, new "
+                            "head %d); starting over on the new log", self.pattern,
+                            reset.last_seen, reset.head)
+                if not self.group and not subscribed.log_changed:
+                    # A bus that ignored log_id started after the old position: again from
+                    # the new log's beginning.
+                    call.cancel()
+                    failures = 0
+                    continue
+            self._call = call
+            self.resumes += 1
+            return
+
+
+class AsyncSubscription(_AsyncSubscription[Event]):
+    """A live subscription; ``async for event in subscription``. Ends with :meth:`close`."""
+
+    def _item(self, message: pb.SubscribeResponse) -> Event:
+        return from_pb(message.event)
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncSubscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self.next_event()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def next_event(self) -> Event | None:
+        """The next event, or ``None`` once closed; raises the error that ended it for good."""
+        return await self._next_item()
+
+
+class AsyncDelivery:
+    """An event of a MANUAL-ack group, to acknowledge once processed (see
+    :class:`eventbus_client.Delivery`); ``ack`` and ``nack`` are awaited."""
+
+    def __init__(self, event: Event, attempt: int, group: str,
+                 stub: pb_grpc.EventBusServiceStub) -> None:
+        self.event = event
+        self.attempt = attempt
+        self.group = group
+        self._stub = stub
+
+    def __repr__(self) -> str:
+        return (f"AsyncDelivery(group={self.group!r}, attempt={self.attempt}, "
+                f"sequence={self.event.sequence}, topic={self.event.topic!r})")
+
+    async def ack(self) -> AckResult:
+        """Confirms the event is processed; see :meth:`eventbus_client.Delivery.ack`."""
+        return await _ack(self._stub, self.group, [self.event.sequence])
+
+    async def nack(self, delay: float | None = None) -> bool:
+        """Hands the event back after ``delay`` seconds at least; see
+        :meth:`eventbus_client.Delivery.nack`."""
+        return await _nack(self._stub, self.group, [self.event.sequence], delay) == 1
+
+
+class AsyncManualSubscription(_AsyncSubscription[AsyncDelivery]):
+    """A member of a MANUAL-ack group; ``async for delivery in subscription``, then
+    ``await delivery.ack()``. See :class:`eventbus_client.ManualSubscription`."""
+
+    def _item(self, message: pb.SubscribeResponse) -> AsyncDelivery:
+        assert self.group is not None
+        return AsyncDelivery(from_pb(message.event), message.delivery_attempt, self.group,
+                             self._stub)
+
+    async def __aenter__(self) -> AsyncManualSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncManualSubscription:
+        return self
+
+    async def __anext__(self) -> AsyncDelivery:
+        delivery = await self.next_delivery()
+        if delivery is None:
+            raise StopAsyncIteration
+        return delivery
+
+    async def next_delivery(self) -> AsyncDelivery | None:
+        """The next delivery, or ``None`` once closed; raises the error that ended it."""
+        return await self._next_item()
+
+
+async def _ack(stub: pb_grpc.EventBusServiceStub, group: str,
+               sequences: Iterable[int]) -> AckResult:
+    try:
+        response = await stub.Ack(pb.AckRequest(group=group, sequences=list(sequences)))
+    except grpc.aio.AioRpcError as error:
+        raise errors.from_rpc_error(error) from None
+    return AckResult(acknowledged=response.acknowledged, group_cursor=response.group_cursor)
+
+
+async def _nack(stub: pb_grpc.EventBusServiceStub, group: str, sequences: Iterable[int],
+                delay: float | None) -> int:
+    try:
+        response = await stub.Nack(nack_request(group, sequences, delay))
+    except grpc.aio.AioRpcError as error:
+        raise errors.from_rpc_error(error) from None
+    requeued: int = response.requeued
+    return requeued
 
 
 class AsyncResponder:
@@ -303,7 +483,7 @@ class AsyncResponder:
             outcome = error_reply(error)
         except Exception as error:  # a handler bug must not stop the responder
             log.exception("handler for %s failed on event %s", self.topic, request.id)
-            outcome = error_reply(ReplyError("internal", f"{type(error).__name__}: {error}"))
+            outcome = exception_reply(error)
         try:
             await self._bus.publish_batch([reply_event(request, outcome, self._bus.source)])
             self.handled += 1

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,22 +25,29 @@ from . import errors
 from ._common import (
     CHANNEL_OPTIONS,
     HEALTH_SERVICE,
-    RESUMABLE,
+    Backoff,
+    BusReset,
     ResumePoint,
     grpc_deadline,
+    is_retryable,
     parse_target,
     secure_credentials,
 )
 from ._proto import eventbus_pb2 as pb
+from .publisher import Publisher
 from ._proto import eventbus_pb2_grpc as pb_grpc
 from .events import (
+    AckResult,
     Data,
     Event,
+    ManualAck,
     Reply,
     ReplyError,
     Start,
     error_reply,
+    exception_reply,
     from_pb,
+    nack_request,
     new_event,
     query_request,
     reply_event,
@@ -124,52 +131,116 @@ class Bus:
         response = _call(self._stub.Publish, request)
         return list(response.sequences)
 
+    def publisher(self, *, max_batch: int = 512, max_batch_bytes: int = 1024 * 1024,
+                  linger: float = 0.002, max_in_flight: int = 16, queue: int = 4096,
+                  backoff: Backoff | None = None,
+                  max_retries: int | None = None) -> Publisher:
+        """A batching publisher over one ``PublishStream`` on this connection, with
+        client-assigned ids and resends after a broken stream; see :class:`Publisher` for the
+        settings (``linger`` in seconds, ``max_batch_bytes`` in bytes). Close it before the
+        bus."""
+        return Publisher(self._stub, self.source, max_batch=max_batch,
+                         max_batch_bytes=max_batch_bytes, linger=linger,
+                         max_in_flight=max_in_flight, queue=queue, backoff=backoff,
+                         max_retries=max_retries)
+
     def query(self, topic: str, data: Data = b"", *, timeout: float | None = None,
               **fields: Any) -> Event:
         """Asks a question over events and returns the reply event. ``timeout`` in seconds (the
         bus's default, 5 s, when ``None``). Raises :class:`errors.NoResponders` at once when
-        nobody serves the topic, :class:`errors.QueryTimeout` when no reply comes in time."""
+        nobody serves the topic, :class:`errors.QueryTimeout` when no reply comes in time, and
+        :class:`errors.RemoteError` when the responder answered with an error reply (a reply
+        with the attribute ``error``: a handler that raised, or a :class:`ReplyError`)."""
         request = query_request(new_event(topic, data, **fields), self.source, timeout)
         response = _call(self._stub.Query, request, timeout=grpc_deadline(timeout))
-        return from_pb(response.reply)
+        return errors.raise_if_error_reply(topic, from_pb(response.reply))
 
     def subscribe(self, pattern: str, *, group: str | None = None, start: Start = "latest",
                   subscriber: str | None = None, resume: bool = True,
-                  reconnect_timeout: float = 30.0, confirm_timeout: float = 10.0,
-                  buffer: int = 1024) -> Subscription:
+                  backoff: Backoff | None = None, reconnect_timeout: float | None = None,
+                  confirm_timeout: float = 10.0, buffer: int = 1024) -> Subscription:
         """Subscribes to a topic pattern (``*`` one token, ``>`` the rest) and returns once the bus
         has confirmed it: every matching event published after this returns is delivered.
 
         ``start`` is ``"latest"`` (default), ``"earliest"``, a sequence to resume after, or a
-        ``datetime``. With ``resume`` (default), a stream the bus ends as too slow, or that breaks
-        because the bus went away, is reopened after the last event seen, retrying for up to
-        ``reconnect_timeout`` seconds; events come without duplicates or gaps while the bus still
-        holds them. ``buffer`` bounds the events read ahead of the caller.
+        ``datetime``. With ``resume`` (default), a broken stream (the bus ended it as too slow,
+        went away, restarted) is reopened after the last event seen, waiting ``backoff``
+        between attempts (default :class:`Backoff`: 50 ms doubling to 5 s, 30 % jitter, no
+        limit on attempts) and for at most ``reconnect_timeout`` seconds in all when given
+        (default: no limit). Events come without duplicates or gaps while the bus still holds
+        them; a bus whose log started over is noticed by its ``log_id`` and the subscription
+        starts over on the new log (recorded in ``resets``). Refusals (INVALID_ARGUMENT, ...)
+        are not retried. ``buffer`` bounds the events read ahead of the caller.
+        Raises :class:`errors.InvalidArgument` for a bad pattern or start,
+        :class:`errors.Unavailable` when the bus cannot be reached.
         """
         return Subscription(self._stub, pattern, group=group, start=start,
                             subscriber=subscriber or self.source, resume=resume,
-                            reconnect_timeout=reconnect_timeout,
-                            confirm_timeout=confirm_timeout, buffer=buffer)
+                            backoff=backoff or Backoff(), reconnect_timeout=reconnect_timeout,
+                            confirm_timeout=confirm_timeout, buffer=buffer, manual=None)
+
+    def subscribe_manual(self, pattern: str, group: str, *, ack_deadline: float = 30.0,
+                         max_deliveries: int = 5, max_in_flight: int = 256,
+                         dead_letter_topic: str | None = None, start: Start = "latest",
+                         subscriber: str | None = None, resume: bool = True,
+                         backoff: Backoff | None = None,
+                         reconnect_timeout: float | None = None,
+                         confirm_timeout: float = 10.0, buffer: int = 1024) -> ManualSubscription:
+        """Joins ``group`` as a MANUAL-ack (at-least-once) member on ``pattern`` and returns once
+        confirmed; iterate the result for :class:`Delivery` items and ack each.
+
+        ``ack_deadline`` (seconds): an event unacked this long is delivered again.
+        ``max_deliveries``: deliveries before an event moves to ``dead_letter_topic``
+        (``_bus.dlq.<group>`` when ``None``). ``max_in_flight``: unacked events this member
+        holds at once. See :class:`ManualAck` for which settings are per group. A new group
+        starts at ``start``; an existing group resumes from its cursor. The other arguments
+        are :meth:`subscribe`'s.
+        """
+        manual = ManualAck(ack_deadline=ack_deadline, max_deliveries=max_deliveries,
+                           max_in_flight=max_in_flight, dead_letter_topic=dead_letter_topic)
+        return ManualSubscription(self._stub, pattern, group=group, start=start,
+                                  subscriber=subscriber or self.source, resume=resume,
+                                  backoff=backoff or Backoff(),
+                                  reconnect_timeout=reconnect_timeout,
+                                  confirm_timeout=confirm_timeout, buffer=buffer, manual=manual)
+
+    def ack(self, group: str, sequences: Iterable[int]) -> AckResult:
+        """Acknowledges events of a MANUAL-ack group by sequence (any member may). Raises
+        :class:`errors.UnknownGroup` for a group the bus does not know."""
+        return _ack(self._stub, group, sequences)
+
+    def nack(self, group: str, sequences: Iterable[int], delay: float | None = None) -> int:
+        """Hands events of a MANUAL-ack group back for redelivery after ``delay`` seconds at
+        least; returns how many were in flight and are requeued."""
+        return _nack(self._stub, group, sequences, delay)
 
     def serve(self, topic: str, group: str | None, handler: Handler) -> Responder:
         """Answers the queries on ``topic``: each query event goes to ``handler`` (on a background
         thread, one at a time) and its result is published to the query's ``reply_to`` with the
         same ``correlation_id``. ``group`` lets replicas share the queries (use the service's
-        name); ``None`` means this responder gets every query. Returns once subscribed."""
+        name); ``None`` means this responder gets every query. Returns once subscribed.
+
+        A handler that raises :class:`ReplyError` answers with the scenario protocol's error
+        reply (JSON ``{"error": {"code", "message"}}``, attribute ``error`` = the code); any
+        other exception answers as the Rust SDK does (type ``eventbus.error``, attribute
+        ``error`` = the message, the message as text data). Either way the asker's
+        :meth:`query` raises :class:`errors.RemoteError`."""
         return Responder(self, topic, group, handler)
 
 
 _END = object()
 
+T = TypeVar("T")
 
-class Subscription(Iterator[Event]):
-    """A live subscription: iterate it for events (in sequence order), or call
-    :meth:`next_event`. Ends with :meth:`close` (or the ``with`` block); raises the
-    :class:`errors.BusError` that ended it when it cannot be resumed."""
+
+class _Subscription(Generic[T]):
+    """What :class:`Subscription` and :class:`ManualSubscription` share: the background reader,
+    the resume rule, iteration. ``T`` is what each event is handed out as."""
 
     def __init__(self, stub: pb_grpc.EventBusServiceStub, pattern: str, *, group: str | None,
-                 start: Start, subscriber: str, resume: bool, reconnect_timeout: float,
-                 confirm_timeout: float, buffer: int) -> None:
+                 start: Start, subscriber: str, resume: bool, backoff: Backoff,
+                 reconnect_timeout: float | None, confirm_timeout: float, buffer: int,
+                 manual: ManualAck | None) -> None:
         self.pattern = pattern
         self.group = group
         #: How many times a broken stream was reopened.
@@ -180,11 +251,15 @@ class Subscription(Iterator[Event]):
         self.confirmation: pb.Subscribed | None = None
         #: The sequence of the ``caught_up`` marker, once a replay reached the live head.
         self.caught_up: int | None = None
+        #: Each time a resume found the bus's log had started over (see :class:`BusReset`).
+        self.resets: list[BusReset] = []
         self._stub = stub
         self._subscriber = subscriber
         self._resume = resume
+        self._backoff = backoff
         self._reconnect_timeout = reconnect_timeout
-        self._point = ResumePoint(start, group)
+        self._manual = manual
+        self._point = ResumePoint(start, group, manual=manual is not None)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=buffer)
         self._closed = threading.Event()
         self._confirmed = threading.Event()
@@ -193,7 +268,7 @@ class Subscription(Iterator[Event]):
         self._call: Any = None
         self._ended = False
         # Open the first stream here so a bad request fails in the caller's thread.
-        first = self._open(start)
+        first = self._open(start, "")
         self._thread = threading.Thread(target=self._run, args=(first,),
                                         name=f"eventbus-subscribe-{pattern}", daemon=True)
         self._thread.start()
@@ -206,24 +281,10 @@ class Subscription(Iterator[Event]):
             self.close()
             raise self._failure
 
-    def __enter__(self) -> Subscription:
-        return self
+    def _item(self, message: pb.SubscribeResponse) -> T:
+        raise NotImplementedError
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __iter__(self) -> Subscription:
-        return self
-
-    def __next__(self) -> Event:
-        event = self.next_event()
-        if event is None:
-            raise StopIteration
-        return event
-
-    def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event; ``None`` once the subscription is closed. Raises ``TimeoutError``
-        when none comes within ``timeout`` seconds, and the ending error when it broke for good."""
+    def _next_item(self, timeout: float | None) -> T | None:
         if self._ended:
             return None
         try:
@@ -235,8 +296,7 @@ class Subscription(Iterator[Event]):
             if self._failure is not None and not self._closed.is_set():
                 raise self._failure
             return None
-        assert isinstance(item, Event)
-        return item
+        return item  # type: ignore[return-value]
 
     def close(self) -> None:
         """Ends the subscription; iteration stops after the events already received."""
@@ -246,8 +306,9 @@ class Subscription(Iterator[Event]):
                 self._call.cancel()
         self._confirmed.set()
 
-    def _open(self, start: Start) -> Any:
-        request = subscribe_request(self.pattern, self.group, self._subscriber, start)
+    def _open(self, start: Start, log_id: str) -> Any:
+        request = subscribe_request(self.pattern, self.group, self._subscriber, start,
+                                    self._manual, log_id)
         call = self._stub.Subscribe(request)
         with self._lock:
             self._call = call
@@ -263,11 +324,12 @@ class Subscription(Iterator[Event]):
                 if self._closed.is_set() or failure is None:
                     break
                 if (not self._resume or self.confirmation is None
-                        or not isinstance(failure, RESUMABLE)):
+                        or not is_retryable(failure)):
                     break
                 log.info("subscription to %s broke (%s); resuming", self.pattern, failure)
-                call = self._reopen()
+                call = self._reopen(failure)
                 if call is None:
+                    failure = self._failure
                     break
                 self.resumes += 1
         finally:
@@ -283,7 +345,7 @@ class Subscription(Iterator[Event]):
                 kind = message.WhichOneof("message")
                 if kind == "event":
                     if self._point.is_new(message.event.sequence):
-                        if not self._put(from_pb(message.event)):
+                        if not self._put(self._item(message)):
                             return None
                 elif kind == "subscribed":
                     self._point.confirmed(message.subscribed)
@@ -301,32 +363,57 @@ class Subscription(Iterator[Event]):
                 self._failure = failure
             return failure
 
-    def _reopen(self) -> Any:
-        """Reopens the stream after the last event seen, retrying with backoff until the bus
-        answers or ``reconnect_timeout`` passes. None when closed or out of time."""
-        deadline = time.monotonic() + self._reconnect_timeout
-        backoff = 0.05
+    def _reopen(self, failure: errors.BusError) -> Any:
+        """Reopens the stream after the last event seen, waiting with :class:`Backoff` between
+        attempts, until the bus confirms; None (with ``_failure`` set) when closed, refused,
+        or out of attempts or time."""
+        started = time.monotonic()
+        failures = 0
+        last = failure
         while not self._closed.is_set():
-            call = self._open(self._point.next_start())
+            out_of_time = (self._reconnect_timeout is not None
+                           and time.monotonic() - started >= self._reconnect_timeout)
+            if out_of_time or not self._backoff.allows(failures):
+                self._failure = last
+                return None
+            if self._closed.wait(self._backoff.delay(failures)):
+                return None
+            call = self._open(self._point.next_start(), self._point.log_id)
             # The first message tells whether the bus took it: `subscribed`, or an error.
             try:
                 first = next(call)
             except grpc.RpcError as error:
-                failure = errors.from_rpc_error(error)
-                self.last_error = failure
-                if not isinstance(failure, RESUMABLE) or time.monotonic() >= deadline:
-                    self._failure = failure
+                last = errors.from_rpc_error(error)
+                self.last_error = last
+                if self._closed.is_set():
                     return None
-                self._closed.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
+                if not is_retryable(last):
+                    self._failure = last
+                    return None
+                failures += 1
                 continue
             except StopIteration:
-                # Ended before confirming: treat as a refusal worth retrying.
-                self._closed.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
+                last = errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
+                                          "the bus ended the subscription before confirming it")
+                failures += 1
                 continue
-            if first.WhichOneof("message") == "subscribed":
-                self._point.confirmed(first.subscribed)
+            if first.WhichOneof("message") != "subscribed":
+                call.cancel()
+                self._failure = errors.BusError(grpc.StatusCode.INTERNAL,
+                                                "expected a subscribed confirmation first")
+                return None
+            reset = self._point.confirmed(first.subscribed)
+            if reset is not None:
+                self.resets.append(reset)
+                log.warning("subscription to %s: the bus's log started over (last seen %d, new "
+                            "head %d); starting over on the new log", self.pattern,
+                            reset.last_seen, reset.head)
+                if not self.group and not first.subscribed.log_changed:
+                    # A bus that ignored log_id started this stream after the old position,
+                    # past events of the new log: subscribe again from its beginning.
+                    call.cancel()
+                    failures = 0
+                    continue
             return call
         return None
 
@@ -346,6 +433,109 @@ class Subscription(Iterator[Event]):
                     except queue.Empty:
                         pass
                 continue
+
+
+class Subscription(_Subscription[Event], Iterator[Event]):
+    """A live subscription: iterate it for events (in sequence order), or call
+    :meth:`next_event`. Ends with :meth:`close` (or the ``with`` block); raises the
+    :class:`errors.BusError` that ended it when it cannot be resumed."""
+
+    def _item(self, message: pb.SubscribeResponse) -> Event:
+        return from_pb(message.event)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> Event:
+        event = self.next_event()
+        if event is None:
+            raise StopIteration
+        return event
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next event; ``None`` once the subscription is closed. Raises ``TimeoutError``
+        when none comes within ``timeout`` seconds, and the ending error when it broke for good."""
+        return self._next_item(timeout)
+
+
+class Delivery:
+    """An event of a MANUAL-ack group, to acknowledge once processed. ``attempt`` is which
+    delivery of the event this is, from 1."""
+
+    def __init__(self, event: Event, attempt: int, group: str,
+                 stub: pb_grpc.EventBusServiceStub) -> None:
+        self.event = event
+        self.attempt = attempt
+        self.group = group
+        self._stub = stub
+
+    def __repr__(self) -> str:
+        return (f"Delivery(group={self.group!r}, attempt={self.attempt}, "
+                f"sequence={self.event.sequence}, topic={self.event.topic!r})")
+
+    def ack(self) -> AckResult:
+        """Confirms the event is processed: it is not delivered again, and the group's cursor
+        moves past it once everything before it is acked too. Raises
+        :class:`errors.UnknownGroup` when the bus no longer knows the group."""
+        return _ack(self._stub, self.group, [self.event.sequence])
+
+    def nack(self, delay: float | None = None) -> bool:
+        """Hands the event back to the group, to be delivered again (to any member) after
+        ``delay`` seconds at the least, and after the bus's redelivery backoff (none before the
+        second delivery, then 50 ms doubling up to 5 s). Counts against ``max_deliveries``.
+        True when the event was in flight and is requeued."""
+        return _nack(self._stub, self.group, [self.event.sequence], delay) == 1
+
+
+class ManualSubscription(_Subscription[Delivery], Iterator[Delivery]):
+    """A member of a MANUAL-ack (at-least-once) group: iterate it for :class:`Delivery` items,
+    or call :meth:`next_delivery`, and ack each one once processed. Redeliveries (after a nack, a
+    passed ack deadline or a member leaving) come again with a higher ``attempt``. A broken
+    stream is reopened; the bus resumes the group from its own cursor, and what this member held
+    unacked is delivered again."""
+
+    def _item(self, message: pb.SubscribeResponse) -> Delivery:
+        assert self.group is not None
+        return Delivery(from_pb(message.event), message.delivery_attempt, self.group,
+                        self._stub)
+
+    def __enter__(self) -> ManualSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> ManualSubscription:
+        return self
+
+    def __next__(self) -> Delivery:
+        delivery = self.next_delivery()
+        if delivery is None:
+            raise StopIteration
+        return delivery
+
+    def next_delivery(self, timeout: float | None = None) -> Delivery | None:
+        """The next delivery; ``None`` once closed. Raises ``TimeoutError`` when none comes
+        within ``timeout`` seconds, and the ending error when it broke for good."""
+        return self._next_item(timeout)
+
+
+def _ack(stub: pb_grpc.EventBusServiceStub, group: str, sequences: Iterable[int]) -> AckResult:
+    response = _call(stub.Ack, pb.AckRequest(group=group, sequences=list(sequences)))
+    return AckResult(acknowledged=response.acknowledged, group_cursor=response.group_cursor)
+
+
+def _nack(stub: pb_grpc.EventBusServiceStub, group: str, sequences: Iterable[int],
+          delay: float | None) -> int:
+    response = _call(stub.Nack, nack_request(group, sequences, delay))
+    requeued: int = response.requeued
+    return requeued
 
 
 class Responder:
@@ -396,7 +586,7 @@ class Responder:
             outcome = error_reply(error)
         except Exception as error:  # a handler bug must not stop the responder
             log.exception("handler for %s failed on event %s", self.topic, request.id)
-            outcome = error_reply(ReplyError("internal", f"{type(error).__name__}: {error}"))
+            outcome = exception_reply(error)
         try:
             self._bus.publish_batch([reply_event(request, outcome, self._bus.source)])
             self.handled += 1

@@ -20,14 +20,22 @@ Hierarchy::
     ├── ResourceExhausted        RESOURCE_EXHAUSTED
     │   ├── SlowConsumer         (slow-consumer)
     │   └── ReplayOverrun        (replay-overrun)
-    └── Cancelled                CANCELLED
+    ├── NotFound                 NOT_FOUND
+    │   └── UnknownGroup         (unknown-group)
+    ├── Cancelled                CANCELLED
+    └── RemoteError              UNKNOWN: a responder answered a query with an error reply
 """
 
 from __future__ import annotations
 
 import re
 
+from typing import TYPE_CHECKING
+
 import grpc
+
+if TYPE_CHECKING:
+    from .events import Event
 
 #: The metadata key of the bus's stable error reason.
 ERROR_REASON_KEY = "eventbus-error"
@@ -93,8 +101,31 @@ class ReplayOverrun(ResourceExhausted):
         return _last_delivered(self.details)
 
 
+class NotFound(BusError):
+    """Something the request names does not exist."""
+
+
+class UnknownGroup(NotFound):
+    """An Ack or Nack named no MANUAL-ack group of this bus (a bus that restarted with its memory
+    store forgets its groups)."""
+
+
 class Cancelled(BusError):
     """The call was cancelled (by this client, usually through ``close()``)."""
+
+
+class RemoteError(BusError):
+    """The responder answered a query with an error reply: a reply carrying the attribute
+    ``error`` (the Rust SDK's ``Error::Remote``). ``topic`` is the query's topic, ``message`` the
+    attribute's value (the handler's error message, or the scenario protocol's error code such
+    as ``not_found``), ``reply`` the whole reply event, e.g. for ``reply.json()``. The code is
+    UNKNOWN: the failure is the responder's own, not the bus's."""
+
+    def __init__(self, topic: str, message: str, reply: Event) -> None:
+        super().__init__(grpc.StatusCode.UNKNOWN, f"the responder on {topic} failed: {message}")
+        self.topic = topic
+        self.message = message
+        self.reply = reply
 
 
 _BY_REASON: dict[str, type[BusError]] = {
@@ -105,6 +136,7 @@ _BY_REASON: dict[str, type[BusError]] = {
     "query-timeout": QueryTimeout,
     "slow-consumer": SlowConsumer,
     "replay-overrun": ReplayOverrun,
+    "unknown-group": UnknownGroup,
 }
 
 _BY_CODE: dict[grpc.StatusCode, type[BusError]] = {
@@ -113,6 +145,7 @@ _BY_CODE: dict[grpc.StatusCode, type[BusError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.NOT_FOUND: NotFound,
 }
 
 _LAST_DELIVERED = re.compile(r"after_sequence=(\d+)")
@@ -138,6 +171,14 @@ def reason_of(metadata: object) -> str | None:
         if key == ERROR_REASON_KEY:
             return value.decode() if isinstance(value, bytes) else str(value)
     return None
+
+
+def raise_if_error_reply(topic: str, reply: Event) -> Event:
+    """Returns ``reply``, or raises :class:`RemoteError` when it is marked as an error."""
+    message = reply.attributes.get("error")
+    if message is not None:
+        raise RemoteError(topic, message, reply)
+    return reply
 
 
 def from_rpc_error(error: grpc.RpcError) -> BusError:

@@ -8,7 +8,7 @@ on the generated stubs, which are rebuilt from the proto and never committed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Union
@@ -123,11 +123,41 @@ def from_pb(message: pb.Event) -> Event:
     )
 
 
+@dataclass(frozen=True)
+class ManualAck:
+    """Settings of a MANUAL-ack (at-least-once) group subscription; the bus's defaults.
+
+    The bus keeps the group's cursor (durably with its file store), hands each event to one
+    member, and waits for an ack. ``ack_deadline`` (seconds, positive): an event unacked this
+    long is delivered again. ``max_deliveries``: deliveries of one event (every nack, passed
+    deadline or member leaving counts) before it moves to ``dead_letter_topic``
+    (``_bus.dlq.<group>`` when ``None``). ``max_in_flight``: unacked events this member holds at
+    once. ``max_deliveries`` and ``dead_letter_topic`` are per group: the member that creates
+    the group sets them; ``ack_deadline`` and ``max_in_flight`` are per member.
+    """
+
+    ack_deadline: float = 30.0
+    max_deliveries: int = 5
+    max_in_flight: int = 256
+    dead_letter_topic: str | None = None
+
+
 def subscribe_request(
-    pattern: str, group: str | None, subscriber: str, start: Start
+    pattern: str, group: str | None, subscriber: str, start: Start,
+    manual: ManualAck | None = None, log_id: str = "",
 ) -> pb.SubscribeRequest:
-    """The wire form of a subscription request."""
-    request = pb.SubscribeRequest(topic=pattern, group=group or "", subscriber=subscriber)
+    """The wire form of a subscription request; ``log_id`` names the log ``start`` was taken
+    from (empty on a first subscription)."""
+    request = pb.SubscribeRequest(topic=pattern, group=group or "", subscriber=subscriber,
+                                  log_id=log_id)
+    if manual is not None:
+        if manual.ack_deadline <= 0:
+            raise ValueError(f"ack_deadline: {manual.ack_deadline} s is not positive")
+        request.ack_mode = pb.ACK_MODE_MANUAL
+        request.ack_deadline.FromTimedelta(timedelta(seconds=manual.ack_deadline))
+        request.max_deliveries = manual.max_deliveries
+        request.max_in_flight = manual.max_in_flight
+        request.dead_letter_topic = manual.dead_letter_topic or ""
     if start == "latest":
         request.latest.CopyFrom(empty_pb2.Empty())
     elif start == "earliest":
@@ -153,6 +183,27 @@ def query_request(event: Event, default_source: str, timeout: float | None) -> p
             raise ValueError(f"timeout: {timeout} s is not positive")
         request.timeout.FromTimedelta(timedelta(seconds=timeout))
     return request
+
+
+def nack_request(group: str, sequences: Iterable[int], delay: float | None) -> pb.NackRequest:
+    """The wire form of a Nack; ``delay`` in seconds (the bus's redelivery backoff alone when
+    ``None``)."""
+    request = pb.NackRequest(group=group, sequences=list(sequences))
+    if delay is not None:
+        if delay < 0:
+            raise ValueError(f"delay: {delay} s is negative")
+        request.redeliver_after.FromTimedelta(timedelta(seconds=delay))
+    return request
+
+
+@dataclass(frozen=True)
+class AckResult:
+    """The bus's answer to an Ack: how many of the sequences were waiting for one (the others
+    were already acked, redelivered elsewhere, or never delivered to the group) and the group's
+    cursor after it (every event up to it is acked or dead-lettered)."""
+
+    acknowledged: int
+    group_cursor: int
 
 
 @dataclass(frozen=True)
@@ -194,9 +245,25 @@ def reply_event(request: Event, outcome: Reply | Data, source: str) -> Event:
     )
 
 
+#: The attribute that marks a reply as an error (both conventions below set it).
+ERROR_ATTRIBUTE = "error"
+
+#: The ``type`` of an error reply made from a handler's exception, as the Rust SDK's.
+ERROR_EVENT_TYPE = "eventbus.error"
+
+
+def exception_reply(error: BaseException) -> Reply:
+    """The error reply for a handler that raised, as the Rust SDK sends a handler's error:
+    ``type`` ``eventbus.error``, attribute ``error`` = the message, and the same message as
+    ``text/plain`` data. The asking side's ``query`` raises :class:`RemoteError` for it."""
+    message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return Reply(data=message, type=ERROR_EVENT_TYPE, attributes={ERROR_ATTRIBUTE: message},
+                 data_content_type="text/plain; charset=utf-8")
+
+
 def error_reply(error: ReplyError) -> Reply:
     """The scenario protocol's error reply for a :class:`ReplyError`."""
     return Reply(
         data={"error": {"code": error.code, "message": error.message}},
-        attributes={"error": error.code},
+        attributes={ERROR_ATTRIBUTE: error.code},
     )

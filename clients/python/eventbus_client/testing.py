@@ -59,11 +59,15 @@ def free_port() -> int:
 
 class BusProcess:
     """``eventbus serve`` on 127.0.0.1 and a free port. ``settings`` are serve flags without
-    dashes, e.g. ``subscriber_queue_size=1`` becomes ``--subscriber-queue-size 1``."""
+    dashes, e.g. ``subscriber_queue_size=1`` becomes ``--subscriber-queue-size 1``. A test bus
+    keeps its log in memory unless ``storage`` is given (``storage="file", data_dir=...`` for
+    one that survives :meth:`restart`)."""
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings
         self.port = 0
+        #: Set by :meth:`restart`: start again on the same port, so clients reconnect.
+        self._keep_port = False
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -80,8 +84,9 @@ class BusProcess:
     def start(self, timeout: float = 15.0) -> BusProcess:
         """Starts the bus and returns once it serves. A port taken between choosing it and the
         bus binding it makes the bus exit; that is retried on another port."""
-        for _ in range(3):
-            self.port = free_port()
+        for _ in range(1 if self._keep_port else 3):
+            if not self._keep_port:
+                self.port = free_port()
             args = [str(bus_binary()), "serve", "--listen", self.address,
                     "--log-level", "warn"]
             # The bus's own default is its durable file store in ./eventbus-data; a test bus
@@ -120,6 +125,24 @@ class BusProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no graceful shutdown, open streams break."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, *, crash: bool = True, down_for: float = 0.0,
+                timeout: float = 15.0) -> BusProcess:
+        """Stops the bus (SIGKILL when ``crash``, else SIGTERM), waits ``down_for`` seconds,
+        and starts it again on the same port with the same settings."""
+        if crash:
+            self.kill()
+        else:
+            self.stop()
+        time.sleep(down_for)
+        self._keep_port = True
+        return self.start(timeout)
 
     def __enter__(self) -> BusProcess:
         return self.start()

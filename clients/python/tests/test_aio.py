@@ -15,6 +15,7 @@ from eventbus_client import (
     InvalidArgument,
     NoResponders,
     QueryTimeout,
+    RemoteError,
     ReplyError,
     SlowConsumer,
     Unavailable,
@@ -57,10 +58,26 @@ async def test_async_responder_answers_and_maps_errors(bus_process: BusProcess) 
         reply = await bus.query("aio.echo", {"x": 1}, timeout=5)
         assert reply.json() == {"echo": {"x": 1}}
         assert reply.type == "aio.echo.result"
-        failed = await bus.query("aio.echo", {"missing": True}, timeout=5)
-        assert failed.attributes == {"error": "not_found"}
+        with pytest.raises(RemoteError) as failed:
+            await bus.query("aio.echo", {"missing": True}, timeout=5)
+        assert failed.value.message == "not_found"
+        assert failed.value.reply.attributes == {"error": "not_found"}
         await responder.stop()
         assert responder.handled == 2
+
+
+async def test_raising_async_handler_sends_the_rust_sdks_error_reply(
+        bus_process: BusProcess) -> None:
+    async def handler(request: Event) -> bytes:
+        raise ValueError("bad input")
+
+    async with AsyncBus(bus_process.address, source="aio") as bus:
+        responder = await bus.serve("aio.raise", None, handler)
+        with pytest.raises(RemoteError) as caught:
+            await bus.query("aio.raise", b"", timeout=5)
+        assert caught.value.message == "ValueError: bad input"
+        assert caught.value.reply.type == "eventbus.error"
+        await responder.stop()
 
 
 async def test_query_errors(bus_process: BusProcess) -> None:

@@ -11,11 +11,13 @@ import pytest
 
 from eventbus_client import (
     Bus,
+    BusError,
     Event,
     EventTooLarge,
     InvalidArgument,
     NoResponders,
     QueryTimeout,
+    RemoteError,
     Reply,
     ReplyError,
     SlowConsumer,
@@ -148,20 +150,36 @@ def test_query_keeps_a_given_correlation_id(bus: Bus) -> None:
     assert (reply.correlation_id, reply.text()) == ("mine-1", "mine-1")
 
 
-def test_handler_errors_become_error_replies(bus: Bus) -> None:
+def test_handler_errors_raise_remote_error_on_the_asking_side(bus: Bus) -> None:
     def handler(request: Event) -> dict[str, int]:
         if request.json().get("boom"):
             raise RuntimeError("kaput")
         raise ReplyError("not_found", "unknown thing")
 
     with bus.serve("py.fail", "fail", handler) as responder:
-        reply = bus.query("py.fail", {"boom": False}, timeout=5)
-        assert reply.json() == {"error": {"code": "not_found", "message": "unknown thing"}}
-        assert reply.attributes == {"error": "not_found"}
-        crashed = bus.query("py.fail", {"boom": True}, timeout=5)
-        assert crashed.attributes == {"error": "internal"}
-        assert "kaput" in crashed.json()["error"]["message"]
+        # The scenario protocol's error reply, from ReplyError.
+        with pytest.raises(RemoteError) as caught:
+            bus.query("py.fail", {"boom": False}, timeout=5)
+        assert caught.value.message == "not_found"
+        assert caught.value.topic == "py.fail"
+        assert caught.value.code.name == "UNKNOWN"
+        assert caught.value.reply.json() == \
+            {"error": {"code": "not_found", "message": "unknown thing"}}
+        assert caught.value.reply.attributes == {"error": "not_found"}
+        # Any other exception: the Rust SDK's error reply.
+        with pytest.raises(RemoteError) as crashed:
+            bus.query("py.fail", {"boom": True}, timeout=5)
+        assert crashed.value.message == "RuntimeError: kaput"
+        assert crashed.value.reply.type == "eventbus.error"
+        assert crashed.value.reply.text() == "RuntimeError: kaput"
+        assert "py.fail" in str(crashed.value) and "kaput" in str(crashed.value)
         wait_for(lambda: responder.handled == 2, what="handled count")
+
+
+def test_remote_error_is_a_bus_error(bus: Bus) -> None:
+    with bus.serve("py.fail2", None, lambda request: Reply(attributes={"error": "nope"})):
+        with pytest.raises(BusError, match="nope"):
+            bus.query("py.fail2", b"", timeout=5)
 
 
 def test_responder_ignores_events_without_reply_to(bus: Bus) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eventbus_client import Bus, NoResponders
+from eventbus_client import Bus, NoResponders, RemoteError
 from eventbus_client.testing import BusProcess, wait_for
 
 HERE = Path(__file__).resolve().parent
@@ -85,13 +85,12 @@ def test_product_service_answers_and_publishes_its_seed_once(
         everything = ask(client, sorted(PRODUCTS))
         assert everything["products"] == [PRODUCTS[i] for i in sorted(PRODUCTS)]
 
-        bad = client.query("product.query", {"product_ids": "3"}, timeout=5)
-        assert bad.attributes == {"error": "invalid"}
-        assert bad.json()["error"]["code"] == "invalid"
-        garbage = client.query("product.query", b"{not json", timeout=5)
-        assert garbage.json()["error"]["code"] == "invalid"
-        wrong_type = client.query("product.query", {"product_ids": [1, "2"]}, timeout=5)
-        assert wrong_type.json()["error"]["code"] == "invalid"
+        for bad in ({"product_ids": "3"}, b"{not json", {"product_ids": [1, "2"]}):
+            with pytest.raises(RemoteError) as caught:
+                client.query("product.query", bad, timeout=5)
+            assert caught.value.message == "invalid"
+            assert caught.value.reply.attributes == {"error": "invalid"}
+            assert caught.value.reply.json()["error"]["code"] == "invalid"
     finally:
         service.stop()
 
