@@ -420,3 +420,67 @@ async fn a_corrupt_older_segment_stops_start_up_until_repair_moves_it_aside() {
     );
     bus.kill();
 }
+
+/// A new MANUAL group at `latest` that was handed events and acked none, then a SIGKILL before
+/// its cursor ever moved: after the restart a member rejoining at `latest` still gets them (the
+/// group was saved when it was created, not first when its cursor moved).
+#[tokio::test]
+async fn a_new_group_survives_a_crash_before_its_cursor_first_moves() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bus = Bus::start(port, data_dir.path());
+    let mut client = connect(port).await;
+    let request = pb::SubscribeRequest {
+        topic: "fresh.>".into(),
+        group: "fresh".into(),
+        subscriber: "worker".into(),
+        ack_mode: pb::AckMode::Manual as i32,
+        ..Default::default()
+    };
+    let mut stream = client.subscribe(request.clone()).await.unwrap().into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(matches!(first.message, Some(Message::Subscribed(_))));
+    let sent: Vec<u64> = client
+        .publish(pb::PublishRequest {
+            events: (0..2)
+                .map(|i| pb::Event {
+                    topic: "fresh.a".into(),
+                    source: "test".into(),
+                    data: vec![i].into(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sequences;
+    for expected in &sent {
+        let delivery = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("a delivery in time")
+            .unwrap()
+            .unwrap();
+        let Some(Message::Event(event)) = delivery.message else {
+            panic!("expected an event, got {delivery:?}");
+        };
+        assert_eq!(event.sequence, *expected);
+    }
+    bus.kill();
+
+    let _bus = Bus::start(port, data_dir.path());
+    let mut client = connect(port).await;
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    let mut again = Vec::new();
+    while again.len() < sent.len() {
+        let message = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the unacked events again in time")
+            .unwrap()
+            .unwrap();
+        if let Some(Message::Event(event)) = message.message {
+            again.push(event.sequence);
+        }
+    }
+    assert_eq!(again, sent);
+}

@@ -435,6 +435,18 @@ impl Broker {
                             after_sequence: 0,
                             not_before: StartFloor::of(start).not_before,
                         };
+                        // A new group exists once its start is saved, before anything is
+                        // delivered: a crash before its cursor first moves must not forget it,
+                        // or a member rejoining at `latest` would never get the events it was
+                        // handed and did not ack (at least once). One save per group created.
+                        self.shared.store.save_group_cursor(
+                            group,
+                            &GroupCursor {
+                                pattern: pattern.to_string(),
+                                cursor,
+                                not_before: floor.not_before,
+                            },
+                        )?;
                         (cursor, truncated, floor, 0)
                     }
                 };
