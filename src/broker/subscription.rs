@@ -9,6 +9,15 @@
 //! queue. The `caught_up` marker sits between the two. Since the store holds every event
 //! published after the `subscribed` confirmation, the confirmation's promise holds during the
 //! replay too.
+//!
+//! # Falling behind
+//! A live subscriber whose queue has no room for an event (see [`super::delivery`]) goes back
+//! to the same replay, from that event, keeping its registration, and switches to live the
+//! same way, so falling behind costs it no event and no duplicate. It gets no second
+//! `caught_up`: the marker ends the replay the client asked for. While catching up it is ended
+//! only when retention dropped events it has not read (`ReplayOverrun`) or when it is more than
+//! `max_subscriber_lag` sequences behind the head (checked as it reads the log). A replay reads
+//! in chunks bounded in events and bytes, so a stalled one holds at most about two chunks.
 
 use std::collections::VecDeque;
 use std::future::Future as _;
@@ -530,6 +539,10 @@ impl Cursor {
         // Under the lock the visible head cannot move: read up to it, no further (later events
         // are pending durability and will be routed to the registration below).
         let head = self.broker.visible_head();
+        if self.is_catching_up() {
+            // The head may have moved on since the step began (a batch routed meanwhile).
+            self.check_lag(caught_up_after, head)?;
+        }
         let mut rest = store.read_after_within(caught_up_after, REPLAY_CHUNK, chunk_bytes)?;
         rest.retain(|event| event.sequence <= head);
         self.check_no_gap(caught_up_after, &rest)?;
@@ -566,6 +579,17 @@ impl Cursor {
         }
         self.phase = Phase::Live(registration);
         Ok(())
+    }
+
+    /// Whether this replay is a live subscriber catching up (not the replay it asked for).
+    fn is_catching_up(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Replay {
+                rejoin: Some(_),
+                ..
+            }
+        )
     }
 
     /// Moves the replay's position on to `sequence`.
