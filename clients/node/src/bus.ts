@@ -4,7 +4,8 @@
  *
  * A subscription reads its stream into a small buffer and pauses the stream while the buffer is
  * full, so a slow consumer still slows the stream down and the bus, not this process, decides
- * when a subscriber is too slow. When the bus ends a stream (slow consumer, shutting down) or the
+ * what a subscriber that falls behind does (it catches up from the bus's log, or past
+ * `max_subscriber_lag` is ended). When the bus ends a stream (slow consumer, shutting down) or the
  * connection breaks, the subscription reopens it after the last sequence it saw: no duplicates,
  * and no gaps while the bus still holds the events.
  */
