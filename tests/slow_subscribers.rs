@@ -291,3 +291,72 @@ async fn the_bus_memory_stays_bounded_while_subscribers_stall() {
     drop(stalled);
     drop(stalled_clients);
 }
+
+/// Four replays from `earliest` of a file-store log larger than its tail cache, each read for
+/// one event and then stalled: a replay reads the log in chunks bounded in bytes
+/// (`subscriber_queue_bytes`), so each holds about one chunk, not 512 events of whatever size.
+/// (A real `eventbus serve` on the file store, in a temporary directory.)
+#[tokio::test]
+async fn stalled_replays_hold_a_chunk_bounded_in_bytes() {
+    const EVENT: usize = 256 * 1024;
+    /// 96 MiB: more than the file store's tail cache (64 MiB as retention counts, about 32 MiB
+    /// of data), so the replays' first chunks come from disk, fresh copies for each.
+    const EVENTS: usize = 384;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap().to_owned();
+    let bus = BusProcess::start(
+        &[
+            "--storage",
+            "file",
+            "--data-dir",
+            &data_dir,
+            "--fsync",
+            "never",
+            "--subscriber-queue-bytes",
+            "4194304",
+        ],
+        None,
+    );
+    let connect = || async {
+        EventBusServiceClient::new(
+            tonic::transport::Channel::from_shared(bus.url())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        )
+        .max_decoding_message_size(64 * 1024 * 1024)
+    };
+    let mut publisher = connect().await;
+    let data = vec![3u8; EVENT];
+    for _ in 0..EVENTS / BATCH {
+        let batch = (0..BATCH).map(|_| event("log", &data)).collect();
+        tokio::time::timeout(WAIT, publish(&mut publisher, batch))
+            .await
+            .expect("publish in time");
+    }
+    let baseline = bus.rss_bytes();
+    let mut replays = Vec::new();
+    for _ in 0..4 {
+        let mut client = connect().await;
+        let (_, mut stream) =
+            subscribe(&mut client, request_from("log", Start::Earliest(()))).await;
+        // One event read: the replay has read its first chunk.
+        assert_eq!(next_event(&mut stream).await.sequence, 1);
+        replays.push((client, stream));
+    }
+    let grown = bus.rss_bytes().saturating_sub(baseline);
+    eprintln!(
+        "four stalled replays of a {} MiB log: resident memory grew {} MiB",
+        (EVENTS * EVENT) >> 20,
+        grown >> 20
+    );
+    // Four chunks of at most 4 MiB (counting room for the encoding), the events the transport
+    // holds (HTTP/2 windows of 1 MiB per stream), and allocator slack.
+    assert!(
+        grown < 64 * 1024 * 1024,
+        "resident memory grew {} MiB for four stalled replays",
+        grown >> 20
+    );
+    drop(replays);
+}
