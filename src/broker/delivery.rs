@@ -11,12 +11,21 @@
 //! does, and rejoins live under the routing lock with no gap and no duplicate. The log already
 //! holds every event; a subscriber reading it holds at most one bounded chunk.
 //!
+//! In a live group, a full member is skipped; when every member is full, one member catches up
+//! for the whole group (see `Group::deliver`): the group's events from then on are its own until
+//! it is live again, handed to another member that reads if it has not started, and, past
+//! `max_subscriber_lag`, dropped from the group ([`Lane::evict`]).
+//!
 //! A [`Lane`] is shared by the publish side (the subscriber's entry in the subject tree, under
 //! the routing lock) and the subscription's stream (no lock): the mode says which path feeds
-//! the stream, the counter what its queue holds.
+//! the stream, the counter what its queue holds, and the waker lets routing wake a stream that
+//! waits on an empty queue when it marks it.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
+
+use futures_util::task::AtomicWaker;
 
 use crate::event::StoredEvent;
 
@@ -43,11 +52,16 @@ impl DeliveryBudget {
 
 /// The stream reads its queue.
 const LIVE: u8 = 0;
-/// Routing skips the subscriber; its stream drains its queue, then reads the log after
-/// [`Lane::resume_after`].
-const CATCHING_UP: u8 = 1;
+/// Routing skips the subscriber; its stream drains its queue, then takes over
+/// ([`Lane::start_catch_up`]) and reads the log after [`Lane::resume_after`].
+const MARKED: u8 = 1;
+/// The stream is reading the log; routing skips the subscriber until it rejoins.
+const REPLAYING: u8 = 2;
 /// The subscription is gone (its stream dropped).
-const GONE: u8 = 2;
+const GONE: u8 = 3;
+/// A group's catcher that fell more than `max_subscriber_lag` behind: routing dropped it from
+/// its group, and its stream ends (see `Group::deliver`).
+const EVICTED: u8 = 4;
 
 /// One subscriber's queue accounting and mode, shared by its entry in the subject tree and its
 /// stream. See the module docs.
@@ -64,6 +78,8 @@ pub(super) struct Lane {
     /// `None` for queues outside the accounting (a query's inbox, which holds a few events and
     /// drops the rest).
     budget: Option<Arc<DeliveryBudget>>,
+    /// The stream's task while it waits on its queue, so marking it wakes it.
+    waker: AtomicWaker,
 }
 
 /// What an event weighs in the queues: what retention counts for it (data, metadata and room
@@ -81,6 +97,7 @@ impl Lane {
             queued_bytes: AtomicUsize::new(0),
             limit,
             budget: Some(budget),
+            waker: AtomicWaker::new(),
         })
     }
 
@@ -92,6 +109,7 @@ impl Lane {
             queued_bytes: AtomicUsize::new(0),
             limit: usize::MAX,
             budget: None,
+            waker: AtomicWaker::new(),
         })
     }
 
@@ -131,25 +149,75 @@ impl Lane {
     }
 
     /// Moves the subscriber off the live path: routing skips it from now on, and its stream
-    /// reads the log after `after` once its queue is drained. Called under the routing lock.
+    /// reads the log after `after` once its queue is drained (it is woken if it waits). Called
+    /// under the routing lock.
     pub(super) fn catch_up_after(&self, after: u64) {
         self.resume_after.store(after, Ordering::Relaxed);
-        self.mode.store(CATCHING_UP, Ordering::Release);
+        self.mode.store(MARKED, Ordering::Release);
+        self.waker.wake();
     }
 
+    /// Whether routing passes the subscriber by: it is marked, or reading the log.
     pub(super) fn is_catching_up(&self) -> bool {
-        self.mode.load(Ordering::Acquire) == CATCHING_UP
+        matches!(self.mode.load(Ordering::Acquire), MARKED | REPLAYING)
     }
 
-    /// Where the log read starts (see [`Lane::catch_up_after`]).
+    /// Marked, and its stream has not started reading the log yet.
+    pub(super) fn is_marked(&self) -> bool {
+        self.mode.load(Ordering::Acquire) == MARKED
+    }
+
+    pub(super) fn is_live(&self) -> bool {
+        self.mode.load(Ordering::Acquire) == LIVE
+    }
+
+    /// Called by the stream when its queue is empty: `Some(after)` if it was marked, and from
+    /// now on it reads the log after `after`; `None` if it stays live. Registers `waker` first,
+    /// so a marking that comes later wakes it.
+    pub(super) fn start_catch_up(&self, waker: &Waker) -> Option<u64> {
+        self.waker.register(waker);
+        self.mode
+            .compare_exchange(MARKED, REPLAYING, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| self.resume_after.load(Ordering::Relaxed))
+    }
+
+    /// Takes a marking back before the stream started on it (a group handing its catching up
+    /// to another member): true if it was still only marked, and the subscriber is live again.
+    /// Called under the routing lock.
+    pub(super) fn cancel_catch_up(&self) -> bool {
+        self.mode
+            .compare_exchange(MARKED, LIVE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Where the log read starts (see [`Lane::catch_up_after`]), or, once the stream reads
+    /// the log, how far it has read.
     pub(super) fn resume_after(&self) -> u64 {
         self.resume_after.load(Ordering::Relaxed)
+    }
+
+    /// While the stream reads the log: everything up to `sequence` is read, so a group can
+    /// tell how far behind its catcher is.
+    pub(super) fn replayed_through(&self, sequence: u64) {
+        self.resume_after.store(sequence, Ordering::Relaxed);
     }
 
     /// Back on the live path. Called under the routing lock, right after the stream read the
     /// log up to the head.
     pub(super) fn rejoin(&self) {
         self.mode.store(LIVE, Ordering::Release);
+    }
+
+    /// Dropped from its group for lagging (see [`EVICTED`]); its stream is woken to end.
+    /// Called under the routing lock.
+    pub(super) fn evict(&self) {
+        self.mode.store(EVICTED, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub(super) fn is_evicted(&self) -> bool {
+        self.mode.load(Ordering::Acquire) == EVICTED
     }
 
     /// The subscription is gone: a group stops waiting for it to catch up.

@@ -8,7 +8,7 @@
 //! copy) into the bounded queue of every matching subscriber, found through the subject tree. A
 //! group gets the event once, in the queue of one live member. A subscriber whose queue is full
 //! (in events or bytes, or all queues together are at their budget) is not waited for and not
-//! ended: it leaves the live path and catches up from the log ([`delivery`]).
+//! ended: it leaves the live path and catches up from the log (`broker/delivery.rs`).
 //!
 //! # Why one routing lock
 //! Appending and routing under one lock makes delivery order equal sequence order for every
@@ -126,6 +126,8 @@ struct Group {
     /// full. Until it is live again, every event of the group is its own (it reads them from
     /// the log), so no other member gets one. See [`Group::deliver`].
     catcher: Option<Arc<Lane>>,
+    /// `max_subscriber_lag`: a catcher further behind is dropped from the group.
+    max_lag: Option<u64>,
 }
 
 /// The publish side of one subscription: its queue's sender. Dropping it (on unsubscribe)
@@ -568,6 +570,7 @@ impl Broker {
                     members: vec![subscriber],
                     next: 0,
                     catcher: None,
+                    max_lag: self.shared.config.max_subscriber_lag,
                 }),
             },
         }
@@ -910,15 +913,34 @@ impl Group {
     /// is full, the group's event is not dropped: the member whose turn it was becomes the
     /// group's catcher. It leaves the live path and reads the log from this event on, and every
     /// later event of the group is its own (no other member gets one) until it is live again,
-    /// so each event of the group still goes to exactly one member, in order. While it catches
-    /// up the group is as fast as that one member; if it leaves meanwhile, the events it had
-    /// taken on and not delivered are lost to the group (at most once, as AUTO promises).
+    /// so each event of the group still goes to exactly one member, in order.
+    ///
+    /// A catcher that has not started reading the log (its client is not reading either)
+    /// hands the role to the first member whose queue is empty, so one stalled member cannot
+    /// hold up a group whose other members read. With `max_subscriber_lag`, a catcher further
+    /// behind than that is dropped from the group and its stream ended (`SlowGroupMember`);
+    /// the events it had taken on and not delivered are lost to the group (at most once, as
+    /// AUTO promises, and as when any member leaves with events queued).
     fn deliver(&mut self, event: &SharedEvent, size: usize) {
-        if let Some(catcher) = &self.catcher {
-            if catcher.is_catching_up() {
+        if let Some(catcher) = self.catcher.clone() {
+            if !catcher.is_catching_up() {
+                self.catcher = None;
+            } else if self.max_lag.is_some_and(|max| {
+                (event.sequence - 1).saturating_sub(catcher.resume_after()) > max
+            }) {
+                catcher.evict();
+                self.members.retain(|m| !Arc::ptr_eq(&m.lane, &catcher));
+                self.catcher = None;
+                self.next = match self.members.len() {
+                    0 => 0,
+                    count => self.next % count,
+                };
+            } else {
+                if catcher.is_marked() {
+                    self.hand_over(&catcher);
+                }
                 return;
             }
-            self.catcher = None;
         }
         let count = self.members.len();
         let mut gone = Vec::new();
@@ -957,6 +979,22 @@ impl Group {
             self.next = 0;
         } else {
             self.next %= self.members.len();
+        }
+    }
+
+    /// Gives the catching up of a catcher that has not started on it to a live member whose
+    /// queue is empty (it reads: it drained everything), from the same event.
+    fn hand_over(&mut self, catcher: &Arc<Lane>) {
+        let Some(idle) = self.members.iter().find(|member| {
+            !Arc::ptr_eq(&member.lane, catcher)
+                && member.lane.is_live()
+                && member.queue.capacity() == member.queue.max_capacity()
+        }) else {
+            return;
+        };
+        if catcher.cancel_catch_up() {
+            idle.lane.catch_up_after(catcher.resume_after());
+            self.catcher = Some(idle.lane.clone());
         }
     }
 }

@@ -441,14 +441,22 @@ impl Cursor {
                             registration.received(&event);
                             event
                         }
-                        // Only unregistering closes the queue, and only shutdown unregisters
-                        // a stream that is still read.
-                        Poll::Ready(None) => return Poll::Ready(self.end(BusError::ShuttingDown)),
-                        // The queue is empty. Routing marks a subscriber as catching up only
-                        // while its queue holds something, and queues nothing after: so if it
-                        // is marked now, everything routed to it was received.
-                        Poll::Pending if registration.lane.is_catching_up() => {
-                            let after = registration.lane.resume_after();
+                        // The queue is closed when the group dropped this member for lagging,
+                        // or by unregistering, which only shutdown does to a stream still read.
+                        Poll::Ready(None) => {
+                            let error = match registration.lane.is_evicted() {
+                                true => self.lagging(self.broker.visible_head()),
+                                false => BusError::ShuttingDown,
+                            };
+                            return Poll::Ready(self.end(error));
+                        }
+                        // The queue is empty, and routing queues nothing once it marks the
+                        // subscriber: if it is marked, everything routed to it was received.
+                        // (`start_catch_up` registers the waker, so a later marking wakes us.)
+                        Poll::Pending => {
+                            let Some(after) = registration.lane.start_catch_up(cx.waker()) else {
+                                return self.poll_shutdown(cx);
+                            };
                             let Phase::Live(registration) =
                                 std::mem::replace(&mut self.phase, Phase::Done)
                             else {
@@ -460,7 +468,6 @@ impl Cursor {
                             };
                             continue;
                         }
-                        Poll::Pending => return self.poll_shutdown(cx),
                     };
                     if !self.passes_floor(&event) {
                         continue;
@@ -508,13 +515,15 @@ impl Cursor {
         let config = self.broker.config();
         let chunk_bytes = config.subscriber_queue_bytes;
         let visible = self.broker.visible_head();
-        if matches!(
-            self.phase,
-            Phase::Replay {
-                rejoin: Some(_),
-                ..
+        if let Phase::Replay {
+            rejoin: Some(registration),
+            ..
+        } = &self.phase
+        {
+            registration.lane.replayed_through(after);
+            if registration.lane.is_evicted() {
+                return Err(self.lagging(visible));
             }
-        ) {
             self.check_lag(after, visible)?;
         }
         let mut chunk = store.read_after_within(after, REPLAY_CHUNK, chunk_bytes)?;
@@ -539,7 +548,15 @@ impl Cursor {
         // Under the lock the visible head cannot move: read up to it, no further (later events
         // are pending durability and will be routed to the registration below).
         let head = self.broker.visible_head();
-        if self.is_catching_up() {
+        if let Phase::Replay {
+            rejoin: Some(registration),
+            ..
+        } = &self.phase
+        {
+            // Under the lock routing cannot drop it from its group meanwhile.
+            if registration.lane.is_evicted() {
+                return Err(self.lagging(head));
+            }
             // The head may have moved on since the step began (a batch routed meanwhile).
             self.check_lag(caught_up_after, head)?;
         }
@@ -581,17 +598,6 @@ impl Cursor {
         Ok(())
     }
 
-    /// Whether this replay is a live subscriber catching up (not the replay it asked for).
-    fn is_catching_up(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::Replay {
-                rejoin: Some(_),
-                ..
-            }
-        )
-    }
-
     /// Moves the replay's position on to `sequence`.
     fn set_replayed_through(&mut self, sequence: u64) {
         if let Phase::Replay { after, .. } = &mut self.phase {
@@ -609,8 +615,29 @@ impl Cursor {
         if behind <= max_lag {
             return Ok(());
         }
-        let last_delivered = self.last_delivered.max(after);
-        Err(match self.options.group {
+        Err(self.too_slow(behind, max_lag, self.last_delivered.max(after)))
+    }
+
+    /// The ending of a group member that its group dropped for lagging (see
+    /// `Group::deliver`), as the bus saw it at `visible`.
+    fn lagging(&self, visible: u64) -> BusError {
+        let max_lag = self.broker.config().max_subscriber_lag.unwrap_or(0);
+        let after = match &self.phase {
+            Phase::Replay {
+                rejoin: Some(registration),
+                ..
+            }
+            | Phase::Live(registration) => registration.lane.resume_after(),
+            _ => self.last_delivered,
+        };
+        let behind = visible.saturating_sub(after);
+        self.too_slow(behind, max_lag, self.last_delivered.max(after))
+    }
+
+    /// Too far behind: [`BusError::SlowConsumer`], or for a live group's member
+    /// [`BusError::SlowGroupMember`].
+    fn too_slow(&self, behind: u64, max_lag: u64, last_delivered: u64) -> BusError {
+        match self.options.group {
             None => BusError::SlowConsumer {
                 behind,
                 max_lag,
@@ -621,7 +648,7 @@ impl Cursor {
                 max_lag,
                 last_delivered,
             },
-        })
+        }
     }
 
     /// A chunk that does not start right after `after` means retention dropped events this
@@ -765,6 +792,87 @@ mod tests {
         }
         assert_eq!(broker.shared.delivery.used(), 0, "nothing left queued");
         drop(subscriptions);
+    }
+
+    fn group_member(broker: &Broker) -> Subscription {
+        broker
+            .subscribe(SubscribeOptions {
+                pattern: Pattern::parse("r.>").unwrap(),
+                group: Some(Arc::from("g")),
+                subscriber: Arc::from("test"),
+                start: StartPosition::Latest,
+                ack: AckMode::Auto,
+                log_id: None,
+            })
+            .unwrap()
+    }
+
+    async fn publish(broker: &Broker, count: usize) {
+        for _ in 0..count {
+            broker.publish(vec![event()]).await.unwrap();
+        }
+    }
+
+    /// Both members of a live group full: the one whose turn it was (A) catches up for the
+    /// group, but nobody reads it. Once B has drained its queue, the next event hands the
+    /// catching up to B, which reads the group's events from the log; A keeps what it had.
+    #[tokio::test]
+    async fn a_group_hands_its_catching_up_to_a_member_that_reads() {
+        let broker = Broker::new(
+            BusConfig {
+                subscriber_queue_size: 2,
+                ..BusConfig::default()
+            },
+            Arc::new(MemoryStore::new(1_000, 1 << 30)),
+        );
+        let mut a = group_member(&broker);
+        let mut b = group_member(&broker);
+        // 1 and 3 to A, 2 and 4 to B; 5 finds both full: A, whose turn it was, takes on 5..
+        publish(&broker, 10).await;
+        assert_eq!(delivered(&mut b, 2).await, vec![2, 4]);
+        publish(&broker, 1).await;
+        assert_eq!(delivered(&mut b, 7).await, (5..=11).collect::<Vec<_>>());
+        assert_eq!(delivered(&mut a, 2).await, vec![1, 3]);
+        // Live again, round robin from the member after A.
+        publish(&broker, 2).await;
+        assert_eq!(delivered(&mut b, 1).await, vec![12]);
+        assert_eq!(delivered(&mut a, 1).await, vec![13]);
+    }
+
+    /// With `max_subscriber_lag`, a catcher nobody reads is dropped from its group once it is
+    /// further behind than that: its stream ends (`SlowGroupMember`) after what it had
+    /// queued, the events it had taken on are lost to the group, and the group goes on.
+    #[tokio::test]
+    async fn a_group_drops_a_catcher_past_the_lag_limit() {
+        let broker = Broker::new(
+            BusConfig {
+                subscriber_queue_size: 2,
+                max_subscriber_lag: Some(5),
+                ..BusConfig::default()
+            },
+            Arc::new(MemoryStore::new(1_000, 1 << 30)),
+        );
+        let mut a = group_member(&broker);
+        let mut b = group_member(&broker);
+        // A takes on 5.. ; at 11 it is 6 behind: dropped. B, full too, takes on 11..
+        publish(&broker, 12).await;
+        assert_eq!(delivered(&mut a, 2).await, vec![1, 3]);
+        let ended = tokio::time::timeout(Duration::from_secs(10), a.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                ended,
+                Err(BusError::SlowGroupMember {
+                    max_lag: 5,
+                    last_delivered: 4,
+                    ..
+                })
+            ),
+            "{ended:?}"
+        );
+        assert_eq!(delivered(&mut b, 4).await, vec![2, 4, 11, 12]);
     }
 
     proptest! {
