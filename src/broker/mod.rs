@@ -855,10 +855,12 @@ impl Routing {
     /// leaves the live path and will read it from the log ([`delivery`]); one whose stream is
     /// gone is dropped.
     fn route(&mut self, event: &SharedEvent) {
-        let size = delivery::weight(event);
+        // Weighed once, and only if someone listens.
+        let mut weight = None;
         self.subscriptions.for_each_match_and_prune(
             &event.event.topic,
             |interest| {
+                let size = *weight.get_or_insert_with(|| delivery::weight(event));
                 interest
                     .individual
                     .retain(|subscriber| match subscriber.offer(event, size) {
