@@ -103,6 +103,38 @@ async fn a_stalled_subscriber_catches_up_from_the_log_with_no_gap_beside_a_healt
     assert_eq!(next_event(&mut healthy).await.sequence, next);
 }
 
+/// A 1 → 8 fan-out under a publisher that never waits for anyone, with queues of 16 events:
+/// every subscriber, reading as fast as it can, gets every event in order. (Before, most of
+/// them were cut off as slow consumers part way.)
+#[tokio::test]
+async fn a_fan_out_under_a_publisher_that_does_not_wait_reaches_every_subscriber() {
+    const SUBSCRIBERS: usize = 8;
+    const EVENTS: usize = 4000;
+    let bus = TestBus::start_with(small_queues()).await;
+    let mut readers = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let mut client = bus.client().await;
+        let (_, mut stream) = subscribe(&mut client, request("fan")).await;
+        readers.push(tokio::spawn(async move {
+            let _client = client;
+            sequences(&events(&mut stream, EVENTS).await)
+        }));
+    }
+    let mut publisher = bus.client().await;
+    let mut published = Vec::new();
+    for _ in 0..EVENTS / 200 {
+        let batch = (0..200).map(|_| event("fan", b"128 bytes or so")).collect();
+        published.extend(publish(&mut publisher, batch).await);
+    }
+    for reader in readers {
+        let received = tokio::time::timeout(WAIT, reader)
+            .await
+            .expect("every subscriber gets everything in time")
+            .unwrap();
+        assert_eq!(received, published);
+    }
+}
+
 #[tokio::test]
 async fn a_stalled_subscriber_overtaken_by_retention_is_ended_naming_its_last_sequence() {
     // Retention keeps far less than the burst: by the time the stalled subscriber reads the
