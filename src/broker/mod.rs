@@ -48,7 +48,7 @@ pub use topology::TopologySnapshot;
 
 use crate::config::BusConfig;
 use crate::error::BusError;
-use crate::event::{Event, SharedEvent, StoredEvent};
+use crate::event::{Event, SharedEvent};
 use crate::store::{Store, StoreError};
 use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic, INBOX_FAMILY};
@@ -831,7 +831,7 @@ struct Registration {
 
 impl Registration {
     /// Takes an event out of the queue's accounting once the stream has received it.
-    fn received(&self, event: &StoredEvent) {
+    fn received(&self, event: &crate::event::StoredEvent) {
         if self.lane.is_counted() {
             self.lane.release(delivery::weight(event));
         }
