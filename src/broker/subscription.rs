@@ -450,6 +450,11 @@ impl Cursor {
                             };
                             return Poll::Ready(self.end(error));
                         }
+                        // Tokio's cooperative budget answers Pending with events still queued
+                        // (and wakes the task): only an empty queue may switch to the log.
+                        Poll::Pending if !registration.receiver.is_empty() => {
+                            return Poll::Pending;
+                        }
                         // The queue is empty, and routing queues nothing once it marks the
                         // subscriber: if it is marked, everything routed to it was received.
                         // (`start_catch_up` registers the waker, so a later marking wakes us.)
@@ -792,6 +797,36 @@ mod tests {
         }
         assert_eq!(broker.shared.delivery.used(), 0, "nothing left queued");
         drop(subscriptions);
+    }
+
+    /// A marked subscriber whose queue holds more events than Tokio's cooperative budget lets
+    /// one poll take (128): `poll_recv` then answers `Pending` with events still queued, which
+    /// must not be taken for an empty queue, or the queued events would be skipped.
+    #[tokio::test]
+    async fn a_queue_longer_than_the_coop_budget_is_drained_before_catching_up() {
+        let broker = Broker::new(
+            BusConfig {
+                subscriber_queue_size: 1000,
+                ..BusConfig::default()
+            },
+            Arc::new(MemoryStore::new(10_000, 1 << 30)),
+        );
+        let mut subscription = broker
+            .subscribe(SubscribeOptions {
+                pattern: Pattern::parse("r.>").unwrap(),
+                group: None,
+                subscriber: Arc::from("test"),
+                start: StartPosition::Latest,
+                ack: AckMode::Auto,
+                log_id: None,
+            })
+            .unwrap();
+        let events = (0..1500).map(|_| event()).collect();
+        broker.publish(events).await.unwrap();
+        assert_eq!(
+            delivered(&mut subscription, 1500).await,
+            (1..=1500).collect::<Vec<_>>()
+        );
     }
 
     fn group_member(broker: &Broker) -> Subscription {
