@@ -20,9 +20,21 @@ pub struct BusConfig {
     pub retention_max_bytes: u64,
     /// ...and none older than this, if set.
     pub retention_max_age: Option<Duration>,
-    /// Events queued for one subscriber before it counts as too slow and its stream is ended;
-    /// this bounds the bus's memory per subscription.
+    /// Events queued for one live subscriber at most. A subscriber whose queue is full leaves
+    /// the live path and catches up from the log (see `broker::subscription`); it is not ended.
     pub subscriber_queue_size: usize,
+    /// Bytes of events (as retention counts them) queued for one live subscriber at most, with
+    /// the same effect as a full queue; an empty queue takes one event of any size. Also bounds
+    /// what one replay, or one MANUAL-ack group's read-ahead, reads from the log at a time.
+    pub subscriber_queue_bytes: usize,
+    /// Bytes of events queued for all live subscribers together at most: past it, a subscriber
+    /// whose queue would grow catches up from the log instead. Bounds the bus's memory for
+    /// delivery whatever the number of subscribers.
+    pub delivery_buffer_bytes: usize,
+    /// A subscriber catching up from the log that is more than this many sequences behind the
+    /// head is ended (RESOURCE_EXHAUSTED `slow-consumer`, or `slow-group-member`). `None`: never;
+    /// it is ended only when retention drops events it has not read (`replay-overrun`).
+    pub max_subscriber_lag: Option<u64>,
     /// The largest `data` of one event.
     pub max_event_data_bytes: usize,
     /// The most events in one publish batch.
@@ -54,6 +66,9 @@ impl Default for BusConfig {
             retention_max_bytes: 256 * 1024 * 1024,
             retention_max_age: None,
             subscriber_queue_size: 8192,
+            subscriber_queue_bytes: 8 * 1024 * 1024,
+            delivery_buffer_bytes: 256 * 1024 * 1024,
+            max_subscriber_lag: None,
             max_event_data_bytes: 1024 * 1024,
             max_batch_events: 10_000,
             max_message_bytes: 16 * 1024 * 1024,
@@ -93,6 +108,21 @@ impl BusConfig {
         let invalid = |setting, rule: String| Err(ConfigError::Invalid { setting, rule });
         if self.subscriber_queue_size == 0 {
             return invalid("subscriber_queue_size", "must be at least 1".into());
+        }
+        if self.subscriber_queue_bytes == 0 {
+            return invalid("subscriber_queue_bytes", "must be at least 1".into());
+        }
+        if self.delivery_buffer_bytes < self.subscriber_queue_bytes {
+            return invalid(
+                "delivery_buffer_bytes",
+                format!(
+                    "must be at least subscriber_queue_bytes ({}) so one subscriber's queue fits",
+                    self.subscriber_queue_bytes
+                ),
+            );
+        }
+        if self.max_subscriber_lag == Some(0) {
+            return invalid("max_subscriber_lag", "must be at least 1".into());
         }
         if self.max_batch_events == 0 {
             return invalid("max_batch_events", "must be at least 1".into());
@@ -248,9 +278,21 @@ pub struct ServeArgs {
     /// Size at which the file store starts a new segment file [default: 67108864].
     #[arg(long, env = "EVENTBUS_SEGMENT_BYTES")]
     pub segment_bytes: Option<u64>,
-    /// Events queued per subscriber before it is ended as too slow [default: 8192].
+    /// Events queued per live subscriber; a subscriber with a full queue catches up from the
+    /// log [default: 8192].
     #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_SIZE")]
     pub subscriber_queue_size: Option<usize>,
+    /// Bytes of events queued per live subscriber (and read per replay step) [default: 8388608].
+    #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_BYTES")]
+    pub subscriber_queue_bytes: Option<usize>,
+    /// Bytes of events queued for all live subscribers together; past it subscribers catch up
+    /// from the log [default: 268435456].
+    #[arg(long, env = "EVENTBUS_DELIVERY_BUFFER_BYTES")]
+    pub delivery_buffer_bytes: Option<usize>,
+    /// Sequences a subscriber catching up from the log may be behind the head before it is
+    /// ended [default: no limit].
+    #[arg(long, env = "EVENTBUS_MAX_SUBSCRIBER_LAG")]
+    pub max_subscriber_lag: Option<u64>,
     /// Largest event data in bytes [default: 1048576].
     #[arg(long, env = "EVENTBUS_MAX_EVENT_DATA_BYTES")]
     pub max_event_data_bytes: Option<usize>,
@@ -329,6 +371,9 @@ struct ConfigFile {
     fsync: Option<String>,
     segment_bytes: Option<u64>,
     subscriber_queue_size: Option<usize>,
+    subscriber_queue_bytes: Option<usize>,
+    delivery_buffer_bytes: Option<usize>,
+    max_subscriber_lag: Option<u64>,
     max_event_data_bytes: Option<usize>,
     max_batch_events: Option<usize>,
     max_message_bytes: Option<usize>,
@@ -402,6 +447,15 @@ impl ServeArgs {
                 .subscriber_queue_size
                 .or(file.subscriber_queue_size)
                 .unwrap_or(bus_defaults.subscriber_queue_size),
+            subscriber_queue_bytes: self
+                .subscriber_queue_bytes
+                .or(file.subscriber_queue_bytes)
+                .unwrap_or(bus_defaults.subscriber_queue_bytes),
+            delivery_buffer_bytes: self
+                .delivery_buffer_bytes
+                .or(file.delivery_buffer_bytes)
+                .unwrap_or(bus_defaults.delivery_buffer_bytes),
+            max_subscriber_lag: self.max_subscriber_lag.or(file.max_subscriber_lag),
             max_event_data_bytes: self
                 .max_event_data_bytes
                 .or(file.max_event_data_bytes)
@@ -590,7 +644,7 @@ mod tests {
             &path,
             "listen = \"127.0.0.1:6000\"\nsubscriber_queue_size = 10\nmax_query_timeout = \"2m\"\n\
              fsync = \"interval:50\"\nstorage = \"file\"\nnames_idle_after = \"10m\"\n\
-             max_names = 500\n",
+             max_names = 500\nmax_subscriber_lag = 5000\nsubscriber_queue_bytes = 1048576\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -601,6 +655,8 @@ mod tests {
         let (server, _) = args.resolve().unwrap();
         assert_eq!(server.listen, "127.0.0.1:6000".parse().unwrap());
         assert_eq!(server.bus.subscriber_queue_size, 20);
+        assert_eq!(server.bus.max_subscriber_lag, Some(5000));
+        assert_eq!(server.bus.subscriber_queue_bytes, 1024 * 1024);
         assert_eq!(server.bus.max_query_timeout, Duration::from_secs(120));
         assert_eq!(server.bus.names_idle_after, Duration::from_secs(600));
         assert_eq!(server.bus.max_names, 500);
@@ -652,6 +708,18 @@ mod tests {
         };
         let error = args.resolve().unwrap_err().to_string();
         assert!(error.starts_with("names_idle_after:"), "{error}");
+        let args = ServeArgs {
+            delivery_buffer_bytes: Some(1024),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("delivery_buffer_bytes:"), "{error}");
+        let args = ServeArgs {
+            max_subscriber_lag: Some(0),
+            ..ServeArgs::default()
+        };
+        let error = args.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("max_subscriber_lag:"), "{error}");
         let args = ServeArgs {
             receive_budget_bytes: Some(1024 * 1024),
             ..ServeArgs::default()

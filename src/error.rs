@@ -43,24 +43,32 @@ pub enum BusError {
     #[error("no reply to the query on topic {topic} within {}", humantime::format_duration(*.timeout))]
     QueryTimeout { topic: String, timeout: Duration },
 
-    /// A subscriber's queue overflowed: it reads slower than events arrive.
+    /// A subscriber catching up from the log fell further behind the head than
+    /// `max_subscriber_lag` allows.
     #[error(
-        "subscriber too slow: its queue of {queue_size} events overflowed; last delivered \
-         sequence {last_delivered}; resubscribe with after_sequence={last_delivered} to go on"
+        "subscriber too slow: catching up from the log it was {behind} sequences behind the head, \
+         over the limit of {max_lag} (max_subscriber_lag); last delivered sequence \
+         {last_delivered}; resubscribe with after_sequence={last_delivered} to go on"
     )]
     SlowConsumer {
-        queue_size: usize,
+        behind: u64,
+        max_lag: u64,
         last_delivered: u64,
     },
 
-    /// Every member of a live group was full, and this one was ended.
+    /// A member of a live group, catching up from the log for its group, fell further behind the
+    /// head than `max_subscriber_lag` allows. The group's events it had taken on and not
+    /// delivered are lost to the group.
     #[error(
-        "group member too slow: every member's queue (of {queue_size} events) was full, so an \
-         event was dropped for the group and this member was ended; last delivered sequence \
-         {last_delivered}. Resubscribe to rejoin; for at-least-once delivery use ack_mode MANUAL"
+        "group member too slow: catching up from the log for its group it was {behind} sequences \
+         behind the head, over the limit of {max_lag} (max_subscriber_lag), so the group's events \
+         after sequence {last_delivered} that it had taken on were dropped and this member was \
+         ended; last delivered sequence {last_delivered}. Resubscribe to rejoin; for \
+         at-least-once delivery use ack_mode MANUAL"
     )]
     SlowGroupMember {
-        queue_size: usize,
+        behind: u64,
+        max_lag: u64,
         last_delivered: u64,
     },
 

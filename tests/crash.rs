@@ -437,7 +437,11 @@ async fn a_new_group_survives_a_crash_before_its_cursor_first_moves() {
         ack_mode: pb::AckMode::Manual as i32,
         ..Default::default()
     };
-    let mut stream = client.subscribe(request.clone()).await.unwrap().into_inner();
+    let mut stream = client
+        .subscribe(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
     let first = stream.next().await.unwrap().unwrap();
     assert!(matches!(first.message, Some(Message::Subscribed(_))));
     let sent: Vec<u64> = client

@@ -159,14 +159,18 @@ async fn batching_publisher_keeps_order_and_assigns_sequences() {
 
 #[tokio::test]
 async fn subscription_resumes_after_a_slow_consumer_cutoff_without_duplicates_or_gaps() {
+    // A subscriber that falls behind catches up from the log; past the lag limit the bus cuts
+    // it off, which is what this test needs.
     let bus = TestBus::start_with(BusConfig {
         subscriber_queue_size: 4,
+        max_subscriber_lag: Some(100),
         ..BusConfig::default()
     })
     .await;
     let client = client(&bus, "resume").await;
     // A one-item read-ahead: while the test does not read, the SDK does not either, so the
-    // bus's queue for this subscriber overflows and the bus cuts it off.
+    // bus's queue for this subscriber overflows, it falls more than the lag limit behind, and
+    // the bus cuts it off.
     let mut subscription = client
         .subscribe_with("flood.*", SubscribeOptions::new().buffer(1))
         .await

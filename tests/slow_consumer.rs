@@ -1,5 +1,7 @@
-//! A subscriber that stops reading is ended with RESOURCE_EXHAUSTED naming its last delivered
-//! sequence, without slowing publishers or other subscribers, and can resume from there.
+//! A subscriber that stops reading falls behind without slowing publishers or other
+//! subscribers: it catches up from the log (`slow_subscribers.rs`) and, with
+//! `max_subscriber_lag` set, is ended once it is further behind than that, with
+//! RESOURCE_EXHAUSTED naming its last delivered sequence, and can resume from there.
 
 mod common;
 mod support;
@@ -19,14 +21,20 @@ const QUEUE: usize = 4;
 const DATA: usize = 64 * 1024;
 const EVENTS: usize = 240;
 const BATCH: usize = 4;
+/// Far less than the burst, far more than the queue and the transport's buffers hold.
+const MAX_LAG: u64 = 100;
+
+fn lag_limited() -> BusConfig {
+    BusConfig {
+        subscriber_queue_size: QUEUE,
+        max_subscriber_lag: Some(MAX_LAG),
+        ..BusConfig::default()
+    }
+}
 
 #[tokio::test]
-async fn a_subscriber_that_stops_reading_is_ended_and_can_resume_without_a_gap() {
-    let bus = TestBus::start_with(BusConfig {
-        subscriber_queue_size: QUEUE,
-        ..BusConfig::default()
-    })
-    .await;
+async fn a_subscriber_past_the_lag_limit_is_ended_and_can_resume_without_a_gap() {
+    let bus = TestBus::start_with(lag_limited()).await;
     // Each subscriber on its own connection, so the slow one's full windows hold up nobody.
     let mut slow_client = bus.client().await;
     let (_, mut slow) = subscribe(&mut slow_client, request("feed")).await;
@@ -71,6 +79,7 @@ async fn a_subscriber_that_stops_reading_is_ended_and_can_resume_without_a_gap()
         &[
             &format!("last delivered sequence {last}"),
             &format!("after_sequence={last}"),
+            &format!("over the limit of {MAX_LAG} (max_subscriber_lag)"),
         ],
     );
     assert_eq!(reason(&status).as_deref(), Some("slow-consumer"));
@@ -97,11 +106,7 @@ async fn a_subscriber_that_stops_reading_is_ended_and_can_resume_without_a_gap()
 
 #[tokio::test]
 async fn a_slow_subscriber_never_fails_or_stalls_publishers() {
-    let bus = TestBus::start_with(BusConfig {
-        subscriber_queue_size: QUEUE,
-        ..BusConfig::default()
-    })
-    .await;
+    let bus = TestBus::start_with(lag_limited()).await;
     let mut slow_client = bus.client().await;
     let (_, mut slow) = subscribe(&mut slow_client, request(">")).await;
 
@@ -120,6 +125,7 @@ async fn a_slow_subscriber_never_fails_or_stalls_publishers() {
     assert_eq!(last, EVENTS as u64);
     let (_, status) = read_to_error(&mut slow).await;
     assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status).as_deref(), Some("slow-consumer"));
 
     // Once ended, the slow subscription no longer counts as a subscriber.
     let mut admin = bus.admin().await;

@@ -72,7 +72,9 @@ use crate::topic::{Pattern, Topic, MAX_TOPIC_BYTES};
 
 /// How often, at most, a moving cursor is saved.
 pub const SAVE_INTERVAL: Duration = Duration::from_millis(50);
-/// Events read from the log ahead of delivery.
+/// Events read from the log ahead of delivery, at most; also at most `subscriber_queue_bytes`
+/// of them (the first event is read whatever its size), so a group of large events does not
+/// hold 512 of them.
 const READ_AHEAD: usize = 512;
 /// The first step of the redelivery backoff, and its ceiling.
 pub const REDELIVERY_BACKOFF_BASE: Duration = Duration::from_millis(50);
@@ -181,6 +183,8 @@ struct GroupState {
     /// Events to deliver, by sequence (so redeliveries keep log order), with the deliveries
     /// they had so far.
     ready: BTreeMap<u64, (SharedEvent, u32)>,
+    /// What the events in `ready` weigh ([`crate::event::StoredEvent::held_bytes`]).
+    ready_bytes: usize,
     in_flight: BTreeMap<u64, InFlight>,
     /// Nacked with a delay: (due, sequence) -> (event, deliveries so far).
     delayed: BTreeMap<(Instant, u64), (SharedEvent, u32)>,
@@ -246,6 +250,7 @@ impl GroupState {
         }
         let cursor = self.cursor();
         let ready = std::mem::take(&mut self.ready);
+        self.ready_bytes = 0;
         let delayed = std::mem::take(&mut self.delayed);
         let returned = ready.into_values().chain(delayed.into_values());
         for (event, deliveries) in returned {
@@ -256,6 +261,21 @@ impl GroupState {
         self.read_through = cursor;
         self.parked = true;
         true
+    }
+
+    /// Puts an event in `ready`, counting its bytes.
+    fn make_ready(&mut self, event: SharedEvent, deliveries: u32) {
+        self.ready_bytes += event.held_bytes();
+        if let Some((replaced, _)) = self.ready.insert(event.sequence, (event, deliveries)) {
+            self.ready_bytes -= replaced.held_bytes();
+        }
+    }
+
+    /// Takes the first event out of `ready`.
+    fn take_first_ready(&mut self) {
+        if let Some((_, (event, _))) = self.ready.pop_first() {
+            self.ready_bytes -= event.held_bytes();
+        }
     }
 
     fn member_mut(&mut self, id: u64) -> Option<&mut Member> {
@@ -280,7 +300,7 @@ impl GroupState {
         }
         let wait = delay.max(redelivery_backoff(deliveries));
         if wait.is_zero() {
-            self.ready.insert(event.sequence, (event, deliveries));
+            self.make_ready(event, deliveries);
         } else {
             let due = deadline_after(now, wait);
             self.delayed
@@ -798,7 +818,7 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
             break;
         }
         let (event, deliveries) = entry.remove();
-        state.ready.insert(event.sequence, (event, deliveries));
+        state.make_ready(event, deliveries);
     }
 
     read_ahead(broker, group, &mut state);
@@ -819,7 +839,7 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
                 .expect("not empty");
             match member.queue.try_send((event.clone(), deliveries + 1)) {
                 Ok(()) => {
-                    state.ready.pop_first();
+                    state.take_first_ready();
                     let member = &mut state.members[index];
                     member.in_flight += 1;
                     let (id, deadline) = (member.id, deadline_after(now, member.ack_deadline));
@@ -860,12 +880,17 @@ fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
         return;
     }
     let visible = broker.visible_head();
-    while state.ready.len() < READ_AHEAD && state.read_through < visible {
-        let chunk = match broker
-            .shared
-            .store
-            .read_after(state.read_through, READ_AHEAD)
-        {
+    let max_bytes = broker.config().subscriber_queue_bytes;
+    while state.ready.len() < READ_AHEAD
+        && state.ready_bytes < max_bytes
+        && state.read_through < visible
+    {
+        let bytes = max_bytes - state.ready_bytes;
+        let chunk = match broker.shared.store.read_after_within(
+            state.read_through,
+            READ_AHEAD,
+            bytes,
+        ) {
             Ok(chunk) => chunk,
             Err(error) => {
                 warn!(group = %group.name, %error, "reading the log failed; retrying on the next wake");
@@ -893,7 +918,7 @@ fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
             state.read_through = event.sequence;
             let deliveries = state.redeliveries.remove(&event.sequence).unwrap_or(0);
             if group.reads(&event) {
-                state.ready.insert(event.sequence, (event, deliveries));
+                state.make_ready(event, deliveries);
             }
         }
     }

@@ -6,8 +6,9 @@
 //! [`Broker::publish`] checks the batch against the limits, then, under the routing lock, appends
 //! it to the [`Store`] (which assigns sequences) and pushes each stored event (an `Arc`, never a
 //! copy) into the bounded queue of every matching subscriber, found through the subject tree. A
-//! group gets the event once, in the queue of one live member. A queue that is full ends that
-//! subscription as too slow instead of blocking the publisher.
+//! group gets the event once, in the queue of one live member. A subscriber whose queue is full
+//! (in events or bytes, or all queues together are at their budget) is not waited for and not
+//! ended: it leaves the live path and catches up from the log (`broker/delivery.rs`).
 //!
 //! # Why one routing lock
 //! Appending and routing under one lock makes delivery order equal sequence order for every
@@ -24,13 +25,14 @@
 //! routed sequence: nobody ever sees an event that a crash could take back.
 
 mod dedupe;
+mod delivery;
 pub mod durable;
 mod names;
 mod subscription;
 pub mod topology;
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -52,6 +54,7 @@ use crate::store::{Store, StoreError};
 use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic, INBOX_FAMILY};
 use dedupe::DedupeWindow;
+use delivery::{DeliveryBudget, Lane};
 use names::{TopicCounters, TopicTable};
 use topology::Topology;
 
@@ -77,6 +80,8 @@ struct Shared {
     routed: watch::Sender<u64>,
     /// MANUAL-ack consumer groups, each with its dispatcher.
     durable: durable::DurableGroups,
+    /// Bytes queued for all live subscribers, against `delivery_buffer_bytes`.
+    delivery: Arc<DeliveryBudget>,
     /// The broker's own tasks (group dispatchers), so shutdown can wait for their last writes.
     tasks: TaskTracker,
 }
@@ -120,50 +125,66 @@ struct Group {
     members: Vec<Subscriber>,
     /// Round-robin position of the next member to try.
     next: usize,
+    /// The member catching up from the log for the whole group: set when every member was
+    /// full. Until it is live again, every event of the group is its own (it reads them from
+    /// the log), so no other member gets one. See [`Group::deliver`].
+    catcher: Option<Arc<Lane>>,
+    /// `max_subscriber_lag`: a catcher further behind is dropped from the group.
+    max_lag: Option<u64>,
 }
 
-/// The publish side of one subscription: its queue's sender. Dropping it (on unsubscribe or
-/// overflow) closes the queue, which the subscription's stream sees after draining it.
+/// The publish side of one subscription: its queue's sender. Dropping it (on unsubscribe)
+/// closes the queue, which the subscription's stream sees after draining it.
 struct Subscriber {
     id: u64,
     queue: mpsc::Sender<SharedEvent>,
-    end: Arc<AtomicU8>,
+    /// Shared with the stream: live or catching up, and the bytes queued.
+    lane: Arc<Lane>,
     /// A query's inbox: only events with this correlation id are queued, and a full queue
     /// drops the event instead of ending the inbox, so strays published into an inbox can
     /// neither crowd out the reply nor end the query early.
     only_correlation: Option<Arc<str>>,
 }
 
-/// Why a subscription's queue was closed by the bus, read by its stream when the queue ends.
-const END_NONE: u8 = 0;
-const END_OVERFLOW: u8 = 1;
-
 /// Outcome of offering an event to one subscriber.
 enum Offer {
     Queued,
+    /// The queue (or all queues together) has no room for it.
     Full,
+    /// The subscriber reads the log for now; routing passes it by.
+    CatchingUp,
     Gone,
 }
 
 impl Subscriber {
-    fn offer(&self, event: &SharedEvent) -> Offer {
+    /// Offers an event weighing `size` bytes ([`delivery::weight`]).
+    fn offer(&self, event: &SharedEvent, size: usize) -> Offer {
         if let Some(correlation) = &self.only_correlation {
             if event.event.correlation_id != **correlation {
                 return Offer::Queued;
             }
+            return match self.queue.try_send(event.clone()) {
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Offer::Queued,
+                Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+            };
+        }
+        if self.lane.is_catching_up() {
+            return Offer::CatchingUp;
+        }
+        let queue_empty = self.queue.capacity() == self.queue.max_capacity();
+        if !self.lane.reserve(size, queue_empty) {
+            return Offer::Full;
         }
         match self.queue.try_send(event.clone()) {
             Ok(()) => Offer::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) if self.only_correlation.is_some() => {
-                Offer::Queued
+            Err(error) => {
+                self.lane.release(size);
+                match error {
+                    mpsc::error::TrySendError::Full(_) => Offer::Full,
+                    mpsc::error::TrySendError::Closed(_) => Offer::Gone,
+                }
             }
-            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
         }
-    }
-
-    fn end_overflowed(&self) {
-        self.end.store(END_OVERFLOW, Ordering::Release);
     }
 }
 
@@ -220,6 +241,7 @@ impl Broker {
         let (routed, _) = watch::channel(head);
         let dedupe = recent_publishes(&config, &*store);
         let max_names = config.max_names;
+        let delivery = Arc::new(DeliveryBudget::new(config.delivery_buffer_bytes));
         let broker = Broker {
             shared: Arc::new(Shared {
                 config,
@@ -238,6 +260,7 @@ impl Broker {
                 routed_through,
                 routed,
                 durable: durable::DurableGroups::default(),
+                delivery,
                 tasks: TaskTracker::new(),
             }),
         };
@@ -544,11 +567,17 @@ impl Broker {
             .next_subscription_id
             .fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::channel(request.queue_size);
-        let end = Arc::new(AtomicU8::new(END_NONE));
+        let lane = match request.only_correlation {
+            Some(_) => Lane::uncounted(),
+            None => Lane::counted(
+                self.shared.config.subscriber_queue_bytes,
+                self.shared.delivery.clone(),
+            ),
+        };
         let subscriber = Subscriber {
             id,
             queue: sender,
-            end: end.clone(),
+            lane: lane.clone(),
             only_correlation: request.only_correlation,
         };
         let interest = routing.subscriptions.entry(request.pattern);
@@ -560,6 +589,8 @@ impl Broker {
                     name: name.clone(),
                     members: vec![subscriber],
                     next: 0,
+                    catcher: None,
+                    max_lag: self.shared.config.max_subscriber_lag,
                 }),
             },
         }
@@ -578,7 +609,7 @@ impl Broker {
             group: request.group.cloned(),
             subscriber: request.subscriber.map(Arc::from),
             receiver,
-            end,
+            lane,
         }
     }
 
@@ -953,40 +984,54 @@ struct Registration {
     group: Option<Arc<str>>,
     subscriber: Option<Arc<str>>,
     receiver: mpsc::Receiver<SharedEvent>,
-    end: Arc<AtomicU8>,
+    /// Shared with the subscriber's entry in the tree (see [`delivery`]).
+    lane: Arc<Lane>,
 }
 
 impl Registration {
-    fn overflowed(&self) -> bool {
-        self.end.load(Ordering::Acquire) == END_OVERFLOW
+    /// Takes an event out of the queue's accounting once the stream has received it.
+    fn received(&self, event: &crate::event::StoredEvent) {
+        if self.lane.is_counted() {
+            self.lane.release(delivery::weight(event));
+        }
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.lane.close();
         self.broker.unregister(self);
+        // Unregistered, nobody sends any more: give back the room of what is still queued.
+        self.receiver.close();
+        while let Ok(event) = self.receiver.try_recv() {
+            self.received(&event);
+        }
     }
 }
 
 impl Routing {
-    /// Offers a stored event to every matching subscriber, dropping those whose queue is full
-    /// (ended as too slow) or whose stream is gone.
+    /// Offers a stored event to every matching subscriber. One whose queue has no room for it
+    /// leaves the live path and will read it from the log ([`delivery`]); one whose stream is
+    /// gone is dropped.
     fn route(&mut self, event: &SharedEvent) {
+        // Weighed once, and only if someone listens.
+        let mut weight = None;
         self.subscriptions.for_each_match_and_prune(
             &event.event.topic,
             |interest| {
+                let size = *weight.get_or_insert_with(|| delivery::weight(event));
                 interest
                     .individual
-                    .retain(|subscriber| match subscriber.offer(event) {
-                        Offer::Queued => true,
+                    .retain(|subscriber| match subscriber.offer(event, size) {
+                        Offer::Queued | Offer::CatchingUp => true,
                         Offer::Full => {
-                            subscriber.end_overflowed();
-                            false
+                            subscriber.lane.catch_up_after(event.sequence - 1);
+                            true
                         }
                         Offer::Gone => false,
                     });
                 for group in &mut interest.groups {
-                    group.deliver(event);
+                    group.deliver(event, size);
                 }
                 interest.groups.retain(|g| !g.members.is_empty());
             },
@@ -1010,20 +1055,50 @@ impl Routing {
 
 impl Group {
     /// Queues the event with one member, round robin, skipping full members. If every member
-    /// is full, the group as a whole is too slow: the member whose turn it was is ended.
-    fn deliver(&mut self, event: &SharedEvent) {
+    /// is full, the group's event is not dropped: the member whose turn it was becomes the
+    /// group's catcher. It leaves the live path and reads the log from this event on, and every
+    /// later event of the group is its own (no other member gets one) until it is live again,
+    /// so each event of the group still goes to exactly one member, in order.
+    ///
+    /// A catcher that has not started reading the log (its client is not reading either)
+    /// hands the role to the first member whose queue is empty, so one stalled member cannot
+    /// hold up a group whose other members read. With `max_subscriber_lag`, a catcher further
+    /// behind than that is dropped from the group and its stream ended (`SlowGroupMember`);
+    /// the events it had taken on and not delivered are lost to the group (at most once, as
+    /// AUTO promises, and as when any member leaves with events queued).
+    fn deliver(&mut self, event: &SharedEvent, size: usize) {
+        if let Some(catcher) = self.catcher.clone() {
+            if !catcher.is_catching_up() {
+                self.catcher = None;
+            } else if self.max_lag.is_some_and(|max| {
+                (event.sequence - 1).saturating_sub(catcher.resume_after()) > max
+            }) {
+                catcher.evict();
+                self.members.retain(|m| !Arc::ptr_eq(&m.lane, &catcher));
+                self.catcher = None;
+                self.next = match self.members.len() {
+                    0 => 0,
+                    count => self.next % count,
+                };
+            } else {
+                if catcher.is_marked() {
+                    self.hand_over(&catcher);
+                }
+                return;
+            }
+        }
         let count = self.members.len();
         let mut gone = Vec::new();
         let mut delivered = false;
         for attempt in 0..count {
             let index = (self.next + attempt) % count;
-            match self.members[index].offer(event) {
+            match self.members[index].offer(event, size) {
                 Offer::Queued => {
                     self.next = index + 1;
                     delivered = true;
                     break;
                 }
-                Offer::Full => {}
+                Offer::Full | Offer::CatchingUp => {}
                 Offer::Gone => gone.push(index),
             }
         }
@@ -1032,8 +1107,10 @@ impl Group {
                 .map(|attempt| (self.next + attempt) % count)
                 .find(|index| !gone.contains(index))
                 .expect("some member is not gone");
-            self.members[turn].end_overflowed();
-            gone.push(turn);
+            let lane = &self.members[turn].lane;
+            lane.catch_up_after(event.sequence - 1);
+            self.catcher = Some(lane.clone());
+            self.next = turn + 1;
         }
         if !gone.is_empty() {
             let mut index = 0;
@@ -1042,11 +1119,27 @@ impl Group {
                 index += 1;
                 keep
             });
-            if self.members.is_empty() {
-                self.next = 0;
-            } else {
-                self.next %= self.members.len();
-            }
+        }
+        if self.members.is_empty() {
+            self.next = 0;
+        } else {
+            self.next %= self.members.len();
+        }
+    }
+
+    /// Gives the catching up of a catcher that has not started on it to a live member whose
+    /// queue is empty (it reads: it drained everything), from the same event.
+    fn hand_over(&mut self, catcher: &Arc<Lane>) {
+        let Some(idle) = self.members.iter().find(|member| {
+            !Arc::ptr_eq(&member.lane, catcher)
+                && member.lane.is_live()
+                && member.queue.capacity() == member.queue.max_capacity()
+        }) else {
+            return;
+        };
+        if catcher.cancel_catch_up() {
+            idle.lane.catch_up_after(catcher.resume_after());
+            self.catcher = Some(idle.lane.clone());
         }
     }
 }

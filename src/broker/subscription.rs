@@ -9,6 +9,15 @@
 //! queue. The `caught_up` marker sits between the two. Since the store holds every event
 //! published after the `subscribed` confirmation, the confirmation's promise holds during the
 //! replay too.
+//!
+//! # Falling behind
+//! A live subscriber whose queue has no room for an event (see [`super::delivery`]) goes back
+//! to the same replay, from that event, keeping its registration, and switches to live the
+//! same way, so falling behind costs it no event and no duplicate. It gets no second
+//! `caught_up`: the marker ends the replay the client asked for. While catching up it is ended
+//! only when retention dropped events it has not read (`ReplayOverrun`) or when it is more than
+//! `max_subscriber_lag` sequences behind the head (checked as it reads the log). A replay reads
+//! in chunks bounded in events and bytes, so a stalled one holds at most about two chunks.
 
 use std::collections::VecDeque;
 use std::future::Future as _;
@@ -229,7 +238,14 @@ impl Subscription {
                     }
                     StartPosition::Latest => unreachable!("handled above"),
                 };
-                (Phase::Replay { after }, bounds, truncated)
+                (
+                    Phase::Replay {
+                        after,
+                        rejoin: None,
+                    },
+                    bounds,
+                    truncated,
+                )
             }
         };
         let id = match &phase {
@@ -258,11 +274,13 @@ impl Subscription {
                 broker,
                 options,
                 queue_size,
+                been_live: matches!(phase, Phase::Live(_)),
                 phase,
                 pending: VecDeque::new(),
                 caught_up: None,
                 last_delivered: 0,
                 from_oldest_held: from_oldest_held || start_truncated,
+                ending: None,
                 shutdown: None,
             },
         ))
@@ -322,10 +340,12 @@ impl Subscription {
                 options,
                 queue_size,
                 phase: Phase::Durable(joined.membership),
+                been_live: true,
                 pending: VecDeque::new(),
                 caught_up: None,
                 last_delivered: 0,
                 from_oldest_held: false,
+                ending: None,
                 shutdown: None,
             },
         ))
@@ -341,8 +361,13 @@ impl Stream for Subscription {
 }
 
 enum Phase {
-    /// Reading the store; everything up to `after` is done.
-    Replay { after: u64 },
+    /// Reading the store; everything up to `after` is done. `rejoin` is the registration of a
+    /// subscriber that left the live path (its queue was full, see [`super::delivery`]): it
+    /// goes back live with it instead of registering anew.
+    Replay {
+        after: u64,
+        rejoin: Option<Registration>,
+    },
     /// In the subject tree, reading the queue.
     Live(Registration),
     /// A member of a MANUAL-ack group, reading what its dispatcher hands it.
@@ -363,6 +388,11 @@ struct Cursor {
     pending: VecDeque<SharedEvent>,
     /// The `caught_up` marker to yield once `pending` is empty.
     caught_up: Option<u64>,
+    /// Whether the subscription has been live: a `caught_up` marker is sent (or was never due,
+    /// for a start at latest), so switching back to live after catching up sends none.
+    been_live: bool,
+    /// An error to end with once `pending` is delivered (what was read before it is held).
+    ending: Option<BusError>,
     /// The replay asked for the oldest held event, not a given one: its first read takes
     /// whatever is oldest then, even if retention dropped more since the confirmation.
     from_oldest_held: bool,
@@ -382,14 +412,18 @@ impl Cursor {
                 return Poll::Ready(Some(Ok(Delivery::CaughtUp { sequence })));
             }
             match &mut self.phase {
-                Phase::Done => return Poll::Ready(None),
-                Phase::Replay { after } => {
+                Phase::Done => return Poll::Ready(self.ending.take().map(Err)),
+                Phase::Replay { after, .. } => {
                     let after = *after;
                     if self.broker.is_shutting_down() {
                         return Poll::Ready(self.end(BusError::ShuttingDown));
                     }
                     if let Err(error) = self.replay_step(after) {
-                        return Poll::Ready(self.end(error));
+                        // What was read before the error is delivered first: the error names
+                        // the last sequence delivered, so a resume misses nothing held.
+                        self.phase = Phase::Done;
+                        self.ending = Some(error);
+                        continue;
                     }
                     if self.pending.is_empty() && matches!(self.phase, Phase::Replay { .. }) {
                         // A replay of a busy log through a narrow pattern may find nothing
@@ -402,35 +436,49 @@ impl Cursor {
                     if self.broker.is_shutting_down() {
                         return Poll::Ready(self.end(BusError::ShuttingDown));
                     }
-                    let received = match registration.receiver.poll_recv(cx) {
-                        Poll::Ready(received) => received,
-                        Poll::Pending => return self.poll_shutdown(cx),
-                    };
-                    match received {
-                        Some(event) => {
-                            if !self.passes_floor(&event) {
-                                continue;
-                            }
-                            self.last_delivered = event.sequence;
-                            return Poll::Ready(Some(Ok(Delivery::Event { event, attempt: 0 })));
+                    let event = match registration.receiver.poll_recv(cx) {
+                        Poll::Ready(Some(event)) => {
+                            registration.received(&event);
+                            event
                         }
-                        None => {
-                            let (queue_size, last_delivered) =
-                                (self.queue_size, self.last_delivered);
-                            let error = match (registration.overflowed(), &self.options.group) {
-                                (false, _) => BusError::ShuttingDown,
-                                (true, None) => BusError::SlowConsumer {
-                                    queue_size,
-                                    last_delivered,
-                                },
-                                (true, Some(_)) => BusError::SlowGroupMember {
-                                    queue_size,
-                                    last_delivered,
-                                },
+                        // The queue is closed when the group dropped this member for lagging,
+                        // or by unregistering, which only shutdown does to a stream still read.
+                        Poll::Ready(None) => {
+                            let error = match registration.lane.is_evicted() {
+                                true => self.lagging(self.broker.visible_head()),
+                                false => BusError::ShuttingDown,
                             };
                             return Poll::Ready(self.end(error));
                         }
+                        // Tokio's cooperative budget answers Pending with events still queued
+                        // (and wakes the task): only an empty queue may switch to the log.
+                        Poll::Pending if !registration.receiver.is_empty() => {
+                            return Poll::Pending;
+                        }
+                        // The queue is empty, and routing queues nothing once it marks the
+                        // subscriber: if it is marked, everything routed to it was received.
+                        // (`start_catch_up` registers the waker, so a later marking wakes us.)
+                        Poll::Pending => {
+                            let Some(after) = registration.lane.start_catch_up(cx.waker()) else {
+                                return self.poll_shutdown(cx);
+                            };
+                            let Phase::Live(registration) =
+                                std::mem::replace(&mut self.phase, Phase::Done)
+                            else {
+                                unreachable!("matched above");
+                            };
+                            self.phase = Phase::Replay {
+                                after,
+                                rejoin: Some(registration),
+                            };
+                            continue;
+                        }
+                    };
+                    if !self.passes_floor(&event) {
+                        continue;
                     }
+                    self.last_delivered = event.sequence;
+                    return Poll::Ready(Some(Ok(Delivery::Event { event, attempt: 0 })));
                 }
                 Phase::Durable(membership) => {
                     if self.broker.is_shutting_down() {
@@ -463,19 +511,38 @@ impl Cursor {
         }
     }
 
-    /// Reads the next chunk of the replay; near the head, switches to live.
+    /// Reads the next chunk of the replay; near the head, switches to live. A chunk is bounded
+    /// in events ([`REPLAY_CHUNK`]) and bytes (`subscriber_queue_bytes`), and the events are the
+    /// store's own `Arc`s where it keeps them (the memory store, the file store's tail cache),
+    /// so a stalled replay holds at most about two chunks.
     fn replay_step(&mut self, after: u64) -> Result<(), BusError> {
         let store = self.broker.shared.store.clone();
+        let config = self.broker.config();
+        let chunk_bytes = config.subscriber_queue_bytes;
         let visible = self.broker.visible_head();
-        let mut chunk = store.read_after(after, REPLAY_CHUNK)?;
+        if let Phase::Replay {
+            rejoin: Some(registration),
+            ..
+        } = &self.phase
+        {
+            registration.lane.replayed_through(after);
+            if registration.lane.is_evicted() {
+                return Err(self.lagging(visible));
+            }
+            self.check_lag(after, visible)?;
+        }
+        let mut chunk = store.read_after_within(after, REPLAY_CHUNK, chunk_bytes)?;
         chunk.retain(|event| event.sequence <= visible);
         if !std::mem::take(&mut self.from_oldest_held) {
             self.check_no_gap(after, &chunk)?;
         }
-        if chunk.len() == REPLAY_CHUNK && chunk.last().is_some_and(|e| e.sequence < visible) {
-            let last = chunk.last().expect("a full chunk").sequence;
+        if let Some(last) = chunk
+            .last()
+            .map(|e| e.sequence)
+            .filter(|last| *last < visible)
+        {
             self.take_matching(chunk);
-            self.phase = Phase::Replay { after: last };
+            self.set_replayed_through(last);
             return Ok(());
         }
         let caught_up_after = chunk.last().map_or(after, |e| e.sequence);
@@ -486,24 +553,107 @@ impl Cursor {
         // Under the lock the visible head cannot move: read up to it, no further (later events
         // are pending durability and will be routed to the registration below).
         let head = self.broker.visible_head();
-        let mut rest = store.read_after(caught_up_after, usize::MAX)?;
+        if let Phase::Replay {
+            rejoin: Some(registration),
+            ..
+        } = &self.phase
+        {
+            // Under the lock routing cannot drop it from its group meanwhile.
+            if registration.lane.is_evicted() {
+                return Err(self.lagging(head));
+            }
+            // The head may have moved on since the step began (a batch routed meanwhile).
+            self.check_lag(caught_up_after, head)?;
+        }
+        let mut rest = store.read_after_within(caught_up_after, REPLAY_CHUNK, chunk_bytes)?;
         rest.retain(|event| event.sequence <= head);
         self.check_no_gap(caught_up_after, &rest)?;
-        let registration = self.broker.register_locked(
-            &mut routing,
-            RegistrationRequest {
-                pattern: &self.options.pattern,
-                group: self.options.group.as_ref(),
-                subscriber: Some(&*self.options.subscriber),
-                queue_size: self.queue_size,
-                only_correlation: None,
-            },
-        );
+        if let Some(last) = rest.last().map(|e| e.sequence).filter(|last| *last < head) {
+            // The head moved on by more than one read meanwhile: go on reading, off the lock.
+            drop(routing);
+            self.take_matching(rest);
+            self.set_replayed_through(last);
+            return Ok(());
+        }
+        let registration = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Replay {
+                rejoin: Some(registration),
+                ..
+            } => {
+                registration.lane.rejoin();
+                registration
+            }
+            _ => self.broker.register_locked(
+                &mut routing,
+                RegistrationRequest {
+                    pattern: &self.options.pattern,
+                    group: self.options.group.as_ref(),
+                    subscriber: Some(&*self.options.subscriber),
+                    queue_size: self.queue_size,
+                    only_correlation: None,
+                },
+            ),
+        };
         drop(routing);
         self.take_matching(rest);
-        self.caught_up = Some(head);
+        if !std::mem::replace(&mut self.been_live, true) {
+            self.caught_up = Some(head);
+        }
         self.phase = Phase::Live(registration);
         Ok(())
+    }
+
+    /// Moves the replay's position on to `sequence`.
+    fn set_replayed_through(&mut self, sequence: u64) {
+        if let Phase::Replay { after, .. } = &mut self.phase {
+            *after = sequence;
+        }
+    }
+
+    /// Ends a subscriber catching up from the log that is further behind the visible head
+    /// than `max_subscriber_lag`. `after` is where it has read to.
+    fn check_lag(&self, after: u64, visible: u64) -> Result<(), BusError> {
+        let Some(max_lag) = self.broker.config().max_subscriber_lag else {
+            return Ok(());
+        };
+        let behind = visible.saturating_sub(after);
+        if behind <= max_lag {
+            return Ok(());
+        }
+        Err(self.too_slow(behind, max_lag, self.last_delivered.max(after)))
+    }
+
+    /// The ending of a group member that its group dropped for lagging (see
+    /// `Group::deliver`), as the bus saw it at `visible`.
+    fn lagging(&self, visible: u64) -> BusError {
+        let max_lag = self.broker.config().max_subscriber_lag.unwrap_or(0);
+        let after = match &self.phase {
+            Phase::Replay {
+                rejoin: Some(registration),
+                ..
+            }
+            | Phase::Live(registration) => registration.lane.resume_after(),
+            _ => self.last_delivered,
+        };
+        let behind = visible.saturating_sub(after);
+        self.too_slow(behind, max_lag, self.last_delivered.max(after))
+    }
+
+    /// Too far behind: [`BusError::SlowConsumer`], or for a live group's member
+    /// [`BusError::SlowGroupMember`].
+    fn too_slow(&self, behind: u64, max_lag: u64, last_delivered: u64) -> BusError {
+        match self.options.group {
+            None => BusError::SlowConsumer {
+                behind,
+                max_lag,
+                last_delivered,
+            },
+            Some(_) => BusError::SlowGroupMember {
+                behind,
+                max_lag,
+                last_delivered,
+            },
+        }
     }
 
     /// A chunk that does not start right after `after` means retention dropped events this
@@ -586,6 +736,178 @@ mod tests {
             }
         }
         sequences
+    }
+
+    /// Subscribers that do not read while far more is published than their queues and the
+    /// shared budget hold: the queues together stay within the budget (passed by at most one
+    /// event per queue, which an empty queue always takes), and each subscriber, once it reads,
+    /// gets every event in order from the log, then is live again with nothing left queued.
+    #[tokio::test]
+    async fn stalled_subscribers_stay_within_the_budget_and_catch_up_from_the_log() {
+        const SUBSCRIBERS: usize = 6;
+        const EVENTS: u64 = 400;
+        let data = bytes::Bytes::from(vec![1u8; 1000]);
+        let config = BusConfig {
+            subscriber_queue_size: 64,
+            subscriber_queue_bytes: 32 * 1024,
+            delivery_buffer_bytes: 64 * 1024,
+            ..BusConfig::default()
+        };
+        let broker = Broker::new(config.clone(), Arc::new(MemoryStore::new(10_000, 1 << 30)));
+        let mut subscriptions: Vec<Subscription> = (0..SUBSCRIBERS)
+            .map(|_| {
+                broker
+                    .subscribe(SubscribeOptions {
+                        pattern: Pattern::parse("r.>").unwrap(),
+                        group: None,
+                        subscriber: Arc::from("test"),
+                        start: StartPosition::Latest,
+                        ack: AckMode::Auto,
+                        log_id: None,
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let mut largest = 0;
+        for _ in 0..EVENTS {
+            let published = broker
+                .publish(vec![Event {
+                    data: data.clone(),
+                    ..event()
+                }])
+                .await
+                .unwrap();
+            assert!(!published.duplicates[0]);
+            largest = largest.max(broker.shared.delivery.used());
+        }
+        let one = broker.shared.store.read_after(0, 1).unwrap()[0].held_bytes();
+        assert!(
+            largest <= config.delivery_buffer_bytes + SUBSCRIBERS * one,
+            "{largest} bytes queued"
+        );
+        for subscription in &mut subscriptions {
+            assert_eq!(
+                delivered(subscription, EVENTS as usize).await,
+                (1..=EVENTS).collect::<Vec<_>>()
+            );
+        }
+        let next = broker.publish(vec![event()]).await.unwrap().sequences[0];
+        for subscription in &mut subscriptions {
+            assert_eq!(delivered(subscription, 1).await, vec![next]);
+        }
+        assert_eq!(broker.shared.delivery.used(), 0, "nothing left queued");
+        drop(subscriptions);
+    }
+
+    /// A marked subscriber whose queue holds more events than Tokio's cooperative budget lets
+    /// one poll take (128): `poll_recv` then answers `Pending` with events still queued, which
+    /// must not be taken for an empty queue, or the queued events would be skipped.
+    #[tokio::test]
+    async fn a_queue_longer_than_the_coop_budget_is_drained_before_catching_up() {
+        let broker = Broker::new(
+            BusConfig {
+                subscriber_queue_size: 1000,
+                ..BusConfig::default()
+            },
+            Arc::new(MemoryStore::new(10_000, 1 << 30)),
+        );
+        let mut subscription = broker
+            .subscribe(SubscribeOptions {
+                pattern: Pattern::parse("r.>").unwrap(),
+                group: None,
+                subscriber: Arc::from("test"),
+                start: StartPosition::Latest,
+                ack: AckMode::Auto,
+                log_id: None,
+            })
+            .unwrap();
+        let events = (0..1500).map(|_| event()).collect();
+        broker.publish(events).await.unwrap();
+        assert_eq!(
+            delivered(&mut subscription, 1500).await,
+            (1..=1500).collect::<Vec<_>>()
+        );
+    }
+
+    fn group_member(broker: &Broker) -> Subscription {
+        broker
+            .subscribe(SubscribeOptions {
+                pattern: Pattern::parse("r.>").unwrap(),
+                group: Some(Arc::from("g")),
+                subscriber: Arc::from("test"),
+                start: StartPosition::Latest,
+                ack: AckMode::Auto,
+                log_id: None,
+            })
+            .unwrap()
+    }
+
+    async fn publish(broker: &Broker, count: usize) {
+        for _ in 0..count {
+            broker.publish(vec![event()]).await.unwrap();
+        }
+    }
+
+    /// Both members of a live group full: the one whose turn it was (A) catches up for the
+    /// group, but nobody reads it. Once B has drained its queue, the next event hands the
+    /// catching up to B, which reads the group's events from the log; A keeps what it had.
+    #[tokio::test]
+    async fn a_group_hands_its_catching_up_to_a_member_that_reads() {
+        let broker = Broker::new(
+            BusConfig {
+                subscriber_queue_size: 2,
+                ..BusConfig::default()
+            },
+            Arc::new(MemoryStore::new(1_000, 1 << 30)),
+        );
+        let mut a = group_member(&broker);
+        let mut b = group_member(&broker);
+        // 1 and 3 to A, 2 and 4 to B; 5 finds both full: A, whose turn it was, takes on 5..
+        publish(&broker, 10).await;
+        assert_eq!(delivered(&mut b, 2).await, vec![2, 4]);
+        publish(&broker, 1).await;
+        assert_eq!(delivered(&mut b, 7).await, (5..=11).collect::<Vec<_>>());
+        assert_eq!(delivered(&mut a, 2).await, vec![1, 3]);
+        // Live again, round robin from the member after A.
+        publish(&broker, 2).await;
+        assert_eq!(delivered(&mut b, 1).await, vec![12]);
+        assert_eq!(delivered(&mut a, 1).await, vec![13]);
+    }
+
+    /// With `max_subscriber_lag`, a catcher nobody reads is dropped from its group once it is
+    /// further behind than that: its stream ends (`SlowGroupMember`) after what it had
+    /// queued, the events it had taken on are lost to the group, and the group goes on.
+    #[tokio::test]
+    async fn a_group_drops_a_catcher_past_the_lag_limit() {
+        let broker = Broker::new(
+            BusConfig {
+                subscriber_queue_size: 2,
+                max_subscriber_lag: Some(5),
+                ..BusConfig::default()
+            },
+            Arc::new(MemoryStore::new(1_000, 1 << 30)),
+        );
+        let mut a = group_member(&broker);
+        let mut b = group_member(&broker);
+        // A takes on 5.. ; at 11 it is 6 behind: dropped. B, full too, takes on 11..
+        publish(&broker, 12).await;
+        assert_eq!(delivered(&mut a, 2).await, vec![1, 3]);
+        let ended = tokio::time::timeout(Duration::from_secs(10), a.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(
+                ended,
+                Err(BusError::SlowGroupMember {
+                    max_lag: 5,
+                    last_delivered: 4,
+                    ..
+                })
+            ),
+            "{ended:?}"
+        );
+        assert_eq!(delivered(&mut b, 4).await, vec![2, 4, 11, 12]);
     }
 
     proptest! {

@@ -17,8 +17,9 @@
 //! left, to no member).
 //!
 //! A background task reads the gRPC stream into a bounded channel; when the caller reads
-//! slowly the task stops reading too, and the bus's slow-consumer rule applies (followed by a
-//! resume). Dropping the [`Subscription`] ends the task and the stream.
+//! slowly the task stops reading too, and the bus's rules for subscribers that fall behind
+//! apply: the bus catches it up from its log, or ends it past `max_subscriber_lag` (followed by
+//! a resume). Dropping the [`Subscription`] ends the task and the stream.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -257,8 +258,9 @@ pub enum SubscriptionItem {
 /// ...) are not retried: the stream yields the error and ends.
 ///
 /// Items are read ahead into a bounded buffer ([`SubscribeOptions::buffer`]); a reader slower
-/// than that holds up the gRPC stream, and the bus's slow-consumer rule (and a resume)
-/// follows. Dropping the subscription ends it.
+/// than that holds up the gRPC stream: the bus then catches the subscription up from its log,
+/// or past `max_subscriber_lag` ends it (and a resume follows). Dropping the subscription ends
+/// it.
 #[derive(Debug)]
 pub struct Subscription {
     items: ItemReceiver,

@@ -66,7 +66,9 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::codec::{self, DecodeError};
-use super::{count_family, AgeCutoff, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
+use super::{
+    count_family, AgeCutoff, GroupCursor, HeldCounts, LogBounds, Store, StoreError, WithinBytes,
+};
 use crate::event::{Event, SharedEvent, StoredEvent};
 
 mod lock;
@@ -435,12 +437,23 @@ impl FileStore {
         max: usize,
         now: SystemTime,
     ) -> Result<Vec<SharedEvent>, StoreError> {
+        self.read_within_at(after, max, usize::MAX, now)
+    }
+
+    /// [`Store::read_after_within`] as of `now`.
+    fn read_within_at(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+        now: SystemTime,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
         let inner = self.read_inner();
         let after = match self.age.at(now) {
             Some(cutoff) => after.max(self.expiry(&inner, cutoff).first_live - 1),
             None => after,
         };
-        self.read_held(&inner, after, max)
+        self.read_held(&inner, after, max, &mut WithinBytes::new(max_bytes))
     }
 
     /// [`Store::first_sequence_at_or_after`] as of `now`: nothing expired is found, since
@@ -464,7 +477,7 @@ impl FileStore {
         let after = segment.index[entry.saturating_sub(1)].0 - 1;
         let mut after = after.max(segment.base - 1);
         loop {
-            let chunk = self.read_held(&inner, after, 256)?;
+            let chunk = self.read_held(&inner, after, 256, &mut WithinBytes::new(usize::MAX))?;
             if chunk.is_empty() {
                 return Ok(None);
             }
@@ -571,7 +584,7 @@ impl FileStore {
             // The boundary is in this segment: read forward to it, counting what expired.
             let mut after = expiry.first_live.max(segment.base) - 1;
             loop {
-                let chunk = self.read_held(inner, after, 256)?;
+                let chunk = self.read_held(inner, after, 256, &mut WithinBytes::new(usize::MAX))?;
                 let Some(last) = chunk.last().map(|e| e.sequence) else {
                     return Ok(());
                 };
@@ -608,6 +621,7 @@ impl FileStore {
         inner: &Inner,
         after: u64,
         max: usize,
+        within: &mut WithinBytes,
     ) -> Result<Vec<SharedEvent>, StoreError> {
         let mut out = Vec::new();
         if max == 0 || after >= inner.head {
@@ -619,13 +633,24 @@ impl FileStore {
                 Some(first) => max.min((first - after - 1) as usize),
                 None => max,
             };
-            self.read_from_disk(inner, after, disk_max, &mut out)?;
+            let full = self.read_from_disk(inner, after, disk_max, within, &mut out)?;
+            if full {
+                return Ok(out);
+            }
         }
         if let Some(first) = cached_from {
             let from = out.last().map_or(after, |e| e.sequence) + 1;
             let skip = from.saturating_sub(first) as usize;
             let room = max - out.len();
-            out.extend(inner.cache.iter().skip(skip).take(room).cloned());
+            out.extend(
+                inner
+                    .cache
+                    .iter()
+                    .skip(skip)
+                    .take(room)
+                    .take_while(|event| within.admits(event))
+                    .cloned(),
+            );
         }
         Ok(out)
     }
@@ -635,13 +660,16 @@ impl FileStore {
         &self.log_dir
     }
 
+    /// Reads up to `max` events after `after` from the segments into `out`. Returns true when
+    /// it stopped at `within`'s byte limit (the caller reads no further), false otherwise.
     fn read_from_disk(
         &self,
         inner: &Inner,
         after: u64,
         max: usize,
+        within: &mut WithinBytes,
         out: &mut Vec<SharedEvent>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut next = after + 1;
         for segment in &inner.segments {
             if out.len() >= max {
@@ -663,6 +691,9 @@ impl FileStore {
                     Ok((stored, len)) => {
                         consumed += len;
                         if stored.sequence >= next {
+                            if !within.admits(&stored) {
+                                return Ok(true);
+                            }
                             next = stored.sequence + 1;
                             out.push(Arc::new(stored));
                         }
@@ -698,7 +729,7 @@ impl FileStore {
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -832,6 +863,15 @@ impl Store for FileStore {
 
     fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
         self.read_after_at(after, max, SystemTime::now())
+    }
+
+    fn read_after_within(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        self.read_within_at(after, max, max_bytes, SystemTime::now())
     }
 
     fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {

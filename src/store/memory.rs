@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{AgeCutoff, GroupCursor, HeldCounts, LogBounds, Store, StoreError};
+use super::{AgeCutoff, GroupCursor, HeldCounts, LogBounds, Store, StoreError, WithinBytes};
 use crate::event::{Event, SharedEvent, StoredEvent};
 
 /// Keeps the newest events up to `max_events` and `max_bytes`, dropping the oldest first.
@@ -70,6 +70,17 @@ impl MemoryStore {
 
     /// [`Store::read_after`] as of `now`.
     fn read_after_at(&self, after: u64, max: usize, now: SystemTime) -> Vec<SharedEvent> {
+        self.read_within_at(after, max, usize::MAX, now)
+    }
+
+    /// [`Store::read_after_within`] as of `now`.
+    fn read_within_at(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+        now: SystemTime,
+    ) -> Vec<SharedEvent> {
         let inner = self.read();
         let live = self.first_live(&inner, now);
         let Some(first) = inner.events.get(live).map(|e| e.sequence) else {
@@ -77,7 +88,15 @@ impl MemoryStore {
         };
         let start = after.saturating_add(1).max(first);
         let skip = (start - inner.events[0].sequence) as usize;
-        inner.events.iter().skip(skip).take(max).cloned().collect()
+        let mut within = WithinBytes::new(max_bytes);
+        inner
+            .events
+            .iter()
+            .skip(skip)
+            .take(max)
+            .take_while(|event| within.admits(event))
+            .cloned()
+            .collect()
     }
 
     /// [`Store::first_sequence_at_or_after`] as of `now`.
@@ -174,6 +193,15 @@ impl Store for MemoryStore {
         Ok(self.read_after_at(after, max, SystemTime::now()))
     }
 
+    fn read_after_within(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        Ok(self.read_within_at(after, max, max_bytes, SystemTime::now()))
+    }
+
     fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
         Ok(self.first_sequence_at_or_after_at(time, SystemTime::now()))
     }
@@ -237,6 +265,27 @@ mod tests {
 
     fn sequences(events: &[SharedEvent]) -> Vec<u64> {
         events.iter().map(|e| e.sequence).collect()
+    }
+
+    #[test]
+    fn reads_within_a_byte_limit_and_always_the_first_event() {
+        let store = MemoryStore::new(100, 1 << 30);
+        for _ in 0..10 {
+            store
+                .append(vec![event("a.b", &[1u8; 1000])], SystemTime::now())
+                .unwrap();
+        }
+        let one = store.read_after(0, 1).unwrap()[0].held_bytes();
+        let read = store.read_after_within(2, 100, 3 * one + one / 2).unwrap();
+        assert_eq!(sequences(&read), vec![3, 4, 5]);
+        assert_eq!(
+            sequences(&store.read_after_within(0, 100, 1).unwrap()),
+            vec![1]
+        );
+        assert_eq!(
+            sequences(&store.read_after_within(0, 2, usize::MAX).unwrap()),
+            vec![1, 2]
+        );
     }
 
     #[test]

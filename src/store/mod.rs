@@ -141,6 +141,28 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `max` held events with a sequence greater than `after`, in order.
     fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError>;
 
+    /// As [`Store::read_after`], and also stops before the events read would hold more than
+    /// `max_bytes` (as [`crate::event::StoredEvent::held_bytes`] counts them), though it always
+    /// returns the first event, however large. Replays and group read-aheads read this way, so
+    /// what one reader holds at a time is bounded in bytes, not only in events. The default reads
+    /// `max` events and cuts the rest; stores that materialize events as they read (the file
+    /// store) stop reading at the limit instead.
+    fn read_after_within(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        let mut events = self.read_after(after, max)?;
+        let mut within = WithinBytes::new(max_bytes);
+        let keep = events
+            .iter()
+            .take_while(|event| within.admits(event))
+            .count();
+        events.truncate(keep);
+        Ok(events)
+    }
+
     /// The first held sequence published at or after `time`, or `None` if there is none yet.
     fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError>;
 
@@ -188,6 +210,35 @@ pub trait Store: Send + Sync + 'static {
 
     /// Saves one group's cursor (durably, for a durable store).
     fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError>;
+}
+
+/// Counts the bytes of a read against its limit: admits events while their
+/// [`crate::event::StoredEvent::held_bytes`] sum stays within it, and always the first.
+#[derive(Debug)]
+pub(crate) struct WithinBytes {
+    left: usize,
+    first: bool,
+}
+
+impl WithinBytes {
+    pub(crate) fn new(max_bytes: usize) -> WithinBytes {
+        WithinBytes {
+            left: max_bytes,
+            first: true,
+        }
+    }
+
+    /// Whether `event` still fits; counts it if so.
+    pub(crate) fn admits(&mut self, event: &crate::event::StoredEvent) -> bool {
+        let size = event.held_bytes();
+        if std::mem::take(&mut self.first) || size <= self.left {
+            self.left = self.left.saturating_sub(size);
+            true
+        } else {
+            self.left = 0;
+            false
+        }
+    }
 }
 
 /// Where a MANUAL-ack consumer group is in the log: every event up to `cursor` is acked or

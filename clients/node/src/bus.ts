@@ -5,11 +5,12 @@
  *
  * A subscription reads its stream into a small buffer and pauses the stream while the buffer is
  * full, so a slow consumer still slows the stream down and the bus, not this process, decides
- * when a subscriber is too slow. When the stream breaks for a reason that may pass (the bus
- * restarts or stops, cuts off a slow consumer, the connection drops), the subscription reopens
- * it with {@link Backoff} after the last sequence it delivered, naming the log that sequence
- * belongs to: no duplicates, no gaps while the bus still holds the events, and a fresh start
- * (reported) when the bus's log is another one.
+ * what a subscriber that falls behind does (it catches up from the bus's log, or past
+ * `max_subscriber_lag` is ended). When the stream breaks for a reason that may pass (the bus
+ * restarts or stops, ends a slow consumer, the connection drops), the subscription reopens it
+ * with {@link Backoff} after the last sequence it delivered, naming the log that sequence belongs
+ * to: no duplicates, no gaps while the bus still holds the events, and a fresh start (reported)
+ * when the bus's log is another one.
  */
 import * as grpc from "@grpc/grpc-js";
 

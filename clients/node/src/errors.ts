@@ -74,7 +74,7 @@ export class ResourceExhaustedError extends BusError {
     return match ? BigInt(match[1]) : undefined;
   }
 }
-/** A subscription read slower than events arrived and the bus ended it. */
+/** A subscription fell further behind than the bus's `max_subscriber_lag` and the bus ended it. */
 export class SlowConsumerError extends ResourceExhaustedError {}
 /** A replay fell behind the bus's retention. */
 export class ReplayOverrunError extends ResourceExhaustedError {}

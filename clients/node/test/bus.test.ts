@@ -250,7 +250,7 @@ describe("with their own bus", () => {
   });
 
   test("a subscription resumes after the bus drops it as a slow consumer", async () => {
-    const tiny = await BusProcess.start({ subscriber_queue_size: 1 });
+    const tiny = await BusProcess.start({ subscriber_queue_size: 1, max_subscriber_lag: 1 });
     const bus = new Bus(tiny.address);
     try {
       const subscription = await bus.subscribe("node.flood");
@@ -267,7 +267,7 @@ describe("with their own bus", () => {
   });
 
   test("without resume the slow-consumer error is thrown", async () => {
-    const tiny = await BusProcess.start({ subscriber_queue_size: 1 });
+    const tiny = await BusProcess.start({ subscriber_queue_size: 1, max_subscriber_lag: 1 });
     const bus = new Bus(tiny.address);
     try {
       const subscription = await bus.subscribe("node.flood", { resume: false });

@@ -85,8 +85,9 @@ class ResourceExhausted(BusError):
 
 
 class SlowConsumer(ResourceExhausted):
-    """A subscription read slower than events arrived and the bus ended it. ``last_delivered``
-    is the sequence to resume after (subscriptions of this package do so by themselves)."""
+    """A subscription fell further behind than the bus's ``max_subscriber_lag`` and the bus
+    ended it. ``last_delivered`` is the sequence to resume after (subscriptions of this package
+    do so by themselves)."""
 
     @property
     def last_delivered(self) -> int | None:

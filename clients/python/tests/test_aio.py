@@ -102,7 +102,7 @@ async def test_invalid_arguments(bus_process: BusProcess) -> None:
 
 
 async def test_resumes_after_slow_consumer(start_bus: Callable[..., BusProcess]) -> None:
-    process = start_bus(subscriber_queue_size=1)
+    process = start_bus(subscriber_queue_size=1, max_subscriber_lag=1)
     async with AsyncBus(process.address) as bus:
         subscription = await bus.subscribe("aio.flood")
         await bus.publish_batch([new_event("aio.flood", {"n": n}) for n in range(200)])
@@ -115,7 +115,7 @@ async def test_resumes_after_slow_consumer(start_bus: Callable[..., BusProcess])
 
 
 async def test_without_resume_the_error_is_raised(start_bus: Callable[..., BusProcess]) -> None:
-    process = start_bus(subscriber_queue_size=1)
+    process = start_bus(subscriber_queue_size=1, max_subscriber_lag=1)
     async with AsyncBus(process.address) as bus:
         subscription = await bus.subscribe("aio.flood", resume=False)
         await bus.publish_batch([new_event("aio.flood", {"n": n}) for n in range(200)])

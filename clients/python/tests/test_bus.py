@@ -227,7 +227,7 @@ def test_unreachable_bus() -> None:
 
 
 def test_subscription_resumes_after_slow_consumer(start_bus: Callable[..., BusProcess]) -> None:
-    process = start_bus(subscriber_queue_size=1)
+    process = start_bus(subscriber_queue_size=1, max_subscriber_lag=1)
     with Bus(process.address) as client, client.subscribe("py.flood") as subscription:
         client.publish_batch([new_event("py.flood", {"n": n}) for n in range(200)])
         events = drain(subscription, 200)
@@ -238,7 +238,7 @@ def test_subscription_resumes_after_slow_consumer(start_bus: Callable[..., BusPr
 
 def test_without_resume_the_slow_consumer_error_is_raised(
         start_bus: Callable[..., BusProcess]) -> None:
-    process = start_bus(subscriber_queue_size=1)
+    process = start_bus(subscriber_queue_size=1, max_subscriber_lag=1)
     with Bus(process.address) as client:
         subscription = client.subscribe("py.flood", resume=False)
         client.publish_batch([new_event("py.flood", {"n": n}) for n in range(200)])

@@ -989,3 +989,35 @@ fn a_failed_write_that_cannot_be_cut_back_fails_the_store_until_a_restart() {
         .unwrap();
     assert_eq!(next[0].sequence, head + 1);
 }
+
+/// A read bounded in bytes stops at the limit on disk and in the tail cache alike, and always
+/// returns the first event.
+#[test]
+fn reads_within_a_byte_limit_from_disk_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    for cache_bytes in [0, 64 * 1024 * 1024] {
+        let sub = dir.path().join(cache_bytes.to_string());
+        let store = FileStore::open(FileStoreConfig {
+            cache_bytes,
+            ..config(&sub)
+        })
+        .unwrap();
+        for _ in 0..10 {
+            store
+                .append(vec![event("a.b", &[1u8; 1000])], SystemTime::now())
+                .unwrap();
+        }
+        wait_durable(&store, 10);
+        let one = all(&store)[0].held_bytes();
+        let read = store.read_after_within(2, 100, 3 * one + one / 2).unwrap();
+        assert_eq!(sequences(&read), vec![3, 4, 5], "cache_bytes {cache_bytes}");
+        let read = store.read_after_within(0, 100, 1).unwrap();
+        assert_eq!(sequences(&read), vec![1], "cache_bytes {cache_bytes}");
+        let read = store.read_after_within(7, 100, usize::MAX).unwrap();
+        assert_eq!(
+            sequences(&read),
+            vec![8, 9, 10],
+            "cache_bytes {cache_bytes}"
+        );
+    }
+}
