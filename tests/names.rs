@@ -168,7 +168,10 @@ async fn names_past_the_cap_are_counted_not_tracked() {
 async fn publishers_do_not_wait_for_listings_of_many_names() {
     const PATTERNS: usize = 1_000;
     const NAMES: usize = 200_000;
-    let bus = TestBus::start_with(BusConfig {
+    // The memory store whatever EVENTBUS_TEST_STORAGE says: this measures the routing lock, and
+    // on the file store every probe publish also waits for an fsync, whose time on a shared disk
+    // says nothing about the lock.
+    let bus = TestBus::start_in_memory(BusConfig {
         max_names: 1_000_000,
         ..BusConfig::default()
     })
@@ -230,10 +233,14 @@ async fn publishers_do_not_wait_for_listings_of_many_names() {
     );
     assert_eq!(page.topics.len(), 10_000);
     assert!(count > 10, "the publisher kept going: {count}");
-    let calls = topology_took + list_took;
+    // Built under the lock, a publish waits out most of the longer call (565 ms of a 1.3 s
+    // pair when measured); built outside it, about a quarter of it on this shared machine, where
+    // the probe also queues behind the listing's own work on two runtime threads. Half tells the
+    // two apart with room on both sides.
+    let longest = topology_took.max(list_took);
     assert!(
-        worst < calls / 4,
-        "a publish waited {worst:?} while the listings took {calls:?}"
+        worst < longest / 2,
+        "a publish waited {worst:?} while the longest listing took {longest:?}"
     );
 }
 
