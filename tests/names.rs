@@ -1,38 +1,19 @@
 //! State keyed by names that clients choose (topics, sources, subscribers): bounded, forgotten
-//! once idle, listed in pages of bounded size, and never computed under the lock publishers
-//! need.
+//! once idle, and listed in pages of bounded size. That listings are never computed under the
+//! lock publishers need is `tests/names_lock.rs`, a binary of its own.
 
 mod common;
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::TestBus;
 use eventbus::config::BusConfig;
 use eventbus::pb;
 use eventbus::pb::admin_service_client::AdminServiceClient;
-use eventbus::pb::event_bus_service_client::EventBusServiceClient;
 use prost::Message as _;
 use support::*;
 use tonic::transport::Channel;
-
-/// `count` events, each to its own topic `<prefix>.<i>` from its own source, published in
-/// batches of 5,000.
-async fn publish_names(client: &mut EventBusServiceClient<Channel>, prefix: &str, count: usize) {
-    let mut next = 0;
-    while next < count {
-        let end = (next + 5_000).min(count);
-        let events = (next..end)
-            .map(|i| pb::Event {
-                topic: format!("{prefix}.{i}"),
-                source: format!("{prefix}-source-{i}"),
-                ..Default::default()
-            })
-            .collect();
-        publish(client, events).await;
-        next = end;
-    }
-}
 
 /// Every topic, following the pages; checks each page is within `page_size` and that names
 /// come sorted and never twice.
@@ -64,17 +45,6 @@ async fn all_topics(admin: &mut AdminServiceClient<Channel>, page_size: u32) -> 
         }
         page_token = page.next_page_token;
     }
-}
-
-async fn topology(
-    admin: &mut AdminServiceClient<Channel>,
-    max_edges: u32,
-) -> pb::GetTopologyResponse {
-    admin
-        .get_topology(pb::GetTopologyRequest { max_edges })
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 /// Listings stay within their page bounds however many names there are, and the pages together
@@ -161,89 +131,6 @@ async fn names_past_the_cap_are_counted_not_tracked() {
     assert_eq!(page.topics[0].events_published, 2);
 }
 
-/// A publisher's worst latency while GetTopology and ListTopics run over a large graph (1,000
-/// wildcard patterns, 200,000 topics and sources) stays far below the time those calls take:
-/// the matching and sorting happen outside the routing lock.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publishers_do_not_wait_for_listings_of_many_names() {
-    const PATTERNS: usize = 1_000;
-    const NAMES: usize = 200_000;
-    // The memory store whatever EVENTBUS_TEST_STORAGE says: this measures the routing lock, and
-    // on the file store every probe publish also waits for an fsync, whose time on a shared disk
-    // says nothing about the lock.
-    let bus = TestBus::start_in_memory(BusConfig {
-        max_names: 1_000_000,
-        ..BusConfig::default()
-    })
-    .await;
-    let mut client = bus.client().await;
-    let mut admin = bus.admin().await;
-    // Subscriptions that ended stay in the graph (until idle), so each pattern draws MATCHES
-    // edges to the topics it catches.
-    for index in 0..PATTERNS {
-        let (_, stream) = subscribe(
-            &mut client,
-            pb::SubscribeRequest {
-                subscriber: format!("watcher-{index}"),
-                ..request(&format!("*.{index}"))
-            },
-        )
-        .await;
-        drop(stream);
-    }
-    publish_names(&mut client, "n", NAMES).await;
-
-    let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
-    let mut publisher = bus.client().await;
-    let latencies = tokio::spawn(async move {
-        let mut worst = Duration::ZERO;
-        let mut count = 0u32;
-        while done.try_recv().is_err() {
-            let started = Instant::now();
-            publish_one(&mut publisher, common::event("probe", b"")).await;
-            worst = worst.max(started.elapsed());
-            count += 1;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        (worst, count)
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = Instant::now();
-    let graph = topology(&mut admin, 100_000).await;
-    let topology_took = started.elapsed();
-    let started = Instant::now();
-    let page = admin
-        .list_topics(pb::ListTopicsRequest {
-            page_size: 10_000,
-            page_token: "n.5".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let list_took = started.elapsed();
-    done_tx.send(()).unwrap();
-    let (worst, count) = latencies.await.unwrap();
-    println!(
-        "GetTopology ({} edges, truncated {}) took {topology_took:?}, ListTopics (a page of {}) \
-         took {list_took:?}; {count} publishes meanwhile, the slowest took {worst:?}",
-        graph.edges.len(),
-        graph.truncated,
-        page.topics.len(),
-    );
-    assert_eq!(page.topics.len(), 10_000);
-    assert!(count > 10, "the publisher kept going: {count}");
-    // Built under the lock, a publish waits out most of the longer call (565 ms of a 1.3 s
-    // pair when measured); built outside it, about a quarter of it on this shared machine, where
-    // the probe also queues behind the listing's own work on two runtime threads. Half tells the
-    // two apart with room on both sides.
-    let longest = topology_took.max(list_took);
-    assert!(
-        worst < longest / 2,
-        "a publish waited {worst:?} while the longest listing took {longest:?}"
-    );
-}
-
 /// The next event of a MANUAL-ack stream: its sequence and delivery attempt.
 async fn next_attempt(stream: &mut Stream) -> (u64, u32) {
     loop {
@@ -263,8 +150,9 @@ async fn next_attempt(stream: &mut Stream) -> (u64, u32) {
 /// delivered and not acked comes again.
 #[tokio::test]
 async fn an_abandoned_manual_group_resumes_from_its_saved_cursor() {
+    let idle = Duration::from_millis(300);
     let bus = TestBus::start_with(BusConfig {
-        names_idle_after: Duration::from_millis(300),
+        names_idle_after: idle,
         ..BusConfig::default()
     })
     .await;
@@ -291,9 +179,25 @@ async fn an_abandoned_manual_group_resumes_from_its_saved_cursor() {
         .await
         .unwrap();
     drop(stream);
-    // Long past the idle time: parked, saved, unloaded.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-
+    // Parked, saved, then unloaded after the idle time: an Ack then names no group. An Ack also
+    // wakes a parked group (restarting its idle time), so polls come less often than that.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        tokio::time::sleep(idle * 3).await;
+        let answer = client
+            .ack(pb::AckRequest {
+                group: "workers".into(),
+                sequences: vec![u64::MAX],
+            })
+            .await;
+        if matches!(answer, Err(status) if status.code() == tonic::Code::NotFound) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle group was never unloaded"
+        );
+    }
     let (subscribed, mut stream) = subscribe(&mut client, member).await;
     assert_eq!(subscribed.group_cursor, sequences[0]);
     // Unloaded, the group forgot the delivery counts (as a restart does); parked alone, it keeps

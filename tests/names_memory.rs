@@ -16,24 +16,6 @@ use tonic::transport::Channel;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// `count` events, each to its own topic `<prefix>.<i>` from its own source, published in
-/// batches of 5,000.
-async fn publish_names(client: &mut EventBusServiceClient<Channel>, prefix: &str, count: usize) {
-    let mut next = 0;
-    while next < count {
-        let end = (next + 5_000).min(count);
-        let events = (next..end)
-            .map(|i| pb::Event {
-                topic: format!("{prefix}.{i}"),
-                source: format!("{prefix}-source-{i}"),
-                ..Default::default()
-            })
-            .collect();
-        publish(client, events).await;
-        next = end;
-    }
-}
-
 /// How many topics and topology edges the bus lists, following the pages.
 async fn listed(admin: &mut AdminServiceClient<Channel>) -> (usize, usize) {
     let mut topics = 0;

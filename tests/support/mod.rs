@@ -149,3 +149,33 @@ pub fn sequences(events: &[pb::Event]) -> Vec<u64> {
 pub fn timestamp(time: std::time::SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(time)
 }
+
+/// `count` events, each to its own topic `<prefix>.<i>` from its own source, published in
+/// batches of 5,000.
+pub async fn publish_names(client: &mut Client, prefix: &str, count: usize) {
+    let mut next = 0;
+    while next < count {
+        let end = (next + 5_000).min(count);
+        let events = (next..end)
+            .map(|i| pb::Event {
+                topic: format!("{prefix}.{i}"),
+                source: format!("{prefix}-source-{i}"),
+                ..Default::default()
+            })
+            .collect();
+        publish(client, events).await;
+        next = end;
+    }
+}
+
+/// The topology, bounded to `max_edges` edges.
+pub async fn topology(
+    admin: &mut eventbus::pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+    max_edges: u32,
+) -> pb::GetTopologyResponse {
+    admin
+        .get_topology(pb::GetTopologyRequest { max_edges })
+        .await
+        .unwrap()
+        .into_inner()
+}
