@@ -2,6 +2,7 @@
 //! deadline, nack with a delay, dead letters, flow control, cursors kept across restarts).
 
 mod common;
+mod support;
 
 use std::time::Duration;
 
@@ -11,26 +12,13 @@ use eventbus::pb;
 use eventbus::pb::event_bus_service_client::EventBusServiceClient;
 use eventbus::pb::subscribe_response::Message;
 use eventbus::store::FsyncPolicy;
+use support::{manual, millis};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 type Client = EventBusServiceClient<Channel>;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn manual(topic: &str, group: &str) -> pb::SubscribeRequest {
-    pb::SubscribeRequest {
-        topic: topic.into(),
-        group: group.into(),
-        subscriber: "worker".into(),
-        ack_mode: pb::AckMode::Manual as i32,
-        ..Default::default()
-    }
-}
-
-fn millis(ms: u64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration::try_from(Duration::from_millis(ms)).unwrap())
-}
 
 async fn open(
     client: &mut Client,

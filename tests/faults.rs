@@ -24,20 +24,6 @@ use eventbus::pb::subscribe_response::Message;
 use support::*;
 use tonic::Code;
 
-fn manual(topic: &str, group: &str) -> pb::SubscribeRequest {
-    pb::SubscribeRequest {
-        topic: topic.into(),
-        group: group.into(),
-        subscriber: "worker".into(),
-        ack_mode: pb::AckMode::Manual as i32,
-        ..Default::default()
-    }
-}
-
-fn millis(ms: u64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration::try_from(Duration::from_millis(ms)).unwrap())
-}
-
 /// The next event of a MANUAL-ack stream and its delivery attempt (skipping markers).
 async fn delivery(stream: &mut Stream) -> (pb::Event, u32) {
     loop {

@@ -179,3 +179,19 @@ pub async fn topology(
         .unwrap()
         .into_inner()
 }
+
+/// A MANUAL-ack subscription request for `topic` in `group`, from service `worker`.
+pub fn manual(topic: &str, group: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        topic: topic.into(),
+        group: group.into(),
+        subscriber: "worker".into(),
+        ack_mode: pb::AckMode::Manual as i32,
+        ..Default::default()
+    }
+}
+
+/// A protobuf Duration of `ms` milliseconds, as an optional field wants it.
+pub fn millis(ms: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration::try_from(Duration::from_millis(ms)).unwrap())
+}
