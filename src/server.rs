@@ -170,7 +170,8 @@ pub async fn serve(
             handshake_timeout: config.handshake_timeout,
         },
     );
-    info!(addr = ?local_addr, "eventbus listening");
+    let addr = local_addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+    info!(%addr, "eventbus listening");
     let receive = ReceiveLayer::new(ReceiveLimits {
         timeout: config.receive_timeout,
         budget_bytes: config.receive_budget_bytes,

@@ -24,8 +24,10 @@ fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
         _ => EnvFilter::try_new(&log.level),
     }
     .context("invalid log filter")?;
+    // Colour only for a person at a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match log.format {
         LogFormat::Text => builder.try_init(),

@@ -96,15 +96,22 @@ impl ClientBuilder {
 }
 
 impl Client {
-    /// Connects to the bus at `url`, e.g. `http://127.0.0.1:50051`, as [`DEFAULT_SOURCE`].
+    /// Connects to the bus at `url`, e.g. `http://127.0.0.1:50051` (or `127.0.0.1:50051`: a URL
+    /// without a scheme is taken as `http://`, as the Python and TypeScript clients do), as
+    /// [`DEFAULT_SOURCE`].
     pub async fn connect(url: impl Into<String>) -> Result<Client> {
         Client::builder(url).connect().await
     }
 
     /// Connection settings, for a source name or timeouts.
     pub fn builder(url: impl Into<String>) -> ClientBuilder {
+        let url: String = url.into();
         ClientBuilder {
-            url: url.into(),
+            url: if url.contains("://") {
+                url
+            } else {
+                format!("http://{url}")
+            },
             source: DEFAULT_SOURCE.to_string(),
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(20),
@@ -283,5 +290,21 @@ impl Client {
         if event.source.is_empty() {
             event.source = self.source.to_string();
         }
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn an_address_without_a_scheme_is_taken_as_http() {
+        assert_eq!(
+            Client::builder("127.0.0.1:50051").url,
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(Client::builder("http://h:1").url, "http://h:1");
+        assert_eq!(Client::builder("https://h:1").url, "https://h:1");
+        assert!(Client::builder("localhost:50051").endpoint().is_ok());
     }
 }
