@@ -52,8 +52,9 @@ pub fn install_panic_hook() {
     });
 }
 
-/// A panic's message, when it is text (as `panic!` makes it).
-fn panic_message(payload: &(dyn Any + Send)) -> &str {
+/// A panic's message, when it is text (as `panic!` makes it). Used by the hook and by the
+/// supervisor of group dispatchers.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> &str {
     if let Some(text) = payload.downcast_ref::<&str>() {
         text
     } else if let Some(text) = payload.downcast_ref::<String>() {

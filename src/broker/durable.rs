@@ -689,7 +689,7 @@ async fn supervise(broker: Broker, group: Arc<DurableGroup>) {
             Ok(()) => return,
             Err(panic) => {
                 restarts += 1;
-                let message = panic_message(&*panic);
+                let message = crate::panics::panic_message(&*panic);
                 error!(
                     group = %group.name,
                     restarts,
@@ -707,17 +707,6 @@ async fn supervise(broker: Broker, group: Arc<DurableGroup>) {
                 }
             }
         }
-    }
-}
-
-/// The text of a panic payload (`panic!` with a literal or a formatted message).
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = payload.downcast_ref::<&str>() {
-        (*text).to_owned()
-    } else if let Some(text) = payload.downcast_ref::<String>() {
-        text.clone()
-    } else {
-        "a panic without a message".to_owned()
     }
 }
 
