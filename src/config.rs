@@ -224,7 +224,20 @@ pub enum StorageConfig {
         fsync: FsyncPolicy,
         segment_bytes: u64,
     },
+    /// A NATS JetStream stream shared by every bus node pointed at it
+    /// (see [`crate::store::jetstream`]).
+    JetStream {
+        /// NATS servers, any of which the node may connect to (`nats://host:4222`).
+        urls: Vec<String>,
+        /// The stream's name; its subjects are `<name>.>`.
+        stream: String,
+        /// Stream replicas (3 in a NATS cluster).
+        replicas: usize,
+    },
 }
+
+/// The default `--jetstream-stream`.
+pub const DEFAULT_JETSTREAM_STREAM: &str = "EVENTBUS";
 
 /// The `--storage` choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -232,6 +245,10 @@ pub enum StorageConfig {
 pub enum StorageKind {
     Memory,
     File,
+    /// NATS JetStream: `--storage jetstream`.
+    #[value(name = "jetstream")]
+    #[serde(rename = "jetstream")]
+    JetStream,
 }
 
 /// The default segment size of the file store.
@@ -265,9 +282,20 @@ pub struct ServeArgs {
     /// Oldest events kept for replay, e.g. `7d` [default: no limit].
     #[arg(long, env = "EVENTBUS_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
     pub retention_max_age: Option<Duration>,
-    /// Where the log lives: `file` (durable segment files) or `memory` [default: file].
+    /// Where the log lives: `file` (durable segment files), `memory`, or `jetstream` (a NATS
+    /// JetStream stream several bus nodes share) [default: file].
     #[arg(long, env = "EVENTBUS_STORAGE", value_enum)]
     pub storage: Option<StorageKind>,
+    /// NATS servers for `--storage jetstream`, comma-separated (`nats://h1:4222,nats://h2:4222`)
+    /// [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "EVENTBUS_NATS_URL", value_delimiter = ',')]
+    pub nats_url: Option<Vec<String>>,
+    /// The JetStream stream that holds the log; its subjects are `<NAME>.>` [default: EVENTBUS].
+    #[arg(long, env = "EVENTBUS_JETSTREAM_STREAM")]
+    pub jetstream_stream: Option<String>,
+    /// Replicas of the stream: 1 on one NATS server, 3 in a NATS cluster [default: 1].
+    #[arg(long, env = "EVENTBUS_JETSTREAM_REPLICAS")]
+    pub jetstream_replicas: Option<usize>,
     /// Directory of the file store [default: ./eventbus-data].
     #[arg(long, env = "EVENTBUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -357,6 +385,23 @@ pub struct ServeArgs {
     pub log_format: Option<LogFormat>,
 }
 
+/// `nats_url` in the config file: one string with commas, or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum NatsUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl NatsUrls {
+    fn into_list(self) -> Vec<String> {
+        match self {
+            NatsUrls::One(text) => text.split(',').map(str::to_owned).collect(),
+            NatsUrls::Many(list) => list,
+        }
+    }
+}
+
 /// The `--config` file: the same settings as the flags, all optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -367,6 +412,9 @@ struct ConfigFile {
     #[serde(default, with = "humantime_serde_opt")]
     retention_max_age: Option<Duration>,
     storage: Option<StorageKind>,
+    nats_url: Option<NatsUrls>,
+    jetstream_stream: Option<String>,
+    jetstream_replicas: Option<usize>,
     data_dir: Option<PathBuf>,
     fsync: Option<String>,
     segment_bytes: Option<u64>,
@@ -507,6 +555,57 @@ impl ServeArgs {
             .transpose()?;
         let storage = match self.storage.or(file.storage).unwrap_or(StorageKind::File) {
             StorageKind::Memory => StorageConfig::Memory,
+            StorageKind::JetStream => {
+                let urls = self
+                    .nats_url
+                    .clone()
+                    .or(file.nats_url.map(NatsUrls::into_list))
+                    .unwrap_or_else(|| vec!["nats://127.0.0.1:4222".to_owned()]);
+                let urls: Vec<String> = urls
+                    .iter()
+                    .map(|url| url.trim().to_owned())
+                    .filter(|url| !url.is_empty())
+                    .collect();
+                if urls.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        setting: "nats_url",
+                        rule: "must name at least one NATS server".into(),
+                    });
+                }
+                let stream = self
+                    .jetstream_stream
+                    .clone()
+                    .or(file.jetstream_stream)
+                    .unwrap_or_else(|| DEFAULT_JETSTREAM_STREAM.to_owned());
+                if stream.is_empty()
+                    || !stream
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                {
+                    return Err(ConfigError::Invalid {
+                        setting: "jetstream_stream",
+                        rule: format!(
+                            "{stream:?} must be letters, digits, `_` or `-` (it is also the \
+                             subject prefix)"
+                        ),
+                    });
+                }
+                let replicas = self
+                    .jetstream_replicas
+                    .or(file.jetstream_replicas)
+                    .unwrap_or(1);
+                if !(1..=5).contains(&replicas) {
+                    return Err(ConfigError::Invalid {
+                        setting: "jetstream_replicas",
+                        rule: format!("{replicas} must be from 1 to 5 (JetStream's limit)"),
+                    });
+                }
+                StorageConfig::JetStream {
+                    urls,
+                    stream,
+                    replicas,
+                }
+            }
             StorageKind::File => StorageConfig::File {
                 data_dir: self
                     .data_dir

@@ -28,7 +28,9 @@ use crate::pb::event_bus_service_server::EventBusServiceServer;
 use crate::receive::{ReceiveLayer, ReceiveLimits};
 use crate::service::subscribe::EventBusServer;
 use crate::service::{AdminApi, EventBusApi};
-use crate::store::{FileStore, FileStoreConfig, MemoryStore, Store, StoreError};
+use crate::store::{
+    FileStore, FileStoreConfig, JetStreamConfig, JetStreamStore, MemoryStore, Store, StoreError,
+};
 
 /// HTTP/2 flow control: how much a client may send on one stream, and on one connection, before
 /// the bus has read it. Data the bus has not read yet waits in these windows, so they bound what a
@@ -49,9 +51,44 @@ pub enum ServerError {
 }
 
 /// A broker on the store `storage` describes, bounded by `config`'s retention. Opening a file
-/// store recovers its log first.
-pub fn open_broker(config: &BusConfig, storage: &StorageConfig) -> Result<Broker, StoreError> {
+/// store recovers its log first; opening a JetStream store connects to NATS and creates or
+/// updates the stream (its limits are `config`'s retention).
+///
+/// # Errors
+/// What the store's opening fails with: for JetStream, one line naming the NATS URLs.
+pub async fn open_broker(
+    config: &BusConfig,
+    storage: &StorageConfig,
+) -> Result<Broker, StoreError> {
     let store: Arc<dyn Store> = match storage {
+        StorageConfig::JetStream {
+            urls,
+            stream,
+            replicas,
+        } => {
+            let store = Arc::new(
+                JetStreamStore::open(JetStreamConfig {
+                    urls: urls.clone(),
+                    stream: stream.clone(),
+                    replicas: *replicas,
+                    max_events: config.retention_max_events,
+                    max_bytes: config.retention_max_bytes,
+                    max_age: config.retention_max_age,
+                    dedupe_window: config.dedupe_window,
+                    max_message_bytes: config.max_message_bytes,
+                    max_event_data_bytes: config.max_event_data_bytes,
+                })
+                .await?,
+            );
+            info!(
+                nats = %urls.join(","),
+                %stream,
+                replicas,
+                head = store.head_at_open(),
+                "storage: JetStream stream"
+            );
+            return Ok(Broker::on_shared_log(config.clone(), store.clone(), store));
+        }
         StorageConfig::Memory => Arc::new(MemoryStore::with_max_age(
             config.retention_max_events,
             config.retention_max_bytes,
@@ -81,32 +118,45 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     crate::panics::install_panic_hook();
-    let broker = open_broker(&config.bus, &config.storage)?;
+    let broker = open_broker(&config.bus, &config.storage).await?;
     serve(listener, config, broker, shutdown).await
 }
 
 /// How often the store's health is looked at for the gRPC health service.
 const STORE_HEALTH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Turns a failed store (it refuses every write until a restart, see
-/// [`crate::store::Store::durability_error`]) into NOT_SERVING on gRPC health, with one ERROR
-/// line, so load balancers and clients move away from this node. Ends at shutdown.
+/// Turns a failed store (it refuses writes, see [`crate::store::Store::durability_error`])
+/// into NOT_SERVING on gRPC health, with one ERROR line, so load balancers and clients move
+/// away from this node, and back to SERVING if the store recovers (a JetStream node whose NATS
+/// connection is back; a failed file store stays failed until a restart). Ends at shutdown.
 async fn report_store_failure(broker: Broker, health: tonic_health::server::HealthReporter) {
     let mut ticks = tokio::time::interval(STORE_HEALTH_INTERVAL);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = broker.stopped() => return,
         }
-        if let Some(failure) = broker.store_failure() {
-            tracing::error!(%failure, "the store failed and refuses writes: health NOT_SERVING until a restart");
-            health
-                .set_not_serving::<EventBusServiceServer<EventBusApi>>()
-                .await;
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            return;
+        match (broker.store_failure(), failing) {
+            (Some(failure), false) => {
+                failing = true;
+                tracing::error!(%failure, "the store refuses writes: health NOT_SERVING");
+                health
+                    .set_not_serving::<EventBusServiceServer<EventBusApi>>()
+                    .await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+            }
+            (None, true) if !broker.is_shutting_down() => {
+                failing = false;
+                tracing::info!("the store takes writes again: health SERVING");
+                health
+                    .set_serving::<EventBusServiceServer<EventBusApi>>()
+                    .await;
+                health.set_service_status("", ServingStatus::Serving).await;
+            }
+            _ => {}
         }
     }
 }

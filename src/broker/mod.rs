@@ -50,7 +50,7 @@ pub use topology::TopologySnapshot;
 use crate::config::BusConfig;
 use crate::error::BusError;
 use crate::event::{Event, SharedEvent};
-use crate::store::{Store, StoreError};
+use crate::store::{Appended, SharedLog, Store, StoreError};
 use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic, INBOX_FAMILY};
 use dedupe::DedupeWindow;
@@ -84,6 +84,9 @@ struct Shared {
     delivery: Arc<DeliveryBudget>,
     /// The broker's own tasks (group dispatchers), so shutdown can wait for their last writes.
     tasks: TaskTracker,
+    /// A log shared with other bus nodes (JetStream): publishes append to it, and this node
+    /// routes what it reads back from the log's tail (see [`Broker::on_shared_log`]).
+    log: Option<Arc<dyn SharedLog>>,
 }
 
 /// Everything the publish path touches, behind the routing lock.
@@ -234,12 +237,39 @@ enum Responders {
 }
 
 impl Broker {
+    /// A bus on a log of its own: it assigns sequences under its routing lock and routes its
+    /// own appends (once durable).
     pub fn new(config: BusConfig, store: Arc<dyn Store>) -> Broker {
+        Broker::build(config, store, None)
+    }
+
+    /// A bus node on a log it shares with other nodes (`store` and `log` are the same
+    /// JetStream stream): a publish appends to the log and is acknowledged once this node has
+    /// read it back from the tail; every node routes every event of the tail, whichever node
+    /// it was published on, in sequence order. Idempotent publish is the log's (its dedupe
+    /// window spans all nodes), not this node's. Must be called on a Tokio runtime.
+    pub fn on_shared_log(
+        config: BusConfig,
+        store: Arc<dyn Store>,
+        log: Arc<dyn SharedLog>,
+    ) -> Broker {
+        let head = store.bounds().head;
+        let broker = Broker::build(config, store, Some(log.clone()));
+        let tail = log.tail(head);
+        broker.shared.tasks.spawn(route_tail(broker.clone(), tail));
+        broker
+    }
+
+    fn build(config: BusConfig, store: Arc<dyn Store>, log: Option<Arc<dyn SharedLog>>) -> Broker {
         let durable_head = store.durable_head();
         let head = store.bounds().head;
         let routed_through = AtomicU64::new(head);
         let (routed, _) = watch::channel(head);
-        let dedupe = recent_publishes(&config, &*store);
+        let dedupe = match log {
+            // The shared log dedupes; locally only ids are given.
+            Some(_) => DedupeWindow::new(Duration::ZERO, 0),
+            None => recent_publishes(&config, &*store),
+        };
         let max_names = config.max_names;
         let delivery = Arc::new(DeliveryBudget::new(config.delivery_buffer_bytes));
         let broker = Broker {
@@ -262,6 +292,7 @@ impl Broker {
                 durable: durable::DurableGroups::default(),
                 delivery,
                 tasks: TaskTracker::new(),
+                log,
             }),
         };
         // Outside a runtime (a broker built for a synchronous test) there is no housekeeping:
@@ -336,15 +367,23 @@ impl Broker {
             return Err(BusError::ShuttingDown);
         }
         self.check_batch(&events)?;
+        if let Some(log) = &self.shared.log {
+            // Responders were looked for across the nodes by `query`, before this.
+            if let Some(failure) = self.shared.store.durability_error() {
+                return Err(BusError::Storage(StoreError::Failed(failure)));
+            }
+            let batch = self.lock_routing().dedupe.split(events);
+            return Ok(PendingPublish {
+                broker: self.clone(),
+                published: Published::default(),
+                wait: Wait::Shared(log.begin_append(batch.fresh)),
+            });
+        }
         let now = SystemTime::now();
         let mut routing = self.lock_routing();
         if responders == Responders::Required {
             for event in &events {
-                let mut count = 0;
-                routing
-                    .subscriptions
-                    .for_each_match(&event.topic, |interest| count += interest.responder_count());
-                if count == 0 && !self.durable_responders(&event.topic) {
+                if !self.responders_locked(&mut routing, &event.topic) {
                     return Err(BusError::NoResponders {
                         topic: event.topic.to_string(),
                     });
@@ -378,7 +417,7 @@ impl Broker {
                 Ok(PendingPublish {
                     broker: self.clone(),
                     published,
-                    wait: None,
+                    wait: Wait::Done,
                 })
             }
             // Routed once durable, so no subscriber sees what a crash could take back. A batch
@@ -388,8 +427,50 @@ impl Broker {
                 Ok(PendingPublish {
                     broker: self.clone(),
                     published,
-                    wait: Some(durable_head.clone()),
+                    wait: Wait::Durable(durable_head.clone()),
                 })
+            }
+        }
+    }
+
+    /// Whether this node has a subscriber (or a MANUAL-ack group member) for `topic`.
+    fn local_responders(&self, topic: &Topic) -> bool {
+        let mut routing = self.lock_routing();
+        self.responders_locked(&mut routing, topic)
+    }
+
+    fn responders_locked(&self, routing: &mut Routing, topic: &Topic) -> bool {
+        let mut count = 0;
+        routing
+            .subscriptions
+            .for_each_match(topic, |interest| count += interest.responder_count());
+        count > 0 || self.durable_responders(topic)
+    }
+
+    /// Waits until this node has routed `sequence` (read it back from the shared log's tail),
+    /// so what a publish was acknowledged for is visible to replays on this node too.
+    async fn routed_past(&self, sequence: u64) -> Result<(), BusError> {
+        let mut routed = self.shared.routed.subscribe();
+        let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        loop {
+            if *routed.borrow_and_update() >= sequence {
+                return Ok(());
+            }
+            if self.is_shutting_down() {
+                return Err(BusError::ShuttingDown);
+            }
+            tokio::select! {
+                changed = routed.changed() => {
+                    if changed.is_err() {
+                        return Err(BusError::ShuttingDown);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(BusError::Storage(StoreError::Failed(format!(
+                        "the log acknowledged sequence {sequence} but this node has not read it \
+                         back within {ROUTE_DEADLINE:?}"
+                    ))));
+                }
             }
         }
     }
@@ -500,6 +581,11 @@ impl Broker {
         let topic = event.topic.to_string();
         let mut reply_queue =
             self.register_inbox(&inbox, event.source.clone(), Arc::from(&*correlation_id))?;
+        if let Some(log) = &self.shared.log {
+            if !self.local_responders(&event.topic) && !log.remote_responders(&event.topic).await {
+                return Err(BusError::NoResponders { topic });
+            }
+        }
         let published = self
             .append(vec![event], Responders::Required)?
             .finish()
@@ -567,6 +653,7 @@ impl Broker {
             .next_subscription_id
             .fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = mpsc::channel(request.queue_size);
+        let is_inbox = request.only_correlation.is_some();
         let lane = match request.only_correlation {
             Some(_) => Lane::uncounted(),
             None => Lane::counted(
@@ -580,6 +667,11 @@ impl Broker {
             lane: lane.clone(),
             only_correlation: request.only_correlation,
         };
+        if let Some(log) = &self.shared.log {
+            if !is_inbox && routing.subscriptions.get_mut(request.pattern).is_none() {
+                log.announce_interest(request.pattern, true);
+            }
+        }
         let interest = routing.subscriptions.entry(request.pattern);
         match request.group {
             None => interest.individual.push(subscriber),
@@ -629,6 +721,16 @@ impl Broker {
         routing
             .subscriptions
             .remove_if(&registration.pattern, Interest::is_empty);
+        if let Some(log) = &self.shared.log {
+            if registration.subscriber.is_some()
+                && routing
+                    .subscriptions
+                    .get_mut(&registration.pattern)
+                    .is_none()
+            {
+                log.announce_interest(&registration.pattern, false);
+            }
+        }
         if let Some(subscriber) = &registration.subscriber {
             routing.topology.subscription_ended(
                 &registration.pattern,
@@ -804,6 +906,42 @@ impl Broker {
     }
 }
 
+/// How long a publish on a shared log waits for this node to read its batch back from the
+/// tail, once the log acknowledged it.
+const ROUTE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Routes what the shared log's tail brings, in order, a run of ready events per lock: the
+/// same bookkeeping and routing a local append does under the lock, for events from every node.
+async fn route_tail(broker: Broker, mut tail: mpsc::Receiver<SharedEvent>) {
+    let mut ready = Vec::with_capacity(TAIL_RUN);
+    loop {
+        let received = tokio::select! {
+            received = tail.recv_many(&mut ready, TAIL_RUN) => received,
+            _ = broker.stopped() => return,
+        };
+        if received == 0 {
+            if !broker.is_shutting_down() {
+                tracing::error!("the shared log's tail ended: this node no longer routes");
+            }
+            return;
+        }
+        let now = SystemTime::now();
+        let mut routing = broker.lock_routing();
+        let mut last = None;
+        for event in ready.drain(..) {
+            routing.record(&event, now);
+            routing.route(&event);
+            last = Some(event.sequence);
+        }
+        if let Some(last) = last {
+            broker.advance_routed(last);
+        }
+    }
+}
+
+/// Events of the tail routed under one taking of the routing lock, at most.
+const TAIL_RUN: usize = 256;
+
 /// How often [`housekeeping`] runs.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -920,7 +1058,17 @@ fn recent_publishes(config: &BusConfig, store: &dyn Store) -> DedupeWindow {
 pub struct PendingPublish {
     broker: Broker,
     published: Published,
-    wait: Option<watch::Receiver<u64>>,
+    wait: Wait,
+}
+
+/// What a [`PendingPublish`] waits for.
+enum Wait {
+    /// Nothing: routed when appended.
+    Done,
+    /// The store's durable head to pass the batch.
+    Durable(watch::Receiver<u64>),
+    /// The shared log's acknowledgement, then this node's tail to pass the batch.
+    Shared(futures_util::future::BoxFuture<'static, Result<Vec<Appended>, StoreError>>),
 }
 
 /// What a publish did with each event of its batch, in batch order.
@@ -935,8 +1083,19 @@ pub struct Published {
 impl PendingPublish {
     /// Waits until the batch (and the originals of its duplicates) is durable and routed.
     pub async fn finish(self) -> Result<Published, BusError> {
-        let Some(mut durable_head) = self.wait else {
-            return Ok(self.published);
+        let mut durable_head = match self.wait {
+            Wait::Done => return Ok(self.published),
+            Wait::Durable(durable_head) => durable_head,
+            Wait::Shared(appended) => {
+                let appended = appended.await?;
+                let published = Published {
+                    sequences: appended.iter().map(|a| a.sequence).collect(),
+                    duplicates: appended.iter().map(|a| a.duplicate).collect(),
+                };
+                let last = published.sequences.iter().copied().max().unwrap_or(0);
+                self.broker.routed_past(last).await?;
+                return Ok(published);
+            }
         };
         let last = self
             .published

@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod file;
+pub mod jetstream;
 mod memory;
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use file::{FileStore, FileStoreConfig, FsyncPolicy};
+pub use jetstream::{Appended, JetStreamConfig, JetStreamStore, SharedLog};
 pub use memory::MemoryStore;
 
 use crate::event::{Event, SharedEvent};

@@ -2,6 +2,8 @@
 //! and polling with a deadline instead of sleeping.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,15 +23,43 @@ pub struct TestBus {
     handle: Option<JoinHandle<()>>,
     /// The file store's directory, removed when the bus is dropped.
     _data_dir: Option<tempfile::TempDir>,
+    /// The nats-server of a bus on JetStream, stopped when the bus is dropped.
+    pub nats: Option<nats::NatsServer>,
 }
 
-/// `EVENTBUS_TEST_STORAGE=file` runs every in-process test bus on the file store (in a temporary
-/// directory) instead of the in-memory one: the same suite checks both stores.
-fn storage_under_test() -> Option<tempfile::TempDir> {
+/// What `EVENTBUS_TEST_STORAGE` asks every in-process test bus to run on instead of the memory
+/// store: the same suite checks every store.
+enum UnderTest {
+    Memory,
+    /// `file`: the file store, in a temporary directory.
+    File(tempfile::TempDir),
+    /// `jetstream`: a JetStream stream on a nats-server of the test's own.
+    JetStream(nats::NatsServer),
+}
+
+fn storage_under_test() -> UnderTest {
     match std::env::var("EVENTBUS_TEST_STORAGE").as_deref() {
-        Ok("file") => Some(tempfile::tempdir().expect("temporary data dir")),
-        Ok("memory") | Err(_) => None,
-        Ok(other) => panic!("EVENTBUS_TEST_STORAGE must be file or memory, not {other:?}"),
+        Ok("file") => UnderTest::File(tempfile::tempdir().expect("temporary data dir")),
+        Ok("jetstream") => UnderTest::JetStream(nats::NatsServer::start()),
+        Ok("memory") | Err(_) => UnderTest::Memory,
+        Ok(other) => {
+            panic!("EVENTBUS_TEST_STORAGE must be file, memory or jetstream, not {other:?}")
+        }
+    }
+}
+
+/// Whether the suite runs on JetStream (`EVENTBUS_TEST_STORAGE=jetstream`), for the few tests
+/// whose expectations differ there (each says why).
+pub fn on_jetstream() -> bool {
+    std::env::var("EVENTBUS_TEST_STORAGE").as_deref() == Ok("jetstream")
+}
+
+/// The storage of a bus node on the JetStream stream of `nats`.
+pub fn jetstream_storage(nats: &nats::NatsServer) -> StorageConfig {
+    StorageConfig::JetStream {
+        urls: vec![nats.url.clone()],
+        stream: "EVENTBUS".to_owned(),
+        replicas: 1,
     }
 }
 
@@ -58,27 +88,50 @@ impl TestBus {
             shutdown_grace: Duration::from_secs(5),
             ..ServerConfig::default()
         };
-        TestBus::spawn(config, None).await
+        TestBus::spawn(config, None, None).await
     }
 
     /// Starts a bus; a memory store is swapped for a file store under
-    /// `EVENTBUS_TEST_STORAGE=file`.
+    /// `EVENTBUS_TEST_STORAGE=file`, and for a JetStream stream on a nats-server of its own
+    /// under `EVENTBUS_TEST_STORAGE=jetstream`.
     pub async fn start_server(mut config: ServerConfig) -> TestBus {
-        let data_dir = match config.storage {
+        let under_test = match config.storage {
             StorageConfig::Memory => storage_under_test(),
-            StorageConfig::File { .. } => None,
+            _ => UnderTest::Memory,
         };
-        if let Some(dir) = &data_dir {
-            config.storage = StorageConfig::File {
-                data_dir: dir.path().to_owned(),
-                fsync: FsyncPolicy::Always,
-                segment_bytes: 1024 * 1024,
-            };
+        match under_test {
+            UnderTest::Memory => TestBus::spawn(config, None, None).await,
+            UnderTest::File(dir) => {
+                config.storage = StorageConfig::File {
+                    data_dir: dir.path().to_owned(),
+                    fsync: FsyncPolicy::Always,
+                    segment_bytes: 1024 * 1024,
+                };
+                TestBus::spawn(config, Some(dir), None).await
+            }
+            UnderTest::JetStream(nats) => {
+                config.storage = jetstream_storage(&nats);
+                TestBus::spawn(config, None, Some(nats)).await
+            }
         }
-        TestBus::spawn(config, data_dir).await
     }
 
-    async fn spawn(config: ServerConfig, data_dir: Option<tempfile::TempDir>) -> TestBus {
+    /// Starts a bus node on `storage` as given (another node's JetStream stream, say).
+    pub async fn start_on(bus: BusConfig, storage: StorageConfig) -> TestBus {
+        let config = ServerConfig {
+            bus,
+            storage,
+            shutdown_grace: Duration::from_secs(5),
+            ..ServerConfig::default()
+        };
+        TestBus::spawn(config, None, None).await
+    }
+
+    async fn spawn(
+        config: ServerConfig,
+        data_dir: Option<tempfile::TempDir>,
+        nats: Option<nats::NatsServer>,
+    ) -> TestBus {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -93,6 +146,7 @@ impl TestBus {
             shutdown,
             handle: Some(handle),
             _data_dir: data_dir,
+            nats,
         }
     }
 

@@ -1,0 +1,1115 @@
+//! The bus log in a NATS JetStream stream, shared by every bus node that points at it.
+//!
+//! # Why a stream, and how it maps
+//! A clustered bus must not be a home-made cluster: JetStream already gives a replicated,
+//! totally ordered stream, a dedupe window and durable key-value buckets. So a node keeps no
+//! log of its own; it is a stateless front over one stream:
+//!
+//! | bus | JetStream |
+//! |---|---|
+//! | the log, its sequence | the stream `--jetstream-stream` (default `EVENTBUS`), its stream sequence |
+//! | topic `orders.created` | subject `EVENTBUS.orders.created` (the stream takes `EVENTBUS.>`) |
+//! | an event | one message: the file store's record ([`super::codec`]) as payload |
+//! | publish time | the message's JetStream timestamp |
+//! | idempotent publish by (source, id) | the `Nats-Msg-Id` header and the stream's duplicate window |
+//! | retention (events, bytes, age) | the stream's `max_msgs`, `max_bytes`, `max_age` (discard old) |
+//! | `log_id` | stream name and creation time: it changes when the stream is recreated |
+//! | MANUAL-ack group cursors | the stream `<stream>-groups`: one message per group on `_EVENTBUS.<stream>.groups.<hex name>`, the last one kept (a key-value bucket by hand: NATS 2.9's answer to async-nats's bucket creation does not parse) |
+//! | "is there a responder for this query anywhere?" | a core NATS request to `_EVENTBUS.<stream>.responders.<topic>`, answered by every node for each pattern it has subscribers for; NATS's no-responders status says "nobody" at once |
+//!
+//! # What a node keeps
+//! Nothing of the stream: the tail it routes passes through a bounded channel
+//! ([`TAIL_BUFFER`] events), reads are fetched per call and dropped by the caller, and the
+//! bounds it reports are a few cached numbers.
+//!
+//! # Sync reads over an async client
+//! The [`Store`] read methods are synchronous (the embedded stores answer from memory or a
+//! local file). This store answers them over the network: the NATS client lives on a runtime of
+//! its own (two threads, `eventbus-nats`), and a read blocks its caller until the answer comes
+//! back, bounded by [`REQUEST_TIMEOUT`]. On a multi-threaded runtime the caller's worker hands
+//! its other tasks away first (`block_in_place`). Reads the caller would cut anyway (past the
+//! last sequence this node has routed) return at once without a round trip, which covers the
+//! common case of a replay that reaches the head.
+//!
+//! # Writes
+//! Appends do not go through [`Store::append`] (which would assign sequences under the
+//! broker's routing lock): a node hands batches to the stream in call order through
+//! [`SharedLog::begin_append`], and routes only what it reads back from the stream's tail, so
+//! every node routes every event, from whichever node it came, in sequence order.
+//!
+//! A batch is not atomic on JetStream: its events are separate messages. A message whose
+//! acknowledgement fails is sent again with the same `Nats-Msg-Id` until it is acknowledged or
+//! [`APPEND_DEADLINE`] passes, so a batch is stored whole unless JetStream stays unavailable
+//! that long; a batch that fails may then be stored in part, and a retry by the publisher with
+//! the same ids completes it without duplicates.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{codec, GroupCursor, HeldCounts, LogBounds, Store, StoreError, WithinBytes};
+use crate::event::{Event, SharedEvent, StoredEvent};
+use crate::topic::{Pattern, Topic};
+
+/// How long one request to NATS (a read, a stream lookup, a cursor save) may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an append keeps resending messages JetStream has not acknowledged.
+pub const APPEND_DEADLINE: Duration = Duration::from_secs(10);
+/// Events read from the tail and not yet routed, at most: the tail consumer waits (JetStream
+/// flow control) while the broker is behind.
+pub const TAIL_BUFFER: usize = 4096;
+/// How long cached stream facts (oldest sequence, held counts) are trusted.
+const INFO_TTL: Duration = Duration::from_millis(500);
+
+/// Where the stream lives and how it is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    /// NATS servers to connect to (`nats://host:4222`), any of them.
+    pub urls: Vec<String>,
+    /// The stream's name; its subjects are `<name>.>`.
+    pub stream: String,
+    /// Stream replicas: 1 on one NATS server, 3 in a cluster (an acknowledgement then means a
+    /// quorum has the event).
+    pub replicas: usize,
+    /// Retention, as [`crate::config::BusConfig`] has it.
+    pub max_events: u64,
+    pub max_bytes: u64,
+    pub max_age: Option<Duration>,
+    /// The duplicate window; zero: no dedupe (no `Nats-Msg-Id` is sent).
+    pub dedupe_window: Duration,
+    /// The largest message the stream takes, in bytes.
+    pub max_message_bytes: usize,
+    /// The largest event data the bus accepts: NATS's `max_payload` must fit it and the most
+    /// metadata an event may carry ([`RECORD_OVERHEAD_BYTES`]), or the node refuses to start.
+    pub max_event_data_bytes: usize,
+}
+
+/// The most an event's record may weigh beyond its data: 64 attributes of 128-byte keys and
+/// 4 KiB values, eight names of 256 bytes, and framing (see `service::convert`'s limits),
+/// rounded up.
+pub const RECORD_OVERHEAD_BYTES: usize = 320 * 1024;
+
+/// One event's place in the log after an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Its sequence; for a duplicate, the original's.
+    pub sequence: u64,
+    /// Whether the log already held an event with the same (source, id) within the window.
+    pub duplicate: bool,
+}
+
+/// A log that several bus nodes share: the broker appends to it and routes what it reads back
+/// from its tail, instead of routing its own appends.
+pub trait SharedLog: Send + Sync + 'static {
+    /// Hands `events` to the log, in the order of the calls (before returning), and resolves
+    /// once the log has acknowledged each of them: one [`Appended`] per event, in order.
+    fn begin_append(
+        &self,
+        events: Vec<Event>,
+    ) -> BoxFuture<'static, Result<Vec<Appended>, StoreError>>;
+
+    /// Every event of the log with a sequence greater than `after`, from every node, in
+    /// sequence order, for as long as the receiver is kept. Called once per log.
+    fn tail(&self, after: u64) -> mpsc::Receiver<SharedEvent>;
+
+    /// Whether some other node has a subscriber whose pattern matches `topic` (it announced
+    /// one with [`SharedLog::announce_interest`]). Errs towards `true` when NATS does not
+    /// answer in time: a query then waits out its timeout rather than failing wrongly.
+    fn remote_responders(&self, topic: &Topic) -> BoxFuture<'static, bool>;
+
+    /// Tells the other nodes that this node now has (`present`) or no longer has subscribers
+    /// for `pattern`. Never blocks: called under the routing lock.
+    fn announce_interest(&self, pattern: &Pattern, present: bool);
+}
+
+/// Cached facts about the stream, refreshed at most every [`INFO_TTL`].
+#[derive(Debug, Default)]
+struct Facts {
+    first_sequence: u64,
+    /// The oldest held event's publish time; `None` when nothing is held.
+    first_time: Option<SystemTime>,
+    /// The newest event's publish time, held or not; `None` before the first.
+    last_time: Option<SystemTime>,
+    /// The last counts read, answered while NATS cannot be asked.
+    held: HeldCounts,
+    info_at: Option<Instant>,
+}
+
+/// The log in a JetStream stream. See the module docs.
+pub struct JetStreamStore {
+    /// The NATS client's own runtime; `None` once dropped.
+    runtime: Option<tokio::runtime::Runtime>,
+    io: tokio::runtime::Handle,
+    context: jetstream::Context,
+    stream: String,
+    /// `<stream>.`: a topic's subject is this plus the topic.
+    subject_prefix: String,
+    /// `_EVENTBUS.<stream>.responders.`
+    responders_prefix: String,
+    urls: String,
+    log_id: String,
+    dedupe: bool,
+    /// The stream of group cursors, and the subject prefix of its messages.
+    cursors: String,
+    cursor_prefix: String,
+    publisher: mpsc::UnboundedSender<AppendJob>,
+    interest: mpsc::UnboundedSender<(String, bool)>,
+    connected: Arc<AtomicBool>,
+    /// The last sequence the tail has read: reads past it are answered empty at once.
+    tail_head: Arc<AtomicU64>,
+    /// The stream's last sequence when this node opened it.
+    head_at_open: u64,
+    /// The stream's `max_msgs`.
+    max_events: u64,
+    facts: Mutex<Facts>,
+}
+
+struct AppendJob {
+    messages: Vec<(String, Bytes, Option<String>)>,
+    reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+}
+
+impl std::fmt::Debug for JetStreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamStore")
+            .field("stream", &self.stream)
+            .field("urls", &self.urls)
+            .finish_non_exhaustive()
+    }
+}
+
+fn failed(what: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Failed(format!("{what}: {error}"))
+}
+
+impl JetStreamStore {
+    /// Connects to NATS, creates the stream (or updates its limits to `config`'s) and the
+    /// cursor bucket. Must be called on a Tokio runtime; the client runs on one of its own.
+    ///
+    /// # Errors
+    /// [`StoreError::Failed`] naming the URLs when NATS cannot be reached within
+    /// [`REQUEST_TIMEOUT`], or the stream cannot be created (for example, its subjects overlap
+    /// another stream's, or a cluster has fewer servers than `replicas`).
+    pub async fn open(config: JetStreamConfig) -> Result<JetStreamStore, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("eventbus-nats")
+            .enable_all()
+            .build()
+            .map_err(StoreError::Io)?;
+        let io = runtime.handle().clone();
+        let urls = config.urls.join(",");
+        let connected = Arc::new(AtomicBool::new(false));
+        let opened = io
+            .spawn(connect(config.clone(), connected.clone()))
+            .await
+            .map_err(|error| failed("starting the NATS client", error))?;
+        let (client, context, info) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                runtime.shutdown_background();
+                return Err(error);
+            }
+        };
+        let stream = config.stream.clone();
+        let created = info
+            .created
+            .unix_timestamp_nanos()
+            .try_into()
+            .unwrap_or(0u128);
+        let head_at_open = info.state.last_sequence;
+        let (publisher, jobs) = mpsc::unbounded_channel();
+        io.spawn(publish_jobs(context.clone(), jobs));
+        let (interest, announcements) = mpsc::unbounded_channel();
+        let responders_prefix = format!("_EVENTBUS.{stream}.responders.");
+        io.spawn(announce(
+            client.clone(),
+            responders_prefix.clone(),
+            announcements,
+        ));
+        let store = JetStreamStore {
+            runtime: Some(runtime),
+            io,
+            context,
+            subject_prefix: format!("{stream}."),
+            responders_prefix,
+            log_id: format!("{stream}-{created:x}"),
+            stream,
+            urls,
+            dedupe: !config.dedupe_window.is_zero(),
+            cursor_prefix: format!("_EVENTBUS.{}.groups.", config.stream),
+            cursors: format!("{}-groups", config.stream),
+            publisher,
+            interest,
+            connected,
+            tail_head: Arc::new(AtomicU64::new(head_at_open)),
+            head_at_open,
+            max_events: config.max_events,
+            facts: Mutex::new(Facts::default()),
+        };
+        store.note_info(&info);
+        Ok(store)
+    }
+
+    /// Runs `future` on the NATS runtime and blocks the caller until it resolves or
+    /// [`REQUEST_TIMEOUT`] passes.
+    fn block<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        future: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.io.spawn(async move {
+            let result = match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Failed(format!(
+                    "{what}: NATS did not answer within {REQUEST_TIMEOUT:?}"
+                ))),
+            };
+            let _ = sender.send(result);
+        });
+        let wait = move || {
+            receiver.recv().unwrap_or_else(|_| {
+                Err(StoreError::Failed(format!(
+                    "{what}: the NATS client stopped"
+                )))
+            })
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
+    }
+
+    fn note_info(&self, info: &stream::Info) {
+        let mut facts = self.lock_facts();
+        facts.first_sequence = info.state.first_sequence;
+        facts.first_time =
+            (info.state.messages > 0).then(|| SystemTime::from(info.state.first_timestamp));
+        facts.last_time =
+            (info.state.last_sequence > 0).then(|| SystemTime::from(info.state.last_timestamp));
+        facts.info_at = Some(Instant::now());
+    }
+
+    fn lock_facts(&self) -> std::sync::MutexGuard<'_, Facts> {
+        self.facts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refresh_info(&self) -> Result<(), StoreError> {
+        let context = self.context.clone();
+        let name = self.stream.clone();
+        let info = self.block("reading the stream's state", async move {
+            let stream = context
+                .get_stream_no_info(&name)
+                .await
+                .map_err(|e| failed("looking up the stream", e))?;
+            stream
+                .get_info()
+                .await
+                .map_err(|e| failed("reading the stream's state", e))
+        })?;
+        self.note_info(&info);
+        Ok(())
+    }
+
+    /// Reads up to `max` events after `after`, within `max_bytes`, through an ephemeral pull
+    /// consumer (created, fetched once without waiting, deleted).
+    fn fetch(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        let head = self.tail_head.load(Ordering::Acquire);
+        if after >= head || max == 0 {
+            return Ok(Vec::new());
+        }
+        let max = max.min((head - after) as usize);
+        let context = self.context.clone();
+        let name = self.stream.clone();
+        let prefix_len = self.subject_prefix.len();
+        self.block("reading the log", async move {
+            let stream = context
+                .get_stream_no_info(&name)
+                .await
+                .map_err(|e| failed("looking up the stream", e))?;
+            let consumer = stream
+                .create_consumer(read_consumer(
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: after + 1,
+                    },
+                    max,
+                ))
+                .await
+                .map_err(|e| failed("creating a reader", e))?;
+            let name = consumer.cached_info().name.clone();
+            let mut batch = consumer
+                .fetch()
+                .max_messages(max)
+                .messages()
+                .await
+                .map_err(|e| failed("reading the log", e))?;
+            let mut events = Vec::new();
+            let mut within = WithinBytes::new(max_bytes);
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(|e| failed("reading the log", e))?;
+                let Some(event) = decode(&message, prefix_len) else {
+                    continue;
+                };
+                if !within.admits(&event) {
+                    break;
+                }
+                events.push(Arc::new(event));
+                if events.len() >= max {
+                    break;
+                }
+            }
+            drop(batch);
+            tokio::spawn(async move {
+                let _ = stream.delete_consumer(&name).await;
+            });
+            Ok(events)
+        })
+    }
+}
+
+/// An ephemeral pull consumer that reads once: explicit ack (NATS 2.9 refuses pull consumers
+/// without), never acked, gone soon after it is left.
+fn read_consumer(deliver_policy: consumer::DeliverPolicy, max: usize) -> consumer::pull::Config {
+    consumer::pull::Config {
+        deliver_policy,
+        ack_policy: consumer::AckPolicy::Explicit,
+        max_ack_pending: max.max(1) as i64,
+        inactive_threshold: Duration::from_secs(10),
+        memory_storage: true,
+        num_replicas: 1,
+        ..Default::default()
+    }
+}
+
+/// A message of the stream as the event it holds, with the stream's sequence and timestamp; a
+/// message the bus did not write is skipped with a warning.
+fn decode(message: &jetstream::Message, prefix_len: usize) -> Option<StoredEvent> {
+    let info = match message.info() {
+        Ok(info) => info,
+        Err(error) => {
+            tracing::warn!(%error, subject = %message.subject, "a stream message without JetStream metadata: skipped");
+            return None;
+        }
+    };
+    let sequence = info.stream_sequence;
+    let published = SystemTime::from(info.published);
+    match codec::decode(&message.payload) {
+        Ok((mut event, _)) => {
+            event.sequence = sequence;
+            event.publish_time = published;
+            // As the other stores do on append: an event without a time is stamped with its
+            // publish time (here JetStream's, known only once stored).
+            event.event.time.get_or_insert(published);
+            Some(event)
+        }
+        Err(error) => {
+            let subject = message.subject.as_str();
+            tracing::warn!(
+                sequence,
+                subject = subject.get(prefix_len..).unwrap_or(subject),
+                %error,
+                "a stream message the bus did not write (publish through the bus, not to the stream's subjects): skipped"
+            );
+            None
+        }
+    }
+}
+
+async fn connect(
+    config: JetStreamConfig,
+    connected: Arc<AtomicBool>,
+) -> Result<(async_nats::Client, jetstream::Context, stream::Info), StoreError> {
+    let urls = config.urls.join(",");
+    let mut addresses = Vec::new();
+    for url in &config.urls {
+        let address: async_nats::ServerAddr = url
+            .parse()
+            .map_err(|e| failed(&format!("NATS URL {url:?}"), e))?;
+        addresses.push(address);
+    }
+    let flag = connected.clone();
+    let options = async_nats::ConnectOptions::new()
+        .name("eventbus")
+        .connection_timeout(REQUEST_TIMEOUT)
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let flag = flag.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        flag.store(true, Ordering::Release);
+                        tracing::info!("connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        flag.store(false, Ordering::Release);
+                        tracing::warn!(
+                            "lost the connection to NATS: publishes refused until it is back"
+                        );
+                    }
+                    other => tracing::debug!(event = %other, "NATS client event"),
+                }
+            }
+        });
+    let client = tokio::time::timeout(REQUEST_TIMEOUT, options.connect(addresses))
+        .await
+        .map_err(|_| {
+            StoreError::Failed(format!(
+                "cannot reach NATS at {urls}: no answer within {REQUEST_TIMEOUT:?} (is nats-server running there, with JetStream enabled?)"
+            ))
+        })?
+        .map_err(|e| StoreError::Failed(format!("cannot reach NATS at {urls}: {e}")))?;
+    let max_payload = client.server_info().max_payload;
+    let needed = config.max_event_data_bytes + RECORD_OVERHEAD_BYTES;
+    if max_payload < needed {
+        return Err(StoreError::Failed(format!(
+            "NATS at {urls} takes messages of at most {max_payload} bytes (its max_payload), \
+             but events of up to {} bytes of data (--max-event-data-bytes) need {needed}: raise \
+             max_payload in the nats-server configuration (8MB is NATS's advice) or lower \
+             --max-event-data-bytes",
+            config.max_event_data_bytes
+        )));
+    }
+    // The callback may not have run yet for the first connection.
+    connected.store(
+        client.connection_state() == async_nats::connection::State::Connected,
+        Ordering::Release,
+    );
+    let context = jetstream::ContextBuilder::new()
+        .timeout(REQUEST_TIMEOUT)
+        .max_ack_inflight(16_384)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    let max_age = config.max_age.unwrap_or_default();
+    let mut duplicate_window = config.dedupe_window;
+    if !max_age.is_zero() && duplicate_window > max_age {
+        duplicate_window = max_age;
+    }
+    let stream_config = stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![format!("{}.>", config.stream)],
+        max_messages: i64::try_from(config.max_events).unwrap_or(i64::MAX),
+        max_bytes: i64::try_from(config.max_bytes).unwrap_or(i64::MAX),
+        max_age,
+        max_message_size: i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX),
+        discard: stream::DiscardPolicy::Old,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        duplicate_window: if duplicate_window.is_zero() {
+            Duration::from_millis(1)
+        } else {
+            duplicate_window
+        },
+        allow_direct: true,
+        description: Some("eventbus log: written by eventbus nodes only".to_owned()),
+        ..Default::default()
+    };
+    let no_stream = |e: &dyn std::fmt::Display| {
+        StoreError::Failed(format!(
+            "cannot set up JetStream stream {} at {urls}: {e}",
+            config.stream
+        ))
+    };
+    let info = match context.get_stream(&config.stream).await {
+        Ok(mut existing) => {
+            let current = existing
+                .info()
+                .await
+                .map_err(|e| no_stream(&e))?
+                .config
+                .clone();
+            if current.subjects != stream_config.subjects {
+                return Err(no_stream(&format!(
+                    "the stream exists with subjects {:?}, not {:?}: it was not made by eventbus; choose another --jetstream-stream",
+                    current.subjects, stream_config.subjects
+                )));
+            }
+            context
+                .update_stream(&stream::Config {
+                    // Fixed at creation: keep what the stream has.
+                    storage: current.storage,
+                    ..stream_config.clone()
+                })
+                .await
+                .map_err(|e| no_stream(&e))?
+        }
+        Err(_) => {
+            let mut created = context
+                .create_stream(stream_config.clone())
+                .await
+                .map_err(|e| no_stream(&e))?;
+            created.info().await.map_err(|e| no_stream(&e))?.clone()
+        }
+    };
+    let cursors = stream::Config {
+        name: format!("{}-groups", config.stream),
+        subjects: vec![format!("_EVENTBUS.{}.groups.*", config.stream)],
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::Old,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        allow_direct: true,
+        description: Some("eventbus MANUAL-ack group cursors, the last per group".to_owned()),
+        ..Default::default()
+    };
+    context
+        .create_or_update_stream(cursors.clone())
+        .await
+        .map_err(|e| {
+            StoreError::Failed(format!(
+                "cannot set up JetStream stream {} at {urls}: {e}",
+                cursors.name
+            ))
+        })?;
+    Ok((client, context, info))
+}
+
+/// Sends each job's messages in job order (so batches from this node reach the stream in
+/// the order they were begun), then waits for their acknowledgements off the send loop.
+async fn publish_jobs(context: jetstream::Context, mut jobs: mpsc::UnboundedReceiver<AppendJob>) {
+    while let Some(job) = jobs.recv().await {
+        let mut acks = Vec::with_capacity(job.messages.len());
+        let mut send_error = None;
+        for (subject, payload, id) in &job.messages {
+            match send(&context, subject, payload, id.as_deref()).await {
+                Ok(ack) => acks.push(Some(ack)),
+                Err(error) => {
+                    // Sent again below, with the same id, until the deadline.
+                    send_error.get_or_insert(error);
+                    acks.push(None);
+                }
+            }
+        }
+        let context = context.clone();
+        tokio::spawn(async move {
+            let result = acknowledged(&context, job.messages, acks).await;
+            let _ = job.reply.send(result);
+        });
+    }
+}
+
+async fn send(
+    context: &jetstream::Context,
+    subject: &str,
+    payload: &Bytes,
+    id: Option<&str>,
+) -> Result<jetstream::context::PublishAckFuture, StoreError> {
+    let mut publish = jetstream::message::PublishMessage::build().payload(payload.clone());
+    if let Some(id) = id {
+        publish = publish.message_id(id);
+    }
+    context
+        .send_publish(subject.to_owned(), publish)
+        .await
+        .map_err(|e| failed("publishing to JetStream", e))
+}
+
+/// Waits for each message's acknowledgement; a message whose acknowledgement fails is sent
+/// again with the same id (JetStream answers a duplicate with the original's sequence) until
+/// [`APPEND_DEADLINE`].
+async fn acknowledged(
+    context: &jetstream::Context,
+    messages: Vec<(String, Bytes, Option<String>)>,
+    acks: Vec<Option<jetstream::context::PublishAckFuture>>,
+) -> Result<Vec<Appended>, StoreError> {
+    let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
+    let mut appended = Vec::with_capacity(messages.len());
+    for ((subject, payload, id), ack) in messages.iter().zip(acks) {
+        let mut ack = ack;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let attempt = match ack.take() {
+                Some(ack) => ack
+                    .await
+                    .map_err(|e| failed("JetStream did not acknowledge", e)),
+                None => match send(context, subject, payload, id.as_deref()).await {
+                    Ok(ack) => ack
+                        .await
+                        .map_err(|e| failed("JetStream did not acknowledge", e)),
+                    Err(error) => Err(error),
+                },
+            };
+            match attempt {
+                Ok(ack) => {
+                    appended.push(Appended {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    });
+                    break;
+                }
+                // Without an id a resend could store the event twice: fail instead.
+                Err(error) if id.is_none() || tokio::time::Instant::now() >= deadline => {
+                    return Err(error);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "resending an unacknowledged message with its id");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+    Ok(appended)
+}
+
+/// Answers `_EVENTBUS.<stream>.responders.<pattern>` for each pattern this node has
+/// subscribers for, so another node can ask whether anyone would answer a query.
+async fn announce(
+    client: async_nats::Client,
+    prefix: String,
+    mut announcements: mpsc::UnboundedReceiver<(String, bool)>,
+) {
+    let mut answering: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    while let Some((pattern, present)) = announcements.recv().await {
+        if !present {
+            if let Some(task) = answering.remove(&pattern) {
+                task.abort();
+            }
+            continue;
+        }
+        if answering.contains_key(&pattern) {
+            continue;
+        }
+        let subject = format!("{prefix}{pattern}");
+        let client = client.clone();
+        let task = tokio::spawn(async move {
+            let mut requests = match client.subscribe(subject.clone()).await {
+                Ok(requests) => requests,
+                Err(error) => {
+                    tracing::warn!(%error, %subject, "cannot announce a responder");
+                    return;
+                }
+            };
+            while let Some(request) = requests.next().await {
+                if let Some(reply) = request.reply {
+                    let _ = client.publish(reply, Bytes::new()).await;
+                }
+            }
+        });
+        answering.insert(pattern, task);
+    }
+}
+
+/// Reads the stream from `after + 1` on, for ever, with an ordered consumer (JetStream
+/// recreates it across gaps and reconnects), and hands each event to `sink` in order.
+async fn follow(
+    context: jetstream::Context,
+    stream_name: String,
+    prefix_len: usize,
+    after: u64,
+    tail_head: Arc<AtomicU64>,
+    sink: mpsc::Sender<SharedEvent>,
+) {
+    let mut last = after;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let messages = async {
+            let stream = context
+                .get_stream_no_info(&stream_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let consumer = stream
+                .create_consumer(consumer::push::OrderedConfig {
+                    deliver_subject: context.client().new_inbox(),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: last + 1,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            consumer.messages().await.map_err(|e| e.to_string())
+        }
+        .await;
+        let mut messages = match messages {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, "cannot follow the stream's tail; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = sink.closed() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        pause = Duration::from_millis(50);
+        loop {
+            let next = tokio::select! {
+                next = messages.next() => next,
+                _ = sink.closed() => return,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    let Some(event) = decode(&message, prefix_len) else {
+                        continue;
+                    };
+                    if event.sequence <= last {
+                        continue;
+                    }
+                    last = event.sequence;
+                    tail_head.fetch_max(last, Ordering::AcqRel);
+                    if sink.send(Arc::new(event)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "the stream's tail reported an error");
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// A header-safe `Nats-Msg-Id` for (source, id): both percent-escaped where they hold a byte
+/// outside printable ASCII, `%` or the separating `|`, so different pairs never share an id.
+fn message_id(source: &str, id: &str) -> String {
+    fn push(out: &mut String, text: &str) {
+        for byte in text.bytes() {
+            if byte.is_ascii_graphic() && byte != b'%' && byte != b'|' {
+                out.push(byte as char);
+            } else {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        }
+    }
+    let mut out = String::with_capacity(source.len() + id.len() + 1);
+    push(&mut out, source);
+    out.push('|');
+    push(&mut out, id);
+    out
+}
+
+/// A group name as a key of the cursor bucket: hex, since group names may hold characters
+/// keys may not.
+fn cursor_key(group: &str) -> String {
+    let mut key = String::with_capacity(2 + group.len() * 2);
+    key.push_str("g_");
+    for byte in group.bytes() {
+        key.push_str(&format!("{byte:02x}"));
+    }
+    key
+}
+
+fn group_of_key(key: &str) -> Option<String> {
+    let hex = key.strip_prefix("g_")?;
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+impl SharedLog for JetStreamStore {
+    fn begin_append(
+        &self,
+        events: Vec<Event>,
+    ) -> BoxFuture<'static, Result<Vec<Appended>, StoreError>> {
+        let now = SystemTime::now();
+        let messages = events
+            .into_iter()
+            .map(|event| {
+                let subject = format!("{}{}", self.subject_prefix, event.topic.as_str());
+                let id = self.dedupe.then(|| message_id(&event.source, &event.id));
+                let mut payload = Vec::new();
+                codec::encode(&StoredEvent::new(0, now, event), &mut payload);
+                (subject, Bytes::from(payload), id)
+            })
+            .collect();
+        let (reply, answer) = oneshot::channel();
+        let sent = self.publisher.send(AppendJob { messages, reply });
+        Box::pin(async move {
+            sent.map_err(|_| StoreError::Failed("the NATS client stopped".into()))?;
+            answer
+                .await
+                .map_err(|_| StoreError::Failed("the NATS client stopped".into()))?
+        })
+    }
+
+    fn tail(&self, after: u64) -> mpsc::Receiver<SharedEvent> {
+        let (sender, receiver) = mpsc::channel(TAIL_BUFFER);
+        self.io.spawn(follow(
+            self.context.clone(),
+            self.stream.clone(),
+            self.subject_prefix.len(),
+            after,
+            self.tail_head.clone(),
+            sender,
+        ));
+        receiver
+    }
+
+    fn remote_responders(&self, topic: &Topic) -> BoxFuture<'static, bool> {
+        let client = self.context.client();
+        let subject = format!("{}{}", self.responders_prefix, topic.as_str());
+        let io = self.io.clone();
+        Box::pin(async move {
+            let asked = io.spawn(async move {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.request(subject, Bytes::new()),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(error)) => {
+                        error.kind() != async_nats::client::RequestErrorKind::NoResponders
+                    }
+                    Err(_) => true,
+                }
+            });
+            asked.await.unwrap_or(true)
+        })
+    }
+
+    fn announce_interest(&self, pattern: &Pattern, present: bool) {
+        let _ = self.interest.send((pattern.as_str().to_owned(), present));
+    }
+}
+
+impl Store for JetStreamStore {
+    /// Refused: a shared log is appended to through [`SharedLog::begin_append`] (the broker
+    /// does so), because its sequences are assigned by JetStream, not under a local lock.
+    fn append(&self, events: Vec<Event>, now: SystemTime) -> Result<Vec<SharedEvent>, StoreError> {
+        let _ = (events, now);
+        Err(StoreError::Failed(
+            "a JetStream log is appended to through SharedLog::begin_append".into(),
+        ))
+    }
+
+    fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
+        self.fetch(after, max, usize::MAX)
+    }
+
+    fn read_after_within(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        self.fetch(after, max, max_bytes)
+    }
+
+    fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
+        let context = self.context.clone();
+        let name = self.stream.clone();
+        let start_time = time::OffsetDateTime::from(time);
+        self.block("finding a time in the log", async move {
+            let stream = context
+                .get_stream_no_info(&name)
+                .await
+                .map_err(|e| failed("looking up the stream", e))?;
+            let consumer = stream
+                .create_consumer(read_consumer(
+                    consumer::DeliverPolicy::ByStartTime { start_time },
+                    1,
+                ))
+                .await
+                .map_err(|e| failed("creating a reader", e))?;
+            let consumer_name = consumer.cached_info().name.clone();
+            let mut batch = consumer
+                .fetch()
+                .max_messages(1)
+                .messages()
+                .await
+                .map_err(|e| failed("reading the log", e))?;
+            let first = match batch.next().await {
+                Some(Ok(message)) => message.info().ok().map(|info| info.stream_sequence),
+                Some(Err(error)) => return Err(failed("reading the log", error)),
+                None => None,
+            };
+            drop(batch);
+            let _ = stream.delete_consumer(&consumer_name).await;
+            Ok(first)
+        })
+    }
+
+    fn bounds(&self) -> LogBounds {
+        let head = self.tail_head.load(Ordering::Acquire);
+        let facts = self.lock_facts();
+        // The stream's state is read every INFO_TTL; between reads, the count limit alone
+        // says which events are surely gone.
+        let by_count = (head + 1).saturating_sub(self.max_events);
+        let first = facts.first_sequence.max(by_count).max(1);
+        let oldest = (first <= head).then_some(first);
+        // JetStream does not say when the newest dropped event was published: no later than
+        // the oldest held one, or than the newest of all when none is held.
+        let newest_dropped_time = if first <= 1 {
+            None
+        } else if oldest.is_some() && first == facts.first_sequence {
+            facts.first_time.map(|t| t - Duration::from_nanos(1))
+        } else {
+            facts.last_time.or(facts.first_time)
+        };
+        LogBounds {
+            oldest,
+            head,
+            newest_dropped_time,
+        }
+    }
+
+    fn held_counts(&self) -> HeldCounts {
+        let context = self.context.clone();
+        let name = self.stream.clone();
+        let filter = format!("{}>", self.subject_prefix);
+        let prefix_len = self.subject_prefix.len();
+        let counted = self.block("counting events per subject", async move {
+            let stream = context
+                .get_stream_no_info(&name)
+                .await
+                .map_err(|e| failed("looking up the stream", e))?;
+            let mut subjects = stream
+                .info_with_subjects(filter)
+                .await
+                .map_err(|e| failed("counting events per subject", e))?;
+            let mut held = HeldCounts::new();
+            while let Some(entry) = subjects.next().await {
+                let (subject, count) =
+                    entry.map_err(|e| failed("counting events per subject", e))?;
+                if let Ok(topic) = Topic::parse(subject.get(prefix_len..).unwrap_or("")) {
+                    *held.entry_ref(topic.family()).or_insert(0) += count as u64;
+                }
+            }
+            Ok(held)
+        });
+        match counted {
+            Ok(held) => {
+                self.lock_facts().held = held.clone();
+                held
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot count held events");
+                self.lock_facts().held.clone()
+            }
+        }
+    }
+
+    /// JetStream applies age retention itself; this refreshes the cached oldest sequence.
+    fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
+        let _ = now;
+        let stale = self
+            .lock_facts()
+            .info_at
+            .is_none_or(|at| at.elapsed() >= INFO_TTL);
+        if stale && self.connected.load(Ordering::Acquire) {
+            self.refresh_info()?;
+        }
+        Ok(())
+    }
+
+    fn durability_error(&self) -> Option<String> {
+        (!self.connected.load(Ordering::Acquire))
+            .then(|| format!("lost the connection to NATS at {}", self.urls))
+    }
+
+    fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError> {
+        let context = self.context.clone();
+        let name = self.cursors.clone();
+        let prefix = self.cursor_prefix.clone();
+        self.block("loading group cursors", async move {
+            let stream = context
+                .get_stream_no_info(&name)
+                .await
+                .map_err(|e| failed("looking up the group cursors", e))?;
+            let mut subjects = stream
+                .info_with_subjects(format!("{prefix}*"))
+                .await
+                .map_err(|e| failed("listing group cursors", e))?;
+            let mut names = Vec::new();
+            while let Some(entry) = subjects.next().await {
+                names.push(entry.map_err(|e| failed("listing group cursors", e))?.0);
+            }
+            let mut loaded = HashMap::new();
+            for subject in names {
+                let Some(group) = subject.strip_prefix(&prefix).and_then(group_of_key) else {
+                    continue;
+                };
+                let message = stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                    .map_err(|e| failed("reading a group cursor", e))?;
+                let cursor: GroupCursor =
+                    serde_json::from_slice(&message.payload).map_err(|e| {
+                        failed(&format!("group cursor of {group:?} in stream {name}"), e)
+                    })?;
+                loaded.insert(group, cursor);
+            }
+            Ok(loaded)
+        })
+    }
+
+    fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError> {
+        let context = self.context.clone();
+        let subject = format!("{}{}", self.cursor_prefix, cursor_key(group));
+        let value = Bytes::from(serde_json::to_vec(cursor).expect("a cursor serializes"));
+        self.block("saving a group cursor", async move {
+            context
+                .publish(subject, value)
+                .await
+                .map_err(|e| failed("saving a group cursor", e))?
+                .await
+                .map(|_| ())
+                .map_err(|e| failed("saving a group cursor", e))
+        })
+    }
+}
+
+impl JetStreamStore {
+    /// The stream's last sequence when this node opened it: the tail starts after it.
+    pub fn head_at_open(&self) -> u64 {
+        self.head_at_open
+    }
+}
+
+impl Drop for JetStreamStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_escape_so_different_pairs_never_collide() {
+        assert_eq!(message_id("svc", "42"), "svc|42");
+        assert_ne!(message_id("a|b", "c"), message_id("a", "b|c"));
+        assert_eq!(message_id("a b", "x\n"), "a%20b|x%0A");
+        assert_ne!(message_id("a%7C", "b"), message_id("a|", "b"));
+    }
+
+    #[test]
+    fn cursor_keys_round_trip_any_group_name() {
+        for name in ["orders", "a.b*>", "名前", ""] {
+            let key = cursor_key(name);
+            assert!(key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+            assert_eq!(group_of_key(&key).as_deref(), Some(name));
+        }
+    }
+}
