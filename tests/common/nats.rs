@@ -16,7 +16,8 @@ pub struct NatsServer {
     /// `nats://127.0.0.1:PORT`.
     pub url: String,
     pub port: u16,
-    _store: tempfile::TempDir,
+    store: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 /// The nats-server binary the tests use.
@@ -35,11 +36,33 @@ impl NatsServer {
     /// Starts a server with extra command-line arguments (a cluster block, say).
     pub fn start_with(extra: &[&str]) -> NatsServer {
         let store = tempfile::tempdir().expect("temporary JetStream store");
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let (child, port) = spawn(&store, "-1", &extra);
+        NatsServer {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            port,
+            store,
+            extra,
+        }
+    }
+
+    /// Starts the server again after [`NatsServer::kill`], on the same port with the same
+    /// JetStream store, as an operator restarting it would.
+    pub fn restart(&mut self) {
+        self.kill();
+        let (child, _) = spawn(&self.store, &self.port.to_string(), &self.extra);
+        self.child = child;
+    }
+}
+
+fn spawn(store: &tempfile::TempDir, port: &str, extra: &[String]) -> (Child, u16) {
+    {
         // The bus's default 1 MiB event data needs more than NATS's default 1 MB payload.
         let config = store.path().join("nats.conf");
         std::fs::write(&config, "max_payload: 8MB\n").expect("write nats.conf");
         let mut child = Command::new(binary())
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-c"])
+            .args(["-a", "127.0.0.1", "-p", port, "-js", "-c"])
             .arg(&config)
             .arg("-sd")
             .arg(store.path().join("jetstream"))
@@ -94,14 +117,11 @@ impl NatsServer {
                 }
             }
         };
-        NatsServer {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            port,
-            _store: store,
-        }
+        (child, port)
     }
+}
 
+impl NatsServer {
     /// Stops the server at once (SIGKILL).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

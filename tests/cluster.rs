@@ -1,0 +1,312 @@
+//! Several bus nodes on one JetStream stream behave as one bus: a publish on one node reaches
+//! subscribers on every node in sequence order, replays and topic counts on any node cover
+//! every node's events, a query on one node is answered by a responder on another, and
+//! idempotent publish holds across nodes. Also what a node does when NATS is away: it refuses
+//! to start, or goes NOT_SERVING and refuses publishes until NATS is back.
+//!
+//! Each test starts its own nats-server (`$EVENTBUS_TEST_NATS_SERVER` or `nats-server`).
+
+mod common;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use common::nats::NatsServer;
+use common::{event, eventually, jetstream_storage, TestBus};
+use eventbus::config::BusConfig;
+use eventbus::pb;
+use eventbus::pb::subscribe_request::Start;
+use eventbus::pb::subscribe_response::Message;
+use support::*;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+async fn two_nodes(nats: &NatsServer) -> (TestBus, TestBus) {
+    let a = TestBus::start_on(BusConfig::default(), jetstream_storage(nats)).await;
+    let b = TestBus::start_on(BusConfig::default(), jetstream_storage(nats)).await;
+    (a, b)
+}
+
+fn numbered(topic: &str, source: &str, n: usize) -> pb::Event {
+    pb::Event {
+        source: source.to_owned(),
+        id: format!("{source}-{n}"),
+        ..event(topic, n.to_string().as_bytes())
+    }
+}
+
+#[tokio::test]
+async fn publishes_on_every_node_reach_subscribers_on_every_node_in_one_order() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    // Registered just before the first publish, on each node.
+    let (_, mut watch_a) = subscribe(&mut on_a, request("orders.>")).await;
+    let (_, mut watch_b) = subscribe(&mut on_b, request("orders.>")).await;
+
+    let mut published = Vec::new();
+    for round in 0..20 {
+        let batch = |source: &str| {
+            (0..10)
+                .map(|i| numbered("orders.created", source, round * 10 + i))
+                .collect()
+        };
+        published.extend(publish(&mut on_a, batch("node-a-publisher")).await);
+        published.extend(publish(&mut on_b, batch("node-b-publisher")).await);
+    }
+    published.sort_unstable();
+    assert_eq!(
+        published,
+        (1..=400).collect::<Vec<_>>(),
+        "one total order across the nodes, no gap"
+    );
+    for (node, stream) in [("a", &mut watch_a), ("b", &mut watch_b)] {
+        let got = sequences(&events(stream, published.len()).await);
+        assert_eq!(
+            got, published,
+            "node {node}: every event once, in sequence order"
+        );
+    }
+    // Both nodes saw the same events with the same content.
+    let (_, mut replay_b) =
+        subscribe(&mut on_b, request_from("orders.>", Start::Earliest(()))).await;
+    let replayed = events(&mut replay_b, 400).await;
+    assert_eq!(sequences(&replayed), published);
+    assert_eq!(replayed[0].source, "node-a-publisher");
+    assert_eq!(replayed[10].source, "node-b-publisher");
+    assert_eq!(caught_up(&mut replay_b).await, 400);
+}
+
+#[tokio::test]
+async fn a_retried_publish_on_another_node_is_stored_once() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let first = on_a
+        .publish(pb::PublishRequest {
+            events: vec![numbered("pay.done", "payments", 7)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let again = on_b
+        .publish(pb::PublishRequest {
+            events: vec![
+                numbered("pay.done", "payments", 7),
+                numbered("pay.done", "payments", 8),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.duplicates, [false]);
+    assert_eq!(again.duplicates, [true, false]);
+    assert_eq!(
+        again.sequences[0], first.sequences[0],
+        "the original's sequence"
+    );
+    let (_, mut replay) = subscribe(&mut on_a, request_from("pay.>", Start::Earliest(()))).await;
+    let stored = events(&mut replay, 2).await;
+    assert_eq!(sequences(&stored), [1, 2]);
+    assert_eq!(
+        caught_up(&mut replay).await,
+        2,
+        "the retry was not stored again"
+    );
+}
+
+#[tokio::test]
+async fn a_query_on_one_node_is_answered_by_a_responder_on_another() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    let mut responder_client = b.client().await;
+    let (_, mut queries) = subscribe(
+        &mut responder_client,
+        pb::SubscribeRequest {
+            subscriber: "user-service".into(),
+            ..request("user.query")
+        },
+    )
+    .await;
+    let responder = tokio::spawn(async move {
+        while let Ok(Some(response)) = queries.message().await {
+            let Some(Message::Event(query)) = response.message else {
+                continue;
+            };
+            let answer = pb::Event {
+                source: "user-service".into(),
+                correlation_id: query.correlation_id.clone(),
+                ..event(&query.reply_to, &[b"re:", &query.data[..]].concat())
+            };
+            publish(&mut responder_client, vec![answer]).await;
+        }
+    });
+    let mut asker = a.client().await;
+    // The responder counts once node b has announced it: poll until the query is answered.
+    let reply = eventually("a query answered across nodes", WAIT, || {
+        let mut asker = asker.clone();
+        async move {
+            asker
+                .query(pb::QueryRequest {
+                    event: Some(pb::Event {
+                        source: "query-service".into(),
+                        ..event("user.query", b"42")
+                    }),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 5,
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .ok()
+        }
+    })
+    .await
+    .into_inner();
+    assert_eq!(&reply.reply.unwrap().data[..], b"re:42");
+
+    // Nobody on any node listens to this topic: no responders, at once.
+    let started = Instant::now();
+    let status = asker
+        .query(pb::QueryRequest {
+            event: Some(pb::Event {
+                source: "query-service".into(),
+                ..event("nobody.query", b"?")
+            }),
+            timeout: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect_err("no responders");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(reason(&status).as_deref(), Some("no-responders"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered at once, not at the timeout"
+    );
+    responder.abort();
+}
+
+#[tokio::test]
+async fn topic_counts_on_every_node_cover_every_node() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    publish(
+        &mut a.client().await,
+        vec![event("stock.moved", b"1"), event("stock.moved", b"2")],
+    )
+    .await;
+    publish(&mut b.client().await, vec![event("stock.moved", b"3")]).await;
+    for node in [&a, &b] {
+        let mut admin = node.admin().await;
+        let topic = eventually("node's tail to count the three events", WAIT, || {
+            let mut admin = admin.clone();
+            async move {
+                let topics = admin
+                    .list_topics(pb::ListTopicsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .topics;
+                topics
+                    .into_iter()
+                    .find(|t| t.name == "stock.moved" && t.events_published == 3)
+            }
+        })
+        .await;
+        assert_eq!(topic.events_held, 3);
+        assert_eq!(topic.last_sequence, 3);
+        let _ = &mut admin;
+    }
+}
+
+/// A node that cannot reach NATS at start says so in one line naming the URL and exits non-zero.
+#[test]
+fn a_node_that_cannot_reach_nats_at_start_exits_naming_the_url() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("nats://127.0.0.1:{}", dead.local_addr().unwrap().port());
+    drop(dead);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--storage",
+            "jetstream",
+            "--nats-url",
+            &url,
+        ])
+        .env_remove("EVENTBUS_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(&url)).collect();
+    assert_eq!(errors.len(), 1, "one line names the URL: {stderr}");
+    assert!(errors[0].contains("cannot reach NATS"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_node_that_loses_nats_is_not_serving_and_refuses_publishes_until_it_is_back() {
+    let mut nats = NatsServer::start();
+    let bus = TestBus::start_on(BusConfig::default(), jetstream_storage(&nats)).await;
+    let mut client = bus.client().await;
+    let mut health = HealthClient::new(bus.channel().await);
+    publish_one(&mut client, event("before.outage", b"1")).await;
+
+    let status = |health: &HealthClient<_>| {
+        let mut health: HealthClient<tonic::transport::Channel> = Clone::clone(health);
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        }
+    };
+    nats.kill();
+    eventually("NOT_SERVING once NATS is gone", WAIT, || {
+        let health = health.clone();
+        async move { (status(&health).await == ServingStatus::NotServing as i32).then_some(()) }
+    })
+    .await;
+    let refused = client
+        .publish(pb::PublishRequest {
+            events: vec![event("during.outage", b"2")],
+        })
+        .await
+        .expect_err("refused while NATS is away");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("NATS"), "{refused:?}");
+
+    nats.restart();
+    eventually("SERVING once NATS is back", WAIT, || {
+        let health = health.clone();
+        async move { (status(&health).await == ServingStatus::Serving as i32).then_some(()) }
+    })
+    .await;
+    let sequence = eventually("a publish accepted again", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            client
+                .publish(pb::PublishRequest {
+                    events: vec![event("after.outage", b"3")],
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner().sequences[0])
+        }
+    })
+    .await;
+    assert_eq!(sequence, 2, "the log kept its events across the outage");
+    let _ = &mut health;
+}
