@@ -123,6 +123,15 @@ pub enum BusError {
     #[error("the bus is shutting down")]
     ShuttingDown,
 
+    /// On a JetStream-backed cluster, a consumer group's members must connect to one bus node
+    /// at a time in this version (each node would otherwise deliver every event to the group).
+    #[error(
+        "group {group:?} has members on another bus node ({node}): in this version a group's \
+         members connect to one node at a time; connect this member to that node, or retry \
+         once its members have left"
+    )]
+    GroupOnAnotherNode { group: String, node: String },
+
     /// The store failed.
     #[error(transparent)]
     Storage(#[from] StoreError),

@@ -310,3 +310,72 @@ async fn a_node_that_loses_nats_is_not_serving_and_refuses_publishes_until_it_is
     assert_eq!(sequence, 2, "the log kept its events across the outage");
     let _ = &mut health;
 }
+
+/// A consumer group's members connect to one node at a time: each node routes every event, so a
+/// group spread over two nodes would get each event twice. A member on a second node is refused
+/// while the first has members, and accepted once they left (as after a node failure).
+#[tokio::test]
+async fn a_group_lives_on_one_node_at_a_time_and_moves_when_its_members_leave() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    let member = || pb::SubscribeRequest {
+        group: "billing".into(),
+        subscriber: "billing-service".into(),
+        ..request("invoices.>")
+    };
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let (_, mut first) = subscribe(&mut on_a, member()).await;
+    let (_, mut second) = subscribe(&mut on_a, member()).await;
+
+    let refused = eventually("node b to see the group on node a", WAIT, || {
+        let mut on_b = on_b.clone();
+        async move {
+            match on_b.subscribe(member()).await {
+                Err(status) => Some(status),
+                Ok(response) => {
+                    drop(response);
+                    None
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(reason(&refused).as_deref(), Some("group-on-another-node"));
+    assert!(refused.message().contains("billing"), "{refused:?}");
+
+    // Published on b, delivered once to the group on a.
+    let published = publish(
+        &mut on_b,
+        (0..10).map(|i| event("invoices.sent", &[i])).collect(),
+    )
+    .await;
+    let mut got = Vec::new();
+    while got.len() < published.len() {
+        tokio::select! {
+            Ok(Some(r)) = first.message() => if let Some(Message::Event(e)) = r.message { got.push(e.sequence) },
+            Ok(Some(r)) = second.message() => if let Some(Message::Event(e)) = r.message { got.push(e.sequence) },
+            _ = tokio::time::sleep(WAIT) => panic!("the group did not get every event: {got:?}"),
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(got, published, "each event once to the group");
+
+    drop((first, second));
+    let (_, mut moved) = eventually("the group to move to node b", WAIT, || {
+        let mut on_b = on_b.clone();
+        async move {
+            let mut stream = on_b.subscribe(member()).await.ok()?.into_inner();
+            let first = tokio::time::timeout(WAIT, stream.message())
+                .await
+                .ok()?
+                .ok()??;
+            Some((first, stream))
+        }
+    })
+    .await;
+    let sequence = publish_one(&mut on_a, event("invoices.sent", b"after")).await;
+    assert_eq!(sequences(&events(&mut moved, 1).await), [sequence]);
+    let _ = &mut on_b;
+}

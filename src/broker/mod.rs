@@ -87,6 +87,9 @@ struct Shared {
     /// A log shared with other bus nodes (JetStream): publishes append to it, and this node
     /// routes what it reads back from the log's tail (see [`Broker::on_shared_log`]).
     log: Option<Arc<dyn SharedLog>>,
+    /// On a shared log: open subscriptions per consumer group on this node (see
+    /// [`Broker::place_group`]).
+    placed_groups: Mutex<HashMap<Arc<str>, usize>>,
 }
 
 /// Everything the publish path touches, behind the routing lock.
@@ -293,6 +296,7 @@ impl Broker {
                 delivery,
                 tasks: TaskTracker::new(),
                 log,
+                placed_groups: Mutex::new(HashMap::new()),
             }),
         };
         // Outside a runtime (a broker built for a synchronous test) there is no housekeeping:
@@ -431,6 +435,48 @@ impl Broker {
                 })
             }
         }
+    }
+
+    /// On a shared log, places a consumer group's member on this node: refused when another
+    /// node has members of a group of that name (each node routes every event, so a group
+    /// spread over nodes would get each event once per node); otherwise this node tells the
+    /// others it has the group until the returned placement is dropped. `None` and no check
+    /// on a log of its own, or for a subscription outside any group.
+    ///
+    /// Two nodes placing the first members of one group at the same instant can both pass
+    /// the check (a window of one NATS round trip).
+    ///
+    /// # Errors
+    /// [`BusError::GroupOnAnotherNode`] naming the node that has the group.
+    pub async fn place_group(
+        &self,
+        group: Option<&str>,
+    ) -> Result<Option<GroupPlacement>, BusError> {
+        let (Some(log), Some(group)) = (&self.shared.log, group) else {
+            return Ok(None);
+        };
+        let name: Arc<str> = Arc::from(group);
+        let first = {
+            let mut placed = lock_placed(&self.shared.placed_groups);
+            let count = placed.entry(name.clone()).or_insert(0);
+            *count += 1;
+            *count == 1
+        };
+        let placement = GroupPlacement {
+            broker: self.clone(),
+            name,
+        };
+        if !first {
+            return Ok(Some(placement));
+        }
+        if let Some(node) = log.group_elsewhere(group).await {
+            return Err(BusError::GroupOnAnotherNode {
+                group: group.to_owned(),
+                node,
+            });
+        }
+        log.announce_group(group, true);
+        Ok(Some(placement))
     }
 
     /// Whether this node has a subscriber (or a MANUAL-ack group member) for `topic`.
@@ -1050,6 +1096,38 @@ fn recent_publishes(config: &BusConfig, store: &dyn Store) -> DedupeWindow {
             );
         }
         after = chunk.last().expect("not empty").sequence;
+    }
+}
+
+/// A consumer group's member placed on this node ([`Broker::place_group`]); dropping the last
+/// one of a group tells the other nodes this node no longer has it.
+pub struct GroupPlacement {
+    broker: Broker,
+    name: Arc<str>,
+}
+
+fn lock_placed(
+    placed: &Mutex<HashMap<Arc<str>, usize>>,
+) -> MutexGuard<'_, HashMap<Arc<str>, usize>> {
+    placed
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Drop for GroupPlacement {
+    fn drop(&mut self) {
+        let shared = &self.broker.shared;
+        let mut placed = lock_placed(&shared.placed_groups);
+        let Some(count) = placed.get_mut(&self.name) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            placed.remove(&self.name);
+            if let Some(log) = &shared.log {
+                log.announce_group(&self.name, false);
+            }
+        }
     }
 }
 

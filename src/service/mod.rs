@@ -111,7 +111,7 @@ impl EventBusService for EventBusApi {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let frames = self.subscribe_frames(request)?;
+        let frames = self.subscribe_frames(request).await?;
         Ok(Response::new(
             frames
                 .map(|frame| frame.map(SubscribeFrame::into_pb))
@@ -203,7 +203,7 @@ impl EventBusService for EventBusApi {
 
 impl EventBusApi {
     /// Opens a subscription: the confirmation, then its deliveries, as frames.
-    fn subscribe_frames(
+    async fn subscribe_frames(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<BoxStream<'static, Result<SubscribeFrame, Status>>, Status> {
@@ -217,6 +217,8 @@ impl EventBusApi {
             subscriber = %options.subscriber,
             subscription_id = tracing::field::Empty,
         );
+        // Held for as long as the stream is: see `Broker::place_group`.
+        let placement = self.broker.place_group(options.group.as_deref()).await?;
         let subscription = span.in_scope(|| self.broker.subscribe(options))?;
         span.record("subscription_id", subscription.info().id);
         debug!(parent: &span, head = subscription.info().head_sequence, "subscribed");
@@ -225,7 +227,9 @@ impl EventBusApi {
                 subscription.info(),
             )),
         )));
-        let deliveries = subscription.map(move |delivery| match delivery {
+        let deliveries = subscription.map(move |delivery| {
+            let _placement = &placement;
+            match delivery {
             Ok(Delivery::Event { event, attempt }) => {
                 tracing::trace!(parent: &span, sequence = event.sequence, topic = %event.event.topic, correlation_id = %event.event.correlation_id, attempt, "deliver");
                 Ok(SubscribeFrame::Event { event, attempt })
@@ -239,6 +243,7 @@ impl EventBusApi {
                 debug!(parent: &span, %error, "subscription ended");
                 Err(status::to_status(&error))
             }
+        }
         });
         let confirmation = stream::once(async move {
             #[cfg(test)]

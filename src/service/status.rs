@@ -31,6 +31,7 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         BusError::ReceiveTimeout { .. } => (Code::DeadlineExceeded, "receive-timeout"),
         BusError::ReceiveBudgetExhausted { .. } => (Code::ResourceExhausted, "receive-budget"),
         BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
+        BusError::GroupOnAnotherNode { .. } => (Code::FailedPrecondition, "group-on-another-node"),
         // A failed store refuses every write until a restart: the node is unavailable, and a
         // client may go to another (health says NOT_SERVING too).
         BusError::Storage(StoreError::Failed(_)) => (Code::Unavailable, "store-failed"),

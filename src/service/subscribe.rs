@@ -130,7 +130,7 @@ impl ServerStreamingService<pb::SubscribeRequest> for SubscribeMethod {
 
     fn call(&mut self, request: Request<pb::SubscribeRequest>) -> Self::Future {
         let api = self.0.clone();
-        Box::pin(async move { api.subscribe_frames(request).map(Response::new) })
+        Box::pin(async move { api.subscribe_frames(request).await.map(Response::new) })
     }
 }
 

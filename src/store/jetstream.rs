@@ -128,6 +128,14 @@ pub trait SharedLog: Send + Sync + 'static {
     /// Tells the other nodes that this node now has (`present`) or no longer has subscribers
     /// for `pattern`. Never blocks: called under the routing lock.
     fn announce_interest(&self, pattern: &Pattern, present: bool);
+
+    /// The node that has members of consumer group `group` (it announced them with
+    /// [`SharedLog::announce_group`]), if another has; `None` when none answers in time.
+    fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<String>>;
+
+    /// Tells the other nodes that this node now has (`present`) or no longer has members of
+    /// `group`. Never blocks.
+    fn announce_group(&self, group: &str, present: bool);
 }
 
 /// Cached facts about the stream, refreshed at most every [`INFO_TTL`].
@@ -154,6 +162,8 @@ pub struct JetStreamStore {
     subject_prefix: String,
     /// `_EVENTBUS.<stream>.responders.`
     responders_prefix: String,
+    /// `_EVENTBUS.<stream>.members.`: a subject per consumer group this node has members of.
+    members_prefix: String,
     urls: String,
     log_id: String,
     dedupe: bool,
@@ -230,17 +240,19 @@ impl JetStreamStore {
         io.spawn(publish_jobs(context.clone(), jobs));
         let (interest, announcements) = mpsc::unbounded_channel();
         let responders_prefix = format!("_EVENTBUS.{stream}.responders.");
-        io.spawn(announce(
-            client.clone(),
-            responders_prefix.clone(),
-            announcements,
-        ));
+        let node = format!(
+            "node {} (pid {})",
+            &crate::event::new_id()[24..],
+            std::process::id()
+        );
+        io.spawn(announce(client.clone(), Bytes::from(node), announcements));
         let store = JetStreamStore {
             runtime: Some(runtime),
             io,
             context,
             subject_prefix: format!("{stream}."),
             responders_prefix,
+            members_prefix: format!("_EVENTBUS.{stream}.members."),
             log_id: format!("{stream}-{created:x}"),
             stream,
             urls,
@@ -667,25 +679,28 @@ async fn acknowledged(
     Ok(appended)
 }
 
-/// Answers `_EVENTBUS.<stream>.responders.<pattern>` for each pattern this node has
-/// subscribers for, so another node can ask whether anyone would answer a query.
+/// Answers, with this node's name, requests on each subject this node announces:
+/// `_EVENTBUS.<stream>.responders.<pattern>` for each pattern it has subscribers for (so
+/// another node can ask whether anyone would answer a query) and
+/// `_EVENTBUS.<stream>.members.<group>` for each consumer group it has members of.
 async fn announce(
     client: async_nats::Client,
-    prefix: String,
+    node: Bytes,
     mut announcements: mpsc::UnboundedReceiver<(String, bool)>,
 ) {
     let mut answering: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    while let Some((pattern, present)) = announcements.recv().await {
+    while let Some((subject, present)) = announcements.recv().await {
         if !present {
-            if let Some(task) = answering.remove(&pattern) {
+            if let Some(task) = answering.remove(&subject) {
                 task.abort();
             }
             continue;
         }
-        if answering.contains_key(&pattern) {
+        if answering.contains_key(&subject) {
             continue;
         }
-        let subject = format!("{prefix}{pattern}");
+        let key = subject.clone();
+        let node = node.clone();
         let client = client.clone();
         let task = tokio::spawn(async move {
             let mut requests = match client.subscribe(subject.clone()).await {
@@ -697,11 +712,11 @@ async fn announce(
             };
             while let Some(request) = requests.next().await {
                 if let Some(reply) = request.reply {
-                    let _ = client.publish(reply, Bytes::new()).await;
+                    let _ = client.publish(reply, node.clone()).await;
                 }
             }
         });
-        answering.insert(pattern, task);
+        answering.insert(key, task);
     }
 }
 
@@ -882,7 +897,33 @@ impl SharedLog for JetStreamStore {
     }
 
     fn announce_interest(&self, pattern: &Pattern, present: bool) {
-        let _ = self.interest.send((pattern.as_str().to_owned(), present));
+        let subject = format!("{}{}", self.responders_prefix, pattern.as_str());
+        let _ = self.interest.send((subject, present));
+    }
+
+    fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<String>> {
+        let client = self.context.client();
+        let subject = format!("{}{}", self.members_prefix, cursor_key(group));
+        let io = self.io.clone();
+        Box::pin(async move {
+            let asked = io.spawn(async move {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.request(subject, Bytes::new()),
+                )
+                .await
+                {
+                    Ok(Ok(answer)) => Some(String::from_utf8_lossy(&answer.payload).into_owned()),
+                    _ => None,
+                }
+            });
+            asked.await.ok().flatten()
+        })
+    }
+
+    fn announce_group(&self, group: &str, present: bool) {
+        let subject = format!("{}{}", self.members_prefix, cursor_key(group));
+        let _ = self.interest.send((subject, present));
     }
 }
 
