@@ -50,6 +50,7 @@ pub use topology::TopologySnapshot;
 use crate::config::BusConfig;
 use crate::error::BusError;
 use crate::event::{Event, SharedEvent};
+use crate::metrics::{FamilyCache, Metrics, QueryOutcome, Scraped};
 use crate::store::{Store, StoreError};
 use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic, INBOX_FAMILY};
@@ -84,6 +85,8 @@ struct Shared {
     delivery: Arc<DeliveryBudget>,
     /// The broker's own tasks (group dispatchers), so shutdown can wait for their last writes.
     tasks: TaskTracker,
+    /// Counters the broker updates; the admin listener encodes them.
+    metrics: Metrics,
 }
 
 /// Everything the publish path touches, behind the routing lock.
@@ -234,7 +237,14 @@ enum Responders {
 }
 
 impl Broker {
+    /// A bus on `store`, with metrics of its own (see [`Broker::with_metrics`]).
     pub fn new(config: BusConfig, store: Arc<dyn Store>) -> Broker {
+        Broker::with_metrics(config, store, Metrics::new())
+    }
+
+    /// A bus on `store` that counts into `metrics` (made before the store, when the store
+    /// reports into it too, as the file store's fsync times do).
+    pub fn with_metrics(config: BusConfig, store: Arc<dyn Store>, metrics: Metrics) -> Broker {
         let durable_head = store.durable_head();
         let head = store.bounds().head;
         let routed_through = AtomicU64::new(head);
@@ -262,6 +272,7 @@ impl Broker {
                 durable: durable::DurableGroups::default(),
                 delivery,
                 tasks: TaskTracker::new(),
+                metrics,
             }),
         };
         // Outside a runtime (a broker built for a synchronous test) there is no housekeeping:
@@ -283,6 +294,24 @@ impl Broker {
 
     pub fn config(&self) -> &BusConfig {
         &self.shared.config
+    }
+
+    /// The counters this bus updates.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The metrics in the text exposition format, with the values read at scrape time (the
+    /// store's usage, the bytes queued for delivery) read now. Takes no routing lock.
+    pub fn render_metrics(&self) -> String {
+        let usage = self.shared.store.usage();
+        self.shared.metrics.set_scraped(Scraped {
+            delivery_queued_bytes: self.shared.delivery.used() as u64,
+            store_bytes: usage.bytes,
+            store_segments: usage.segments,
+            store_events: usage.events,
+        });
+        self.shared.metrics.encode()
     }
 
     /// The identity of the log behind this bus (see [`Store::log_id`]).
@@ -336,6 +365,7 @@ impl Broker {
             return Err(BusError::ShuttingDown);
         }
         self.check_batch(&events)?;
+        let started = std::time::Instant::now();
         let now = SystemTime::now();
         let mut routing = self.lock_routing();
         if responders == Responders::Required {
@@ -362,11 +392,19 @@ impl Broker {
             self.shared.store.append(fresh, now)?
         };
         let published = batch.resolve(&stored);
+        let mut families = FamilyCache::default();
         for event in &stored {
             routing.record(event, now);
+            families
+                .get(&self.shared.metrics, event.event.topic.as_str())
+                .published
+                .inc();
         }
+        self.shared
+            .metrics
+            .dedupe_hits((published.sequences.len() - stored.len()) as u64);
         routing.dedupe.remember(&batch, &stored);
-        match (&self.shared.durable_head, stored.last()) {
+        let pending = match (&self.shared.durable_head, stored.last()) {
             // Appends are final on return: route at once, under the same lock.
             (None, last) => {
                 for event in &stored {
@@ -379,6 +417,7 @@ impl Broker {
                     broker: self.clone(),
                     published,
                     wait: None,
+                    started,
                 })
             }
             // Routed once durable, so no subscriber sees what a crash could take back. A batch
@@ -389,9 +428,12 @@ impl Broker {
                     broker: self.clone(),
                     published,
                     wait: Some(durable_head.clone()),
+                    started,
                 })
             }
-        }
+        };
+        drop(routing);
+        pending
     }
 
     fn advance_routed(&self, sequence: u64) {
@@ -484,7 +526,22 @@ impl Broker {
 
     /// Request/response over events: publishes `event` with a fresh inbox as `reply_to` and
     /// waits for the first event on that inbox with the same correlation id.
-    pub async fn query(
+    pub async fn query(&self, event: Event, timeout: Duration) -> Result<SharedEvent, BusError> {
+        let started = std::time::Instant::now();
+        let outcome = self.query_inner(event, timeout).await;
+        let counted = match &outcome {
+            Ok(_) => QueryOutcome::Answered,
+            Err(BusError::NoResponders { .. }) => QueryOutcome::NoResponders,
+            Err(BusError::QueryTimeout { .. }) => QueryOutcome::Timeout,
+            Err(_) => QueryOutcome::Error,
+        };
+        self.shared
+            .metrics
+            .observe_query(counted, started.elapsed());
+        outcome
+    }
+
+    async fn query_inner(
         &self,
         mut event: Event,
         timeout: Duration,
@@ -921,6 +978,8 @@ pub struct PendingPublish {
     broker: Broker,
     published: Published,
     wait: Option<watch::Receiver<u64>>,
+    /// When the broker took the batch, for the publish latency metric.
+    started: std::time::Instant,
 }
 
 /// What a publish did with each event of its batch, in batch order.
@@ -936,6 +995,9 @@ impl PendingPublish {
     /// Waits until the batch (and the originals of its duplicates) is durable and routed.
     pub async fn finish(self) -> Result<Published, BusError> {
         let Some(mut durable_head) = self.wait else {
+            self.broker
+                .metrics()
+                .observe_publish(self.started.elapsed());
             return Ok(self.published);
         };
         let last = self
@@ -949,6 +1011,9 @@ impl PendingPublish {
             let durable = *durable_head.borrow_and_update();
             if durable >= last {
                 self.broker.route_durable(durable);
+                self.broker
+                    .metrics()
+                    .observe_publish(self.started.elapsed());
                 return Ok(self.published);
             }
             if let Some(failure) = self.broker.shared.store.durability_error() {
