@@ -404,6 +404,8 @@ impl Broker {
             .metrics
             .dedupe_hits((published.sequences.len() - stored.len()) as u64);
         routing.dedupe.remember(&batch, &stored);
+        // Logged after the lock is released; the copies (of `Arc`s) only at debug level.
+        let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| stored.clone());
         let pending = match (&self.shared.durable_head, stored.last()) {
             // Appends are final on return: route at once, under the same lock.
             (None, last) => {
@@ -433,6 +435,9 @@ impl Broker {
             }
         };
         drop(routing);
+        for event in logged.iter().flatten() {
+            log_published(event);
+        }
         pending
     }
 
@@ -859,6 +864,28 @@ impl Broker {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// The debug line of one stored event: a reply (an event on a query's inbox), a query (an event
+/// with a `reply_to`) or any other publish, so a request can be followed through the log by
+/// its correlation id.
+fn log_published(stored: &SharedEvent) {
+    let event = &stored.event;
+    let what = if event.topic.is_inbox() {
+        "reply published"
+    } else if event.reply_to.is_some() {
+        "query published"
+    } else {
+        "published"
+    };
+    tracing::debug!(
+        topic = %event.topic,
+        sequence = stored.sequence,
+        correlation_id = %event.correlation_id,
+        source = %event.source,
+        id = %event.id,
+        "{what}"
+    );
 }
 
 /// How often [`housekeeping`] runs.

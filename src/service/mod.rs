@@ -158,6 +158,14 @@ impl EventBusService for EventBusApi {
             .inspect_err(|error| debug!(parent: &span, %error, "query failed"))?;
         span.record("correlation_id", reply.event.correlation_id.as_str());
         span.record("reply_sequence", reply.sequence);
+        debug!(
+            parent: &span,
+            topic = %reply.event.topic,
+            sequence = reply.sequence,
+            correlation_id = %reply.event.correlation_id,
+            responder = %reply.event.source,
+            "query answered"
+        );
         Ok(Response::new(pb::QueryResponse {
             reply: Some(convert::event_to_pb(&reply)),
         }))
@@ -217,6 +225,7 @@ impl EventBusApi {
             subscriber = %options.subscriber,
             subscription_id = tracing::field::Empty,
         );
+        let subscriber = options.subscriber.clone();
         let subscription = span.in_scope(|| self.broker.subscribe(options))?;
         span.record("subscription_id", subscription.info().id);
         debug!(parent: &span, head = subscription.info().head_sequence, "subscribed");
@@ -227,14 +236,22 @@ impl EventBusApi {
         )));
         let deliveries = subscription.map(move |delivery| match delivery {
             Ok(Delivery::Event { event, attempt }) => {
-                tracing::trace!(parent: &span, sequence = event.sequence, topic = %event.event.topic, correlation_id = %event.event.correlation_id, attempt, "deliver");
+                debug!(
+                    parent: &span,
+                    topic = %event.event.topic,
+                    sequence = event.sequence,
+                    correlation_id = %event.event.correlation_id,
+                    subscriber = %subscriber,
+                    attempt,
+                    "delivered"
+                );
                 Ok(SubscribeFrame::Event { event, attempt })
             }
-            Ok(Delivery::CaughtUp { sequence }) => Ok(SubscribeFrame::Message(Box::new(
-                subscribe_message(pb::subscribe_response::Message::CaughtUp(pb::CaughtUp {
-                    sequence,
-                })),
-            ))),
+            Ok(Delivery::CaughtUp { sequence }) => {
+                Ok(SubscribeFrame::Message(Box::new(subscribe_message(
+                    pb::subscribe_response::Message::CaughtUp(pb::CaughtUp { sequence }),
+                ))))
+            }
             Err(error) => {
                 debug!(parent: &span, %error, "subscription ended");
                 Err(status::to_status(&error))
