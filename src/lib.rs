@@ -12,6 +12,7 @@
 //! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors).
 //! - [`metrics`]: the bus's Prometheus metrics, updated by the broker through a handle.
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`tracecontext`]: W3C `traceparent`/`tracestate` carried from request metadata into events.
 //! - [`sdk`]: the Rust client SDK.
 //! - [`cli`]: the `eventbus` command line.
 
@@ -32,3 +33,4 @@ pub mod service;
 pub mod store;
 pub mod sublist;
 pub mod topic;
+pub mod tracecontext;
