@@ -77,6 +77,8 @@ pub struct Incoming {
     permit: Option<OwnedSemaphorePermit>,
     /// When reaching the connection limit was last logged.
     full_logged: Option<Instant>,
+    /// Where open connections are counted, if anywhere ([`Incoming::counted_in`]).
+    metrics: Option<crate::metrics::Metrics>,
     /// Armed after an accept error; no accept is tried until it fires.
     pause: Option<Pin<Box<Sleep>>>,
     /// The next pause, doubled after each error in a row.
@@ -94,12 +96,19 @@ impl Incoming {
             limits,
             permits: PollSemaphore::new(Arc::new(Semaphore::new(limits.max_connections))),
             permit: None,
+            metrics: None,
             full_logged: None,
             pause: None,
             backoff: FIRST_BACKOFF,
             last_logged: None,
             unlogged: 0,
         }
+    }
+
+    /// Counts open connections in `metrics` (`eventbus_connections_active`).
+    pub fn counted_in(mut self, metrics: crate::metrics::Metrics) -> Incoming {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn on_error(&mut self, error: &io::Error) {
@@ -196,6 +205,7 @@ impl Stream for Incoming {
                         stream,
                         handshake: Some(Box::pin(deadline)),
                         _permit: permit,
+                        _open: self.metrics.as_ref().map(|m| m.connection_opened()),
                     })));
                 }
                 Err(error) if is_per_connection(&error) => {
@@ -216,6 +226,8 @@ pub struct Connection {
     handshake: Option<Pin<Box<Sleep>>>,
     /// Returned to [`Incoming`]'s limit when the connection is dropped.
     _permit: OwnedSemaphorePermit,
+    /// Counts the connection as open while it lives.
+    _open: Option<crate::metrics::GaugeGuard>,
 }
 
 impl AsyncRead for Connection {

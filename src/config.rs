@@ -189,6 +189,9 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// How long a new connection may send nothing before it is closed.
     pub handshake_timeout: Duration,
+    /// Where the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, see [`crate::admin`])
+    /// listens; `None`: it is off.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -205,6 +208,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 4096,
             max_connections: None,
             handshake_timeout: Duration::from_secs(10),
+            admin_listen: None,
         }
     }
 }
@@ -377,6 +381,10 @@ pub struct ServeArgs {
     /// How long a new connection may send nothing before it is closed [default: 10s].
     #[arg(long, env = "EVENTBUS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Option<Duration>,
+    /// Address of the admin HTTP listener serving `/metrics` (Prometheus), `/healthz` and
+    /// `/readyz`, e.g. `127.0.0.1:9090`; empty turns it off [default: off].
+    #[arg(long, env = "EVENTBUS_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     /// Log level or filter (as RUST_LOG), e.g. `info` or `eventbus=debug` [default: info].
     #[arg(long, env = "EVENTBUS_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -448,6 +456,7 @@ struct ConfigFile {
     max_connections: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     handshake_timeout: Option<Duration>,
+    admin_listen: Option<String>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -660,6 +669,7 @@ impl ServeArgs {
                 .handshake_timeout
                 .or(file.handshake_timeout)
                 .unwrap_or(defaults.handshake_timeout),
+            admin_listen: parse_admin_listen(self.admin_listen.clone().or(file.admin_listen))?,
         };
         server.validate_receiving()?;
         let log = LogConfig {
@@ -700,6 +710,17 @@ impl ServerConfig {
             return invalid("handshake_timeout", "must be more than 0s".into());
         }
         Ok(())
+    }
+}
+
+/// `admin_listen`: an address, or empty (or unset) for off.
+fn parse_admin_listen(text: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
+    match text.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(|_| ConfigError::Invalid {
+            setting: "admin_listen",
+            rule: format!("{text:?} is not an address such as 127.0.0.1:9090 (empty: off)"),
+        }),
     }
 }
 
@@ -763,6 +784,34 @@ mod tests {
             panic!("file storage expected");
         };
         assert_eq!(fsync, FsyncPolicy::Interval(Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn the_admin_listener_is_off_unless_given_and_empty_turns_it_off() {
+        assert_eq!(ServeArgs::default().resolve().unwrap().0.admin_listen, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        std::fs::write(&path, "admin_listen = \"127.0.0.1:9191\"\n").unwrap();
+        let from_file = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            from_file.resolve().unwrap().0.admin_listen,
+            Some("127.0.0.1:9191".parse().unwrap())
+        );
+        let off = ServeArgs {
+            config: Some(path),
+            admin_listen: Some(String::new()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(off.resolve().unwrap().0.admin_listen, None);
+        let bad = ServeArgs {
+            admin_listen: Some("localhost".into()),
+            ..ServeArgs::default()
+        };
+        let error = bad.resolve().unwrap_err().to_string();
+        assert!(error.starts_with("admin_listen:"), "{error}");
     }
 
     #[test]

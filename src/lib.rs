@@ -10,15 +10,20 @@
 //! - [`receive`]: bounds on request bodies as they arrive (deadline, shared budget).
 //! - [`panics`]: the panic hook, and panics contained to the call they happen in.
 //! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors).
+//! - [`metrics`]: the bus's Prometheus metrics, updated by the broker through a handle.
+//! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`tracecontext`]: W3C `traceparent`/`tracestate` carried from request metadata into events.
 //! - [`sdk`]: the Rust client SDK.
 //! - [`cli`]: the `eventbus` command line.
 
 pub mod accept;
+pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod metrics;
 pub mod panics;
 pub mod pb;
 pub mod receive;
@@ -28,3 +33,4 @@ pub mod service;
 pub mod store;
 pub mod sublist;
 pub mod topic;
+pub mod tracecontext;

@@ -48,6 +48,11 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("opening the store: {0}")]
     Storage(#[from] StoreError),
+    #[error("binding the admin listener {addr}: {source}")]
+    AdminBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A broker on the store `storage` describes, bounded by `config`'s retention. Opening a file
@@ -60,6 +65,7 @@ pub async fn open_broker(
     config: &BusConfig,
     storage: &StorageConfig,
 ) -> Result<Broker, StoreError> {
+    let metrics = crate::metrics::Metrics::new();
     let store: Arc<dyn Store> = match storage {
         StorageConfig::JetStream {
             urls,
@@ -87,7 +93,12 @@ pub async fn open_broker(
                 head = store.head_at_open(),
                 "storage: JetStream stream"
             );
-            return Ok(Broker::on_shared_log(config.clone(), store.clone(), store));
+            return Ok(Broker::on_shared_log(
+                config.clone(),
+                store.clone(),
+                store,
+                metrics,
+            ));
         }
         StorageConfig::Memory => Arc::new(MemoryStore::with_max_age(
             config.retention_max_events,
@@ -104,10 +115,11 @@ pub async fn open_broker(
             retention_max_events: config.retention_max_events,
             retention_max_bytes: config.retention_max_bytes,
             retention_max_age: config.retention_max_age,
+            fsync_timer: Some(metrics.fsync_timer()),
             ..FileStoreConfig::new(data_dir)
         })?),
     };
-    Ok(Broker::new(config.clone(), store))
+    Ok(Broker::with_metrics(config.clone(), store, metrics))
 }
 
 /// Opens the configured store and serves a bus on it on `listener` until `shutdown` resolves.
@@ -161,9 +173,52 @@ async fn report_store_failure(broker: Broker, health: tonic_health::server::Heal
     }
 }
 
-/// Serves `broker` on `listener` until `shutdown` resolves.
+/// Serves the admin HTTP listener until the broker shuts down. Its failure is logged; the bus
+/// goes on serving gRPC.
+fn spawn_admin(
+    listener: TcpListener,
+    broker: Broker,
+    health: tonic_health::server::HealthReporter,
+) {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "an unknown address".to_owned(), |a| a.to_string());
+    info!(%addr, "admin listening (/metrics, /healthz, /readyz)");
+    let stopped = {
+        let broker = broker.clone();
+        async move { broker.stopped().await }
+    };
+    tokio::spawn(async move {
+        if let Err(error) = crate::admin::serve(listener, broker, health, stopped).await {
+            tracing::error!(%error, "the admin listener failed");
+        }
+    });
+}
+
+/// Serves `broker` on `listener` until `shutdown` resolves, and the admin HTTP listener
+/// ([`crate::admin`]) on `config.admin_listen` if set.
 pub async fn serve(
     listener: TcpListener,
+    config: ServerConfig,
+    broker: Broker,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::AdminBind { addr, source })?,
+        ),
+        None => None,
+    };
+    serve_with_admin(listener, admin, config, broker, shutdown).await
+}
+
+/// As [`serve`], with the admin HTTP listener on `admin` (already bound, so a test can bind
+/// port 0 and know the address) instead of `config.admin_listen`.
+pub async fn serve_with_admin(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
     config: ServerConfig,
     broker: Broker,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -190,6 +245,9 @@ pub async fn serve(
         .max_encoding_message_size(message_limit);
 
     tokio::spawn(report_store_failure(broker.clone(), health.clone()));
+    if let Some(admin) = admin {
+        spawn_admin(admin, broker.clone(), health.clone());
+    }
 
     let stopping = Arc::new(Notify::new());
     let signal = {
@@ -219,7 +277,8 @@ pub async fn serve(
             max_connections,
             handshake_timeout: config.handshake_timeout,
         },
-    );
+    )
+    .counted_in(broker.metrics().clone());
     let addr = local_addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
     info!(%addr, "eventbus listening");
     let receive = ReceiveLayer::new(ReceiveLimits {
@@ -448,9 +507,9 @@ mod store_health_tests {
 
     /// A memory store that can be switched into the failed state a file store enters when a
     /// write can neither be made durable nor undone.
-    struct Failing {
-        inner: MemoryStore,
-        failed: AtomicBool,
+    pub(super) struct Failing {
+        pub(super) inner: MemoryStore,
+        pub(super) failed: AtomicBool,
     }
 
     impl Store for Failing {
@@ -560,6 +619,71 @@ mod store_health_tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod admin_tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::sync::CancellationToken;
+
+    use super::store_health_tests::Failing;
+    use super::*;
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: bus\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, body.to_owned())
+    }
+
+    /// Readiness is the gRPC health status: a failed store turns both off; liveness stays.
+    #[tokio::test]
+    async fn a_failed_store_makes_readyz_fail_and_healthz_stay() {
+        let store = Arc::new(Failing {
+            inner: MemoryStore::new(1000, 1 << 20),
+            failed: AtomicBool::new(false),
+        });
+        let broker = Broker::new(BusConfig::default(), store.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve_with_admin(
+            listener,
+            Some(admin),
+            ServerConfig::default(),
+            broker,
+            shutdown.clone().cancelled_owned(),
+        ));
+        assert_eq!(
+            get(admin_addr, "/readyz").await,
+            (200, "ready\n".to_owned())
+        );
+        store.failed.store(true, Ordering::Release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let body = loop {
+            let (status, body) = get(admin_addr, "/readyz").await;
+            if status == 503 {
+                break body;
+            }
+            assert!(std::time::Instant::now() < deadline, "readyz stayed 200");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            body.contains("NOT_SERVING") && body.contains("fsync failed: injected"),
+            "{body}"
+        );
+        assert_eq!(get(admin_addr, "/healthz").await, (200, "ok\n".to_owned()));
         shutdown.cancel();
         server.await.unwrap().unwrap();
     }

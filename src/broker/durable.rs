@@ -577,9 +577,14 @@ impl Broker {
         let durable = self.durable_group(group)?;
         let mut state = lock(&durable.state);
         let mut acknowledged = 0;
+        let mut families = crate::metrics::FamilyCache::default();
         for sequence in sequences {
-            if state.land(*sequence).is_some() {
+            if let Some(flight) = state.land(*sequence) {
                 acknowledged += 1;
+                families
+                    .get(self.metrics(), flight.event.event.topic.as_str())
+                    .acked
+                    .inc();
             }
         }
         let cursor = state.cursor();
@@ -599,11 +604,16 @@ impl Broker {
         let mut state = lock(&durable.state);
         let now = Instant::now();
         let mut requeued = 0;
+        let mut families = crate::metrics::FamilyCache::default();
         for sequence in sequences {
             let Some(flight) = state.land(*sequence) else {
                 continue;
             };
             requeued += 1;
+            families
+                .get(self.metrics(), flight.event.event.topic.as_str())
+                .nacked
+                .inc();
             state.put_back(
                 flight.event,
                 flight.deliveries,
@@ -931,6 +941,11 @@ async fn dead_letter(broker: &Broker, group: &DurableGroup, event: SharedEvent, 
     let mut state = lock(&group.state);
     match published {
         Ok(()) => {
+            broker
+                .metrics()
+                .family(crate::metrics::topic_family(event.event.topic.as_str()))
+                .dead_lettered
+                .inc();
             state.dead_lettering.remove(&event.sequence);
         }
         Err(error) => {

@@ -50,6 +50,7 @@ pub use topology::TopologySnapshot;
 use crate::config::BusConfig;
 use crate::error::BusError;
 use crate::event::{Event, SharedEvent};
+use crate::metrics::{FamilyCache, Metrics, QueryOutcome, Scraped};
 use crate::store::{Appended, SharedLog, Store, StoreError};
 use crate::sublist::SubjectTree;
 use crate::topic::{Pattern, Topic, INBOX_FAMILY};
@@ -90,6 +91,8 @@ struct Shared {
     /// On a shared log: open subscriptions per consumer group on this node (see
     /// [`Broker::place_group`]).
     placed_groups: Mutex<HashMap<Arc<str>, usize>>,
+    /// Counters the broker updates; the admin listener encodes them.
+    metrics: Metrics,
 }
 
 /// Everything the publish path touches, behind the routing lock.
@@ -241,9 +244,15 @@ enum Responders {
 
 impl Broker {
     /// A bus on a log of its own: it assigns sequences under its routing lock and routes its
-    /// own appends (once durable).
+    /// own appends (once durable), with metrics of its own (see [`Broker::with_metrics`]).
     pub fn new(config: BusConfig, store: Arc<dyn Store>) -> Broker {
-        Broker::build(config, store, None)
+        Broker::with_metrics(config, store, Metrics::new())
+    }
+
+    /// A bus on a log of its own that counts into `metrics` (made before the store, when the
+    /// store reports into it too, as the file store's fsync times do).
+    pub fn with_metrics(config: BusConfig, store: Arc<dyn Store>, metrics: Metrics) -> Broker {
+        Broker::build(config, store, None, metrics)
     }
 
     /// A bus node on a log it shares with other nodes (`store` and `log` are the same
@@ -255,15 +264,21 @@ impl Broker {
         config: BusConfig,
         store: Arc<dyn Store>,
         log: Arc<dyn SharedLog>,
+        metrics: Metrics,
     ) -> Broker {
         let head = store.bounds().head;
-        let broker = Broker::build(config, store, Some(log.clone()));
+        let broker = Broker::build(config, store, Some(log.clone()), metrics);
         let tail = log.tail(head);
         broker.shared.tasks.spawn(route_tail(broker.clone(), tail));
         broker
     }
 
-    fn build(config: BusConfig, store: Arc<dyn Store>, log: Option<Arc<dyn SharedLog>>) -> Broker {
+    fn build(
+        config: BusConfig,
+        store: Arc<dyn Store>,
+        log: Option<Arc<dyn SharedLog>>,
+        metrics: Metrics,
+    ) -> Broker {
         let durable_head = store.durable_head();
         let head = store.bounds().head;
         let routed_through = AtomicU64::new(head);
@@ -297,6 +312,7 @@ impl Broker {
                 tasks: TaskTracker::new(),
                 log,
                 placed_groups: Mutex::new(HashMap::new()),
+                metrics,
             }),
         };
         // Outside a runtime (a broker built for a synchronous test) there is no housekeeping:
@@ -318,6 +334,24 @@ impl Broker {
 
     pub fn config(&self) -> &BusConfig {
         &self.shared.config
+    }
+
+    /// The counters this bus updates.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The metrics in the text exposition format, with the values read at scrape time (the
+    /// store's usage, the bytes queued for delivery) read now. Takes no routing lock.
+    pub fn render_metrics(&self) -> String {
+        let usage = self.shared.store.usage();
+        self.shared.metrics.set_scraped(Scraped {
+            delivery_queued_bytes: self.shared.delivery.used() as u64,
+            store_bytes: usage.bytes,
+            store_segments: usage.segments,
+            store_events: usage.events,
+        });
+        self.shared.metrics.encode()
     }
 
     /// The identity of the log behind this bus (see [`Store::log_id`]).
@@ -371,6 +405,7 @@ impl Broker {
             return Err(BusError::ShuttingDown);
         }
         self.check_batch(&events)?;
+        let started = std::time::Instant::now();
         if let Some(log) = &self.shared.log {
             // Responders were looked for across the nodes by `query`, before this.
             if let Some(failure) = self.shared.store.durability_error() {
@@ -381,6 +416,7 @@ impl Broker {
                 broker: self.clone(),
                 published: Published::default(),
                 wait: Wait::Shared(log.begin_append(batch.fresh)),
+                started,
             });
         }
         let now = SystemTime::now();
@@ -405,11 +441,21 @@ impl Broker {
             self.shared.store.append(fresh, now)?
         };
         let published = batch.resolve(&stored);
+        let mut families = FamilyCache::default();
         for event in &stored {
             routing.record(event, now);
+            families
+                .get(&self.shared.metrics, event.event.topic.as_str())
+                .published
+                .inc();
         }
+        self.shared
+            .metrics
+            .dedupe_hits((published.sequences.len() - stored.len()) as u64);
         routing.dedupe.remember(&batch, &stored);
-        match (&self.shared.durable_head, stored.last()) {
+        // Logged after the lock is released; the copies (of `Arc`s) only at debug level.
+        let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| stored.clone());
+        let pending = match (&self.shared.durable_head, stored.last()) {
             // Appends are final on return: route at once, under the same lock.
             (None, last) => {
                 for event in &stored {
@@ -422,6 +468,7 @@ impl Broker {
                     broker: self.clone(),
                     published,
                     wait: Wait::Done,
+                    started,
                 })
             }
             // Routed once durable, so no subscriber sees what a crash could take back. A batch
@@ -432,9 +479,15 @@ impl Broker {
                     broker: self.clone(),
                     published,
                     wait: Wait::Durable(durable_head.clone()),
+                    started,
                 })
             }
+        };
+        drop(routing);
+        for event in logged.iter().flatten() {
+            log_published(event);
         }
+        pending
     }
 
     /// On a shared log, places a consumer group's member on this node: refused when another
@@ -611,7 +664,22 @@ impl Broker {
 
     /// Request/response over events: publishes `event` with a fresh inbox as `reply_to` and
     /// waits for the first event on that inbox with the same correlation id.
-    pub async fn query(
+    pub async fn query(&self, event: Event, timeout: Duration) -> Result<SharedEvent, BusError> {
+        let started = std::time::Instant::now();
+        let outcome = self.query_inner(event, timeout).await;
+        let counted = match &outcome {
+            Ok(_) => QueryOutcome::Answered,
+            Err(BusError::NoResponders { .. }) => QueryOutcome::NoResponders,
+            Err(BusError::QueryTimeout { .. }) => QueryOutcome::Timeout,
+            Err(_) => QueryOutcome::Error,
+        };
+        self.shared
+            .metrics
+            .observe_query(counted, started.elapsed());
+        outcome
+    }
+
+    async fn query_inner(
         &self,
         mut event: Event,
         timeout: Duration,
@@ -972,6 +1040,8 @@ async fn route_tail(broker: Broker, mut tail: mpsc::Receiver<SharedEvent>) {
             return;
         }
         let now = SystemTime::now();
+        // Logged after the lock is released; the copies (of `Arc`s) only at debug level.
+        let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| ready.clone());
         let mut routing = broker.lock_routing();
         let mut last = None;
         for event in ready.drain(..) {
@@ -982,11 +1052,37 @@ async fn route_tail(broker: Broker, mut tail: mpsc::Receiver<SharedEvent>) {
         if let Some(last) = last {
             broker.advance_routed(last);
         }
+        drop(routing);
+        for event in logged.iter().flatten() {
+            log_published(event);
+        }
     }
 }
 
 /// Events of the tail routed under one taking of the routing lock, at most.
 const TAIL_RUN: usize = 256;
+
+/// The debug line of one stored event: a reply (an event on a query's inbox), a query (an event
+/// with a `reply_to`) or any other publish, so a request can be followed through the log by
+/// its correlation id.
+fn log_published(stored: &SharedEvent) {
+    let event = &stored.event;
+    let what = if event.topic.is_inbox() {
+        "reply published"
+    } else if event.reply_to.is_some() {
+        "query published"
+    } else {
+        "published"
+    };
+    tracing::debug!(
+        topic = %event.topic,
+        sequence = stored.sequence,
+        correlation_id = %event.correlation_id,
+        source = %event.source,
+        id = %event.id,
+        "{what}"
+    );
+}
 
 /// How often [`housekeeping`] runs.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -1137,6 +1233,8 @@ pub struct PendingPublish {
     broker: Broker,
     published: Published,
     wait: Wait,
+    /// When the broker took the batch, for the publish latency metric.
+    started: std::time::Instant,
 }
 
 /// What a [`PendingPublish`] waits for.
@@ -1162,7 +1260,12 @@ impl PendingPublish {
     /// Waits until the batch (and the originals of its duplicates) is durable and routed.
     pub async fn finish(self) -> Result<Published, BusError> {
         let mut durable_head = match self.wait {
-            Wait::Done => return Ok(self.published),
+            Wait::Done => {
+                self.broker
+                    .metrics()
+                    .observe_publish(self.started.elapsed());
+                return Ok(self.published);
+            }
             Wait::Durable(durable_head) => durable_head,
             Wait::Shared(appended) => {
                 let appended = appended.await?;
@@ -1172,6 +1275,9 @@ impl PendingPublish {
                 };
                 let last = published.sequences.iter().copied().max().unwrap_or(0);
                 self.broker.routed_past(last).await?;
+                self.broker
+                    .metrics()
+                    .observe_publish(self.started.elapsed());
                 return Ok(published);
             }
         };
@@ -1186,6 +1292,9 @@ impl PendingPublish {
             let durable = *durable_head.borrow_and_update();
             if durable >= last {
                 self.broker.route_durable(durable);
+                self.broker
+                    .metrics()
+                    .observe_publish(self.started.elapsed());
                 return Ok(self.published);
             }
             if let Some(failure) = self.broker.shared.store.durability_error() {

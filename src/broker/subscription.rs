@@ -33,6 +33,7 @@ use super::durable::{ManualAck, Membership};
 use super::{Broker, Registration, RegistrationRequest};
 use crate::error::BusError;
 use crate::event::{SharedEvent, StoredEvent};
+use crate::metrics::{FamilyCache, GaugeGuard, Metrics, SlowEnding};
 use crate::topic::Pattern;
 
 /// Events read from the store per step of a replay.
@@ -163,6 +164,11 @@ pub enum Delivery {
 pub struct Subscription {
     info: SubscriptionInfo,
     deliveries: BoxStream<'static, Result<Delivery, BusError>>,
+    /// Deliveries and slow endings are counted as they leave the stream.
+    metrics: Metrics,
+    families: FamilyCache,
+    /// Counts this subscription as open while it lives.
+    _open: GaugeGuard,
 }
 
 impl Subscription {
@@ -290,10 +296,14 @@ impl Subscription {
         // Polled in place: an `unfold` would move the whole cursor in and out of a new future
         // for every event (`memmove` led the bus's pub/sub profile).
         let mut cursor = cursor;
+        let metrics = cursor.broker.metrics().clone();
         let deliveries = stream::poll_fn(move |cx| cursor.poll_next(cx));
         Subscription {
             info,
             deliveries: Box::pin(deliveries),
+            _open: metrics.subscription_opened(),
+            metrics,
+            families: FamilyCache::default(),
         }
     }
 
@@ -356,7 +366,30 @@ impl Stream for Subscription {
     type Item = Result<Delivery, BusError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.deliveries.as_mut().poll_next(cx)
+        let this = &mut *self;
+        let polled = this.deliveries.as_mut().poll_next(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(Delivery::Event { event, attempt }))) => {
+                let counters = this.families.get(&this.metrics, event.event.topic.as_str());
+                counters.delivered.inc();
+                if *attempt > 1 {
+                    counters.redelivered.inc();
+                }
+            }
+            Poll::Ready(Some(Err(error))) => {
+                let ending = match error {
+                    BusError::SlowConsumer { .. } => Some(SlowEnding::SlowConsumer),
+                    BusError::SlowGroupMember { .. } => Some(SlowEnding::SlowGroupMember),
+                    BusError::ReplayOverrun { .. } => Some(SlowEnding::ReplayOverrun),
+                    _ => None,
+                };
+                if let Some(ending) = ending {
+                    this.metrics.slow_consumer_ended(ending);
+                }
+            }
+            _ => {}
+        }
+        polled
     }
 }
 
@@ -529,6 +562,9 @@ impl Cursor {
             if registration.lane.is_evicted() {
                 return Err(self.lagging(visible));
             }
+            self.broker
+                .metrics()
+                .observe_lag(visible.saturating_sub(after));
             self.check_lag(after, visible)?;
         }
         let mut chunk = store.read_after_within(after, REPLAY_CHUNK, chunk_bytes)?;

@@ -17,11 +17,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `RUST_LOG` wins over `--log-level` when set, as users of tracing expect.
+/// `RUST_LOG` wins over `--log-level` when set, as users of tracing expect. Either way the
+/// transport crates stay at warn unless the filter names them ([`with_quiet_transport`]).
 fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
-        Ok(value) if !value.is_empty() => EnvFilter::try_new(value),
-        _ => EnvFilter::try_new(&log.level),
+        Ok(value) if !value.is_empty() => EnvFilter::try_new(with_quiet_transport(&value)),
+        _ => EnvFilter::try_new(with_quiet_transport(&log.level)),
     }
     .context("invalid log filter")?;
     // Colour only for a person at a terminal: a log file or a collector gets plain text.
@@ -34,6 +35,40 @@ fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
         LogFormat::Json => builder.json().try_init(),
     }
     .map_err(|e| anyhow::anyhow!("initialising logs: {e}"))
+}
+
+/// Crates whose debug output is HTTP/2 frames and connection plumbing: at `debug` they drown
+/// the bus's own lines (one per publish, delivery, query and reply), so they stay at `warn`.
+const QUIET_TRANSPORT: [&str; 7] = [
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tower",
+    "tonic",
+    "axum",
+    "tokio_util",
+];
+
+/// `filter` with `crate=warn` added for each of [`QUIET_TRANSPORT`] it does not name itself,
+/// so `--log-level debug` reads as the bus's log and `--log-level debug,h2=trace` still works.
+pub fn with_quiet_transport(filter: &str) -> String {
+    let mut full = filter.to_owned();
+    for name in QUIET_TRANSPORT {
+        let named = filter.split(',').any(|directive| {
+            directive
+                .trim()
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['=', '[', ':']))
+        });
+        if !named {
+            if !full.is_empty() {
+                full.push(',');
+            }
+            full.push_str(name);
+            full.push_str("=warn");
+        }
+    }
+    full
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
@@ -58,5 +93,30 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = interrupt.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_quiet_transport;
+
+    #[test]
+    fn transport_crates_stay_at_warn_unless_named() {
+        let filter = with_quiet_transport("debug");
+        assert!(filter.starts_with("debug,"), "{filter}");
+        assert!(
+            filter.contains(",h2=warn") && filter.contains(",hyper=warn"),
+            "{filter}"
+        );
+        let named = with_quiet_transport("debug,h2=trace");
+        assert!(
+            named.contains("h2=trace") && !named.contains("h2=warn"),
+            "{named}"
+        );
+        // A crate whose name starts like another's is not taken for it.
+        assert!(with_quiet_transport("hyper_util=info").contains(",hyper=warn"));
+        for filter in ["info", "debug", "eventbus=debug", "warn,h2=debug"] {
+            tracing_subscriber::EnvFilter::try_new(with_quiet_transport(filter)).unwrap();
+        }
     }
 }

@@ -97,6 +97,29 @@ impl EventBuilder {
         self
     }
 
+    /// Sets the W3C trace context (`traceparent`, and `tracestate` if given) as attributes, so
+    /// the bus carries it to every subscriber and a query's responder carries it into the reply.
+    pub fn trace_context(
+        mut self,
+        traceparent: impl Into<String>,
+        tracestate: Option<String>,
+    ) -> Self {
+        let attributes = &mut self.event.attributes;
+        attributes.insert(
+            crate::tracecontext::TRACEPARENT.to_owned(),
+            traceparent.into(),
+        );
+        match tracestate {
+            Some(state) => {
+                attributes.insert(crate::tracecontext::TRACESTATE.to_owned(), state);
+            }
+            None => {
+                attributes.remove(crate::tracecontext::TRACESTATE);
+            }
+        }
+        self
+    }
+
     /// The event as built, e.g. for [`Client::publish_batch`] or a [`super::Publisher`].
     pub fn build(self) -> pb::Event {
         self.event
@@ -112,6 +135,15 @@ impl EventBuilder {
     pub async fn query(self, timeout: Duration) -> Result<pb::Event> {
         self.client.query_event(self.event, timeout).await
     }
+}
+
+/// The W3C `traceparent` a received event carries (set by its producer, or by the bus from
+/// the producer's request metadata), if any.
+pub fn traceparent(event: &pb::Event) -> Option<&str> {
+    event
+        .attributes
+        .get(crate::tracecontext::TRACEPARENT)
+        .map(String::as_str)
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ mod subscription;
 pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, DEFAULT_SOURCE};
 pub use error::{code_name, Error, Result};
-pub use event::{EventBuilder, JSON_CONTENT_TYPE};
+pub use event::{traceparent, EventBuilder, JSON_CONTENT_TYPE};
 pub use publisher::{PendingPublish, Publisher, PublisherOptions};
 pub use responder::{Reply, Responder, ServeOptions, ERROR_ATTRIBUTE, ERROR_EVENT_TYPE};
 pub use subscription::{

@@ -326,6 +326,15 @@ pub(crate) fn reply_event(
                 .insert(ERROR_ATTRIBUTE.to_string(), message);
         }
     }
+    // The reply continues the asker's trace unless the handler set a context of its own.
+    use crate::tracecontext::{TRACEPARENT, TRACESTATE};
+    if !event.attributes.contains_key(TRACEPARENT) {
+        for key in [TRACEPARENT, TRACESTATE] {
+            if let Some(value) = request.attributes.get(key) {
+                event.attributes.insert(key.to_owned(), value.clone());
+            }
+        }
+    }
     event
 }
 

@@ -16,6 +16,7 @@ use tracing::{debug, info_span, Instrument};
 use crate::broker::{Broker, Delivery, Published};
 use crate::error::BusError;
 use crate::pb;
+use crate::tracecontext::TraceContext;
 use pb::admin_service_server::AdminService;
 use pb::event_bus_service_server::EventBusService;
 use subscribe::SubscribeFrame;
@@ -57,6 +58,7 @@ impl EventBusService for EventBusApi {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let trace = TraceContext::from_metadata(request.metadata());
         let events = request.into_inner().events;
         let span = info_span!(
             "publish",
@@ -64,7 +66,10 @@ impl EventBusService for EventBusApi {
             topic = events.first().map(|e| e.topic.as_str()).unwrap_or(""),
             first_sequence = tracing::field::Empty,
         );
-        let events = convert::events_from_pb(events, self.broker.config().max_message_bytes)?;
+        let mut events = convert::events_from_pb(events, self.broker.config().max_message_bytes)?;
+        if let Some(trace) = &trace {
+            events.iter_mut().for_each(|event| trace.apply(event));
+        }
         let published = self.broker.publish(events).instrument(span.clone()).await?;
         span.record(
             "first_sequence",
@@ -84,6 +89,7 @@ impl EventBusService for EventBusApi {
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let span = info_span!("publish_stream");
         let state = PublishStreamState {
+            trace: TraceContext::from_metadata(request.metadata()),
             broker: self.broker.clone(),
             inbound: request.into_inner(),
             in_flight: FuturesOrdered::new(),
@@ -124,15 +130,19 @@ impl EventBusService for EventBusApi {
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
         let grpc_deadline = grpc_timeout(request.metadata());
+        let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
         let event = request
             .event
             .ok_or_else(|| BusError::invalid("event", "is required"))?;
-        let event = convert::event_from_pb(
+        let mut event = convert::event_from_pb(
             event,
             convert::EventPath::Named("event"),
             self.broker.config().max_message_bytes,
         )?;
+        if let Some(trace) = &trace {
+            trace.apply(&mut event);
+        }
         let config = self.broker.config();
         let timeout = convert::query_timeout(
             request.timeout,
@@ -158,9 +168,22 @@ impl EventBusService for EventBusApi {
             .inspect_err(|error| debug!(parent: &span, %error, "query failed"))?;
         span.record("correlation_id", reply.event.correlation_id.as_str());
         span.record("reply_sequence", reply.sequence);
-        Ok(Response::new(pb::QueryResponse {
+        debug!(
+            parent: &span,
+            topic = %reply.event.topic,
+            sequence = reply.sequence,
+            correlation_id = %reply.event.correlation_id,
+            responder = %reply.event.source,
+            "query answered"
+        );
+        let mut response = Response::new(pb::QueryResponse {
             reply: Some(convert::event_to_pb(&reply)),
-        }))
+        });
+        // The reply's trace context, for clients that read it from metadata.
+        if let Some(trace) = TraceContext::from_attributes(&reply.event.attributes) {
+            trace.to_metadata(response.metadata_mut());
+        }
+        Ok(response)
     }
 
     async fn ack(
@@ -219,6 +242,7 @@ impl EventBusApi {
         );
         // Held for as long as the stream is: see `Broker::place_group`.
         let placement = self.broker.place_group(options.group.as_deref()).await?;
+        let subscriber = options.subscriber.clone();
         let subscription = span.in_scope(|| self.broker.subscribe(options))?;
         span.record("subscription_id", subscription.info().id);
         debug!(parent: &span, head = subscription.info().head_sequence, "subscribed");
@@ -230,20 +254,28 @@ impl EventBusApi {
         let deliveries = subscription.map(move |delivery| {
             let _placement = &placement;
             match delivery {
-            Ok(Delivery::Event { event, attempt }) => {
-                tracing::trace!(parent: &span, sequence = event.sequence, topic = %event.event.topic, correlation_id = %event.event.correlation_id, attempt, "deliver");
-                Ok(SubscribeFrame::Event { event, attempt })
+                Ok(Delivery::Event { event, attempt }) => {
+                    debug!(
+                        parent: &span,
+                        topic = %event.event.topic,
+                        sequence = event.sequence,
+                        correlation_id = %event.event.correlation_id,
+                        subscriber = %subscriber,
+                        attempt,
+                        "delivered"
+                    );
+                    Ok(SubscribeFrame::Event { event, attempt })
+                }
+                Ok(Delivery::CaughtUp { sequence }) => {
+                    Ok(SubscribeFrame::Message(Box::new(subscribe_message(
+                        pb::subscribe_response::Message::CaughtUp(pb::CaughtUp { sequence }),
+                    ))))
+                }
+                Err(error) => {
+                    debug!(parent: &span, %error, "subscription ended");
+                    Err(status::to_status(&error))
+                }
             }
-            Ok(Delivery::CaughtUp { sequence }) => Ok(SubscribeFrame::Message(Box::new(
-                subscribe_message(pb::subscribe_response::Message::CaughtUp(pb::CaughtUp {
-                    sequence,
-                })),
-            ))),
-            Err(error) => {
-                debug!(parent: &span, %error, "subscription ended");
-                Err(status::to_status(&error))
-            }
-        }
         });
         let confirmation = stream::once(async move {
             #[cfg(test)]
@@ -291,6 +323,8 @@ type BatchOutcome = (u64, Result<Published, BusError>);
 /// and answered in that order; waiting for durability overlaps, so one fsync covers many.
 struct PublishStreamState {
     broker: Broker,
+    /// The stream's trace context (request metadata), applied to every batch.
+    trace: Option<TraceContext>,
     inbound: Streaming<pb::PublishStreamRequest>,
     in_flight: FuturesOrdered<BoxFuture<'static, BatchOutcome>>,
     inbound_done: bool,
@@ -337,9 +371,15 @@ impl PublishStreamState {
 
     fn begin(&mut self, request: pb::PublishStreamRequest) {
         let request_id = request.request_id;
+        let trace = self.trace.as_ref();
         let pending =
             convert::events_from_pb(request.events, self.broker.config().max_message_bytes)
-                .and_then(|events| self.broker.begin_publish(events));
+                .and_then(|mut events| {
+                    if let Some(trace) = trace {
+                        events.iter_mut().for_each(|event| trace.apply(event));
+                    }
+                    self.broker.begin_publish(events)
+                });
         self.in_flight.push_back(Box::pin(async move {
             let outcome = match pending {
                 Ok(pending) => pending.finish().await,

@@ -70,6 +70,7 @@ use super::{
     count_family, AgeCutoff, GroupCursor, HeldCounts, LogBounds, Store, StoreError, WithinBytes,
 };
 use crate::event::{Event, SharedEvent, StoredEvent};
+use crate::metrics::FsyncTimer;
 
 mod lock;
 
@@ -130,6 +131,8 @@ pub struct FileStoreConfig {
     pub retention_max_age: Option<Duration>,
     /// Bytes of recent events kept in memory for fast reads.
     pub cache_bytes: u64,
+    /// Where the syncer reports how long each fsync round took, if anywhere.
+    pub fsync_timer: Option<crate::metrics::FsyncTimer>,
 }
 
 impl FileStoreConfig {
@@ -142,6 +145,7 @@ impl FileStoreConfig {
             retention_max_bytes: u64::MAX,
             retention_max_age: None,
             cache_bytes: 64 * 1024 * 1024,
+            fsync_timer: None,
         }
     }
 }
@@ -318,9 +322,10 @@ impl FileStore {
         let syncer = {
             let durability = durability.clone();
             let policy = config.fsync;
+            let timer = config.fsync_timer.clone();
             std::thread::Builder::new()
                 .name("eventbus-fsync".into())
-                .spawn(move || run_syncer(&durability, policy))?
+                .spawn(move || run_syncer(&durability, policy, timer.as_ref()))?
         };
         let store = FileStore {
             log_id,
@@ -886,6 +891,15 @@ impl Store for FileStore {
         self.held_counts_at(SystemTime::now())
     }
 
+    fn usage(&self) -> super::StoreUsage {
+        let inner = self.read_inner();
+        super::StoreUsage {
+            events: inner.segments.iter().map(Segment::count).sum(),
+            bytes: inner.segments.iter().map(|s| s.bytes).sum(),
+            segments: inner.segments.len() as u64,
+        }
+    }
+
     fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
         self.apply_retention(&mut self.write_inner(), now)
     }
@@ -925,7 +939,7 @@ impl Store for FileStore {
     }
 }
 
-fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
+fn run_syncer(durability: &Durability, policy: FsyncPolicy, timer: Option<&FsyncTimer>) {
     let mut state = durability.state.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         // Under `Always` the durable head waits for the sync, so it tells what is unsynced;
@@ -961,7 +975,11 @@ fn run_syncer(durability: &Durability, policy: FsyncPolicy) {
         let written = state.written;
         let files = std::mem::take(&mut state.dirty);
         drop(state);
+        let started = Instant::now();
         let result = files.iter().try_for_each(|file| file.sync_data());
+        if let Some(timer) = timer {
+            timer.observe(started.elapsed());
+        }
         state = durability.state.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             // Appends made during the sync marked their file dirty again; the next round gets it.

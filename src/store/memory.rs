@@ -214,6 +214,15 @@ impl Store for MemoryStore {
         self.held_counts_at(SystemTime::now())
     }
 
+    fn usage(&self) -> super::StoreUsage {
+        let inner = self.read();
+        super::StoreUsage {
+            events: inner.events.len() as u64,
+            bytes: inner.bytes,
+            segments: 0,
+        }
+    }
+
     fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
         if let Some(cutoff) = self.age.at(now) {
             Self::evict(&mut self.write(), |_, oldest| oldest.publish_time < cutoff);

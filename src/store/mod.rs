@@ -212,6 +212,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Saves one group's cursor (durably, for a durable store).
     fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError>;
+
+    /// What the store occupies now, for metrics. The default knows only the events held (from
+    /// [`Store::bounds`]); stores that know their bytes and files report them.
+    fn usage(&self) -> StoreUsage {
+        let bounds = self.bounds();
+        StoreUsage {
+            events: bounds.oldest.map_or(0, |oldest| bounds.head + 1 - oldest),
+            ..StoreUsage::default()
+        }
+    }
+}
+
+/// See [`Store::usage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreUsage {
+    /// Events held (expired ones not yet freed included).
+    pub events: u64,
+    /// Bytes held: the segment files on disk, or the events in memory as retention counts them.
+    pub bytes: u64,
+    /// Segment files (0 for a store without files).
+    pub segments: u64,
 }
 
 /// Counts the bytes of a read against its limit: admits events while their

@@ -23,7 +23,7 @@ pub struct BusProcess {
 
 impl BusProcess {
     /// Starts `eventbus serve` with `args` added (on the memory store unless they name a
-    /// `--storage`), under an open-file limit of `nofile` (soft and hard, so the bus cannot raise
+    /// `--storage`, at log level info unless they name a `--log-level`), under an open-file limit of `nofile` (soft and hard, so the bus cannot raise
     /// it) when given. Waits until it listens.
     pub fn start(args: &[&str], nofile: Option<u64>) -> BusProcess {
         let mut command = Command::new(BIN);
@@ -36,9 +36,12 @@ impl BusProcess {
         if !args.contains(&"--storage") {
             command.args(["--storage", "memory"]);
         }
+        if !args.contains(&"--log-level") {
+            command.args(["--log-level", "info"]);
+        }
         command
             .args(["--listen", "127.0.0.1:0"])
-            .args(["--log-format", "json", "--log-level", "info"])
+            .args(["--log-format", "json"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

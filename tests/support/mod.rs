@@ -195,3 +195,29 @@ pub fn manual(topic: &str, group: &str) -> pb::SubscribeRequest {
 pub fn millis(ms: u64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration::try_from(Duration::from_millis(ms)).unwrap())
 }
+
+/// `GET path` over plain HTTP/1.1 (one connection, closed after): the status code and the body.
+/// For the admin listener; small on purpose, so the tests need no HTTP client crate.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        String::from_utf8(response).unwrap()
+    };
+    let response = tokio::time::timeout(WAIT, exchange)
+        .await
+        .expect("the admin listener answers in time");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("an HTTP response with a head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    (status, body.to_owned())
+}

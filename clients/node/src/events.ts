@@ -27,6 +27,10 @@ export const ERROR_ATTRIBUTE = "error";
 /** The `type` of the Rust SDK's error replies. */
 export const ERROR_EVENT_TYPE = "eventbus.error";
 
+/** The attributes (and gRPC metadata keys) of the W3C trace context. */
+export const TRACEPARENT = "traceparent";
+export const TRACESTATE = "tracestate";
+
 /** The fields of an event to publish. */
 export interface EventInit {
   topic: string;
@@ -39,6 +43,10 @@ export interface EventInit {
   /** Defaults from the data: JSON, text, or none for bytes. */
   dataContentType?: string;
   attributes?: Record<string, string>;
+  /** The W3C trace context to send, as the `traceparent` (and `tracestate`) attribute: the bus
+   * carries it to every subscriber and a responder carries it into its reply. */
+  traceparent?: string;
+  tracestate?: string;
   correlationId?: string;
   causationId?: string;
   replyTo?: string;
@@ -64,6 +72,17 @@ export class Event {
     /** Set by the bus: when it stored the event. */
     readonly publishTime: Date | undefined,
   ) {}
+
+  /** The W3C `traceparent` the event carries (set by its producer, or by the bus from the
+   * producer's request metadata), if any. */
+  get traceparent(): string | undefined {
+    return this.attributes[TRACEPARENT];
+  }
+
+  /** The W3C `tracestate` beside `traceparent`, if any. */
+  get tracestate(): string | undefined {
+    return this.attributes[TRACESTATE];
+  }
 
   /** The data parsed as JSON. */
   json<T = Json>(): T {
@@ -143,6 +162,11 @@ function toDate(stamp: Timestamp__Output | null): Date | undefined {
 /** The wire form of an event; an empty source becomes the client's. */
 export function toPb(init: EventInit, defaultSource: string): PbEvent {
   const [data, dataContentType] = encodeData(init.data, init.dataContentType);
+  const attributes: Record<string, string> = { ...(init.attributes ?? {}) };
+  if (init.traceparent !== undefined) {
+    attributes[TRACEPARENT] = init.traceparent;
+    if (init.tracestate !== undefined) attributes[TRACESTATE] = init.tracestate;
+  }
   return {
     id: init.id ?? "",
     source: init.source || defaultSource,
@@ -151,7 +175,7 @@ export function toPb(init: EventInit, defaultSource: string): PbEvent {
     time: init.time ? timestamp(init.time) : null,
     data_content_type: dataContentType,
     data,
-    attributes: { ...(init.attributes ?? {}) },
+    attributes,
     correlation_id: init.correlationId ?? "",
     causation_id: init.causationId ?? "",
     reply_to: init.replyTo ?? "",
@@ -290,13 +314,21 @@ export function errorReply(error: ReplyError): Reply {
  * type = the query topic plus `.result` unless the handler chose one. */
 export function replyEvent(request: Event, outcome: Reply | Data, source: string): EventInit {
   const reply = outcome instanceof Reply ? outcome : new Reply({ data: outcome });
+  const attributes: Record<string, string> = { ...(reply.attributes ?? {}) };
+  // The reply continues the asker's trace unless the handler set a context of its own.
+  if (attributes[TRACEPARENT] === undefined) {
+    for (const key of [TRACEPARENT, TRACESTATE]) {
+      const value = request.attributes[key];
+      if (value !== undefined) attributes[key] = value;
+    }
+  }
   return {
     topic: request.replyTo,
     data: reply.data,
     dataContentType: reply.dataContentType,
     source,
     type: reply.type ?? `${request.topic}.result`,
-    attributes: reply.attributes,
+    attributes,
     correlationId: request.correlationId,
     causationId: request.id,
   };

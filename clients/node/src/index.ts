@@ -20,4 +20,4 @@ export * from "./errors";
 export { Backoff, type BackoffOptions } from "./backoff";
 export { Publisher, uuidv7, type PendingPublish, type PublisherOptions } from "./publisher";
 export { MAX_SEQUENCE, sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
-export { ERROR_ATTRIBUTE, ERROR_EVENT_TYPE, Event, Reply, ReplyError, encodeData, type Data, type EventInit, type Json, type ManualAck, type Start, type Subscribed } from "./events";
+export { ERROR_ATTRIBUTE, ERROR_EVENT_TYPE, TRACEPARENT, TRACESTATE, Event, Reply, ReplyError, encodeData, type Data, type EventInit, type Json, type ManualAck, type Start, type Subscribed } from "./events";

@@ -160,6 +160,25 @@ describe("against a bus", () => {
     await responder.stop();
   });
 
+  test("a traceparent reaches subscribers, the responder and the reply", async () => {
+    const parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const subscription = await bus.subscribe("node.traced");
+    await bus.publish("node.traced", "x", { traceparent: parent, tracestate: "vendor=1" });
+    const [received] = await take(subscription, 1);
+    assert.equal(received.traceparent, parent);
+    assert.equal(received.tracestate, "vendor=1");
+    subscription.close();
+    const seen: (string | undefined)[] = [];
+    const responder = await bus.serve("node.traced.query", undefined, (request) => {
+      seen.push(request.traceparent);
+      return "42";
+    });
+    const reply = await bus.query("node.traced.query", "?", { timeoutMs: 5000, traceparent: parent });
+    assert.deepEqual(seen, [parent]);
+    assert.equal(reply.traceparent, parent);
+    await responder.stop();
+  });
+
   test("handler errors become error replies, which reject the query with RemoteError", async () => {
     const responder = await bus.serve("node.fail", "fail", async (request) => {
       if (request.json<{ boom: boolean }>().boom) throw new Error("kaput");

@@ -26,6 +26,10 @@ Start = Union[Literal["latest", "earliest"], int, datetime]
 
 JSON = "application/json"
 
+#: The attributes (and gRPC metadata keys) of the W3C trace context.
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
 
 @dataclass(frozen=True)
 class Event:
@@ -46,6 +50,17 @@ class Event:
     sequence: int = 0
     publish_time: datetime | None = None
 
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C trace context's ``traceparent`` the event carries (set by its producer, or
+        by the bus from the producer's ``traceparent`` request metadata), if any."""
+        return self.attributes.get(TRACEPARENT)
+
+    @property
+    def tracestate(self) -> str | None:
+        """The W3C ``tracestate`` beside :attr:`traceparent`, if any."""
+        return self.attributes.get(TRACESTATE)
+
     def json(self) -> Any:
         """The data parsed as JSON."""
         return json.loads(self.data)
@@ -64,9 +79,18 @@ def encode_data(data: Data, content_type: str | None = None) -> tuple[bytes, str
     return json.dumps(data, separators=(",", ":")).encode(), content_type or JSON
 
 
-def new_event(topic: str, data: Data = b"", **fields: Any) -> Event:
-    """An :class:`Event` to publish; ``fields`` are any other :class:`Event` fields."""
+def new_event(topic: str, data: Data = b"", *, traceparent: str | None = None,
+              tracestate: str | None = None, **fields: Any) -> Event:
+    """An :class:`Event` to publish; ``fields`` are any other :class:`Event` fields.
+    ``traceparent`` (and ``tracestate``) set the W3C trace context as attributes, which the bus
+    carries to every subscriber and a responder carries into its reply."""
     payload, content_type = encode_data(data, fields.pop("data_content_type", None))
+    if traceparent is not None:
+        attributes = dict(fields.pop("attributes", {}))
+        attributes[TRACEPARENT] = traceparent
+        if tracestate is not None:
+            attributes[TRACESTATE] = tracestate
+        fields["attributes"] = attributes
     return Event(topic=topic, data=payload, data_content_type=content_type, **fields)
 
 
@@ -233,13 +257,19 @@ def reply_event(request: Event, outcome: Reply | Data, source: str) -> Event:
     = the query's id, ``type`` = the query topic plus ``.result`` unless the handler chose one."""
     reply = outcome if isinstance(outcome, Reply) else Reply(data=outcome)
     payload, content_type = encode_data(reply.data, reply.data_content_type)
+    attributes = dict(reply.attributes)
+    # The reply continues the asker's trace unless the handler set a context of its own.
+    if TRACEPARENT not in attributes:
+        for key in (TRACEPARENT, TRACESTATE):
+            if key in request.attributes:
+                attributes[key] = request.attributes[key]
     return Event(
         topic=request.reply_to,
         data=payload,
         data_content_type=content_type,
         source=source,
         type=reply.type or f"{request.topic}.result",
-        attributes=dict(reply.attributes),
+        attributes=attributes,
         correlation_id=request.correlation_id,
         causation_id=request.id,
     )

@@ -1,0 +1,109 @@
+//! The admin HTTP listener (`--admin-listen`): plain HTTP/1.1 for operators' tools, apart from
+//! the gRPC port.
+//!
+//! - `GET /metrics`: the bus's metrics ([`crate::metrics`]) in the text exposition format
+//!   (OpenMetrics 1.0, which Prometheus scrapes and its text parsers read).
+//! - `GET /healthz`: 200 while the process serves HTTP at all (liveness).
+//! - `GET /readyz`: 200 while the node should get traffic, 503 otherwise (readiness). It answers
+//!   from the same status the gRPC health service reports for the whole server (service `""`),
+//!   so whatever turns that NOT_SERVING (a failed store, see `server::report_store_failure`;
+//!   shutdown; a storage backend whose engine is unreachable) turns readiness off too, with no
+//!   second source of truth.
+//!
+//! The listener works on the [`Broker`] handle only: it reads metrics and health, and never
+//! takes part in publishing.
+
+use std::future::Future;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_server::Health;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::server::{HealthReporter, HealthService};
+
+use crate::broker::Broker;
+
+/// The content type of `/metrics`: OpenMetrics text, as `prometheus-client` writes it.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the admin handlers read.
+#[derive(Clone)]
+struct AdminState {
+    broker: Broker,
+    health: std::sync::Arc<HealthService>,
+}
+
+/// The admin routes over `broker`, with readiness read from `health` (the reporter behind the
+/// gRPC health service).
+pub fn router(broker: Broker, health: HealthReporter) -> Router {
+    let state = AdminState {
+        broker,
+        health: std::sync::Arc::new(HealthService::from_health_reporter(health)),
+    };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Serves [`router`] on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// An I/O error of the listener that axum does not retry.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Broker,
+    health: HealthReporter,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(broker, health))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    // Reading the store's usage may take its lock briefly; off the async workers.
+    let broker = state.broker.clone();
+    let text = tokio::task::spawn_blocking(move || broker.render_metrics())
+        .await
+        .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text)
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    let status = state
+        .health
+        .check(tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        }))
+        .await
+        .map(|response| response.into_inner().status);
+    match status {
+        Ok(status) if status == ServingStatus::Serving as i32 => {
+            (StatusCode::OK, "ready\n".to_owned())
+        }
+        Ok(status) => {
+            let name =
+                ServingStatus::try_from(status).map_or("UNKNOWN", |status| status.as_str_name());
+            let why = match state.broker.store_failure() {
+                Some(failure) => format!("not ready: {name}: {failure}\n"),
+                None => format!("not ready: {name}\n"),
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, why)
+        }
+        Err(status) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", status.message()),
+        ),
+    }
+}

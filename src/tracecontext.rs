@@ -1,0 +1,186 @@
+//! W3C Trace Context (`traceparent`, `tracestate`) carried through the bus.
+//!
+//! A client that traces sends its context as gRPC request metadata (as OpenTelemetry's gRPC
+//! instrumentation does) or as event attributes of the same names. The bus copies the metadata
+//! into each published event's attributes unless the event carries a `traceparent` of its own,
+//! so the stored event, every delivery of it and a query's reply keep the trace: one trace spans
+//! asker → bus → responder → bus → asker. A query's answer also carries the reply's context as
+//! response metadata.
+//!
+//! Only a well-formed `traceparent` is taken from metadata (a malformed one is ignored, as the
+//! W3C recommendation says), and a `tracestate` only beside one, at most
+//! [`MAX_TRACESTATE_BYTES`].
+
+use tonic::metadata::MetadataMap;
+
+use crate::event::Event;
+
+/// The attribute and metadata key of the trace parent.
+pub const TRACEPARENT: &str = "traceparent";
+/// The attribute and metadata key of the vendor trace state.
+pub const TRACESTATE: &str = "tracestate";
+/// The longest `tracestate` taken from metadata (the W3C limit is 32 entries of at most 256
+/// characters; 512 bytes is what implementations are asked to propagate at least).
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+
+/// A trace context read from request metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
+    pub traceparent: String,
+    /// Vendor entries, if any.
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The context in `metadata`, if it holds a well-formed `traceparent`.
+    pub fn from_metadata(metadata: &MetadataMap) -> Option<TraceContext> {
+        let traceparent = metadata.get(TRACEPARENT)?.to_str().ok()?.trim();
+        if !is_valid_traceparent(traceparent) {
+            return None;
+        }
+        let tracestate = metadata
+            .get(TRACESTATE)
+            .and_then(|value| value.to_str().ok())
+            .map(str::trim)
+            .filter(|state| !state.is_empty() && state.len() <= MAX_TRACESTATE_BYTES)
+            .map(str::to_owned);
+        Some(TraceContext {
+            traceparent: traceparent.to_owned(),
+            tracestate,
+        })
+    }
+
+    /// Puts the context into `event`'s attributes unless it carries a `traceparent` already
+    /// (the event's own context is the more specific one; its `tracestate` stays with it).
+    pub fn apply(&self, event: &mut Event) {
+        if event.attributes.contains_key(TRACEPARENT) {
+            return;
+        }
+        event
+            .attributes
+            .insert(TRACEPARENT.to_owned(), self.traceparent.clone());
+        match &self.tracestate {
+            Some(state) => {
+                event
+                    .attributes
+                    .insert(TRACESTATE.to_owned(), state.clone());
+            }
+            None => {
+                event.attributes.remove(TRACESTATE);
+            }
+        }
+    }
+
+    /// Sets the context as `traceparent`/`tracestate` metadata (on a response).
+    pub fn to_metadata(&self, metadata: &mut MetadataMap) {
+        if let Ok(value) = self.traceparent.parse() {
+            metadata.insert(TRACEPARENT, value);
+        }
+        if let Some(Ok(value)) = self.tracestate.as_deref().map(str::parse) {
+            metadata.insert(TRACESTATE, value);
+        }
+    }
+
+    /// The context an event's attributes carry, if its `traceparent` is well-formed.
+    pub fn from_attributes(
+        attributes: &std::collections::HashMap<String, String>,
+    ) -> Option<TraceContext> {
+        let traceparent = attributes.get(TRACEPARENT)?;
+        is_valid_traceparent(traceparent).then(|| TraceContext {
+            traceparent: traceparent.clone(),
+            tracestate: attributes.get(TRACESTATE).cloned(),
+        })
+    }
+}
+
+/// Whether `value` is a W3C `traceparent`: `version-traceid-parentid-flags` in lowercase hex
+/// (2, 32, 16 and 2 digits), version not `ff`, ids not all zeros; version `00` has nothing more.
+pub fn is_valid_traceparent(value: &str) -> bool {
+    let mut parts = value.split('-');
+    let (Some(version), Some(trace_id), Some(parent_id), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let hex = |part: &str, len: usize| {
+        part.len() == len
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |part: &str| part.bytes().any(|b| b != b'0');
+    let rest_ok = match version {
+        "00" => parts.next().is_none(),
+        _ => true,
+    };
+    hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && nonzero(trace_id)
+        && hex(parent_id, 16)
+        && nonzero(parent_id)
+        && hex(flags, 2)
+        && rest_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn recognises_w3c_traceparents() {
+        assert!(is_valid_traceparent(VALID));
+        for bad in [
+            "",
+            "00-abc",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(!is_valid_traceparent(bad), "{bad:?}");
+        }
+        // A later version may add fields.
+        assert!(is_valid_traceparent(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
+        ));
+    }
+
+    #[test]
+    fn metadata_fills_events_without_a_context_of_their_own() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(TRACEPARENT, VALID.parse().unwrap());
+        metadata.insert(TRACESTATE, "vendor=1".parse().unwrap());
+        let context = TraceContext::from_metadata(&metadata).unwrap();
+        let mut event = Event {
+            id: String::new(),
+            source: "s".into(),
+            event_type: String::new(),
+            topic: crate::topic::Topic::parse("a.b").unwrap(),
+            time: None,
+            data_content_type: String::new(),
+            data: bytes::Bytes::new(),
+            attributes: Default::default(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            reply_to: None,
+        };
+        context.apply(&mut event);
+        assert_eq!(event.attributes[TRACEPARENT], VALID);
+        assert_eq!(event.attributes[TRACESTATE], "vendor=1");
+
+        let own = "00-11111111111111111111111111111111-2222222222222222-00";
+        event.attributes.insert(TRACEPARENT.into(), own.into());
+        event.attributes.insert(TRACESTATE.into(), "own=2".into());
+        context.apply(&mut event);
+        assert_eq!(event.attributes[TRACEPARENT], own);
+        assert_eq!(event.attributes[TRACESTATE], "own=2");
+
+        metadata.insert(TRACEPARENT, "garbage".parse().unwrap());
+        assert_eq!(TraceContext::from_metadata(&metadata), None);
+    }
+}
