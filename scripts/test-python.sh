@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tests of the Python client (clients/python), the product service, the shared scenarios and the
 # grpcurl docs, against real bus processes. Needs only python3 (3.10+) with venv and pip, PyPI,
-# and cargo (or EVENTBUS_BIN naming a built bus binary).
+# cargo (or EVENTBUS_BIN naming a built bus binary), and nats-server for the failover tests
+# (scripts/nats-server.sh system, or EVENTBUS_TEST_NATS_SERVER naming one).
 #
 # Creates clients/python/.venv if missing with the pinned versions of requirements-dev.txt,
 # generates the stubs from the proto, type-checks with mypy, runs pytest (which also builds the
@@ -13,6 +14,12 @@ root=$PWD
 if [[ -z "${EVENTBUS_BIN:-}" ]]; then
     cargo build --locked --quiet
     export EVENTBUS_BIN="$root/target/debug/eventbus"
+fi
+# The failover tests run a clustered bus on a nats-server of their own (the machine's unless
+# scripts/test.sh chose one).
+if [[ -z "${EVENTBUS_TEST_NATS_SERVER:-}" ]]; then
+    EVENTBUS_TEST_NATS_SERVER="$(./scripts/nats-server.sh system)"
+    export EVENTBUS_TEST_NATS_SERVER
 fi
 
 venv=clients/python/.venv

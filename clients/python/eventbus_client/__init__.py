@@ -10,8 +10,11 @@ Layout:
   (client-assigned ids, resends after a broken stream) and :class:`AsyncPublisher`;
 - :mod:`eventbus_client.events`: :class:`Event` and the one boundary to and from wire messages;
 - :mod:`eventbus_client.errors`: exceptions that keep the gRPC status and the bus's reason;
-- :mod:`eventbus_client._common`: what both clients share: :class:`Backoff`, the resume rule;
-- :mod:`eventbus_client.testing`: :class:`BusProcess`, a real bus process for tests;
+- :mod:`eventbus_client._common`: what both clients share: :class:`Backoff`, the resume rule,
+  the endpoints of a clustered bus and the choice of the next (:class:`Failover`);
+- :mod:`eventbus_client._nodes`: the blocking client's channel per node and its failover;
+- :mod:`eventbus_client.testing`: :class:`BusProcess`, a real bus process for tests, and
+  :class:`NatsServer` for clustered ones;
 - ``eventbus_client._proto``: the generated stubs (made at build time by ``setup.py``, or in a
   checkout by ``python clients/python/generate.py``).
 
@@ -41,7 +44,7 @@ from .aio import (
     AsyncResponder,
     AsyncSubscription,
 )
-from ._common import Backoff, BusReset
+from ._common import Backoff, BusReset, Failover
 from .bus import Bus, Delivery, ManualSubscription, Responder, Subscription
 from .errors import (
     BusError,
@@ -49,6 +52,7 @@ from .errors import (
     DeadlineExceeded,
     EventTooLarge,
     InvalidArgument,
+    NodeUnavailable,
     NoResponders,
     NotFound,
     QueryTimeout,
@@ -81,9 +85,11 @@ __all__ = [
     "Delivery",
     "Event",
     "EventTooLarge",
+    "Failover",
     "InvalidArgument",
     "ManualAck",
     "ManualSubscription",
+    "NodeUnavailable",
     "NoResponders",
     "NotFound",
     "Publisher",

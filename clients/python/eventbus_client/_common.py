@@ -1,10 +1,14 @@
-"""What the blocking and the asyncio clients share: target parsing, channel options, and the rule
-for which broken subscriptions are resumed and from where."""
+"""What the blocking and the asyncio clients share: target parsing, channel options, the rule
+for which broken subscriptions are resumed and from where, and the choice of the next bus node
+when one fails (:class:`Endpoints`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -13,8 +17,13 @@ from . import errors
 from ._proto import eventbus_pb2 as pb
 from .events import Start
 
+log = logging.getLogger("eventbus_client")
+
 #: The environment variable naming the bus, shared with the Rust CLI.
 SERVER_ENV = "EVENTBUS_SERVER"
+#: The environment variable naming the bus's nodes, comma-separated, shared with the Rust SDK,
+#: the CLI and the scenario services; it wins over ``EVENTBUS_SERVER``.
+URL_ENV = "EVENTBUS_URL"
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 #: The health-service name the bus reports for its event API.
@@ -39,6 +48,21 @@ def is_retryable(error: errors.BusError) -> bool:
     return error.code not in _NOT_RETRYABLE
 
 
+def is_group_elsewhere(error: errors.BusError) -> bool:
+    """FAILED_PRECONDITION ``group-on-another-node``: on a cluster, the group's members are on
+    another node; accepted here once they left (a dead node's members leave with it)."""
+    return (error.code == grpc.StatusCode.FAILED_PRECONDITION
+            and error.reason == "group-on-another-node")
+
+
+def moves_on(error: errors.BusError) -> bool:
+    """Whether a failure says the node is gone or going, so another node may serve: UNAVAILABLE
+    (a refused or broken connection, ``shutting-down``, ``store-failed`` from a node that lost
+    its log) but not ``no-responders``, which every node would answer alike. The Rust SDK's
+    rule."""
+    return error.code == grpc.StatusCode.UNAVAILABLE and error.reason != "no-responders"
+
+
 _NOT_RETRYABLE = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
@@ -61,15 +85,43 @@ class Target:
 
 def parse_target(target: str | None) -> Target:
     """Accepts ``host:port``, ``http://host:port`` (plaintext) or ``https://host:port`` (TLS);
-    ``None`` means ``$EVENTBUS_SERVER``, else ``127.0.0.1:50051``."""
-    value = target or os.environ.get(SERVER_ENV) or DEFAULT_TARGET
+    ``None`` means the first of :func:`parse_targets`."""
+    if not target:
+        return parse_targets(None)[0]
+    value = target.strip()
     if value.startswith("https://"):
         return Target(value.removeprefix("https://").rstrip("/"), tls=True)
     return Target(value.removeprefix("http://").rstrip("/"), tls=False)
 
 
+#: What a client may be given as its bus: one endpoint, several separated by commas in one
+#: string, a list of them, or ``None`` for the environment.
+Targets = str | Sequence[str] | None
+
+
+def parse_targets(targets: Targets) -> list[Target]:
+    """The bus's nodes: ``"http://a:50051"``, ``"http://a:50051,http://b:50051"`` or a list
+    (each entry as :func:`parse_target` takes it, and may itself hold commas). ``None`` (or
+    empty) means ``$EVENTBUS_URL``, else ``$EVENTBUS_SERVER``, else ``127.0.0.1:50051``."""
+    if isinstance(targets, str):
+        texts = [targets]
+    elif targets:
+        texts = list(targets)
+    else:
+        texts = []
+    parts = [part.strip() for text in texts for part in text.split(",") if part.strip()]
+    if not parts:
+        env = os.environ.get(URL_ENV) or os.environ.get(SERVER_ENV) or DEFAULT_TARGET
+        parts = [part.strip() for part in env.split(",") if part.strip()] or [DEFAULT_TARGET]
+    return [parse_target(part) for part in parts]
+
+
 def secure_credentials() -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials()
+
+
+#: The bus's own query timeout, in seconds, when a query names none.
+DEFAULT_QUERY_TIMEOUT = 5.0
 
 
 def grpc_deadline(timeout: float | None) -> float | None:
@@ -81,7 +133,8 @@ def grpc_deadline(timeout: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Backoff:
-    """Reconnect delays, as the Rust SDK's ``sdk::Backoff`` with its defaults.
+    """Reconnect delays: the Rust SDK's ``sdk::Backoff`` schedule, with full jitter by default
+    (as the TypeScript client; the Rust SDK takes off at most 30 %).
 
     Attempt ``n`` (0-based, counted from the last success) waits
     ``min(max, initial * multiplier ** n)`` seconds, shortened by a random part of up to
@@ -96,8 +149,8 @@ class Backoff:
     max: float = 5.0
     #: Growth per attempt.
     multiplier: float = 2.0
-    #: Fraction (0.0 to 1.0) of each delay that is randomised away.
-    jitter: float = 0.3
+    #: Fraction (0.0 to 1.0) of each delay that is randomised away; 1.0 is full jitter.
+    jitter: float = 1.0
     #: Failed attempts in a row before giving up; ``None`` retries for ever.
     max_attempts: int | None = None
 
@@ -202,3 +255,88 @@ class ResumePoint:
         if self.start == "latest" and self.head_at_confirmation is not None:
             return self.head_at_confirmation
         return self.start
+
+
+@dataclass(frozen=True)
+class Failover:
+    """A client moved from one bus node to another; given to the ``on_failover`` hook of
+    :class:`eventbus_client.Bus` and logged (warning, logger ``eventbus_client``)."""
+
+    #: What moved: ``"subscription"``, ``"publisher"``, ``"query"`` or ``"call"`` (a unary call).
+    what: str
+    #: The endpoint it was on, and the one it moved to (``host:port``).
+    from_endpoint: str
+    to_endpoint: str
+    #: The failure that moved it.
+    error: errors.BusError
+    #: For a subscription: the topic pattern, and the last sequence it delivered (it resumes
+    #: after it; ``None`` for a MANUAL-ack member, which resumes from its group's cursor).
+    pattern: str | None = None
+    after_sequence: int | None = None
+
+
+#: The hook a client calls on every :class:`Failover`.
+FailoverHook = Callable[[Failover], None]
+
+#: How long a health probe of a candidate node may take, in seconds.
+PROBE_TIMEOUT = 0.5
+
+class Endpoints:
+    """The bus nodes a client may use and the one it uses now: pure bookkeeping, shared by the
+    blocking and the asyncio clients (which probe health each with their own channels).
+
+    When a call fails the way a node that is gone fails (:func:`moves_on`), the client asks
+    :meth:`candidates` for the other nodes in order (the one after the failed node first, the
+    failed one last), probes their gRPC health (``grpc.health.v1.Health/Check``, service
+    ``""``) and moves to the first that answers SERVING, or to the next in order when none does
+    (:meth:`choose`). The lock is a plain ``threading.Lock``: it is held for a few assignments,
+    never across I/O."""
+
+    def __init__(self, targets: list[Target], on_failover: FailoverHook | None = None) -> None:
+        self.targets = targets
+        self.on_failover = on_failover
+        self._lock = threading.Lock()
+        self._index = 0
+
+    @property
+    def index(self) -> int:
+        with self._lock:
+            return self._index
+
+    def address(self, index: int) -> str:
+        return self.targets[index].address
+
+    def candidates(self, failed: int) -> list[int]:
+        """The nodes to try after ``failed``, in order: the next ones, then ``failed`` itself."""
+        count = len(self.targets)
+        return [(failed + step) % count for step in range(1, count + 1)]
+
+    def moved_from(self, failed: int) -> bool:
+        """Whether the client already left ``failed`` (another call failed over first)."""
+        with self._lock:
+            return self._index != failed
+
+    def choose(self, failed: int, serving: int | None) -> int:
+        """Moves away from ``failed``: to ``serving`` (the first candidate found SERVING), else
+        to the next node in order; returns the node now current. When another call already
+        moved the client off ``failed``, its choice stands, so the calls that were in flight on
+        a node that died move the client once, not once each."""
+        with self._lock:
+            if self._index == failed:
+                self._index = serving if serving is not None else self.candidates(failed)[0]
+            return self._index
+
+    def report(self, failover: Failover) -> None:
+        """Logs a move and hands it to the hook (whose exceptions are logged, not raised)."""
+        if failover.from_endpoint == failover.to_endpoint:
+            return
+        where = f" {failover.pattern}" if failover.pattern else ""
+        after = (f" after sequence {failover.after_sequence}"
+                 if failover.after_sequence is not None else "")
+        log.warning("%s%s moved from %s to %s%s (%s)", failover.what, where,
+                    failover.from_endpoint, failover.to_endpoint, after, failover.error)
+        if self.on_failover is not None:
+            try:
+                self.on_failover(failover)
+            except Exception:  # a hook's bug must not stop the client
+                log.exception("on_failover hook failed")

@@ -17,15 +17,25 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from . import errors
 from ._common import (
     CHANNEL_OPTIONS,
+    DEFAULT_QUERY_TIMEOUT,
     HEALTH_SERVICE,
+    PROBE_TIMEOUT,
     Backoff,
     BusReset,
+    Endpoints,
+    Failover,
+    FailoverHook,
     ResumePoint,
+    Target,
+    Targets,
     grpc_deadline,
+    is_group_elsewhere,
     is_retryable,
-    parse_target,
+    moves_on,
+    parse_targets,
     secure_credentials,
 )
+from ._nodes import Nodes
 from ._proto import eventbus_pb2 as pb
 from ._proto import eventbus_pb2_grpc as pb_grpc
 from .publisher import AsyncPublisher, Publisher
@@ -55,22 +65,97 @@ log = logging.getLogger(__name__)
 AsyncHandler = Callable[[Event], Union["Reply | Data", Awaitable["Reply | Data"]]]
 
 
-class AsyncBus:
-    """A connection to the bus for asyncio code; see :class:`eventbus_client.Bus` for the
-    arguments. Create it inside a running event loop."""
+def _aio_channel(target: Target) -> grpc.aio.Channel:
+    if target.tls:
+        return grpc.aio.secure_channel(target.address, secure_credentials(),
+                                       options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
 
-    def __init__(self, target: str | None = None, *, source: str = "python-client") -> None:
-        parsed = parse_target(target)
-        self._parsed = parsed
-        self.target = parsed.address
+
+class AsyncNodes:
+    """:class:`eventbus_client._nodes.Nodes` on grpc.aio channels: one per node, opened on first
+    use, and the move to another node when one fails. Used from one event loop only."""
+
+    def __init__(self, targets: list[Target], on_failover: FailoverHook | None) -> None:
+        self.endpoints = Endpoints(targets, on_failover)
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._stubs: dict[int, pb_grpc.EventBusServiceStub] = {}
+
+    def stub(self, index: int) -> pb_grpc.EventBusServiceStub:
+        stub = self._stubs.get(index)
+        if stub is None:
+            channel = self._channels[index] = _aio_channel(self.endpoints.targets[index])
+            stub = self._stubs[index] = pb_grpc.EventBusServiceStub(  # type: ignore[no-untyped-call]
+                channel)
+        return stub
+
+    async def serving(self, index: int, service: str = "",
+                      timeout: float = PROBE_TIMEOUT) -> str:
+        """The node's health for ``service``, by name, or the failure of the probe."""
+        self.stub(index)
+        try:
+            response = await health_pb2_grpc.HealthStub(self._channels[index]).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}: {error.details()}"
+        name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return name
+
+    async def fail_over(self, failed: int) -> int:
+        """See :meth:`eventbus_client._nodes.Nodes.fail_over`."""
+        endpoints = self.endpoints
+        if len(endpoints.targets) < 2 or endpoints.moved_from(failed):
+            return endpoints.index
+        serving = None
+        for index in endpoints.candidates(failed):
+            if await self.serving(index) == "SERVING":
+                serving = index
+                break
+        return endpoints.choose(failed, serving)
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+
+class AsyncBus:
+    """A connection to the bus (one node, or several of a cluster) for asyncio code; see
+    :class:`eventbus_client.Bus` for the arguments and how it moves between nodes. Create it
+    inside a running event loop."""
+
+    def __init__(self, target: Targets = None, *, source: str = "python-client",
+                 on_failover: FailoverHook | None = None) -> None:
+        self._targets = parse_targets(target)
+        self._on_failover = on_failover
+        self._nodes = AsyncNodes(self._targets, on_failover)
         self.source = source
-        if parsed.tls:
-            self._channel = grpc.aio.secure_channel(parsed.address, secure_credentials(),
-                                                    options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.insecure_channel(parsed.address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.EventBusServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def target(self) -> str:
+        """The node in use now, ``host:port``."""
+        return self._nodes.endpoints.address(self._nodes.endpoints.index)
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every node this client may use, ``host:port``, in the order given."""
+        return [target.address for target in self._targets]
+
+    @property
+    def _stub(self) -> pb_grpc.EventBusServiceStub:
+        return self._nodes.stub(self._nodes.endpoints.index)
+
+    async def _unary(self, what: str, method: str, request: Any, **kwargs: Any) -> Any:
+        """One unary call on the node in use; see :meth:`eventbus_client.Bus._unary`."""
+        index = self._nodes.endpoints.index
+        try:
+            return await getattr(self._nodes.stub(index), method)(request, **kwargs)
+        except grpc.aio.AioRpcError as rpc_error:
+            error = errors.from_rpc_error(rpc_error)
+        if moves_on(error):
+            to = await self._nodes.fail_over(index)
+            self._nodes.endpoints.report(Failover(what, self._nodes.endpoints.address(index),
+                                                  self._nodes.endpoints.address(to), error))
+        raise error
 
     async def __aenter__(self) -> AsyncBus:
         return self
@@ -80,27 +165,27 @@ class AsyncBus:
 
     async def close(self) -> None:
         """Closes the connection; open subscriptions end."""
-        await self._channel.close()
+        await self._nodes.close()
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
-        """Polls health until the event API is SERVING; :class:`errors.Unavailable` if not
-        within ``timeout`` seconds."""
+        """Polls health until the event API is SERVING on a node (moving to the first that
+        serves); :class:`errors.Unavailable` if none does within ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+        endpoints = self._nodes.endpoints
         last = "no answer"
         while True:
-            try:
-                response = await self._health.Check(request, timeout=1.0)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
+            start = endpoints.index
+            for index in [start, *endpoints.candidates(start)[:-1]]:
+                status = await self._nodes.serving(index, HEALTH_SERVICE, timeout=1.0)
+                if status == "SERVING":
+                    endpoints.choose(start, index)
                     return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-            except grpc.aio.AioRpcError as error:
-                last = f"{error.code().name}: {error.details()}"
+                last = f"{endpoints.address(index)}: {status}"
             if loop.time() >= deadline:
                 raise errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
-                                         f"bus at {self.target} not serving after {timeout} s "
-                                         f"({last})")
+                                         f"bus at {', '.join(self.endpoints)} not serving "
+                                         f"after {timeout} s ({last})")
             await asyncio.sleep(0.05)
 
     async def publish(self, topic: str, data: Data = b"", **fields: Any) -> int:
@@ -110,10 +195,7 @@ class AsyncBus:
     async def publish_batch(self, events: Iterable[Event]) -> list[int]:
         """Publishes events in order, all or none; returns their sequences."""
         request = pb.PublishRequest(events=[to_pb(e, self.source) for e in events])
-        try:
-            response = await self._stub.Publish(request)
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
+        response = await self._unary("call", "Publish", request)
         return list(response.sequences)
 
     def publisher(self, *, max_batch: int = 512, max_batch_bytes: int = 1024 * 1024,
@@ -123,41 +205,52 @@ class AsyncBus:
         """A batching publisher handing out asyncio futures; settings as
         :meth:`eventbus_client.Bus.publisher`. It has its own (blocking) gRPC connection to the
         same bus, closed with it: see :class:`AsyncPublisher`."""
-        if self._parsed.tls:
-            channel = grpc.secure_channel(self._parsed.address, secure_credentials(),
-                                          options=CHANNEL_OPTIONS)
-        else:
-            channel = grpc.insecure_channel(self._parsed.address, options=CHANNEL_OPTIONS)
-        stub = pb_grpc.EventBusServiceStub(channel)  # type: ignore[no-untyped-call]
-        publisher = Publisher(stub, self.source, max_batch=max_batch,
+        nodes = Nodes(self._targets, self._on_failover)
+        nodes.endpoints.choose(0, self._nodes.endpoints.index)
+        publisher = Publisher(nodes, self.source, max_batch=max_batch,
                               max_batch_bytes=max_batch_bytes, linger=linger,
                               max_in_flight=max_in_flight, queue=queue, backoff=backoff,
                               max_retries=max_retries)
-        return AsyncPublisher(publisher, channel)
+        return AsyncPublisher(publisher, nodes)
 
     async def query(self, topic: str, data: Data = b"", *, timeout: float | None = None,
+                    retry: bool = False, backoff: Backoff | None = None,
                     **fields: Any) -> Event:
         """Asks a question over events; returns the reply. Raises :class:`errors.NoResponders`
         or :class:`errors.QueryTimeout` as the blocking client does, and
-        :class:`errors.RemoteError` for an error reply."""
+        :class:`errors.RemoteError` for an error reply; :class:`errors.NodeUnavailable` (which
+        may be retried) when the node failed under it, or with ``retry`` sends it again as
+        :meth:`eventbus_client.Bus.query` does."""
         request = query_request(new_event(topic, data, **fields), self.source, timeout)
-        try:
-            response = await self._stub.Query(request, timeout=grpc_deadline(timeout))
-        except grpc.aio.AioRpcError as error:
-            raise errors.from_rpc_error(error) from None
-        return errors.raise_if_error_reply(topic, from_pb(response.reply))
+        backoff = backoff or Backoff()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + (timeout or DEFAULT_QUERY_TIMEOUT)
+        attempt = 0
+        while True:
+            try:
+                response = await self._unary("query", "Query", request,
+                                             timeout=grpc_deadline(timeout))
+                return errors.raise_if_error_reply(topic, from_pb(response.reply))
+            except errors.NodeUnavailable:
+                wait = backoff.delay(attempt)
+                if not retry or loop.time() + wait >= give_up:
+                    raise
+            await asyncio.sleep(wait)
+            attempt += 1
 
     async def subscribe(self, pattern: str, *, group: str | None = None,
                         start: Start = "latest", subscriber: str | None = None,
                         resume: bool = True, backoff: Backoff | None = None,
                         reconnect_timeout: float | None = None,
+                        rejoin_timeout: float = 30.0,
                         confirm_timeout: float = 10.0) -> AsyncSubscription:
         """Subscribes and returns once the bus has confirmed; iterate the result with
         ``async for``. Resumes broken streams as :meth:`eventbus_client.Bus.subscribe` does."""
-        subscription = AsyncSubscription(self._stub, pattern, group=group, start=start,
+        subscription = AsyncSubscription(self._nodes, pattern, group=group, start=start,
                                          subscriber=subscriber or self.source, resume=resume,
                                          backoff=backoff or Backoff(),
-                                         reconnect_timeout=reconnect_timeout, manual=None)
+                                         reconnect_timeout=reconnect_timeout,
+                                         rejoin_timeout=rejoin_timeout, manual=None)
         await subscription._start(confirm_timeout)
         return subscription
 
@@ -167,27 +260,33 @@ class AsyncBus:
                                subscriber: str | None = None, resume: bool = True,
                                backoff: Backoff | None = None,
                                reconnect_timeout: float | None = None,
+                               rejoin_timeout: float = 30.0,
                                confirm_timeout: float = 10.0) -> AsyncManualSubscription:
         """Joins ``group`` as a MANUAL-ack member; ``async for`` the result for
         :class:`AsyncDelivery` items. Arguments as :meth:`eventbus_client.Bus.subscribe_manual`."""
         manual = ManualAck(ack_deadline=ack_deadline, max_deliveries=max_deliveries,
                            max_in_flight=max_in_flight, dead_letter_topic=dead_letter_topic)
-        subscription = AsyncManualSubscription(self._stub, pattern, group=group, start=start,
+        subscription = AsyncManualSubscription(self._nodes, pattern, group=group, start=start,
                                                subscriber=subscriber or self.source,
                                                resume=resume, backoff=backoff or Backoff(),
                                                reconnect_timeout=reconnect_timeout,
+                                               rejoin_timeout=rejoin_timeout,
                                                manual=manual)
         await subscription._start(confirm_timeout)
         return subscription
 
     async def ack(self, group: str, sequences: Iterable[int]) -> AckResult:
         """Acknowledges events of a MANUAL-ack group; see :meth:`eventbus_client.Bus.ack`."""
-        return await _ack(self._stub, group, sequences)
+        response = await self._unary("call", "Ack",
+                                     pb.AckRequest(group=group, sequences=list(sequences)))
+        return AckResult(acknowledged=response.acknowledged, group_cursor=response.group_cursor)
 
     async def nack(self, group: str, sequences: Iterable[int],
                    delay: float | None = None) -> int:
         """Hands events back for redelivery; see :meth:`eventbus_client.Bus.nack`."""
-        return await _nack(self._stub, group, sequences, delay)
+        response = await self._unary("call", "Nack", nack_request(group, sequences, delay))
+        requeued: int = response.requeued
+        return requeued
 
     async def serve(self, topic: str, group: str | None,
                     handler: AsyncHandler) -> AsyncResponder:
@@ -205,9 +304,10 @@ class _AsyncSubscription(Generic[T]):
     the resume rule (the blocking client's), closing. ``T`` is what each event is handed out
     as."""
 
-    def __init__(self, stub: pb_grpc.EventBusServiceStub, pattern: str, *, group: str | None,
+    def __init__(self, nodes: AsyncNodes, pattern: str, *, group: str | None,
                  start: Start, subscriber: str, resume: bool, backoff: Backoff,
-                 reconnect_timeout: float | None, manual: ManualAck | None) -> None:
+                 reconnect_timeout: float | None, rejoin_timeout: float,
+                 manual: ManualAck | None) -> None:
         self.pattern = pattern
         self.group = group
         #: How many times a broken stream was reopened.
@@ -220,11 +320,16 @@ class _AsyncSubscription(Generic[T]):
         self.caught_up: int | None = None
         #: Each time a resume found the bus's log had started over (see :class:`BusReset`).
         self.resets: list[BusReset] = []
-        self._stub = stub
+        #: How many times the subscription moved to another node.
+        self.failovers = 0
+        self._nodes = nodes
+        #: The node the stream is open on.
+        self._node = nodes.endpoints.index
         self._subscriber = subscriber
         self._resume = resume
         self._backoff = backoff
         self._reconnect_timeout = reconnect_timeout
+        self._rejoin_timeout = rejoin_timeout
         self._manual = manual
         self._point = ResumePoint(start, group, manual=manual is not None)
         self._call: Any = None
@@ -254,7 +359,7 @@ class _AsyncSubscription(Generic[T]):
 
     async def _open(self, start: Start, log_id: str) -> tuple[Any, pb.Subscribed]:
         """Opens a stream and reads its `subscribed` confirmation (or the refusal)."""
-        call = self._stub.Subscribe(subscribe_request(self.pattern, self.group,
+        call = self._nodes.stub(self._node).Subscribe(subscribe_request(self.pattern, self.group,
                                                       self._subscriber, start, self._manual,
                                                       log_id))
         self._call = call
@@ -309,6 +414,10 @@ class _AsyncSubscription(Generic[T]):
         started = loop.time()
         failures = 0
         last = failure
+        broke_on = self._node
+        rejoin_until: float | None = None
+        if moves_on(failure):
+            self._node = await self._nodes.fail_over(self._node)
         while not self._closed:
             out_of_time = (self._reconnect_timeout is not None
                            and loop.time() - started >= self._reconnect_timeout)
@@ -322,8 +431,17 @@ class _AsyncSubscription(Generic[T]):
                                                     self._point.log_id)
             except errors.BusError as error:
                 self.last_error = last = error
-                if not is_retryable(error):
+                if is_group_elsewhere(error):
+                    # The group's members are still on the old node; wait (bounded) for them
+                    # to leave, as the blocking client does.
+                    now = loop.time()
+                    rejoin_until = rejoin_until or now + self._rejoin_timeout
+                    if now >= rejoin_until:
+                        raise error from None
+                elif not is_retryable(error):
                     raise error from None
+                elif moves_on(error):
+                    self._node = await self._nodes.fail_over(self._node)
                 failures += 1
                 continue
             reset = self._point.confirmed(subscribed)
@@ -340,6 +458,13 @@ class _AsyncSubscription(Generic[T]):
                     continue
             self._call = call
             self.resumes += 1
+            if self._node != broke_on:
+                self.failovers += 1
+                endpoints = self._nodes.endpoints
+                endpoints.report(Failover(
+                    "subscription", endpoints.address(broke_on), endpoints.address(self._node),
+                    failure, self.pattern,
+                    None if self._manual is not None else self._point.last_sequence))
             return
 
 
@@ -401,7 +526,7 @@ class AsyncManualSubscription(_AsyncSubscription[AsyncDelivery]):
     def _item(self, message: pb.SubscribeResponse) -> AsyncDelivery:
         assert self.group is not None
         return AsyncDelivery(from_pb(message.event), message.delivery_attempt, self.group,
-                             self._stub)
+                             self._nodes.stub(self._node))
 
     async def __aenter__(self) -> AsyncManualSubscription:
         return self

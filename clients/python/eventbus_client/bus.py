@@ -24,16 +24,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from . import errors
 from ._common import (
     CHANNEL_OPTIONS,
+    DEFAULT_QUERY_TIMEOUT,
     HEALTH_SERVICE,
+    PROBE_TIMEOUT,
     Backoff,
     BusReset,
+    Endpoints,
+    Failover,
+    FailoverHook,
     ResumePoint,
+    Target,
+    Targets,
     grpc_deadline,
+    is_group_elsewhere,
     is_retryable,
-    parse_target,
+    moves_on,
+    parse_targets,
     secure_credentials,
 )
 from ._proto import eventbus_pb2 as pb
+from ._nodes import Nodes
 from .publisher import Publisher
 from ._proto import eventbus_pb2_grpc as pb_grpc
 from .events import (
@@ -70,24 +80,55 @@ def _call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 class Bus:
-    """A connection to the bus.
+    """A connection to the bus: to one node, or to several nodes of a clustered bus.
 
-    ``target`` is ``host:port``, ``http://host:port`` or ``https://host:port`` (default:
-    ``$EVENTBUS_SERVER``, else ``127.0.0.1:50051``). ``source`` names this service: it is the
-    ``source`` of the events it publishes and its name in the bus's topology.
+    ``target`` is ``host:port``, ``http://host:port`` or ``https://host:port``; several nodes
+    as a list or one comma-separated string (default: ``$EVENTBUS_URL``, else
+    ``$EVENTBUS_SERVER``, else ``127.0.0.1:50051``). The client uses one node at a time. When a
+    call fails the way a node that is gone fails (UNAVAILABLE: a refused or broken connection,
+    ``shutting-down``, ``store-failed``), it moves to the next node that answers SERVING to a
+    health check (or the next in order when none does): subscriptions resume there after the
+    last sequence they delivered, MANUAL-ack members rejoin their group, the batching publisher
+    resends what was unanswered with the same ids, and a failed query or unary call raises
+    :class:`errors.NodeUnavailable` (retry it: the next call goes to the new node).
+    ``on_failover`` is called with a :class:`Failover` for every move (they are also logged as
+    warnings on the ``eventbus_client`` logger).
+
+    ``source`` names this service: it is the ``source`` of the events it publishes and its name
+    in the bus's topology.
     """
 
-    def __init__(self, target: str | None = None, *, source: str = "python-client") -> None:
-        parsed = parse_target(target)
-        self.target = parsed.address
+    def __init__(self, target: Targets = None, *, source: str = "python-client",
+                 on_failover: FailoverHook | None = None) -> None:
+        self._nodes = Nodes(parse_targets(target), on_failover)
         self.source = source
-        if parsed.tls:
-            self._channel = grpc.secure_channel(parsed.address, secure_credentials(),
-                                                options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.insecure_channel(parsed.address, options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.EventBusServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def target(self) -> str:
+        """The node in use now, ``host:port``."""
+        return self._nodes.endpoints.address(self._nodes.endpoints.index)
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every node this client may use, ``host:port``, in the order given."""
+        return [target.address for target in self._nodes.endpoints.targets]
+
+    @property
+    def _stub(self) -> pb_grpc.EventBusServiceStub:
+        return self._nodes.stub(self._nodes.endpoints.index)
+
+    def _unary(self, what: str, method: str, request: Any, **kwargs: Any) -> Any:
+        """One unary call on the node in use; a failure that says the node is gone moves the
+        client to another node for the next call, and is raised."""
+        index = self._nodes.endpoints.index
+        try:
+            return _call(getattr(self._nodes.stub(index), method), request, **kwargs)
+        except errors.BusError as error:
+            if moves_on(error):
+                to = self._nodes.fail_over(index)
+                self._nodes.endpoints.report(Failover(what, self._nodes.endpoints.address(index),
+                                                      self._nodes.endpoints.address(to), error))
+            raise
 
     def __enter__(self) -> Bus:
         return self
@@ -97,26 +138,27 @@ class Bus:
 
     def close(self) -> None:
         """Closes the connection; open subscriptions end."""
-        self._channel.close()
+        self._nodes.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Polls the bus's health until its event API is SERVING; raises
-        :class:`errors.Unavailable` when it is not within ``timeout`` seconds."""
+        """Polls the bus's health until its event API is SERVING on a node (the node in use
+        first, then the others in turn, moving to the first that serves); raises
+        :class:`errors.Unavailable` when none does within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        request = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+        endpoints = self._nodes.endpoints
         last = "no answer"
         while True:
-            try:
-                response = self._health.Check(request, timeout=1.0)
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
+            start = endpoints.index
+            for index in [start, *endpoints.candidates(start)[:-1]]:
+                status = self._nodes.serving(index, HEALTH_SERVICE, timeout=1.0)
+                if status == "SERVING":
+                    endpoints.choose(start, index)
                     return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-            except grpc.RpcError as error:
-                last = f"{error.code().name}: {error.details()}"
+                last = f"{endpoints.address(index)}: {status}"
             if time.monotonic() >= deadline:
                 raise errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
-                                         f"bus at {self.target} not serving after {timeout} s "
-                                         f"({last})")
+                                         f"bus at {', '.join(self.endpoints)} not serving "
+                                         f"after {timeout} s ({last})")
             time.sleep(0.05)
 
     def publish(self, topic: str, data: Data = b"", **fields: Any) -> int:
@@ -128,7 +170,7 @@ class Bus:
         """Publishes events in order, all or none, and returns their sequences. Build events with
         :func:`eventbus_client.new_event`."""
         request = pb.PublishRequest(events=[to_pb(e, self.source) for e in events])
-        response = _call(self._stub.Publish, request)
+        response = self._unary("call", "Publish", request)
         return list(response.sequences)
 
     def publisher(self, *, max_batch: int = 512, max_batch_bytes: int = 1024 * 1024,
@@ -139,44 +181,69 @@ class Bus:
         client-assigned ids and resends after a broken stream; see :class:`Publisher` for the
         settings (``linger`` in seconds, ``max_batch_bytes`` in bytes). Close it before the
         bus."""
-        return Publisher(self._stub, self.source, max_batch=max_batch,
+        return Publisher(self._nodes, self.source, max_batch=max_batch,
                          max_batch_bytes=max_batch_bytes, linger=linger,
                          max_in_flight=max_in_flight, queue=queue, backoff=backoff,
                          max_retries=max_retries)
 
     def query(self, topic: str, data: Data = b"", *, timeout: float | None = None,
-              **fields: Any) -> Event:
+              retry: bool = False, backoff: Backoff | None = None, **fields: Any) -> Event:
         """Asks a question over events and returns the reply event. ``timeout`` in seconds (the
         bus's default, 5 s, when ``None``). Raises :class:`errors.NoResponders` at once when
         nobody serves the topic, :class:`errors.QueryTimeout` when no reply comes in time, and
         :class:`errors.RemoteError` when the responder answered with an error reply (a reply
-        with the attribute ``error``: a handler that raised, or a :class:`ReplyError`)."""
+        with the attribute ``error``: a handler that raised, or a :class:`ReplyError`).
+
+        When the node in use fails under the query (it died, is stopping, lost its store), the
+        client moves to another node and the query raises :class:`errors.NodeUnavailable`,
+        which may be retried. With ``retry``, the query is sent again instead (to the new node,
+        after ``backoff``, with the same event id) until ``timeout`` (5 s when ``None``) has
+        passed since the first send; a responder may then see the query twice."""
         request = query_request(new_event(topic, data, **fields), self.source, timeout)
-        response = _call(self._stub.Query, request, timeout=grpc_deadline(timeout))
-        return errors.raise_if_error_reply(topic, from_pb(response.reply))
+        backoff = backoff or Backoff()
+        give_up = time.monotonic() + (timeout or DEFAULT_QUERY_TIMEOUT)
+        attempt = 0
+        while True:
+            try:
+                response = self._unary("query", "Query", request,
+                                       timeout=grpc_deadline(timeout))
+                return errors.raise_if_error_reply(topic, from_pb(response.reply))
+            except errors.NodeUnavailable:
+                wait = backoff.delay(attempt)
+                if not retry or time.monotonic() + wait >= give_up:
+                    raise
+            time.sleep(wait)
+            attempt += 1
 
     def subscribe(self, pattern: str, *, group: str | None = None, start: Start = "latest",
                   subscriber: str | None = None, resume: bool = True,
                   backoff: Backoff | None = None, reconnect_timeout: float | None = None,
-                  confirm_timeout: float = 10.0, buffer: int = 1024) -> Subscription:
+                  rejoin_timeout: float = 30.0, confirm_timeout: float = 10.0,
+                  buffer: int = 1024) -> Subscription:
         """Subscribes to a topic pattern (``*`` one token, ``>`` the rest) and returns once the bus
         has confirmed it: every matching event published after this returns is delivered.
 
         ``start`` is ``"latest"`` (default), ``"earliest"``, a sequence to resume after, or a
         ``datetime``. With ``resume`` (default), a broken stream (the bus ended it as too slow,
         went away, restarted) is reopened after the last event seen, waiting ``backoff``
-        between attempts (default :class:`Backoff`: 50 ms doubling to 5 s, 30 % jitter, no
+        between attempts (default :class:`Backoff`: 50 ms doubling to 5 s, full jitter, no
         limit on attempts) and for at most ``reconnect_timeout`` seconds in all when given
         (default: no limit). Events come without duplicates or gaps while the bus still holds
         them; a bus whose log started over is noticed by its ``log_id`` and the subscription
         starts over on the new log (recorded in ``resets``). Refusals (INVALID_ARGUMENT, ...)
         are not retried. ``buffer`` bounds the events read ahead of the caller.
+        With several nodes, a stream broken because its node is gone is reopened on another
+        node (one that answers SERVING when any does), after the same last event, and the move
+        is reported to ``on_failover`` once the new node confirmed; ``failovers`` counts them.
+        A group member whose group is still on the old node is retried for up to
+        ``rejoin_timeout`` seconds (see :meth:`subscribe_manual`).
         Raises :class:`errors.InvalidArgument` for a bad pattern or start,
         :class:`errors.Unavailable` when the bus cannot be reached.
         """
-        return Subscription(self._stub, pattern, group=group, start=start,
+        return Subscription(self._nodes, pattern, group=group, start=start,
                             subscriber=subscriber or self.source, resume=resume,
                             backoff=backoff or Backoff(), reconnect_timeout=reconnect_timeout,
+                            rejoin_timeout=rejoin_timeout,
                             confirm_timeout=confirm_timeout, buffer=buffer, manual=None)
 
     def subscribe_manual(self, pattern: str, group: str, *, ack_deadline: float = 30.0,
@@ -185,6 +252,7 @@ class Bus:
                          subscriber: str | None = None, resume: bool = True,
                          backoff: Backoff | None = None,
                          reconnect_timeout: float | None = None,
+                         rejoin_timeout: float = 30.0,
                          confirm_timeout: float = 10.0, buffer: int = 1024) -> ManualSubscription:
         """Joins ``group`` as a MANUAL-ack (at-least-once) member on ``pattern`` and returns once
         confirmed; iterate the result for :class:`Delivery` items and ack each.
@@ -193,26 +261,35 @@ class Bus:
         ``max_deliveries``: deliveries before an event moves to ``dead_letter_topic``
         (``_bus.dlq.<group>`` when ``None``). ``max_in_flight``: unacked events this member
         holds at once. See :class:`ManualAck` for which settings are per group. A new group
-        starts at ``start``; an existing group resumes from its cursor. The other arguments
-        are :meth:`subscribe`'s.
+        starts at ``start``; an existing group resumes from its cursor. After a move to another
+        node of a cluster, the member rejoins its group there; while the group's other members
+        are still on the old node the new node refuses with FAILED_PRECONDITION
+        ``group-on-another-node``, retried with ``backoff`` for up to ``rejoin_timeout``
+        seconds (a dead node's members leave with it). What this member held unacked is
+        delivered again. The other arguments are :meth:`subscribe`'s.
         """
         manual = ManualAck(ack_deadline=ack_deadline, max_deliveries=max_deliveries,
                            max_in_flight=max_in_flight, dead_letter_topic=dead_letter_topic)
-        return ManualSubscription(self._stub, pattern, group=group, start=start,
+        return ManualSubscription(self._nodes, pattern, group=group, start=start,
                                   subscriber=subscriber or self.source, resume=resume,
                                   backoff=backoff or Backoff(),
                                   reconnect_timeout=reconnect_timeout,
+                                  rejoin_timeout=rejoin_timeout,
                                   confirm_timeout=confirm_timeout, buffer=buffer, manual=manual)
 
     def ack(self, group: str, sequences: Iterable[int]) -> AckResult:
         """Acknowledges events of a MANUAL-ack group by sequence (any member may). Raises
         :class:`errors.UnknownGroup` for a group the bus does not know."""
-        return _ack(self._stub, group, sequences)
+        response = self._unary("call", "Ack", pb.AckRequest(group=group,
+                                                            sequences=list(sequences)))
+        return AckResult(acknowledged=response.acknowledged, group_cursor=response.group_cursor)
 
     def nack(self, group: str, sequences: Iterable[int], delay: float | None = None) -> int:
         """Hands events of a MANUAL-ack group back for redelivery after ``delay`` seconds at
         least; returns how many were in flight and are requeued."""
-        return _nack(self._stub, group, sequences, delay)
+        requeued: int = self._unary("call", "Nack",
+                                    nack_request(group, sequences, delay)).requeued
+        return requeued
 
     def serve(self, topic: str, group: str | None, handler: Handler) -> Responder:
         """Answers the queries on ``topic``: each query event goes to ``handler`` (on a background
@@ -237,10 +314,10 @@ class _Subscription(Generic[T]):
     """What :class:`Subscription` and :class:`ManualSubscription` share: the background reader,
     the resume rule, iteration. ``T`` is what each event is handed out as."""
 
-    def __init__(self, stub: pb_grpc.EventBusServiceStub, pattern: str, *, group: str | None,
+    def __init__(self, nodes: Nodes, pattern: str, *, group: str | None,
                  start: Start, subscriber: str, resume: bool, backoff: Backoff,
-                 reconnect_timeout: float | None, confirm_timeout: float, buffer: int,
-                 manual: ManualAck | None) -> None:
+                 reconnect_timeout: float | None, rejoin_timeout: float,
+                 confirm_timeout: float, buffer: int, manual: ManualAck | None) -> None:
         self.pattern = pattern
         self.group = group
         #: How many times a broken stream was reopened.
@@ -253,11 +330,16 @@ class _Subscription(Generic[T]):
         self.caught_up: int | None = None
         #: Each time a resume found the bus's log had started over (see :class:`BusReset`).
         self.resets: list[BusReset] = []
-        self._stub = stub
+        #: How many times the subscription moved to another node.
+        self.failovers = 0
+        self._nodes = nodes
+        #: The node the stream is open on (an index into ``nodes.endpoints``).
+        self._node = nodes.endpoints.index
         self._subscriber = subscriber
         self._resume = resume
         self._backoff = backoff
         self._reconnect_timeout = reconnect_timeout
+        self._rejoin_timeout = rejoin_timeout
         self._manual = manual
         self._point = ResumePoint(start, group, manual=manual is not None)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=buffer)
@@ -306,10 +388,15 @@ class _Subscription(Generic[T]):
                 self._call.cancel()
         self._confirmed.set()
 
+    @property
+    def endpoint(self) -> str:
+        """The node the subscription's stream is on, ``host:port``."""
+        return self._nodes.endpoints.address(self._node)
+
     def _open(self, start: Start, log_id: str) -> Any:
         request = subscribe_request(self.pattern, self.group, self._subscriber, start,
                                     self._manual, log_id)
-        call = self._stub.Subscribe(request)
+        call = self._nodes.stub(self._node).Subscribe(request)
         with self._lock:
             self._call = call
             if self._closed.is_set():
@@ -323,8 +410,11 @@ class _Subscription(Generic[T]):
                 failure = self._read(call)
                 if self._closed.is_set() or failure is None:
                     break
-                if (not self._resume or self.confirmation is None
-                        or not is_retryable(failure)):
+                # Before the first confirmation only a node that is gone is worth another try
+                # (on another node); a refusal of the request itself is the caller's to see.
+                first_failed = self.confirmation is None and not (
+                    moves_on(failure) and len(self._nodes.endpoints.targets) > 1)
+                if not self._resume or first_failed or not is_retryable(failure):
                     break
                 log.info("subscription to %s broke (%s); resuming", self.pattern, failure)
                 call = self._reopen(failure)
@@ -370,6 +460,10 @@ class _Subscription(Generic[T]):
         started = time.monotonic()
         failures = 0
         last = failure
+        broke_on = self._node
+        rejoin_until: float | None = None
+        if moves_on(failure):
+            self._node = self._nodes.fail_over(self._node)
         while not self._closed.is_set():
             out_of_time = (self._reconnect_timeout is not None
                            and time.monotonic() - started >= self._reconnect_timeout)
@@ -387,9 +481,19 @@ class _Subscription(Generic[T]):
                 self.last_error = last
                 if self._closed.is_set():
                     return None
-                if not is_retryable(last):
+                if is_group_elsewhere(last):
+                    # The group's members are still on the old node: they leave when it dies
+                    # or notices this member is gone. Wait for that, for a bounded time.
+                    now = time.monotonic()
+                    rejoin_until = rejoin_until or now + self._rejoin_timeout
+                    if now >= rejoin_until:
+                        self._failure = last
+                        return None
+                elif not is_retryable(last):
                     self._failure = last
                     return None
+                elif moves_on(last):
+                    self._node = self._nodes.fail_over(self._node)
                 failures += 1
                 continue
             except StopIteration:
@@ -414,6 +518,14 @@ class _Subscription(Generic[T]):
                     call.cancel()
                     failures = 0
                     continue
+            self._failure = None
+            if self._node != broke_on:
+                self.failovers += 1
+                endpoints = self._nodes.endpoints
+                endpoints.report(Failover(
+                    "subscription", endpoints.address(broke_on), endpoints.address(self._node),
+                    failure, self.pattern,
+                    None if self._manual is not None else self._point.last_sequence))
             return call
         return None
 
@@ -502,8 +614,9 @@ class ManualSubscription(_Subscription[Delivery], Iterator[Delivery]):
 
     def _item(self, message: pb.SubscribeResponse) -> Delivery:
         assert self.group is not None
+        # Acked on the node that delivered it: the group lives there.
         return Delivery(from_pb(message.event), message.delivery_attempt, self.group,
-                        self._stub)
+                        self._nodes.stub(self._node))
 
     def __enter__(self) -> ManualSubscription:
         return self

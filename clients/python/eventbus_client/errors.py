@@ -14,7 +14,9 @@ Hierarchy::
     │   └── EventTooLarge        (event-too-large)
     ├── Unavailable              UNAVAILABLE
     │   ├── NoResponders         (no-responders)
-    │   └── ShuttingDown         (shutting-down)
+    │   └── NodeUnavailable      the node is gone or going: no reason, or store-failed;
+    │       │                    the call may be retried (on another node)
+    │       └── ShuttingDown     (shutting-down)
     ├── DeadlineExceeded         DEADLINE_EXCEEDED
     │   └── QueryTimeout         (query-timeout)
     ├── ResourceExhausted        RESOURCE_EXHAUSTED
@@ -51,6 +53,9 @@ class BusError(Exception):
         self.details = details
         self.reason = reason
 
+    #: Whether the same call may succeed if made again (see :class:`NodeUnavailable`).
+    retryable = False
+
 
 class InvalidArgument(BusError):
     """The request broke a rule; ``details`` names the field and the rule."""
@@ -68,7 +73,16 @@ class NoResponders(Unavailable):
     """A query's topic had no subscriber, so no reply could come. Raised at once."""
 
 
-class ShuttingDown(Unavailable):
+class NodeUnavailable(Unavailable):
+    """The bus node the call went to is gone or going: unreachable, the connection broke under
+    the call, stopping, or it lost its store (``store-failed``). The call may be retried; a
+    client given several nodes has moved to another by the time this is raised.
+    ``retryable`` is True."""
+
+    retryable = True
+
+
+class ShuttingDown(NodeUnavailable):
     """The bus is stopping."""
 
 
@@ -134,6 +148,7 @@ _BY_REASON: dict[str, type[BusError]] = {
     "event-too-large": EventTooLarge,
     "no-responders": NoResponders,
     "shutting-down": ShuttingDown,
+    "store-failed": NodeUnavailable,
     "query-timeout": QueryTimeout,
     "slow-consumer": SlowConsumer,
     "replay-overrun": ReplayOverrun,
@@ -142,7 +157,7 @@ _BY_REASON: dict[str, type[BusError]] = {
 
 _BY_CODE: dict[grpc.StatusCode, type[BusError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNAVAILABLE: NodeUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.CANCELLED: Cancelled,

@@ -19,6 +19,9 @@ Failures, as the Rust SDK's ``sdk::Publisher``:
   the first time is answered with its original sequence, and stored once. By default this never
   gives up (``max_retries=None``); with a limit, events fail with :class:`StreamBroken` after
   it.
+- On a clustered bus, a stream broken because its node is gone (UNAVAILABLE) moves the
+  publisher to another node (:class:`eventbus_client._nodes.Nodes`), and the resends go there:
+  the nodes share JetStream's dedupe window, so the cluster still stores each event once.
 
 Threads: one batcher thread owns the state (under one condition variable), one reader thread
 per open stream turns answers into results, and grpcio's own thread drains the request queue.
@@ -42,9 +45,9 @@ from typing import Any
 import grpc
 
 from . import errors
-from ._common import Backoff, is_retryable
+from ._common import Backoff, Failover, is_retryable, moves_on
+from ._nodes import Nodes
 from ._proto import eventbus_pb2 as pb
-from ._proto import eventbus_pb2_grpc as pb_grpc
 from .events import Data, Event, new_event, to_pb
 
 log = logging.getLogger(__name__)
@@ -89,6 +92,8 @@ class _Stream:
     requests: queue.SimpleQueue[pb.PublishStreamRequest | None] = field(
         default_factory=queue.SimpleQueue)
     call: Any = None
+    #: The node it is open on (an index into the publisher's nodes).
+    node: int = 0
     #: The bus answered on it: a break of this stream is news, not a failed reconnect.
     answered: bool = False
 
@@ -117,12 +122,14 @@ class Publisher:
     gives up after 5 resends.
     """
 
-    def __init__(self, stub: pb_grpc.EventBusServiceStub, source: str, *, max_batch: int = 512,
+    def __init__(self, nodes: Nodes, source: str, *, max_batch: int = 512,
                  max_batch_bytes: int = 1024 * 1024, linger: float = 0.002,
                  max_in_flight: int = 16, queue: int = 4096, backoff: Backoff | None = None,
                  max_retries: int | None = None) -> None:
         self.source = source
-        self._stub = stub
+        self._nodes = nodes
+        #: The node new streams open on; moved when a stream breaks because its node is gone.
+        self._node = nodes.endpoints.index
         self._max_batch = max(1, max_batch)
         self._max_batch_bytes = max_batch_bytes
         self._linger = linger
@@ -146,6 +153,8 @@ class Publisher:
         self._settle: list[tuple[concurrent.futures.Future[int], int | BaseException]] = []
         #: Times the publish stream broke (failed reconnect attempts during an outage included).
         self.reconnects = 0
+        #: Times the publisher moved to another node.
+        self.failovers = 0
         self._thread = threading.Thread(target=self._run, name="eventbus-publisher",
                                         daemon=True)
         self._thread.start()
@@ -288,10 +297,11 @@ class Publisher:
         self._next_id += 1
         batch.attempts += 1
         if self._stream is None:
-            stream = _Stream()
+            stream = _Stream(node=self._node)
             try:
-                stream.call = self._stub.PublishStream(stream.request_iterator())
-            except ValueError as error:  # grpcio: the channel is closed
+                stub = self._nodes.stub(self._node)
+                stream.call = stub.PublishStream(stream.request_iterator())
+            except (ValueError, errors.Cancelled) as error:  # the channel is closed
                 closed = errors.Cancelled(grpc.StatusCode.CANCELLED, f"publisher: {error}")
                 self._settle.extend((f, closed) for f in batch.futures)
                 return
@@ -320,11 +330,22 @@ class Publisher:
                                          "the bus ended the publish stream")
         except grpc.RpcError as error:
             failure = errors.from_rpc_error(error)
+        # Chosen before taking the lock: choosing may probe the other nodes' health.
+        to = self._nodes.fail_over(stream.node) if moves_on(failure) else stream.node
+        moved = False
         with self._cond:
             if self._stream is stream:
+                if to != self._node:
+                    self._node = to
+                    self.failovers += 1
+                    moved = True
                 self._break_stream(stream, failure)
             settle, self._settle = self._settle, []
             self._cond.notify_all()
+        if moved:  # outside the lock: the hook may call the publisher
+            endpoints = self._nodes.endpoints
+            endpoints.report(Failover("publisher", endpoints.address(stream.node),
+                                      endpoints.address(to), failure))
         _settle(settle)
 
     def _on_response(self, response: pb.PublishStreamResponse) -> None:
@@ -400,9 +421,9 @@ class AsyncPublisher:
     channel to the same bus (grpcio's asyncio API would need the stream's reader and writer as
     tasks; the threads keep one implementation of the resend rules)."""
 
-    def __init__(self, publisher: Publisher, channel: grpc.Channel) -> None:
+    def __init__(self, publisher: Publisher, nodes: Nodes) -> None:
         self._publisher = publisher
-        self._channel = channel
+        self._nodes = nodes
 
     @property
     def reconnects(self) -> int:
@@ -438,4 +459,4 @@ class AsyncPublisher:
         try:
             await loop.run_in_executor(None, self._publisher.close, timeout)
         finally:
-            self._channel.close()
+            self._nodes.close()

@@ -10,10 +10,13 @@ build it first).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -145,6 +148,76 @@ class BusProcess:
         return self.start(timeout)
 
     def __enter__(self) -> BusProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def nats_binary() -> str:
+    """The nats-server for JetStream tests: ``$EVENTBUS_TEST_NATS_SERVER``, else ``nats-server``
+    on the ``PATH`` (``scripts/nats-server.sh system`` prints the machine's)."""
+    configured = os.environ.get("EVENTBUS_TEST_NATS_SERVER")
+    found = configured or shutil.which("nats-server") or shutil.which("/usr/sbin/nats-server")
+    if not found:
+        raise FileNotFoundError("nats-server not found: install it or set "
+                                "EVENTBUS_TEST_NATS_SERVER")
+    return found
+
+
+class NatsServer:
+    """A nats-server with JetStream on 127.0.0.1 and a port of its choosing, with a temporary
+    store, for clustered buses in tests (``BusProcess(storage="jetstream",
+    nats_url=nats.url)``). Its config raises ``max_payload`` to 8 MB: a bus refuses NATS's
+    default 1 MB, which is under its own event limit. As ``tests/common/nats.rs``."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._log: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> NatsServer:
+        self._dir = tempfile.TemporaryDirectory(prefix="eventbus-nats-")
+        config = Path(self._dir.name) / "nats.conf"
+        config.write_text("max_payload: 8MB\n")
+        self.process = subprocess.Popen(
+            [nats_binary(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd",
+             str(Path(self._dir.name) / "jetstream"), "-c", str(config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        listening = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
+        found = threading.Event()
+
+        def read() -> None:
+            assert self.process is not None and self.process.stderr is not None
+            for raw in self.process.stderr:
+                line = raw.decode(errors="replace")
+                self._log.append(line)
+                match = listening.search(line)
+                if match and not found.is_set():
+                    self.port = int(match.group(1))
+                    found.set()
+
+        threading.Thread(target=read, name="nats-server-log", daemon=True).start()
+        if not found.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"nats-server not listening within {timeout} s:\n"
+                               f"{''.join(self._log)}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from eventbus_client import errors
-from eventbus_client._common import ResumePoint, parse_target
+from eventbus_client._common import Endpoints, ResumePoint, parse_target, parse_targets
 from eventbus_client._proto import eventbus_pb2 as pb
 from eventbus_client.events import (
     Event,
@@ -29,7 +29,8 @@ C = grpc.StatusCode
 @pytest.mark.parametrize("code, reason, expected", [
     (C.UNAVAILABLE, "no-responders", errors.NoResponders),
     (C.UNAVAILABLE, "shutting-down", errors.ShuttingDown),
-    (C.UNAVAILABLE, None, errors.Unavailable),
+    (C.UNAVAILABLE, None, errors.NodeUnavailable),
+    (C.UNAVAILABLE, "store-failed", errors.NodeUnavailable),
     (C.DEADLINE_EXCEEDED, "query-timeout", errors.QueryTimeout),
     (C.DEADLINE_EXCEEDED, None, errors.DeadlineExceeded),
     (C.INVALID_ARGUMENT, "invalid-argument", errors.InvalidArgument),
@@ -38,11 +39,18 @@ C = grpc.StatusCode
     (C.RESOURCE_EXHAUSTED, "replay-overrun", errors.ReplayOverrun),
     (C.CANCELLED, None, errors.Cancelled),
     (C.INTERNAL, "storage", errors.BusError),
-    (C.UNAVAILABLE, "some-future-reason", errors.Unavailable),
+    (C.UNAVAILABLE, "some-future-reason", errors.NodeUnavailable),
 ])
 def test_error_class_by_reason_then_code(code: grpc.StatusCode, reason: str | None,
                                          expected: type[errors.BusError]) -> None:
     assert errors.error_class(code, reason) is expected
+
+
+def test_node_unavailable_says_it_may_be_retried() -> None:
+    assert errors.NodeUnavailable(C.UNAVAILABLE, "gone").retryable
+    assert errors.ShuttingDown(C.UNAVAILABLE, "stopping").retryable
+    assert issubclass(errors.NodeUnavailable, errors.Unavailable)
+    assert not errors.NoResponders(C.UNAVAILABLE, "nobody").retryable
 
 
 def test_no_responders_is_still_unavailable() -> None:
@@ -73,7 +81,33 @@ def test_targets() -> None:
     assert not parse_target("127.0.0.1:1").tls
 
 
+def test_several_targets_from_a_list_a_string_or_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def addresses(value: str | list[str] | None) -> list[str]:
+        return [target.address for target in parse_targets(value)]
+
+    assert addresses(["http://a:1", "b:2"]) == ["a:1", "b:2"]
+    assert addresses("http://a:1, http://b:2,") == ["a:1", "b:2"]
+    assert addresses(["a:1,b:2", "c:3"]) == ["a:1", "b:2", "c:3"]
+    monkeypatch.delenv("EVENTBUS_URL", raising=False)
+    monkeypatch.setenv("EVENTBUS_SERVER", "http://s:9")
+    assert addresses(None) == ["s:9"]
+    monkeypatch.setenv("EVENTBUS_URL", "http://a:1,http://b:2")  # wins over EVENTBUS_SERVER
+    assert addresses(None) == addresses([]) == ["a:1", "b:2"]
+    assert parse_target(None).address == "a:1"
+
+
+def test_endpoints_move_to_a_serving_node_else_the_next_once_per_failure() -> None:
+    endpoints = Endpoints(parse_targets("a:1,b:2,c:3"))
+    assert endpoints.candidates(0) == [1, 2, 0]
+    assert endpoints.choose(0, 2) == 2  # c serves: skip b
+    assert endpoints.moved_from(0)
+    assert endpoints.choose(0, 1) == 2  # a second failure of a's calls: the move stands
+    assert endpoints.choose(2, None) == 0  # none serves: the next in order
+
+
 def test_target_defaults_to_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EVENTBUS_URL", raising=False)
     monkeypatch.setenv("EVENTBUS_SERVER", "http://10.9.8.7:1234")
     assert parse_target(None).address == "10.9.8.7:1234"
     monkeypatch.delenv("EVENTBUS_SERVER")

@@ -17,10 +17,10 @@ from eventbus_client.events import subscribe_request
 from eventbus_client.testing import BusProcess
 
 
-def test_backoff_defaults_are_the_rust_sdks() -> None:
+def test_backoff_defaults_are_the_rust_sdks_schedule_with_full_jitter() -> None:
     backoff = Backoff()
     assert (backoff.initial, backoff.max, backoff.multiplier, backoff.jitter,
-            backoff.max_attempts) == (0.05, 5.0, 2.0, 0.3, None)
+            backoff.max_attempts) == (0.05, 5.0, 2.0, 1.0, None)
     assert backoff.allows(10**9)
 
 

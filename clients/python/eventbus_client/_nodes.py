@@ -1,0 +1,83 @@
+"""The blocking client's connections to the bus's nodes (:class:`Nodes`): a channel per node,
+opened on first use, and the move to another node when one fails. Used by
+:class:`eventbus_client.Bus` and the batching publisher (also :class:`eventbus_client.AsyncBus`'s,
+which runs on blocking channels)."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from . import errors
+from ._common import (
+    CHANNEL_OPTIONS,
+    PROBE_TIMEOUT,
+    Endpoints,
+    FailoverHook,
+    Target,
+    secure_credentials,
+)
+from ._proto import eventbus_pb2_grpc as pb_grpc
+
+
+def _channel(target: Target) -> grpc.Channel:
+    if target.tls:
+        return grpc.secure_channel(target.address, secure_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+
+
+class Nodes:
+    """The blocking client's view of the bus's nodes: a channel per node (opened on first use)
+    and the move to another node when one fails (see :class:`Endpoints`)."""
+
+    def __init__(self, targets: list[Target], on_failover: FailoverHook | None) -> None:
+        self.endpoints = Endpoints(targets, on_failover)
+        self._lock = threading.Lock()
+        self._channels: dict[int, grpc.Channel] = {}
+        self._stubs: dict[int, pb_grpc.EventBusServiceStub] = {}
+        self._closed = False
+
+    def channel(self, index: int) -> grpc.Channel:
+        with self._lock:
+            channel = self._channels.get(index)
+            if channel is None:
+                if self._closed:
+                    raise errors.Cancelled(grpc.StatusCode.CANCELLED, "the bus client is closed")
+                channel = self._channels[index] = _channel(self.endpoints.targets[index])
+                self._stubs[index] = pb_grpc.EventBusServiceStub(  # type: ignore[no-untyped-call]
+                    channel)
+            return channel
+
+    def stub(self, index: int) -> pb_grpc.EventBusServiceStub:
+        self.channel(index)
+        return self._stubs[index]
+
+    def serving(self, index: int, service: str = "", timeout: float = PROBE_TIMEOUT) -> str:
+        """The node's health for ``service`` (``""``: the node as a whole), by name:
+        ``SERVING``, ``NOT_SERVING``, ..., or the failure of the probe."""
+        try:
+            response = health_pb2_grpc.HealthStub(self.channel(index)).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as error:
+            return f"{error.code().name}: {error.details()}"
+        name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return name
+
+    def fail_over(self, failed: int) -> int:
+        """Moves off ``failed`` (when the client is still on it) to the first other node whose
+        health is SERVING, else to the next in order; returns the node to use now."""
+        endpoints = self.endpoints
+        if len(endpoints.targets) < 2 or endpoints.moved_from(failed):
+            return endpoints.index
+        serving = next((index for index in endpoints.candidates(failed)
+                        if self.serving(index) == "SERVING"), None)
+        return endpoints.choose(failed, serving)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channels = list(self._channels.values())
+        for channel in channels:
+            channel.close()
