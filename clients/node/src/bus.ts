@@ -17,12 +17,16 @@ import * as grpc from "@grpc/grpc-js";
 import {
   BusError,
   DeadlineExceededError,
+  NodeUnavailableError,
   UnavailableError,
   RemoteError,
   fromServiceError,
+  isGroupElsewhere,
   isRetryableCode,
+  movesOn,
 } from "./errors";
 import { Backoff, type BackoffOptions } from "./backoff";
+import { Nodes, type Failover, type Target } from "./nodes";
 import {
   Event,
   Reply,
@@ -51,21 +55,19 @@ import type { PublishResponse__Output } from "./generated/eventbus/v1/PublishRes
 import type { QueryRequest } from "./generated/eventbus/v1/QueryRequest";
 import type { QueryResponse__Output } from "./generated/eventbus/v1/QueryResponse";
 import type { SubscribeResponse__Output } from "./generated/eventbus/v1/SubscribeResponse";
-import type { HealthClient } from "./generated/grpc/health/v1/Health";
-import type { HealthCheckRequest } from "./generated/grpc/health/v1/HealthCheckRequest";
-import type { HealthCheckResponse__Output } from "./generated/grpc/health/v1/HealthCheckResponse";
-import { protos } from "./proto";
 import { Publisher, type PublisherOptions } from "./publisher";
 import { sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
 
 /** The environment variable naming the bus, shared with the Rust CLI. */
 export const SERVER_ENV = "EVENTBUS_SERVER";
+/** The environment variable naming the bus's nodes, comma-separated, shared with the Rust SDK,
+ * the CLI and the scenario services; it wins over `EVENTBUS_SERVER`. */
+export const URL_ENV = "EVENTBUS_URL";
 export const DEFAULT_TARGET = "127.0.0.1:50051";
 const HEALTH_SERVICE = "eventbus.v1.EventBusService";
-const CHANNEL_OPTIONS: grpc.ChannelOptions = {
-  "grpc.max_receive_message_length": 64 * 1024 * 1024,
-  "grpc.max_send_message_length": 64 * 1024 * 1024,
-};
+/** The bus's own query timeout when a query names none. */
+const DEFAULT_QUERY_TIMEOUT_MS = 5000;
+export type { Failover } from "./nodes";
 
 /** A query handler: gets the query event, returns the reply data (or a {@link Reply}), or
  * throws {@link ReplyError} to answer with an error. */
@@ -74,6 +76,8 @@ export type Handler = (request: Event) => Reply | Data | Promise<Reply | Data>;
 export interface BusOptions {
   /** This service's name: the source of its events and its name in the topology. */
   source?: string;
+  /** Called for every move to another node (see {@link Bus}); also logged with `console.warn`. */
+  onFailover?: (failover: Failover) => void;
 }
 
 export interface SubscribeOptions {
@@ -95,6 +99,11 @@ export interface SubscribeOptions {
   backoff?: BackoffOptions;
   /** Give up reopening a broken stream after this many milliseconds (default: never). */
   reconnectTimeoutMs?: number;
+  /** A MANUAL-ack member that moved to another node of a cluster rejoins its group there; while
+   * the group's other members are still on the old node, the new node refuses with
+   * FAILED_PRECONDITION `group-on-another-node`, retried with `backoff` for up to this many
+   * milliseconds (default 30 000; a dead node's members leave with it). */
+  rejoinTimeoutMs?: number;
   /** The log a `start` sequence was taken from (a `Subscribed.logId` seen before), for a
    * caller that stored its position: if the bus's log is another one now, the bus starts at
    * its oldest event instead and {@link onLogChanged} is called. Resumes always send it. */
@@ -146,14 +155,36 @@ export interface NackResult {
 export interface QueryOptions extends Omit<EventInit, "topic" | "data"> {
   /** How long to wait for the reply; the bus's default (5 s) when unset. */
   timeoutMs?: number;
+  /** When the node in use fails under the query, send it again (to the node the client moved
+   * to, after `backoff`, with the same event id) until `timeoutMs` (5 s when unset) has passed
+   * since the first send, instead of rejecting with {@link NodeUnavailableError}. A responder
+   * may then see the query twice. Default false. */
+  retry?: boolean;
+  /** Delays between those retries (default: 50 ms doubling, full jitter). */
+  backoff?: BackoffOptions;
 }
 
-/** Accepts `host:port`, `http://host:port` (plaintext) or `https://host:port` (TLS). */
-export function parseTarget(target?: string): { address: string; tls: boolean } {
-  const value = target || process.env[SERVER_ENV] || DEFAULT_TARGET;
+/** Accepts `host:port`, `http://host:port` (plaintext) or `https://host:port` (TLS); nothing
+ * means the first of {@link parseTargets}. */
+export function parseTarget(target?: string): Target {
+  if (!target) return parseTargets()[0];
+  const value = target.trim();
   const tls = value.startsWith("https://");
   const address = value.replace(/^https?:\/\//, "").replace(/\/+$/, "");
   return { address, tls };
+}
+
+/** The bus's nodes: `"http://a:50051"`, `"http://a:50051,http://b:50051"` or a list (each entry
+ * as {@link parseTarget} takes it; it may hold commas too). Nothing (or empty) means
+ * `$EVENTBUS_URL`, else `$EVENTBUS_SERVER`, else `127.0.0.1:50051`. */
+export function parseTargets(targets?: string | string[]): Target[] {
+  const split = (text: string) => text.split(",").map((part) => part.trim()).filter((part) => part !== "");
+  let parts = (typeof targets === "string" ? [targets] : targets ?? []).flatMap(split);
+  if (parts.length === 0) {
+    parts = split(process.env[URL_ENV] || process.env[SERVER_ENV] || DEFAULT_TARGET);
+  }
+  if (parts.length === 0) parts = [DEFAULT_TARGET];
+  return parts.map((part) => parseTarget(part));
 }
 
 function unary<Req, Res>(
@@ -171,48 +202,84 @@ function unary<Req, Res>(
 
 const delay = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
-/** A connection to the bus. */
+/**
+ * A connection to the bus: to one node, or to several nodes of a clustered bus.
+ *
+ * The client uses one node at a time. When a call fails the way a node that is gone fails
+ * (UNAVAILABLE: a refused or broken connection, `shutting-down`, `store-failed`), it moves to
+ * the next node that answers SERVING to a health check (or the next in order when none does):
+ * subscriptions resume there after the last sequence they delivered, MANUAL-ack members rejoin
+ * their group, the batching publisher resends what was unanswered with the same ids, and a
+ * failed query or unary call rejects with {@link NodeUnavailableError} (retry it: the next call
+ * goes to the new node). {@link BusOptions.onFailover} is told of every move.
+ */
 export class Bus {
-  readonly address: string;
   readonly source: string;
-  private readonly client: EventBusServiceClient;
-  private readonly health: HealthClient;
+  /** @internal The nodes and the one in use. */
+  readonly nodes: Nodes;
 
-  /** `target` defaults to `$EVENTBUS_SERVER`, else `127.0.0.1:50051`. */
-  constructor(target?: string, options: BusOptions = {}) {
-    const parsed = parseTarget(target);
-    this.address = parsed.address;
+  /** `target`: `host:port`, `http://host:port` or `https://host:port`; several nodes as a list
+   * or one comma-separated string. Defaults to `$EVENTBUS_URL`, else `$EVENTBUS_SERVER`, else
+   * `127.0.0.1:50051`. */
+  constructor(target?: string | string[], options: BusOptions = {}) {
+    this.nodes = new Nodes(parseTargets(target), options.onFailover);
     this.source = options.source ?? "node-client";
-    const credentials = parsed.tls
-      ? grpc.credentials.createSsl()
-      : grpc.credentials.createInsecure();
-    const loaded = protos();
-    this.client = new loaded.eventbus.v1.EventBusService(this.address, credentials, CHANNEL_OPTIONS);
-    this.health = new loaded.grpc.health.v1.Health(this.address, credentials, CHANNEL_OPTIONS);
+  }
+
+  /** The node in use now, `host:port`. */
+  get address(): string {
+    return this.nodes.address(this.nodes.index);
+  }
+
+  /** Every node this client may use, `host:port`, in the order given. */
+  get endpoints(): string[] {
+    return this.nodes.targets.map((target) => target.address);
   }
 
   /** Closes the connection; open subscriptions end. */
   close(): void {
-    this.client.close();
-    this.health.close();
+    this.nodes.close();
   }
 
-  /** Polls health until the event API is SERVING; {@link UnavailableError} if not in time. */
+  /** One unary call on the node in use; a failure that says the node is gone moves the client
+   * to another node for the next call, and is thrown. */
+  private async call<Req, Res>(what: Failover["what"], method: keyof EventBusServiceClient & string,
+    request: Req, options: grpc.CallOptions = {}, node?: number): Promise<Res> {
+    const index = node ?? this.nodes.index;
+    const client = this.nodes.client(index);
+    const fn = (client[method] as (...args: unknown[]) => unknown).bind(client) as
+      (request: Req, options: grpc.CallOptions, callback: grpc.requestCallback<Res>) => unknown;
+    try {
+      return await unary<Req, Res>(fn, request, options);
+    } catch (error) {
+      // Only the call that moves the client reports the move.
+      if (error instanceof BusError && movesOn(error) && this.nodes.index === index) {
+        const to = await this.nodes.failOver(index);
+        this.nodes.report({ what, fromEndpoint: this.nodes.address(index), toEndpoint: this.nodes.address(to), error });
+      }
+      throw error;
+    }
+  }
+
+  /** Polls health until the event API is SERVING on a node (the node in use first, then the
+   * others in turn, moving to the first that serves); {@link UnavailableError} if none does in
+   * time. */
   async waitReady(timeoutMs = 10_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     let last = "no answer";
     for (;;) {
-      try {
-        const response = await unary<HealthCheckRequest, HealthCheckResponse__Output>(this.health.Check.bind(this.health), { service: HEALTH_SERVICE },
-          { deadline: Date.now() + 1000 });
-        if (response.status === "SERVING") return;
-        last = String(response.status);
-      } catch (error) {
-        last = String(error);
+      const start = this.nodes.index;
+      for (const index of [start, ...this.nodes.candidates(start).slice(0, -1)]) {
+        const health = await this.nodes.health(index, HEALTH_SERVICE, 1000);
+        if (health === "SERVING") {
+          this.nodes.choose(start, index);
+          return;
+        }
+        last = `${this.nodes.address(index)}: ${health}`;
       }
       if (Date.now() >= deadline) {
         throw new UnavailableError(grpc.status.UNAVAILABLE,
-          `bus at ${this.address} not serving after ${timeoutMs} ms (${last})`);
+          `bus at ${this.endpoints.join(", ")} not serving after ${timeoutMs} ms (${last})`);
       }
       await delay(50);
     }
@@ -231,7 +298,7 @@ export class Bus {
   /** Publishes events in order, all or none; resolves to their sequences, in order. Errors as
    * {@link publish}; the message names the failing event's index. */
   async publishBatch(events: EventInit[]): Promise<Sequence[]> {
-    const response = await unary<PublishRequest, PublishResponse__Output>(this.client.Publish.bind(this.client), {
+    const response = await this.call<PublishRequest, PublishResponse__Output>("call", "Publish", {
       events: events.map((e) => toPb(e, this.source)),
     });
     return response.sequences.map(sequenceFromWire);
@@ -243,7 +310,7 @@ export class Bus {
    * the reply is an error reply (it has the attribute `error`: a responder's handler failed,
    * in any language). */
   async query(topic: string, data?: Data, options: QueryOptions = {}): Promise<Event> {
-    const { timeoutMs, ...fields } = options;
+    const { timeoutMs, retry, backoff: backoffOptions, ...fields } = options;
     if (timeoutMs !== undefined && !(timeoutMs > 0)) {
       throw new RangeError(`timeoutMs: ${timeoutMs} is not positive`);
     }
@@ -254,8 +321,20 @@ export class Bus {
     };
     // A little past the query's own timeout, so the bus's DEADLINE_EXCEEDED (with the reason
     // query-timeout and the topic) arrives before the transport gives up on its own.
-    const callOptions = timeoutMs === undefined ? {} : { deadline: Date.now() + timeoutMs + 2000 };
-    const response = await unary<QueryRequest, QueryResponse__Output>(this.client.Query.bind(this.client), request, callOptions);
+    const backoff = new Backoff(backoffOptions);
+    const giveUpAt = Date.now() + (timeoutMs ?? DEFAULT_QUERY_TIMEOUT_MS);
+    let response: QueryResponse__Output;
+    for (let attempt = 0; ; attempt++) {
+      const callOptions = timeoutMs === undefined ? {} : { deadline: Date.now() + timeoutMs + 2000 };
+      try {
+        response = await this.call<QueryRequest, QueryResponse__Output>("query", "Query", request, callOptions);
+        break;
+      } catch (error) {
+        const wait = backoff.delayMs(attempt);
+        if (!retry || !(error instanceof NodeUnavailableError) || Date.now() + wait >= giveUpAt) throw error;
+        await delay(wait);
+      }
+    }
     if (!response.reply) {
       throw new BusError(grpc.status.INTERNAL, "the bus answered a query without a reply");
     }
@@ -286,24 +365,25 @@ export class Bus {
   /** Confirms that a MANUAL-ack `group` has processed the events with these sequences: they
    * are not delivered again and the group's cursor moves past them. Rejects with a
    * {@link BusError} with code NOT_FOUND (`unknown-group`) when the bus has no such group. */
-  async ack(group: string, sequences: Array<Sequence | number>): Promise<AckResult> {
-    const response = await unary<AckRequest, AckResponse__Output>(this.client.Ack.bind(this.client), {
+  async ack(group: string, sequences: Array<Sequence | number>, /** @internal */ node?: number): Promise<AckResult> {
+    const response = await this.call<AckRequest, AckResponse__Output>("call", "Ack", {
       group,
       sequences: sequences.map((sequence) => sequenceToWire(sequence)),
-    });
+    }, {}, node);
     return { acknowledged: response.acknowledged, groupCursor: sequenceFromWire(response.group_cursor) };
   }
 
   /** Hands events of a MANUAL-ack `group` back for redelivery, after at least
    * `redeliverAfterMs` milliseconds when given (the bus's redelivery backoff applies too).
    * Each nack counts as a delivery against the group's `maxDeliveries`. */
-  async nack(group: string, sequences: Array<Sequence | number>, redeliverAfterMs?: number): Promise<NackResult> {
+  async nack(group: string, sequences: Array<Sequence | number>, redeliverAfterMs?: number,
+    /** @internal */ node?: number): Promise<NackResult> {
     const request: NackRequest = {
       group,
       sequences: sequences.map((sequence) => sequenceToWire(sequence)),
       redeliver_after: redeliverAfterMs === undefined ? null : durationFromMs(redeliverAfterMs, "redeliverAfterMs"),
     };
-    const response = await unary<NackRequest, NackResponse__Output>(this.client.Nack.bind(this.client), request);
+    const response = await this.call<NackRequest, NackResponse__Output>("call", "Nack", request, {}, node);
     return { requeued: response.requeued };
   }
 
@@ -313,9 +393,9 @@ export class Bus {
     return new Publisher(this, options);
   }
 
-  /** @internal The generated gRPC client, for the subscription and publisher classes. */
+  /** @internal The generated gRPC client of the node in use. */
   get rpc(): EventBusServiceClient {
-    return this.client;
+    return this.nodes.client(this.nodes.index);
   }
 
   /** Answers the queries on `topic` with `handler`, one at a time; `group` lets replicas share
@@ -337,6 +417,8 @@ export class Delivery {
     /** The consumer group it was delivered to. */
     readonly group: string,
     private readonly bus: Bus,
+    /** The node that delivered it: acks go there, where the group is. */
+    private readonly node?: number,
   ) {}
 
   /** The event's sequence. */
@@ -344,15 +426,17 @@ export class Delivery {
     return this.event.sequence;
   }
 
-  /** Confirms the event is processed: it is not delivered again. See {@link Bus.ack}. */
+  /** Confirms the event is processed: it is not delivered again. See {@link Bus.ack}. Sent to
+   * the node that delivered it; if that node is gone, this rejects and the group delivers the
+   * event again (from the node its members moved to). */
   ack(): Promise<AckResult> {
-    return this.bus.ack(this.group, [this.event.sequence]);
+    return this.bus.ack(this.group, [this.event.sequence], this.node);
   }
 
   /** Hands the event back, to be delivered again after at least `delayMs` milliseconds (the
    * bus's redelivery backoff alone when unset). See {@link Bus.nack}. */
   nack(delayMs?: number): Promise<NackResult> {
-    return this.bus.nack(this.group, [this.event.sequence], delayMs);
+    return this.bus.nack(this.group, [this.event.sequence], delayMs, this.node);
   }
 }
 
@@ -424,8 +508,12 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
   confirmation: Subscribed | undefined;
   /** The sequence of the `caught_up` marker, once a replay reached the live head. */
   caughtUp: Sequence | undefined;
+  /** How many times the subscription moved to another node. */
+  failovers = 0;
 
   private readonly point: ResumePoint;
+  /** The node the stream is open on. */
+  private node: number;
   private readonly buffer: T[] = [];
   private readonly waiters: Array<() => void> = [];
   private call: Stream | undefined;
@@ -433,7 +521,6 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
   private closed = false;
   private failure: BusError | undefined;
 
-  private readonly client: EventBusServiceClient;
   private readonly backoff: Backoff;
 
   private constructor(
@@ -441,7 +528,7 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
     readonly pattern: string,
     private readonly options: SubscribeOptions & { subscriber: string },
   ) {
-    this.client = bus.rpc;
+    this.node = bus.nodes.index;
     this.backoff = new Backoff(options.backoff);
     this.point = new ResumePoint(options.start ?? "latest", options.group, options.manualAck !== undefined,
       options.logId || undefined);
@@ -507,6 +594,11 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
     this.wake();
   }
 
+  /** The node the subscription's stream is on, `host:port`. */
+  get endpoint(): string {
+    return this.bus.nodes.address(this.node);
+  }
+
   private highWater(): number {
     return this.options.buffer ?? 1024;
   }
@@ -515,7 +607,8 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
    * after the confirmation go to the buffer; a later break reopens it. */
   private openStream(start: Start): Promise<Stream> {
     return new Promise((resolve, reject) => {
-      const call = this.client.Subscribe(subscribeRequest(this.pattern, this.options.group,
+      const node = this.node;
+      const call = this.bus.nodes.client(node).Subscribe(subscribeRequest(this.pattern, this.options.group,
         this.options.subscriber, start, { manualAck: this.options.manualAck, logId: this.point.logId }));
       this.call = call;
       let confirmed = false;
@@ -541,7 +634,7 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
           if (this.point.isNew(sequenceFromWire(message.event.sequence))) {
             const event = fromPb(message.event);
             this.buffer.push((this.options.manualAck
-              ? new Delivery(event, message.delivery_attempt, this.options.group ?? "", this.bus)
+              ? new Delivery(event, message.delivery_attempt, this.options.group ?? "", this.bus, node)
               : event) as T);
             if (!this.paused && this.buffer.length >= this.highWater()) {
               this.paused = true;
@@ -594,6 +687,10 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
       : Date.now() + this.options.reconnectTimeoutMs;
     let failures = 0;
     this.paused = false;
+    const brokeOn = this.node;
+    const broke = this.lastError as BusError;
+    let rejoinUntil: number | undefined;
+    if (movesOn(broke)) this.node = await this.bus.nodes.failOver(this.node);
     while (!this.closed) {
       if (!this.backoff.allows(failures) || Date.now() >= giveUpAt) {
         this.fail(this.lastError as BusError);
@@ -604,15 +701,31 @@ export class Subscription<T extends Event | Delivery = Event> implements AsyncIt
       try {
         await this.openStream(this.point.nextStart());
         this.resumes += 1;
+        if (this.node !== brokeOn) {
+          this.failovers += 1;
+          const nodes = this.bus.nodes;
+          nodes.report({ what: "subscription", fromEndpoint: nodes.address(brokeOn), toEndpoint: nodes.address(this.node),
+            error: broke, pattern: this.pattern, afterSequence: this.options.manualAck ? undefined : this.point.lastSequence });
+        }
         return;
       } catch (error) {
         const failure = error as BusError;
         if (this.closed) break;
         failures += 1;
         this.lastError = failure;
-        if (!isRetryableCode(failure.code)) {
+        if (isGroupElsewhere(failure)) {
+          // The group's members are still on the old node: they leave when it dies or notices
+          // this member is gone. Wait for that, for a bounded time.
+          rejoinUntil ??= Date.now() + (this.options.rejoinTimeoutMs ?? 30_000);
+          if (Date.now() >= rejoinUntil) {
+            this.fail(failure);
+            return;
+          }
+        } else if (!isRetryableCode(failure.code)) {
           this.fail(failure);
           return;
+        } else if (movesOn(failure)) {
+          this.node = await this.bus.nodes.failOver(this.node);
         }
       }
     }

@@ -13,7 +13,9 @@
  * │   └── EventTooLargeError      (event-too-large)
  * ├── UnavailableError            UNAVAILABLE
  * │   ├── NoRespondersError       (no-responders)
- * │   └── ShuttingDownError       (shutting-down)
+ * │   └── NodeUnavailableError    the node is gone or going: no reason, or store-failed;
+ * │       │                       the call may be retried (on another node)
+ * │       └── ShuttingDownError   (shutting-down)
  * ├── DeadlineExceededError       DEADLINE_EXCEEDED
  * │   └── QueryTimeoutError       (query-timeout)
  * ├── ResourceExhaustedError      RESOURCE_EXHAUSTED
@@ -50,6 +52,11 @@ export class BusError extends Error {
   get codeName(): string {
     return status[this.code];
   }
+
+  /** Whether the same call may succeed if made again (see {@link NodeUnavailableError}). */
+  get retryable(): boolean {
+    return false;
+  }
 }
 
 /** The request broke a rule; `details` names the field and the rule. */
@@ -60,8 +67,16 @@ export class EventTooLargeError extends InvalidArgumentError {}
 export class UnavailableError extends BusError {}
 /** A query's topic had no subscriber, so no reply could come. Raised at once. */
 export class NoRespondersError extends UnavailableError {}
+/** The bus node the call went to is gone or going: unreachable, the connection broke under the
+ * call, stopping, or it lost its store (`store-failed`). The call may be retried; a client
+ * given several nodes has moved to another by the time this is thrown. */
+export class NodeUnavailableError extends UnavailableError {
+  override get retryable(): boolean {
+    return true;
+  }
+}
 /** The bus is stopping. */
-export class ShuttingDownError extends UnavailableError {}
+export class ShuttingDownError extends NodeUnavailableError {}
 /** A deadline passed. */
 export class DeadlineExceededError extends BusError {}
 /** No reply to a query came in time. */
@@ -88,6 +103,7 @@ const BY_REASON: Record<string, ErrorClass> = {
   "event-too-large": EventTooLargeError,
   "no-responders": NoRespondersError,
   "shutting-down": ShuttingDownError,
+  "store-failed": NodeUnavailableError,
   "query-timeout": QueryTimeoutError,
   "slow-consumer": SlowConsumerError,
   "replay-overrun": ReplayOverrunError,
@@ -95,7 +111,7 @@ const BY_REASON: Record<string, ErrorClass> = {
 
 const BY_CODE: Partial<Record<status, ErrorClass>> = {
   [status.INVALID_ARGUMENT]: InvalidArgumentError,
-  [status.UNAVAILABLE]: UnavailableError,
+  [status.UNAVAILABLE]: NodeUnavailableError,
   [status.DEADLINE_EXCEEDED]: DeadlineExceededError,
   [status.RESOURCE_EXHAUSTED]: ResourceExhaustedError,
   [status.CANCELLED]: CancelledError,
@@ -189,4 +205,17 @@ export class PublisherClosedError extends CancelledError {
 /** Whether a broken subscription is worth reopening: see {@link isRetryableCode}. */
 export function isResumable(error: BusError): boolean {
   return isRetryableCode(error.code);
+}
+
+/** Whether a failure says the node is gone or going, so another node may serve: UNAVAILABLE
+ * (a refused or broken connection, `shutting-down`, `store-failed`) but not `no-responders`,
+ * which every node would answer alike. The Rust SDK's rule. */
+export function movesOn(error: BusError): boolean {
+  return error.code === status.UNAVAILABLE && error.reason !== "no-responders";
+}
+
+/** FAILED_PRECONDITION `group-on-another-node`: on a cluster, the group's members are on
+ * another node; accepted here once they left (a dead node's members leave with it). */
+export function isGroupElsewhere(error: BusError): boolean {
+  return error.code === status.FAILED_PRECONDITION && error.reason === "group-on-another-node";
 }

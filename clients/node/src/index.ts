@@ -3,7 +3,8 @@
  * (`proto/eventbus/v1/eventbus.proto`) loaded at run time by @grpc/proto-loader.
  *
  * Layout: `bus` (Bus, Subscription with its resume rules, Delivery for MANUAL-ack groups,
- * Responder), `publisher` (the batching idempotent Publisher over PublishStream), `backoff`
+ * Responder), `nodes` (the nodes of a clustered bus and the move between them), `publisher`
+ * (the batching idempotent Publisher over PublishStream), `backoff`
  * (reconnect delays), `events` (Event and the one boundary to and from wire messages),
  * `sequence` (uint64 sequences as bigint, the one place they cross the wire), `errors`
  * (errors that keep the gRPC status and the bus's reason), `proto` (loading the contract),

@@ -16,6 +16,10 @@
  * first and before anything newer, after a {@link Backoff} delay, up to `retries` times; an
  * event the bus had stored is answered with its original sequence. After the last retry they
  * fail with {@link StreamBrokenError}. The same design as the Rust SDK's `Publisher`.
+ *
+ * On a clustered bus, a stream broken because its node is gone (UNAVAILABLE) moves the
+ * publisher to another node (see `nodes.ts`) before the resends, which go there: the nodes
+ * share JetStream's dedupe window, so the cluster still stores each event once.
  */
 import { randomFillSync } from "node:crypto";
 
@@ -32,6 +36,7 @@ import {
   errorClass,
   fromServiceError,
   isRetryableCode,
+  movesOn,
 } from "./errors";
 import { toPb, type Data, type EventInit } from "./events";
 import type { Event as PbEvent } from "./generated/eventbus/v1/Event";
@@ -124,6 +129,8 @@ export class Publisher {
   reconnects = 0;
   /** Batches sent again after a broken stream. */
   resentBatches = 0;
+  /** Times the publisher moved to another node. */
+  failovers = 0;
   /** Events the bus answered as duplicates (already stored with the same source and id): after
    * a broken stream, the resent events that the bus had stored the first time. */
   duplicates = 0;
@@ -146,6 +153,10 @@ export class Publisher {
   private timer: NodeJS.Timeout | undefined;
   private nextId = 1;
   private stream: Stream | undefined;
+  /** The node new streams open on. */
+  private node: number;
+  /** A move to another node is being chosen: nothing is sent until it is. */
+  private moving = false;
   private readonly outstanding = new Set<Promise<unknown>>();
   private readonly roomWaiters: Array<() => void> = [];
   private closing = false;
@@ -161,6 +172,7 @@ export class Publisher {
     this.queueLimit = Math.max(1, options.queue ?? 4096);
     this.retries = Math.max(0, options.retries ?? 5);
     this.backoff = new Backoff(options.retryBackoff);
+    this.node = bus.nodes.index;
   }
 
   /** Publishes one event; resolves to its sequence once its batch is answered. Errors: see
@@ -228,6 +240,7 @@ export class Publisher {
   /** Moves the state on: resends first (so the stream keeps the publisher's order), then due
    * batches while there is room in flight; then arms the one timer for what comes next. */
   private pump(): void {
+    if (this.moving) return; // pumped again once the next node is chosen
     const now = Date.now();
     while (this.resend.length > 0 && this.resendAt !== undefined && now >= this.resendAt
       && this.inFlight.size < this.maxInFlight) {
@@ -291,7 +304,7 @@ export class Publisher {
   }
 
   private open(): Stream {
-    const stream = this.bus.rpc.PublishStream();
+    const stream = this.bus.nodes.client(this.node).PublishStream();
     this.stream = stream;
     stream.on("data", (response: PublishStreamResponse__Output) => {
       if (stream === this.stream) this.answer(response);
@@ -360,6 +373,22 @@ export class Publisher {
       this.resendAt = this.resendAt === undefined ? at : Math.min(this.resendAt, at);
       // Batches already waiting were sent before these: oldest first.
       this.resend.push(...requeued);
+    }
+    if (movesOn(error)) {
+      // The node is gone: choose the next (probing health takes a moment), then resend there.
+      const from = this.node;
+      this.moving = true;
+      void this.bus.nodes.failOver(from).then((to) => {
+        this.moving = false;
+        if (to !== from) {
+          this.node = to;
+          this.failovers += 1;
+          const nodes = this.bus.nodes;
+          nodes.report({ what: "publisher", fromEndpoint: nodes.address(from), toEndpoint: nodes.address(to), error });
+        }
+        this.pump();
+      });
+      return;
     }
     this.pump();
   }

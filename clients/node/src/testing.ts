@@ -4,8 +4,9 @@
  * else `target/debug/eventbus` of this repository (the test script builds it first).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import * as net from "node:net";
+import { tmpdir } from "node:os";
 import * as path from "node:path";
 
 import { Bus } from "./bus";
@@ -112,5 +113,68 @@ export class BusProcess {
     const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
     await exited;
     clearTimeout(timer);
+  }
+}
+
+/** The nats-server for JetStream tests: `$EVENTBUS_TEST_NATS_SERVER`, else `nats-server` on the
+ * `PATH` (`scripts/nats-server.sh system` prints the machine's). */
+export function natsBinary(): string {
+  return process.env.EVENTBUS_TEST_NATS_SERVER || "nats-server";
+}
+
+/** A nats-server with JetStream on 127.0.0.1 and a port of its choosing, with a temporary store,
+ * for clustered buses in tests (`BusProcess.start({ storage: "jetstream", nats_url: nats.url })`).
+ * Its config raises `max_payload` to 8 MB: a bus refuses NATS's default 1 MB, which is under its
+ * own event limit. As `tests/common/nats.rs`. */
+export class NatsServer {
+  port = 0;
+  private child: ChildProcess | undefined;
+  private dir: string | undefined;
+  private output = "";
+
+  get url(): string {
+    return `nats://127.0.0.1:${this.port}`;
+  }
+
+  static async start(timeoutMs = 15_000): Promise<NatsServer> {
+    const nats = new NatsServer();
+    const dir = mkdtempSync(path.join(tmpdir(), "eventbus-nats-"));
+    nats.dir = dir;
+    const config = path.join(dir, "nats.conf");
+    writeFileSync(config, "max_payload: 8MB\n");
+    const child = spawn(natsBinary(), ["-a", "127.0.0.1", "-p", "-1", "-js", "-sd", path.join(dir, "jetstream"), "-c", config],
+      { stdio: ["ignore", "ignore", "pipe"] });
+    nats.child = child;
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`nats-server not listening within ${timeoutMs} ms:\n${nats.output}`)), timeoutMs);
+      child.once("error", (error) => {
+        clearTimeout(timer);
+        reject(new Error(`cannot start ${natsBinary()} (${String(error)}): install nats-server or set EVENTBUS_TEST_NATS_SERVER`));
+      });
+      child.stderr?.on("data", (chunk: Buffer) => {
+        nats.output += chunk.toString();
+        const match = /Listening for client connections on [^\s]*:(\d+)/.exec(nats.output);
+        if (match && nats.port === 0) {
+          nats.port = Number(match[1]);
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+    }).catch(async (error) => {
+      await nats.stop();
+      throw error;
+    });
+    return nats;
+  }
+
+  async stop(): Promise<void> {
+    const child = this.child;
+    if (child && child.exitCode === null && child.signalCode === null) {
+      const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+      child.kill("SIGKILL");
+      await exited;
+    }
+    if (this.dir) rmSync(this.dir, { recursive: true, force: true });
+    this.dir = undefined;
   }
 }

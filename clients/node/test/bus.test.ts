@@ -17,9 +17,11 @@ import {
   Reply,
   ReplyError,
   SlowConsumerError,
+  NodeUnavailableError,
   UnavailableError,
   errorClass,
   parseTarget,
+  parseTargets,
   type Subscription,
 } from "../src";
 import { Event, encodeData, subscribeRequest } from "../src/events";
@@ -40,7 +42,10 @@ async function take(subscription: Subscription, count: number, timeoutMs = 10_00
 describe("pure logic", () => {
   test("errors are classified by reason, then code", () => {
     assert.equal(errorClass(status.UNAVAILABLE, "no-responders"), NoRespondersError);
-    assert.equal(errorClass(status.UNAVAILABLE), UnavailableError);
+    assert.equal(errorClass(status.UNAVAILABLE), NodeUnavailableError);
+    assert.equal(errorClass(status.UNAVAILABLE, "store-failed"), NodeUnavailableError);
+    assert.ok(new NodeUnavailableError(status.UNAVAILABLE, "gone").retryable);
+    assert.ok(!new UnavailableError(status.UNAVAILABLE, "x").retryable);
     assert.equal(errorClass(status.DEADLINE_EXCEEDED, "query-timeout"), QueryTimeoutError);
     assert.equal(errorClass(status.INVALID_ARGUMENT, "event-too-large"), EventTooLargeError);
     assert.equal(errorClass(status.RESOURCE_EXHAUSTED, "slow-consumer"), SlowConsumerError);
@@ -59,6 +64,27 @@ describe("pure logic", () => {
     assert.deepEqual(encodeData({ a: [1] }), [Buffer.from('{"a":[1]}'), "application/json"]);
     assert.deepEqual(encodeData("hi"), [Buffer.from("hi"), "text/plain; charset=utf-8"]);
     assert.deepEqual(encodeData(Buffer.from([0])), [Buffer.from([0]), ""]);
+  });
+
+  test("several targets: a list, a comma-separated string, EVENTBUS_URL over EVENTBUS_SERVER", () => {
+    const addresses = (value?: string | string[]) => parseTargets(value).map((target) => target.address);
+    assert.deepEqual(addresses(["http://a:1", "b:2"]), ["a:1", "b:2"]);
+    assert.deepEqual(addresses("http://a:1, http://b:2,"), ["a:1", "b:2"]);
+    assert.deepEqual(addresses(["a:1,b:2", "c:3"]), ["a:1", "b:2", "c:3"]);
+    const saved = { url: process.env.EVENTBUS_URL, server: process.env.EVENTBUS_SERVER };
+    try {
+      delete process.env.EVENTBUS_URL;
+      process.env.EVENTBUS_SERVER = "http://s:9";
+      assert.deepEqual(addresses(), ["s:9"]);
+      process.env.EVENTBUS_URL = "http://a:1,http://b:2";
+      assert.deepEqual(addresses([]), ["a:1", "b:2"]);
+      assert.equal(parseTarget().address, "a:1");
+    } finally {
+      for (const [key, value] of [["EVENTBUS_URL", saved.url], ["EVENTBUS_SERVER", saved.server]] as const) {
+        if (value === undefined) delete process.env[key];
+        else process.env[key] = value;
+      }
+    }
   });
 
   test("start positions", () => {

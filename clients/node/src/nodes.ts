@@ -1,0 +1,156 @@
+/**
+ * {@link Nodes}: the bus nodes a client may use, a gRPC client per node (made on first use), the
+ * one in use now, and the move to another when one fails.
+ *
+ * When a call fails the way a node that is gone fails ({@link movesOn}: UNAVAILABLE, a broken
+ * connection), the client probes the other nodes' gRPC health (`grpc.health.v1.Health/Check`,
+ * service `""`) in order, starting after the failed one, and moves to the first that answers
+ * SERVING; when none does, to the next in order. Only the first failure of the calls that were
+ * in flight on a node moves the client: a call that finds the client already moved off its
+ * node takes that move. The Python client's `Endpoints` and `Nodes` follow the same rules.
+ */
+import * as grpc from "@grpc/grpc-js";
+
+import type { BusError } from "./errors";
+import type { EventBusServiceClient } from "./generated/eventbus/v1/EventBusService";
+import type { HealthClient } from "./generated/grpc/health/v1/Health";
+import type { HealthCheckResponse__Output } from "./generated/grpc/health/v1/HealthCheckResponse";
+import { protos } from "./proto";
+
+/** How long a health probe of a candidate node may take, in milliseconds. */
+export const PROBE_TIMEOUT_MS = 500;
+
+const CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  "grpc.max_receive_message_length": 64 * 1024 * 1024,
+  "grpc.max_send_message_length": 64 * 1024 * 1024,
+};
+
+/** A client moved from one bus node to another: given to {@link BusOptions.onFailover}. */
+export interface Failover {
+  /** What moved: `"subscription"`, `"publisher"`, `"query"` or `"call"` (a unary call). */
+  what: "subscription" | "publisher" | "query" | "call";
+  /** The node it was on and the one it moved to (`host:port`). */
+  fromEndpoint: string;
+  toEndpoint: string;
+  /** The failure that moved it. */
+  error: BusError;
+  /** For a subscription: its topic pattern. */
+  pattern?: string;
+  /** For a subscription: the last sequence it delivered (it resumes after it); undefined for a
+   * MANUAL-ack member, which resumes from its group's cursor. */
+  afterSequence?: bigint;
+}
+
+/** One node: where it is and its clients. */
+export interface Target {
+  address: string;
+  tls: boolean;
+}
+
+interface Clients {
+  bus: EventBusServiceClient;
+  health: HealthClient;
+}
+
+/** The nodes of one {@link Bus}; see the module docs. */
+export class Nodes {
+  private current = 0;
+  private readonly clients = new Map<number, Clients>();
+  private closed = false;
+
+  constructor(readonly targets: Target[], private readonly onFailover?: (failover: Failover) => void) {}
+
+  /** The node in use now (an index into {@link targets}). */
+  get index(): number {
+    return this.current;
+  }
+
+  address(index: number): string {
+    return this.targets[index].address;
+  }
+
+  /** The event API's client for node `index`. */
+  client(index: number): EventBusServiceClient {
+    return this.clientsOf(index).bus;
+  }
+
+  private clientsOf(index: number): Clients {
+    let clients = this.clients.get(index);
+    if (!clients) {
+      const target = this.targets[index];
+      const credentials = target.tls ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
+      const loaded = protos();
+      clients = {
+        bus: new loaded.eventbus.v1.EventBusService(target.address, credentials, CHANNEL_OPTIONS),
+        health: new loaded.grpc.health.v1.Health(target.address, credentials, CHANNEL_OPTIONS),
+      };
+      // A client made after close() is closed at once: its calls fail with CANCELLED-like errors.
+      if (this.closed) {
+        clients.bus.close();
+        clients.health.close();
+      }
+      this.clients.set(index, clients);
+    }
+    return clients;
+  }
+
+  /** Node `index`'s health for `service` (`""`: the node as a whole), by name: `SERVING`,
+   * `NOT_SERVING`, ..., or the failure of the probe. */
+  health(index: number, service = "", timeoutMs = PROBE_TIMEOUT_MS): Promise<string> {
+    const health = this.clientsOf(index).health;
+    return new Promise((resolve) => {
+      health.Check({ service }, { deadline: Date.now() + timeoutMs },
+        (error: grpc.ServiceError | null, response?: HealthCheckResponse__Output) => {
+          if (error) resolve(`${grpc.status[error.code]}: ${error.details}`);
+          else resolve(String(response?.status));
+        });
+    });
+  }
+
+  /** The nodes to try after `failed`, in order: the next ones, then `failed` itself. */
+  candidates(failed: number): number[] {
+    const count = this.targets.length;
+    return Array.from({ length: count }, (_, step) => (failed + step + 1) % count);
+  }
+
+  /** Moves to `index` (when the client is still on `from`); returns the node in use now. */
+  choose(from: number, index: number): number {
+    if (this.current === from) this.current = index;
+    return this.current;
+  }
+
+  /** Moves off `failed` (when the client is still on it) to the first other node whose health
+   * is SERVING, else to the next in order; resolves to the node to use now. */
+  async failOver(failed: number): Promise<number> {
+    if (this.targets.length < 2 || this.current !== failed) return this.current;
+    let serving: number | undefined;
+    for (const index of this.candidates(failed)) {
+      if (await this.health(index) === "SERVING") {
+        serving = index;
+        break;
+      }
+    }
+    return this.choose(failed, serving ?? this.candidates(failed)[0]);
+  }
+
+  /** Logs a move (a warning) and hands it to the hook, whose exceptions are logged. */
+  report(failover: Failover): void {
+    if (failover.fromEndpoint === failover.toEndpoint) return;
+    const where = failover.pattern ? ` ${failover.pattern}` : "";
+    const after = failover.afterSequence !== undefined ? ` after sequence ${failover.afterSequence}` : "";
+    console.warn(`eventbus: ${failover.what}${where} moved from ${failover.fromEndpoint} to ${failover.toEndpoint}${after} (${failover.error.message})`);
+    try {
+      this.onFailover?.(failover);
+    } catch (error) {
+      console.error("eventbus: onFailover threw:", error);
+    }
+  }
+
+  close(): void {
+    this.closed = true;
+    for (const { bus, health } of this.clients.values()) {
+      bus.close();
+      health.close();
+    }
+  }
+}
