@@ -10,7 +10,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { Bus, NodeUnavailableError, type Event, type Failover } from "../src";
-import { BusProcess, NatsServer, waitFor } from "../src/testing";
+import { BusProcess, NatsServer, freePort, waitFor } from "../src/testing";
 
 const TOTAL = 400;
 const KILL_AFTER = 150;
@@ -159,5 +159,40 @@ test("clients fail over to the surviving node of a cluster", { timeout: 60_000 }
     answering?.close();
     for (const node of nodes) await node.stop(5000, "SIGKILL");
     await nats.stop();
+  }
+});
+
+test("failover passes over a node that is not serving", { timeout: 60_000 }, async () => {
+  const nats = await NatsServer.start();
+  const doomed = await NatsServer.start();
+  const nodes: BusProcess[] = [];
+  try {
+    const serving = await BusProcess.start({ storage: "jetstream", nats_url: nats.url });
+    nodes.push(serving);
+    const lost = await BusProcess.start({ storage: "jetstream", nats_url: doomed.url });
+    nodes.push(lost);
+    await doomed.stop(); // the second node loses NATS
+    const probe = new Bus(lost.address);
+    try {
+      await waitFor(async () => (await probe.nodes.health(0)) === "NOT_SERVING", 20_000,
+        "the node without NATS to say NOT_SERVING");
+    } finally {
+      probe.close();
+    }
+    const gone = `127.0.0.1:${await freePort()}`; // nobody listens: the node in use is gone
+    const moves: Failover[] = [];
+    const bus = new Bus([gone, lost.address, serving.address], { onFailover: (move) => moves.push(move) });
+    try {
+      await assert.rejects(bus.publish("skip.a", "x"), NodeUnavailableError);
+      assert.equal(bus.address, serving.address);
+      assert.ok((await bus.publish("skip.a", "x")) > 0n);
+    } finally {
+      bus.close();
+    }
+    assert.deepEqual(moves.map((move) => [move.fromEndpoint, move.toEndpoint]), [[gone, serving.address]]);
+  } finally {
+    for (const node of nodes) await node.stop(5000, "SIGKILL");
+    await nats.stop();
+    await doomed.stop();
   }
 });

@@ -151,7 +151,8 @@ class AsyncBus:
             return await getattr(self._nodes.stub(index), method)(request, **kwargs)
         except grpc.aio.AioRpcError as rpc_error:
             error = errors.from_rpc_error(rpc_error)
-        if moves_on(error):
+        # Only the call that moves the client reports the move.
+        if moves_on(error) and self._nodes.endpoints.index == index:
             to = await self._nodes.fail_over(index)
             self._nodes.endpoints.report(Failover(what, self._nodes.endpoints.address(index),
                                                   self._nodes.endpoints.address(to), error))

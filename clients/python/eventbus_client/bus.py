@@ -124,7 +124,8 @@ class Bus:
         try:
             return _call(getattr(self._nodes.stub(index), method), request, **kwargs)
         except errors.BusError as error:
-            if moves_on(error):
+            # Only the call that moves the client reports the move.
+            if moves_on(error) and self._nodes.endpoints.index == index:
                 to = self._nodes.fail_over(index)
                 self._nodes.endpoints.report(Failover(what, self._nodes.endpoints.address(index),
                                                       self._nodes.endpoints.address(to), error))

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from eventbus_client import Bus, Event, Failover, NodeUnavailable
-from eventbus_client.testing import BusProcess, NatsServer, wait_for
+from eventbus_client.testing import BusProcess, NatsServer, free_port, wait_for
 
 TOTAL = 400
 KILL_AFTER = 150
@@ -170,3 +170,28 @@ def test_clients_fail_over_to_the_surviving_node(cluster: tuple[BusProcess, BusP
     resumed = [m for m in moves if m.what == "subscription" and m.pattern == "load.>"
                and m.after_sequence is not None]
     assert resumed and all(m.after_sequence <= through for m in resumed)
+
+
+def test_failover_skips_a_node_that_is_not_serving() -> None:
+    """After the node in use fails, a node whose health says NOT_SERVING (it lost NATS) is
+    passed over for one that serves, though it comes first in order."""
+    with NatsServer() as nats, NatsServer() as doomed:
+        serving = BusProcess(storage="jetstream", nats_url=nats.url).start()
+        lost = BusProcess(storage="jetstream", nats_url=doomed.url).start()
+        try:
+            doomed.stop()  # the second node loses NATS
+            with Bus(lost.address) as probe:
+                wait_for(lambda: probe._nodes.serving(0) == "NOT_SERVING", 20,
+                         "the node without NATS to say NOT_SERVING")
+            gone = f"127.0.0.1:{free_port()}"  # nobody listens: the node in use is gone
+            moves: list[Failover] = []
+            with Bus([gone, lost.address, serving.address], on_failover=moves.append) as bus:
+                with pytest.raises(NodeUnavailable):
+                    bus.publish("skip.a", b"x")
+                assert bus.target == serving.address
+                assert bus.publish("skip.a", b"x") > 0
+            assert [(m.from_endpoint, m.to_endpoint) for m in moves] == \
+                [(gone, serving.address)]
+        finally:
+            lost.kill()
+            serving.kill()
