@@ -72,14 +72,25 @@ pub struct Cli {
 /// Where client commands find the bus.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArg {
-    /// The bus to talk to.
+    /// The bus to talk to: one URL, or several nodes of a cluster separated by commas (the
+    /// client moves to the next when one is gone); `EVENTBUS_URL` is read when neither this nor
+    /// `EVENTBUS_SERVER` is set.
     #[arg(
         long,
         env = "EVENTBUS_SERVER",
-        default_value = "http://127.0.0.1:50051",
+        default_value_t = default_server(),
         global = true
     )]
     pub server: String,
+}
+
+/// `$EVENTBUS_URL` if set (the name the Python and TypeScript clients and the scenario's
+/// services share), else `http://127.0.0.1:50051`.
+pub fn default_server() -> String {
+    std::env::var("EVENTBUS_URL")
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+        .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned())
 }
 
 /// The source (service) name client commands use unless told otherwise.

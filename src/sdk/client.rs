@@ -1,11 +1,19 @@
 //! [`Client`]: the connection to the bus and the calls that need nothing more than one RPC.
+//!
+//! # Several bus nodes
+//! A client may be given several endpoints (the nodes of a clustered bus, see README "Run a
+//! cluster"): it uses one at a time, and moves to the next when a call fails the way a node
+//! that is gone or going fails (UNAVAILABLE, a broken connection). The SDK's own retry loops
+//! (subscriptions resuming, the publisher resending, responders resubscribing) report such
+//! failures with [`Client::fail_over`], so they resume on the next node after their backoff.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tonic::transport::{Channel, Endpoint};
 
+use super::error::ERROR_REASON_KEY;
 use super::error::{Error, Result};
 use super::event::EventBuilder;
 use super::publisher::{Publisher, PublisherOptions};
@@ -13,6 +21,7 @@ use super::subscription::{SubscribeOptions, Subscription};
 use crate::pb;
 use crate::pb::admin_service_client::AdminServiceClient;
 use crate::pb::event_bus_service_client::EventBusServiceClient;
+use tonic::Code;
 
 /// The source name used when none is set.
 pub const DEFAULT_SOURCE: &str = "eventbus-sdk";
@@ -25,17 +34,180 @@ const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 /// HTTP/2 connection), so clone it into tasks rather than sharing it behind a lock.
 #[derive(Debug, Clone)]
 pub struct Client {
-    bus: EventBusServiceClient<Channel>,
-    admin: AdminServiceClient<Channel>,
+    nodes: Arc<Nodes>,
     /// The service name: `Event.source` of everything published through this client, and
     /// `SubscribeRequest.subscriber`, so the bus's topology shows who is who.
     source: Arc<str>,
 }
 
+/// The bus nodes a client may use, and the one it uses now.
+#[derive(Debug)]
+struct Nodes {
+    /// One per node, in the order given; empty for a client made from a channel.
+    endpoints: Vec<(String, Endpoint)>,
+    current: Mutex<Current>,
+}
+
+#[derive(Debug, Clone)]
+struct Current {
+    index: usize,
+    channel: Channel,
+    since: Instant,
+}
+
+/// How long a client stays on a node it just moved to before another failure moves it on:
+/// the failures of calls that were in flight on the old node move it once, not once each.
+const MIN_STAY: Duration = Duration::from_millis(250);
+
+impl Nodes {
+    fn channel(&self) -> Channel {
+        lock(&self.current).channel.clone()
+    }
+
+    fn fail_over(&self, why: &tonic::Status) {
+        if self.endpoints.len() < 2 || !moves_on(why) {
+            return;
+        }
+        let mut current = lock(&self.current);
+        if current.since.elapsed() < MIN_STAY {
+            return;
+        }
+        let from = current.index;
+        let to = (from + 1) % self.endpoints.len();
+        *current = Current {
+            index: to,
+            channel: self.endpoints[to].1.connect_lazy(),
+            since: Instant::now(),
+        };
+        tracing::warn!(
+            from = %self.endpoints[from].0,
+            to = %self.endpoints[to].0,
+            error = %super::error::describe_status(why),
+            "moving to another bus node"
+        );
+    }
+
+    /// Moves to the next node whatever the time since the last move.
+    fn skip(&self, why: &str) {
+        let mut current = lock(&self.current);
+        let from = current.index;
+        let to = (from + 1) % self.endpoints.len();
+        *current = Current {
+            index: to,
+            channel: self.endpoints[to].1.connect_lazy(),
+            since: Instant::now(),
+        };
+        tracing::warn!(
+            from = %self.endpoints[from].0,
+            to = %self.endpoints[to].0,
+            why,
+            "moving to another bus node"
+        );
+    }
+
+    fn current_url(&self) -> Option<String> {
+        let index = lock(&self.current).index;
+        self.endpoints.get(index).map(|(url, _)| url.clone())
+    }
+}
+
+fn lock(current: &Mutex<Current>) -> std::sync::MutexGuard<'_, Current> {
+    current
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether a failure says the node is gone or going (so another may serve): UNAVAILABLE (a
+/// refused or broken connection, `shutting-down`, `store-failed` while a node has lost its
+/// log; not `no-responders`, which is the cluster's answer) or a transport error tonic
+/// reports as UNKNOWN; also a consumer group whose members are on another node
+/// (`group-on-another-node`).
+pub(crate) fn moves_on(status: &tonic::Status) -> bool {
+    let reason = status
+        .metadata()
+        .get(ERROR_REASON_KEY)
+        .and_then(|reason| reason.to_str().ok());
+    match status.code() {
+        // The whole cluster's answer, not this node's state.
+        Code::Unavailable if reason == Some("no-responders") => false,
+        Code::Unavailable | Code::Unknown => true,
+        Code::FailedPrecondition => is_group_elsewhere(status),
+        _ => false,
+    }
+}
+
+/// FAILED_PRECONDITION `group-on-another-node`: the group's members are on another node of a
+/// cluster; worth retrying there, or here once they left.
+pub(crate) fn is_group_elsewhere(status: &tonic::Status) -> bool {
+    status.code() == Code::FailedPrecondition
+        && status
+            .metadata()
+            .get(ERROR_REASON_KEY)
+            .and_then(|reason| reason.to_str().ok())
+            == Some("group-on-another-node")
+}
+
+/// The endpoints a client is given: one URL, a comma-separated list in one string
+/// (`EVENTBUS_URL=http://a:50051,http://b:50051`), or a list.
+pub trait IntoUrls {
+    /// The URLs, each trimmed; empty entries dropped.
+    fn into_urls(self) -> Vec<String>;
+}
+
+fn split_urls(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl IntoUrls for &str {
+    fn into_urls(self) -> Vec<String> {
+        split_urls(self)
+    }
+}
+
+impl IntoUrls for String {
+    fn into_urls(self) -> Vec<String> {
+        split_urls(&self)
+    }
+}
+
+impl IntoUrls for &String {
+    fn into_urls(self) -> Vec<String> {
+        split_urls(self)
+    }
+}
+
+impl<S: AsRef<str>, const N: usize> IntoUrls for [S; N] {
+    fn into_urls(self) -> Vec<String> {
+        self.iter()
+            .flat_map(|url| split_urls(url.as_ref()))
+            .collect()
+    }
+}
+
+impl<S: AsRef<str>> IntoUrls for Vec<S> {
+    fn into_urls(self) -> Vec<String> {
+        self.iter()
+            .flat_map(|url| split_urls(url.as_ref()))
+            .collect()
+    }
+}
+
+impl<S: AsRef<str>> IntoUrls for &[S] {
+    fn into_urls(self) -> Vec<String> {
+        self.iter()
+            .flat_map(|url| split_urls(url.as_ref()))
+            .collect()
+    }
+}
+
 /// Connection settings for a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
-    url: String,
+    urls: Vec<String>,
     source: String,
     connect_timeout: Duration,
     keepalive: Duration,
@@ -61,72 +233,154 @@ impl ClientBuilder {
         self
     }
 
-    fn endpoint(&self) -> Result<Endpoint> {
-        let endpoint =
-            Endpoint::from_shared(self.url.clone()).map_err(|source| Error::InvalidUrl {
-                url: self.url.clone(),
-                source,
-            })?;
-        Ok(endpoint
-            .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(self.keepalive)
-            .keep_alive_while_idle(true))
+    fn endpoints(&self) -> Result<Vec<(String, Endpoint)>> {
+        if self.urls.is_empty() {
+            return Err(Error::Protocol("no bus URL given".into()));
+        }
+        self.urls
+            .iter()
+            .map(|url| {
+                let endpoint =
+                    Endpoint::from_shared(url.clone()).map_err(|source| Error::InvalidUrl {
+                        url: url.clone(),
+                        source,
+                    })?;
+                Ok((
+                    url.clone(),
+                    endpoint
+                        .connect_timeout(self.connect_timeout)
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(self.keepalive)
+                        .keep_alive_while_idle(true),
+                ))
+            })
+            .collect()
     }
 
-    /// Connects now, so a wrong address fails here rather than at the first call.
+    /// Connects now, to the first of the URLs that answers (in the order given), so a wrong
+    /// address fails here rather than at the first call.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`] for a URL that does not parse; [`Error::Connect`] naming the last
+    /// URL tried when none answers.
     pub async fn connect(self) -> Result<Client> {
-        let channel = self
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|source| Error::Connect {
-                url: self.url.clone(),
-                source,
-            })?;
-        Ok(Client::from_channel(channel, self.source))
+        let endpoints = self.endpoints()?;
+        let mut last_error = None;
+        for (index, (url, endpoint)) in endpoints.iter().enumerate() {
+            match endpoint.connect().await {
+                Ok(channel) => return Ok(Client::on_nodes(endpoints, index, channel, self.source)),
+                Err(source) => {
+                    tracing::debug!(%url, error = %source, "bus node does not answer");
+                    last_error = Some(Error::Connect {
+                        url: url.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Err(last_error.expect("at least one URL"))
     }
 
-    /// Connects on first use (and reconnects after failures by itself); calls fail with
-    /// UNAVAILABLE while the bus cannot be reached.
+    /// Connects on first use (and reconnects after failures by itself, moving to the next URL
+    /// when a node is gone); calls fail with UNAVAILABLE while the bus cannot be reached.
     pub fn connect_lazy(self) -> Result<Client> {
-        let channel = self.endpoint()?.connect_lazy();
-        Ok(Client::from_channel(channel, self.source))
+        let endpoints = self.endpoints()?;
+        let channel = endpoints[0].1.connect_lazy();
+        Ok(Client::on_nodes(endpoints, 0, channel, self.source))
     }
 }
 
 impl Client {
-    /// Connects to the bus at `url`, e.g. `http://127.0.0.1:50051` (or `127.0.0.1:50051`: a URL
-    /// without a scheme is taken as `http://`, as the Python and TypeScript clients do), as
-    /// [`DEFAULT_SOURCE`].
-    pub async fn connect(url: impl Into<String>) -> Result<Client> {
-        Client::builder(url).connect().await
+    /// Connects to the bus at `urls`, as [`DEFAULT_SOURCE`]: one URL such as
+    /// `http://127.0.0.1:50051` (or `127.0.0.1:50051`: a URL without a scheme is taken as
+    /// `http://`, as the Python and TypeScript clients do), or several nodes of a clustered bus
+    /// (`["http://a:50051", "http://b:50051"]`, or one string with commas), of which it uses
+    /// one at a time and moves to the next when one is gone (see the module docs).
+    pub async fn connect(urls: impl IntoUrls) -> Result<Client> {
+        Client::builder(urls).connect().await
     }
 
     /// Connection settings, for a source name or timeouts.
-    pub fn builder(url: impl Into<String>) -> ClientBuilder {
-        let url: String = url.into();
+    pub fn builder(urls: impl IntoUrls) -> ClientBuilder {
+        let urls = urls
+            .into_urls()
+            .into_iter()
+            .map(|url| {
+                if url.contains("://") {
+                    url
+                } else {
+                    format!("http://{url}")
+                }
+            })
+            .collect();
         ClientBuilder {
-            url: if url.contains("://") {
-                url
-            } else {
-                format!("http://{url}")
-            },
+            urls,
             source: DEFAULT_SOURCE.to_string(),
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(20),
         }
     }
 
-    /// Wraps an existing channel (e.g. with TLS or interceptors set up by the caller).
+    /// Wraps an existing channel (e.g. with TLS or interceptors set up by the caller); such a
+    /// client has one node and never moves.
     pub fn from_channel(channel: Channel, source: impl Into<String>) -> Client {
-        let source: String = source.into();
+        Client::on_nodes(Vec::new(), 0, channel, source.into())
+    }
+
+    fn on_nodes(
+        endpoints: Vec<(String, Endpoint)>,
+        index: usize,
+        channel: Channel,
+        source: String,
+    ) -> Client {
         Client {
-            bus: EventBusServiceClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_SIZE),
-            admin: AdminServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_SIZE),
+            nodes: Arc::new(Nodes {
+                endpoints,
+                current: Mutex::new(Current {
+                    index,
+                    channel,
+                    since: Instant::now(),
+                }),
+            }),
             source: source.into(),
         }
+    }
+
+    /// Reports a failed call: when it says the node is gone or going ([`moves_on`]) and the
+    /// client has other nodes, it moves to the next (at most once per 250 ms, so the failures
+    /// of every call in flight move it once). The SDK's retry loops call it; so may callers
+    /// that retry their own calls.
+    pub fn fail_over(&self, why: &tonic::Status) {
+        self.nodes.fail_over(why);
+    }
+
+    /// Before a retry: asks the node in use for its gRPC health and moves past nodes that
+    /// answer NOT_SERVING (a node that lost its log), once round the list at most, so a retry
+    /// goes to a serving node if one answers. A node that does not answer is left to the
+    /// retry itself to find out. Each check waits up to 1 s.
+    pub async fn prefer_serving(&self) {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let nodes = &self.nodes;
+        if nodes.endpoints.len() < 2 {
+            return;
+        }
+        for _ in 0..nodes.endpoints.len() {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(nodes.channel());
+            let check = health.check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            });
+            match tokio::time::timeout(Duration::from_secs(1), check).await {
+                Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::NotServing as i32 => {
+                    nodes.skip("the node answers health NOT_SERVING");
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// The URL of the node this client uses now (`None` for a client made from a channel).
+    pub fn current_url(&self) -> Option<String> {
+        self.nodes.current_url()
     }
 
     /// The same connection under another service name.
@@ -140,9 +394,13 @@ impl Client {
         &self.source
     }
 
-    /// The generated gRPC stub, for anything the SDK does not wrap.
+    /// The generated gRPC stub, for anything the SDK does not wrap, on the node in use now.
     pub fn bus(&self) -> EventBusServiceClient<Channel> {
-        self.bus.clone()
+        EventBusServiceClient::new(self.nodes.channel()).max_decoding_message_size(MAX_MESSAGE_SIZE)
+    }
+
+    fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.nodes.channel()).max_decoding_message_size(MAX_MESSAGE_SIZE)
     }
 
     /// Publishes `data` to `topic` and returns its sequence. See [`Client::event`] for the
@@ -163,12 +421,13 @@ impl Client {
             self.fill_source(event);
         }
         let count = events.len();
-        let response = self
-            .bus
-            .clone()
-            .publish(pb::PublishRequest { events })
-            .await?
-            .into_inner();
+        let response = match self.bus().publish(pb::PublishRequest { events }).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                self.fail_over(&status);
+                return Err(status.into());
+            }
+        };
         if response.sequences.len() != count {
             return Err(Error::Protocol(format!(
                 "{} sequences for {count} events",
@@ -266,7 +525,7 @@ impl Client {
             page_size,
             page_token: page_token.to_owned(),
         };
-        Ok(self.admin.clone().list_topics(request).await?.into_inner())
+        Ok(self.admin().list_topics(request).await?.into_inner())
     }
 
     /// Who publishes to and who subscribes to which topic, as the bus has seen it, within the
@@ -279,8 +538,7 @@ impl Client {
     /// the answer tells whether edges were left out.
     pub async fn topology_bounded(&self, max_edges: u32) -> Result<pb::GetTopologyResponse> {
         Ok(self
-            .admin
-            .clone()
+            .admin()
             .get_topology(pb::GetTopologyRequest { max_edges })
             .await?
             .into_inner())
@@ -300,11 +558,23 @@ mod url_tests {
     #[test]
     fn an_address_without_a_scheme_is_taken_as_http() {
         assert_eq!(
-            Client::builder("127.0.0.1:50051").url,
-            "http://127.0.0.1:50051"
+            Client::builder("127.0.0.1:50051").urls,
+            ["http://127.0.0.1:50051"]
         );
-        assert_eq!(Client::builder("http://h:1").url, "http://h:1");
-        assert_eq!(Client::builder("https://h:1").url, "https://h:1");
-        assert!(Client::builder("localhost:50051").endpoint().is_ok());
+        assert_eq!(Client::builder("http://h:1").urls, ["http://h:1"]);
+        assert_eq!(Client::builder("https://h:1").urls, ["https://h:1"]);
+        assert!(Client::builder("localhost:50051").endpoints().is_ok());
+    }
+
+    #[test]
+    fn several_nodes_come_as_a_list_or_one_string_with_commas() {
+        let expected = ["http://a:1", "http://b:2"];
+        assert_eq!(Client::builder(["http://a:1", "b:2"]).urls, expected);
+        assert_eq!(Client::builder("http://a:1, b:2,").urls, expected);
+        assert_eq!(
+            Client::builder(vec!["a:1".to_owned(), "b:2".to_owned()]).urls,
+            expected
+        );
+        assert!(Client::builder("").endpoints().is_err());
     }
 }

@@ -111,6 +111,20 @@ impl Error {
             .ok()
     }
 
+    /// Whether the same call may succeed if made again (on another node of a cluster, or
+    /// once the node is back): the node was unreachable, went away mid-call, or had lost its
+    /// log (UNAVAILABLE other than `no-responders`, or a transport error). A query that fails
+    /// so was not answered; asking again is safe (a query has no effect but its question).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } => true,
+            Error::Status(status) | Error::StreamBroken(status) => {
+                !self.is_no_responders() && super::client::moves_on(status)
+            }
+            _ => false,
+        }
+    }
+
     /// The call (e.g. a query) ran out of time.
     pub fn is_timeout(&self) -> bool {
         self.code() == Code::DeadlineExceeded

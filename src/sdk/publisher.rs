@@ -186,6 +186,10 @@ struct SentBatch {
     acks: Vec<Ack>,
     /// Sends so far.
     attempts: u32,
+    /// The batch's place in the publisher's order, fixed when it is made: batches waiting to
+    /// be sent again are kept in this order, whichever way their sends failed, so the bus
+    /// stores a publisher's events in the order it published them.
+    order: u64,
 }
 
 /// The background task's state.
@@ -201,6 +205,8 @@ struct Batcher {
     force: bool,
     /// Batches sent and not answered, by request_id, in send order.
     in_flight: BTreeMap<u64, SentBatch>,
+    /// The order of the next batch made (see [`SentBatch::order`]).
+    next_order: u64,
     /// Batches whose stream broke, to send again (oldest first) from `resend_at`.
     resend: VecDeque<SentBatch>,
     resend_at: Option<Instant>,
@@ -223,6 +229,7 @@ impl Batcher {
             deadline: None,
             force: false,
             in_flight: BTreeMap::new(),
+            next_order: 0,
             resend: VecDeque::new(),
             resend_at: None,
             next_id: 1,
@@ -342,10 +349,13 @@ impl Batcher {
             self.deadline = None;
             self.force = false;
         }
+        let order = self.next_order;
+        self.next_order += 1;
         self.send(SentBatch {
             events,
             acks,
             attempts: 0,
+            order,
         })
         .await;
     }
@@ -379,6 +389,9 @@ impl Batcher {
             }
             return;
         }
+        if batch.attempts > 1 {
+            self.client.prefer_serving().await;
+        }
         // Open a stream with this batch already queued on it: the bus may wait for the first
         // message before it answers with headers.
         let (requests, receiver) = mpsc::channel(self.options.max_in_flight + 1);
@@ -411,6 +424,8 @@ impl Batcher {
 
     /// Queues a batch whose fate is unknown to be sent again, or fails it after its last retry.
     fn retry_or_fail(&mut self, batch: SentBatch, status: tonic::Status) {
+        // A node that is gone: the resend goes to the next one, with the same ids.
+        self.client.fail_over(&status);
         if batch.attempts > self.options.retries {
             fail_all(batch.acks, || Error::StreamBroken(status.clone()));
             return;
@@ -418,8 +433,12 @@ impl Batcher {
         let delay = self.options.retry_backoff.delay(batch.attempts - 1);
         let at = Instant::now() + delay;
         self.resend_at = Some(self.resend_at.map_or(at, |earlier| earlier.min(at)));
-        // Keep the oldest first: batches are requeued in request order.
-        self.resend.push_back(batch);
+        // Keep the oldest first, whichever failed first: a batch that failed to open a
+        // stream goes back in front of the ones it was sent before.
+        let at = self
+            .resend
+            .partition_point(|queued| queued.order < batch.order);
+        self.resend.insert(at, batch);
     }
 
     fn on_response(

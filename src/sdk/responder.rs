@@ -74,7 +74,15 @@ impl Client {
         });
         request.set_timeout(timeout.saturating_add(DEADLINE_MARGIN));
         let mut bus = self.bus();
-        let call = async move { bus.query(request).await };
+        let client = self.clone();
+        let call = async move {
+            let answer = bus.query(request).await;
+            if let Err(status) = &answer {
+                // Gone with the node it was asked on: safe to ask again, on the next one.
+                client.fail_over(status);
+            }
+            answer
+        };
         // The grpc-timeout header tells the bus; this bounds the wait if the bus never answers.
         let response = tokio::time::timeout(timeout.saturating_add(2 * DEADLINE_MARGIN), call)
             .instrument(span)

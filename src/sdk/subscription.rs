@@ -589,9 +589,11 @@ impl Resumer {
                 let _ = self.items.send(Err(broken.into())).await;
                 return;
             }
+            self.client.fail_over(&broken);
             tracing::info!(
                 error = %broken,
                 last_seen = self.cursor.last_seen,
+                node = self.client.current_url().unwrap_or_default(),
                 "subscription stream broke, resuming"
             );
             match self.resume(broken).await {
@@ -697,6 +699,7 @@ impl Resumer {
                 _ = self.items.closed() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
+            self.client.prefer_serving().await;
             let start = self.cursor.next_start();
             let request = pb::SubscribeRequest {
                 start: Some(start.to_pb()),
@@ -748,9 +751,13 @@ impl Resumer {
                     }
                     return Some(stream);
                 }
-                Err(Error::Status(status)) if is_retryable(status.code()) => {
+                Err(Error::Status(status))
+                    if is_retryable(status.code())
+                        || super::client::is_group_elsewhere(&status) =>
+                {
                     failures += 1;
                     tracing::debug!(error = %status, failures, "resubscribe failed");
+                    self.client.fail_over(&status);
                     last_error = status;
                 }
                 Err(error) => {

@@ -6,11 +6,12 @@ use tracing_subscriber::EnvFilter;
 /// Flags every service takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BusArgs {
-    /// The bus to connect to.
+    /// The bus to connect to: one URL, or several nodes of a cluster separated by commas;
+    /// `EVENTBUS_URL` is read when neither this nor `EVENTBUS_SERVER` is set.
     #[arg(
         long,
         env = "EVENTBUS_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value_t = eventbus::cli::default_server()
     )]
     pub bus: String,
     /// A log level or a RUST_LOG-style filter; RUST_LOG wins when set.
