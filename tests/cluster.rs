@@ -379,3 +379,58 @@ async fn a_group_lives_on_one_node_at_a_time_and_moves_when_its_members_leave() 
     assert_eq!(sequences(&events(&mut moved, 1).await), [sequence]);
     let _ = &mut on_b;
 }
+
+/// A client that moves on from a node that is going away passes over a node that answers
+/// health NOT_SERVING (it lost NATS) for one that serves: a subscription resumed there would
+/// wait for events that never come.
+#[tokio::test]
+async fn a_moving_client_passes_over_a_node_that_is_not_serving() {
+    let nats_a = NatsServer::start();
+    let mut nats_b = NatsServer::start();
+    let nats_c = NatsServer::start();
+    let a = TestBus::start_on(BusConfig::default(), jetstream_storage(&nats_a)).await;
+    let b = TestBus::start_on(BusConfig::default(), jetstream_storage(&nats_b)).await;
+    let c = TestBus::start_on(BusConfig::default(), jetstream_storage(&nats_c)).await;
+    let client = eventbus::sdk::Client::connect([a.url(), b.url(), c.url()])
+        .await
+        .unwrap();
+    let mut subscription = client.subscribe("news.>").await.unwrap();
+    assert_eq!(client.current_url(), Some(a.url()));
+
+    nats_b.kill();
+    let mut health = HealthClient::new(b.channel().await);
+    eventually("node b NOT_SERVING", WAIT, || {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .status;
+            (status == ServingStatus::NotServing as i32).then_some(())
+        }
+    })
+    .await;
+    a.stop(Duration::from_secs(10)).await;
+    eventually("the client to settle on node c", WAIT, || {
+        let client = client.clone();
+        let c = c.url();
+        async move { (client.current_url() == Some(c)).then_some(()) }
+    })
+    .await;
+    let sequence = eventually("a publish on node c", WAIT, || {
+        let on_c = eventbus::sdk::Client::connect(c.url());
+        async move { on_c.await.ok()?.publish("news.flash", "x").await.ok() }
+    })
+    .await;
+    let event = tokio::time::timeout(WAIT, subscription.next_event())
+        .await
+        .expect("the resumed subscription delivers")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.sequence, sequence);
+    let _ = &mut health;
+}

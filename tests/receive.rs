@@ -324,7 +324,15 @@ async fn framing_errors_carry_the_bus_reasons() {
         (Code::InvalidArgument, Some("malformed-request".to_owned()))
     );
 
-    // A request over the shared budget fails; the budget is whole again afterwards.
+    // A request over the shared budget fails; the budget is whole again afterwards. On a bus
+    // whose receive timeout is long enough that 32 MiB arrive in time on a loaded machine.
+    let bus = TestBus::start_server(ServerConfig {
+        receive_timeout: Duration::from_secs(10),
+        receive_budget_bytes: 32 * MIB,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut h2 = h2_connect(bus.addr).await;
     for attempt in 0..2 {
         h2 = h2.ready().await.unwrap();
         let (response, mut send) = h2

@@ -39,8 +39,10 @@ impl BusProcess {
         if !args.contains(&"--log-level") {
             command.args(["--log-level", "info"]);
         }
+        if !args.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
         command
-            .args(["--listen", "127.0.0.1:0"])
             .args(["--log-format", "json"])
             .args(args)
             .stdin(Stdio::null())
@@ -148,6 +150,29 @@ impl BusProcess {
             .expect("VmRSS in /proc/PID/status");
         let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kib * 1024
+    }
+
+    /// Sends SIGTERM and waits (up to `within`) for the process to exit, as an orchestrator
+    /// stopping it would; panics if it does not.
+    pub fn terminate(&mut self, within: Duration) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "eventbus did not stop within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Whether the process is still running.

@@ -139,3 +139,197 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// A NATS cluster on loopback: `size` servers with JetStream, joined by cluster routes, each
+/// with its own store directory. Waits until JetStream has a meta leader.
+pub struct NatsCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+/// One server of a [`NatsCluster`].
+pub struct ClusterNode {
+    child: Option<Child>,
+    /// `n1`, `n2`, ...: the server name JetStream reports as a stream's leader.
+    pub name: String,
+    pub url: String,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A free loopback port (bound and released: another process could take it in between, which
+/// fails the test loudly rather than silently).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl NatsCluster {
+    pub async fn start(size: usize) -> NatsCluster {
+        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for i in 0..size {
+            let dir = tempfile::tempdir().unwrap();
+            let routes: Vec<String> = route_ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, port)| format!("nats://127.0.0.1:{port}"))
+                .collect();
+            let name = format!("n{}", i + 1);
+            let config = dir.path().join("nats.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\n\
+                     jetstream {{ store_dir: \"{}\" }}\n\
+                     cluster {{ name: eventbus-test, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                    client_ports[i],
+                    dir.path().join("js").display(),
+                    route_ports[i],
+                    routes.join(", ")
+                ),
+            )
+            .unwrap();
+            let mut node = ClusterNode {
+                child: None,
+                name,
+                url: format!("nats://127.0.0.1:{}", client_ports[i]),
+                config,
+                _dir: dir,
+            };
+            node.start();
+            nodes.push(node);
+        }
+        let cluster = NatsCluster { nodes };
+        cluster.wait_for_jetstream().await;
+        cluster
+    }
+
+    /// Every server's URL, comma-separated, for `--nats-url`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Polls until JetStream answers account info (it has a meta leader), up to 30 s.
+    pub async fn wait_for_jetstream(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let urls: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.url.parse().unwrap())
+            .collect();
+        loop {
+            if let Ok(client) = async_nats::connect(urls.clone()).await {
+                // The account info answer carries an `error` until JetStream has a meta
+                // leader. (async-nats's own parser of it fails on NATS 2.9.10.)
+                if let Ok(Ok(answer)) = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    client.request("$JS.API.INFO", bytes::Bytes::new()),
+                )
+                .await
+                {
+                    if !String::from_utf8_lossy(&answer.payload).contains("\"error\"") {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "JetStream cluster not ready within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The index of the server leading `stream`, as JetStream reports it.
+    pub async fn leader_of(&self, stream: &str) -> usize {
+        let urls: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.url.parse().unwrap())
+            .collect();
+        let client = async_nats::connect(urls).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut stream) = js.get_stream(stream).await {
+                if let Ok(info) = stream.info().await {
+                    if let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone()) {
+                        if let Some(index) = self.nodes.iter().position(|n| n.name == leader) {
+                            return index;
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader for stream {stream}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl ClusterNode {
+    fn start(&mut self) {
+        let mut child = Command::new(binary())
+            .arg("-c")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        // The client port answers once the server is up.
+        let address = self.url.trim_start_matches("nats://").to_owned();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&address).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("nats-server {} exited at start: {status}", self.name);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server {} did not listen",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT) to the server.
+    pub fn signal(&self, signal: i32) {
+        let child = self.child.as_ref().expect("running");
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A stopped process must be continued to die promptly.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGCONT);
+            }
+        }
+        self.kill();
+    }
+}
