@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tests of the Python client (clients/python), the product service, the shared scenarios and the
-# grpcurl docs, against real bus processes. Needs only python3 (3.10+) with venv and pip, PyPI,
+# grpcurl docs, against real bus processes; and of the deployment files (deploy/tests: the compose
+# file and the Dockerfile, validated, not run). Needs only python3 (3.10+) with venv and pip, PyPI,
 # cargo (or EVENTBUS_BIN naming a built bus binary), and nats-server for the failover tests
 # (scripts/nats-server.sh system, or EVENTBUS_TEST_NATS_SERVER naming one).
 #
@@ -55,4 +56,4 @@ fi
 "$venv/bin/python" clients/python/generate.py 2>/dev/null
 (cd clients/python && .venv/bin/python -m mypy --no-error-summary)
 "$venv/bin/python" -m pytest -c clients/python/pyproject.toml --rootdir clients/python \
-    clients/python/tests tests/grpcurl "$@"
+    clients/python/tests tests/grpcurl deploy/tests "$@"
