@@ -5,10 +5,18 @@
 # choose one); logs are there too. DEMO_BIN=<dir> uses binaries already built there instead of
 # building.
 #
-#   ./scripts/demo.sh
+# With --cluster, the same on a clustered bus: three nats-servers with JetStream joined by
+# cluster routes (ports 4301-4303, routes 6301-6303), two bus nodes on them (BUS_PORT and
+# BUS_PORT+1, stream replicas 3), and the services spread over the two nodes, each knowing both.
+#
+#   ./scripts/demo.sh [--cluster]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+CLUSTER=false
+if [[ "${1:-}" == "--cluster" ]]; then
+  CLUSTER=true
+fi
 BUS_PORT=${BUS_PORT:-50051}
 RR_PORT=${RR_PORT:-8080}
 PROJECTION_PORT=${PROJECTION_PORT:-8081}
@@ -24,7 +32,16 @@ if [[ -n "${DEMO_DIR:-}" ]]; then
 else
   DEMO_DIR=$(mktemp -d -t eventbus-demo-XXXXXX)
 fi
-export EVENTBUS_SERVER=http://127.0.0.1:$BUS_PORT
+BUS2_PORT=$((BUS_PORT + 1))
+if $CLUSTER; then
+  # Every service knows both nodes; half of them start on the second.
+  NODES_A=http://127.0.0.1:$BUS_PORT,http://127.0.0.1:$BUS2_PORT
+  NODES_B=http://127.0.0.1:$BUS2_PORT,http://127.0.0.1:$BUS_PORT
+else
+  NODES_A=http://127.0.0.1:$BUS_PORT
+  NODES_B=$NODES_A
+fi
+export EVENTBUS_SERVER=$NODES_A
 
 pids=()
 stop() {
@@ -94,11 +111,45 @@ wait_until() { # name, its pid, what, then a command that succeeds when ready
   exit 1
 }
 
-start eventbus "$BIN/eventbus" serve --listen "127.0.0.1:$BUS_PORT" --data-dir "$DEMO_DIR/eventbus-data"
-bus_pid=$!
-wait_until eventbus "$bus_pid" "the bus" "$BIN/eventbus" topics
+if $CLUSTER; then
+  NATS=$(./scripts/nats-server.sh system)
+  NATS_URLS=nats://127.0.0.1:4301,nats://127.0.0.1:4302,nats://127.0.0.1:4303
+  for i in 1 2 3; do
+    cat >"$DEMO_DIR/nats-$i.conf" <<CONF
+server_name: n$i
+listen: 127.0.0.1:430$i
+max_payload: 8MB
+jetstream { store_dir: "$DEMO_DIR/nats-$i" }
+cluster { name: eventbus-demo, listen: 127.0.0.1:630$i,
+          routes: [nats://127.0.0.1:6301, nats://127.0.0.1:6302, nats://127.0.0.1:6303] }
+CONF
+    start "nats-$i" "$NATS" -c "$DEMO_DIR/nats-$i.conf"
+  done
+  # A bus node exits when JetStream cannot create the stream yet (no leader elected in the
+  # NATS cluster): start the first one again until it stays up.
+  for _ in $(seq 1 50); do
+    start eventbus "$BIN/eventbus" serve --listen "127.0.0.1:$BUS_PORT" \
+      --storage jetstream --nats-url "$NATS_URLS" --jetstream-replicas 3
+    bus_pid=$!
+    sleep 1
+    kill -0 "$bus_pid" 2>/dev/null && break
+  done
+  wait_until eventbus "$bus_pid" "the first bus node" \
+    "$BIN/eventbus" topics --server "http://127.0.0.1:$BUS_PORT"
+  start eventbus-2 "$BIN/eventbus" serve --listen "127.0.0.1:$BUS2_PORT" \
+    --storage jetstream --nats-url "$NATS_URLS" --jetstream-replicas 3
+  bus2_pid=$!
+  wait_until eventbus-2 "$bus2_pid" "the second bus node" \
+    "$BIN/eventbus" topics --server "http://127.0.0.1:$BUS2_PORT"
+  check_ours eventbus-2 "$bus2_pid" "$BUS2_PORT"
+else
+  start eventbus "$BIN/eventbus" serve --listen "127.0.0.1:$BUS_PORT" --data-dir "$DEMO_DIR/eventbus-data"
+  bus_pid=$!
+  wait_until eventbus "$bus_pid" "the bus" "$BIN/eventbus" topics
+fi
 check_ours eventbus "$bus_pid" "$BUS_PORT"
-for service in user-service product-service order-service; do
+EVENTBUS_SERVER=$NODES_B start user-service "$BIN/user-service" --db "$DEMO_DIR/user-service.db"
+for service in product-service order-service; do
   start "$service" "$BIN/$service" --db "$DEMO_DIR/$service.db"
 done
 start query-rr "$BIN/query-service" --mode request-reply --listen "127.0.0.1:$RR_PORT"
@@ -121,6 +172,7 @@ done
 cat <<TXT
 
 eventbus demo is up (bus $EVENTBUS_SERVER; data and logs in $DEMO_DIR)
+$($CLUSTER && printf '\n  a clustered bus: kill the first node; the services move to the other:\n                  kill -9 $(cat %s/eventbus.pid)\n' "$DEMO_DIR")
 
   request-reply:  curl -si http://127.0.0.1:$RR_PORT/users/7/products
   projection:     curl -si http://127.0.0.1:$PROJECTION_PORT/users/7/products

@@ -118,6 +118,12 @@ impl Proc {
         .await
     }
 
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit (SIGKILL after 10 s).
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = Command::new("kill")
@@ -148,8 +154,14 @@ impl Drop for Proc {
 /// The bus and the services of one test, in one temporary directory.
 pub struct Scenario {
     pub dir: tempfile::TempDir,
+    /// The bus as the services are told it: one URL, or on a cluster both nodes' URLs
+    /// separated by a comma (the first node first).
     pub bus_url: String,
+    /// The bus, or on a cluster its first node.
     pub bus: Proc,
+    /// On a cluster ([`Scenario::start_cluster`]): the second bus node and the nats-server.
+    pub second: Option<Proc>,
+    pub nats: Option<Proc>,
     /// A client of the bus, as the source `scenario-test`.
     pub client: Client,
 }
@@ -182,20 +194,95 @@ impl Scenario {
             dir.path(),
         );
         let bus_url = format!("http://127.0.0.1:{port}");
-        let client = eventually(STARTUP, "the bus to answer", || async {
-            let client = Client::builder(bus_url.clone())
-                .source("scenario-test")
-                .connect()
-                .await
-                .ok()?;
-            client.list_topics(None).await.ok().map(|_| client)
-        })
-        .await;
+        let client = answering(&bus_url).await;
         Scenario {
             dir,
             bus_url,
             bus,
+            second: None,
+            nats: None,
             client,
+        }
+    }
+
+    /// Starts the scenario's bus as a cluster: a nats-server with JetStream
+    /// (`$EVENTBUS_TEST_NATS_SERVER`, or `nats-server` on the PATH) and two bus nodes on its
+    /// stream. The services are told both nodes ([`Scenario::bus_url`]), the user service the
+    /// second first ([`Scenario::service`]), so that killing the first node moves the others.
+    pub async fn start_cluster() -> Scenario {
+        let dir = tempfile::Builder::new()
+            .prefix("eventbus-scenario-")
+            .tempdir()
+            .expect("temp dir");
+        let nats_port = free_port();
+        let config = dir.path().join("nats.conf");
+        // The bus's 1 MiB events need more than NATS's default 1 MB payload.
+        std::fs::write(&config, "max_payload: 8MB\n").expect("write nats.conf");
+        let nats_bin = std::env::var_os("EVENTBUS_TEST_NATS_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("nats-server"));
+        let nats = Proc::spawn(
+            "nats-server",
+            &nats_bin,
+            &[
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                nats_port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                dir.path().join("jetstream").display().to_string(),
+                "-c".into(),
+                config.display().to_string(),
+            ],
+            dir.path(),
+        );
+        eventually(STARTUP, "nats-server to listen", || async {
+            TcpStream::connect(("127.0.0.1", nats_port)).await.ok()
+        })
+        .await;
+        let nats_url = format!("nats://127.0.0.1:{nats_port}");
+        let node = |name: &str, port: u16| {
+            Proc::spawn(
+                name,
+                &bin("eventbus"),
+                &[
+                    "serve".into(),
+                    "--listen".into(),
+                    format!("127.0.0.1:{port}"),
+                    "--storage".into(),
+                    "jetstream".into(),
+                    "--nats-url".into(),
+                    nats_url.clone(),
+                ],
+                dir.path(),
+            )
+        };
+        let (first_port, second_port) = (free_port(), free_port());
+        let bus = node("eventbus", first_port);
+        let first_url = format!("http://127.0.0.1:{first_port}");
+        answering(&first_url).await;
+        let second = node("eventbus-2", second_port);
+        let second_url = format!("http://127.0.0.1:{second_port}");
+        answering(&second_url).await;
+        let bus_url = format!("{first_url},{second_url}");
+        let client = answering(&bus_url).await;
+        Scenario {
+            dir,
+            bus_url,
+            bus,
+            second: Some(second),
+            nats: Some(nats),
+            client,
+        }
+    }
+
+    /// The bus URL a service is given: on a cluster, the user service gets the second node
+    /// first, so the services do not all use one node.
+    fn bus_url_for(&self, service: &str) -> String {
+        match (self.bus_url.split_once(','), service) {
+            (Some((first, second)), "user-service") => format!("{second},{first}"),
+            _ => self.bus_url.clone(),
         }
     }
 
@@ -212,7 +299,7 @@ impl Scenario {
     /// `extra`, its database are named after it), and waits until it has published its outbox
     /// and subscribes to every query topic it answers.
     pub async fn service(&self, service: &str, label: &str, extra: &[&str]) -> Proc {
-        let mut args = vec!["--bus".to_string(), self.bus_url.clone()];
+        let mut args = vec!["--bus".to_string(), self.bus_url_for(service)];
         if !extra.contains(&"--db") {
             args.extend(["--db".to_string(), self.db(label)]);
         }
@@ -297,6 +384,19 @@ impl Scenario {
         .await;
         QueryService { proc, port }
     }
+}
+
+/// A client of the bus at `urls`, once it answers.
+async fn answering(urls: &str) -> Client {
+    eventually(STARTUP, "the bus to answer", || async {
+        let client = Client::builder(urls)
+            .source("scenario-test")
+            .connect()
+            .await
+            .ok()?;
+        client.list_topics(None).await.ok().map(|_| client)
+    })
+    .await
 }
 
 /// An HTTP response.

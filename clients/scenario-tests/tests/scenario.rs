@@ -395,3 +395,48 @@ async fn the_projection_resumes_after_a_restart_without_reapplying_or_skipping()
     assert!(status["last_applied_sequence"].as_u64().unwrap() > last);
     again.proc.wait_for_log(&format!("after={last}"), 1).await;
 }
+
+/// The scenario on a clustered bus (two bus nodes on one JetStream stream), with the node the
+/// query, product and order services use killed (SIGKILL) mid-test: the projection keeps
+/// answering throughout, and request-reply answers again once the services have moved to the
+/// other node, within `RECOVERY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_scenario_survives_a_bus_node_killed_mid_test() {
+    const RECOVERY: Duration = Duration::from_secs(15);
+    let mut scenario = Scenario::start_cluster().await;
+    let _services = scenario.services().await;
+    let rr = scenario
+        .query_service("request-reply", "query-rr", &[])
+        .await;
+    let pr = scenario
+        .query_service("projection", "query-projection", &[])
+        .await;
+    projection_has(pr.port, 1000).await;
+    let answer = http(rr.port, "GET", "/users/7/products", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{:?}", answer.json());
+    assert_eq!(without_mode(answer.json()), expected(7));
+
+    scenario.bus.kill();
+    let killed = Instant::now();
+    let answer = http(pr.port, "GET", "/users/7/products", None, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status, 200,
+        "the projection answers from its own data"
+    );
+    assert_eq!(without_mode(answer.json()), expected(7));
+
+    let answer = eventually(RECOVERY, "request-reply to answer again", || async {
+        http(rr.port, "GET", "/users/7/products", None, &[])
+            .await
+            .ok()
+            .filter(|answer| answer.status == 200)
+    })
+    .await;
+    let took = killed.elapsed();
+    assert_eq!(without_mode(answer.json()), expected(7));
+    eprintln!("request-reply answered again {took:?} after a bus node was killed");
+}
