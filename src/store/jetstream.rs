@@ -538,35 +538,17 @@ async fn connect(
         ))
     };
     let info = match context.get_stream(&config.stream).await {
-        Ok(mut existing) => {
-            let current = existing
-                .info()
-                .await
-                .map_err(|e| no_stream(&e))?
-                .config
-                .clone();
-            if current.subjects != stream_config.subjects {
-                return Err(no_stream(&format!(
-                    "the stream exists with subjects {:?}, not {:?}: it was not made by eventbus; choose another --jetstream-stream",
-                    current.subjects, stream_config.subjects
-                )));
-            }
-            context
-                .update_stream(&stream::Config {
-                    // Fixed at creation: keep what the stream has.
-                    storage: current.storage,
-                    ..stream_config.clone()
-                })
-                .await
-                .map_err(|e| no_stream(&e))?
-        }
-        Err(_) => {
-            let mut created = context
-                .create_stream(stream_config.clone())
-                .await
-                .map_err(|e| no_stream(&e))?;
-            created.info().await.map_err(|e| no_stream(&e))?.clone()
-        }
+        Ok(existing) => update_stream(&context, existing, &stream_config, &no_stream).await?,
+        Err(_) => match context.create_stream(stream_config.clone()).await {
+            Ok(mut created) => created.info().await.map_err(|e| no_stream(&e))?.clone(),
+            // Another node may have created it meanwhile (nodes started together).
+            Err(create_error) => match context.get_stream(&config.stream).await {
+                Ok(existing) => {
+                    update_stream(&context, existing, &stream_config, &no_stream).await?
+                }
+                Err(_) => return Err(no_stream(&create_error)),
+            },
+        },
     };
     let cursors = stream::Config {
         name: format!("{}-groups", config.stream),
@@ -589,6 +571,37 @@ async fn connect(
             ))
         })?;
     Ok((client, context, info))
+}
+
+/// Brings an existing stream's limits to `wanted`, refusing a stream of the same name that
+/// eventbus did not make (other subjects).
+async fn update_stream(
+    context: &jetstream::Context,
+    mut existing: stream::Stream,
+    wanted: &stream::Config,
+    no_stream: &impl Fn(&dyn std::fmt::Display) -> StoreError,
+) -> Result<stream::Info, StoreError> {
+    let current = existing
+        .info()
+        .await
+        .map_err(|e| no_stream(&e))?
+        .config
+        .clone();
+    if current.subjects != wanted.subjects {
+        return Err(no_stream(&format!(
+            "the stream exists with subjects {:?}, not {:?}: it was not made by eventbus; \
+             choose another --jetstream-stream",
+            current.subjects, wanted.subjects
+        )));
+    }
+    context
+        .update_stream(&stream::Config {
+            // Fixed at creation: keep what the stream has.
+            storage: current.storage,
+            ..wanted.clone()
+        })
+        .await
+        .map_err(|e| no_stream(&e))
 }
 
 /// Sends each job's messages in job order (so batches from this node reach the stream in
