@@ -180,6 +180,10 @@ struct DurableGroup {
 struct GroupState {
     /// The highest sequence read from the log (matching or not).
     read_through: u64,
+    /// When to read the log again after a read failed (a store over the network may fail a
+    /// read for a moment): without it, a group with nothing in flight would wait for the next
+    /// publish.
+    read_retry: Option<std::time::Instant>,
     /// Events to deliver, by sequence (so redeliveries keep log order), with the deliveries
     /// they had so far.
     ready: BTreeMap<u64, (SharedEvent, u32)>,
@@ -864,12 +868,16 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
     let next_deadline = [
         state.in_flight.values().map(|f| f.deadline).min(),
         state.delayed.keys().next().map(|(due, _)| *due),
+        state.read_retry,
     ]
     .into_iter()
     .flatten()
     .min();
     (std::mem::take(&mut state.to_dead_letter), next_deadline)
 }
+
+/// How soon a failed read of the log is tried again.
+const READ_RETRY: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Reads matching events from the log after the group's read position, up to the visible head,
 /// until enough are ready.
@@ -885,17 +893,20 @@ fn read_ahead(broker: &Broker, group: &DurableGroup, state: &mut GroupState) {
         && state.read_through < visible
     {
         let bytes = max_bytes - state.ready_bytes;
-        let chunk = match broker.shared.store.read_after_within(
-            state.read_through,
-            READ_AHEAD,
-            bytes,
-        ) {
-            Ok(chunk) => chunk,
-            Err(error) => {
-                warn!(group = %group.name, %error, "reading the log failed; retrying on the next wake");
-                return;
-            }
-        };
+        let chunk =
+            match broker
+                .shared
+                .store
+                .read_after_within(state.read_through, READ_AHEAD, bytes)
+            {
+                Ok(chunk) => chunk,
+                Err(error) => {
+                    warn!(group = %group.name, %error, "reading the log failed; retrying shortly");
+                    state.read_retry = Some(std::time::Instant::now() + READ_RETRY);
+                    return;
+                }
+            };
+        state.read_retry = None;
         let Some(first) = chunk.first() else {
             return;
         };

@@ -392,6 +392,37 @@ impl JetStreamStore {
             });
             Ok(events)
         })
+        .and_then(|events| self.contiguous(after, events))
+    }
+
+    /// Checks a read against the stream's shape: retention drops only from the front, so above
+    /// the oldest held sequence every sequence is there. A read that skips held sequences was
+    /// served by a replica that is behind (seen right after a stream leader was killed, when an
+    /// ephemeral consumer can land on a follower still catching up): it is cut at the first
+    /// skip, and refused when it skips from its start, so the caller reads again rather than
+    /// take the skip for events retention dropped. A start past the oldest sequence this node
+    /// knows of (refreshed every [`INFO_TTL`]) is believed, since retention may have moved.
+    fn contiguous(
+        &self,
+        after: u64,
+        mut events: Vec<SharedEvent>,
+    ) -> Result<Vec<SharedEvent>, StoreError> {
+        let Some(first) = events.first().map(|event| event.sequence) else {
+            return Ok(events);
+        };
+        let oldest_known = self.lock_facts().first_sequence;
+        if first > after + 1 && after + 1 >= oldest_known {
+            return Err(StoreError::Failed(format!(
+                "reading the log after {after} skipped to {first} though the stream holds \
+                 {oldest_known} on (a replica behind its leader?); read again"
+            )));
+        }
+        let keep = events
+            .windows(2)
+            .position(|pair| pair[1].sequence != pair[0].sequence + 1)
+            .map_or(events.len(), |skip| skip + 1);
+        events.truncate(keep);
+        Ok(events)
     }
 }
 
