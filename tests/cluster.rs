@@ -396,6 +396,8 @@ async fn a_moving_client_passes_over_a_node_that_is_not_serving() {
         .unwrap();
     let mut subscription = client.subscribe("news.>").await.unwrap();
     assert_eq!(client.current_url(), Some(a.url()));
+    // Node b is up (its stream set up) before its NATS goes.
+    publish_one(&mut b.client().await, event("news.warm-up", b"")).await;
 
     nats_b.kill();
     let mut health = HealthClient::new(b.channel().await);
@@ -433,4 +435,70 @@ async fn a_moving_client_passes_over_a_node_that_is_not_serving() {
         .unwrap();
     assert_eq!(event.sequence, sequence);
     let _ = &mut health;
+}
+
+/// A query whose node goes away mid-query fails with a retryable error, and
+/// `query_retrying` asks again on another node of the cluster and gets the answer.
+#[tokio::test]
+async fn a_query_whose_node_goes_away_is_asked_again_when_the_caller_allows() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    let (asked, mut questions) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let responder = eventbus::sdk::Client::connect(b.url()).await.unwrap();
+    tokio::spawn(async move {
+        let _ = responder
+            .serve(
+                "slow.query",
+                "",
+                move |event: pb::Event| {
+                    let asked = asked.clone();
+                    async move {
+                        let _ = asked.send(());
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        Ok::<_, std::convert::Infallible>(eventbus::sdk::Reply::new(event.data))
+                    }
+                },
+                std::future::pending::<()>(),
+            )
+            .await;
+    });
+    let asker = eventbus::sdk::Client::connect([a.url(), b.url()])
+        .await
+        .unwrap();
+    assert_eq!(asker.current_url(), Some(a.url()));
+    // Node b's responder counts on node a once announced.
+    eventually("the responder to answer through node a", WAIT, || {
+        let asker = asker.clone();
+        async move {
+            asker
+                .query("slow.query", "warm-up", Duration::from_secs(5))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    while questions.try_recv().is_ok() {}
+
+    let asking = {
+        let asker = asker.clone();
+        tokio::spawn(async move {
+            asker
+                .event("slow.query")
+                .data("question")
+                .query_retrying(Duration::from_secs(20))
+                .await
+        })
+    };
+    tokio::time::timeout(WAIT, questions.recv())
+        .await
+        .expect("the query reaches the responder");
+    // The query is in flight on node a: stop it.
+    a.stop(Duration::from_secs(10)).await;
+    let answer = tokio::time::timeout(WAIT, asking)
+        .await
+        .expect("answered in time")
+        .unwrap()
+        .expect("asked again on node b");
+    assert_eq!(&answer.data[..], b"question");
+    assert_eq!(asker.current_url(), Some(b.url()));
 }

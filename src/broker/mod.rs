@@ -415,7 +415,14 @@ impl Broker {
             return Ok(PendingPublish {
                 broker: self.clone(),
                 published: Published::default(),
-                wait: Wait::Shared(log.begin_append(batch.fresh)),
+                wait: Wait::Shared {
+                    topics: batch
+                        .fresh
+                        .iter()
+                        .map(|event| event.topic.clone())
+                        .collect(),
+                    appended: log.begin_append(batch.fresh),
+                },
                 started,
             });
         }
@@ -1244,7 +1251,11 @@ enum Wait {
     /// The store's durable head to pass the batch.
     Durable(watch::Receiver<u64>),
     /// The shared log's acknowledgement, then this node's tail to pass the batch.
-    Shared(futures_util::future::BoxFuture<'static, Result<Vec<Appended>, StoreError>>),
+    Shared {
+        /// The batch's topics, in order, for the published-events metric.
+        topics: Vec<Topic>,
+        appended: futures_util::future::BoxFuture<'static, Result<Vec<Appended>, StoreError>>,
+    },
 }
 
 /// What a publish did with each event of its batch, in batch order.
@@ -1267,8 +1278,20 @@ impl PendingPublish {
                 return Ok(self.published);
             }
             Wait::Durable(durable_head) => durable_head,
-            Wait::Shared(appended) => {
+            Wait::Shared { topics, appended } => {
                 let appended = appended.await?;
+                // Counted where the log acknowledged them, as a local append counts its own.
+                let metrics = self.broker.metrics();
+                let mut families = FamilyCache::default();
+                let mut duplicates = 0;
+                for (topic, appended) in topics.iter().zip(&appended) {
+                    if appended.duplicate {
+                        duplicates += 1;
+                    } else {
+                        families.get(metrics, topic.as_str()).published.inc();
+                    }
+                }
+                metrics.dedupe_hits(duplicates);
                 let published = Published {
                     sequences: appended.iter().map(|a| a.sequence).collect(),
                     duplicates: appended.iter().map(|a| a.duplicate).collect(),

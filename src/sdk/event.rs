@@ -135,6 +135,28 @@ impl EventBuilder {
     pub async fn query(self, timeout: Duration) -> Result<pb::Event> {
         self.client.query_event(self.event, timeout).await
     }
+
+    /// As [`EventBuilder::query`], and asks again, on the next node of a cluster, when the
+    /// node asked goes away mid-query ([`crate::sdk::Error::is_retryable`]), until `timeout`
+    /// (for all attempts together) passes. A query has no effect but its question, so asking
+    /// again is safe; each attempt gets a new id from the bus unless the event names one (then
+    /// a second attempt the bus saw is refused as a duplicate, which ends the retries). The
+    /// Python and TypeScript clients' `retry` option.
+    pub async fn query_retrying(self, timeout: Duration) -> Result<pb::Event> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.client.query_event(self.event.clone(), left).await {
+                Err(error) if error.is_retryable() && !left.is_zero() => {
+                    tracing::info!(%error, "the query's node went away; asking again");
+                    tokio::time::sleep(pause.min(left)).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                answer => return answer,
+            }
+        }
+    }
 }
 
 /// The W3C `traceparent` a received event carries (set by its producer, or by the bus from
