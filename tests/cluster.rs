@@ -417,12 +417,18 @@ async fn a_moving_client_passes_over_a_node_that_is_not_serving() {
     })
     .await;
     a.stop(Duration::from_secs(10)).await;
-    eventually("the client to settle on node c", WAIT, || {
-        let client = client.clone();
-        let c = c.url();
-        async move { (client.current_url() == Some(c)).then_some(()) }
-    })
-    .await;
+    // The subscription says when it is registered again; events published after that reach it.
+    loop {
+        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut subscription))
+            .await
+            .expect("the subscription resumes")
+        {
+            Some(Ok(eventbus::sdk::SubscriptionItem::Resumed { .. })) => break,
+            Some(Ok(_)) => continue,
+            other => panic!("the subscription ended: {other:?}"),
+        }
+    }
+    assert_eq!(client.current_url(), Some(c.url()), "passed over node b");
     let sequence = eventually("a publish on node c", WAIT, || {
         let on_c = eventbus::sdk::Client::connect(c.url());
         async move { on_c.await.ok()?.publish("news.flash", "x").await.ok() }
