@@ -400,8 +400,8 @@ impl JetStreamStore {
     /// served by a replica that is behind (seen right after a stream leader was killed, when an
     /// ephemeral consumer can land on a follower still catching up): it is cut at the first
     /// skip, and refused when it skips from its start, so the caller reads again rather than
-    /// take the skip for events retention dropped. A start past the oldest sequence this node
-    /// knows of (refreshed every [`INFO_TTL`]) is believed, since retention may have moved.
+    /// take the skip for events retention dropped. Whether a start past `after + 1` is
+    /// retention is asked of the stream itself (one more round trip, on this path only).
     fn contiguous(
         &self,
         after: u64,
@@ -410,12 +410,16 @@ impl JetStreamStore {
         let Some(first) = events.first().map(|event| event.sequence) else {
             return Ok(events);
         };
-        let oldest_known = self.lock_facts().first_sequence;
-        if first > after + 1 && after + 1 >= oldest_known {
-            return Err(StoreError::Failed(format!(
-                "reading the log after {after} skipped to {first} though the stream holds \
-                 {oldest_known} on (a replica behind its leader?); read again"
-            )));
+        if first > after + 1 {
+            self.refresh_info()?;
+            let oldest = self.lock_facts().first_sequence;
+            let expected = (after + 1).max(oldest);
+            if first > expected {
+                return Err(StoreError::Failed(format!(
+                    "reading the log after {after} skipped to {first} though the stream holds \
+                     {expected} on (a replica behind its leader?); read again"
+                )));
+            }
         }
         let keep = events
             .windows(2)
