@@ -454,14 +454,27 @@ impl Batcher {
             }
             Err(status) => return self.break_stream(status),
         };
-        let Some(SentBatch { acks, .. }) = self.in_flight.remove(&response.request_id) else {
+        let Some(batch) = self.in_flight.remove(&response.request_id) else {
             tracing::warn!(
                 request_id = response.request_id,
                 "answer for an unknown batch"
             );
             return;
         };
-        match response.result {
+        let result = response.result;
+        if let Some(BatchResult::Error(error)) = &result {
+            let status = tonic::Status::new(tonic::Code::from(error.code), error.message.clone());
+            if status.code() == tonic::Code::Unavailable && error.reason != "no-responders" {
+                // The node could not store it (its log was unreachable, or it is stopping):
+                // its fate is unknown, so it is sent again with the same ids, as after a
+                // broken stream, on the next node if this one is going.
+                tracing::debug!(request_id = response.request_id, error = %status, "batch not stored; sending it again");
+                self.retry_or_fail(batch, status);
+                return;
+            }
+        }
+        let acks = batch.acks;
+        match result {
             Some(BatchResult::Published(published)) if published.sequences.len() == acks.len() => {
                 for (ack, sequence) in acks.into_iter().zip(published.sequences) {
                     let _ = ack.send(Ok(sequence));

@@ -62,7 +62,7 @@ use crate::topic::{Pattern, Topic};
 /// How long one request to NATS (a read, a stream lookup, a cursor save) may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an append keeps resending messages JetStream has not acknowledged.
-pub const APPEND_DEADLINE: Duration = Duration::from_secs(10);
+pub const APPEND_DEADLINE: Duration = Duration::from_secs(30);
 /// Events read from the tail and not yet routed, at most: the tail consumer waits (JetStream
 /// flow control) while the broker is behind.
 pub const TAIL_BUFFER: usize = 4096;
