@@ -72,24 +72,15 @@ impl Nodes {
         if current.since.elapsed() < MIN_STAY {
             return;
         }
-        let from = current.index;
-        let to = (from + 1) % self.endpoints.len();
-        *current = Current {
-            index: to,
-            channel: self.endpoints[to].1.connect_lazy(),
-            since: Instant::now(),
-        };
-        tracing::warn!(
-            from = %self.endpoints[from].0,
-            to = %self.endpoints[to].0,
-            error = %super::error::describe_status(why),
-            "moving to another bus node"
-        );
+        self.move_to_next(&mut current, &super::error::describe_status(why));
     }
 
     /// Moves to the next node whatever the time since the last move.
     fn skip(&self, why: &str) {
-        let mut current = lock(&self.current);
+        self.move_to_next(&mut lock(&self.current), why);
+    }
+
+    fn move_to_next(&self, current: &mut Current, why: &str) {
         let from = current.index;
         let to = (from + 1) % self.endpoints.len();
         *current = Current {
