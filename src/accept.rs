@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::sync::PollSemaphore;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 use tracing::{debug, error, info, warn};
 
 /// The first pause after an accept error.
@@ -189,7 +190,7 @@ impl Stream for Incoming {
                 }
             }
             match ready!(self.listener.poll_accept(cx)) {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     if self.backoff != FIRST_BACKOFF {
                         info!(left_out = self.unlogged, "accepting connections again");
                         self.backoff = FIRST_BACKOFF;
@@ -201,8 +202,14 @@ impl Stream for Incoming {
                     }
                     let permit = self.permit.take().expect("a permit was taken above");
                     let deadline = tokio::time::sleep(self.limits.handshake_timeout);
+                    let info = ConnectionInfo {
+                        id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
+                        remote_addr: Some(peer),
+                        peer_certificate: None,
+                    };
                     return Poll::Ready(Some(Ok(Connection {
                         stream,
+                        info,
                         handshake: Some(Box::pin(deadline)),
                         _permit: permit,
                         _open: self.metrics.as_ref().map(|m| m.connection_opened()),
@@ -222,6 +229,8 @@ impl Stream for Incoming {
 #[derive(Debug)]
 pub struct Connection {
     stream: TcpStream,
+    /// What requests on this connection learn of it ([`connection_info`]).
+    info: ConnectionInfo,
     /// Running until the first byte arrives; a read after it passes fails with TimedOut.
     handshake: Option<Pin<Box<Sleep>>>,
     /// Returned to [`Incoming`]'s limit when the connection is dropped.
@@ -288,11 +297,45 @@ impl AsyncWrite for Connection {
 }
 
 impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
     }
+}
+
+/// Numbers connections for [`ConnectionInfo::id`]; never reused within a process.
+static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What a request knows of the connection it came on: tonic puts it in every request's
+/// extensions ([`connection_info`] reads it). Per-connection limits key on `id`; authentication
+/// reads `peer_certificate`.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// Unique among this process's connections, from 1.
+    pub id: u64,
+    /// The client's address, as accepted.
+    pub remote_addr: Option<std::net::SocketAddr>,
+    /// The certificate the client presented in a mutual-TLS handshake; `None` on plaintext
+    /// connections and TLS ones without a client certificate.
+    pub peer_certificate: Option<Arc<PeerCertificate>>,
+}
+
+/// A verified client certificate, as much of it as identifies a principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// The subject's distinguished name in RFC 4514 form, most significant attribute last as
+    /// the RFC writes it, e.g. `CN=order-service,O=Acme`; compared with a principal's
+    /// `cert_subject`.
+    pub subject: String,
+    /// The DNS names and URIs of the subject alternative name extension.
+    pub subject_alt_names: Vec<String>,
+}
+
+/// The connection `request` came on, if the bus accepted it (absent for requests built in
+/// process, as unit tests do).
+pub fn connection_info<T>(request: &tonic::Request<T>) -> Option<&ConnectionInfo> {
+    request.extensions().get::<ConnectionInfo>()
 }
 
 /// Raises the soft limit on open files (RLIMIT_NOFILE) to the hard limit, since every client
