@@ -206,6 +206,7 @@ impl Stream for Incoming {
                         id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
                         remote_addr: Some(peer),
                         peer_certificate: None,
+                        usage: Arc::default(),
                     };
                     return Poll::Ready(Some(Ok(Connection {
                         stream,
@@ -319,6 +320,8 @@ pub struct ConnectionInfo {
     /// The certificate the client presented in a mutual-TLS handshake; `None` on plaintext
     /// connections and TLS ones without a client certificate.
     pub peer_certificate: Option<Arc<PeerCertificate>>,
+    /// What the connection's calls used of its limits ([`crate::limits`]).
+    pub usage: Arc<crate::limits::ConnectionUsage>,
 }
 
 /// A verified client certificate, as much of it as identifies a principal.

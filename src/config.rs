@@ -192,6 +192,12 @@ pub struct ServerConfig {
     /// Where the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, see [`crate::admin`])
     /// listens; `None`: it is off.
     pub admin_listen: Option<SocketAddr>,
+    /// Principals and limits (the file's `[[principals]]` and `[limits]`, see [`crate::auth`]);
+    /// no principals: the bus is open.
+    pub auth: crate::auth::AuthConfig,
+    /// The `--config` file, read again for principals and limits on SIGHUP or when it
+    /// changes; `None`: nothing to reload.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -209,6 +215,8 @@ impl Default for ServerConfig {
             max_connections: None,
             handshake_timeout: Duration::from_secs(10),
             admin_listen: None,
+            auth: crate::auth::AuthConfig::default(),
+            config_file: None,
         }
     }
 }
@@ -457,6 +465,10 @@ struct ConfigFile {
     #[serde(default, with = "humantime_serde_opt")]
     handshake_timeout: Option<Duration>,
     admin_listen: Option<String>,
+    #[serde(default)]
+    principals: Vec<crate::auth::PrincipalConfig>,
+    #[serde(default)]
+    limits: crate::limits::LimitsConfig,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -670,7 +682,14 @@ impl ServeArgs {
                 .or(file.handshake_timeout)
                 .unwrap_or(defaults.handshake_timeout),
             admin_listen: parse_admin_listen(self.admin_listen.clone().or(file.admin_listen))?,
+            auth: crate::auth::AuthConfig {
+                principals: file.principals,
+                limits: file.limits,
+            },
+            config_file: self.config.clone(),
         };
+        // Compiled once here so a bad principal stops the start with the entry named.
+        crate::auth::Auth::new(&server.auth, crate::metrics::Metrics::new())?;
         server.validate_receiving()?;
         let log = LogConfig {
             level: self
@@ -722,6 +741,19 @@ fn parse_admin_listen(text: Option<String>) -> Result<Option<SocketAddr>, Config
             rule: format!("{text:?} is not an address such as 127.0.0.1:9090 (empty: off)"),
         }),
     }
+}
+
+/// The principals and limits of the config file at `path`, as a reload applies them (the rest
+/// of the file needs a restart).
+///
+/// # Errors
+/// The file cannot be read or parsed ([`ConfigError::Read`], [`ConfigError::Parse`]).
+pub fn read_auth_config(path: &Path) -> Result<crate::auth::AuthConfig, ConfigError> {
+    let file = read_config_file(path)?;
+    Ok(crate::auth::AuthConfig {
+        principals: file.principals,
+        limits: file.limits,
+    })
 }
 
 fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {

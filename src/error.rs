@@ -132,6 +132,31 @@ pub enum BusError {
     )]
     GroupOnAnotherNode { group: String, node: String },
 
+    /// The call carries no credentials, or ones the bus does not know, while `[[principals]]`
+    /// are configured (see [`crate::auth`]). `detail` says which and what to send.
+    #[error("not authenticated: {detail}")]
+    Unauthenticated { detail: String },
+
+    /// The caller's principal may not do this: `action` is `publish`, `subscribe`, `join`
+    /// (a group), `admin` or `source`, `target` the topic, pattern, group or source concerned,
+    /// `rule` why. Nothing of the call was applied.
+    #[error("permission denied: principal {principal:?} may not {action} {target:?}: {rule}")]
+    PermissionDenied {
+        principal: String,
+        action: &'static str,
+        target: String,
+        rule: String,
+    },
+
+    /// A limit of [`crate::limits`] was reached: `limit` is its config key
+    /// (`publish_events_per_second`, ...), `scope` whose it is.
+    #[error("limit {limit} of {scope} reached: {rule}")]
+    LimitExceeded {
+        limit: &'static str,
+        scope: String,
+        rule: String,
+    },
+
     /// The store failed.
     #[error(transparent)]
     Storage(#[from] StoreError),

@@ -13,16 +13,20 @@
 //! - [`metrics`]: the bus's Prometheus metrics, updated by the broker through a handle.
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`tracecontext`]: W3C `traceparent`/`tracestate` carried from request metadata into events.
+//! - [`auth`]: principals, permissions and the audit log; [`limits`]: per-connection and
+//!   per-principal limits.
 //! - [`sdk`]: the Rust client SDK.
 //! - [`cli`]: the `eventbus` command line.
 
 pub mod accept;
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod event;
+pub mod limits;
 pub mod metrics;
 pub mod panics;
 pub mod pb;

@@ -60,6 +60,16 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -152,6 +162,10 @@ struct Inner {
     query_seconds: Histogram,
     queries: [Counter; 4],
     slow_endings: [Counter; 3],
+    /// `eventbus_auth_denied_total{action}`: a fixed set of actions, not client-chosen.
+    denials: Family<ActionLabel, Counter>,
+    /// `eventbus_limit_exceeded_total{limit}`: labels are the limits' config keys.
+    limits_exceeded: Family<LimitLabel, Counter>,
     subscriptions: Gauge,
     connections: Gauge,
     subscriber_lag: Histogram,
@@ -280,6 +294,19 @@ impl Metrics {
         );
         let slow_endings = ["slow-consumer", "slow-group-member", "replay-overrun"]
             .map(|reason| slow_family.get_or_create_owned(&ReasonLabel { reason }));
+        let denials = Family::<ActionLabel, Counter>::default();
+        registry.register(
+            "eventbus_auth_denied",
+            "Calls refused by authentication or permissions, by action: authenticate, publish, \
+             subscribe, join, admin, source.",
+            denials.clone(),
+        );
+        let limits_exceeded = Family::<LimitLabel, Counter>::default();
+        registry.register(
+            "eventbus_limit_exceeded",
+            "Calls refused with RESOURCE_EXHAUSTED limit-exceeded, by the limit's config key.",
+            limits_exceeded.clone(),
+        );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
             let gauge = Gauge::default();
             registry.register(name, help, gauge.clone());
@@ -356,6 +383,8 @@ impl Metrics {
                 query_seconds,
                 queries,
                 slow_endings,
+                denials,
+                limits_exceeded,
                 subscriptions,
                 connections,
                 subscriber_lag,
@@ -430,6 +459,23 @@ impl Metrics {
             SlowEnding::ReplayOverrun => 2,
         };
         self.inner.slow_endings[index].inc();
+    }
+
+    /// Counts a call refused by authentication or permissions; `action` is a
+    /// [`crate::error::BusError::PermissionDenied`] action, or `authenticate`.
+    pub fn auth_denied(&self, action: &'static str) {
+        self.inner
+            .denials
+            .get_or_create(&ActionLabel { action })
+            .inc();
+    }
+
+    /// Counts a call refused by a limit of [`crate::limits`]; `limit` is its config key.
+    pub fn limit_exceeded(&self, limit: &'static str) {
+        self.inner
+            .limits_exceeded
+            .get_or_create(&LimitLabel { limit })
+            .inc();
     }
 
     /// Records how many events behind the head a catching-up subscriber was when it read.

@@ -20,6 +20,7 @@ use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
 use crate::accept::{AcceptLimits, Incoming};
+use crate::auth::{Auth, AuthLayer};
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
 use crate::panics::{self, PanicSafeBodyLayer};
@@ -48,6 +49,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("opening the store: {0}")]
     Storage(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("binding the admin listener {addr}: {source}")]
     AdminBind {
         addr: std::net::SocketAddr,
@@ -173,6 +176,54 @@ async fn report_store_failure(broker: Broker, health: tonic_health::server::Heal
     }
 }
 
+/// How often the config file's modification time is looked at for a reload of principals and
+/// limits. A poll, not file-system notifications: editors and config-management tools replace
+/// files by rename, which inotify watches of the old file miss, and one `stat` a second costs
+/// nothing.
+const CONFIG_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reloads principals and limits from `path` on SIGHUP and whenever its modification time or
+/// size changes, until the broker stops. A file that fails to read or check is logged (ERROR,
+/// naming the setting) and the policy in force kept.
+async fn reload_auth(auth: Auth, path: std::path::PathBuf, broker: Broker) {
+    let stamp = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
+    loop {
+        let why = tokio::select! {
+            _ = broker.stopped() => return,
+            Some(()) = async { match &mut hangups { Some(h) => h.recv().await, None => None } } => "SIGHUP",
+            _ = ticks.tick() => {
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "the config file changed"
+            }
+        };
+        match crate::config::read_auth_config(&path).and_then(|config| auth.reload(&config)) {
+            Ok(()) => info!(
+                path = %path.display(),
+                why,
+                principals = auth.principal_count(),
+                "principals and limits reloaded"
+            ),
+            Err(error) => tracing::error!(
+                path = %path.display(),
+                why,
+                %error,
+                "config reload refused: keeping the principals and limits in force"
+            ),
+        }
+    }
+}
+
 /// Serves the admin HTTP listener until the broker shuts down. Its failure is logged; the bus
 /// goes on serving gRPC.
 fn spawn_admin(
@@ -239,10 +290,17 @@ pub async fn serve_with_admin(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let auth = Auth::new(&config.auth, broker.metrics().clone()).map_err(ServerError::Config)?;
     let message_limit = config.bus.max_message_bytes;
-    let bus_service = EventBusServer::new(EventBusApi::new(broker.clone()), message_limit);
-    let admin_service = AdminServiceServer::new(AdminApi::new(broker.clone()))
+    let bus_service = EventBusServer::new(
+        EventBusApi::with_auth(broker.clone(), auth.clone()),
+        message_limit,
+    );
+    let admin_service = AdminServiceServer::new(AdminApi::with_auth(broker.clone(), auth.clone()))
         .max_encoding_message_size(message_limit);
+    if let Some(path) = config.config_file.clone() {
+        tokio::spawn(reload_auth(auth.clone(), path, broker.clone()));
+    }
 
     tokio::spawn(report_store_failure(broker.clone(), health.clone()));
     if let Some(admin) = admin {
@@ -281,6 +339,15 @@ pub async fn serve_with_admin(
     .counted_in(broker.metrics().clone());
     let addr = local_addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
     info!(%addr, "eventbus listening");
+    if auth.is_open() {
+        warn!(
+            %addr,
+            "no [[principals]] configured: the bus is open, anyone who can reach {addr} may \
+             publish and subscribe to anything (see SECURITY.md)"
+        );
+    } else {
+        info!(principals = auth.principal_count(), "authentication on");
+    }
     let receive = ReceiveLayer::new(ReceiveLimits {
         timeout: config.receive_timeout,
         budget_bytes: config.receive_budget_bytes,
@@ -290,6 +357,7 @@ pub async fn serve_with_admin(
         .layer(panics::catch_panics())
         .layer(PanicSafeBodyLayer)
         .layer(receive)
+        .layer(AuthLayer::new(auth))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_concurrent_streams)

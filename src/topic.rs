@@ -83,11 +83,14 @@ impl Topic {
         }
     }
 
-    /// A fresh, unguessable reply inbox.
+    /// A fresh, unguessable reply inbox: 122 random bits (a version 4 UUID). With
+    /// authentication on, knowing an inbox is what lets a responder on another node reply to
+    /// it (see [`crate::auth`]), so its name must not be guessable: a time-ordered UUID would
+    /// give away 48 of its bits.
     pub fn new_inbox() -> Topic {
         Topic(Arc::from(format!(
             "{INBOX_PREFIX}{}",
-            uuid::Uuid::now_v7().simple()
+            uuid::Uuid::new_v4().simple()
         )))
     }
 
@@ -187,6 +190,51 @@ impl Pattern {
     }
 }
 
+impl Pattern {
+    /// Whether every topic `other` matches, this pattern matches too: `orders.>` covers
+    /// `orders.*.created` and `orders.eu`, `*.created` covers `order.created` but not
+    /// `order.>`. Permissions use it to decide whether a subscription stays inside what a
+    /// principal may read.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let mut theirs = other.tokens.iter();
+        for mine in self.tokens.iter() {
+            let Some(their) = theirs.next() else {
+                // `other` is shorter: its topics lack the tokens this pattern still needs.
+                return false;
+            };
+            match (mine, their) {
+                (PatternToken::Rest, _) => return true,
+                (_, PatternToken::Rest) => return false,
+                (PatternToken::Any, _) => {}
+                (PatternToken::Literal(_), PatternToken::Any) => return false,
+                (PatternToken::Literal(a), PatternToken::Literal(b)) => {
+                    if a != b {
+                        return false;
+                    }
+                }
+            }
+        }
+        theirs.next().is_none()
+    }
+
+    /// Whether some topic matches both patterns: `orders.*` and `*.created` share
+    /// `orders.created`; `orders.>` and `users.>` share none.
+    pub fn intersects(&self, other: &Pattern) -> bool {
+        let mut theirs = other.tokens.iter();
+        for mine in self.tokens.iter() {
+            let Some(their) = theirs.next() else {
+                return false;
+            };
+            match (mine, their) {
+                (PatternToken::Rest, _) | (_, PatternToken::Rest) => return true,
+                (PatternToken::Literal(a), PatternToken::Literal(b)) if a != b => return false,
+                _ => {}
+            }
+        }
+        theirs.next().is_none()
+    }
+}
+
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
@@ -236,6 +284,53 @@ fn check_tokens(text: &str, wildcards_allowed: bool) -> Result<(), TopicError> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    fn arb_pattern() -> impl Strategy<Value = Pattern> {
+        proptest::collection::vec(prop_oneof!["a", "b", Just("*".to_owned())], 1..4).prop_flat_map(
+            |tokens| {
+                (Just(tokens), any::<bool>()).prop_map(|(mut tokens, rest)| {
+                    if rest {
+                        tokens.push(">".to_owned());
+                    }
+                    Pattern::parse(&tokens.join(".")).unwrap()
+                })
+            },
+        )
+    }
+
+    /// Every topic of up to 5 tokens over the alphabet the patterns use (plus one they don't).
+    fn all_topics() -> Vec<Topic> {
+        let mut topics = vec![];
+        let mut current: Vec<Vec<&str>> = vec![vec![]];
+        for _ in 0..5 {
+            let mut next = vec![];
+            for prefix in &current {
+                for token in ["a", "b", "c"] {
+                    let mut t = prefix.clone();
+                    t.push(token);
+                    topics.push(Topic::parse(&t.join(".")).unwrap());
+                    next.push(t);
+                }
+            }
+            current = next;
+        }
+        topics
+    }
+
+    proptest! {
+        /// `covers` and `intersects` agree with matching every topic of the alphabet (`>`
+        /// stands for up to 5 tokens here, enough for patterns of at most 4).
+        #[test]
+        fn covers_and_intersects_agree_with_matching(a in arb_pattern(), b in arb_pattern()) {
+            let topics = all_topics();
+            let covered = topics.iter().all(|t| !b.matches(t) || a.matches(t));
+            let shared = topics.iter().any(|t| a.matches(t) && b.matches(t));
+            prop_assert_eq!(a.covers(&b), covered, "{} covers {}", a, b);
+            prop_assert_eq!(a.intersects(&b), shared, "{} intersects {}", a, b);
+        }
+    }
+
     use super::*;
 
     fn topic(name: &str) -> Topic {

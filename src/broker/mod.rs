@@ -102,8 +102,9 @@ struct Routing {
     /// Counters of the topics in use, bounded and aged out (see `names.rs`).
     topics: TopicTable,
     /// Reply inbox -> the service that asked, so a reply can be drawn as an edge between the
-    /// two services in the topology.
-    inbox_owners: HashMap<Topic, Arc<str>>,
+    /// two services in the topology, and the query's topic, which permissions check a reply
+    /// against ([`Broker::waiting_query`]).
+    inbox_owners: HashMap<Topic, (Arc<str>, Topic)>,
     /// Appended events waiting to be durable before they are routed, in sequence order.
     pending: VecDeque<SharedEvent>,
     /// Recently published (source, id) pairs, for idempotent publish.
@@ -671,6 +672,14 @@ impl Broker {
 
     /// Request/response over events: publishes `event` with a fresh inbox as `reply_to` and
     /// waits for the first event on that inbox with the same correlation id.
+    /// The topic of the query waiting for a reply on `inbox` on this node, if one is.
+    pub fn waiting_query(&self, inbox: &Topic) -> Option<Topic> {
+        self.lock_routing()
+            .inbox_owners
+            .get(inbox)
+            .map(|(_, topic)| topic.clone())
+    }
+
     pub async fn query(&self, event: Event, timeout: Duration) -> Result<SharedEvent, BusError> {
         let started = std::time::Instant::now();
         let outcome = self.query_inner(event, timeout).await;
@@ -700,8 +709,11 @@ impl Broker {
         event.reply_to = Some(inbox.clone());
         let correlation_id = event.correlation_id.clone();
         let topic = event.topic.to_string();
-        let mut reply_queue =
-            self.register_inbox(&inbox, event.source.clone(), Arc::from(&*correlation_id))?;
+        let mut reply_queue = self.register_inbox(
+            &inbox,
+            (event.source.clone(), event.topic.clone()),
+            Arc::from(&*correlation_id),
+        )?;
         if let Some(log) = &self.shared.log {
             if !self.local_responders(&event.topic) && !log.remote_responders(&event.topic).await {
                 return Err(BusError::NoResponders { topic });
@@ -741,7 +753,7 @@ impl Broker {
     fn register_inbox(
         &self,
         inbox: &Topic,
-        asker: Arc<str>,
+        asker: (Arc<str>, Topic),
         correlation_id: Arc<str>,
     ) -> Result<Registration, BusError> {
         let pattern = Pattern::parse(inbox.as_str()).expect("an inbox is a valid pattern");
@@ -1414,7 +1426,7 @@ impl Routing {
         self.topics
             .record(event.topic.family(), stored.sequence, stored.publish_time);
         match self.inbox_owners.get(&event.topic) {
-            Some(asker) => self.topology.record_reply(&event.source, asker, now),
+            Some((asker, _)) => self.topology.record_reply(&event.source, asker, now),
             None => self
                 .topology
                 .record_publish(&event.source, &event.topic, now),

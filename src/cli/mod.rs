@@ -121,6 +121,41 @@ pub enum Command {
     /// <data-dir>/damaged/ (nothing is deleted); an unreadable groups.json or log-id is set
     /// aside too. Run with the bus stopped.
     Repair(RepairArgs),
+    /// Print the argon2 hash of a bearer token for a principal's `token_hash`. The token is read
+    /// from stdin (one line) unless given, so it stays out of shell history; `--generate` makes
+    /// a new random token and prints it, then its hash.
+    HashToken(HashTokenArgs),
+}
+
+/// `eventbus hash-token`.
+#[derive(Debug, Clone, Args)]
+pub struct HashTokenArgs {
+    /// The token; read from stdin when absent. Arguments are visible to other users in `ps`.
+    pub token: Option<String>,
+    /// Make a new random token (32 bytes, base64url) instead of reading one: prints the token
+    /// on the first line and its hash on the second.
+    #[arg(long, conflicts_with = "token")]
+    pub generate: bool,
+}
+
+/// Runs `hash-token`.
+fn hash_token(args: &HashTokenArgs) -> anyhow::Result<()> {
+    let token = if args.generate {
+        let token = crate::auth::generate_token();
+        println!("{token}");
+        token
+    } else if let Some(token) = &args.token {
+        token.clone()
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    if token.is_empty() {
+        anyhow::bail!("token: must not be empty");
+    }
+    println!("{}", crate::auth::hash_token(&token));
+    Ok(())
 }
 
 /// `eventbus repair`.
@@ -266,6 +301,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topics(args) => client::topics(args).await,
         Command::Topology(args) => client::topology(args).await,
         Command::Repair(args) => repair(&args),
+        Command::HashToken(args) => hash_token(&args),
     }
 }
 

@@ -13,6 +13,7 @@ use futures_util::stream::{self, BoxStream, FuturesOrdered, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, Instrument};
 
+use crate::auth::{self, Auth, Caller};
 use crate::broker::{Broker, Delivery, Published};
 use crate::error::BusError;
 use crate::pb;
@@ -25,11 +26,19 @@ use subscribe::SubscribeFrame;
 #[derive(Clone)]
 pub struct EventBusApi {
     broker: Broker,
+    auth: Auth,
 }
 
 impl EventBusApi {
+    /// The service of an open bus (no principals).
     pub fn new(broker: Broker) -> EventBusApi {
-        EventBusApi { broker }
+        let auth = Auth::open(broker.metrics().clone());
+        EventBusApi::with_auth(broker, auth)
+    }
+
+    /// The service, checking calls against `auth` (whose [`auth::AuthLayer`] must wrap it).
+    pub fn with_auth(broker: Broker, auth: Auth) -> EventBusApi {
+        EventBusApi { broker, auth }
     }
 }
 
@@ -37,11 +46,47 @@ impl EventBusApi {
 #[derive(Clone)]
 pub struct AdminApi {
     broker: Broker,
+    auth: Auth,
 }
 
 impl AdminApi {
+    /// The service of an open bus (no principals).
     pub fn new(broker: Broker) -> AdminApi {
-        AdminApi { broker }
+        let auth = Auth::open(broker.metrics().clone());
+        AdminApi::with_auth(broker, auth)
+    }
+
+    /// The service, checking calls against `auth` (whose [`auth::AuthLayer`] must wrap it).
+    pub fn with_auth(broker: Broker, auth: Auth) -> AdminApi {
+        AdminApi { broker, auth }
+    }
+
+    /// Refuses callers without the admin right.
+    fn admit<T>(&self, request: &Request<T>, method: &str) -> Result<(), Status> {
+        let caller = auth::caller_of(&self.auth, request)?;
+        Ok(self.auth.authorize_admin(&caller, method)?)
+    }
+}
+
+impl EventBusApi {
+    /// Checks a batch before anything of it is stored: sources filled and allowed, topics
+    /// allowed, then the publish rates; converts it.
+    fn admit_batch(
+        &self,
+        caller: &Caller,
+        mut events: Vec<pb::Event>,
+    ) -> Result<Vec<crate::event::Event>, BusError> {
+        use prost::Message as _;
+        for event in &mut events {
+            self.auth.fill_source(caller, &mut event.source);
+        }
+        let bytes = events.iter().map(|event| event.encoded_len()).sum();
+        let count = events.len();
+        let events = convert::events_from_pb(events, self.broker.config().max_message_bytes)?;
+        self.auth
+            .authorize_publish(caller, &events, |inbox| self.broker.waiting_query(inbox))?;
+        self.auth.admit_publish(caller, count, bytes)?;
+        Ok(events)
     }
 }
 
@@ -58,6 +103,7 @@ impl EventBusService for EventBusApi {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let caller = auth::caller_of(&self.auth, &request)?;
         let trace = TraceContext::from_metadata(request.metadata());
         let events = request.into_inner().events;
         let span = info_span!(
@@ -66,7 +112,7 @@ impl EventBusService for EventBusApi {
             topic = events.first().map(|e| e.topic.as_str()).unwrap_or(""),
             first_sequence = tracing::field::Empty,
         );
-        let mut events = convert::events_from_pb(events, self.broker.config().max_message_bytes)?;
+        let mut events = self.admit_batch(&caller, events)?;
         if let Some(trace) = &trace {
             events.iter_mut().for_each(|event| trace.apply(event));
         }
@@ -88,8 +134,11 @@ impl EventBusService for EventBusApi {
         request: Request<Streaming<pb::PublishStreamRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let span = info_span!("publish_stream");
+        let caller = auth::caller_of(&self.auth, &request)?;
         let state = PublishStreamState {
             trace: TraceContext::from_metadata(request.metadata()),
+            api: self.clone(),
+            caller,
             broker: self.broker.clone(),
             inbound: request.into_inner(),
             in_flight: FuturesOrdered::new(),
@@ -129,17 +178,26 @@ impl EventBusService for EventBusApi {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
+        let caller = auth::caller_of(&self.auth, &request)?;
         let grpc_deadline = grpc_timeout(request.metadata());
         let trace = TraceContext::from_metadata(request.metadata());
         let request = request.into_inner();
-        let event = request
+        let mut event = request
             .event
             .ok_or_else(|| BusError::invalid("event", "is required"))?;
+        self.auth.fill_source(&caller, &mut event.source);
+        let bytes = prost::Message::encoded_len(&event);
         let mut event = convert::event_from_pb(
             event,
             convert::EventPath::Named("event"),
             self.broker.config().max_message_bytes,
         )?;
+        self.auth
+            .authorize_publish(&caller, std::slice::from_ref(&event), |inbox| {
+                self.broker.waiting_query(inbox)
+            })?;
+        self.auth.admit_publish(&caller, 1, bytes)?;
+        let _in_flight = self.auth.start_query(&caller)?;
         if let Some(trace) = &trace {
             trace.apply(&mut event);
         }
@@ -190,12 +248,14 @@ impl EventBusService for EventBusApi {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
+        let caller = auth::caller_of(&self.auth, &request)?;
         let request = request.into_inner();
         #[cfg(test)]
         if request.group == test_hooks::PANIC {
             panic!("test-only panic in the Ack handler");
         }
         let group = EventBusApi::group_of(&request.group)?;
+        self.auth.authorize_group(&caller, group)?;
         let sequences = EventBusApi::sequences_of(&request.sequences)?;
         let acked = self.broker.ack(group, sequences)?;
         debug!(
@@ -214,8 +274,10 @@ impl EventBusService for EventBusApi {
         &self,
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
+        let caller = auth::caller_of(&self.auth, &request)?;
         let request = request.into_inner();
         let group = EventBusApi::group_of(&request.group)?;
+        self.auth.authorize_group(&caller, group)?;
         let sequences = EventBusApi::sequences_of(&request.sequences)?;
         let delay = convert::delay_from_pb(request.redeliver_after, "redeliver_after")?;
         let requeued = self.broker.nack(group, sequences, delay)?;
@@ -230,7 +292,20 @@ impl EventBusApi {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<BoxStream<'static, Result<SubscribeFrame, Status>>, Status> {
+        let caller = auth::caller_of(&self.auth, &request)?;
         let options = convert::subscribe_options_from_pb(request.into_inner())?;
+        self.auth
+            .authorize_subscribe(&caller, &options.pattern, options.group.as_deref())?;
+        // Held for as long as the stream is.
+        let slots = self.auth.open_subscription(&caller)?;
+        let mut filter =
+            self.auth
+                .delivery_filter(&caller, &options.pattern, options.group.as_deref());
+        let manual_group = options
+            .group
+            .clone()
+            .filter(|_| matches!(options.ack, crate::broker::AckMode::Manual(_)));
+        let broker = self.broker.clone();
         #[cfg(test)]
         let panics = options.subscriber.as_ref() == test_hooks::PANIC;
         let span = info_span!(
@@ -251,10 +326,24 @@ impl EventBusApi {
                 subscription.info(),
             )),
         )));
-        let deliveries = subscription.map(move |delivery| {
-            let _placement = &placement;
-            match delivery {
+        let deliveries = subscription.filter_map(move |delivery| {
+            let _held = (&placement, &slots);
+            let frame = match delivery {
                 Ok(Delivery::Event { event, attempt }) => {
+                    if let Some(filter) = &mut filter {
+                        match filter.admits(&event.event.topic) {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                // Not this principal's to see (a denied topic inside its
+                                // pattern): a MANUAL group's event is settled, not redelivered.
+                                if let Some(group) = &manual_group {
+                                    let _ = broker.ack(group, &[event.sequence]);
+                                }
+                                return std::future::ready(None);
+                            }
+                            Err(error) => return std::future::ready(Some(Err(error.into()))),
+                        }
+                    }
                     debug!(
                         parent: &span,
                         topic = %event.event.topic,
@@ -275,7 +364,8 @@ impl EventBusApi {
                     debug!(parent: &span, %error, "subscription ended");
                     Err(status::to_status(&error))
                 }
-            }
+            };
+            std::future::ready(Some(frame))
         });
         let confirmation = stream::once(async move {
             #[cfg(test)]
@@ -322,6 +412,9 @@ type BatchOutcome = (u64, Result<Published, BusError>);
 /// The per-stream state of a PublishStream call. Batches are appended in the order they arrive
 /// and answered in that order; waiting for durability overlaps, so one fsync covers many.
 struct PublishStreamState {
+    /// Checks each batch ([`EventBusApi::admit_batch`]) for `caller`.
+    api: EventBusApi,
+    caller: Caller,
     broker: Broker,
     /// The stream's trace context (request metadata), applied to every batch.
     trace: Option<TraceContext>,
@@ -372,14 +465,15 @@ impl PublishStreamState {
     fn begin(&mut self, request: pb::PublishStreamRequest) {
         let request_id = request.request_id;
         let trace = self.trace.as_ref();
-        let pending =
-            convert::events_from_pb(request.events, self.broker.config().max_message_bytes)
-                .and_then(|mut events| {
-                    if let Some(trace) = trace {
-                        events.iter_mut().for_each(|event| trace.apply(event));
-                    }
-                    self.broker.begin_publish(events)
-                });
+        let pending = self
+            .api
+            .admit_batch(&self.caller, request.events)
+            .and_then(|mut events| {
+                if let Some(trace) = trace {
+                    events.iter_mut().for_each(|event| trace.apply(event));
+                }
+                self.broker.begin_publish(events)
+            });
         self.in_flight.push_back(Box::pin(async move {
             let outcome = match pending {
                 Ok(pending) => pending.finish().await,
@@ -427,6 +521,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        self.admit(&request, "ListTopics")?;
         let request = request.into_inner();
         let filter = if request.pattern.is_empty() {
             None
@@ -450,6 +545,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::GetTopologyRequest>,
     ) -> Result<Response<pb::GetTopologyResponse>, Status> {
+        self.admit(&request, "GetTopology")?;
         let max_edges = convert::page_size(
             request.into_inner().max_edges,
             TOPOLOGY_EDGES_DEFAULT,

@@ -32,6 +32,9 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         BusError::ReceiveBudgetExhausted { .. } => (Code::ResourceExhausted, "receive-budget"),
         BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
         BusError::GroupOnAnotherNode { .. } => (Code::FailedPrecondition, "group-on-another-node"),
+        BusError::Unauthenticated { .. } => (Code::Unauthenticated, "unauthenticated"),
+        BusError::PermissionDenied { .. } => (Code::PermissionDenied, "permission-denied"),
+        BusError::LimitExceeded { .. } => (Code::ResourceExhausted, "limit-exceeded"),
         // A failed store refuses every write until a restart: the node is unavailable, and a
         // client may go to another (health says NOT_SERVING too).
         BusError::Storage(StoreError::Failed(_)) => (Code::Unavailable, "store-failed"),

@@ -1,0 +1,556 @@
+//! Principals, permissions and limits (`[[principals]]`, `[limits]`), against a real bus: who
+//! may call, what each may publish and receive, inbox ownership, sources, groups, the admin
+//! right, limits, and a reload of the config file while the bus runs.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{event, eventually, TestBus};
+use eventbus::auth::{hash_token, AuthConfig, PrincipalConfig};
+use eventbus::config::ServerConfig;
+use eventbus::limits::{Limits, LimitsConfig};
+use eventbus::pb;
+use eventbus::pb::admin_service_client::AdminServiceClient;
+use eventbus::pb::event_bus_service_client::EventBusServiceClient;
+use eventbus::pb::subscribe_request::Start;
+use eventbus::pb::subscribe_response::Message;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status, Streaming};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        Ok(request)
+    }
+}
+
+fn principal(name: &str, token: &str) -> PrincipalConfig {
+    PrincipalConfig {
+        name: name.to_owned(),
+        token_hash: Some(hash_token(token)),
+        cert_subject: None,
+        publish: vec![],
+        publish_deny: vec![],
+        subscribe: vec![],
+        subscribe_deny: vec![],
+        groups: None,
+        admin: false,
+        sources: None,
+        limits: None,
+    }
+}
+
+fn patterns(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// The principals most tests use: a user service that answers `user.query`, a query service
+/// that asks it, a spy that may read everything but `secret.>`, and an operator.
+fn principals() -> Vec<PrincipalConfig> {
+    vec![
+        PrincipalConfig {
+            publish: patterns(&["user.>"]),
+            subscribe: patterns(&["user.query"]),
+            groups: Some(patterns(&["user-service"])),
+            ..principal("user-service", "user-token")
+        },
+        PrincipalConfig {
+            publish: patterns(&["user.query", "secret.x"]),
+            subscribe: patterns(&["order.>"]),
+            ..principal("query-service", "query-token")
+        },
+        PrincipalConfig {
+            publish: patterns(&[">"]),
+            subscribe: patterns(&[">"]),
+            subscribe_deny: patterns(&["secret.>"]),
+            sources: Some(patterns(&["*"])),
+            ..principal("spy", "spy-token")
+        },
+        PrincipalConfig {
+            subscribe: patterns(&[">", "_bus.dlq.>"]),
+            admin: true,
+            ..principal("operator", "operator-token")
+        },
+    ]
+}
+
+async fn start(principals: Vec<PrincipalConfig>, limits: LimitsConfig) -> TestBus {
+    TestBus::start_server(ServerConfig {
+        auth: AuthConfig { principals, limits },
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await
+}
+
+async fn client(bus: &TestBus, token: Option<&str>) -> EventBusServiceClient<Authed> {
+    EventBusServiceClient::with_interceptor(bus.channel().await, Bearer(token.map(str::to_owned)))
+}
+
+async fn admin(bus: &TestBus, token: &str) -> AdminServiceClient<Authed> {
+    AdminServiceClient::with_interceptor(bus.channel().await, Bearer(Some(token.to_owned())))
+}
+
+fn from(source: &str, topic: &str) -> pb::Event {
+    pb::Event {
+        source: source.to_owned(),
+        ..event(topic, b"x")
+    }
+}
+
+async fn publish(
+    client: &mut EventBusServiceClient<Authed>,
+    events: Vec<pb::Event>,
+) -> Result<pb::PublishResponse, Status> {
+    client
+        .publish(pb::PublishRequest { events })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn reason(status: &Status) -> &str {
+    status
+        .metadata()
+        .get("eventbus-error")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn assert_denied(status: &Status, action: &str, target: &str) {
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(status), "permission-denied", "{status:?}");
+    let message = status.message();
+    assert!(
+        message.contains(&format!("may not {action} \"{target}\"")),
+        "{message}"
+    );
+}
+
+async fn subscribe(
+    client: &mut EventBusServiceClient<Authed>,
+    topic: &str,
+    group: &str,
+) -> Result<Streaming<pb::SubscribeResponse>, Status> {
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            // A live group starts at the latest event.
+            start: Some(if group.is_empty() {
+                Start::Earliest(())
+            } else {
+                Start::Latest(())
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    // The confirmation, or the refusal.
+    match stream.message().await? {
+        Some(pb::SubscribeResponse {
+            message: Some(Message::Subscribed(_)),
+            ..
+        }) => Ok(stream),
+        other => panic!("expected the confirmation, got {other:?}"),
+    }
+}
+
+/// The topics delivered up to the caught-up marker.
+async fn replayed_topics(stream: &mut Streaming<pb::SubscribeResponse>) -> Vec<String> {
+    let mut topics = vec![];
+    loop {
+        let next = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .expect("a delivery in time")
+            .unwrap()
+            .expect("the stream goes on");
+        match next.message {
+            Some(Message::Event(event)) => topics.push(event.topic),
+            Some(Message::CaughtUp(_)) => return topics,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn calls_without_or_with_wrong_credentials_are_unauthenticated_and_health_stays_open() {
+    let bus = start(principals(), LimitsConfig::default()).await;
+    for token in [None, Some("wrong")] {
+        let status = publish(&mut client(&bus, token).await, vec![event("user.x", b"")])
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_eq!(reason(&status), "unauthenticated");
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(bus.channel().await);
+    let served = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(served.status, 1, "SERVING without credentials");
+}
+
+#[tokio::test]
+async fn a_batch_with_one_denied_event_stores_none_of_it() {
+    let bus = start(principals(), LimitsConfig::default()).await;
+    let mut user = client(&bus, Some("user-token")).await;
+    publish(&mut user, vec![from("user-service", "user.created")])
+        .await
+        .unwrap();
+    let status = publish(
+        &mut user,
+        vec![
+            from("user-service", "user.updated"),
+            from("user-service", "order.created"),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_denied(&status, "publish", "order.created");
+    assert!(status.message().contains("events[1].topic"), "{status:?}");
+
+    let mut operator = client(&bus, Some("operator-token")).await;
+    let mut all = subscribe(&mut operator, ">", "").await.unwrap();
+    assert_eq!(replayed_topics(&mut all).await, ["user.created"]);
+}
+
+#[tokio::test]
+async fn a_service_cannot_publish_as_another_and_an_empty_source_is_its_own() {
+    let bus = start(principals(), LimitsConfig::default()).await;
+    let mut user = client(&bus, Some("user-token")).await;
+    let status = publish(&mut user, vec![from("order-service", "user.created")])
+        .await
+        .unwrap_err();
+    assert_denied(&status, "source", "order-service");
+
+    publish(&mut user, vec![from("", "user.created")])
+        .await
+        .unwrap();
+    let mut operator = client(&bus, Some("operator-token")).await;
+    let mut all = operator
+        .subscribe(pb::SubscribeRequest {
+            topic: "user.created".into(),
+            start: Some(Start::Earliest(())),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let source = loop {
+        match all.message().await.unwrap().unwrap().message {
+            Some(Message::Event(event)) => break event.source,
+            _ => continue,
+        }
+    };
+    assert_eq!(source, "user-service");
+}
+
+#[tokio::test]
+async fn subscriptions_stay_inside_their_permissions_and_never_see_inboxes() {
+    let bus = start(principals(), LimitsConfig::default()).await;
+    let mut user = client(&bus, Some("user-token")).await;
+    let status = subscribe(&mut user, "order.>", "").await.unwrap_err();
+    assert_denied(&status, "subscribe", "order.>");
+    let status = subscribe(&mut user, "user.query", "other-group")
+        .await
+        .unwrap_err();
+    assert_denied(&status, "join", "other-group");
+    let mut spy = client(&bus, Some("spy-token")).await;
+    let status = subscribe(&mut spy, "_bus.inbox.*", "").await.unwrap_err();
+    assert_denied(&status, "subscribe", "_bus.inbox.*");
+
+    // The user service answers one query; the spy, allowed `>` but not `secret.>`, replays
+    // everything after it.
+    let mut queries = subscribe(&mut user, "user.query", "user-service")
+        .await
+        .unwrap();
+    let responder = {
+        let mut user = user.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(Message::Event(query)) = queries.message().await.unwrap().unwrap().message
+                else {
+                    continue;
+                };
+                let reply = pb::Event {
+                    topic: query.reply_to.clone(),
+                    correlation_id: query.correlation_id.clone(),
+                    ..from("user-service", "ignored")
+                };
+                publish(&mut user, vec![reply]).await.unwrap();
+                return;
+            }
+        })
+    };
+    let mut asker = client(&bus, Some("query-token")).await;
+    let reply = asker
+        .query(pb::QueryRequest {
+            event: Some(from("query-service", "user.query")),
+            timeout: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .reply
+        .unwrap();
+    assert!(reply.topic.starts_with("_bus.inbox."), "{reply:?}");
+    responder.await.unwrap();
+    publish(&mut asker, vec![from("query-service", "secret.x")])
+        .await
+        .unwrap();
+    publish(&mut spy, vec![from("spy", "spy.done")])
+        .await
+        .unwrap();
+
+    let mut everything = subscribe(&mut spy, ">", "").await.unwrap();
+    assert_eq!(
+        replayed_topics(&mut everything).await,
+        ["user.query", "spy.done"],
+        "no inbox reply, no secret"
+    );
+}
+
+#[tokio::test]
+async fn only_principals_that_may_read_the_query_may_reply_to_it() {
+    let bus = start(principals(), LimitsConfig::default()).await;
+    let mut user = client(&bus, Some("user-token")).await;
+    let mut queries = subscribe(&mut user, "user.query", "").await.unwrap();
+    let mut asker = client(&bus, Some("query-token")).await;
+    let query = tokio::spawn(async move {
+        asker
+            .query(pb::QueryRequest {
+                event: Some(from("query-service", "user.query")),
+                timeout: Some(prost_types::Duration {
+                    seconds: 15,
+                    nanos: 0,
+                }),
+            })
+            .await
+    });
+    let inbox = loop {
+        if let Some(Message::Event(query)) = queries.message().await.unwrap().unwrap().message {
+            break query;
+        }
+    };
+    // The query service knows the inbox here, but may not read `user.query`: its forged
+    // reply is refused, and the user service's real one answers the query.
+    let mut intruder = client(&bus, Some("query-token")).await;
+    let forged = pb::Event {
+        topic: inbox.reply_to.clone(),
+        correlation_id: inbox.correlation_id.clone(),
+        ..from("query-service", "ignored")
+    };
+    let status = publish(&mut intruder, vec![forged]).await.unwrap_err();
+    assert_denied(&status, "reply", &inbox.reply_to);
+
+    let reply = pb::Event {
+        topic: inbox.reply_to.clone(),
+        correlation_id: inbox.correlation_id.clone(),
+        ..from("user-service", "ignored")
+    };
+    publish(&mut user, vec![reply]).await.unwrap();
+    let answered = query.await.unwrap().unwrap().into_inner().reply.unwrap();
+    assert_eq!(answered.source, "user-service");
+}
+
+#[tokio::test]
+async fn admin_service_needs_the_admin_right_and_groups_their_listing() {
+    let bus = start(principals(), LimitsConfig::default()).await;
+    let status = admin(&bus, "user-token")
+        .await
+        .list_topics(pb::ListTopicsRequest::default())
+        .await
+        .unwrap_err();
+    assert_denied(&status, "admin", "ListTopics");
+    admin(&bus, "operator-token")
+        .await
+        .get_topology(pb::GetTopologyRequest::default())
+        .await
+        .unwrap();
+
+    let mut user = client(&bus, Some("user-token")).await;
+    let status = user
+        .ack(pb::AckRequest {
+            group: "not-mine".into(),
+            sequences: vec![1],
+        })
+        .await
+        .unwrap_err();
+    assert_denied(&status, "join", "not-mine");
+}
+
+#[tokio::test]
+async fn limits_answer_resource_exhausted_naming_the_limit() {
+    let mut config = principals();
+    config[0].limits = Some(Limits {
+        publish_events_per_second: std::num::NonZeroU32::new(5),
+        ..Limits::default()
+    });
+    let limits = LimitsConfig {
+        connection: Limits {
+            subscriptions: Some(2),
+            ..Limits::default()
+        },
+        principal: Limits::default(),
+    };
+    let bus = start(config, limits).await;
+    let mut user = client(&bus, Some("user-token")).await;
+    let burst: Vec<_> = (0..5).map(|_| from("user-service", "user.x")).collect();
+    publish(&mut user, burst).await.unwrap();
+    let status = publish(&mut user, vec![from("user-service", "user.x")])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "limit-exceeded");
+    assert!(
+        status
+            .message()
+            .contains("publish_events_per_second of principal \"user-service\""),
+        "{status:?}"
+    );
+
+    // Two subscriptions on one connection, a third refused; another connection has its own.
+    let mut spy = client(&bus, Some("spy-token")).await;
+    let _a = subscribe(&mut spy, "a", "").await.unwrap();
+    let _b = subscribe(&mut spy, "b", "").await.unwrap();
+    let status = subscribe(&mut spy, "c", "").await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("subscriptions of this connection"),
+        "{status:?}"
+    );
+    let mut other = client(&bus, Some("spy-token")).await;
+    subscribe(&mut other, "c", "").await.unwrap();
+    drop(_a);
+    eventually("a freed subscription slot", WAIT, || {
+        let mut spy = spy.clone();
+        async move { subscribe(&mut spy, "d", "").await.ok() }
+    })
+    .await;
+}
+
+fn write_config(path: &Path, text: &str) {
+    // Written whole then renamed, as config tools do, so the bus never reads half a file.
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text).unwrap();
+    std::fs::rename(&partial, path).unwrap();
+}
+
+fn principal_toml(name: &str, token: &str, publish: &str, subscribe: &str) -> String {
+    format!(
+        "[[principals]]\nname = \"{name}\"\ntoken_hash = \"{}\"\npublish = [{publish}]\n\
+         subscribe = [{subscribe}]\n",
+        hash_token(token)
+    )
+}
+
+#[tokio::test]
+async fn a_changed_config_file_applies_without_restart_and_a_bad_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eventbus.toml");
+    write_config(&path, &principal_toml("svc", "t1", "\"a.>\"", "\"a.>\""));
+    let bus = TestBus::start_server(ServerConfig {
+        auth: eventbus::config::read_auth_config(&path).unwrap(),
+        config_file: Some(path.clone()),
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut svc = client(&bus, Some("t1")).await;
+    publish(&mut svc, vec![from("svc", "a.1")]).await.unwrap();
+    let mut open = subscribe(&mut svc, "a.>", "").await.unwrap();
+    assert_eq!(replayed_topics(&mut open).await, ["a.1"]);
+
+    // A file that does not parse changes nothing.
+    write_config(&path, "[[principals]]\nname = ");
+    tokio::time::sleep(Duration::from_millis(2500)).await; // two polls of the file
+    publish(&mut svc, vec![from("svc", "a.2")]).await.unwrap();
+
+    // The same principal, now allowed only `b.>`: publishing to `a.` is refused, and the open
+    // subscription ends at its next delivery.
+    write_config(
+        &path,
+        &principal_toml("svc", "t1", "\"a.>\", \"b.>\"", "\"b.>\""),
+    );
+    let mut other = client(&bus, Some("t1")).await;
+    eventually("the reloaded permissions", WAIT, || {
+        let mut other = other.clone();
+        async move { subscribe(&mut other, "a.>", "").await.err() }
+    })
+    .await;
+    publish(&mut svc, vec![from("svc", "a.3")]).await.unwrap();
+    let ended = loop {
+        match tokio::time::timeout(WAIT, open.message()).await.unwrap() {
+            Ok(Some(pb::SubscribeResponse {
+                message: Some(Message::Event(e)),
+                ..
+            })) if e.topic == "a.2" => continue,
+            Ok(other) => panic!("expected the stream to end, got {other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    assert!(
+        ended.message().contains("after a configuration reload"),
+        "{ended:?}"
+    );
+
+    // A removed principal's token no longer authenticates.
+    write_config(&path, &principal_toml("other", "t2", "\"b.>\"", "\"b.>\""));
+    eventually("the removed principal", WAIT, || {
+        let mut other = other.clone();
+        async move {
+            let status = publish(&mut other, vec![from("svc", "b.1")]).await.err()?;
+            (status.code() == Code::Unauthenticated).then_some(())
+        }
+    })
+    .await;
+    other = client(&bus, Some("t2")).await;
+    publish(&mut other, vec![from("other", "b.1")])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn hash_token_prints_a_hash_the_bus_accepts() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args(["hash-token", "--generate"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let mut lines = text.lines();
+    let (token, hash) = (lines.next().unwrap(), lines.next().unwrap());
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!hash.contains(token));
+    let bus = start(
+        vec![PrincipalConfig {
+            token_hash: Some(hash.to_owned()),
+            publish: patterns(&["a"]),
+            ..principal("svc", "unused")
+        }],
+        LimitsConfig::default(),
+    )
+    .await;
+    publish(&mut client(&bus, Some(token)).await, vec![from("svc", "a")])
+        .await
+        .unwrap();
+}
