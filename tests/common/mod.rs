@@ -116,6 +116,11 @@ impl TestBus {
         }
     }
 
+    /// Starts a bus exactly as `config` says, whatever `EVENTBUS_TEST_STORAGE` is.
+    pub async fn start_exactly(config: ServerConfig) -> TestBus {
+        TestBus::spawn(config, None, None).await
+    }
+
     /// Starts a bus node on `storage` as given (another node's JetStream stream, say).
     pub async fn start_on(bus: BusConfig, storage: StorageConfig) -> TestBus {
         let config = ServerConfig {
