@@ -789,18 +789,18 @@ async fn acknowledged<F: Future<Output = ()>>(
                 Some(ack) => ack
                     .await
                     .map_err(|e| failed("JetStream did not acknowledge", e)),
-                None => match {
+                None => {
                     if !waited_for_earlier {
                         earlier_resolved().await;
                         waited_for_earlier = true;
                     }
-                    send(context, subject, payload, id.as_deref()).await
-                } {
-                    Ok(ack) => ack
-                        .await
-                        .map_err(|e| failed("JetStream did not acknowledge", e)),
-                    Err(error) => Err(error),
-                },
+                    match send(context, subject, payload, id.as_deref()).await {
+                        Ok(ack) => ack
+                            .await
+                            .map_err(|e| failed("JetStream did not acknowledge", e)),
+                        Err(error) => Err(error),
+                    }
+                }
             };
             match attempt {
                 Ok(ack) => {
