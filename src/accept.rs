@@ -16,6 +16,11 @@
 //!   spins a whole core while every other task starves. [`Incoming`] sleeps after such an error,
 //!   10 ms and doubling up to 1 s until an accept succeeds, and logs at most once per
 //!   [`LOG_EVERY`] with a count of the errors it left out.
+//!
+//! With TLS ([`Incoming::with_tls`]) each accepted socket's handshake runs as its own future
+//! inside [`Incoming`], polled alongside the accepts, so a client that stalls its handshake
+//! holds only its own permit, never the accept loop. The handshake must finish within the
+//! handshake deadline, and the same deadline then still runs until the first decrypted byte.
 
 use std::future::Future;
 use std::io;
@@ -25,6 +30,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -66,9 +72,11 @@ pub fn default_max_connections() -> usize {
     }
 }
 
+/// A TLS handshake in progress: the connection once it is done, `None` if it failed.
+type Handshake = Pin<Box<dyn Future<Output = Option<Connection>> + Send>>;
+
 /// Accepted connections (with TCP_NODELAY set), for `serve_with_incoming_shutdown`. Never yields
 /// an error: errors are logged and waited out (see the module docs).
-#[derive(Debug)]
 pub struct Incoming {
     listener: TcpListener,
     limits: AcceptLimits,
@@ -87,6 +95,21 @@ pub struct Incoming {
     /// When an accept error was last logged, and how many have failed since without a log.
     last_logged: Option<Instant>,
     unlogged: u64,
+    /// The TLS settings handshakes take, and the protocol they announce; `None`: plaintext.
+    tls: Option<(crate::tls::ReloadableTls, crate::tls::Alpn)>,
+    /// TLS handshakes in progress, each holding its connection's permit.
+    handshakes: FuturesUnordered<Handshake>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("listener", &self.listener)
+            .field("limits", &self.limits)
+            .field("tls", &self.tls.is_some())
+            .field("handshakes", &self.handshakes.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Incoming {
@@ -103,7 +126,22 @@ impl Incoming {
             backoff: FIRST_BACKOFF,
             last_logged: None,
             unlogged: 0,
+            tls: None,
+            handshakes: FuturesUnordered::new(),
         }
+    }
+
+    /// Makes every connection a TLS one: the handshake, with the settings `tls` holds at that
+    /// moment, announcing `alpn`, must finish within the handshake timeout. A client
+    /// certificate it verified is in the connection's [`ConnectionInfo::peer_certificate`].
+    pub fn with_tls(mut self, tls: crate::tls::ReloadableTls, alpn: crate::tls::Alpn) -> Incoming {
+        self.tls = Some((tls, alpn));
+        self
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
     }
 
     /// Counts open connections in `metrics` (`eventbus_connections_active`).
@@ -164,6 +202,12 @@ impl Stream for Incoming {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
+            // Finished handshakes first: their clients are waiting, and their permits are held.
+            while let Poll::Ready(Some(done)) = Pin::new(&mut self.handshakes).poll_next(cx) {
+                if let Some(connection) = done {
+                    return Poll::Ready(Some(Ok(connection)));
+                }
+            }
             if let Some(pause) = self.pause.as_mut() {
                 ready!(pause.as_mut().poll(cx));
                 self.pause = None;
@@ -201,19 +245,26 @@ impl Stream for Incoming {
                         debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
                     }
                     let permit = self.permit.take().expect("a permit was taken above");
-                    let deadline = tokio::time::sleep(self.limits.handshake_timeout);
+                    let deadline = Box::pin(tokio::time::sleep(self.limits.handshake_timeout));
                     let info = ConnectionInfo {
                         id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
                         remote_addr: Some(peer),
                         peer_certificate: None,
                     };
-                    return Poll::Ready(Some(Ok(Connection {
-                        stream,
+                    let connection = Connection {
+                        stream: Transport::Plain(stream),
                         info,
-                        handshake: Some(Box::pin(deadline)),
+                        handshake: Some(deadline),
                         _permit: permit,
                         _open: self.metrics.as_ref().map(|m| m.connection_opened()),
-                    })));
+                    };
+                    match &self.tls {
+                        None => return Poll::Ready(Some(Ok(connection))),
+                        Some((tls, alpn)) => {
+                            let handshake = tls_handshake(connection, tls.acceptor(*alpn));
+                            self.handshakes.push(Box::pin(handshake));
+                        }
+                    }
                 }
                 Err(error) if is_per_connection(&error) => {
                     debug!(%error, "an accepted connection was already gone");
@@ -224,14 +275,118 @@ impl Stream for Incoming {
     }
 }
 
-/// An accepted connection: the socket, its place under the connection limit, and, until it first
-/// sends something, its handshake deadline.
+/// Runs the TLS handshake on a plaintext `connection` until its handshake deadline; the TLS
+/// connection, with the client's verified certificate if any, or `None` (logged at debug).
+async fn tls_handshake(
+    mut connection: Connection,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> Option<Connection> {
+    let Transport::Plain(stream) = connection.stream else {
+        unreachable!("a handshake starts on a plaintext connection");
+    };
+    let mut deadline = connection
+        .handshake
+        .take()
+        .expect("a new connection has its handshake deadline");
+    let remote = connection.info.remote_addr;
+    let tls = tokio::select! {
+        accepted = acceptor.accept(stream) => match accepted {
+            Ok(tls) => tls,
+            Err(error) => {
+                debug!(%error, ?remote, "TLS handshake failed");
+                return None;
+            }
+        },
+        _ = deadline.as_mut() => {
+            debug!(?remote, "TLS handshake not finished within the handshake timeout; closing");
+            return None;
+        }
+    };
+    connection.info.peer_certificate = crate::tls::peer_certificate(tls.get_ref().1).map(Arc::new);
+    if let Some(certificate) = &connection.info.peer_certificate {
+        debug!(?remote, subject = %certificate.subject, "client certificate verified");
+    }
+    Some(Connection {
+        stream: Transport::Tls(Box::new(tls)),
+        handshake: Some(deadline),
+        ..connection
+    })
+}
+
+/// The socket under a connection: as accepted, or with TLS on it.
+#[derive(Debug)]
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Plain(stream) => stream.is_write_vectored(),
+            Transport::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An accepted connection: the socket (with TLS on it if the listener has TLS), its place
+/// under the connection limit, and, until it first sends something, its handshake deadline.
 #[derive(Debug)]
 pub struct Connection {
-    stream: TcpStream,
+    stream: Transport,
     /// What requests on this connection learn of it ([`connection_info`]).
     info: ConnectionInfo,
-    /// Running until the first byte arrives; a read after it passes fails with TimedOut.
+    /// Running until the first (decrypted) byte arrives; a read after it passes fails with
+    /// TimedOut.
     handshake: Option<Pin<Box<Sleep>>>,
     /// Returned to [`Incoming`]'s limit when the connection is dropped.
     _permit: OwnedSemaphorePermit,

@@ -192,6 +192,22 @@ pub struct ServerConfig {
     /// Where the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, see [`crate::admin`])
     /// listens; `None`: it is off.
     pub admin_listen: Option<SocketAddr>,
+    /// TLS on the gRPC and admin listeners ([`crate::tls`]); `None`: plaintext.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The PEM files of the server's TLS (`--tls-cert`, `--tls-key`, `--tls-client-ca`). They are
+/// read at start and again on SIGHUP or when they change ([`crate::tls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The server's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates that client certificates must chain to (mutual TLS); `None`: client
+    /// certificates are not asked for. With it, a client without a certificate may still
+    /// connect, one with a certificate that does not verify may not.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -209,6 +225,7 @@ impl Default for ServerConfig {
             max_connections: None,
             handshake_timeout: Duration::from_secs(10),
             admin_listen: None,
+            tls: None,
         }
     }
 }
@@ -385,6 +402,18 @@ pub struct ServeArgs {
     /// `/readyz`, e.g. `127.0.0.1:9090`; empty turns it off [default: off].
     #[arg(long, env = "EVENTBUS_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// PEM certificate chain (leaf first) for TLS on the gRPC and admin listeners; needs
+    /// `--tls-key`. Reloaded on SIGHUP or when the file changes [default: plaintext].
+    #[arg(long, env = "EVENTBUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "EVENTBUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates for mutual TLS: a client certificate must chain to one of them
+    /// (a client without one may still connect; authentication decides) [default: no client
+    /// certificates asked for].
+    #[arg(long, env = "EVENTBUS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Log level or filter (as RUST_LOG), e.g. `info` or `eventbus=debug` [default: info].
     #[arg(long, env = "EVENTBUS_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -457,6 +486,9 @@ struct ConfigFile {
     #[serde(default, with = "humantime_serde_opt")]
     handshake_timeout: Option<Duration>,
     admin_listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -670,6 +702,11 @@ impl ServeArgs {
                 .or(file.handshake_timeout)
                 .unwrap_or(defaults.handshake_timeout),
             admin_listen: parse_admin_listen(self.admin_listen.clone().or(file.admin_listen))?,
+            tls: tls_config(
+                self.tls_cert.clone().or(file.tls_cert),
+                self.tls_key.clone().or(file.tls_key),
+                self.tls_client_ca.clone().or(file.tls_client_ca),
+            )?,
         };
         server.validate_receiving()?;
         let log = LogConfig {
@@ -721,6 +758,34 @@ fn parse_admin_listen(text: Option<String>) -> Result<Option<SocketAddr>, Config
             setting: "admin_listen",
             rule: format!("{text:?} is not an address such as 127.0.0.1:9090 (empty: off)"),
         }),
+    }
+}
+
+/// The TLS files: a certificate and its key together or neither; a client CA only with them.
+fn tls_config(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<TlsConfig>, ConfigError> {
+    let invalid = |setting, rule: &str| {
+        Err(ConfigError::Invalid {
+            setting,
+            rule: rule.to_owned(),
+        })
+    };
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsConfig {
+            cert,
+            key,
+            client_ca,
+        })),
+        (Some(_), None) => invalid("tls_key", "--tls-key is required with --tls-cert"),
+        (None, Some(_)) => invalid("tls_cert", "--tls-cert is required with --tls-key"),
+        (None, None) if client_ca.is_some() => invalid(
+            "tls_client_ca",
+            "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)",
+        ),
+        (None, None) => Ok(None),
     }
 }
 
@@ -812,6 +877,58 @@ mod tests {
         };
         let error = bad.resolve().unwrap_err().to_string();
         assert!(error.starts_with("admin_listen:"), "{error}");
+    }
+
+    #[test]
+    fn tls_files_come_from_flags_or_the_file_and_go_together() {
+        assert_eq!(ServeArgs::default().resolve().unwrap().0.tls, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/etc/bus/cert.pem\"\ntls_key = \"/etc/bus/key.pem\"\n\
+             tls_client_ca = \"/etc/bus/ca.pem\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            tls_cert: Some("/run/cert.pem".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            args.resolve().unwrap().0.tls,
+            Some(TlsConfig {
+                cert: "/run/cert.pem".into(),
+                key: "/etc/bus/key.pem".into(),
+                client_ca: Some("/etc/bus/ca.pem".into()),
+            })
+        );
+        for (args, flag) in [
+            (
+                ServeArgs {
+                    tls_cert: Some("c".into()),
+                    ..ServeArgs::default()
+                },
+                "tls_key:",
+            ),
+            (
+                ServeArgs {
+                    tls_key: Some("k".into()),
+                    ..ServeArgs::default()
+                },
+                "tls_cert:",
+            ),
+            (
+                ServeArgs {
+                    tls_client_ca: Some("ca".into()),
+                    ..ServeArgs::default()
+                },
+                "tls_client_ca:",
+            ),
+        ] {
+            let error = args.resolve().unwrap_err().to_string();
+            assert!(error.starts_with(flag), "{error}");
+        }
     }
 
     #[test]
