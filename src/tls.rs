@@ -227,15 +227,22 @@ async fn recv_hangup(_: &mut Hangup) {
 }
 
 fn stamps(files: &TlsConfig) -> Vec<Option<(SystemTime, u64)>> {
-    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|path| {
-            std::fs::metadata(path)
-                .ok()
-                .map(|meta| (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()))
+    [
+        Some(&files.cert),
+        Some(&files.key),
+        files.client_ca.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|path| {
+        std::fs::metadata(path).ok().map(|meta| {
+            (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            )
         })
-        .collect()
+    })
+    .collect()
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -284,7 +291,11 @@ fn load(files: &TlsConfig) -> Result<Loaded, TlsError> {
             let mut roots = RootCertStore::empty();
             for cert in certificates("--tls-client-ca", ca)? {
                 roots.add(cert).map_err(|error| {
-                    invalid("--tls-client-ca", ca, format!("not a CA certificate: {error}"))
+                    invalid(
+                        "--tls-client-ca",
+                        ca,
+                        format!("not a CA certificate: {error}"),
+                    )
                 })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider())

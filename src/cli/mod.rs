@@ -82,6 +82,18 @@ pub struct ServerArg {
         global = true
     )]
     pub server: String,
+    /// PEM file of a CA to trust for `https://` URLs, besides the system's roots.
+    #[arg(long, env = "EVENTBUS_TLS_CA", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for a bus with mutual TLS (with --tls-key).
+    #[arg(long, env = "EVENTBUS_TLS_CERT", global = true)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "EVENTBUS_TLS_KEY", global = true)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Bearer token sent with every call (`authorization: Bearer <token>`).
+    #[arg(long, env = "EVENTBUS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// `$EVENTBUS_URL` if set (the name the Python and TypeScript clients and the scenario's
