@@ -1,7 +1,8 @@
 //! TLS on the bus's listeners, with certificates made at test time: the SDK over TLS with a
 //! custom CA, mutual TLS, no silent plaintext either way, reloading certificates, the handshake
-//! deadline, and the admin listener over HTTPS.
+//! deadline, the admin listener over HTTPS, and SIGHUP on the real binary.
 
+mod bus_process;
 mod common;
 
 use std::sync::{Arc, Mutex};
@@ -324,4 +325,52 @@ async fn a_client_that_never_handshakes_is_closed_at_the_deadline_and_blocks_no_
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
     bus.stop(WAIT).await;
+}
+
+/// SIGHUP on the real process: the files are read again (the watcher would find them changed
+/// within a second too; the log line names which it was).
+#[tokio::test]
+async fn sighup_reloads_the_certificates_of_the_running_binary() {
+    let old_pki = Pki::new("old CA");
+    let files = TlsFiles::new(&old_pki, None);
+    let cert = files.path("cert.pem");
+    let key = files.path("key.pem");
+    let bus = bus_process::BusProcess::start(
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(
+        bus.logged("TLS on, mutual TLS off").len(),
+        1,
+        "{:?}",
+        bus.logs()
+    );
+    let url = format!("https://{}", bus.addr);
+    publish_once(Client::builder(url.clone()).tls_ca_pem(old_pki.ca_pem()))
+        .await
+        .unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-HUP", &bus.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    eventually("the SIGHUP reload is logged", WAIT, || async {
+        bus.logs()
+            .iter()
+            .any(|line| {
+                line["fields"]["message"] == "TLS certificates reloaded"
+                    && line["fields"]["why"] == "SIGHUP"
+            })
+            .then_some(())
+    })
+    .await;
+    // The process lives on and serves.
+    publish_once(Client::builder(url).tls_ca_pem(old_pki.ca_pem()))
+        .await
+        .unwrap();
 }
