@@ -21,6 +21,9 @@
 //! inside [`Incoming`], polled alongside the accepts, so a client that stalls its handshake
 //! holds only its own permit, never the accept loop. The handshake must finish within the
 //! handshake deadline, and the same deadline then still runs until the first decrypted byte.
+//! A client whose first byte is not a TLS handshake record is told in its own protocol that the
+//! port requires TLS (its first gRPC call answered FAILED_PRECONDITION `tls-required`, or an
+//! HTTP/1.1 `400`) and closed, so its error says why instead of "connection reset".
 
 use std::future::Future;
 use std::io;
@@ -289,6 +292,25 @@ async fn tls_handshake(
         .take()
         .expect("a new connection has its handshake deadline");
     let remote = connection.info.remote_addr;
+    let mut stream = stream;
+    let plaintext = tokio::select! {
+        plaintext = speaks_plaintext(&stream) => plaintext,
+        _ = deadline.as_mut() => {
+            debug!(?remote, "TLS handshake not started within the handshake timeout; closing");
+            return None;
+        }
+    };
+    if let Some(first) = plaintext {
+        debug!(
+            ?remote,
+            "a plaintext client on the TLS port; telling it so and closing"
+        );
+        tokio::select! {
+            _ = refuse_plaintext(&mut stream, first) => {}
+            _ = deadline.as_mut() => {}
+        }
+        return None;
+    }
     let tls = tokio::select! {
         accepted = acceptor.accept(stream) => match accepted {
             Ok(tls) => tls,
@@ -311,6 +333,122 @@ async fn tls_handshake(
         handshake: Some(deadline),
         ..connection
     })
+}
+
+/// The first byte the client sent, if it is not the start of a TLS handshake record (0x16): a
+/// plaintext client. `None` also when the client closed or the peek failed (the handshake then
+/// fails on its own).
+async fn speaks_plaintext(stream: &TcpStream) -> Option<u8> {
+    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) if first[0] != TLS_HANDSHAKE_RECORD => Some(first[0]),
+        _ => None,
+    }
+}
+
+/// What a plaintext client on a TLS port is told, so its error says why rather than "connection
+/// reset".
+const PLAINTEXT_REFUSAL: &str = "this eventbus port requires TLS: use an https:// URL";
+
+/// Answers a plaintext client in its own protocol. A gRPC client (an HTTP/2 preface, which
+/// starts with `P`) gets its first call answered FAILED_PRECONDITION with [`PLAINTEXT_REFUSAL`]
+/// (reason `tls-required`) and a GOAWAY naming that call as the last: a GOAWAY alone, before any
+/// call is answered, makes grpc-core retry the call on a new connection forever. Anything else
+/// (HTTP/1.1 to the admin port) gets a `400` with the message. The socket is drained after, so
+/// closing does not turn into a reset that loses the answer.
+async fn refuse_plaintext(stream: &mut TcpStream, first: u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answered = if first == b'P' {
+        refuse_plaintext_grpc(stream).await
+    } else {
+        let mut sink = [0u8; 4096];
+        let _ = stream.read(&mut sink).await;
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\nconnection: close\r\n\
+             content-length: {}\r\n\r\n{PLAINTEXT_REFUSAL}\n",
+            PLAINTEXT_REFUSAL.len() + 1
+        );
+        stream.write_all(answer.as_bytes()).await
+    };
+    if answered.is_ok() && stream.shutdown().await.is_ok() {
+        let mut sink = [0u8; 4096];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    }
+}
+
+/// The HTTP/2 frames of [`refuse_plaintext`]: the server's SETTINGS, then, once the client's
+/// first HEADERS arrives, a trailers-only gRPC answer on its stream and a GOAWAY.
+async fn refuse_plaintext_grpc(stream: &mut TcpStream) -> io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PREFACE_BYTES: usize = 24;
+    const HEADERS: u8 = 0x1;
+    const GOAWAY: u8 = 0x7;
+    const SETTINGS: u8 = 0x4;
+    const END_STREAM_AND_HEADERS: u8 = 0x1 | 0x4;
+    /// What is read while looking for the first HEADERS at most.
+    const MAX_READ: usize = 64 * 1024;
+
+    fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
+        let length = u32::try_from(payload.len()).expect("a small frame");
+        out.extend_from_slice(&length.to_be_bytes()[1..]);
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream_id.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    /// An HPACK literal header field without indexing, lengths under 127, no Huffman coding.
+    fn literal(block: &mut Vec<u8>, name: &str, value: &str) {
+        block.push(0);
+        for text in [name, value] {
+            let length = u8::try_from(text.len())
+                .ok()
+                .filter(|length| *length < 127)
+                .expect("a short header");
+            block.push(length);
+            block.extend_from_slice(text.as_bytes());
+        }
+    }
+    /// The stream id of the first HEADERS frame in `received` (preface, then frames).
+    fn first_headers(received: &[u8]) -> Option<u32> {
+        let frames = received.get(PREFACE_BYTES..)?;
+        let mut at = 0;
+        while let Some(header) = frames.get(at..at + 9) {
+            let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            if header[3] == HEADERS {
+                let id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]);
+                return Some(id & 0x7fff_ffff);
+            }
+            at += 9 + length;
+        }
+        None
+    }
+
+    let mut out = Vec::new();
+    frame(&mut out, SETTINGS, 0, 0, &[]);
+    stream.write_all(&out).await?;
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let stream_id = loop {
+        if let Some(id) = first_headers(&received) {
+            break id;
+        }
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 || received.len() > MAX_READ {
+            return Ok(());
+        }
+        received.extend_from_slice(&chunk[..read]);
+    };
+    let mut block = vec![0x88]; // `:status: 200`, HPACK static table entry 8
+    literal(&mut block, "content-type", "application/grpc");
+    literal(&mut block, "grpc-status", "9"); // FAILED_PRECONDITION
+    literal(&mut block, "grpc-message", PLAINTEXT_REFUSAL);
+    literal(&mut block, "eventbus-error", "tls-required");
+    let mut out = Vec::new();
+    frame(&mut out, HEADERS, END_STREAM_AND_HEADERS, stream_id, &block);
+    let mut goaway = stream_id.to_be_bytes().to_vec();
+    goaway.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+    frame(&mut out, GOAWAY, 0, 0, &goaway);
+    stream.write_all(&out).await
 }
 
 /// The socket under a connection: as accepted, or with TLS on it.
