@@ -646,3 +646,120 @@ pub fn raise_open_file_limit() -> Option<u64> {
         }
     }
 }
+
+#[cfg(test)]
+mod tls_tests {
+    use std::time::Duration;
+
+    use futures_util::StreamExt as _;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
+        KeyPair,
+    };
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    use super::*;
+    use crate::config::TlsConfig;
+    use crate::tls::{Alpn, ReloadableTls};
+
+    fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    /// A certificate for `names` signed by `ca`, with subject `CN=<cn>,O=Acme`: (cert, key) PEM.
+    fn leaf(ca: &CertifiedIssuer<'static, KeyPair>, cn: &str, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Acme");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        (
+            params.signed_by(&key, ca).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    }
+
+    /// The connection info of a TLS connection made with a client certificate: its subject and
+    /// DNS/URI names, as authentication will read them; and a silent socket ahead of it in the
+    /// accept queue does not hold it up, and is dropped at the deadline.
+    #[tokio::test]
+    async fn a_verified_client_certificate_is_in_the_connection_info() {
+        let dir = tempfile::tempdir().unwrap();
+        let server_ca = ca("server CA");
+        let client_ca = ca("client CA");
+        let (cert, key) = leaf(&server_ca, "bus", &["127.0.0.1"]);
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let files = TlsConfig {
+            cert: write("cert.pem", &cert),
+            key: write("key.pem", &key),
+            client_ca: Some(write("ca.pem", &client_ca.pem())),
+        };
+        let tls = ReloadableTls::open(&files).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Incoming::new(
+            listener,
+            AcceptLimits {
+                max_connections: 10,
+                handshake_timeout: Duration::from_millis(300),
+            },
+        )
+        .with_tls(tls, Alpn::Grpc);
+
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let (client_cert, client_key) = leaf(
+            &client_ca,
+            "order-service",
+            &["order.example", "spiffe://acme/order"],
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(server_ca.der().clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(client_cert.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(client_key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+                .await
+                .unwrap()
+        });
+        let connection = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .expect("the TLS connection is accepted while the silent one waits")
+            .unwrap()
+            .unwrap();
+        let info = connection.connect_info();
+        let certificate = info.peer_certificate.expect("the client certificate");
+        assert_eq!(certificate.subject, "CN=order-service,O=Acme");
+        assert_eq!(
+            certificate.subject_alt_names,
+            ["order.example", "spiffe://acme/order"]
+        );
+        let _client = client.await.unwrap();
+        // The silent socket never becomes a connection: its handshake is dropped at the deadline.
+        let next = tokio::time::timeout(Duration::from_secs(1), incoming.next()).await;
+        assert!(next.is_err(), "the silent socket was yielded");
+        assert!(incoming.handshakes.is_empty(), "its handshake is gone");
+    }
+}
