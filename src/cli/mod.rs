@@ -335,6 +335,31 @@ mod tests {
     }
 
     #[test]
+    fn client_commands_take_tls_and_token_flags() {
+        let Command::Topics(args) = parse(&[
+            "topics",
+            "--server",
+            "https://bus:443",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "client.pem",
+            "--tls-key",
+            "client-key.pem",
+            "--token",
+            "s3cret",
+        ]) else {
+            panic!("not topics")
+        };
+        let server = args.server;
+        assert_eq!(server.server, "https://bus:443");
+        assert_eq!(server.tls_ca.as_deref(), Some("ca.pem".as_ref()));
+        assert_eq!(server.tls_cert.as_deref(), Some("client.pem".as_ref()));
+        assert_eq!(server.tls_key.as_deref(), Some("client-key.pem".as_ref()));
+        assert_eq!(server.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
     fn publish_refuses_zero_count_and_bad_attrs() {
         let parse = |args: &[&str]| {
             Cli::try_parse_from(std::iter::once("eventbus").chain(args.iter().copied()))

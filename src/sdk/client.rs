@@ -324,7 +324,7 @@ impl ClientBuilder {
 
     /// Sends `authorization: Bearer <token>` with every call (the bus's principals, see
     /// README "TLS"). A token that is not a valid header value (control characters) fails the
-    /// connect with [`Error::Tls`].
+    /// connect with [`Error::InvalidToken`].
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
@@ -333,10 +333,11 @@ impl ClientBuilder {
     fn credentials(&self) -> Result<Credentials> {
         let authorization = match &self.token {
             None => None,
-            Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| Error::Tls {
-                url: "*".into(),
-                why: "the token is not a valid header value".into(),
-            })?),
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| Error::InvalidToken)?,
+            ),
         };
         Ok(Credentials { authorization })
     }
@@ -727,5 +728,33 @@ mod url_tests {
             expected
         );
         assert!(Client::builder("").endpoints().is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_goes_with_every_call_as_a_bearer_header() {
+        let builder = Client::builder("http://127.0.0.1:1").token("s3cret");
+        let mut credentials = builder.credentials().unwrap();
+        let request = credentials.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        let mut none = Client::builder("http://127.0.0.1:1").credentials().unwrap();
+        let request = none.call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+        let bad = Client::builder("http://127.0.0.1:1").token("line\nbreak");
+        assert!(matches!(bad.credentials(), Err(Error::InvalidToken)));
+    }
+
+    #[test]
+    fn an_unreadable_ca_file_is_named() {
+        let builder = Client::builder("https://127.0.0.1:1").tls_ca_file("/nonexistent/ca.pem");
+        let error = builder.connect_lazy().unwrap_err().to_string();
+        assert!(error.contains("/nonexistent/ca.pem"), "{error}");
     }
 }

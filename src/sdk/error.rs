@@ -30,15 +30,18 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
-    /// The TLS or credential settings cannot be used: a CA or client certificate file that
-    /// cannot be read or holds no PEM, a token that is not a valid header value.
+    /// The TLS settings cannot be used: a CA or client certificate file that cannot be read
+    /// or holds no PEM.
     #[error("tls settings for {url}: {why}")]
     Tls {
-        /// The URL the settings were for (`*` when they concern every URL, as a token does).
+        /// The URL the settings were for.
         url: String,
         /// What is wrong, naming the file.
         why: String,
     },
+    /// The bearer token cannot be sent: it is not a valid header value (control characters).
+    #[error("the token is not a valid header value (control characters?)")]
+    InvalidToken,
     /// The bus answered a call with an error status (or the transport failed under it).
     #[error("{}", describe_status(.0))]
     Status(tonic::Status),
@@ -80,7 +83,9 @@ impl Error {
     /// protocol mismatch is `Internal`, and an error reply is `Unknown` (the responder's own).
     pub fn code(&self) -> Code {
         match self {
-            Error::InvalidUrl { .. } | Error::Tls { .. } | Error::Json(_) => Code::InvalidArgument,
+            Error::InvalidUrl { .. } | Error::Tls { .. } | Error::InvalidToken | Error::Json(_) => {
+                Code::InvalidArgument
+            }
             Error::Connect { .. } => Code::Unavailable,
             Error::Status(status) | Error::StreamBroken(status) => status.code(),
             Error::Remote { .. } => Code::Unknown,
