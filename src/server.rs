@@ -51,6 +51,8 @@ pub enum ServerError {
     Storage(#[from] StoreError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("loading TLS certificates: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("binding the admin listener {addr}: {source}")]
     AdminBind {
         addr: std::net::SocketAddr,
@@ -226,21 +228,40 @@ async fn reload_auth(auth: Auth, path: std::path::PathBuf, broker: Broker) {
 
 /// Serves the admin HTTP listener until the broker shuts down. Its failure is logged; the bus
 /// goes on serving gRPC.
+/// Serves the admin HTTP listener until the broker shuts down, over TLS when `tls` is set
+/// (HTTPS, handshakes under `limits`). Its failure is logged; the bus goes on serving gRPC.
 fn spawn_admin(
     listener: TcpListener,
     broker: Broker,
     health: tonic_health::server::HealthReporter,
+    tls: Option<crate::tls::ReloadableTls>,
+    limits: AcceptLimits,
 ) {
     let addr = listener
         .local_addr()
         .map_or_else(|_| "an unknown address".to_owned(), |a| a.to_string());
-    info!(%addr, "admin listening (/metrics, /healthz, /readyz)");
+    let tls_on = tls.is_some();
+    info!(%addr, tls = tls_on, "admin listening (/metrics, /healthz, /readyz)");
     let stopped = {
         let broker = broker.clone();
         async move { broker.stopped().await }
     };
     tokio::spawn(async move {
-        if let Err(error) = crate::admin::serve(listener, broker, health, stopped).await {
+        let served = match tls {
+            None => crate::admin::serve(listener, broker, health, stopped).await,
+            Some(tls) => {
+                let incoming =
+                    Incoming::new(listener, limits).with_tls(tls, crate::tls::Alpn::Http1);
+                crate::admin::serve(
+                    crate::admin::IncomingListener(incoming),
+                    broker,
+                    health,
+                    stopped,
+                )
+                .await
+            }
+        };
+        if let Err(error) = served {
             tracing::error!(%error, "the admin listener failed");
         }
     });
@@ -302,9 +323,44 @@ pub async fn serve_with_admin(
         tokio::spawn(reload_auth(auth.clone(), path, broker.clone()));
     }
 
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = crate::tls::ReloadableTls::open(files)?;
+            let stopped = {
+                let broker = broker.clone();
+                async move { broker.stopped().await }
+            };
+            tls.spawn_watcher(stopped);
+            match &files.client_ca {
+                Some(ca) => info!(
+                    cert = %files.cert.display(),
+                    client_ca = %ca.display(),
+                    "TLS on, mutual TLS on (client certificates verified, not required); \
+                     reloaded on SIGHUP or file change"
+                ),
+                None => info!(
+                    cert = %files.cert.display(),
+                    "TLS on, mutual TLS off; reloaded on SIGHUP or file change"
+                ),
+            }
+            Some(tls)
+        }
+        None => {
+            info!("TLS off: plaintext gRPC and admin HTTP (--tls-cert, --tls-key to turn it on)");
+            None
+        }
+    };
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(crate::accept::default_max_connections);
+    let limits = AcceptLimits {
+        max_connections,
+        handshake_timeout: config.handshake_timeout,
+    };
+
     tokio::spawn(report_store_failure(broker.clone(), health.clone()));
     if let Some(admin) = admin {
-        spawn_admin(admin, broker.clone(), health.clone());
+        spawn_admin(admin, broker.clone(), health.clone(), tls.clone(), limits);
     }
 
     let stopping = Arc::new(Notify::new());
@@ -325,18 +381,11 @@ pub async fn serve_with_admin(
         }
     };
 
-    let max_connections = config
-        .max_connections
-        .unwrap_or_else(crate::accept::default_max_connections);
     info!(max_connections, "connection limit");
-    let incoming = Incoming::new(
-        listener,
-        AcceptLimits {
-            max_connections,
-            handshake_timeout: config.handshake_timeout,
-        },
-    )
-    .counted_in(broker.metrics().clone());
+    let mut incoming = Incoming::new(listener, limits).counted_in(broker.metrics().clone());
+    if let Some(tls) = tls {
+        incoming = incoming.with_tls(tls, crate::tls::Alpn::Grpc);
+    }
     let addr = local_addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
     info!(%addr, "eventbus listening");
     if auth.is_open() {

@@ -12,14 +12,28 @@ use tokio::sync::Notify;
 
 use super::format;
 use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyArgs};
-use super::{SubscribeArgs, CLI_SOURCE};
+use super::{ServerArg, SubscribeArgs, CLI_SOURCE};
 use crate::pb;
 use crate::sdk::{
     Client, EventBuilder, ManualAck, Reply, ServeOptions, Start, SubscribeOptions, SubscriptionItem,
 };
 
-async fn connect(server: &str, source: &str) -> anyhow::Result<Client> {
-    Ok(Client::builder(server).source(source).connect().await?)
+/// A client for `server`'s URLs with its TLS and token settings, as `source`.
+async fn connect(server: &ServerArg, source: &str) -> anyhow::Result<Client> {
+    let mut builder = Client::builder(&server.server).source(source);
+    if let Some(ca) = &server.tls_ca {
+        builder = builder.tls_ca_file(ca);
+    }
+    match (&server.tls_cert, &server.tls_key) {
+        (Some(cert), Some(key)) => builder = builder.tls_client_cert_files(cert, key),
+        (None, None) => {}
+        (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key (the certificate's key)"),
+        (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert (the key's certificate)"),
+    }
+    if let Some(token) = server.token.as_deref().filter(|token| !token.is_empty()) {
+        builder = builder.token(token);
+    }
+    Ok(builder.connect().await?)
 }
 
 /// The data argument, or stdin when it is `-` or absent.
@@ -55,7 +69,7 @@ fn apply(mut builder: EventBuilder, args: &EventArgs, data: Bytes) -> EventBuild
 
 pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let data = read_data(args.data.as_deref())?;
-    let client = connect(&args.server.server, &args.event.source).await?;
+    let client = connect(&args.server, &args.event.source).await?;
     let event = apply(client.event(&args.topic), &args.event, data);
     if args.count == 1 {
         println!("{}", event.publish().await?);
@@ -80,7 +94,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     if args.count == Some(0) {
         return Ok(());
     }
-    let client = connect(&args.server.server, &args.subscriber).await?;
+    let client = connect(&args.server, &args.subscriber).await?;
     let mut options = SubscribeOptions::new()
         .start(args.from.clone())
         .subscriber(&args.subscriber);
@@ -159,7 +173,7 @@ fn print_event(event: &pb::Event, json: bool) -> anyhow::Result<()> {
 
 pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
     let data = read_data(Some(&args.data))?;
-    let client = connect(&args.server.server, &args.event.source).await?;
+    let client = connect(&args.server, &args.event.source).await?;
     let reply = apply(client.event(&args.topic), &args.event, data)
         .query(args.timeout)
         .await?;
@@ -179,7 +193,7 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
     if args.count == Some(0) {
         return Ok(());
     }
-    let client = connect(&args.server.server, &args.source).await?;
+    let client = connect(&args.server, &args.source).await?;
     let fixed = args.data.map(Bytes::from);
     let answered = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
@@ -229,14 +243,14 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
 }
 
 pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
-    let client = connect(&args.server.server, CLI_SOURCE).await?;
+    let client = connect(&args.server, CLI_SOURCE).await?;
     let topics = client.list_topics(args.pattern.as_deref()).await?;
     print!("{}", format::topics_table(&topics));
     Ok(())
 }
 
 pub async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
-    let client = connect(&args.server.server, CLI_SOURCE).await?;
+    let client = connect(&args.server, CLI_SOURCE).await?;
     let graph = client.topology_bounded(args.max_edges).await?;
     print!("{}", format::topology(&graph, args.format));
     if graph.truncated {
