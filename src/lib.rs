@@ -8,6 +8,7 @@
 //! - [`sublist`]: the subject tree that matches a topic to subscriptions.
 //! - [`config`]: server settings from flags, environment and file.
 //! - [`receive`]: bounds on request bodies as they arrive (deadline, shared budget).
+//! - [`content_type`]: only gRPC reaches the services (others get HTTP 415).
 //! - [`panics`]: the panic hook, and panics contained to the call they happen in.
 //! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors).
 //! - [`metrics`]: the bus's Prometheus metrics, updated by the broker through a handle.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod content_type;
 pub mod error;
 pub mod event;
 pub mod metrics;

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::accept::{AcceptLimits, Incoming};
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
+use crate::content_type::GrpcOnlyLayer;
 use crate::panics::{self, PanicSafeBodyLayer};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
@@ -290,6 +291,7 @@ pub async fn serve_with_admin(
         .layer(panics::catch_panics())
         .layer(PanicSafeBodyLayer)
         .layer(receive)
+        .layer(GrpcOnlyLayer)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_concurrent_streams)
