@@ -532,6 +532,11 @@ impl ServeArgs {
             Some(path) => read_config_file(path)?,
             None => ConfigFile::default(),
         };
+        self.resolve_with(file)
+    }
+
+    /// [`ServeArgs::resolve`] with the file already parsed.
+    fn resolve_with(&self, file: ConfigFile) -> Result<(ServerConfig, LogConfig), ConfigError> {
         let defaults = ServerConfig::default();
         let bus_defaults = &defaults.bus;
         let bus = BusConfig {
@@ -821,12 +826,27 @@ fn tls_config(
     }
 }
 
+/// Parses and checks the text of a config file as `--config` would, with no flags or environment
+/// over it: the same TOML parsing and the same checks, on a string. The path only names the
+/// file in errors. It exists so the parser can be fuzzed and property-tested without files
+/// (`fuzz/fuzz_targets/config_file.rs`); whatever the text, it returns a value, never panics.
+pub fn parse_config_text(
+    text: &str,
+    path: &Path,
+) -> Result<(ServerConfig, LogConfig), ConfigError> {
+    ServeArgs::default().resolve_with(parse_config_file(text, path)?)
+}
+
 fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    parse_config_file(&text, path)
+}
+
+fn parse_config_file(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
         path: path.to_owned(),
         source: Box::new(source),
     })

@@ -8,6 +8,7 @@
 //! - [`sublist`]: the subject tree that matches a topic to subscriptions.
 //! - [`config`]: server settings from flags, environment and file.
 //! - [`receive`]: bounds on request bodies as they arrive (deadline, shared budget).
+//! - [`content_type`]: only gRPC reaches the services (others get HTTP 415).
 //! - [`panics`]: the panic hook, and panics contained to the call they happen in.
 //! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors;
 //!   runs TLS handshakes, each in its own future, under the connection limit and deadline).
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod content_type;
 pub mod error;
 pub mod event;
 pub mod limits;

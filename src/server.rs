@@ -23,6 +23,7 @@ use crate::accept::{AcceptLimits, Incoming};
 use crate::auth::{Auth, AuthLayer};
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
+use crate::content_type::GrpcOnlyLayer;
 use crate::panics::{self, PanicSafeBodyLayer};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
@@ -40,6 +41,26 @@ use crate::store::{
 /// limit) does not stall the others. hyper's default is 1 MiB for both.
 const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
+
+/// The largest header block (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: names plus values plus 32
+/// bytes per field, decoded) a request may carry. Metadata is for tokens, ids and trace context,
+/// a few KiB at most; a bound keeps a client from making the bus decode and hold megabytes of
+/// headers per stream. A larger request is answered HTTP 431 and its stream reset
+/// (REFUSED_STREAM) before any handler runs (`tests/h2_abuse.rs`). Set explicitly, at hyper's
+/// current default, so the bound is the bus's and not a dependency's.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// HTTP/2 rapid reset (CVE-2023-44487): streams a client opened and reset before the bus
+/// accepted them. Past this many pending at once the connection is closed with GOAWAY
+/// ENHANCE_YOUR_CALM, so a client cannot make the bus start work for thousands of streams it has
+/// already cancelled. Set explicitly (it is h2's default) so the bound is part of the bus.
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// Streams the bus itself reset on one connection (a stream over `max_concurrent_streams`
+/// refused with REFUSED_STREAM, a malformed frame) before it closes the connection with GOAWAY
+/// ENHANCE_YOUR_CALM: a client that keeps provoking resets is cut off rather than served
+/// forever. Set explicitly (it is h2's default).
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -406,10 +427,14 @@ pub async fn serve_with_admin(
         .layer(panics::catch_panics())
         .layer(PanicSafeBodyLayer)
         .layer(receive)
+        .layer(GrpcOnlyLayer)
         .layer(AuthLayer::new(auth))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(health_service)
