@@ -7,8 +7,9 @@
 //! - **A connection limit** ([`AcceptLimits::max_connections`], by default the open-file limit
 //!   less a reserve for files, see [`default_max_connections`]): at the limit [`Incoming`] stops
 //!   accepting until a connection closes, so the store can still open files.
-//! - **A handshake deadline** ([`AcceptLimits::handshake_timeout`]): a connection that sends
-//!   nothing within it is closed, so idle sockets that never speak HTTP/2 cannot hold the limit.
+//! - **A handshake deadline** ([`AcceptLimits::handshake_timeout`]): a connection that has not
+//!   sent the whole HTTP/2 preface ([`PREFACE_BYTES`]) within it is closed, so idle sockets
+//!   that never speak HTTP/2, or stop halfway through its preface, cannot hold the limit.
 //!   (Once a client has spoken, HTTP/2 keepalive pings watch it.)
 //! - **Backoff on accept errors.** tonic's own `TcpIncoming` yields every accept error and its
 //!   server loop retries at once: out of file descriptors (EMFILE, or ENFILE for the whole
@@ -259,6 +260,7 @@ impl Stream for Incoming {
                         stream: Transport::Plain(stream),
                         info,
                         handshake: Some(deadline),
+                        preface_left: PREFACE_BYTES,
                         _permit: permit,
                         _open: self.metrics.as_ref().map(|m| m.connection_opened()),
                     };
@@ -517,16 +519,26 @@ impl AsyncWrite for Transport {
     }
 }
 
+/// The HTTP/2 client connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`, RFC 9113
+/// section 3.4): the handshake deadline runs until this many bytes have arrived, so a client
+/// that sends part of it and stops is closed (hyper has no deadline of its own for the
+/// preface, and HTTP/2 keepalive pings start only after it). An HTTP/1 request to the admin
+/// listener is longer than this.
+pub const PREFACE_BYTES: usize = 24;
+
 /// An accepted connection: the socket (with TLS on it if the listener has TLS), its place
-/// under the connection limit, and, until it first sends something, its handshake deadline.
+/// under the connection limit, and, until its first [`PREFACE_BYTES`] have arrived, its
+/// handshake deadline.
 #[derive(Debug)]
 pub struct Connection {
     stream: Transport,
     /// What requests on this connection learn of it ([`connection_info`]).
     info: ConnectionInfo,
-    /// Running until the first (decrypted) byte arrives; a read after it passes fails with
-    /// TimedOut.
+    /// Running until the first [`PREFACE_BYTES`] (decrypted) bytes have arrived; a read after
+    /// it passes fails with TimedOut.
     handshake: Option<Pin<Box<Sleep>>>,
+    /// Bytes still to arrive before the handshake deadline stops.
+    preface_left: usize,
     /// Returned to [`Incoming`]'s limit when the connection is dropped.
     _permit: OwnedSemaphorePermit,
     /// Counts the connection as open while it lives.
@@ -543,7 +555,13 @@ impl AsyncRead for Connection {
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         if self.handshake.is_some() {
             match &polled {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => self.handshake = None,
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    let read = buf.filled().len() - before;
+                    self.preface_left = self.preface_left.saturating_sub(read);
+                    if self.preface_left == 0 {
+                        self.handshake = None;
+                    }
+                }
                 Poll::Pending => {
                     let deadline = self.handshake.as_mut().expect("checked above");
                     if deadline.as_mut().poll(cx).is_ready() {
