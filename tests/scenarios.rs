@@ -73,12 +73,58 @@ fn bus_flags(settings: Option<&Value>) -> Vec<String> {
 struct Buses {
     nodes: Vec<Option<BusProcess>>,
     _nats: Option<common::nats::NatsServer>,
+    /// The certificates and config file of a secure run, removed with the buses.
+    _secure: Option<common::tls::TlsFiles>,
+}
+
+/// The bearer token of a secure run's one principal.
+const TOKEN: &str = "scenario-runner-token";
+
+/// A secure run's bus: TLS with a CA made now, and one principal, by token, that may do
+/// everything the scenarios do (admin for the runner's readiness probe). Returns the bus's
+/// flags, the client's CA, and the files to keep until the bus stops.
+fn secure_bus() -> (Vec<String>, String, common::tls::TlsFiles) {
+    let pki = common::tls::Pki::new("scenario-ca");
+    let files = common::tls::TlsFiles::new(&pki, None);
+    let config = files.path("eventbus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[principals]]\nname = \"scenario-runner\"\ntoken_hash = \"{}\"\n\
+             publish = [\">\"]\nsubscribe = [\">\"]\nsources = [\"*\"]\nadmin = true\n",
+            eventbus::auth::hash_token(TOKEN)
+        ),
+    )
+    .unwrap();
+    let flags = [
+        ("--tls-cert", files.path("cert.pem")),
+        ("--tls-key", files.path("key.pem")),
+        ("--config", config),
+    ]
+    .into_iter()
+    .flat_map(|(flag, path)| [flag.to_owned(), path.display().to_string()])
+    .collect();
+    (flags, pki.ca_pem(), files)
 }
 
 /// Starts the scenario's bus (or its `cluster.nodes` bus nodes on one JetStream stream) and a
-/// client that knows every node, node 0 first.
-async fn start_buses(scenario: &Value) -> (Buses, Client) {
-    let settings = bus_flags(scenario.get("bus"));
+/// client that knows every node, node 0 first; with `secure`, over TLS with a bearer token.
+async fn start_buses(scenario: &Value, secure: bool) -> (Buses, Client) {
+    let mut settings = bus_flags(scenario.get("bus"));
+    let (scheme, ca, secure_files) = if secure {
+        let (flags, ca, files) = secure_bus();
+        settings.extend(flags);
+        ("https", Some(ca), Some(files))
+    } else {
+        ("http", None, None)
+    };
+    let builder = |urls: Vec<String>| {
+        let builder = Client::builder(urls);
+        match &ca {
+            Some(ca) => builder.tls_ca_pem(ca.clone()).token(TOKEN),
+            None => builder,
+        }
+    };
     let cluster = scenario.get("cluster");
     known_keys(cluster.unwrap_or(&Value::Null), &["nodes"], "cluster");
     let nodes = cluster
@@ -88,6 +134,7 @@ async fn start_buses(scenario: &Value) -> (Buses, Client) {
     let mut buses = Buses {
         nodes: Vec::new(),
         _nats: None,
+        _secure: secure_files,
     };
     let mut urls = Vec::new();
     for _ in 0..nodes {
@@ -106,13 +153,13 @@ async fn start_buses(scenario: &Value) -> (Buses, Client) {
         buses
             .nodes
             .push(Some(BusProcess(command.spawn().expect("start the bus"))));
-        urls.push(format!("http://127.0.0.1:{port}"));
+        urls.push(format!("{scheme}://127.0.0.1:{port}"));
     }
     buses._nats = nats;
     let deadline = Instant::now() + Duration::from_secs(30);
     for url in &urls {
         loop {
-            if let Ok(client) = Client::builder(url.as_str()).connect().await {
+            if let Ok(client) = builder(vec![url.clone()]).connect().await {
                 if client.list_topics(None).await.is_ok() {
                     break;
                 }
@@ -124,7 +171,7 @@ async fn start_buses(scenario: &Value) -> (Buses, Client) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let client = Client::builder(urls)
+    let client = builder(urls)
         .source("scenario-runner")
         .connect()
         .await
@@ -153,13 +200,13 @@ fn known_keys(object: &Value, known: &[&str], what: &str) {
 }
 
 /// Runs one scenario; panics with the step that failed.
-async fn run(scenario: &Value) {
+async fn run(scenario: &Value, secure: bool) {
     known_keys(
         scenario,
         &["name", "description", "bus", "cluster", "steps"],
         "scenario",
     );
-    let (mut buses, client) = start_buses(scenario).await;
+    let (mut buses, client) = start_buses(scenario, secure).await;
     let collected: HashMap<String, Arc<Mutex<Collected>>> = HashMap::new();
     let mut collected = collected;
     let stop = CancellationToken::new();
@@ -429,19 +476,27 @@ async fn check_receive(collected: &HashMap<String, Arc<Mutex<Collected>>>, step:
     }
 }
 
+/// Every scenario, against a plain bus and then against one with TLS and a bearer token (the
+/// same behaviours must hold when the bus authenticates).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_shared_scenario_holds_for_the_rust_sdk() {
     let mut failed = Vec::new();
     for file in scenario_files() {
-        let scenario: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap())
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let name = scenario["name"].as_str().unwrap_or("?").to_owned();
-        let outcome = tokio::spawn(async move { run(&scenario).await }).await;
-        match outcome {
-            Ok(()) => eprintln!("scenario {name}: ok"),
-            Err(error) => {
-                eprintln!("scenario {name}: FAILED");
-                failed.push((name, error));
+        for secure in [false, true] {
+            let scenario: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let name = format!(
+                "{}{}",
+                scenario["name"].as_str().unwrap_or("?"),
+                if secure { " (TLS + token)" } else { "" }
+            );
+            let outcome = tokio::spawn(async move { run(&scenario, secure).await }).await;
+            match outcome {
+                Ok(()) => eprintln!("scenario {name}: ok"),
+                Err(error) => {
+                    eprintln!("scenario {name}: FAILED");
+                    failed.push((name, error));
+                }
             }
         }
     }

@@ -2,7 +2,9 @@
  * TypeScript client: one test per file, each against its own bus process, or for a scenario with
  * `cluster` its own bus nodes over one JetStream stream on a nats-server of its own. */
 import assert from "node:assert/strict";
-import { readdirSync, readFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { test } from "node:test";
 
@@ -17,7 +19,15 @@ import {
   type Responder,
   type Subscription,
 } from "../src";
-import { BusProcess, NatsServer, REPO_ROOT, waitFor } from "../src/testing";
+import {
+  BusProcess,
+  NatsServer,
+  REPO_ROOT,
+  busBinary,
+  makeTestCertificates,
+  waitFor,
+  type TestCertificates,
+} from "../src/testing";
 
 const SCENARIOS = path.join(REPO_ROOT, "scenarios");
 const FILES = readdirSync(SCENARIOS).filter((name) => name.endsWith(".json")).sort();
@@ -166,34 +176,59 @@ class Runner {
   }
 }
 
+/** The bearer token of a secure run's one principal. */
+const TOKEN = "scenario-runner-token";
+
+/** A secure run: TLS with a CA made for the test, and a config file with one principal (by
+ * {@link TOKEN}, hashed by `eventbus hash-token`) that may do what scenarios do. */
+interface Secure {
+  certificates: TestCertificates;
+  config: string;
+}
+
+function makeSecure(): Secure {
+  const tokenHash = execFileSync(busBinary(), ["hash-token", TOKEN], { encoding: "utf8" }).trim();
+  const config = path.join(mkdtempSync(path.join(tmpdir(), "eventbus-scenario-")), "eventbus.toml");
+  writeFileSync(config,
+    `[[principals]]\nname = "scenario-runner"\ntoken_hash = "${tokenHash}"\n` +
+    `publish = [">"]\nsubscribe = [">"]\nsources = ["*"]\n`);
+  return { certificates: makeTestCertificates(), config };
+}
+
 /** The scenario's bus, or its `cluster.nodes` bus nodes on one JetStream stream (and their
- * nats-server, to stop after them). */
-async function startBuses(scenario: Step): Promise<{ nodes: BusProcess[]; nats?: NatsServer }> {
-  const settings = scenario.bus ?? {};
-  if (!scenario.cluster) return { nodes: [await BusProcess.start(settings)] };
+ * nats-server, to stop after them); with `secure`, over TLS with the principal's config. */
+async function startBuses(scenario: Step, secure?: Secure): Promise<{ nodes: BusProcess[]; nats?: NatsServer }> {
+  const settings = { ...(scenario.bus ?? {}), ...(secure ? { config: secure.config } : {}) };
+  const tls = secure?.certificates;
+  if (!scenario.cluster) return { nodes: [await BusProcess.start(settings, tls)] };
   for (const key of Object.keys(scenario.cluster)) assert.equal(key, "nodes", `unknown cluster key ${key}`);
   const nats = await NatsServer.start();
   const nodes: BusProcess[] = [];
   for (let i = 0; i < scenario.cluster.nodes; i++) {
-    nodes.push(await BusProcess.start({ ...settings, storage: "jetstream", nats_url: nats.url }));
+    nodes.push(await BusProcess.start({ ...settings, storage: "jetstream", nats_url: nats.url }, tls));
   }
   return { nodes, nats };
 }
 
+// Every scenario, against a plain bus and against one with TLS and a bearer token.
 for (const file of FILES) {
-  const scenario = JSON.parse(readFileSync(path.join(SCENARIOS, file), "utf8"));
-  test(`scenario ${scenario.name}`, async () => {
-    for (const key of Object.keys(scenario)) assert.ok(SCENARIO_KEYS.has(key), `unknown scenario key ${key}`);
-    const { nodes, nats } = await startBuses(scenario);
-    const client = new Bus(nodes.map((node) => node.url), { source: `scenario-${scenario.name}` });
-    const runner = new Runner(client, nodes);
-    try {
-      for (const step of scenario.steps as Step[]) await runner.run(step);
-    } finally {
-      await runner.close();
-      client.close();
-      for (const node of nodes) await node.stop();
-      await nats?.stop();
-    }
-  });
+  for (const secureRun of [false, true]) {
+    const scenario = JSON.parse(readFileSync(path.join(SCENARIOS, file), "utf8"));
+    test(`scenario ${scenario.name}${secureRun ? " (TLS + token)" : ""}`, async () => {
+      for (const key of Object.keys(scenario)) assert.ok(SCENARIO_KEYS.has(key), `unknown scenario key ${key}`);
+      const secure = secureRun ? makeSecure() : undefined;
+      const { nodes, nats } = await startBuses(scenario, secure);
+      const credentials = secure ? { tlsCa: secure.certificates.ca, token: TOKEN } : {};
+      const client = new Bus(nodes.map((node) => node.url), { source: `scenario-${scenario.name}`, ...credentials });
+      const runner = new Runner(client, nodes);
+      try {
+        for (const step of scenario.steps as Step[]) await runner.run(step);
+      } finally {
+        await runner.close();
+        client.close();
+        for (const node of nodes) await node.stop();
+        await nats?.stop();
+      }
+    });
+  }
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,14 @@ from eventbus_client import (
     Subscription,
     new_event,
 )
-from eventbus_client.testing import BusProcess, NatsServer, wait_for
+from eventbus_client.testing import (
+    BusProcess,
+    NatsServer,
+    TestCertificates,
+    bus_binary,
+    make_test_certificates,
+    wait_for,
+)
 
 SCENARIOS = Path(__file__).resolve().parents[3] / "scenarios"
 FILES = sorted(SCENARIOS.glob("*.json"))
@@ -182,18 +190,47 @@ def test_every_step_kind_is_known() -> None:
             assert step["op"] in known, f"{path.name}: unknown op {step['op']}"
 
 
+#: The bearer token of a secure run's one principal.
+TOKEN = "scenario-runner-token"
+
+
+@dataclass
+class Secure:
+    """A secure run: TLS with a CA made for the test, and a config file with one principal
+    (by :data:`TOKEN`, hashed by ``eventbus hash-token``) that may do what scenarios do."""
+
+    certificates: TestCertificates
+    config: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> Secure:
+        token_hash = subprocess.run([str(bus_binary()), "hash-token", TOKEN], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+        config = directory / "eventbus.toml"
+        config.write_text(
+            "[[principals]]\nname = \"scenario-runner\"\n"
+            f"token_hash = \"{token_hash}\"\n"
+            "publish = [\">\"]\nsubscribe = [\">\"]\nsources = [\"*\"]\n")
+        return cls(make_test_certificates(directory), config)
+
+
 @contextlib.contextmanager
-def buses(scenario: dict[str, Any]) -> Iterator[list[BusProcess]]:
-    """The scenario's bus, or its ``cluster.nodes`` bus nodes on one JetStream stream."""
-    settings = scenario.get("bus", {})
+def buses(scenario: dict[str, Any], secure: Secure | None) -> Iterator[list[BusProcess]]:
+    """The scenario's bus, or its ``cluster.nodes`` bus nodes on one JetStream stream; with
+    ``secure``, over TLS with the principal's config."""
+    settings = dict(scenario.get("bus", {}))
+    tls = None
+    if secure is not None:
+        tls = secure.certificates
+        settings["config"] = secure.config
     cluster = scenario.get("cluster")
     if cluster is None:
-        with BusProcess(**settings) as process:
+        with BusProcess(tls=tls, **settings) as process:
             yield [process]
         return
     assert set(cluster) <= {"nodes"}, f"unknown cluster keys {set(cluster) - {'nodes'}}"
     with NatsServer() as nats:
-        nodes = [BusProcess(storage="jetstream", nats_url=nats.url, **settings)
+        nodes = [BusProcess(tls=tls, storage="jetstream", nats_url=nats.url, **settings)
                  for _ in range(cluster["nodes"])]
         try:
             for node in nodes:
@@ -204,12 +241,18 @@ def buses(scenario: dict[str, Any]) -> Iterator[list[BusProcess]]:
                 node.kill()
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls-token"])
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-def test_scenario(path: Path) -> None:
+def test_scenario(path: Path, secure: bool, tmp_path: Path) -> None:
+    """Every scenario, against a plain bus and against one with TLS and a bearer token."""
     scenario = json.loads(path.read_text())
     assert set(scenario) <= SCENARIO_KEYS, f"unknown keys {set(scenario) - SCENARIO_KEYS}"
-    with buses(scenario) as nodes, \
-            Bus([node.url for node in nodes], source=f"scenario-{scenario['name']}") as bus:
+    security = Secure.make(tmp_path) if secure else None
+    credentials: dict[str, Any] = (
+        {"tls_ca": security.certificates.ca, "token": TOKEN} if security else {})
+    with buses(scenario, security) as nodes, \
+            Bus([node.url for node in nodes], source=f"scenario-{scenario['name']}",
+                **credentials) as bus:
         runner = Runner(bus, nodes)
         try:
             for step in scenario["steps"]:
