@@ -554,3 +554,59 @@ async fn hash_token_prints_a_hash_the_bus_accepts() {
         .await
         .unwrap();
 }
+
+/// A principal named by its client certificate's subject: a certificate of the client CA with
+/// that subject is the principal (no token), one with another subject is UNAUTHENTICATED.
+#[tokio::test]
+async fn a_client_certificate_subject_names_its_principal() {
+    let servers = common::tls::Pki::new("server-ca");
+    let clients = common::tls::Pki::new("client-ca");
+    let files = common::tls::TlsFiles::new(&servers, Some(&clients));
+    let bus = TestBus::start_tls(ServerConfig {
+        tls: Some(files.config()),
+        auth: AuthConfig {
+            principals: vec![PrincipalConfig {
+                token_hash: None,
+                cert_subject: Some("CN=order-service, O=Acme".into()),
+                publish: patterns(&["order.>"]),
+                ..principal("order-service", "unused")
+            }],
+            limits: LimitsConfig::default(),
+        },
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await;
+    let connect = |cn: &str| {
+        let pair = clients.client(cn, "Acme");
+        eventbus::sdk::Client::builder(bus.https_url())
+            .tls_ca_pem(servers.ca_pem())
+            .tls_client_cert_pem(pair.cert, pair.key)
+            .source("order-service")
+            .connect()
+    };
+    let order = connect("order-service").await.unwrap();
+    order
+        .event("order.created")
+        .data("x")
+        .publish()
+        .await
+        .unwrap();
+    let error = order
+        .event("user.created")
+        .data("x")
+        .publish()
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::PermissionDenied, "{error}");
+
+    let stranger = connect("someone-else").await.unwrap();
+    let error = stranger
+        .event("order.created")
+        .data("x")
+        .publish()
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unauthenticated, "{error}");
+    assert!(error.to_string().contains("CN=someone-else"), "{error}");
+}
