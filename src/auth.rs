@@ -23,7 +23,8 @@
 //! # Authentication
 //! [`AuthLayer`] runs before every `eventbus.v1` call: `authorization: Bearer <token>` is
 //! checked against the principals' argon2 hashes (only hashes are configured), or, without a
-//! token, the connection's verified client certificate subject against `cert_subject`. A token
+//! token, the connection's verified client certificate: its subject against `cert_subject`, or
+//! one of its subject alternative names against `cert_san`. A token
 //! is verified with argon2 once: the result is kept under the token's SHA-256 until the next
 //! reload, so a client pays the hash once per process, and at most [`VERIFYING_AT_ONCE`]
 //! verifications run at once so a flood of wrong tokens cannot take every core.
@@ -102,6 +103,10 @@ pub struct PrincipalConfig {
     /// The subject of its mutual-TLS client certificate, RFC 4514 (`CN=order-service,O=Acme`).
     #[serde(default)]
     pub cert_subject: Option<String>,
+    /// A subject alternative name (DNS name or URI, e.g. `spiffe://acme/order-service`) of its
+    /// mutual-TLS client certificate: for certificates that identify by SAN, as SPIFFE's do.
+    #[serde(default)]
+    pub cert_san: Option<String>,
     /// Topic patterns it may publish to.
     #[serde(default)]
     pub publish: Vec<String>,
@@ -166,6 +171,7 @@ pub struct Principal {
     name: Arc<str>,
     token_hash: Option<String>,
     cert_subject: Option<String>,
+    cert_san: Option<String>,
     publish: Permission,
     subscribe: Permission,
     groups: Option<HashSet<String>>,
@@ -197,6 +203,7 @@ struct Policy {
     principals: Vec<Arc<Principal>>,
     by_name: HashMap<Arc<str>, Arc<Principal>>,
     by_subject: HashMap<String, Arc<Principal>>,
+    by_san: HashMap<String, Arc<Principal>>,
     limits: LimitsConfig,
 }
 
@@ -218,9 +225,13 @@ impl Policy {
             if policy.by_name.contains_key(&*entry.name) {
                 return Err(invalid("name is already used by another principal".into()));
             }
-            if entry.token_hash.is_none() && entry.cert_subject.is_none() {
+            if entry.token_hash.is_none()
+                && entry.cert_subject.is_none()
+                && entry.cert_san.is_none()
+            {
                 return Err(invalid(
-                    "needs token_hash (from `eventbus hash-token`) or cert_subject".into(),
+                    "needs token_hash (from `eventbus hash-token`), cert_subject or cert_san"
+                        .into(),
                 ));
             }
             if let Some(hash) = &entry.token_hash {
@@ -263,6 +274,7 @@ impl Policy {
                 name: Arc::from(entry.name.as_str()),
                 token_hash: entry.token_hash.clone(),
                 cert_subject: entry.cert_subject.as_deref().map(normalize_subject),
+                cert_san: entry.cert_san.clone(),
                 publish: Permission {
                     allow: patterns("publish", &entry.publish)?,
                     deny: patterns("publish_deny", &entry.publish_deny)?,
@@ -283,6 +295,17 @@ impl Policy {
                     .overridden_by(&entry.limits.unwrap_or_default()),
                 generation,
             });
+            if let Some(san) = &principal.cert_san {
+                if policy
+                    .by_san
+                    .insert(san.clone(), principal.clone())
+                    .is_some()
+                {
+                    return Err(invalid(format!(
+                        "cert_san {san:?} is already another principal's"
+                    )));
+                }
+            }
             if let Some(subject) = &principal.cert_subject {
                 if policy
                     .by_subject
@@ -501,11 +524,19 @@ impl Auth {
         }
         if let Some(certificate) = connection.and_then(|c| c.peer_certificate.as_deref()) {
             let subject = normalize_subject(&certificate.subject);
-            return match policy.by_subject.get(&subject) {
+            // The subject first; else the first SAN a principal names.
+            let found = policy.by_subject.get(&subject).or_else(|| {
+                certificate
+                    .subject_alt_names
+                    .iter()
+                    .find_map(|san| policy.by_san.get(san))
+            });
+            return match found {
                 Some(principal) => Ok(caller(Some(principal.clone()))),
                 None => Err(refuse(format!(
-                    "the client certificate's subject {subject:?} is not any principal's \
-                     cert_subject"
+                    "the client certificate (subject {subject:?}, alternative names {:?}) is \
+                     not any principal's cert_subject or cert_san",
+                    certificate.subject_alt_names
                 ))),
             };
         }
@@ -1009,6 +1040,7 @@ mod tests {
             name: "svc".into(),
             token_hash: None,
             cert_subject: Some("CN=svc".into()),
+            cert_san: None,
             publish: publish.iter().map(|s| s.to_string()).collect(),
             publish_deny: vec!["user.secret".into()],
             subscribe: subscribe.iter().map(|s| s.to_string()).collect(),

@@ -44,6 +44,7 @@ fn principal(name: &str, token: &str) -> PrincipalConfig {
         name: name.to_owned(),
         token_hash: Some(hash_token(token)),
         cert_subject: None,
+        cert_san: None,
         publish: vec![],
         publish_deny: vec![],
         subscribe: vec![],
@@ -555,8 +556,8 @@ async fn hash_token_prints_a_hash_the_bus_accepts() {
         .unwrap();
 }
 
-/// A principal named by its client certificate's subject: a certificate of the client CA with
-/// that subject is the principal (no token), one with another subject is UNAUTHENTICATED.
+/// Principals named by their client certificate: by subject, or by a subject alternative name;
+/// a certificate of the client CA that names no principal is UNAUTHENTICATED.
 #[tokio::test]
 async fn a_client_certificate_subject_names_its_principal() {
     let servers = common::tls::Pki::new("server-ca");
@@ -565,12 +566,20 @@ async fn a_client_certificate_subject_names_its_principal() {
     let bus = TestBus::start_tls(ServerConfig {
         tls: Some(files.config()),
         auth: AuthConfig {
-            principals: vec![PrincipalConfig {
-                token_hash: None,
-                cert_subject: Some("CN=order-service, O=Acme".into()),
-                publish: patterns(&["order.>"]),
-                ..principal("order-service", "unused")
-            }],
+            principals: vec![
+                PrincipalConfig {
+                    token_hash: None,
+                    cert_subject: Some("CN=order-service, O=Acme".into()),
+                    publish: patterns(&["order.>"]),
+                    ..principal("order-service", "unused")
+                },
+                PrincipalConfig {
+                    token_hash: None,
+                    cert_san: Some("billing.example".into()),
+                    sources: Some(patterns(&["*"])),
+                    ..principal("billing", "unused")
+                },
+            ],
             limits: LimitsConfig::default(),
         },
         shutdown_grace: Duration::from_secs(5),
@@ -599,6 +608,20 @@ async fn a_client_certificate_subject_names_its_principal() {
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::PermissionDenied, "{error}");
+
+    // Named by a subject alternative name instead (as SPIFFE identities are): the test CA's
+    // client certificates carry the DNS name `<cn>.example`.
+    let billing = connect("billing").await.unwrap();
+    let error = billing
+        .event("order.created")
+        .data("x")
+        .publish()
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("principal \"billing\""),
+        "{error}"
+    );
 
     let stranger = connect("someone-else").await.unwrap();
     let error = stranger

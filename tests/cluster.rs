@@ -205,6 +205,7 @@ async fn with_principals_a_reply_through_another_node_reaches_the_asker() {
         name: name.into(),
         token_hash: Some(hash_token(name)),
         cert_subject: None,
+        cert_san: None,
         publish: publish.iter().map(|s| s.to_string()).collect(),
         publish_deny: vec![],
         subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
