@@ -475,4 +475,35 @@ async fn topics_and_topology_show_what_the_bus_has_seen() {
     let mermaid = stdout(&eventbus(&bus, &["topology", "--format", "mermaid"], None).await);
     assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
     assert!(mermaid.contains("[\"maker\"]"), "{mermaid}");
+
+    let topics = eventbus(&bus, &["topics", "--json"], None).await;
+    assert!(topics.status.success(), "{}", stderr(&topics));
+    let topics: serde_json::Value = serde_json::from_str(&stdout(&topics)).unwrap();
+    let topic = topics
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|topic| topic["name"] == "topo.x")
+        .unwrap_or_else(|| panic!("no topo.x in {topics}"));
+    assert_eq!(topic["subscriber_count"], 1, "{topic}");
+    assert_eq!(topic["last_sequence"], 1, "{topic}");
+    assert!(topic["last_publish_time"].is_string(), "{topic}");
+
+    for args in [
+        &["topology", "--json"][..],
+        &["topology", "--format", "json"],
+    ] {
+        let graph = eventbus(&bus, args, None).await;
+        assert!(graph.status.success(), "{}", stderr(&graph));
+        let graph: serde_json::Value = serde_json::from_str(&stdout(&graph)).unwrap();
+        let edges = graph["edges"].as_array().unwrap();
+        assert!(
+            edges.iter().any(|edge| edge["from"] == "service:maker"
+                && edge["to"] == "topic:topo.x"
+                && edge["kind"] == "publishes"
+                && edge["events"] == 1),
+            "{graph}"
+        );
+        assert_eq!(graph["truncated"], false);
+    }
 }

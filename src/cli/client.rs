@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::sync::Notify;
 
-use super::{cloudevent, format};
+use super::{cloudevent, format, json};
 use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyArgs};
 use super::{SubscribeArgs, CLI_SOURCE};
 use crate::pb;
@@ -285,14 +285,23 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
 pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
     let client = connect(&args.server.server, CLI_SOURCE).await?;
     let topics = client.list_topics(args.pattern.as_deref()).await?;
-    print!("{}", format::topics_table(&topics));
+    if args.json {
+        println!("{}", json::topics(&topics));
+    } else {
+        print!("{}", format::topics_table(&topics));
+    }
     Ok(())
 }
 
 pub async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
     let client = connect(&args.server.server, CLI_SOURCE).await?;
     let graph = client.topology_bounded(args.max_edges).await?;
-    print!("{}", format::topology(&graph, args.format));
+    let format = if args.json {
+        format::TopologyFormat::Json
+    } else {
+        args.format
+    };
+    print!("{}", format::topology(&graph, format));
     if graph.truncated {
         eprintln!(
             "note: the graph was cut at {} edges; ask for more with --max-edges",

@@ -169,15 +169,18 @@ pub enum TopologyFormat {
     Dot,
     /// A Mermaid flowchart (renders in GitHub markdown).
     Mermaid,
+    /// One JSON document: nodes, edges, whether it was cut (same as `--json`).
+    Json,
 }
 
 /// The topology in the given format.
-pub fn topology(graph: &pb::GetTopologyResponse, format: TopologyFormat) -> String {
-    let graph = Graph::new(graph);
+pub fn topology(response: &pb::GetTopologyResponse, format: TopologyFormat) -> String {
+    let graph = Graph::new(response);
     match format {
         TopologyFormat::Text => graph.text(),
         TopologyFormat::Dot => graph.dot(),
         TopologyFormat::Mermaid => graph.mermaid(),
+        TopologyFormat::Json => format!("{}\n", super::json::topology(response)),
     }
 }
 

@@ -4,6 +4,7 @@
 //! - `client`: the client commands (publish, subscribe, query, reply, topics, topology).
 //! - `format`: what they print, as pure functions with unit tests.
 //! - `cloudevent`: events as CloudEvents 1.0 JSON, for `--json` and `publish --cloudevent`.
+//! - `json`: what the other read verbs print with `--json`.
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use crate::sdk::Start;
 
 mod client;
 pub mod cloudevent;
+pub mod json;
 
 /// `eventbus repair`: see [`crate::store::file::repair`]. Prints what it did, one line each.
 fn repair(args: &RepairArgs) -> anyhow::Result<()> {
@@ -291,6 +293,9 @@ pub struct TopicsArgs {
     /// Only topics matching this pattern. Every page of the list is fetched.
     #[arg(long)]
     pub pattern: Option<String>,
+    /// One JSON array of topics (proto field names; times as RFC 3339) instead of the table.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub server: ServerArg,
 }
@@ -300,6 +305,9 @@ pub struct TopologyArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = format::TopologyFormat::Text)]
     pub format: format::TopologyFormat,
+    /// Same as `--format json`: one JSON document with the nodes and edges.
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
     /// Edges at most; the server's default (10000) when 0, its maximum 100000.
     #[arg(long, default_value_t = 0)]
     pub max_edges: u32,
