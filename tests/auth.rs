@@ -383,6 +383,26 @@ async fn admin_service_needs_the_admin_right_and_groups_their_listing() {
         .get_topology(pb::GetTopologyRequest::default())
         .await
         .unwrap();
+    let status = admin(&bus, "user-token")
+        .await
+        .list_groups(pb::ListGroupsRequest::default())
+        .await
+        .unwrap_err();
+    assert_denied(&status, "admin", "ListGroups");
+    let status = admin(&bus, "user-token")
+        .await
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_denied(&status, "admin", "GetServerInfo");
+    let info = admin(&bus, "operator-token")
+        .await
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.auth_enabled);
+    assert!(info.principals >= 2, "{info:?}");
 
     let mut user = client(&bus, Some("user-token")).await;
     let status = user
