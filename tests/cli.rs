@@ -507,3 +507,132 @@ async fn topics_and_topology_show_what_the_bus_has_seen() {
         assert_eq!(graph["truncated"], false);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_server_info_and_check_show_a_group_falling_behind() {
+    let bus = TestBus::start().await;
+    // A MANUAL-ack member that takes one event and leaves: the group parks at its cursor.
+    let mut member = Background::start(
+        &bus,
+        &[
+            "subscribe",
+            "ops.>",
+            "--group",
+            "billing",
+            "--ack",
+            "--count",
+            "1",
+        ],
+    );
+    member.wait_for("subscribed to").await;
+    let published = eventbus(&bus, &["publish", "ops.a", "first"], None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    assert!(member.finish().await.status.success());
+    let published = eventbus(&bus, &["publish", "ops.a", "more", "--count", "3"], None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+
+    let deadline = Instant::now() + WAIT;
+    let billing = loop {
+        let output = eventbus(&bus, &["groups", "--json"], None).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let groups: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+        let billing = groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|group| group["name"] == "billing")
+            .cloned();
+        if let Some(billing) = billing.filter(|g| g["cursor"] == 1 && g["pending"] == 3) {
+            break billing;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "billing never showed 3 pending: {groups}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(billing["ack_mode"], "manual");
+    assert_eq!(billing["pattern"], "ops.>");
+    assert_eq!(billing["members"], 0);
+    assert_eq!(billing["in_flight"], 0);
+
+    let table = stdout(&eventbus(&bus, &["groups"], None).await);
+    assert!(table.starts_with("GROUP"), "{table}");
+    let row = table
+        .lines()
+        .find(|line| line.starts_with("billing"))
+        .unwrap_or_else(|| panic!("no billing row in {table}"));
+    let cells: Vec<_> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[..6],
+        ["billing", "ops.>", "manual", "0", "1", "3"],
+        "{row}"
+    );
+
+    let info = eventbus(&bus, &["server", "info", "--json"], None).await;
+    assert!(info.status.success(), "{}", stderr(&info));
+    let info: serde_json::Value = serde_json::from_str(&stdout(&info)).unwrap();
+    assert_eq!(info["head_sequence"], 4);
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info["auth_enabled"], false);
+    assert!(info["uptime_seconds"].as_f64().unwrap() >= 0.0, "{info}");
+    assert!(info["limits"]["max_event_data_bytes"].as_u64().unwrap() > 0);
+    let text = stdout(&eventbus(&bus, &["server", "info"], None).await);
+    assert!(text.contains("log:") && text.contains("head 4"), "{text}");
+
+    let ok = eventbus(&bus, &["server", "check"], None).await;
+    assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+    let line = stdout(&ok);
+    assert!(line.starts_with("OK: eventbus "), "{line}");
+    assert!(
+        line.contains("|") && line.contains("'group_billing_pending'=3"),
+        "{line}"
+    );
+    assert_eq!(line.lines().count(), 1, "{line}");
+
+    let warning = eventbus(
+        &bus,
+        &["server", "check", "--max-group-pending-warn", "2"],
+        None,
+    )
+    .await;
+    assert_eq!(warning.status.code(), Some(1), "{}", stdout(&warning));
+    assert!(
+        stdout(&warning).starts_with("WARNING: group billing has 3 pending (limit 2)|"),
+        "{}",
+        stdout(&warning)
+    );
+    let critical = eventbus(
+        &bus,
+        &[
+            "server",
+            "check",
+            "--max-group-pending-warn",
+            "2",
+            "--max-group-pending-crit",
+            "3",
+            "--min-uptime",
+            "1h",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(critical.status.code(), Some(2), "{}", stdout(&critical));
+    let line = stdout(&critical);
+    assert!(
+        line.starts_with("CRITICAL: group billing has 3 pending (limit 3); up "),
+        "{line}"
+    );
+    assert!(line.contains("'group_billing_pending'=3;2;3"), "{line}");
+
+    let unreachable = Command::new(BIN)
+        .args(["server", "check", "--server", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(2));
+    assert!(
+        stdout(&unreachable).starts_with("CRITICAL: cannot ask the bus at http://127.0.0.1:1"),
+        "{}",
+        stdout(&unreachable)
+    );
+}

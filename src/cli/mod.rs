@@ -5,6 +5,7 @@
 //! - `format`: what they print, as pure functions with unit tests.
 //! - `cloudevent`: events as CloudEvents 1.0 JSON, for `--json` and `publish --cloudevent`.
 //! - `json`: what the other read verbs print with `--json`.
+//! - `ops`: the operator's verbs: `groups`, `server info`, `server check`.
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use crate::sdk::Start;
 mod client;
 pub mod cloudevent;
 pub mod json;
+pub mod ops;
 
 /// `eventbus repair`: see [`crate::store::file::repair`]. Prints what it did, one line each.
 fn repair(args: &RepairArgs) -> anyhow::Result<()> {
@@ -120,6 +122,12 @@ pub enum Command {
     Topics(TopicsArgs),
     /// Show who publishes and subscribes to what.
     Topology(TopologyArgs),
+    /// List the consumer groups: members; for MANUAL-ack groups the cursor, pending, in
+    /// flight, redelivered and dead-lettered counts.
+    Groups(ops::GroupsArgs),
+    /// Ask the bus about itself (`info`), or probe it for monitoring (`check`).
+    #[command(subcommand)]
+    Server(ops::ServerCommand),
     /// Make a file store that fails recovery openable again: the log keeps the records before
     /// the first damaged one; the damaged bytes and the intact records after them go into
     /// <data-dir>/damaged/ (nothing is deleted); an unreadable groups.json or log-id is set
@@ -328,6 +336,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reply(args) => client::reply(args).await,
         Command::Topics(args) => client::topics(args).await,
         Command::Topology(args) => client::topology(args).await,
+        Command::Groups(args) => ops::groups(args).await,
+        Command::Server(command) => ops::server(command).await,
         Command::Repair(args) => repair(&args),
         Command::HashToken(args) => hash_token(&args),
     }
