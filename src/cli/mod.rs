@@ -6,6 +6,7 @@
 //! - `cloudevent`: events as CloudEvents 1.0 JSON, for `--json` and `publish --cloudevent`.
 //! - `json`: what the other read verbs print with `--json`.
 //! - `ops`: the operator's verbs: `groups`, `server info`, `server check`.
+//! - `docs`: shell completions and man pages, made from the clap definition.
 
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use crate::sdk::Start;
 
 mod client;
 pub mod cloudevent;
+pub mod docs;
 pub mod json;
 pub mod ops;
 
@@ -137,6 +139,10 @@ pub enum Command {
     /// from stdin (one line) unless given, so it stays out of shell history; `--generate` makes
     /// a new random token and prints it, then its hash.
     HashToken(HashTokenArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Print the man page (roff), or write one page per command with --dir.
+    Man(docs::ManArgs),
 }
 
 /// `eventbus hash-token`.
@@ -340,6 +346,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server(command) => ops::server(command).await,
         Command::Repair(args) => repair(&args),
         Command::HashToken(args) => hash_token(&args),
+        Command::Completions(args) => docs::completions(&args),
+        Command::Man(args) => docs::man(&args),
     }
 }
 
