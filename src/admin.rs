@@ -20,12 +20,15 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use tokio::net::TcpListener;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::Health;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::server::{HealthReporter, HealthService};
 
+use futures_util::StreamExt as _;
+use tonic::transport::server::Connected as _;
+
+use crate::accept::{Connection, Incoming};
 use crate::broker::Broker;
 
 /// The content type of `/metrics`: OpenMetrics text, as `prometheus-client` writes it.
@@ -52,19 +55,51 @@ pub fn router(broker: Broker, health: HealthReporter) -> Router {
         .with_state(state)
 }
 
-/// Serves [`router`] on `listener` until `shutdown` resolves.
+/// Serves [`router`] on `listener` (a [`tokio::net::TcpListener`], or an [`IncomingListener`] for HTTPS)
+/// until `shutdown` resolves.
 ///
 /// # Errors
 /// An I/O error of the listener that axum does not retry.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L>(
+    listener: L,
     broker: Broker,
     health: HealthReporter,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router(broker, health))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// An [`Incoming`] as an axum listener: the admin listener with TLS, its handshakes run by
+/// [`Incoming`] (each in its own future, under the handshake deadline).
+pub struct IncomingListener(pub Incoming);
+
+impl axum::serve::Listener for IncomingListener {
+    type Io = Connection;
+    type Addr = Option<std::net::SocketAddr>;
+
+    async fn accept(&mut self) -> (Connection, Option<std::net::SocketAddr>) {
+        loop {
+            match self.0.next().await {
+                Some(Ok(connection)) => {
+                    let addr = connection.connect_info().remote_addr;
+                    return (connection, addr);
+                }
+                // Incoming logs and waits out its errors itself; it never ends on its own.
+                Some(Err(_)) => continue,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Option<std::net::SocketAddr>> {
+        self.0.local_addr().map(Some)
+    }
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

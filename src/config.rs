@@ -198,6 +198,22 @@ pub struct ServerConfig {
     /// The `--config` file, read again for principals and limits on SIGHUP or when it
     /// changes; `None`: nothing to reload.
     pub config_file: Option<PathBuf>,
+    /// TLS on the gRPC and admin listeners ([`crate::tls`]); `None`: plaintext.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The PEM files of the server's TLS (`--tls-cert`, `--tls-key`, `--tls-client-ca`). They are
+/// read at start and again on SIGHUP or when they change ([`crate::tls`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The server's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CA certificates that client certificates must chain to (mutual TLS); `None`: client
+    /// certificates are not asked for. With it, a client without a certificate may still
+    /// connect, one with a certificate that does not verify may not.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -217,6 +233,7 @@ impl Default for ServerConfig {
             admin_listen: None,
             auth: crate::auth::AuthConfig::default(),
             config_file: None,
+            tls: None,
         }
     }
 }
@@ -393,6 +410,18 @@ pub struct ServeArgs {
     /// `/readyz`, e.g. `127.0.0.1:9090`; empty turns it off [default: off].
     #[arg(long, env = "EVENTBUS_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// PEM certificate chain (leaf first) for TLS on the gRPC and admin listeners; needs
+    /// `--tls-key`. Reloaded on SIGHUP or when the file changes [default: plaintext].
+    #[arg(long, env = "EVENTBUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "EVENTBUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates for mutual TLS: a client certificate must chain to one of them
+    /// (a client without one may still connect; authentication decides) [default: no client
+    /// certificates asked for].
+    #[arg(long, env = "EVENTBUS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Log level or filter (as RUST_LOG), e.g. `info` or `eventbus=debug` [default: info].
     #[arg(long, env = "EVENTBUS_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -469,6 +498,9 @@ struct ConfigFile {
     principals: Vec<crate::auth::PrincipalConfig>,
     #[serde(default)]
     limits: crate::limits::LimitsConfig,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
 }
@@ -500,6 +532,11 @@ impl ServeArgs {
             Some(path) => read_config_file(path)?,
             None => ConfigFile::default(),
         };
+        self.resolve_with(file)
+    }
+
+    /// [`ServeArgs::resolve`] with the file already parsed.
+    fn resolve_with(&self, file: ConfigFile) -> Result<(ServerConfig, LogConfig), ConfigError> {
         let defaults = ServerConfig::default();
         let bus_defaults = &defaults.bus;
         let bus = BusConfig {
@@ -687,6 +724,11 @@ impl ServeArgs {
                 limits: file.limits,
             },
             config_file: self.config.clone(),
+            tls: tls_config(
+                self.tls_cert.clone().or(file.tls_cert),
+                self.tls_key.clone().or(file.tls_key),
+                self.tls_client_ca.clone().or(file.tls_client_ca),
+            )?,
         };
         // Compiled once here so a bad principal stops the start with the entry named.
         crate::auth::Auth::new(&server.auth, crate::metrics::Metrics::new())?;
@@ -756,12 +798,55 @@ pub fn read_auth_config(path: &Path) -> Result<crate::auth::AuthConfig, ConfigEr
     })
 }
 
+/// The TLS files: a certificate and its key together or neither; a client CA only with them.
+fn tls_config(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> Result<Option<TlsConfig>, ConfigError> {
+    let invalid = |setting, rule: &str| {
+        Err(ConfigError::Invalid {
+            setting,
+            rule: rule.to_owned(),
+        })
+    };
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsConfig {
+            cert,
+            key,
+            client_ca,
+        })),
+        (Some(_), None) => invalid("tls_key", "--tls-key is required with --tls-cert"),
+        (None, Some(_)) => invalid("tls_cert", "--tls-cert is required with --tls-key"),
+        (None, None) if client_ca.is_some() => invalid(
+            "tls_client_ca",
+            "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)",
+        ),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Parses and checks the text of a config file as `--config` would, with no flags or environment
+/// over it: the same TOML parsing and the same checks, on a string. The path only names the
+/// file in errors. It exists so the parser can be fuzzed and property-tested without files
+/// (`fuzz/fuzz_targets/config_file.rs`); whatever the text, it returns a value, never panics.
+pub fn parse_config_text(
+    text: &str,
+    path: &Path,
+) -> Result<(ServerConfig, LogConfig), ConfigError> {
+    ServeArgs::default().resolve_with(parse_config_file(text, path)?)
+}
+
 fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+    parse_config_file(&text, path)
+}
+
+fn parse_config_file(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
+    toml::from_str(text).map_err(|source| ConfigError::Parse {
         path: path.to_owned(),
         source: Box::new(source),
     })
@@ -844,6 +929,58 @@ mod tests {
         };
         let error = bad.resolve().unwrap_err().to_string();
         assert!(error.starts_with("admin_listen:"), "{error}");
+    }
+
+    #[test]
+    fn tls_files_come_from_flags_or_the_file_and_go_together() {
+        assert_eq!(ServeArgs::default().resolve().unwrap().0.tls, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        std::fs::write(
+            &path,
+            "tls_cert = \"/etc/bus/cert.pem\"\ntls_key = \"/etc/bus/key.pem\"\n\
+             tls_client_ca = \"/etc/bus/ca.pem\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            tls_cert: Some("/run/cert.pem".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            args.resolve().unwrap().0.tls,
+            Some(TlsConfig {
+                cert: "/run/cert.pem".into(),
+                key: "/etc/bus/key.pem".into(),
+                client_ca: Some("/etc/bus/ca.pem".into()),
+            })
+        );
+        for (args, flag) in [
+            (
+                ServeArgs {
+                    tls_cert: Some("c".into()),
+                    ..ServeArgs::default()
+                },
+                "tls_key:",
+            ),
+            (
+                ServeArgs {
+                    tls_key: Some("k".into()),
+                    ..ServeArgs::default()
+                },
+                "tls_cert:",
+            ),
+            (
+                ServeArgs {
+                    tls_client_ca: Some("ca".into()),
+                    ..ServeArgs::default()
+                },
+                "tls_client_ca:",
+            ),
+        ] {
+            let error = args.resolve().unwrap_err().to_string();
+            assert!(error.starts_with(flag), "{error}");
+        }
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //! - [`sublist`]: the subject tree that matches a topic to subscriptions.
 //! - [`config`]: server settings from flags, environment and file.
 //! - [`receive`]: bounds on request bodies as they arrive (deadline, shared budget).
+//! - [`content_type`]: only gRPC reaches the services (others get HTTP 415).
 //! - [`panics`]: the panic hook, and panics contained to the call they happen in.
-//! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors).
+//! - [`accept`]: the accept loop's connection stream (backs off when out of file descriptors;
+//!   runs TLS handshakes, each in its own future, under the connection limit and deadline).
+//! - [`tls`]: the server's TLS certificates, reloaded on SIGHUP or when the files change.
 //! - [`metrics`]: the bus's Prometheus metrics, updated by the broker through a handle.
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`tracecontext`]: W3C `traceparent`/`tracestate` carried from request metadata into events.
@@ -24,6 +27,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod content_type;
 pub mod error;
 pub mod event;
 pub mod limits;
@@ -36,5 +40,6 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod sublist;
+pub mod tls;
 pub mod topic;
 pub mod tracecontext;

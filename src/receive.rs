@@ -15,8 +15,10 @@
 //!   request's current message) count against one budget shared by every connection,
 //!   [`ReceiveLimits::budget_bytes`]. A request whose next bytes would pass it fails.
 //! - **Framing.** A message declared larger than [`ReceiveLimits::max_message_bytes`] fails when
-//!   its prefix arrives, and a body that ends inside a message is malformed; both with the bus's
-//!   reasons, where tonic would answer without one.
+//!   its prefix arrives, and a body that ends inside a message is malformed, as is a message
+//!   whose compressed flag is set when the request declares no `grpc-encoding` (or a flag other
+//!   than 0 or 1); all with the bus's reasons, where tonic would answer without one (INTERNAL,
+//!   which reads as the bus's fault, for the flag).
 //!
 //! A failed request ends with its status (DEADLINE_EXCEEDED `receive-timeout`,
 //! RESOURCE_EXHAUSTED `receive-budget`, OUT_OF_RANGE `message-too-large`, INVALID_ARGUMENT
@@ -125,9 +127,13 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> S::Future {
         let whole = !CLIENT_STREAMING_PATHS.contains(&request.uri().path());
+        let encoding_declared = request.headers().contains_key("grpc-encoding");
         let shared = self.shared.clone();
-        self.inner
-            .call(request.map(|body| Body::new(BoundedBody::new(body, shared, whole))))
+        self.inner.call(request.map(|body| {
+            let mut body = BoundedBody::new(body, shared, whole);
+            body.encoding_declared = encoding_declared;
+            Body::new(body)
+        }))
     }
 }
 
@@ -137,6 +143,8 @@ struct BoundedBody {
     shared: Arc<Shared>,
     /// A unary request: the deadline and the budget cover the whole body, not each message.
     whole: bool,
+    /// The request named a `grpc-encoding`, so its messages may have the compressed flag set.
+    encoding_declared: bool,
     /// The current message's prefix bytes seen so far (0 between messages).
     prefix: [u8; PREFIX_BYTES],
     prefix_seen: usize,
@@ -162,6 +170,7 @@ impl BoundedBody {
             inner,
             shared,
             whole,
+            encoding_declared: false,
             prefix: [0; PREFIX_BYTES],
             prefix_seen: 0,
             remaining: 0,
@@ -190,7 +199,20 @@ impl BoundedBody {
                 self.message_bytes += take;
                 data = &data[take..];
                 if self.prefix_seen == PREFIX_BYTES {
-                    let [_, a, b, c, d] = self.prefix;
+                    let [flag, a, b, c, d] = self.prefix;
+                    match flag {
+                        0 => {}
+                        1 if self.encoding_declared => {}
+                        _ => {
+                            return Err(BusError::MalformedRequest {
+                                message: "message".to_owned(),
+                                detail: format!(
+                                    "its compressed flag is {flag}, but the request declares no \
+                                     grpc-encoding (the flag is 0, or 1 with an encoding)"
+                                ),
+                            })
+                        }
+                    }
                     let declared = u32::from_be_bytes([a, b, c, d]) as usize;
                     let limit = self.shared.limits.max_message_bytes;
                     if declared > limit {
@@ -407,6 +429,26 @@ mod tests {
                 declared: 1001,
                 limit: 1000
             })
+        ));
+    }
+
+    #[test]
+    fn a_compressed_flag_needs_a_declared_encoding() {
+        let compressed = |flag: u8| {
+            let mut bytes = message(10);
+            bytes[0] = flag;
+            bytes
+        };
+        assert!(matches!(
+            body(false, 10_000).advance(&compressed(1)),
+            Err(BusError::MalformedRequest { .. })
+        ));
+        let mut declared = body(false, 10_000);
+        declared.encoding_declared = true;
+        declared.advance(&compressed(1)).unwrap();
+        assert!(matches!(
+            declared.advance(&compressed(2)),
+            Err(BusError::MalformedRequest { .. })
         ));
     }
 }

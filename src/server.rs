@@ -23,6 +23,7 @@ use crate::accept::{AcceptLimits, Incoming};
 use crate::auth::{Auth, AuthLayer};
 use crate::broker::Broker;
 use crate::config::{BusConfig, ServerConfig, StorageConfig};
+use crate::content_type::GrpcOnlyLayer;
 use crate::panics::{self, PanicSafeBodyLayer};
 use crate::pb::admin_service_server::AdminServiceServer;
 use crate::pb::event_bus_service_server::EventBusServiceServer;
@@ -41,6 +42,26 @@ use crate::store::{
 const STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
 
+/// The largest header block (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: names plus values plus 32
+/// bytes per field, decoded) a request may carry. Metadata is for tokens, ids and trace context,
+/// a few KiB at most; a bound keeps a client from making the bus decode and hold megabytes of
+/// headers per stream. A larger request is answered HTTP 431 and its stream reset
+/// (REFUSED_STREAM) before any handler runs (`tests/h2_abuse.rs`). Set explicitly, at hyper's
+/// current default, so the bound is the bus's and not a dependency's.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// HTTP/2 rapid reset (CVE-2023-44487): streams a client opened and reset before the bus
+/// accepted them. Past this many pending at once the connection is closed with GOAWAY
+/// ENHANCE_YOUR_CALM, so a client cannot make the bus start work for thousands of streams it has
+/// already cancelled. Set explicitly (it is h2's default) so the bound is part of the bus.
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
+/// Streams the bus itself reset on one connection (a stream over `max_concurrent_streams`
+/// refused with REFUSED_STREAM, a malformed frame) before it closes the connection with GOAWAY
+/// ENHANCE_YOUR_CALM: a client that keeps provoking resets is cut off rather than served
+/// forever. Set explicitly (it is h2's default).
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("grpc transport: {0}")]
@@ -51,6 +72,8 @@ pub enum ServerError {
     Storage(#[from] StoreError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("loading TLS certificates: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("binding the admin listener {addr}: {source}")]
     AdminBind {
         addr: std::net::SocketAddr,
@@ -226,21 +249,40 @@ async fn reload_auth(auth: Auth, path: std::path::PathBuf, broker: Broker) {
 
 /// Serves the admin HTTP listener until the broker shuts down. Its failure is logged; the bus
 /// goes on serving gRPC.
+/// Serves the admin HTTP listener until the broker shuts down, over TLS when `tls` is set
+/// (HTTPS, handshakes under `limits`). Its failure is logged; the bus goes on serving gRPC.
 fn spawn_admin(
     listener: TcpListener,
     broker: Broker,
     health: tonic_health::server::HealthReporter,
+    tls: Option<crate::tls::ReloadableTls>,
+    limits: AcceptLimits,
 ) {
     let addr = listener
         .local_addr()
         .map_or_else(|_| "an unknown address".to_owned(), |a| a.to_string());
-    info!(%addr, "admin listening (/metrics, /healthz, /readyz)");
+    let tls_on = tls.is_some();
+    info!(%addr, tls = tls_on, "admin listening (/metrics, /healthz, /readyz)");
     let stopped = {
         let broker = broker.clone();
         async move { broker.stopped().await }
     };
     tokio::spawn(async move {
-        if let Err(error) = crate::admin::serve(listener, broker, health, stopped).await {
+        let served = match tls {
+            None => crate::admin::serve(listener, broker, health, stopped).await,
+            Some(tls) => {
+                let incoming =
+                    Incoming::new(listener, limits).with_tls(tls, crate::tls::Alpn::Http1);
+                crate::admin::serve(
+                    crate::admin::IncomingListener(incoming),
+                    broker,
+                    health,
+                    stopped,
+                )
+                .await
+            }
+        };
+        if let Err(error) = served {
             tracing::error!(%error, "the admin listener failed");
         }
     });
@@ -302,9 +344,44 @@ pub async fn serve_with_admin(
         tokio::spawn(reload_auth(auth.clone(), path, broker.clone()));
     }
 
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = crate::tls::ReloadableTls::open(files)?;
+            let stopped = {
+                let broker = broker.clone();
+                async move { broker.stopped().await }
+            };
+            tls.spawn_watcher(stopped);
+            match &files.client_ca {
+                Some(ca) => info!(
+                    cert = %files.cert.display(),
+                    client_ca = %ca.display(),
+                    "TLS on, mutual TLS on (client certificates verified, not required); \
+                     reloaded on SIGHUP or file change"
+                ),
+                None => info!(
+                    cert = %files.cert.display(),
+                    "TLS on, mutual TLS off; reloaded on SIGHUP or file change"
+                ),
+            }
+            Some(tls)
+        }
+        None => {
+            info!("TLS off: plaintext gRPC and admin HTTP (--tls-cert, --tls-key to turn it on)");
+            None
+        }
+    };
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(crate::accept::default_max_connections);
+    let limits = AcceptLimits {
+        max_connections,
+        handshake_timeout: config.handshake_timeout,
+    };
+
     tokio::spawn(report_store_failure(broker.clone(), health.clone()));
     if let Some(admin) = admin {
-        spawn_admin(admin, broker.clone(), health.clone());
+        spawn_admin(admin, broker.clone(), health.clone(), tls.clone(), limits);
     }
 
     let stopping = Arc::new(Notify::new());
@@ -325,18 +402,11 @@ pub async fn serve_with_admin(
         }
     };
 
-    let max_connections = config
-        .max_connections
-        .unwrap_or_else(crate::accept::default_max_connections);
     info!(max_connections, "connection limit");
-    let incoming = Incoming::new(
-        listener,
-        AcceptLimits {
-            max_connections,
-            handshake_timeout: config.handshake_timeout,
-        },
-    )
-    .counted_in(broker.metrics().clone());
+    let mut incoming = Incoming::new(listener, limits).counted_in(broker.metrics().clone());
+    if let Some(tls) = tls {
+        incoming = incoming.with_tls(tls, crate::tls::Alpn::Grpc);
+    }
     let addr = local_addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
     info!(%addr, "eventbus listening");
     if auth.is_open() {
@@ -357,10 +427,14 @@ pub async fn serve_with_admin(
         .layer(panics::catch_panics())
         .layer(PanicSafeBodyLayer)
         .layer(receive)
+        .layer(GrpcOnlyLayer)
         .layer(AuthLayer::new(auth))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(health_service)

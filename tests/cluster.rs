@@ -194,6 +194,105 @@ async fn a_query_on_one_node_is_answered_by_a_responder_on_another() {
     responder.abort();
 }
 
+/// With principals, a reply published on another node than the asker's reaches it: that node
+/// cannot see the waiting query, and admits the reply by the inbox (SECURITY.md, "Replies
+/// across nodes").
+#[tokio::test]
+async fn with_principals_a_reply_through_another_node_reaches_the_asker() {
+    use eventbus::auth::{hash_token, AuthConfig, PrincipalConfig};
+    let nats = NatsServer::start();
+    let entry = |name: &str, publish: &[&str], subscribe: &[&str]| PrincipalConfig {
+        name: name.into(),
+        token_hash: Some(hash_token(name)),
+        cert_subject: None,
+        publish: publish.iter().map(|s| s.to_string()).collect(),
+        publish_deny: vec![],
+        subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        subscribe_deny: vec![],
+        groups: None,
+        admin: false,
+        sources: None,
+        limits: None,
+    };
+    let auth = AuthConfig {
+        principals: vec![
+            entry("user-service", &[], &["user.query"]),
+            entry("query-service", &["user.query"], &[]),
+        ],
+        ..AuthConfig::default()
+    };
+    let node = || {
+        TestBus::start_exactly(eventbus::config::ServerConfig {
+            storage: jetstream_storage(&nats),
+            auth: auth.clone(),
+            shutdown_grace: Duration::from_secs(5),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (node().await, node().await);
+    let with_token = |token: &'static str| {
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            Ok(request)
+        }
+    };
+    let mut responder =
+        eventbus::pb::event_bus_service_client::EventBusServiceClient::with_interceptor(
+            b.channel().await,
+            with_token("user-service"),
+        );
+    let mut queries = responder
+        .subscribe(request("user.query"))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(response)) = queries.message().await {
+            let Some(Message::Event(query)) = response.message else {
+                continue;
+            };
+            let answer = pb::Event {
+                source: "user-service".into(),
+                correlation_id: query.correlation_id.clone(),
+                ..event(&query.reply_to, b"answer")
+            };
+            responder
+                .publish(pb::PublishRequest {
+                    events: vec![answer],
+                })
+                .await
+                .unwrap();
+        }
+    });
+    let asker = eventbus::pb::event_bus_service_client::EventBusServiceClient::with_interceptor(
+        a.channel().await,
+        with_token("query-service"),
+    );
+    let reply = eventually("a query answered across nodes", WAIT, || {
+        let mut asker = asker.clone();
+        async move {
+            asker
+                .query(pb::QueryRequest {
+                    event: Some(pb::Event {
+                        source: "query-service".into(),
+                        ..event("user.query", b"?")
+                    }),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 5,
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .ok()
+        }
+    })
+    .await
+    .into_inner();
+    assert_eq!(&reply.reply.unwrap().data[..], b"answer");
+}
+
 #[tokio::test]
 async fn topic_counts_on_every_node_cover_every_node() {
     let nats = NatsServer::start();

@@ -1,6 +1,9 @@
 //! The Rust SDK's runner of the shared client scenarios (`scenarios/*.json`, format in
 //! `scenarios/README.md`): the same behaviours the Python and TypeScript clients are held to, run
-//! against a real bus process.
+//! against a real bus process, or, for a scenario with `cluster`, several bus processes over one
+//! JetStream stream on a nats-server of the test's own.
+
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -50,42 +53,88 @@ fn scenario_files() -> Vec<PathBuf> {
     files
 }
 
-async fn start_bus(settings: Option<&Value>) -> (BusProcess, Client) {
-    let port = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_eventbus"));
-    command
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--storage", "memory", "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+/// The flags of a scenario's `bus` settings (snake_case keys to `--kebab-case`).
+fn bus_flags(settings: Option<&Value>) -> Vec<String> {
+    let mut flags = Vec::new();
     if let Some(Value::Object(settings)) = settings {
         for (key, value) in settings {
             let value = match value {
                 Value::String(text) => text.clone(),
                 other => other.to_string(),
             };
-            command
-                .arg(format!("--{}", key.replace('_', "-")))
-                .arg(value);
+            flags.push(format!("--{}", key.replace('_', "-")));
+            flags.push(value);
         }
     }
-    let bus = BusProcess(command.spawn().expect("start the bus"));
-    let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(client) = Client::builder(&url)
-            .source("scenario-runner")
-            .connect()
-            .await
-        {
-            if client.list_topics(None).await.is_ok() {
-                return (bus, client);
-            }
-        }
-        assert!(Instant::now() < deadline, "the bus did not come up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    flags
 }
+
+/// The buses a scenario runs against, and the nats-server under them if it has a `cluster`.
+struct Buses {
+    nodes: Vec<Option<BusProcess>>,
+    _nats: Option<common::nats::NatsServer>,
+}
+
+/// Starts the scenario's bus (or its `cluster.nodes` bus nodes on one JetStream stream) and a
+/// client that knows every node, node 0 first.
+async fn start_buses(scenario: &Value) -> (Buses, Client) {
+    let settings = bus_flags(scenario.get("bus"));
+    let cluster = scenario.get("cluster");
+    known_keys(cluster.unwrap_or(&Value::Null), &["nodes"], "cluster");
+    let nodes = cluster
+        .map(|c| field(c, "nodes").as_u64().unwrap() as usize)
+        .unwrap_or(1);
+    let nats = cluster.map(|_| common::nats::NatsServer::start());
+    let mut buses = Buses {
+        nodes: Vec::new(),
+        _nats: None,
+    };
+    let mut urls = Vec::new();
+    for _ in 0..nodes {
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_eventbus"));
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--log-level", "warn"])
+            .args(&settings)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match &nats {
+            Some(nats) => command.args(["--storage", "jetstream", "--nats-url", &nats.url]),
+            None => command.args(["--storage", "memory"]),
+        };
+        buses
+            .nodes
+            .push(Some(BusProcess(command.spawn().expect("start the bus"))));
+        urls.push(format!("http://127.0.0.1:{port}"));
+    }
+    buses._nats = nats;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for url in &urls {
+        loop {
+            if let Ok(client) = Client::builder(url.as_str()).connect().await {
+                if client.list_topics(None).await.is_ok() {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the bus at {url} did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let client = Client::builder(urls)
+        .source("scenario-runner")
+        .connect()
+        .await
+        .unwrap();
+    (buses, client)
+}
+
+/// How long a step may keep asking again after errors the client calls retryable (the node it
+/// was on went away): as long as a client moving to another node may take.
+const RETRY_WITHIN: Duration = Duration::from_secs(30);
 
 fn field<'a>(step: &'a Value, name: &str) -> &'a Value {
     step.get(name)
@@ -107,10 +156,10 @@ fn known_keys(object: &Value, known: &[&str], what: &str) {
 async fn run(scenario: &Value) {
     known_keys(
         scenario,
-        &["name", "description", "bus", "steps"],
+        &["name", "description", "bus", "cluster", "steps"],
         "scenario",
     );
-    let (_bus, client) = start_bus(scenario.get("bus")).await;
+    let (mut buses, client) = start_buses(scenario).await;
     let collected: HashMap<String, Arc<Mutex<Collected>>> = HashMap::new();
     let mut collected = collected;
     let stop = CancellationToken::new();
@@ -165,11 +214,23 @@ async fn run(scenario: &Value) {
                             .build()
                     })
                     .collect();
-                if field(step, "batch").as_bool().unwrap() {
-                    client.publish_batch(events).await.unwrap();
+                let batches = if field(step, "batch").as_bool().unwrap() {
+                    vec![events]
                 } else {
-                    for event in events {
-                        client.publish_batch(vec![event]).await.unwrap();
+                    events.into_iter().map(|event| vec![event]).collect()
+                };
+                for batch in batches {
+                    // Asked again with the same ids while the client moves to another node:
+                    // the bus stores each event once.
+                    let deadline = Instant::now() + RETRY_WITHIN;
+                    loop {
+                        match client.publish_batch(batch.clone()).await {
+                            Ok(_) => break,
+                            Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                                tokio::time::sleep(Duration::from_millis(50)).await
+                            }
+                            Err(error) => panic!("publish failed: {error}"),
+                        }
                     }
                 }
             }
@@ -196,6 +257,12 @@ async fn run(scenario: &Value) {
                         .await;
                 }));
             }
+            "kill_node" => {
+                let node = field(step, "node").as_u64().unwrap() as usize;
+                let mut bus = buses.nodes[node].take().expect("a running node");
+                bus.0.kill().unwrap();
+                bus.0.wait().unwrap();
+            }
             "query" => check_query(&client, step).await,
             "receive" => check_receive(&collected, step).await,
             other => panic!("unknown op {other:?}: this runner must learn it"),
@@ -221,13 +288,43 @@ async fn check_query(client: &Client, step: &Value) {
         ],
         "query expect",
     );
+    known_keys(
+        step,
+        &[
+            "op",
+            "topic",
+            "data",
+            "timeout_ms",
+            "retry_within_ms",
+            "expect",
+        ],
+        "query",
+    );
     let data = serde_json::to_vec(field(step, "data")).unwrap();
     let timeout = Duration::from_millis(field(step, "timeout_ms").as_u64().unwrap());
-    let started = Instant::now();
-    let outcome = client
-        .query(field(step, "topic").as_str().unwrap(), data, timeout)
-        .await;
-    let elapsed = started.elapsed();
+    let retry_until = step
+        .get("retry_within_ms")
+        .and_then(Value::as_u64)
+        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    let (outcome, elapsed) = loop {
+        let started = Instant::now();
+        let outcome = client
+            .query(
+                field(step, "topic").as_str().unwrap(),
+                data.clone(),
+                timeout,
+            )
+            .await;
+        let elapsed = started.elapsed();
+        match (&outcome, retry_until) {
+            (Err(error), Some(until))
+                if (error.is_retryable() || error.is_no_responders()) && Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ => break (outcome, elapsed),
+        }
+    };
     if let Some(within) = expect.get("within_ms").and_then(Value::as_u64) {
         assert!(
             elapsed <= Duration::from_millis(within),

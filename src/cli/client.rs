@@ -12,14 +12,28 @@ use tokio::sync::Notify;
 
 use super::{cloudevent, format, json};
 use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyArgs};
-use super::{SubscribeArgs, CLI_SOURCE};
+use super::{ServerArg, SubscribeArgs, CLI_SOURCE};
 use crate::pb;
 use crate::sdk::{
     Client, EventBuilder, ManualAck, Reply, ServeOptions, Start, SubscribeOptions, SubscriptionItem,
 };
 
-async fn connect(server: &str, source: &str) -> anyhow::Result<Client> {
-    Ok(Client::builder(server).source(source).connect().await?)
+/// A client for `server`'s URLs with its TLS and token settings, as `source`.
+pub(super) async fn connect(server: &ServerArg, source: &str) -> anyhow::Result<Client> {
+    let mut builder = Client::builder(&server.server).source(source);
+    if let Some(ca) = &server.tls_ca {
+        builder = builder.tls_ca_file(ca);
+    }
+    match (&server.tls_cert, &server.tls_key) {
+        (Some(cert), Some(key)) => builder = builder.tls_client_cert_files(cert, key),
+        (None, None) => {}
+        (Some(_), None) => anyhow::bail!("--tls-cert needs --tls-key (the certificate's key)"),
+        (None, Some(_)) => anyhow::bail!("--tls-key needs --tls-cert (the key's certificate)"),
+    }
+    if let Some(token) = server.token.as_deref().filter(|token| !token.is_empty()) {
+        builder = builder.token(token);
+    }
+    Ok(builder.connect().await?)
 }
 
 /// The data argument, or stdin when it is `-` or absent.
@@ -81,7 +95,7 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         Some(_) => Bytes::new(),
         None => read_data(args.data.as_deref())?,
     };
-    let client = connect(&args.server.server, &args.event.source).await?;
+    let client = connect(&args.server, &args.event.source).await?;
     let event = match event {
         Some(event) => event,
         None => {
@@ -113,7 +127,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     if args.count == Some(0) {
         return Ok(());
     }
-    let client = connect(&args.server.server, &args.subscriber).await?;
+    let client = connect(&args.server, &args.subscriber).await?;
     let mut options = SubscribeOptions::new()
         .start(args.from.clone())
         .subscriber(&args.subscriber);
@@ -212,7 +226,7 @@ fn print_event(event: &pb::Event, json: Option<&mut LeftOut>) -> anyhow::Result<
 
 pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
     let data = read_data(Some(&args.data))?;
-    let client = connect(&args.server.server, &args.event.source).await?;
+    let client = connect(&args.server, &args.event.source).await?;
     let reply = apply(client.event(&args.topic), &args.event, data)
         .query(args.timeout)
         .await?;
@@ -233,7 +247,7 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
     if args.count == Some(0) {
         return Ok(());
     }
-    let client = connect(&args.server.server, &args.source).await?;
+    let client = connect(&args.server, &args.source).await?;
     let fixed = args.data.map(Bytes::from);
     let answered = Arc::new(AtomicU64::new(0));
     let done = Arc::new(Notify::new());
@@ -283,7 +297,7 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
 }
 
 pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
-    let client = connect(&args.server.server, CLI_SOURCE).await?;
+    let client = connect(&args.server, CLI_SOURCE).await?;
     let topics = client.list_topics(args.pattern.as_deref()).await?;
     if args.json {
         println!("{}", json::topics(&topics));
@@ -294,7 +308,7 @@ pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
 }
 
 pub async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
-    let client = connect(&args.server.server, CLI_SOURCE).await?;
+    let client = connect(&args.server, CLI_SOURCE).await?;
     let graph = client.topology_bounded(args.max_edges).await?;
     let format = if args.json {
         format::TopologyFormat::Json

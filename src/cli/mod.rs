@@ -90,6 +90,18 @@ pub struct ServerArg {
         global = true
     )]
     pub server: String,
+    /// PEM file of a CA to trust for `https://` URLs, besides the system's roots.
+    #[arg(long, env = "EVENTBUS_TLS_CA", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for a bus with mutual TLS (with --tls-key).
+    #[arg(long, env = "EVENTBUS_TLS_CERT", global = true)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "EVENTBUS_TLS_KEY", global = true)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Bearer token sent with every call (`authorization: Bearer <token>`).
+    #[arg(long, env = "EVENTBUS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// `$EVENTBUS_URL` if set (the name the Python and TypeScript clients and the scenario's
@@ -402,6 +414,31 @@ mod tests {
         assert_eq!(args.count, 3);
         assert_eq!(args.server.server, "http://h:1");
         assert_eq!(args.event.source, CLI_SOURCE);
+    }
+
+    #[test]
+    fn client_commands_take_tls_and_token_flags() {
+        let Command::Topics(args) = parse(&[
+            "topics",
+            "--server",
+            "https://bus:443",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-cert",
+            "client.pem",
+            "--tls-key",
+            "client-key.pem",
+            "--token",
+            "s3cret",
+        ]) else {
+            panic!("not topics")
+        };
+        let server = args.server;
+        assert_eq!(server.server, "https://bus:443");
+        assert_eq!(server.tls_ca.as_deref(), Some("ca.pem".as_ref()));
+        assert_eq!(server.tls_cert.as_deref(), Some("client.pem".as_ref()));
+        assert_eq!(server.tls_key.as_deref(), Some("client-key.pem".as_ref()));
+        assert_eq!(server.token.as_deref(), Some("s3cret"));
     }
 
     #[test]

@@ -496,11 +496,10 @@ pub fn check(
     )
 }
 
+/// A client with the command's server, TLS and token settings (the admin verbs need the
+/// `admin` right on a bus with principals).
 async fn connect(server: &ServerArg) -> anyhow::Result<Client> {
-    Ok(Client::builder(&server.server)
-        .source(CLI_SOURCE)
-        .connect()
-        .await?)
+    super::client::connect(server, CLI_SOURCE).await
 }
 
 /// Runs `eventbus groups`.

@@ -6,12 +6,23 @@
 //! that is gone or going fails (UNAVAILABLE, a broken connection). The SDK's own retry loops
 //! (subscriptions resuming, the publisher resending, responders resubscribing) report such
 //! failures with [`Client::fail_over`], so they resume on the next node after their backoff.
+//!
+//! # TLS and tokens
+//! An `https://` URL is always TLS ([`ClientBuilder::tls_ca_pem`] and the other `tls_*`
+//! options add a CA and a client certificate); the SDK never falls back to plaintext for one,
+//! so a bus that does not speak TLS fails the connection. `http://` is plaintext whatever the
+//! `tls_*` options say. [`ClientBuilder::token`] sends `authorization: Bearer <token>` with
+//! every call, on either.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::error::ERROR_REASON_KEY;
 use super::error::{Error, Result};
@@ -30,6 +41,31 @@ pub const DEFAULT_SOURCE: &str = "eventbus-sdk";
 /// (the bus's own event limit is 1 MiB by default, batches hold many).
 const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
+/// The generated bus stub as the SDK uses it: on the node in use, with the client's
+/// [`Credentials`] on every call.
+pub type BusClient = EventBusServiceClient<InterceptedService<Channel, Credentials>>;
+
+/// What the client sends with every call to say who it is: `authorization: Bearer <token>`
+/// when a token is set ([`ClientBuilder::token`]), nothing otherwise.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A handle to the bus. Cheap to clone (a tonic `Channel` multiplexes every call over one
 /// HTTP/2 connection), so clone it into tasks rather than sharing it behind a lock.
 #[derive(Debug, Clone)]
@@ -38,6 +74,8 @@ pub struct Client {
     /// The service name: `Event.source` of everything published through this client, and
     /// `SubscribeRequest.subscriber`, so the bus's topology shows who is who.
     source: Arc<str>,
+    /// Sent with every call.
+    credentials: Credentials,
 }
 
 /// The bus nodes a client may use, and the one it uses now.
@@ -195,6 +233,25 @@ impl<S: AsRef<str>> IntoUrls for &[S] {
     }
 }
 
+/// PEM text, given as bytes or as a file read when the client connects.
+#[derive(Debug, Clone)]
+enum Pem {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+}
+
+impl Pem {
+    fn read(&self, url: &str) -> Result<Vec<u8>> {
+        match self {
+            Pem::Bytes(pem) => Ok(pem.clone()),
+            Pem::File(path) => std::fs::read(path).map_err(|error| Error::Tls {
+                url: url.to_owned(),
+                why: format!("cannot read {}: {error}", path.display()),
+            }),
+        }
+    }
+}
+
 /// Connection settings for a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
@@ -202,6 +259,12 @@ pub struct ClientBuilder {
     source: String,
     connect_timeout: Duration,
     keepalive: Duration,
+    /// A CA trusted for `https://` URLs besides the system's and webpki's roots.
+    tls_ca: Option<Pem>,
+    /// A client certificate (chain) and its key, for mutual TLS.
+    tls_identity: Option<(Pem, Pem)>,
+    /// The bearer token, if any.
+    token: Option<String>,
 }
 
 impl ClientBuilder {
@@ -224,6 +287,73 @@ impl ClientBuilder {
         self
     }
 
+    /// Trusts the CA certificates in `pem` (PEM text) for `https://` URLs, besides the system's
+    /// and webpki's roots.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(Pem::Bytes(pem.into()));
+        self
+    }
+
+    /// As [`ClientBuilder::tls_ca_pem`], from a PEM file read when the client connects (an
+    /// unreadable file fails the connect with [`Error::Tls`]).
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(Pem::File(path.into()));
+        self
+    }
+
+    /// Presents the client certificate `cert` (PEM, leaf first) with its private key `key`
+    /// (PEM) on `https://` URLs, for a bus with mutual TLS.
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls_identity = Some((Pem::Bytes(cert.into()), Pem::Bytes(key.into())));
+        self
+    }
+
+    /// As [`ClientBuilder::tls_client_cert_pem`], from PEM files read when the client connects.
+    pub fn tls_client_cert_files(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_identity = Some((Pem::File(cert.into()), Pem::File(key.into())));
+        self
+    }
+
+    /// Sends `authorization: Bearer <token>` with every call (the bus's principals, see
+    /// README "TLS"). A token that is not a valid header value (control characters) fails the
+    /// connect with [`Error::InvalidToken`].
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    fn credentials(&self) -> Result<Credentials> {
+        let authorization = match &self.token {
+            None => None,
+            Some(token) => Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .map_err(|_| Error::InvalidToken)?,
+            ),
+        };
+        Ok(Credentials { authorization })
+    }
+
+    /// The TLS settings for an `https://` URL: the enabled roots, the CA and the identity.
+    fn tls_config(&self, url: &str) -> Result<ClientTlsConfig> {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &self.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(ca.read(url)?));
+        }
+        if let Some((cert, key)) = &self.tls_identity {
+            tls = tls.identity(Identity::from_pem(cert.read(url)?, key.read(url)?));
+        }
+        Ok(tls)
+    }
+
     fn endpoints(&self) -> Result<Vec<(String, Endpoint)>> {
         if self.urls.is_empty() {
             return Err(Error::Protocol("no bus URL given".into()));
@@ -231,11 +361,19 @@ impl ClientBuilder {
         self.urls
             .iter()
             .map(|url| {
-                let endpoint =
+                let mut endpoint =
                     Endpoint::from_shared(url.clone()).map_err(|source| Error::InvalidUrl {
                         url: url.clone(),
                         source,
                     })?;
+                if endpoint.uri().scheme_str() == Some("https") {
+                    endpoint = endpoint
+                        .tls_config(self.tls_config(url)?)
+                        .map_err(|error| Error::Tls {
+                            url: url.clone(),
+                            why: error.to_string(),
+                        })?;
+                }
                 Ok((
                     url.clone(),
                     endpoint
@@ -252,14 +390,19 @@ impl ClientBuilder {
     /// address fails here rather than at the first call.
     ///
     /// # Errors
-    /// [`Error::InvalidUrl`] for a URL that does not parse; [`Error::Connect`] naming the last
-    /// URL tried when none answers.
+    /// [`Error::InvalidUrl`] for a URL that does not parse; [`Error::Tls`] for TLS files that
+    /// cannot be read; [`Error::Connect`] naming the last URL tried when none answers (an
+    /// `https://` URL of a bus without TLS, or whose certificate does not verify, is one).
     pub async fn connect(self) -> Result<Client> {
         let endpoints = self.endpoints()?;
+        let credentials = self.credentials()?;
         let mut last_error = None;
         for (index, (url, endpoint)) in endpoints.iter().enumerate() {
             match endpoint.connect().await {
-                Ok(channel) => return Ok(Client::on_nodes(endpoints, index, channel, self.source)),
+                Ok(channel) => {
+                    return Ok(Client::on_nodes(endpoints, index, channel, self.source)
+                        .with_credentials(credentials))
+                }
                 Err(source) => {
                     tracing::debug!(%url, error = %source, "bus node does not answer");
                     last_error = Some(Error::Connect {
@@ -274,10 +417,14 @@ impl ClientBuilder {
 
     /// Connects on first use (and reconnects after failures by itself, moving to the next URL
     /// when a node is gone); calls fail with UNAVAILABLE while the bus cannot be reached.
+    ///
+    /// # Errors
+    /// As [`ClientBuilder::connect`], but for the connection itself.
     pub fn connect_lazy(self) -> Result<Client> {
         let endpoints = self.endpoints()?;
+        let credentials = self.credentials()?;
         let channel = endpoints[0].1.connect_lazy();
-        Ok(Client::on_nodes(endpoints, 0, channel, self.source))
+        Ok(Client::on_nodes(endpoints, 0, channel, self.source).with_credentials(credentials))
     }
 }
 
@@ -309,6 +456,9 @@ impl Client {
             source: DEFAULT_SOURCE.to_string(),
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(20),
+            tls_ca: None,
+            tls_identity: None,
+            token: None,
         }
     }
 
@@ -334,7 +484,13 @@ impl Client {
                 }),
             }),
             source: source.into(),
+            credentials: Credentials::default(),
         }
+    }
+
+    fn with_credentials(mut self, credentials: Credentials) -> Client {
+        self.credentials = credentials;
+        self
     }
 
     /// Reports a failed call: when it says the node is gone or going ([`moves_on`]) and the
@@ -356,7 +512,10 @@ impl Client {
             return;
         }
         for _ in 0..nodes.endpoints.len() {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(nodes.channel());
+            let mut health = tonic_health::pb::health_client::HealthClient::with_interceptor(
+                nodes.channel(),
+                self.credentials.clone(),
+            );
             let check = health.check(tonic_health::pb::HealthCheckRequest {
                 service: String::new(),
             });
@@ -386,12 +545,14 @@ impl Client {
     }
 
     /// The generated gRPC stub, for anything the SDK does not wrap, on the node in use now.
-    pub fn bus(&self) -> EventBusServiceClient<Channel> {
-        EventBusServiceClient::new(self.nodes.channel()).max_decoding_message_size(MAX_MESSAGE_SIZE)
+    pub fn bus(&self) -> BusClient {
+        EventBusServiceClient::with_interceptor(self.nodes.channel(), self.credentials.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
     }
 
-    fn admin(&self) -> AdminServiceClient<Channel> {
-        AdminServiceClient::new(self.nodes.channel()).max_decoding_message_size(MAX_MESSAGE_SIZE)
+    fn admin(&self) -> AdminServiceClient<InterceptedService<Channel, Credentials>> {
+        AdminServiceClient::with_interceptor(self.nodes.channel(), self.credentials.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
     }
 
     /// Publishes `data` to `topic` and returns its sequence. See [`Client::event`] for the
@@ -585,5 +746,33 @@ mod url_tests {
             expected
         );
         assert!(Client::builder("").endpoints().is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_goes_with_every_call_as_a_bearer_header() {
+        let builder = Client::builder("http://127.0.0.1:1").token("s3cret");
+        let mut credentials = builder.credentials().unwrap();
+        let request = credentials.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        let mut none = Client::builder("http://127.0.0.1:1").credentials().unwrap();
+        let request = none.call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+        let bad = Client::builder("http://127.0.0.1:1").token("line\nbreak");
+        assert!(matches!(bad.credentials(), Err(Error::InvalidToken)));
+    }
+
+    #[test]
+    fn an_unreadable_ca_file_is_named() {
+        let builder = Client::builder("https://127.0.0.1:1").tls_ca_file("/nonexistent/ca.pem");
+        let error = builder.connect_lazy().unwrap_err().to_string();
+        assert!(error.contains("/nonexistent/ca.pem"), "{error}");
     }
 }

@@ -30,6 +30,18 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The TLS settings cannot be used: a CA or client certificate file that cannot be read
+    /// or holds no PEM.
+    #[error("tls settings for {url}: {why}")]
+    Tls {
+        /// The URL the settings were for.
+        url: String,
+        /// What is wrong, naming the file.
+        why: String,
+    },
+    /// The bearer token cannot be sent: it is not a valid header value (control characters).
+    #[error("the token is not a valid header value (control characters?)")]
+    InvalidToken,
     /// The bus answered a call with an error status (or the transport failed under it).
     #[error("{}", describe_status(.0))]
     Status(tonic::Status),
@@ -67,11 +79,13 @@ impl From<tonic::Status> for Error {
 impl Error {
     /// The gRPC status code this error stands for. Errors that did not come from the bus map
     /// to the code a gRPC client would see for the same failure: a failed connection is
-    /// `Unavailable`, bad input is `InvalidArgument`, a closed publisher is `Cancelled`, a
+    /// `Unavailable`, bad input (TLS settings included) is `InvalidArgument`, a closed publisher is `Cancelled`, a
     /// protocol mismatch is `Internal`, and an error reply is `Unknown` (the responder's own).
     pub fn code(&self) -> Code {
         match self {
-            Error::InvalidUrl { .. } | Error::Json(_) => Code::InvalidArgument,
+            Error::InvalidUrl { .. } | Error::Tls { .. } | Error::InvalidToken | Error::Json(_) => {
+                Code::InvalidArgument
+            }
             Error::Connect { .. } => Code::Unavailable,
             Error::Status(status) | Error::StreamBroken(status) => status.code(),
             Error::Remote { .. } => Code::Unknown,

@@ -60,7 +60,7 @@ mod responder;
 mod subscription;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientBuilder, IntoUrls, DEFAULT_SOURCE};
+pub use client::{BusClient, Client, ClientBuilder, Credentials, IntoUrls, DEFAULT_SOURCE};
 pub use error::{code_name, Error, Result};
 pub use event::{traceparent, EventBuilder, JSON_CONTENT_TYPE};
 pub use publisher::{PendingPublish, Publisher, PublisherOptions};

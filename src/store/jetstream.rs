@@ -639,10 +639,92 @@ async fn update_stream(
         .map_err(|e| no_stream(&e))
 }
 
+/// How long the oldest unacknowledged job may wait before new jobs are held back (see
+/// [`InFlight`]). JetStream acknowledges in milliseconds; a job this late has most likely lost
+/// its acknowledgement to a stream leader that died.
+pub const STALL_AFTER: Duration = Duration::from_millis(500);
+
+/// The jobs sent and not yet resolved (acknowledged, or failed for good), by job number, with
+/// when each was sent. Keeps a node's appends in its call order across a stream leader's death:
+///
+/// - Messages whose leader died get no acknowledgement, and are sent again once their
+///   [`REQUEST_TIMEOUT`] passes. Meanwhile a new leader is elected; a job sent to it before
+///   those resends would be stored ahead of them, and a publisher told "stored" for an earlier
+///   batch would find it later in the stream than a batch it published after.
+/// - So once the oldest job has waited [`STALL_AFTER`], [`publish_jobs`] sends nothing new until
+///   every earlier job is resolved, and a job resends only once every job before it is
+///   resolved ([`InFlight::wait_resolved_before`]). Jobs are resolved in job order, and the
+///   stream holds them in that order.
+///
+/// Pipelining is untouched while acknowledgements come in time; the cost is a pause of new
+/// appends while a stream recovers, which they would spend failing anyway.
+#[derive(Default)]
+struct InFlight {
+    unresolved: Mutex<std::collections::BTreeMap<u64, tokio::time::Instant>>,
+    changed: tokio::sync::Notify,
+}
+
+impl InFlight {
+    fn begin(&self, job: u64) {
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job, tokio::time::Instant::now());
+    }
+
+    fn resolve(&self, job: u64) {
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether the oldest unresolved job was sent more than [`STALL_AFTER`] ago.
+    fn stalled(&self) -> bool {
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .next()
+            .is_some_and(|sent| sent.elapsed() > STALL_AFTER)
+    }
+
+    /// Returns once no job numbered below `job` is unresolved.
+    async fn wait_resolved_before(&self, job: u64) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let oldest = self
+                .unresolved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .next()
+                .copied();
+            if oldest.is_none_or(|oldest| oldest >= job) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
 /// Sends each job's messages in job order (so batches from this node reach the stream in
-/// the order they were begun), then waits for their acknowledgements off the send loop.
+/// the order they were begun), then waits for their acknowledgements off the send loop; holds
+/// new jobs back while an earlier one is stalled ([`InFlight`]).
 async fn publish_jobs(context: jetstream::Context, mut jobs: mpsc::UnboundedReceiver<AppendJob>) {
+    let in_flight = Arc::new(InFlight::default());
+    let mut next_job = 0u64;
     while let Some(job) = jobs.recv().await {
+        let number = next_job;
+        next_job += 1;
+        if in_flight.stalled() {
+            tracing::debug!("an append waits for earlier ones to be acknowledged");
+            in_flight.wait_resolved_before(number).await;
+        }
+        in_flight.begin(number);
         let mut acks = Vec::with_capacity(job.messages.len());
         let mut send_error = None;
         for (subject, payload, id) in &job.messages {
@@ -656,8 +738,13 @@ async fn publish_jobs(context: jetstream::Context, mut jobs: mpsc::UnboundedRece
             }
         }
         let context = context.clone();
+        let in_flight = in_flight.clone();
         tokio::spawn(async move {
-            let result = acknowledged(&context, job.messages, acks).await;
+            let result = acknowledged(&context, job.messages, acks, || {
+                in_flight.wait_resolved_before(number)
+            })
+            .await;
+            in_flight.resolve(number);
             let _ = job.reply.send(result);
         });
     }
@@ -682,11 +769,16 @@ async fn send(
 /// Waits for each message's acknowledgement; a message whose acknowledgement fails is sent
 /// again with the same id (JetStream answers a duplicate with the original's sequence) until
 /// [`APPEND_DEADLINE`].
-async fn acknowledged(
+///
+/// Before its first resend it waits for `earlier_resolved`: every job sent before this one
+/// acknowledged or failed, so resends reach the stream in job order ([`InFlight`]).
+async fn acknowledged<F: Future<Output = ()>>(
     context: &jetstream::Context,
     messages: Vec<(String, Bytes, Option<String>)>,
     acks: Vec<Option<jetstream::context::PublishAckFuture>>,
+    earlier_resolved: impl Fn() -> F,
 ) -> Result<Vec<Appended>, StoreError> {
+    let mut waited_for_earlier = false;
     let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
     let mut appended = Vec::with_capacity(messages.len());
     for ((subject, payload, id), ack) in messages.iter().zip(acks) {
@@ -697,12 +789,18 @@ async fn acknowledged(
                 Some(ack) => ack
                     .await
                     .map_err(|e| failed("JetStream did not acknowledge", e)),
-                None => match send(context, subject, payload, id.as_deref()).await {
-                    Ok(ack) => ack
-                        .await
-                        .map_err(|e| failed("JetStream did not acknowledge", e)),
-                    Err(error) => Err(error),
-                },
+                None => {
+                    if !waited_for_earlier {
+                        earlier_resolved().await;
+                        waited_for_earlier = true;
+                    }
+                    match send(context, subject, payload, id.as_deref()).await {
+                        Ok(ack) => ack
+                            .await
+                            .map_err(|e| failed("JetStream did not acknowledge", e)),
+                        Err(error) => Err(error),
+                    }
+                }
             };
             match attempt {
                 Ok(ack) => {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,6 +26,8 @@ pub struct TestBus {
     _data_dir: Option<tempfile::TempDir>,
     /// The nats-server of a bus on JetStream, stopped when the bus is dropped.
     pub nats: Option<nats::NatsServer>,
+    /// The admin HTTP listener's address, for a bus started with one ([`TestBus::start_tls`]).
+    pub admin_addr: Option<SocketAddr>,
 }
 
 /// What `EVENTBUS_TEST_STORAGE` asks every in-process test bus to run on instead of the memory
@@ -116,6 +119,11 @@ impl TestBus {
         }
     }
 
+    /// Starts a bus exactly as `config` says, whatever `EVENTBUS_TEST_STORAGE` is.
+    pub async fn start_exactly(config: ServerConfig) -> TestBus {
+        TestBus::spawn(config, None, None).await
+    }
+
     /// Starts a bus node on `storage` as given (another node's JetStream stream, say).
     pub async fn start_on(bus: BusConfig, storage: StorageConfig) -> TestBus {
         let config = ServerConfig {
@@ -147,7 +155,41 @@ impl TestBus {
             handle: Some(handle),
             _data_dir: data_dir,
             nats,
+            admin_addr: None,
         }
+    }
+
+    /// Starts a bus on the memory store with TLS on `config.tls` (which must be set) and an
+    /// admin listener on an ephemeral port ([`TestBus::admin_addr`]).
+    pub async fn start_tls(config: ServerConfig) -> TestBus {
+        assert!(config.tls.is_some(), "start_tls needs config.tls");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let broker = eventbus::server::open_broker(&config.bus, &config.storage)
+            .await
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone().cancelled_owned();
+        let handle = tokio::spawn(async move {
+            eventbus::server::serve_with_admin(listener, Some(admin), config, broker, signal)
+                .await
+                .expect("server failed");
+        });
+        TestBus {
+            addr,
+            shutdown,
+            handle: Some(handle),
+            _data_dir: None,
+            nats: None,
+            admin_addr: Some(admin_addr),
+        }
+    }
+
+    /// `https://127.0.0.1:PORT`, for a bus started with TLS.
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -12,6 +12,8 @@
  * to: no duplicates, no gaps while the bus still holds the events, and a fresh start (reported)
  * when the bus's log is another one.
  */
+import { readFileSync } from "node:fs";
+
 import * as grpc from "@grpc/grpc-js";
 
 import {
@@ -26,7 +28,7 @@ import {
   movesOn,
 } from "./errors";
 import { Backoff, type BackoffOptions } from "./backoff";
-import { Nodes, type Failover, type Target } from "./nodes";
+import { Nodes, type Failover, type Security, type Target } from "./nodes";
 import {
   Event,
   Reply,
@@ -78,6 +80,39 @@ export interface BusOptions {
   source?: string;
   /** Called for every move to another node (see {@link Bus}); also logged with `console.warn`. */
   onFailover?: (failover: Failover) => void;
+  /** For `https://` targets: a CA to trust instead of the system's roots, as a PEM file path
+   * or the PEM itself (a Buffer). */
+  tlsCa?: string | Buffer;
+  /** For `https://` targets of a bus with mutual TLS: the client certificate (PEM, leaf
+   * first) and its key, each a file path or a Buffer; both or neither. */
+  tlsCert?: string | Buffer;
+  tlsKey?: string | Buffer;
+  /** Sent with every call as `authorization: Bearer <token>`. */
+  token?: string;
+}
+
+/** A PEM option as bytes: a Buffer as it is, a string as a file path to read. Throws naming the
+ * option when the file cannot be read. */
+function readPem(value: string | Buffer | undefined, option: string): Buffer | undefined {
+  if (value === undefined || Buffer.isBuffer(value)) return value;
+  try {
+    return readFileSync(value);
+  } catch (error) {
+    throw new Error(`${option}: cannot read ${value}: ${(error as Error).message}`);
+  }
+}
+
+/** The credentials of {@link BusOptions}, read once for every node of a client. */
+function securityOf(options: BusOptions): Security {
+  if ((options.tlsCert === undefined) !== (options.tlsKey === undefined)) {
+    throw new Error("tlsCert and tlsKey go together (a client certificate and its key)");
+  }
+  return {
+    tlsCa: readPem(options.tlsCa, "tlsCa"),
+    tlsCert: readPem(options.tlsCert, "tlsCert"),
+    tlsKey: readPem(options.tlsKey, "tlsKey"),
+    token: options.token || undefined,
+  };
 }
 
 export interface SubscribeOptions {
@@ -166,25 +201,25 @@ export interface QueryOptions extends Omit<EventInit, "topic" | "data"> {
 
 /** Accepts `host:port`, `http://host:port` (plaintext) or `https://host:port` (TLS); nothing
  * means the first of {@link parseTargets}. */
-export function parseTarget(target?: string): Target {
-  if (!target) return parseTargets()[0];
+export function parseTarget(target?: string, security?: Security): Target {
+  if (!target) return parseTargets(undefined, security)[0];
   const value = target.trim();
   const tls = value.startsWith("https://");
   const address = value.replace(/^https?:\/\//, "").replace(/\/+$/, "");
-  return { address, tls };
+  return security === undefined ? { address, tls } : { address, tls, security };
 }
 
 /** The bus's nodes: `"http://a:50051"`, `"http://a:50051,http://b:50051"` or a list (each entry
  * as {@link parseTarget} takes it; it may hold commas too). Nothing (or empty) means
  * `$EVENTBUS_URL`, else `$EVENTBUS_SERVER`, else `127.0.0.1:50051`. */
-export function parseTargets(targets?: string | string[]): Target[] {
+export function parseTargets(targets?: string | string[], security?: Security): Target[] {
   const split = (text: string) => text.split(",").map((part) => part.trim()).filter((part) => part !== "");
   let parts = (typeof targets === "string" ? [targets] : targets ?? []).flatMap(split);
   if (parts.length === 0) {
     parts = split(process.env[URL_ENV] || process.env[SERVER_ENV] || DEFAULT_TARGET);
   }
   if (parts.length === 0) parts = [DEFAULT_TARGET];
-  return parts.map((part) => parseTarget(part));
+  return parts.map((part) => parseTarget(part, security));
 }
 
 function unary<Req, Res>(
@@ -220,9 +255,10 @@ export class Bus {
 
   /** `target`: `host:port`, `http://host:port` or `https://host:port`; several nodes as a list
    * or one comma-separated string. Defaults to `$EVENTBUS_URL`, else `$EVENTBUS_SERVER`, else
-   * `127.0.0.1:50051`. */
+   * `127.0.0.1:50051`. An `https://` target is always TLS, never plaintext (see
+   * {@link BusOptions.tlsCa}); a TLS file that cannot be read throws here. */
   constructor(target?: string | string[], options: BusOptions = {}) {
-    this.nodes = new Nodes(parseTargets(target), options.onFailover);
+    this.nodes = new Nodes(parseTargets(target, securityOf(options)), options.onFailover);
     this.source = options.source ?? "node-client";
   }
 

@@ -41,10 +41,39 @@ export interface Failover {
   afterSequence?: bigint;
 }
 
-/** One node: where it is and its clients. */
+/** What a client sends to say who it is and whom it trusts (see `BusOptions`): for TLS
+ * targets a CA and a client certificate with its key (PEM); on every call the bearer token. */
+export interface Security {
+  tlsCa?: Buffer;
+  tlsCert?: Buffer;
+  tlsKey?: Buffer;
+  token?: string;
+}
+
+/** One node: where it is, whether it is TLS (always, for `https://`: never plaintext), and the
+ * credentials. */
 export interface Target {
   address: string;
   tls: boolean;
+  security?: Security;
+}
+
+/** The channel credentials and client options for `target`. */
+function connection(target: Target): [grpc.ChannelCredentials, grpc.ClientOptions] {
+  const security = target.security ?? {};
+  const credentials = target.tls
+    ? grpc.credentials.createSsl(security.tlsCa ?? null, security.tlsKey ?? null, security.tlsCert ?? null)
+    : grpc.credentials.createInsecure();
+  const token = security.token;
+  if (!token) return [credentials, CHANNEL_OPTIONS];
+  const withToken: grpc.Interceptor = (options, nextCall) =>
+    new grpc.InterceptingCall(nextCall(options), {
+      start(metadata, listener, next) {
+        metadata.set("authorization", `Bearer ${token}`);
+        next(metadata, listener);
+      },
+    });
+  return [credentials, { ...CHANNEL_OPTIONS, interceptors: [withToken] }];
 }
 
 interface Clients {
@@ -78,11 +107,11 @@ export class Nodes {
     let clients = this.clients.get(index);
     if (!clients) {
       const target = this.targets[index];
-      const credentials = target.tls ? grpc.credentials.createSsl() : grpc.credentials.createInsecure();
+      const [credentials, options] = connection(target);
       const loaded = protos();
       clients = {
-        bus: new loaded.eventbus.v1.EventBusService(target.address, credentials, CHANNEL_OPTIONS),
-        health: new loaded.grpc.health.v1.Health(target.address, credentials, CHANNEL_OPTIONS),
+        bus: new loaded.eventbus.v1.EventBusService(target.address, credentials, options),
+        health: new loaded.grpc.health.v1.Health(target.address, credentials, options),
       };
       // A client made after close() is closed at once: its calls fail with CANCELLED-like errors.
       if (this.closed) {

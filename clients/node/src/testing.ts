@@ -3,7 +3,7 @@
  * until its health check says SERVING, and stops it at the end. The binary is `$EVENTBUS_BIN`,
  * else `target/debug/eventbus` of this repository (the test script builds it first).
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import * as net from "node:net";
 import { tmpdir } from "node:os";
@@ -46,25 +46,52 @@ export async function waitFor<T>(condition: () => T | Promise<T>, timeoutMs = 10
   }
 }
 
+/** PEM files made by {@link makeTestCertificates}: a CA, and a server certificate it signed for
+ * `127.0.0.1` and `localhost` with its key. */
+export interface TestCertificates {
+  ca: string;
+  cert: string;
+  key: string;
+}
+
+/** Makes a throwaway CA and server certificate (ECDSA P-256, valid one day) in a new temporary
+ * directory with the `openssl` command, at test time, so no private key is ever committed. */
+export function makeTestCertificates(): TestCertificates {
+  const dir = mkdtempSync(path.join(tmpdir(), "eventbus-tls-"));
+  const run = (...args: string[]) => execFileSync("openssl", args, { cwd: dir, stdio: "pipe" });
+  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+  run("req", "-x509", ...ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=test CA", "-days", "1");
+  run("req", ...ec, "-keyout", "key.pem", "-out", "server.csr", "-subj", "/CN=eventbus");
+  writeFileSync(path.join(dir, "server.ext"),
+    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
+  run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+    "-out", "cert.pem", "-days", "1", "-extfile", "server.ext");
+  return { ca: path.join(dir, "ca.pem"), cert: path.join(dir, "cert.pem"), key: path.join(dir, "key.pem") };
+}
+
 /** `eventbus serve` on 127.0.0.1 and a free port; settings are serve flags in snake_case, e.g.
- * `{ subscriber_queue_size: 1 }` becomes `--subscriber-queue-size 1`. */
+ * `{ subscriber_queue_size: 1 }` becomes `--subscriber-queue-size 1`. With `tls` it serves TLS
+ * with those certificates and {@link url} is `https://`. */
 export class BusProcess {
   port = 0;
   private child: ChildProcess | undefined;
   private output = "";
 
-  constructor(readonly settings: Record<string, string | number> = {}) {}
+  constructor(readonly settings: Record<string, string | number> = {}, readonly tls?: TestCertificates) {
+    if (tls) this.settings = { tls_cert: tls.cert, tls_key: tls.key, ...settings };
+  }
 
   get address(): string {
     return `127.0.0.1:${this.port}`;
   }
 
   get url(): string {
-    return `http://${this.address}`;
+    return `${this.tls ? "https" : "http"}://${this.address}`;
   }
 
-  static async start(settings: Record<string, string | number> = {}): Promise<BusProcess> {
-    const bus = new BusProcess(settings);
+  static async start(settings: Record<string, string | number> = {},
+    tls?: TestCertificates): Promise<BusProcess> {
+    const bus = new BusProcess(settings, tls);
     await bus.start();
     return bus;
   }
@@ -86,7 +113,7 @@ export class BusProcess {
     this.child = child;
     child.stdout?.on("data", (chunk: Buffer) => (this.output += chunk.toString()));
     child.stderr?.on("data", (chunk: Buffer) => (this.output += chunk.toString()));
-    const client = new Bus(this.address);
+    const client = this.tls ? new Bus(this.url, { tlsCa: this.tls.ca }) : new Bus(this.address);
     try {
       await client.waitReady(timeoutMs);
     } catch (error) {

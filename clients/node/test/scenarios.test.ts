@@ -1,5 +1,6 @@
 /** The shared scenarios (`scenarios/*.json`, format in scenarios/README.md) run with the
- * TypeScript client: one test per file, each against its own bus process. */
+ * TypeScript client: one test per file, each against its own bus process, or for a scenario with
+ * `cluster` its own bus nodes over one JetStream stream on a nats-server of its own. */
 import assert from "node:assert/strict";
 import { readdirSync, readFileSync } from "node:fs";
 import * as path from "node:path";
@@ -9,13 +10,14 @@ import {
   Bus,
   BusError,
   NoRespondersError,
+  NodeUnavailableError,
   QueryTimeoutError,
   type Event,
   type Json,
   type Responder,
   type Subscription,
 } from "../src";
-import { BusProcess, REPO_ROOT, waitFor } from "../src/testing";
+import { BusProcess, NatsServer, REPO_ROOT, waitFor } from "../src/testing";
 
 const SCENARIOS = path.join(REPO_ROOT, "scenarios");
 const FILES = readdirSync(SCENARIOS).filter((name) => name.endsWith(".json")).sort();
@@ -27,6 +29,25 @@ const ERRORS: Record<string, new (...args: never[]) => BusError> = {
 };
 const QUERY_EXPECT = new Set(["reply", "reply_type", "error", "status", "within_ms", "after_ms"]);
 const RECEIVE_EXPECT = new Set(["n_range", "in_order", "each_at_least", "resumed"]);
+const SCENARIO_KEYS = new Set(["name", "description", "bus", "cluster", "steps"]);
+const QUERY_KEYS = new Set(["op", "topic", "data", "timeout_ms", "retry_within_ms", "expect"]);
+/** How long a step asks again after errors the client calls retryable (its node went away). */
+const RETRY_WITHIN_MS = 30_000;
+
+/** `call()`, asked again while it rejects with NodeUnavailableError (or `also`), for up to
+ * `withinMs`. */
+async function retrying<T>(call: () => Promise<T>, withinMs: number, also: (new (...args: never[]) => Error)[] = []): Promise<T> {
+  const deadline = Date.now() + withinMs;
+  for (;;) {
+    try {
+      return await call();
+    } catch (error) {
+      const retryable = error instanceof NodeUnavailableError || also.some((kind) => error instanceof kind);
+      if (!retryable || Date.now() >= deadline) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+}
 
 type Step = Record<string, any>;
 
@@ -49,7 +70,7 @@ class Runner {
   readonly collectors = new Map<string, Collector>();
   readonly responders: Responder[] = [];
 
-  constructor(readonly bus: Bus) {}
+  constructor(readonly bus: Bus, readonly nodes: BusProcess[]) {}
 
   async close(): Promise<void> {
     for (const collector of this.collectors.values()) collector.subscription.close();
@@ -63,10 +84,14 @@ class Runner {
         return;
       case "publish": {
         const events = Array.from({ length: step.count }, (_, i) => ({ topic: step.topic, data: { n: step.first + i } }));
-        if (step.batch) await this.bus.publishBatch(events);
-        else for (const event of events) await this.bus.publishBatch([event]);
+        const batches = step.batch ? [events] : events.map((event) => [event]);
+        // Asked again while the client moves to another node: each event is stored once.
+        for (const batch of batches) await retrying(() => this.bus.publishBatch(batch), RETRY_WITHIN_MS);
         return;
       }
+      case "kill_node":
+        await this.nodes[step.node].stop(15_000, "SIGKILL");
+        return;
       case "serve":
         this.responders.push(await this.bus.serve(step.topic, step.group, (query) => ({ echo: query.json() })));
         return;
@@ -85,8 +110,10 @@ class Runner {
     const started = performance.now();
     let reply: Event | undefined;
     let error: unknown;
+    for (const key of Object.keys(step)) assert.ok(QUERY_KEYS.has(key), `unknown query key ${key}`);
+    const ask = () => this.bus.query(step.topic, step.data as Json, { timeoutMs: step.timeout_ms });
     try {
-      reply = await this.bus.query(step.topic, step.data as Json, { timeoutMs: step.timeout_ms });
+      reply = "retry_within_ms" in step ? await retrying(ask, step.retry_within_ms, [NoRespondersError]) : await ask();
     } catch (caught) {
       error = caught;
     }
@@ -139,18 +166,34 @@ class Runner {
   }
 }
 
+/** The scenario's bus, or its `cluster.nodes` bus nodes on one JetStream stream (and their
+ * nats-server, to stop after them). */
+async function startBuses(scenario: Step): Promise<{ nodes: BusProcess[]; nats?: NatsServer }> {
+  const settings = scenario.bus ?? {};
+  if (!scenario.cluster) return { nodes: [await BusProcess.start(settings)] };
+  for (const key of Object.keys(scenario.cluster)) assert.equal(key, "nodes", `unknown cluster key ${key}`);
+  const nats = await NatsServer.start();
+  const nodes: BusProcess[] = [];
+  for (let i = 0; i < scenario.cluster.nodes; i++) {
+    nodes.push(await BusProcess.start({ ...settings, storage: "jetstream", nats_url: nats.url }));
+  }
+  return { nodes, nats };
+}
+
 for (const file of FILES) {
   const scenario = JSON.parse(readFileSync(path.join(SCENARIOS, file), "utf8"));
   test(`scenario ${scenario.name}`, async () => {
-    const bus = await BusProcess.start(scenario.bus ?? {});
-    const client = new Bus(bus.address, { source: `scenario-${scenario.name}` });
-    const runner = new Runner(client);
+    for (const key of Object.keys(scenario)) assert.ok(SCENARIO_KEYS.has(key), `unknown scenario key ${key}`);
+    const { nodes, nats } = await startBuses(scenario);
+    const client = new Bus(nodes.map((node) => node.url), { source: `scenario-${scenario.name}` });
+    const runner = new Runner(client, nodes);
     try {
       for (const step of scenario.steps as Step[]) await runner.run(step);
     } finally {
       await runner.close();
       client.close();
-      await bus.stop();
+      for (const node of nodes) await node.stop();
+      await nats?.stop();
     }
   });
 }

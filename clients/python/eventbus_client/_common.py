@@ -1,6 +1,7 @@
-"""What the blocking and the asyncio clients share: target parsing, channel options, the rule
-for which broken subscriptions are resumed and from where, and the choice of the next bus node
-when one fails (:class:`Endpoints`)."""
+"""What the blocking and the asyncio clients share: target parsing, channel options and
+credentials (:class:`Security`: TLS for ``https://`` targets, a bearer token), the rule for
+which broken subscriptions are resumed and from where, and the choice of the next bus node when
+one fails (:class:`Endpoints`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import os
 import random
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -75,23 +77,74 @@ _NOT_RETRYABLE = frozenset({
 })
 
 
+#: A PEM given as a file path or as the PEM bytes themselves.
+Pem = str | os.PathLike[str] | bytes
+
+
+def _pem(value: Pem | None, option: str) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as error:
+        raise ValueError(f"{option}: cannot read {value}: {error}") from None
+
+
+@dataclass(frozen=True)
+class Security:
+    """What a client sends to say who it is and whom it trusts: for ``https://`` targets a CA
+    (PEM, trusted instead of the system's roots) and a client certificate with its key (PEM,
+    for a bus with mutual TLS); on every call, ``authorization: Bearer <token>`` if a token is
+    set. The TLS settings do not apply to plaintext (``http://``) targets."""
+
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    token: str | None = field(default=None, repr=False)
+
+    @staticmethod
+    def of(tls_ca: Pem | None = None, tls_cert: Pem | None = None, tls_key: Pem | None = None,
+           token: str | None = None) -> Security:
+        """Reads the files among ``tls_ca``, ``tls_cert``, ``tls_key`` (paths, or PEM bytes as
+        they are). Raises ``ValueError`` naming the option for a file that cannot be read, or
+        for ``tls_cert`` without ``tls_key`` (or the other way)."""
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (a client certificate and its "
+                             "key)")
+        return Security(_pem(tls_ca, "tls_ca"), _pem(tls_cert, "tls_cert"),
+                        _pem(tls_key, "tls_key"), token or None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """TLS credentials for an ``https://`` target."""
+        return grpc.ssl_channel_credentials(root_certificates=self.tls_ca,
+                                            private_key=self.tls_key,
+                                            certificate_chain=self.tls_cert)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """What every call carries: the bearer token, if any."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where the bus is: grpcio's ``host:port`` and whether to use TLS."""
+    """Where the bus is: grpcio's ``host:port``, whether to use TLS (always, for an
+    ``https://`` target: never plaintext), and the credentials."""
 
     address: str
     tls: bool
+    security: Security = field(default_factory=Security, compare=False)
 
 
-def parse_target(target: str | None) -> Target:
+def parse_target(target: str | None, security: Security | None = None) -> Target:
     """Accepts ``host:port``, ``http://host:port`` (plaintext) or ``https://host:port`` (TLS);
     ``None`` means the first of :func:`parse_targets`."""
+    security = security or Security()
     if not target:
-        return parse_targets(None)[0]
+        return parse_targets(None, security)[0]
     value = target.strip()
     if value.startswith("https://"):
-        return Target(value.removeprefix("https://").rstrip("/"), tls=True)
-    return Target(value.removeprefix("http://").rstrip("/"), tls=False)
+        return Target(value.removeprefix("https://").rstrip("/"), tls=True, security=security)
+    return Target(value.removeprefix("http://").rstrip("/"), tls=False, security=security)
 
 
 #: What a client may be given as its bus: one endpoint, several separated by commas in one
@@ -99,7 +152,7 @@ def parse_target(target: str | None) -> Target:
 Targets = str | Sequence[str] | None
 
 
-def parse_targets(targets: Targets) -> list[Target]:
+def parse_targets(targets: Targets, security: Security | None = None) -> list[Target]:
     """The bus's nodes: ``"http://a:50051"``, ``"http://a:50051,http://b:50051"`` or a list
     (each entry as :func:`parse_target` takes it, and may itself hold commas). ``None`` (or
     empty) means ``$EVENTBUS_URL``, else ``$EVENTBUS_SERVER``, else ``127.0.0.1:50051``."""
@@ -113,11 +166,7 @@ def parse_targets(targets: Targets) -> list[Target]:
     if not parts:
         env = os.environ.get(URL_ENV) or os.environ.get(SERVER_ENV) or DEFAULT_TARGET
         parts = [part.strip() for part in env.split(",") if part.strip()] or [DEFAULT_TARGET]
-    return [parse_target(part) for part in parts]
-
-
-def secure_credentials() -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials()
+    return [parse_target(part, security) for part in parts]
 
 
 #: The bus's own query timeout, in seconds, when a query names none.

@@ -6,6 +6,8 @@ which runs on blocking channels)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,15 +19,54 @@ from ._common import (
     Endpoints,
     FailoverHook,
     Target,
-    secure_credentials,
 )
 from ._proto import eventbus_pb2_grpc as pb_grpc
 
 
+class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    def __init__(self, details: grpc.ClientCallDetails,
+                 metadata: Sequence[tuple[str, str]]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = [*(details.metadata or ()), *metadata]
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = getattr(details, "compression", None)
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+                grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+                grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+                grpc.StreamStreamClientInterceptor):  # type: ignore[misc]
+    """Adds the client's metadata (the bearer token) to every call."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = metadata
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_CallDetails(details, self._metadata), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_CallDetails(details, self._metadata), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(_CallDetails(details, self._metadata), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(_CallDetails(details, self._metadata), requests)
+
+
 def _channel(target: Target) -> grpc.Channel:
+    security = target.security
     if target.tls:
-        return grpc.secure_channel(target.address, secure_credentials(), options=CHANNEL_OPTIONS)
-    return grpc.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+        channel = grpc.secure_channel(target.address, security.channel_credentials(),
+                                      options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+    metadata = security.metadata()
+    if metadata:
+        return grpc.intercept_channel(channel, _Metadata(metadata))
+    return channel
 
 
 class Nodes:

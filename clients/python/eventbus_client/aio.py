@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar, Union
 
 import grpc
@@ -32,8 +32,9 @@ from ._common import (
     is_group_elsewhere,
     is_retryable,
     moves_on,
+    Pem,
+    Security,
     parse_targets,
-    secure_credentials,
 )
 from ._nodes import Nodes
 from ._proto import eventbus_pb2 as pb
@@ -65,11 +66,62 @@ log = logging.getLogger(__name__)
 AsyncHandler = Callable[[Event], Union["Reply | Data", Awaitable["Reply | Data"]]]
 
 
+def _with_metadata(details: grpc.aio.ClientCallDetails,
+                   metadata: Sequence[tuple[str, str]]) -> grpc.aio.ClientCallDetails:
+    entries = grpc.aio.Metadata(*tuple(details.metadata or ()), *metadata)
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, entries,
+                                      details.credentials, details.wait_for_ready)
+
+
+class _UnaryUnaryMetadata(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = metadata
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_metadata(details, self._metadata), request)
+
+
+class _UnaryStreamMetadata(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = metadata
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_metadata(details, self._metadata), request)
+
+
+class _StreamUnaryMetadata(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = metadata
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any,
+                                     requests: Any) -> Any:
+        return await continuation(_with_metadata(details, self._metadata), requests)
+
+
+class _StreamStreamMetadata(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = metadata
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any,
+                                      requests: Any) -> Any:
+        return await continuation(_with_metadata(details, self._metadata), requests)
+
+
 def _aio_channel(target: Target) -> grpc.aio.Channel:
+    """A channel to ``target``: TLS for an ``https://`` target (never plaintext), the bearer
+    token on every call if set. grpc.aio files an interceptor under one kind only, hence one
+    per kind."""
+    security = target.security
+    metadata = security.metadata()
+    interceptors = [kind(metadata) for kind in (_UnaryUnaryMetadata, _UnaryStreamMetadata,
+                                                 _StreamUnaryMetadata, _StreamStreamMetadata)]
+    if not metadata:
+        interceptors = []
     if target.tls:
-        return grpc.aio.secure_channel(target.address, secure_credentials(),
-                                       options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(target.address, security.channel_credentials(),
+                                       options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS,
+                                     interceptors=interceptors)
 
 
 class AsyncNodes:
@@ -124,8 +176,10 @@ class AsyncBus:
     inside a running event loop."""
 
     def __init__(self, target: Targets = None, *, source: str = "python-client",
-                 on_failover: FailoverHook | None = None) -> None:
-        self._targets = parse_targets(target)
+                 on_failover: FailoverHook | None = None, tls_ca: Pem | None = None,
+                 tls_cert: Pem | None = None, tls_key: Pem | None = None,
+                 token: str | None = None) -> None:
+        self._targets = parse_targets(target, Security.of(tls_ca, tls_cert, tls_key, token))
         self._on_failover = on_failover
         self._nodes = AsyncNodes(self._targets, on_failover)
         self.source = source

@@ -39,8 +39,9 @@ from ._common import (
     is_group_elsewhere,
     is_retryable,
     moves_on,
+    Pem,
+    Security,
     parse_targets,
-    secure_credentials,
 )
 from ._proto import eventbus_pb2 as pb
 from ._nodes import Nodes
@@ -96,11 +97,19 @@ class Bus:
 
     ``source`` names this service: it is the ``source`` of the events it publishes and its name
     in the bus's topology.
+
+    An ``https://`` target is always TLS, never plaintext: ``tls_ca`` is a CA to trust instead
+    of the system's roots, ``tls_cert`` and ``tls_key`` a client certificate for a bus with
+    mutual TLS (each a file path, or the PEM bytes). ``token`` is sent with every call as
+    ``authorization: Bearer <token>``. A file that cannot be read raises ``ValueError``.
     """
 
     def __init__(self, target: Targets = None, *, source: str = "python-client",
-                 on_failover: FailoverHook | None = None) -> None:
-        self._nodes = Nodes(parse_targets(target), on_failover)
+                 on_failover: FailoverHook | None = None, tls_ca: Pem | None = None,
+                 tls_cert: Pem | None = None, tls_key: Pem | None = None,
+                 token: str | None = None) -> None:
+        self._nodes = Nodes(parse_targets(target, Security.of(tls_ca, tls_cert, tls_key, token)),
+                            on_failover)
         self.source = source
 
     @property

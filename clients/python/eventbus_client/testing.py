@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -60,13 +61,51 @@ def free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class TestCertificates:
+    """PEM files made by :func:`make_test_certificates`: a CA, and a server certificate it
+    signed for ``127.0.0.1`` and ``localhost`` with its key."""
+
+    __test__ = False  # not a pytest test class
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_test_certificates(directory: Path) -> TestCertificates:
+    """Makes a throwaway CA and server certificate (ECDSA P-256, valid one day) in
+    ``directory`` with the ``openssl`` command, at test time, so no private key is ever
+    committed. Raises ``FileNotFoundError`` when ``openssl`` is not installed."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise FileNotFoundError("the openssl command is needed to make test certificates")
+    directory = Path(directory)
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, cwd=directory, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=test CA",
+        "-days", "1")
+    run("req", *ec, "-keyout", "key.pem", "-out", "server.csr", "-subj", "/CN=eventbus")
+    (directory / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "cert.pem", "-days", "1", "-extfile", "server.ext")
+    return TestCertificates(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+
+
 class BusProcess:
     """``eventbus serve`` on 127.0.0.1 and a free port. ``settings`` are serve flags without
     dashes, e.g. ``subscriber_queue_size=1`` becomes ``--subscriber-queue-size 1``. A test bus
     keeps its log in memory unless ``storage`` is given (``storage="file", data_dir=...`` for
-    one that survives :meth:`restart`)."""
+    one that survives :meth:`restart`). With ``tls`` it serves TLS with those certificates
+    (:func:`make_test_certificates`) and :attr:`url` is ``https://``."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, tls: TestCertificates | None = None, **settings: Any) -> None:
+        self.tls = tls
+        if tls is not None:
+            settings = {"tls_cert": tls.cert, "tls_key": tls.key, **settings}
         self.settings = settings
         self.port = 0
         #: Set by :meth:`restart`: start again on the same port, so clients reconnect.
@@ -81,8 +120,9 @@ class BusProcess:
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``, as the Rust CLI and ``EVENTBUS_SERVER`` take it."""
-        return f"http://{self.address}"
+        """``http://127.0.0.1:PORT`` (``https://`` with TLS), as the Rust CLI and
+        ``EVENTBUS_SERVER`` take it."""
+        return f"{'https' if self.tls else 'http'}://{self.address}"
 
     def start(self, timeout: float = 15.0) -> BusProcess:
         """Starts the bus and returns once it serves. A port taken between choosing it and the
@@ -100,7 +140,9 @@ class BusProcess:
                 args += [f"--{key.replace('_', '-')}", str(value)]
             self._log = tempfile.TemporaryFile()
             self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
-            with Bus(self.address) as bus:
+            probe = (Bus(self.url, tls_ca=self.tls.ca) if self.tls is not None
+                     else Bus(self.address))
+            with probe as bus:
                 try:
                     bus.wait_ready(timeout)
                     return self

@@ -166,7 +166,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     store = ProductStore(options.db)
-    with Bus(options.bus, source=SERVICE) as bus:
+    # Credentials as the Rust scenario services read them (README "TLS").
+    with Bus(options.bus, source=SERVICE, token=os.environ.get("EVENTBUS_TOKEN") or None,
+             tls_ca=os.environ.get("EVENTBUS_TLS_CA") or None,
+             tls_cert=os.environ.get("EVENTBUS_TLS_CERT") or None,
+             tls_key=os.environ.get("EVENTBUS_TLS_KEY") or None) as bus:
         bus.wait_ready(timeout=30.0)
         added = store.seed(load_fixture(options.fixture))
         # Change events go out before queries are answered, so a client that got an answer

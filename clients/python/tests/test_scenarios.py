@@ -1,11 +1,14 @@
 """The shared scenarios (``scenarios/*.json``, format in scenarios/README.md) run with the Python
-client: one test per file, each against its own bus process."""
+client: one test per file, each against its own bus process, or for a scenario with ``cluster``
+its own bus nodes over one JetStream stream on a nats-server of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,13 @@ from eventbus_client import (
     BusError,
     Event,
     NoResponders,
+    NodeUnavailable,
     QueryTimeout,
     Responder,
     Subscription,
     new_event,
 )
-from eventbus_client.testing import BusProcess, wait_for
+from eventbus_client.testing import BusProcess, NatsServer, wait_for
 
 SCENARIOS = Path(__file__).resolve().parents[3] / "scenarios"
 FILES = sorted(SCENARIOS.glob("*.json"))
@@ -33,6 +37,22 @@ ERRORS: dict[str, type[BusError]] = {
     "query-timeout": QueryTimeout,
 }
 QUERY_EXPECT = {"reply", "reply_type", "error", "status", "within_ms", "after_ms"}
+SCENARIO_KEYS = {"name", "description", "bus", "cluster", "steps"}
+#: How long a step asks again after errors the client calls retryable (its node went away).
+RETRY_WITHIN = 30.0
+
+
+def retrying(call: Callable[[], Any], within: float, also: tuple[type[BaseException], ...] = ()) -> Any:
+    """``call()``, asked again while it raises :class:`NodeUnavailable` (or ``also``), for up to
+    ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return call()
+        except (NodeUnavailable, *also):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 RECEIVE_EXPECT = {"n_range", "in_order", "each_at_least", "resumed"}
 
 
@@ -56,8 +76,9 @@ class Collector:
 
 
 class Runner:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, nodes: list[BusProcess]) -> None:
         self.bus = bus
+        self.nodes = nodes
         self.collectors: dict[str, Collector] = {}
         self.responders: list[Responder] = []
 
@@ -76,11 +97,13 @@ class Runner:
 
     def op_publish(self, step: dict[str, Any]) -> None:
         events = [new_event(step["topic"], {"n": step["first"] + i}) for i in range(step["count"])]
-        if step["batch"]:
-            self.bus.publish_batch(events)
-        else:
-            for event in events:
-                self.bus.publish_batch([event])
+        batches = [events] if step["batch"] else [[event] for event in events]
+        for batch in batches:
+            # Asked again with the same ids while the client moves: each is stored once.
+            retrying(lambda: self.bus.publish_batch(batch), RETRY_WITHIN)
+
+    def op_kill_node(self, step: dict[str, Any]) -> None:
+        self.nodes[step["node"]].kill()
 
     def op_serve(self, step: dict[str, Any]) -> None:
         self.responders.append(
@@ -92,8 +115,17 @@ class Runner:
         started = time.monotonic()
         reply: Event | None = None
         error: BusError | None = None
+        unknown = set(step) - {"op", "topic", "data", "timeout_ms", "retry_within_ms", "expect"}
+        assert not unknown, f"unknown query keys {unknown}"
+
+        def ask() -> Event:
+            return self.bus.query(step["topic"], step["data"], timeout=step["timeout_ms"] / 1000)
+
         try:
-            reply = self.bus.query(step["topic"], step["data"], timeout=step["timeout_ms"] / 1000)
+            if "retry_within_ms" in step:
+                reply = retrying(ask, step["retry_within_ms"] / 1000, also=(NoResponders,))
+            else:
+                reply = ask()
         except BusError as caught:
             error = caught
         elapsed_ms = (time.monotonic() - started) * 1000
@@ -150,12 +182,35 @@ def test_every_step_kind_is_known() -> None:
             assert step["op"] in known, f"{path.name}: unknown op {step['op']}"
 
 
+@contextlib.contextmanager
+def buses(scenario: dict[str, Any]) -> Iterator[list[BusProcess]]:
+    """The scenario's bus, or its ``cluster.nodes`` bus nodes on one JetStream stream."""
+    settings = scenario.get("bus", {})
+    cluster = scenario.get("cluster")
+    if cluster is None:
+        with BusProcess(**settings) as process:
+            yield [process]
+        return
+    assert set(cluster) <= {"nodes"}, f"unknown cluster keys {set(cluster) - {'nodes'}}"
+    with NatsServer() as nats:
+        nodes = [BusProcess(storage="jetstream", nats_url=nats.url, **settings)
+                 for _ in range(cluster["nodes"])]
+        try:
+            for node in nodes:
+                node.start()
+            yield nodes
+        finally:
+            for node in nodes:
+                node.kill()
+
+
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_scenario(path: Path) -> None:
     scenario = json.loads(path.read_text())
-    with BusProcess(**scenario.get("bus", {})) as process, \
-            Bus(process.address, source=f"scenario-{scenario['name']}") as bus:
-        runner = Runner(bus)
+    assert set(scenario) <= SCENARIO_KEYS, f"unknown keys {set(scenario) - SCENARIO_KEYS}"
+    with buses(scenario) as nodes, \
+            Bus([node.url for node in nodes], source=f"scenario-{scenario['name']}") as bus:
+        runner = Runner(bus, nodes)
         try:
             for step in scenario["steps"]:
                 runner.run(step)

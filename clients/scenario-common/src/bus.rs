@@ -22,13 +22,28 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{ErrorCode, ErrorDetail, ErrorReply};
 
 /// A client for `source` that connects on first use and again after the bus went away, so a
-/// service can start before the bus.
+/// service can start before the bus. Reads its credentials from the environment, as the CLI
+/// does: `EVENTBUS_TOKEN` (bearer token), `EVENTBUS_TLS_CA` (a CA PEM file for `https://`
+/// URLs), and `EVENTBUS_TLS_CERT` with `EVENTBUS_TLS_KEY` (a client certificate for mutual
+/// TLS; both or neither).
 pub fn connect(url: &str, source: &str) -> anyhow::Result<Client> {
-    Ok(Client::builder(url)
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let mut builder = Client::builder(url)
         .source(source)
         .connect_timeout(Duration::from_secs(2))
-        .keepalive(Duration::from_secs(5))
-        .connect_lazy()?)
+        .keepalive(Duration::from_secs(5));
+    if let Some(token) = env("EVENTBUS_TOKEN") {
+        builder = builder.token(token);
+    }
+    if let Some(ca) = env("EVENTBUS_TLS_CA") {
+        builder = builder.tls_ca_file(ca);
+    }
+    match (env("EVENTBUS_TLS_CERT"), env("EVENTBUS_TLS_KEY")) {
+        (Some(cert), Some(key)) => builder = builder.tls_client_cert_files(cert, key),
+        (None, None) => {}
+        _ => anyhow::bail!("EVENTBUS_TLS_CERT and EVENTBUS_TLS_KEY go together"),
+    }
+    Ok(builder.connect_lazy()?)
 }
 
 /// Why a query did not give the expected answer.
