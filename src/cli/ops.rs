@@ -283,7 +283,10 @@ pub fn info_text(info: &pb::GetServerInfoResponse) -> String {
                 "{} events, {} bytes, max age {}",
                 limits.retention_max_events,
                 limits.retention_max_bytes,
-                duration_text(limits.retention_max_age.as_ref())
+                match limits.retention_max_age.as_ref() {
+                    Some(age) => duration_text(Some(age)),
+                    None => "none".to_owned(),
+                }
             ),
         ),
         (
@@ -637,7 +640,9 @@ mod tests {
         assert_eq!(value["storage"], "memory");
         assert_eq!(value["head_sequence"], 42);
         assert!(value["limits"]["retention_max_age_seconds"].is_null());
-        assert!(info_text(&info()).contains("auth:          off (open bus"));
+        let text = info_text(&info());
+        assert!(text.contains("auth:          off (open bus"), "{text}");
+        assert!(text.contains("max age none"), "{text}");
     }
 
     #[test]
