@@ -61,10 +61,10 @@ pub struct CheckArgs {
 /// What `server check` checks; a check without its flag is not made.
 #[derive(Debug, Clone, Default, Args)]
 pub struct Thresholds {
-    /// WARNING at this many open connections or more.
+    /// WARNING at this many open connections or more (the probe's own connection counts).
     #[arg(long, value_name = "N")]
     pub max_connections_warn: Option<u64>,
-    /// CRITICAL at this many open connections or more.
+    /// CRITICAL at this many open connections or more (the probe's own connection counts).
     #[arg(long, value_name = "N")]
     pub max_connections_crit: Option<u64>,
     /// WARNING when the bus has run for less than this (it restarted), e.g. `5m`.
