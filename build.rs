@@ -5,6 +5,7 @@
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    git_commit();
     let proto = "proto/eventbus/v1/eventbus.proto";
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile([proto], ["proto"])?;
@@ -18,4 +19,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::pb::codec::BusCodec")
         .compile_fds(descriptors)?;
     Ok(())
+}
+
+/// Sets `EVENTBUS_GIT_COMMIT` (shown by `GetServerInfo`) to the checkout's commit, or `unknown`
+/// outside a git checkout or without git, and reruns when the checked-out commit moves.
+fn git_commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .and_then(|output| String::from_utf8(output.stdout).ok())
+            .map(|text| text.trim().to_owned())
+            .filter(|text| !text.is_empty())
+    };
+    let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=EVENTBUS_GIT_COMMIT={commit}");
+    // HEAD names the branch; the branch's ref (loose, or packed) moves on each commit. Only
+    // files that exist are watched: cargo reruns the script every build for a missing one.
+    let mut watched = vec![git(&["rev-parse", "--git-path", "HEAD"])];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watched.push(git(&["rev-parse", "--git-path", &branch]));
+    }
+    watched.push(git(&["rev-parse", "--git-path", "packed-refs"]));
+    for path in watched.into_iter().flatten() {
+        if std::path::Path::new(&path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
 }

@@ -43,7 +43,7 @@
 //!   bits shown only to the query's subscribers. Dead-letter topics (`_bus.dlq.<group>`) can be
 //!   subscribed to only with an allow pattern that names `_bus` itself (`>` does not grant them).
 //! - Groups: `groups` lists the groups a principal may join, ack and nack in; omitted, any.
-//! - `admin` grants AdminService (ListTopics, GetTopology).
+//! - `admin` grants AdminService (ListTopics, GetTopology, ListGroups, GetServerInfo).
 //! - Sources: an event's `source` must be one of the principal's `sources` (by default its
 //!   name), so a service cannot publish as another; an empty `source` is filled with the first.
 //!

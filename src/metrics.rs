@@ -500,6 +500,16 @@ impl Metrics {
         GaugeGuard::new(&self.inner.connections)
     }
 
+    /// Open client connections now (`eventbus_connections_active`).
+    pub fn connections_active(&self) -> u64 {
+        self.inner.connections.get().max(0) as u64
+    }
+
+    /// Open subscriptions now, group members included (`eventbus_subscriptions_active`).
+    pub fn subscriptions_open(&self) -> u64 {
+        self.inner.subscriptions.get().max(0) as u64
+    }
+
     /// Observes fsync rounds: handed to the file store ([`FsyncTimer`]).
     pub fn fsync_timer(&self) -> FsyncTimer {
         FsyncTimer(self.inner.fsync_seconds.clone())

@@ -384,6 +384,26 @@ async fn admin_service_needs_the_admin_right_and_groups_their_listing() {
         .get_topology(pb::GetTopologyRequest::default())
         .await
         .unwrap();
+    let status = admin(&bus, "user-token")
+        .await
+        .list_groups(pb::ListGroupsRequest::default())
+        .await
+        .unwrap_err();
+    assert_denied(&status, "admin", "ListGroups");
+    let status = admin(&bus, "user-token")
+        .await
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_denied(&status, "admin", "GetServerInfo");
+    let info = admin(&bus, "operator-token")
+        .await
+        .get_server_info(pb::GetServerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.auth_enabled);
+    assert!(info.principals >= 2, "{info:?}");
 
     let mut user = client(&bus, Some("user-token")).await;
     let status = user
@@ -632,4 +652,47 @@ async fn a_client_certificate_subject_names_its_principal() {
         .unwrap_err();
     assert_eq!(error.code(), Code::Unauthenticated, "{error}");
     assert!(error.to_string().contains("CN=someone-else"), "{error}");
+}
+
+/// The CLI's admin verbs carry `--token`: the operator sees the server, a user without the
+/// admin right is refused (and `server check` calls that CRITICAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_admin_verbs_use_the_token_and_need_the_admin_right() {
+    let bus = start(principals(), LimitsConfig::default()).await;
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
+                .args(args)
+                .env_remove("EVENTBUS_SERVER")
+                .env_remove("EVENTBUS_TOKEN")
+                .output()
+                .unwrap()
+        })
+    };
+    let args = |verb: &[&str], token: &str| {
+        verb.iter()
+            .map(|s| s.to_string())
+            .chain(["--server".into(), bus.url(), "--token".into(), token.into()])
+            .collect::<Vec<String>>()
+    };
+    let info = run(args(&["server", "info", "--json"], "operator-token"))
+        .await
+        .unwrap();
+    assert!(info.status.success(), "{info:?}");
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["auth_enabled"], true);
+
+    let groups = run(args(&["groups"], "user-token")).await.unwrap();
+    assert_eq!(groups.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&groups.stderr);
+    assert!(message.contains("PERMISSION_DENIED"), "{message}");
+
+    let check = run(args(&["server", "check"], "user-token")).await.unwrap();
+    assert_eq!(check.status.code(), Some(2));
+    let line = String::from_utf8_lossy(&check.stdout);
+    assert!(line.starts_with("CRITICAL: cannot ask the bus"), "{line}");
+    let check = run(args(&["server", "check"], "operator-token"))
+        .await
+        .unwrap();
+    assert_eq!(check.status.code(), Some(0), "{check:?}");
 }

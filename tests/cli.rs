@@ -141,9 +141,51 @@ async fn publish_prints_sequences_and_subscribe_prints_one_line_per_event() {
     );
 }
 
+/// The CloudEvents 1.0 JSON schema (vendored from
+/// <https://github.com/cloudevents/spec/blob/v1.0.2/cloudevents/formats/cloudevents.json>, see
+/// `tests/data/README.md`), with its `format`s checked (`date-time`, `uri-reference`).
+fn cloudevents_schema() -> jsonschema::Validator {
+    let text = include_str!("data/cloudevents-1.0.2.schema.json");
+    let schema: serde_json::Value = serde_json::from_str(text).unwrap();
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("the CloudEvents schema compiles")
+}
+
+/// Asserts that `event` is a valid CloudEvents 1.0 JSON document.
+fn assert_cloudevent(schema: &jsonschema::Validator, event: &serde_json::Value) {
+    let errors: Vec<String> = schema.iter_errors(event).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{event} is not a CloudEvent: {errors:?}");
+    assert_eq!(event["specversion"], "1.0", "{event}");
+    // Attribute names: lower-case letters and digits (the spec's rule), besides the payload.
+    for name in event.as_object().unwrap().keys() {
+        assert!(
+            name == "data_base64"
+                || name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "attribute {name:?} of {event}"
+        );
+    }
+}
+
+#[test]
+fn the_schema_check_can_fail() {
+    let schema = cloudevents_schema();
+    // The pre-CloudEvents JSON of earlier versions: no specversion.
+    let old = serde_json::json!({"id": "1", "source": "s", "type": "t", "data_content_type": ""});
+    assert!(!schema.is_valid(&old));
+    let bad_time = serde_json::json!(
+        {"specversion": "1.0", "id": "1", "source": "s", "type": "t", "time": "noon"}
+    );
+    assert!(!schema.is_valid(&bad_time));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribe_json_prints_every_field() {
+async fn subscribe_json_prints_cloudevents() {
     let bus = TestBus::start().await;
+    let schema = cloudevents_schema();
     let mut subscriber = Background::start(
         &bus,
         &[
@@ -151,7 +193,7 @@ async fn subscribe_json_prints_every_field() {
             "json.>",
             "--json",
             "--count",
-            "1",
+            "2",
             "--from",
             "latest",
         ],
@@ -167,6 +209,8 @@ async fn subscribe_json_prints_every_field() {
             "order.created",
             "--attr",
             "k=v",
+            "--attr",
+            "not_valid=x",
             "--content-type",
             "application/json",
             "--correlation-id",
@@ -178,19 +222,156 @@ async fn subscribe_json_prints_every_field() {
     )
     .await;
     assert!(published.status.success(), "{}", stderr(&published));
+    let published = eventbus(&bus, &["publish", "json.text", "plain words"], None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    // The attribute CloudEvents cannot name is noted on stderr.
+    subscriber.wait_for("attribute \"not_valid\"").await;
 
     let output = subscriber.finish().await;
-    let line = stdout(&output);
-    let event: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let lines: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", stdout(&output));
+    for event in &lines {
+        assert_cloudevent(&schema, event);
+    }
+    let event = &lines[0];
     assert_eq!(event["topic"], "json.order");
     assert_eq!(event["type"], "order.created");
     assert_eq!(event["source"], "shop");
+    assert_eq!(event["datacontenttype"], "application/json");
     assert_eq!(event["data"], serde_json::json!({"id": 1}));
-    assert_eq!(event["attributes"]["k"], "v");
-    assert_eq!(event["correlation_id"], "c-1");
-    assert_eq!(event["sequence"], 1);
+    assert_eq!(event["k"], "v");
+    assert_eq!(event["correlationid"], "c-1");
+    assert_eq!(event["sequence"], "1");
     assert!(!event["id"].as_str().unwrap().is_empty());
-    assert!(!event["publish_time"].as_str().unwrap().is_empty());
+    assert!(!event["time"].as_str().unwrap().is_empty());
+    assert!(!event["publishtime"].as_str().unwrap().is_empty());
+    // Unset fields are left out, not written empty; so is the attribute CloudEvents cannot name.
+    for absent in [
+        "causationid",
+        "replyto",
+        "subject",
+        "not_valid",
+        "attributes",
+    ] {
+        assert!(event.get(absent).is_none(), "{absent} in {event}");
+    }
+    assert_eq!(lines[1]["data"], "plain words");
+    assert!(lines[1].get("datacontenttype").is_none(), "{}", lines[1]);
+}
+
+/// What `subscribe --json` prints, `publish --cloudevent` publishes again unchanged (but for
+/// the bus's own `sequence` and `publishtime`); `query --json` prints a CloudEvent too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudevents_round_trip_through_publish_and_subscribe() {
+    let bus = TestBus::start().await;
+    let schema = cloudevents_schema();
+    let mut subscriber = Background::start(&bus, &["subscribe", "ce.>", "--json", "--count", "2"]);
+    subscriber.wait_for("subscribed to").await;
+
+    let order = serde_json::json!({
+        "specversion": "1.0",
+        "id": "ord-1",
+        "source": "/shop/orders",
+        "type": "com.example.order.created",
+        "subject": "order-1",
+        "time": "2024-05-01T12:00:00.250Z",
+        "datacontenttype": "application/json",
+        "topic": "ce.order",
+        "correlationid": "c-9",
+        "causationid": "cause-1",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "data": {"n": 1, "items": ["a", "b"]},
+    });
+    let published = eventbus(
+        &bus,
+        &["publish", "--cloudevent", "-"],
+        Some(&order.to_string()),
+    )
+    .await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    assert_eq!(stdout(&published), "1\n");
+
+    // From a file, binary data, the topic given by --topic.
+    let binary = serde_json::json!({
+        "specversion": "1.0",
+        "id": "bin-1",
+        "source": "urn:example:camera",
+        "type": "image.taken",
+        "datacontenttype": "image/png",
+        "data_base64": "iVBORw0KGgo=",
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("event.json");
+    std::fs::write(&path, binary.to_string()).unwrap();
+    let published = eventbus(
+        &bus,
+        &[
+            "publish",
+            "--cloudevent",
+            path.to_str().unwrap(),
+            "--topic",
+            "ce.image",
+        ],
+        None,
+    )
+    .await;
+    assert!(published.status.success(), "{}", stderr(&published));
+
+    let output = subscriber.finish().await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let mut lines: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", stdout(&output));
+    for (event, sequence) in lines.iter_mut().zip(["1", "2"]) {
+        assert_cloudevent(&schema, event);
+        let object = event.as_object_mut().unwrap();
+        assert_eq!(object.remove("sequence").unwrap(), sequence);
+        assert!(object.remove("publishtime").is_some());
+    }
+    assert_eq!(lines[0], order);
+    let mut expected = binary;
+    expected["topic"] = "ce.image".into();
+    // The bus sets an unset time to the publish time.
+    expected["time"] = lines[1]["time"].clone();
+    assert!(lines[1]["time"].is_string(), "{}", lines[1]);
+    assert_eq!(lines[1], expected);
+
+    // A document the bus cannot take is refused with the member and the rule.
+    let refused = eventbus(
+        &bus,
+        &["publish", "--cloudevent", "-"],
+        Some(r#"{"specversion":"1.0","type":"t"}"#),
+    )
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("--topic"), "{}", stderr(&refused));
+
+    let mut echo = Background::start(&bus, &["reply", "ce.ask", "--count", "1"]);
+    echo.wait_for("answering queries on ce.ask").await;
+    let answer = eventbus(
+        &bus,
+        &[
+            "query",
+            "ce.ask",
+            r#"{"q":1}"#,
+            "--content-type",
+            "application/json",
+            "--json",
+        ],
+        None,
+    )
+    .await;
+    assert!(answer.status.success(), "{}", stderr(&answer));
+    let reply: serde_json::Value = serde_json::from_str(stdout(&answer).trim()).unwrap();
+    assert_cloudevent(&schema, &reply);
+    assert_eq!(reply["data"], serde_json::json!({"q": 1}));
+    assert!(!reply["correlationid"].as_str().unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,4 +475,164 @@ async fn topics_and_topology_show_what_the_bus_has_seen() {
     let mermaid = stdout(&eventbus(&bus, &["topology", "--format", "mermaid"], None).await);
     assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
     assert!(mermaid.contains("[\"maker\"]"), "{mermaid}");
+
+    let topics = eventbus(&bus, &["topics", "--json"], None).await;
+    assert!(topics.status.success(), "{}", stderr(&topics));
+    let topics: serde_json::Value = serde_json::from_str(&stdout(&topics)).unwrap();
+    let topic = topics
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|topic| topic["name"] == "topo.x")
+        .unwrap_or_else(|| panic!("no topo.x in {topics}"));
+    assert_eq!(topic["subscriber_count"], 1, "{topic}");
+    assert_eq!(topic["last_sequence"], 1, "{topic}");
+    assert!(topic["last_publish_time"].is_string(), "{topic}");
+
+    for args in [
+        &["topology", "--json"][..],
+        &["topology", "--format", "json"],
+    ] {
+        let graph = eventbus(&bus, args, None).await;
+        assert!(graph.status.success(), "{}", stderr(&graph));
+        let graph: serde_json::Value = serde_json::from_str(&stdout(&graph)).unwrap();
+        let edges = graph["edges"].as_array().unwrap();
+        assert!(
+            edges.iter().any(|edge| edge["from"] == "service:maker"
+                && edge["to"] == "topic:topo.x"
+                && edge["kind"] == "publishes"
+                && edge["events"] == 1),
+            "{graph}"
+        );
+        assert_eq!(graph["truncated"], false);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_server_info_and_check_show_a_group_falling_behind() {
+    let bus = TestBus::start().await;
+    // A MANUAL-ack member that takes one event and leaves: the group parks at its cursor.
+    let mut member = Background::start(
+        &bus,
+        &[
+            "subscribe",
+            "ops.>",
+            "--group",
+            "billing",
+            "--ack",
+            "--count",
+            "1",
+        ],
+    );
+    member.wait_for("subscribed to").await;
+    let published = eventbus(&bus, &["publish", "ops.a", "first"], None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    assert!(member.finish().await.status.success());
+    let published = eventbus(&bus, &["publish", "ops.a", "more", "--count", "3"], None).await;
+    assert!(published.status.success(), "{}", stderr(&published));
+
+    let deadline = Instant::now() + WAIT;
+    let billing = loop {
+        let output = eventbus(&bus, &["groups", "--json"], None).await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let groups: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+        let billing = groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|group| group["name"] == "billing")
+            .cloned();
+        if let Some(billing) = billing.filter(|g| g["cursor"] == 1 && g["pending"] == 3) {
+            break billing;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "billing never showed 3 pending: {groups}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(billing["ack_mode"], "manual");
+    assert_eq!(billing["pattern"], "ops.>");
+    assert_eq!(billing["members"], 0);
+    assert_eq!(billing["in_flight"], 0);
+
+    let table = stdout(&eventbus(&bus, &["groups"], None).await);
+    assert!(table.starts_with("GROUP"), "{table}");
+    let row = table
+        .lines()
+        .find(|line| line.starts_with("billing"))
+        .unwrap_or_else(|| panic!("no billing row in {table}"));
+    let cells: Vec<_> = row.split_whitespace().collect();
+    assert_eq!(
+        cells[..6],
+        ["billing", "ops.>", "manual", "0", "1", "3"],
+        "{row}"
+    );
+
+    let info = eventbus(&bus, &["server", "info", "--json"], None).await;
+    assert!(info.status.success(), "{}", stderr(&info));
+    let info: serde_json::Value = serde_json::from_str(&stdout(&info)).unwrap();
+    assert_eq!(info["head_sequence"], 4);
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(info["auth_enabled"], false);
+    assert!(info["uptime_seconds"].as_f64().unwrap() >= 0.0, "{info}");
+    assert!(info["limits"]["max_event_data_bytes"].as_u64().unwrap() > 0);
+    let text = stdout(&eventbus(&bus, &["server", "info"], None).await);
+    assert!(text.contains("log:") && text.contains("head 4"), "{text}");
+
+    let ok = eventbus(&bus, &["server", "check"], None).await;
+    assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+    let line = stdout(&ok);
+    assert!(line.starts_with("OK: eventbus "), "{line}");
+    assert!(
+        line.contains("|") && line.contains("'group_billing_pending'=3"),
+        "{line}"
+    );
+    assert_eq!(line.lines().count(), 1, "{line}");
+
+    let warning = eventbus(
+        &bus,
+        &["server", "check", "--max-group-pending-warn", "2"],
+        None,
+    )
+    .await;
+    assert_eq!(warning.status.code(), Some(1), "{}", stdout(&warning));
+    assert!(
+        stdout(&warning).starts_with("WARNING: group billing has 3 pending (limit 2)|"),
+        "{}",
+        stdout(&warning)
+    );
+    let critical = eventbus(
+        &bus,
+        &[
+            "server",
+            "check",
+            "--max-group-pending-warn",
+            "2",
+            "--max-group-pending-crit",
+            "3",
+            "--min-uptime",
+            "1h",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(critical.status.code(), Some(2), "{}", stdout(&critical));
+    let line = stdout(&critical);
+    assert!(
+        line.starts_with("CRITICAL: group billing has 3 pending (limit 3); up "),
+        "{line}"
+    );
+    assert!(line.contains("'group_billing_pending'=3;2;3"), "{line}");
+
+    let unreachable = Command::new(BIN)
+        .args(["server", "check", "--server", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(2));
+    assert!(
+        stdout(&unreachable).starts_with("CRITICAL: cannot ask the bus at http://127.0.0.1:1"),
+        "{}",
+        stdout(&unreachable)
+    );
 }

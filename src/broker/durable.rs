@@ -204,6 +204,11 @@ struct GroupState {
     dropped: u64,
     /// Parked (see the module docs): no member, nothing read ahead, not woken by new events.
     parked: bool,
+    /// Deliveries after an event's first (nack, passed deadline, member gone), since the group
+    /// was loaded on this process: for `ListGroups`.
+    redelivered: u64,
+    /// Events moved to the dead-letter topic since the group was loaded: for `ListGroups`.
+    dead_lettered: u64,
     /// Deliveries so far of events after the cursor that parking dropped from memory, so the
     /// delivery limit holds when they are read again. At most what was outstanding then.
     redeliveries: BTreeMap<u64, u32>,
@@ -643,6 +648,39 @@ impl Broker {
             .collect()
     }
 
+    /// What each loaded MANUAL-ack group holds now, copied group by group under its own lock
+    /// (see [`super::groups`]), unsorted.
+    pub(super) fn durable_snapshots(&self, head: u64) -> Vec<super::groups::GroupSnapshot> {
+        let groups: Vec<Arc<DurableGroup>> = lock(&self.shared.durable.groups)
+            .values()
+            .cloned()
+            .collect();
+        groups
+            .iter()
+            .map(|group| {
+                let state = lock(&group.state);
+                let cursor = state.cursor();
+                let in_flight = state.in_flight.len() as u64;
+                super::groups::GroupSnapshot {
+                    name: group.name.to_string(),
+                    pattern: group.pattern.to_string(),
+                    ack_mode: super::groups::GroupAckMode::Manual,
+                    members: state.members.len() as u32,
+                    cursor,
+                    pending: head.saturating_sub(cursor).saturating_sub(in_flight),
+                    ready: (state.ready.len() + state.delayed.len()) as u64,
+                    in_flight,
+                    redelivered: state.redelivered,
+                    dead_lettered: state.dead_lettered,
+                    dropped: state.dropped,
+                    parked: state.parked,
+                    max_deliveries: group.max_deliveries,
+                    dead_letter_topic: group.dead_letter_topic.to_string(),
+                }
+            })
+            .collect()
+    }
+
     /// Counts of the loaded groups (see [`DurableStats`]).
     pub fn durable_stats(&self) -> DurableStats {
         let groups = lock(&self.shared.durable.groups);
@@ -843,6 +881,9 @@ fn step(broker: &Broker, group: &DurableGroup) -> (Vec<(SharedEvent, u32)>, Opti
             match member.queue.try_send((event.clone(), deliveries + 1)) {
                 Ok(()) => {
                     state.take_first_ready();
+                    if deliveries > 0 {
+                        state.redelivered += 1;
+                    }
                     let member = &mut state.members[index];
                     member.in_flight += 1;
                     let (id, deadline) = (member.id, deadline_after(now, member.ack_deadline));
@@ -957,6 +998,7 @@ async fn dead_letter(broker: &Broker, group: &DurableGroup, event: SharedEvent, 
                 .family(crate::metrics::topic_family(event.event.topic.as_str()))
                 .dead_lettered
                 .inc();
+            state.dead_lettered += 1;
             state.dead_lettering.remove(&event.sequence);
         }
         Err(error) => {

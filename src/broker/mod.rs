@@ -27,6 +27,7 @@
 mod dedupe;
 mod delivery;
 pub mod durable;
+pub mod groups;
 mod names;
 mod subscription;
 pub mod topology;
@@ -93,6 +94,8 @@ struct Shared {
     placed_groups: Mutex<HashMap<Arc<str>, usize>>,
     /// Counters the broker updates; the admin listener encodes them.
     metrics: Metrics,
+    /// When the broker was made, for `GetServerInfo`'s uptime.
+    started: SystemTime,
 }
 
 /// Everything the publish path touches, behind the routing lock.
@@ -313,6 +316,7 @@ impl Broker {
                 tasks: TaskTracker::new(),
                 log,
                 placed_groups: Mutex::new(HashMap::new()),
+                started: SystemTime::now(),
                 metrics,
             }),
         };

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use tokio::sync::Notify;
 
-use super::format;
+use super::{cloudevent, format, json};
 use super::{EventArgs, PublishArgs, QueryArgs, ReplyArgs, TopicsArgs, TopologyArgs};
 use super::{ServerArg, SubscribeArgs, CLI_SOURCE};
 use crate::pb;
@@ -19,7 +19,7 @@ use crate::sdk::{
 };
 
 /// A client for `server`'s URLs with its TLS and token settings, as `source`.
-async fn connect(server: &ServerArg, source: &str) -> anyhow::Result<Client> {
+pub(super) async fn connect(server: &ServerArg, source: &str) -> anyhow::Result<Client> {
     let mut builder = Client::builder(&server.server).source(source);
     if let Some(ca) = &server.tls_ca {
         builder = builder.tls_ca_file(ca);
@@ -67,15 +67,48 @@ fn apply(mut builder: EventBuilder, args: &EventArgs, data: Bytes) -> EventBuild
     builder
 }
 
+/// The event `publish --cloudevent` reads from a file or stdin.
+fn read_cloudevent(args: &PublishArgs, path: &str) -> anyhow::Result<pb::Event> {
+    let text = if path == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the CloudEvent from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?
+    };
+    let mut event = cloudevent::from_json(&text, args.cloudevent_topic.as_deref())
+        .with_context(|| format!("{path}: not an event to publish"))?;
+    if event.source.is_empty() {
+        event.source = args.event.source.clone();
+    }
+    Ok(event)
+}
+
 pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    let data = read_data(args.data.as_deref())?;
+    let event = match &args.cloudevent {
+        Some(path) => Some(read_cloudevent(&args, path)?),
+        None => None,
+    };
+    let data = match event {
+        Some(_) => Bytes::new(),
+        None => read_data(args.data.as_deref())?,
+    };
     let client = connect(&args.server, &args.event.source).await?;
-    let event = apply(client.event(&args.topic), &args.event, data);
+    let event = match event {
+        Some(event) => event,
+        None => {
+            // clap requires the topic unless --cloudevent is given.
+            let topic = args.topic.clone().unwrap_or_default();
+            apply(client.event(topic), &args.event, data).build()
+        }
+    };
     if args.count == 1 {
-        println!("{}", event.publish().await?);
+        let sequences = client.publish_batch(vec![event]).await?;
+        println!("{}", sequences[0]);
         return Ok(());
     }
-    let event = event.build();
     let publisher = client.publisher();
     let mut pending = Vec::with_capacity(args.count as usize);
     for _ in 0..args.count {
@@ -111,10 +144,11 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         subscribed.topic, subscribed.subscription_id, subscribed.head_sequence
     );
     let mut seen = 0;
+    let mut left_out = args.json.then(LeftOut::default);
     while let Some(item) = subscription.next().await {
         match item? {
             SubscriptionItem::Event(event) => {
-                print_event(&event, args.json)?;
+                print_event(&event, left_out.as_mut())?;
                 seen += 1;
                 if args.count.is_some_and(|count| seen >= count) {
                     break;
@@ -124,7 +158,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 if delivery.attempt > 1 {
                     eprintln!("delivery attempt {}", delivery.attempt);
                 }
-                print_event(&delivery.event, args.json)?;
+                print_event(&delivery.event, left_out.as_mut())?;
                 delivery.ack().await?;
                 seen += 1;
                 if args.count.is_some_and(|count| seen >= count) {
@@ -159,11 +193,30 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_event(event: &pb::Event, json: bool) -> anyhow::Result<()> {
-    let line = if json {
-        format::event_json(event).to_string()
-    } else {
-        format::event_line(event)
+/// Attribute names `--json` could not write, each noted on stderr once.
+#[derive(Default)]
+struct LeftOut(std::collections::BTreeSet<String>);
+
+impl LeftOut {
+    fn note(&mut self, event: &pb::Event) {
+        for name in cloudevent::left_out_attributes(event) {
+            if self.0.insert(name.to_owned()) {
+                eprintln!(
+                    "note: attribute {name:?} is not a valid CloudEvents attribute name (or is \
+                     taken) and is left out of the JSON"
+                );
+            }
+        }
+    }
+}
+
+fn print_event(event: &pb::Event, json: Option<&mut LeftOut>) -> anyhow::Result<()> {
+    let line = match json {
+        Some(left_out) => {
+            left_out.note(event);
+            cloudevent::to_json(event).to_string()
+        }
+        None => format::event_line(event),
     };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
@@ -178,7 +231,8 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
         .query(args.timeout)
         .await?;
     if args.json {
-        println!("{}", format::event_json(&reply));
+        LeftOut::default().note(&reply);
+        println!("{}", cloudevent::to_json(&reply));
         return Ok(());
     }
     let mut stdout = std::io::stdout().lock();
@@ -245,14 +299,23 @@ pub async fn reply(args: ReplyArgs) -> anyhow::Result<()> {
 pub async fn topics(args: TopicsArgs) -> anyhow::Result<()> {
     let client = connect(&args.server, CLI_SOURCE).await?;
     let topics = client.list_topics(args.pattern.as_deref()).await?;
-    print!("{}", format::topics_table(&topics));
+    if args.json {
+        println!("{}", json::topics(&topics));
+    } else {
+        print!("{}", format::topics_table(&topics));
+    }
     Ok(())
 }
 
 pub async fn topology(args: TopologyArgs) -> anyhow::Result<()> {
     let client = connect(&args.server, CLI_SOURCE).await?;
     let graph = client.topology_bounded(args.max_edges).await?;
-    print!("{}", format::topology(&graph, args.format));
+    let format = if args.json {
+        format::TopologyFormat::Json
+    } else {
+        args.format
+    };
+    print!("{}", format::topology(&graph, format));
     if graph.truncated {
         eprintln!(
             "note: the graph was cut at {} edges; ask for more with --max-edges",

@@ -1,12 +1,11 @@
 //! What the client commands print and how they read their arguments, as pure functions: one
-//! line or one JSON object per event, the topic table, the topology as text, DOT or Mermaid.
+//! line per event (the JSON form is in `cloudevent`), the topic table, the topology as text, DOT or Mermaid.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use serde_json::{json, Value};
 
 use crate::pb;
 use crate::sdk::Start;
@@ -102,53 +101,6 @@ pub fn event_line(event: &pb::Event) -> String {
     )
 }
 
-fn is_json(content_type: &str) -> bool {
-    let media = content_type.split(';').next().unwrap_or("").trim();
-    media == "application/json" || media.ends_with("+json")
-}
-
-fn is_text(content_type: &str) -> bool {
-    let media = content_type.split(';').next().unwrap_or("").trim();
-    media.is_empty() || media.starts_with("text/") || is_json(media)
-}
-
-/// One event as a JSON object with every field, under its proto name. The payload follows the
-/// CloudEvents JSON format: `data` holds the JSON value itself when the content type is JSON
-/// and the data parses, a string when the content type is text (or unset) and the data is
-/// UTF-8, and otherwise `data_base64` holds it in base64.
-pub fn event_json(event: &pb::Event) -> Value {
-    let mut object = json!({
-        "id": event.id,
-        "source": event.source,
-        "type": event.r#type,
-        "topic": event.topic,
-        "time": time_text(event.time.as_ref()),
-        "data_content_type": event.data_content_type,
-        "attributes": event.attributes.iter().collect::<BTreeMap<_, _>>(),
-        "correlation_id": event.correlation_id,
-        "causation_id": event.causation_id,
-        "reply_to": event.reply_to,
-        "sequence": event.sequence,
-        "publish_time": time_text(event.publish_time.as_ref()),
-    });
-    let parsed = is_json(&event.data_content_type)
-        .then(|| serde_json::from_slice::<Value>(&event.data).ok())
-        .flatten();
-    let text = is_text(&event.data_content_type)
-        .then(|| std::str::from_utf8(&event.data).ok())
-        .flatten();
-    let (key, value) = match (parsed, text) {
-        (Some(value), _) => ("data", value),
-        (None, Some(text)) => ("data", Value::String(text.to_string())),
-        (None, None) => (
-            "data_base64",
-            Value::String(base64::engine::general_purpose::STANDARD.encode(&event.data)),
-        ),
-    };
-    object[key] = value;
-    object
-}
-
 /// `eventbus topics`: a table, one row per topic.
 pub fn topics_table(topics: &[pb::TopicInfo]) -> String {
     if topics.is_empty() {
@@ -217,15 +169,18 @@ pub enum TopologyFormat {
     Dot,
     /// A Mermaid flowchart (renders in GitHub markdown).
     Mermaid,
+    /// One JSON document: nodes, edges, whether it was cut (same as `--json`).
+    Json,
 }
 
 /// The topology in the given format.
-pub fn topology(graph: &pb::GetTopologyResponse, format: TopologyFormat) -> String {
-    let graph = Graph::new(graph);
+pub fn topology(response: &pb::GetTopologyResponse, format: TopologyFormat) -> String {
+    let graph = Graph::new(response);
     match format {
         TopologyFormat::Text => graph.text(),
         TopologyFormat::Dot => graph.dot(),
         TopologyFormat::Mermaid => graph.mermaid(),
+        TopologyFormat::Json => format!("{}\n", super::json::topology(response)),
     }
 }
 
@@ -419,42 +374,6 @@ mod tests {
         assert_eq!(event_line(&event), "#7 a.b: hi\\nthere");
         event.data = Bytes::from_static(&[0xff, 0x00, 0x01]);
         assert_eq!(event_line(&event), "#7 a.b: <3 bytes, base64 /wAB>");
-    }
-
-    #[test]
-    fn json_embeds_json_keeps_text_and_base64s_the_rest() {
-        let mut event = pb::Event {
-            id: "e1".into(),
-            topic: "a.b".into(),
-            sequence: 3,
-            data_content_type: "application/json".into(),
-            data: Bytes::from_static(br#"{"x":1}"#),
-            time: Some(prost_types::Timestamp {
-                seconds: 1_714_564_800,
-                nanos: 0,
-            }),
-            ..Default::default()
-        };
-        event.attributes.insert("k".into(), "v".into());
-        let value = event_json(&event);
-        assert_eq!(value["data"], json!({"x": 1}));
-        assert_eq!(value["sequence"], 3);
-        assert_eq!(value["time"], "2024-05-01T12:00:00Z");
-        assert_eq!(value["attributes"]["k"], "v");
-        assert_eq!(value["publish_time"], "");
-
-        event.data_content_type = String::new();
-        event.data = Bytes::from_static(b"plain");
-        assert_eq!(event_json(&event)["data"], "plain");
-
-        event.data_content_type = "application/octet-stream".into();
-        let value = event_json(&event);
-        assert_eq!(value["data_base64"], "cGxhaW4=");
-        assert!(value.get("data").is_none());
-
-        event.data_content_type = "text/plain".into();
-        event.data = Bytes::from_static(&[0xff]);
-        assert_eq!(event_json(&event)["data_base64"], "/w==");
     }
 
     #[test]

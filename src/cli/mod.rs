@@ -3,6 +3,10 @@
 //!
 //! - `client`: the client commands (publish, subscribe, query, reply, topics, topology).
 //! - `format`: what they print, as pure functions with unit tests.
+//! - `cloudevent`: events as CloudEvents 1.0 JSON, for `--json` and `publish --cloudevent`.
+//! - `json`: what the other read verbs print with `--json`.
+//! - `ops`: the operator's verbs: `groups`, `server info`, `server check`.
+//! - `docs`: shell completions and man pages, made from the clap definition.
 
 use std::time::Duration;
 
@@ -12,6 +16,10 @@ use crate::config::ServeArgs;
 use crate::sdk::Start;
 
 mod client;
+pub mod cloudevent;
+pub mod docs;
+pub mod json;
+pub mod ops;
 
 /// `eventbus repair`: see [`crate::store::file::repair`]. Prints what it did, one line each.
 fn repair(args: &RepairArgs) -> anyhow::Result<()> {
@@ -128,6 +136,12 @@ pub enum Command {
     Topics(TopicsArgs),
     /// Show who publishes and subscribes to what.
     Topology(TopologyArgs),
+    /// List the consumer groups: members; for MANUAL-ack groups the cursor, pending, in
+    /// flight, redelivered and dead-lettered counts.
+    Groups(ops::GroupsArgs),
+    /// Ask the bus about itself (`info`), or probe it for monitoring (`check`).
+    #[command(subcommand)]
+    Server(ops::ServerCommand),
     /// Make a file store that fails recovery openable again: the log keeps the records before
     /// the first damaged one; the damaged bytes and the intact records after them go into
     /// <data-dir>/damaged/ (nothing is deleted); an unreadable groups.json or log-id is set
@@ -137,6 +151,10 @@ pub enum Command {
     /// from stdin (one line) unless given, so it stays out of shell history; `--generate` makes
     /// a new random token and prints it, then its hash.
     HashToken(HashTokenArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Print the man page (roff), or write one page per command with --dir.
+    Man(docs::ManArgs),
 }
 
 /// `eventbus hash-token`.
@@ -201,9 +219,24 @@ pub struct EventArgs {
 #[derive(Debug, Clone, Args)]
 pub struct PublishArgs {
     /// The topic to publish to.
-    pub topic: String,
+    #[arg(required_unless_present = "cloudevent", conflicts_with = "cloudevent")]
+    pub topic: Option<String>,
     /// The data; read from stdin when `-` or absent.
+    #[arg(conflicts_with = "cloudevent")]
     pub data: Option<String>,
+    /// Publish a CloudEvents 1.0 JSON document (structured mode) read from FILE, or from stdin
+    /// when `-`: what `subscribe --json` prints. Its `topic` extension, or --topic, names the
+    /// topic; its `source` wins over --source. `sequence` and `publishtime` are the bus's and
+    /// are ignored.
+    #[arg(
+        long,
+        value_name = "FILE|-",
+        conflicts_with_all = ["event_type", "attrs", "content_type", "correlation_id"]
+    )]
+    pub cloudevent: Option<String>,
+    /// With --cloudevent: the topic, instead of the document's `topic` extension.
+    #[arg(long = "topic", value_name = "TOPIC", requires = "cloudevent")]
+    pub cloudevent_topic: Option<String>,
     #[command(flatten)]
     pub event: EventArgs,
     /// Publish the event this many times (batched over one stream).
@@ -223,7 +256,10 @@ pub struct SubscribeArgs {
     /// Where to start: earliest, latest, a sequence (resume after it) or an RFC 3339 time.
     #[arg(long, default_value = "latest", value_parser = format::parse_start)]
     pub from: Start,
-    /// One JSON object per line, with every field (data as JSON, text or data_base64).
+    /// One CloudEvents 1.0 JSON object per line (the bus's fields as the extensions `topic`,
+    /// `sequence`, `publishtime`, `correlationid`, `causationid`, `replyto`; data as JSON, text
+    /// or data_base64). Attributes whose names CloudEvents cannot hold are left out, with a
+    /// note on stderr.
     #[arg(long)]
     pub json: bool,
     /// Exit after this many events.
@@ -249,7 +285,7 @@ pub struct QueryArgs {
     /// How long to wait for the reply, e.g. 500ms, 5s.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Print the whole reply as one JSON object instead of its data.
+    /// Print the whole reply as one CloudEvents 1.0 JSON object instead of its data.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -283,6 +319,9 @@ pub struct TopicsArgs {
     /// Only topics matching this pattern. Every page of the list is fetched.
     #[arg(long)]
     pub pattern: Option<String>,
+    /// One JSON array of topics (proto field names; times as RFC 3339) instead of the table.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub server: ServerArg,
 }
@@ -292,6 +331,9 @@ pub struct TopologyArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = format::TopologyFormat::Text)]
     pub format: format::TopologyFormat,
+    /// Same as `--format json`: one JSON document with the nodes and edges.
+    #[arg(long, conflicts_with = "format")]
+    pub json: bool,
     /// Edges at most; the server's default (10000) when 0, its maximum 100000.
     #[arg(long, default_value_t = 0)]
     pub max_edges: u32,
@@ -312,8 +354,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reply(args) => client::reply(args).await,
         Command::Topics(args) => client::topics(args).await,
         Command::Topology(args) => client::topology(args).await,
+        Command::Groups(args) => ops::groups(args).await,
+        Command::Server(command) => ops::server(command).await,
         Command::Repair(args) => repair(&args),
         Command::HashToken(args) => hash_token(&args),
+        Command::Completions(args) => docs::completions(&args),
+        Command::Man(args) => docs::man(&args),
     }
 }
 
@@ -358,7 +404,7 @@ mod tests {
         ]) else {
             panic!("not publish")
         };
-        assert_eq!(args.topic, "a.b");
+        assert_eq!(args.topic.as_deref(), Some("a.b"));
         assert_eq!(args.data.as_deref(), Some("hello"));
         assert_eq!(args.event.event_type.as_deref(), Some("greeting"));
         assert_eq!(

@@ -696,6 +696,24 @@ impl Client {
             .into_inner())
     }
 
+    /// The consumer groups the bus process knows now (all when `group` is `None`), with the
+    /// cursor and counts of MANUAL-ack groups.
+    pub async fn list_groups(&self, group: Option<&str>) -> Result<Vec<pb::GroupInfo>> {
+        let request = pb::ListGroupsRequest {
+            group: group.unwrap_or_default().to_owned(),
+        };
+        Ok(self.admin().list_groups(request).await?.into_inner().groups)
+    }
+
+    /// What the bus process is: version, uptime, storage, log bounds, limits, load, auth.
+    pub async fn server_info(&self) -> Result<pb::GetServerInfoResponse> {
+        Ok(self
+            .admin()
+            .get_server_info(pb::GetServerInfoRequest {})
+            .await?
+            .into_inner())
+    }
+
     pub(crate) fn fill_source(&self, event: &mut pb::Event) {
         if event.source.is_empty() {
             event.source = self.source.to_string();

@@ -561,6 +561,74 @@ fn system_time_from_pb(time: &prost_types::Timestamp) -> Result<SystemTime, &'st
         .ok_or_else(invalid)
 }
 
+/// A group snapshot as `GroupInfo`.
+pub fn group_to_pb(group: crate::broker::groups::GroupSnapshot) -> pb::GroupInfo {
+    use crate::broker::groups::GroupAckMode;
+    let ack_mode = match group.ack_mode {
+        GroupAckMode::Auto => pb::AckMode::Auto,
+        GroupAckMode::Manual => pb::AckMode::Manual,
+    };
+    pb::GroupInfo {
+        name: group.name,
+        pattern: group.pattern,
+        ack_mode: ack_mode as i32,
+        members: group.members,
+        cursor: group.cursor,
+        pending: group.pending,
+        ready: group.ready,
+        in_flight: group.in_flight,
+        redelivered: group.redelivered,
+        dead_lettered: group.dead_lettered,
+        dropped: group.dropped,
+        parked: group.parked,
+        max_deliveries: group.max_deliveries,
+        dead_letter_topic: group.dead_letter_topic,
+    }
+}
+
+/// A std duration as a protobuf one (durations here are far within its range).
+fn duration_to_pb(duration: Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(duration).ok()
+}
+
+/// The broker's snapshot of itself as `GetServerInfoResponse`, with what the service layer
+/// adds: the build and whether callers are checked.
+pub fn server_info_to_pb(
+    snapshot: crate::broker::groups::ServerSnapshot,
+    principals: usize,
+) -> pb::GetServerInfoResponse {
+    let config = &snapshot.config;
+    pb::GetServerInfoResponse {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        git_commit: env!("EVENTBUS_GIT_COMMIT").to_owned(),
+        start_time: Some(timestamp(snapshot.started)),
+        uptime: duration_to_pb(snapshot.uptime),
+        storage: snapshot.storage.to_owned(),
+        oldest_sequence: snapshot.oldest_sequence.unwrap_or(0),
+        head_sequence: snapshot.head_sequence,
+        log_id: snapshot.log_id,
+        connections: snapshot.connections,
+        subscriptions: snapshot.subscriptions,
+        durable_groups: snapshot.durable_groups,
+        auth_enabled: principals > 0,
+        principals: u32::try_from(principals).unwrap_or(u32::MAX),
+        limits: Some(pb::ServerLimits {
+            retention_max_events: config.retention_max_events,
+            retention_max_bytes: config.retention_max_bytes,
+            retention_max_age: config.retention_max_age.and_then(duration_to_pb),
+            max_event_data_bytes: config.max_event_data_bytes as u64,
+            max_batch_events: config.max_batch_events as u64,
+            max_message_bytes: config.max_message_bytes as u64,
+            subscriber_queue_size: config.subscriber_queue_size as u64,
+            max_subscriber_lag: config.max_subscriber_lag.unwrap_or(0),
+            default_query_timeout: duration_to_pb(config.default_query_timeout),
+            max_query_timeout: duration_to_pb(config.max_query_timeout),
+            dedupe_window: duration_to_pb(config.dedupe_window),
+            max_names: config.max_names as u64,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -562,6 +562,38 @@ impl AdminService for AdminApi {
             .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
         Ok(Response::new(convert::topology_to_pb(snapshot)))
     }
+
+    async fn list_groups(
+        &self,
+        request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        self.admit(&request, "ListGroups")?;
+        let only = request.into_inner().group;
+        let groups = self
+            .broker
+            .list_groups()
+            .into_iter()
+            .filter(|group| only.is_empty() || group.name == only)
+            .map(convert::group_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn get_server_info(
+        &self,
+        request: Request<pb::GetServerInfoRequest>,
+    ) -> Result<Response<pb::GetServerInfoResponse>, Status> {
+        self.admit(&request, "GetServerInfo")?;
+        let principals = if self.auth.is_open() {
+            0
+        } else {
+            self.auth.principal_count()
+        };
+        Ok(Response::new(convert::server_info_to_pb(
+            self.broker.server_snapshot(),
+            principals,
+        )))
+    }
 }
 
 /// ListTopics pages: the default and the most topics in one.

@@ -745,6 +745,10 @@ impl Drop for FileStore {
 }
 
 impl Store for FileStore {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
     fn append(&self, events: Vec<Event>, now: SystemTime) -> Result<Vec<SharedEvent>, StoreError> {
         if let Some(failed) = &self
             .durability

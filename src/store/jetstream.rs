@@ -1074,6 +1074,10 @@ impl SharedLog for JetStreamStore {
 }
 
 impl Store for JetStreamStore {
+    fn kind(&self) -> &'static str {
+        "jetstream"
+    }
+
     /// Refused: a shared log is appended to through [`SharedLog::begin_append`] (the broker
     /// does so), because its sequences are assigned by JetStream, not under a local lock.
     fn append(&self, events: Vec<Event>, now: SystemTime) -> Result<Vec<SharedEvent>, StoreError> {

@@ -160,6 +160,10 @@ fn forget_family(counts: &mut HeldCounts, family: &str) {
 }
 
 impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     fn append(&self, events: Vec<Event>, now: SystemTime) -> Result<Vec<SharedEvent>, StoreError> {
         let mut inner = self.write();
         // Publish times never go backwards, even if the wall clock does, so `from_time` can

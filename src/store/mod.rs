@@ -207,6 +207,12 @@ pub trait Store: Send + Sync + 'static {
     /// starts over (every start of a memory store), so a client can tell sequences began again.
     fn log_id(&self) -> &str;
 
+    /// What kind of store this is, as `--storage` names it (`memory`, `file`, `jetstream`),
+    /// for `GetServerInfo`.
+    fn kind(&self) -> &'static str {
+        "other"
+    }
+
     /// The saved cursors of MANUAL-ack consumer groups, by group name.
     fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError>;
 
