@@ -37,10 +37,10 @@
 //!   subscription is allowed and events of denied topics are not delivered to it, as NATS does.
 //! - Reserved topics (`_bus.`): a query's inbox belongs to the principal that asked. No
 //!   client subscribes to an inbox (the asker gets its answer on the Query call), so
-//!   subscriptions never receive inbox events. A reply may be published into an inbox only by a
-//!   principal allowed to subscribe to the query's topic: checked against the waiting query on
-//!   this node; an inbox of another node's query is admitted because its name is 122 random
-//!   bits shown only to the query's subscribers. Dead-letter topics (`_bus.dlq.<group>`) can be
+//!   subscriptions never receive inbox events. A reply may be published only into an inbox a
+//!   query waits on, and only by a principal allowed to subscribe to the query's topic: the
+//!   node that holds the query knows its topic, and on a cluster the others ask it over NATS
+//!   (each node answers `_EVENTBUS.<stream>.inboxes.<inbox>` for the queries it holds). Dead-letter topics (`_bus.dlq.<group>`) can be
 //!   subscribed to only with an allow pattern that names `_bus` itself (`>` does not grant them).
 //! - Groups: `groups` lists the groups a principal may join, ack and nack in; omitted, any.
 //! - `admin` grants AdminService (ListTopics, GetTopology, ListGroups, GetServerInfo).
@@ -457,10 +457,21 @@ impl Auth {
     /// next delivery.
     ///
     /// # Errors
-    /// As [`Auth::new`]; the policy in force stays.
+    /// As [`Auth::new`], and [`ConfigError::Invalid`] (`principals`) for a config without
+    /// principals while some are in force; the policy in force stays.
     pub fn reload(&self, config: &AuthConfig) -> Result<(), ConfigError> {
         let mut slot = self.inner.policy.write().unwrap_or_else(|e| e.into_inner());
         let policy = Policy::compile(config, slot.generation + 1)?;
+        if policy.principals.is_empty() && !slot.principals.is_empty() {
+            // An emptied or truncated file (an editor saving in two steps) must not open the
+            // bus to anyone who can reach it.
+            return Err(ConfigError::Invalid {
+                setting: "principals",
+                rule: "the file now has none: a reload does not open a bus that authenticates \
+                       (restart it without [[principals]] to run it open)"
+                    .into(),
+            });
+        }
         *slot = Arc::new(policy);
         self.inner
             .tokens
@@ -617,12 +628,12 @@ impl Auth {
     }
 
     /// Whether the caller may publish every one of `events` (all or none). `waiting_query` gives
-    /// the topic of the query waiting on a local inbox, if one is.
+    /// the topic of the query waiting on an inbox (on any node), if one is.
     ///
     /// # Errors
     /// [`BusError::PermissionDenied`] for the first event not allowed: its topic (`publish`),
-    /// its source (`source`), or a reply into an inbox of a query whose topic the principal may
-    /// not subscribe to (`reply`).
+    /// its source (`source`), or a reply into an inbox no query waits on, or of a query whose
+    /// topic the principal may not subscribe to (`reply`).
     pub fn authorize_publish(
         &self,
         caller: &Caller,
@@ -635,8 +646,8 @@ impl Auth {
         for (index, event) in events.iter().enumerate() {
             let topic = &event.topic;
             if topic.is_inbox() {
-                if let Some(query_topic) = waiting_query(topic) {
-                    if !principal.subscribe.allows_topic(&query_topic) {
+                match waiting_query(topic) {
+                    Some(query_topic) if !principal.subscribe.allows_topic(&query_topic) => {
                         return Err(self.deny(
                             caller,
                             "reply",
@@ -644,6 +655,18 @@ impl Auth {
                             format!(
                                 "events[{index}]: only principals that may subscribe to the \
                                  query's topic {query_topic} may reply to it"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        return Err(self.deny(
+                            caller,
+                            "reply",
+                            topic.as_str(),
+                            format!(
+                                "events[{index}]: no query waits for a reply on this inbox (it \
+                                 was answered, timed out, or never existed)"
                             ),
                         ));
                     }
@@ -895,11 +918,15 @@ fn check_subscribe(
 
 fn check_group(principal: &Principal, group: &str) -> Result<(), Refusal> {
     match &principal.groups {
-        Some(groups) if !groups.contains(group) => Err((
-            "join",
-            group.to_owned(),
-            "the group is not in its `groups`".into(),
-        )),
+        Some(groups) if !groups.contains(group) => {
+            let mut allowed: Vec<&String> = groups.iter().collect();
+            allowed.sort();
+            Err((
+                "join",
+                group.to_owned(),
+                format!("the group is not in its `groups` {allowed:?}"),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -1132,6 +1159,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("not a PHC hash string"), "{error}");
+    }
+
+    #[test]
+    fn a_reload_never_opens_a_bus_that_authenticates() {
+        let config = AuthConfig {
+            principals: vec![entry(&["a"], &[], &[])],
+            limits: LimitsConfig::default(),
+        };
+        let auth = Auth::new(&config, Metrics::new()).unwrap();
+        let error = auth.reload(&AuthConfig::default()).unwrap_err().to_string();
+        assert!(error.contains("does not open a bus"), "{error}");
+        assert!(!auth.is_open());
+        // An open bus reloads into principals, and another set of principals is fine.
+        let open = Auth::open(Metrics::new());
+        open.reload(&config).unwrap();
+        assert!(!open.is_open());
     }
 
     #[tokio::test]

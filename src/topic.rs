@@ -83,10 +83,10 @@ impl Topic {
         }
     }
 
-    /// A fresh, unguessable reply inbox: 122 random bits (a version 4 UUID). With
-    /// authentication on, knowing an inbox is what lets a responder on another node reply to
-    /// it (see [`crate::auth`]), so its name must not be guessable: a time-ordered UUID would
-    /// give away 48 of its bits.
+    /// A fresh, unguessable reply inbox: 122 random bits (a version 4 UUID), so no one who
+    /// was not shown the query can aim a reply at it (a time-ordered UUID would give away 48
+    /// of its bits). With authentication on, a reply is also checked against the waiting query
+    /// ([`crate::auth`]).
     pub fn new_inbox() -> Topic {
         Topic(Arc::from(format!(
             "{INBOX_PREFIX}{}",

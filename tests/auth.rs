@@ -365,9 +365,21 @@ async fn only_principals_that_may_read_the_query_may_reply_to_it() {
         correlation_id: inbox.correlation_id.clone(),
         ..from("user-service", "ignored")
     };
-    publish(&mut user, vec![reply]).await.unwrap();
+    publish(&mut user, vec![reply.clone()]).await.unwrap();
     let answered = query.await.unwrap().unwrap().into_inner().reply.unwrap();
     assert_eq!(answered.source, "user-service");
+
+    // Once answered, the inbox takes no more replies; nor does one nobody asked on, whatever
+    // the publisher may do (a made-up inbox would let it write anywhere).
+    let status = publish(&mut user, vec![reply]).await.unwrap_err();
+    assert_denied(&status, "reply", &inbox.reply_to);
+    assert!(status.message().contains("no query waits"), "{status:?}");
+    let made_up = pb::Event {
+        topic: "_bus.inbox.made-up".into(),
+        ..from("user-service", "ignored")
+    };
+    let status = publish(&mut user, vec![made_up]).await.unwrap_err();
+    assert_denied(&status, "reply", "_bus.inbox.made-up");
 }
 
 #[tokio::test]

@@ -684,6 +684,18 @@ impl Broker {
             .map(|(_, topic)| topic.clone())
     }
 
+    /// The topic of the query waiting for a reply on `inbox` on this node or, on a shared log,
+    /// on another node (asked over NATS, within a second), if one is.
+    pub async fn waiting_query_anywhere(&self, inbox: &Topic) -> Option<Topic> {
+        if let Some(topic) = self.waiting_query(inbox) {
+            return Some(topic);
+        }
+        match &self.shared.log {
+            Some(log) => log.inbox_query(inbox).await,
+            None => None,
+        }
+    }
+
     pub async fn query(&self, event: Event, timeout: Duration) -> Result<SharedEvent, BusError> {
         let started = std::time::Instant::now();
         let outcome = self.query_inner(event, timeout).await;
@@ -768,6 +780,9 @@ impl Broker {
             queue_size: INBOX_QUEUE_SIZE,
             only_correlation: Some(correlation_id),
         });
+        if let Some(log) = &self.shared.log {
+            log.announce_inbox(inbox, Some(&asker.1));
+        }
         self.lock_routing()
             .inbox_owners
             .insert(inbox.clone(), asker);
@@ -879,6 +894,9 @@ impl Broker {
             if let Ok(topic) = Topic::parse(registration.pattern.as_str()) {
                 if topic.is_inbox() {
                     routing.inbox_owners.remove(&topic);
+                    if let Some(log) = &self.shared.log {
+                        log.announce_inbox(&topic, None);
+                    }
                 }
             }
         }

@@ -99,7 +99,9 @@ pub struct ServerArg {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "EVENTBUS_TLS_KEY", global = true)]
     pub tls_key: Option<std::path::PathBuf>,
-    /// Bearer token sent with every call (`authorization: Bearer <token>`).
+    /// Bearer token sent with every call (`authorization: Bearer <token>`). Arguments are
+    /// visible to other users in `ps`: prefer `EVENTBUS_TOKEN`. With a token, pass a
+    /// `--source` (and for `reply` a `--group`) your principal may use.
     #[arg(long, env = "EVENTBUS_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
 }

@@ -70,8 +70,9 @@ impl AdminApi {
 
 impl EventBusApi {
     /// Checks a batch before anything of it is stored: sources filled and allowed, topics
-    /// allowed, then the publish rates; converts it.
-    fn admit_batch(
+    /// allowed (a reply only into an inbox a query waits on, here or on another node), then
+    /// the publish rates; converts it.
+    async fn admit_batch(
         &self,
         caller: &Caller,
         mut events: Vec<pb::Event>,
@@ -83,10 +84,31 @@ impl EventBusApi {
         let bytes = events.iter().map(|event| event.encoded_len()).sum();
         let count = events.len();
         let events = convert::events_from_pb(events, self.broker.config().max_message_bytes)?;
-        self.auth
-            .authorize_publish(caller, &events, |inbox| self.broker.waiting_query(inbox))?;
+        let waiting = self.waiting_queries(caller, &events).await;
+        self.auth.authorize_publish(caller, &events, |inbox| {
+            waiting.get(inbox).cloned().flatten()
+        })?;
         self.auth.admit_publish(caller, count, bytes)?;
         Ok(events)
+    }
+
+    /// For an authenticated caller, the query waiting on each reply inbox `events` go to.
+    async fn waiting_queries(
+        &self,
+        caller: &Caller,
+        events: &[crate::event::Event],
+    ) -> std::collections::HashMap<crate::topic::Topic, Option<crate::topic::Topic>> {
+        let mut waiting = std::collections::HashMap::new();
+        if caller.principal().is_none() {
+            return waiting;
+        }
+        for event in events.iter().filter(|event| event.topic.is_inbox()) {
+            if !waiting.contains_key(&event.topic) {
+                let query = self.broker.waiting_query_anywhere(&event.topic).await;
+                waiting.insert(event.topic.clone(), query);
+            }
+        }
+        waiting
     }
 }
 
@@ -112,7 +134,7 @@ impl EventBusService for EventBusApi {
             topic = events.first().map(|e| e.topic.as_str()).unwrap_or(""),
             first_sequence = tracing::field::Empty,
         );
-        let mut events = self.admit_batch(&caller, events)?;
+        let mut events = self.admit_batch(&caller, events).await?;
         if let Some(trace) = &trace {
             events.iter_mut().for_each(|event| trace.apply(event));
         }
@@ -456,24 +478,25 @@ impl PublishStreamState {
                         self.inbound_done = true;
                         self.inbound_error = Some(status);
                     }
-                    Some(Ok(request)) => self.begin(request),
+                    Some(Ok(request)) => self.begin(request).await,
                 },
             }
         }
     }
 
-    fn begin(&mut self, request: pb::PublishStreamRequest) {
+    /// Checks and begins one batch. Awaited in the stream's loop, so batches begin in the
+    /// order they arrived; the check waits only for a reply into another node's inbox (one
+    /// NATS request).
+    async fn begin(&mut self, request: pb::PublishStreamRequest) {
         let request_id = request.request_id;
+        let admitted = self.api.admit_batch(&self.caller, request.events).await;
         let trace = self.trace.as_ref();
-        let pending = self
-            .api
-            .admit_batch(&self.caller, request.events)
-            .and_then(|mut events| {
-                if let Some(trace) = trace {
-                    events.iter_mut().for_each(|event| trace.apply(event));
-                }
-                self.broker.begin_publish(events)
-            });
+        let pending = admitted.and_then(|mut events| {
+            if let Some(trace) = trace {
+                events.iter_mut().for_each(|event| trace.apply(event));
+            }
+            self.broker.begin_publish(events)
+        });
         self.in_flight.push_back(Box::pin(async move {
             let outcome = match pending {
                 Ok(pending) => pending.finish().await,

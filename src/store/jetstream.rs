@@ -136,6 +136,14 @@ pub trait SharedLog: Send + Sync + 'static {
     /// Tells the other nodes that this node now has (`present`) or no longer has members of
     /// `group`. Never blocks.
     fn announce_group(&self, group: &str, present: bool);
+
+    /// Tells the other nodes that a query on `query_topic` waits for its reply on `inbox` here
+    /// (`Some`), or no longer does (`None`). Never blocks.
+    fn announce_inbox(&self, inbox: &Topic, query_topic: Option<&Topic>);
+
+    /// The topic of the query waiting on `inbox` at another node, if one answers in time: how
+    /// permissions check a reply into an inbox this node does not hold ([`crate::auth`]).
+    fn inbox_query(&self, inbox: &Topic) -> BoxFuture<'static, Option<Topic>>;
 }
 
 /// Cached facts about the stream, refreshed at most every [`INFO_TTL`].
@@ -164,6 +172,8 @@ pub struct JetStreamStore {
     responders_prefix: String,
     /// `_EVENTBUS.<stream>.members.`: a subject per consumer group this node has members of.
     members_prefix: String,
+    /// `_EVENTBUS.<stream>.inboxes.`: a subject per reply inbox a query waits on here.
+    inboxes_prefix: String,
     urls: String,
     log_id: String,
     dedupe: bool,
@@ -171,7 +181,10 @@ pub struct JetStreamStore {
     cursors: String,
     cursor_prefix: String,
     publisher: mpsc::UnboundedSender<AppendJob>,
-    interest: mpsc::UnboundedSender<(String, bool)>,
+    /// Subjects to answer requests on (with that answer), or to stop answering (`None`).
+    interest: mpsc::UnboundedSender<(String, Option<Bytes>)>,
+    /// The node's name, the answer to responder and group requests.
+    node: Bytes,
     connected: Arc<AtomicBool>,
     /// The last sequence the tail has read: reads past it are answered empty at once.
     tail_head: Arc<AtomicU64>,
@@ -245,7 +258,8 @@ impl JetStreamStore {
             &crate::event::new_id()[24..],
             std::process::id()
         );
-        io.spawn(announce(client.clone(), Bytes::from(node), announcements));
+        let node = Bytes::from(node);
+        io.spawn(announce(client.clone(), announcements));
         let store = JetStreamStore {
             runtime: Some(runtime),
             io,
@@ -253,6 +267,8 @@ impl JetStreamStore {
             subject_prefix: format!("{stream}."),
             responders_prefix,
             members_prefix: format!("_EVENTBUS.{stream}.members."),
+            inboxes_prefix: format!("_EVENTBUS.{stream}.inboxes."),
+            node,
             log_id: format!("{stream}-{created:x}"),
             stream,
             urls,
@@ -831,22 +847,20 @@ async fn acknowledged<F: Future<Output = ()>>(
 /// `_EVENTBUS.<stream>.members.<group>` for each consumer group it has members of.
 async fn announce(
     client: async_nats::Client,
-    node: Bytes,
-    mut announcements: mpsc::UnboundedReceiver<(String, bool)>,
+    mut announcements: mpsc::UnboundedReceiver<(String, Option<Bytes>)>,
 ) {
     let mut answering: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    while let Some((subject, present)) = announcements.recv().await {
-        if !present {
+    while let Some((subject, answer)) = announcements.recv().await {
+        let Some(node) = answer else {
             if let Some(task) = answering.remove(&subject) {
                 task.abort();
             }
             continue;
-        }
+        };
         if answering.contains_key(&subject) {
             continue;
         }
         let key = subject.clone();
-        let node = node.clone();
         let client = client.clone();
         let task = tokio::spawn(async move {
             let mut requests = match client.subscribe(subject.clone()).await {
@@ -1044,7 +1058,9 @@ impl SharedLog for JetStreamStore {
 
     fn announce_interest(&self, pattern: &Pattern, present: bool) {
         let subject = format!("{}{}", self.responders_prefix, pattern.as_str());
-        let _ = self.interest.send((subject, present));
+        let _ = self
+            .interest
+            .send((subject, present.then(|| self.node.clone())));
     }
 
     fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<String>> {
@@ -1069,7 +1085,37 @@ impl SharedLog for JetStreamStore {
 
     fn announce_group(&self, group: &str, present: bool) {
         let subject = format!("{}{}", self.members_prefix, cursor_key(group));
-        let _ = self.interest.send((subject, present));
+        let _ = self
+            .interest
+            .send((subject, present.then(|| self.node.clone())));
+    }
+
+    fn announce_inbox(&self, inbox: &Topic, query_topic: Option<&Topic>) {
+        let subject = format!("{}{}", self.inboxes_prefix, inbox.as_str());
+        let answer = query_topic.map(|topic| Bytes::copy_from_slice(topic.as_str().as_bytes()));
+        let _ = self.interest.send((subject, answer));
+    }
+
+    fn inbox_query(&self, inbox: &Topic) -> BoxFuture<'static, Option<Topic>> {
+        let client = self.context.client();
+        let subject = format!("{}{}", self.inboxes_prefix, inbox.as_str());
+        let io = self.io.clone();
+        Box::pin(async move {
+            let asked = io.spawn(async move {
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.request(subject, Bytes::new()),
+                )
+                .await
+                {
+                    Ok(Ok(answer)) => std::str::from_utf8(&answer.payload)
+                        .ok()
+                        .and_then(|topic| Topic::parse(topic).ok()),
+                    _ => None,
+                }
+            });
+            asked.await.ok().flatten()
+        })
     }
 }
 
