@@ -214,6 +214,24 @@ fn failed(what: &str, error: impl std::fmt::Display) -> StoreError {
 }
 
 impl JetStreamStore {
+    /// Asks whichever node answers `subject` (one of the announcements of [`announce`]) and
+    /// returns its answer; `None` when none answers within a second, or NATS is away.
+    fn ask_nodes(&self, subject: String) -> BoxFuture<'static, Option<Bytes>> {
+        let client = self.context.client();
+        let asked = self.io.spawn(async move {
+            match tokio::time::timeout(
+                Duration::from_secs(1),
+                client.request(subject, Bytes::new()),
+            )
+            .await
+            {
+                Ok(Ok(answer)) => Some(answer.payload),
+                _ => None,
+            }
+        });
+        Box::pin(async move { asked.await.ok().flatten() })
+    }
+
     /// Connects to NATS, creates the stream (or updates its limits to `config`'s) and the
     /// cursor bucket. Must be called on a Tokio runtime; the client runs on one of its own.
     ///
@@ -1064,22 +1082,11 @@ impl SharedLog for JetStreamStore {
     }
 
     fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<String>> {
-        let client = self.context.client();
-        let subject = format!("{}{}", self.members_prefix, cursor_key(group));
-        let io = self.io.clone();
+        let asked = self.ask_nodes(format!("{}{}", self.members_prefix, cursor_key(group)));
         Box::pin(async move {
-            let asked = io.spawn(async move {
-                match tokio::time::timeout(
-                    Duration::from_secs(1),
-                    client.request(subject, Bytes::new()),
-                )
+            asked
                 .await
-                {
-                    Ok(Ok(answer)) => Some(String::from_utf8_lossy(&answer.payload).into_owned()),
-                    _ => None,
-                }
-            });
-            asked.await.ok().flatten()
+                .map(|answer| String::from_utf8_lossy(&answer).into_owned())
         })
     }
 
@@ -1097,24 +1104,10 @@ impl SharedLog for JetStreamStore {
     }
 
     fn inbox_query(&self, inbox: &Topic) -> BoxFuture<'static, Option<Topic>> {
-        let client = self.context.client();
-        let subject = format!("{}{}", self.inboxes_prefix, inbox.as_str());
-        let io = self.io.clone();
+        let asked = self.ask_nodes(format!("{}{}", self.inboxes_prefix, inbox.as_str()));
         Box::pin(async move {
-            let asked = io.spawn(async move {
-                match tokio::time::timeout(
-                    Duration::from_secs(1),
-                    client.request(subject, Bytes::new()),
-                )
-                .await
-                {
-                    Ok(Ok(answer)) => std::str::from_utf8(&answer.payload)
-                        .ok()
-                        .and_then(|topic| Topic::parse(topic).ok()),
-                    _ => None,
-                }
-            });
-            asked.await.ok().flatten()
+            let answer = asked.await?;
+            Topic::parse(std::str::from_utf8(&answer).ok()?).ok()
         })
     }
 }
