@@ -1,6 +1,6 @@
 //! Authentication as an operator sees it, on a real `eventbus serve` process: the start-up line
 //! of an open bus, audit lines for refusals (rate-limited, with the count left out), the
-//! refusal metrics, and a reload on SIGHUP.
+//! refusal metrics, a reload on SIGHUP, and a broken file refused.
 
 mod bus_process;
 mod common;
@@ -158,4 +158,15 @@ async fn refusals_are_audited_rate_limited_counted_and_a_sighup_reloads() {
     let reloads = bus.logged("principals and limits reloaded");
     assert_eq!(reloads.len(), 1, "{:?}", bus.logs());
     assert_eq!(reloads[0]["fields"]["why"], "SIGHUP", "{reloads:?}");
+
+    // A file that does not parse is refused whole, and the principals in force stay.
+    std::fs::write(&path, "[[principals]]\nname = ").unwrap();
+    eventually("the refusal of a broken file", WAIT, || {
+        let refused = bus.logged("config reload refused");
+        async move { (!refused.is_empty()).then_some(()) }
+    })
+    .await;
+    publish_as(&mut client, "secret-token", "b.2")
+        .await
+        .unwrap();
 }

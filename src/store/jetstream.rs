@@ -630,15 +630,22 @@ async fn connect(
         description: Some("eventbus MANUAL-ack group cursors, the last per group".to_owned()),
         ..Default::default()
     };
-    context
-        .create_or_update_stream(cursors.clone())
-        .await
-        .map_err(|e| {
-            StoreError::Failed(format!(
-                "cannot set up JetStream stream {} at {urls}: {e}",
-                cursors.name
-            ))
-        })?;
+    // Nodes started together race to create it: the loser's create fails (its subjects overlap
+    // the winner's stream), and asking again finds the stream and updates it.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match context.create_or_update_stream(cursors.clone()).await {
+            Ok(_) => break,
+            Err(_) if attempts < 3 => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                return Err(StoreError::Failed(format!(
+                    "cannot set up JetStream stream {} at {urls}: {e}",
+                    cursors.name
+                )))
+            }
+        }
+    }
     Ok((client, context, info))
 }
 
