@@ -302,11 +302,6 @@ where
         eprintln!("{name}: runs in the memory pass of scripts/test.sh only");
         return;
     }
-    // One case at a time: each runs 3 nats-servers and 3 bus processes under load, and four
-    // at once on a 2-core machine made the faults' timing (and the free ports each takes)
-    // collide with each other's.
-    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _turn = ONE_AT_A_TIME.lock().await;
     let _ = tracing_subscriber::fmt()
         .with_env_filter("eventbus=info")
         .with_writer(std::io::stderr)
