@@ -133,8 +133,18 @@ pub fn topics_table(topics: &[pb::TopicInfo]) -> String {
             ]
         })
         .collect();
+    aligned_table(header, &rows, |i| (1..=4).contains(&i))
+}
+
+/// `rows` under `header` in columns as wide as their widest cell, two spaces apart; columns
+/// for which `right(i)` holds (numbers) right-aligned, the others left-aligned.
+pub fn aligned_table<const N: usize>(
+    header: [&str; N],
+    rows: &[[String; N]],
+    right: impl Fn(usize) -> bool,
+) -> String {
     let mut widths = header.map(str::len);
-    for row in &rows {
+    for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
         }
@@ -143,8 +153,7 @@ pub fn topics_table(topics: &[pb::TopicInfo]) -> String {
     let mut line = |cells: &[&str]| {
         let mut text = String::new();
         for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
-            // Numbers right-aligned, names left-aligned.
-            if (1..=4).contains(&i) {
+            if right(i) {
                 let _ = write!(text, "{cell:>width$}  ");
             } else {
                 let _ = write!(text, "{cell:<width$}  ");
@@ -154,7 +163,7 @@ pub fn topics_table(topics: &[pb::TopicInfo]) -> String {
         out.push('\n');
     };
     line(&header);
-    for row in &rows {
+    for row in rows {
         line(&row.each_ref().map(String::as_str));
     }
     out

@@ -133,30 +133,7 @@ pub fn groups_table(groups: &[pb::GroupInfo]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut text = String::new();
-        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
-            if i >= 3 {
-                let _ = write!(text, "{cell:>width$}  ");
-            } else {
-                let _ = write!(text, "{cell:<width$}  ");
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    out
+    super::format::aligned_table(header, &rows, |i| i >= 3)
 }
 
 /// `eventbus groups --json`.
