@@ -149,8 +149,10 @@ fn lock(current: &Mutex<Current>) -> std::sync::MutexGuard<'_, Current> {
 /// Whether a failure says the node is gone or going (so another may serve): UNAVAILABLE (a
 /// refused or broken connection, `shutting-down`, `store-failed` while a node has lost its
 /// log; not `no-responders`, which is the cluster's answer) or a transport error tonic
-/// reports as UNKNOWN; also a consumer group whose members are on another node
-/// (`group-on-another-node`).
+/// reports as UNKNOWN; CANCELLED made by the client's own transport when the connection closed
+/// under a call (hyper's "operation was canceled: connection closed", which carries the
+/// transport error as its source; a CANCELLED the server sent has none); also a consumer
+/// group whose members are on another node (`group-on-another-node`).
 pub(crate) fn moves_on(status: &tonic::Status) -> bool {
     let reason = status
         .metadata()
@@ -160,6 +162,7 @@ pub(crate) fn moves_on(status: &tonic::Status) -> bool {
         // The whole cluster's answer, not this node's state.
         Code::Unavailable if reason == Some("no-responders") => false,
         Code::Unavailable | Code::Unknown => true,
+        Code::Cancelled => std::error::Error::source(status).is_some(),
         Code::FailedPrecondition => is_group_elsewhere(status),
         _ => false,
     }
@@ -767,6 +770,20 @@ mod tests {
         assert!(request.metadata().get("authorization").is_none());
         let bad = Client::builder("http://127.0.0.1:1").token("line\nbreak");
         assert!(matches!(bad.credentials(), Err(Error::InvalidToken)));
+    }
+
+    #[test]
+    fn a_call_cut_by_a_closed_connection_moves_on_but_a_sent_cancel_does_not() {
+        // What tonic makes of hyper's `Canceled` error when a node dies under a call.
+        let mut cut = tonic::Status::cancelled("operation was canceled");
+        cut.set_source(std::sync::Arc::new(std::io::Error::other(
+            "connection closed",
+        )));
+        assert!(moves_on(&cut));
+        assert!(Error::Status(cut).is_retryable());
+        let sent = tonic::Status::cancelled("the server gave up");
+        assert!(!moves_on(&sent));
+        assert!(!Error::Status(sent).is_retryable());
     }
 
     #[test]

@@ -127,7 +127,8 @@ impl Error {
 
     /// Whether the same call may succeed if made again (on another node of a cluster, or
     /// once the node is back): the node was unreachable, went away mid-call, or had lost its
-    /// log (UNAVAILABLE other than `no-responders`, or a transport error). A query that fails
+    /// log (UNAVAILABLE other than `no-responders`, or a transport error, including the
+    /// CANCELLED tonic reports when the connection closed under the call). A query that fails
     /// so was not answered; asking again is safe (a query has no effect but its question).
     pub fn is_retryable(&self) -> bool {
         match self {
