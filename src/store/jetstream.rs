@@ -29,7 +29,9 @@
 //! back, bounded by [`REQUEST_TIMEOUT`]. On a multi-threaded runtime the caller's worker hands
 //! its other tasks away first (`block_in_place`). Reads the caller would cut anyway (past the
 //! last sequence this node has routed) return at once without a round trip, which covers the
-//! common case of a replay that reaches the head.
+//! common case of a replay that reaches the head. JetStream may serve a read from a replica
+//! behind its leader; a read that skips or stops short of sequences the stream holds is read
+//! again, never taken for the log (`JetStreamStore::fetch`).
 //!
 //! # Writes
 //! Appends do not go through [`Store::append`] (which would assign sequences under the
@@ -66,6 +68,9 @@ pub const APPEND_DEADLINE: Duration = Duration::from_secs(30);
 /// Events read from the tail and not yet routed, at most: the tail consumer waits (JetStream
 /// flow control) while the broker is behind.
 pub const TAIL_BUFFER: usize = 4096;
+/// How many times a read served by a replica behind its leader is read again (with pauses of
+/// 10 ms doubling to 200 ms, about 2 s in all) before it is refused.
+pub const LAGGING_READ_RETRIES: u32 = 14;
 /// How long cached stream facts (oldest sequence, held counts) are trusted.
 const INFO_TTL: Duration = Duration::from_millis(500);
 
@@ -322,19 +327,13 @@ impl JetStreamStore {
             };
             let _ = sender.send(result);
         });
-        let wait = move || {
+        blocking(move || {
             receiver.recv().unwrap_or_else(|_| {
                 Err(StoreError::Failed(format!(
                     "{what}: the NATS client stopped"
                 )))
             })
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
-        }
+        })
     }
 
     fn note_info(&self, info: &stream::Info) {
@@ -368,8 +367,17 @@ impl JetStreamStore {
         Ok(())
     }
 
-    /// Reads up to `max` events after `after`, within `max_bytes`, through an ephemeral pull
-    /// consumer (created, fetched once without waiting, deleted).
+    /// Reads up to `max` events after `after`, within `max_bytes`: the events from `after + 1`
+    /// on, gap-free above the oldest sequence the stream holds, up to `max`, the byte bound or
+    /// the last sequence this node has routed, whichever comes first.
+    ///
+    /// A read is served by an ephemeral consumer, which JetStream may place on a replica that
+    /// is behind its leader (seen right after a stream leader was killed): such a read skips
+    /// sequences the stream holds, or stops short of ones this node has already routed (which
+    /// the stream therefore holds). Either is read again ([`LAGGING_READ_RETRIES`] times,
+    /// with short pauses) and then refused with [`StoreError::Failed`], so a caller never takes
+    /// a lagging replica's view for the log: a short read taken at face value would let a
+    /// replay skip to live past events it never delivered.
     fn fetch(
         &self,
         after: u64,
@@ -381,6 +389,30 @@ impl JetStreamStore {
             return Ok(Vec::new());
         }
         let max = max.min((head - after) as usize);
+        let mut pause = Duration::from_millis(10);
+        let mut attempt = 0;
+        loop {
+            let read = self.fetch_once(after, max, max_bytes)?;
+            let lag = match self.lagging(after, max, &read)? {
+                None => return Ok(read.events),
+                Some(lag) => lag,
+            };
+            attempt += 1;
+            if attempt > LAGGING_READ_RETRIES {
+                return Err(StoreError::Failed(format!(
+                    "reading the log after {after}: {lag} (a replica behind its leader?); \
+                     read again"
+                )));
+            }
+            tracing::debug!(after, %lag, attempt, "a read from a replica behind; reading again");
+            blocking(|| std::thread::sleep(pause));
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// One read through an ephemeral pull consumer (created, fetched once without waiting,
+    /// deleted), cut at the first skip in the stream sequences it was served.
+    fn fetch_once(&self, after: u64, max: usize, max_bytes: usize) -> Result<Read, StoreError> {
         let context = self.context.clone();
         let name = self.stream.clone();
         let prefix_len = self.subject_prefix.len();
@@ -405,18 +437,33 @@ impl JetStreamStore {
                 .messages()
                 .await
                 .map_err(|e| failed("reading the log", e))?;
-            let mut events = Vec::new();
+            let mut read = Read::default();
+            let mut messages = 0;
             let mut within = WithinBytes::new(max_bytes);
             while let Some(message) = batch.next().await {
                 let message = message.map_err(|e| failed("reading the log", e))?;
-                let Some(event) = decode(&message, prefix_len) else {
+                let Ok(info) = message.info() else {
+                    // Not a stream message: it has no place in the log to check.
                     continue;
                 };
-                if !within.admits(&event) {
-                    break;
+                let sequence = info.stream_sequence;
+                match read.through {
+                    None => read.first = Some(sequence),
+                    Some(through) if sequence != through + 1 => break,
+                    Some(_) => {}
                 }
-                events.push(Arc::new(event));
-                if events.len() >= max {
+                // A message the bus did not write still holds its place in the sequence.
+                if let Some(event) = decode(&message, prefix_len) {
+                    if !within.admits(&event) {
+                        read.full = true;
+                        break;
+                    }
+                    read.events.push(Arc::new(event));
+                }
+                read.through = Some(sequence);
+                messages += 1;
+                if messages >= max {
+                    read.full = true;
                     break;
                 }
             }
@@ -424,44 +471,79 @@ impl JetStreamStore {
             tokio::spawn(async move {
                 let _ = stream.delete_consumer(&name).await;
             });
-            Ok(events)
+            Ok(read)
         })
-        .and_then(|events| self.contiguous(after, events))
     }
 
-    /// Checks a read against the stream's shape: retention drops only from the front, so above
-    /// the oldest held sequence every sequence is there. A read that skips held sequences was
-    /// served by a replica that is behind (seen right after a stream leader was killed, when an
-    /// ephemeral consumer can land on a follower still catching up): it is cut at the first
-    /// skip, and refused when it skips from its start, so the caller reads again rather than
-    /// take the skip for events retention dropped. Whether a start past `after + 1` is
-    /// retention is asked of the stream itself (one more round trip, on this path only).
-    fn contiguous(
-        &self,
-        after: u64,
-        mut events: Vec<SharedEvent>,
-    ) -> Result<Vec<SharedEvent>, StoreError> {
-        let Some(first) = events.first().map(|event| event.sequence) else {
-            return Ok(events);
-        };
-        if first > after + 1 {
+    /// Why a read of up to `max` events after `after` is not the log as it stands (`None`: it
+    /// is), see [`lag_of`]; the stream's oldest sequence is asked of the stream itself (one
+    /// more round trip, only for a read that starts late or ends short).
+    fn lagging(&self, after: u64, max: usize, read: &Read) -> Result<Option<String>, StoreError> {
+        lag_of(after, max, read, || {
             self.refresh_info()?;
-            let oldest = self.lock_facts().first_sequence;
-            let expected = (after + 1).max(oldest);
-            if first > expected {
-                return Err(StoreError::Failed(format!(
-                    "reading the log after {after} skipped to {first} though the stream holds \
-                     {expected} on (a replica behind its leader?); read again"
-                )));
-            }
-        }
-        let keep = events
-            .windows(2)
-            .position(|pair| pair[1].sequence != pair[0].sequence + 1)
-            .map_or(events.len(), |skip| skip + 1);
-        events.truncate(keep);
-        Ok(events)
+            Ok(self.lock_facts().first_sequence)
+        })
     }
+}
+
+/// Why a read of up to `max` events after `after` (with `after + max` at most the last
+/// sequence the node has routed, so held unless retention dropped it) is not the log as it
+/// stands, or `None` when it is. Retention drops only from the front, so above the oldest held
+/// sequence (`oldest()`) every sequence is there: a read that starts past `after + 1` and past
+/// the oldest, or stops short of `after + max` (not at its count or byte bound) with the
+/// next sequence still held, was served by a replica behind its leader.
+fn lag_of(
+    after: u64,
+    max: usize,
+    read: &Read,
+    mut oldest: impl FnMut() -> Result<u64, StoreError>,
+) -> Result<Option<String>, StoreError> {
+    if let Some(first) = read.first.filter(|first| *first > after + 1) {
+        let expected = (after + 1).max(oldest()?);
+        if first > expected {
+            return Ok(Some(format!(
+                "skipped to {first} though the stream holds {expected} on"
+            )));
+        }
+    }
+    let through = read.through.unwrap_or(after);
+    let end = after + max as u64;
+    if read.full || through >= end {
+        return Ok(None);
+    }
+    // Short: fine only if what follows was dropped meanwhile (the next read then starts past
+    // it, which the check above accepts).
+    if oldest()? > through + 1 {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "stopped at {through} though the stream holds through {end}"
+    )))
+}
+
+/// Runs `wait`, which blocks its thread; on a multi-threaded runtime the caller's worker hands
+/// its other tasks away first.
+fn blocking<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
+/// What one read through an ephemeral consumer was served.
+#[derive(Default)]
+struct Read {
+    /// The events, in sequence order.
+    events: Vec<SharedEvent>,
+    /// The first stream sequence served, and the last one before the first skip (messages the
+    /// bus did not write included: they hold their place).
+    first: Option<u64>,
+    through: Option<u64>,
+    /// Whether the read stopped at its count or byte bound rather than where the stream ran
+    /// out.
+    full: bool,
 }
 
 /// An ephemeral pull consumer that reads once: explicit ack (NATS 2.9 refuses pull consumers
@@ -1332,6 +1414,47 @@ impl Drop for JetStreamStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn served(first: u64, through: u64, full: bool) -> Read {
+        Read {
+            events: Vec::new(),
+            first: Some(first),
+            through: Some(through),
+            full,
+        }
+    }
+
+    #[test]
+    fn a_read_from_a_replica_behind_is_told_from_retention() {
+        let held_from = |oldest: u64| move || Ok::<u64, StoreError>(oldest);
+        // The whole range asked for (events 11..=20), or stopped at the count or byte bound.
+        assert_eq!(
+            lag_of(10, 10, &served(11, 20, false), held_from(1)).unwrap(),
+            None
+        );
+        assert_eq!(
+            lag_of(10, 10, &served(11, 15, true), held_from(1)).unwrap(),
+            None
+        );
+        // Stopped short of what the node has routed while the rest is held: behind.
+        let short = lag_of(10, 10, &served(11, 15, false), held_from(1)).unwrap();
+        assert!(short.unwrap().contains("stopped at 15"));
+        // Nothing at all served though 11..=20 is held: behind.
+        let empty = Read::default();
+        assert!(lag_of(10, 10, &empty, held_from(1)).unwrap().is_some());
+        // Nothing served because retention dropped it all meanwhile: the log as it is.
+        assert_eq!(lag_of(10, 10, &empty, held_from(21)).unwrap(), None);
+        // Starts past `after + 1`: retention (the oldest held is 14) or behind (it is 1).
+        assert_eq!(
+            lag_of(10, 10, &served(14, 20, false), held_from(14)).unwrap(),
+            None
+        );
+        let skipped = lag_of(10, 10, &served(14, 20, false), held_from(1)).unwrap();
+        assert!(skipped.unwrap().contains("skipped to 14"));
+        // Oldest not asked when the read is whole.
+        let never = || -> Result<u64, StoreError> { panic!("asked the stream") };
+        assert_eq!(lag_of(10, 10, &served(11, 20, false), never).unwrap(), None);
+    }
 
     #[test]
     fn message_ids_escape_so_different_pairs_never_collide() {
