@@ -502,6 +502,46 @@ async fn manual_ack_deliveries_are_redelivered_until_acked() {
 }
 
 #[tokio::test]
+async fn the_publisher_waits_out_its_backoff_between_resends() {
+    // Nothing listens: every send fails to open a stream. Three retries after waits of 100,
+    // 200 and 400 ms (no jitter), then the event fails; a queue that forgot to wait sent them
+    // all within the first wait.
+    let addr = free_addr();
+    let client = Client::builder(format!("http://{addr}"))
+        .connect_lazy()
+        .unwrap();
+    let publisher = client.publisher_with(PublisherOptions {
+        retries: 3,
+        retry_backoff: eventbus::sdk::Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            multiplier: 2.0,
+            jitter: 0.0,
+            max_attempts: None,
+        },
+        ..PublisherOptions::default()
+    });
+    let started = Instant::now();
+    let ack = publisher
+        .submit(pb::Event {
+            topic: "backoff.test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(WAIT, ack)
+        .await
+        .expect("the event fails after its last retry")
+        .unwrap_err();
+    assert!(error.is_retryable(), "{error}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(700),
+        "three resends took {took:?}, less than their backoff (700 ms)"
+    );
+}
+
+#[tokio::test]
 async fn the_publisher_resends_across_a_bus_restart_and_the_bus_stores_each_event_once() {
     const EVENTS: u32 = 20_000;
     let data_dir = tempfile::tempdir().unwrap();

@@ -190,6 +190,8 @@ struct SentBatch {
     /// be sent again are kept in this order, whichever way their sends failed, so the bus
     /// stores a publisher's events in the order it published them.
     order: u64,
+    /// When it may be sent again, once queued to be ([`Batcher::retry_or_fail`]).
+    due: Instant,
 }
 
 /// The background task's state.
@@ -207,9 +209,10 @@ struct Batcher {
     in_flight: BTreeMap<u64, SentBatch>,
     /// The order of the next batch made (see [`SentBatch::order`]).
     next_order: u64,
-    /// Batches whose stream broke, to send again (oldest first) from `resend_at`.
+    /// Batches whose fate is unknown (their stream broke, or the node could not store them),
+    /// to send again in their order: the front one once it is due, and no new batch before
+    /// them.
     resend: VecDeque<SentBatch>,
-    resend_at: Option<Instant>,
     next_id: u64,
     stream: Option<OpenStream>,
     /// Flush waiters and the last request_id each one waits for.
@@ -231,7 +234,6 @@ impl Batcher {
             in_flight: BTreeMap::new(),
             next_order: 0,
             resend: VecDeque::new(),
-            resend_at: None,
             next_id: 1,
             stream: None,
             flushes: Vec::new(),
@@ -252,13 +254,13 @@ impl Batcher {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         loop {
             // Batches to send again go first, so the stream keeps the publisher's order.
-            while self.resend_at.is_some_and(|at| Instant::now() >= at)
+            while self
+                .resend
+                .front()
+                .is_some_and(|batch| Instant::now() >= batch.due)
                 && self.in_flight.len() < self.options.max_in_flight
             {
-                let Some(batch) = self.resend.pop_front() else {
-                    self.resend_at = None;
-                    break;
-                };
+                let batch = self.resend.pop_front().expect("a front batch");
                 self.send(batch).await;
             }
             while self.resend.is_empty()
@@ -281,6 +283,7 @@ impl Batcher {
             let accept = !self.input_done
                 && self.pending.len() < self.options.max_batch
                 && self.pending_bytes < self.options.max_batch_bytes;
+            let resend_due = self.resend.front().map(|batch| batch.due);
             let linger = self
                 .deadline
                 .filter(|_| self.in_flight.len() < self.options.max_in_flight);
@@ -295,7 +298,7 @@ impl Batcher {
                 // Wakes the loop when the collected batch's linger time is up.
                 _ = tokio::time::sleep_until(linger.unwrap_or_else(Instant::now)), if linger.is_some() => {}
                 // Wakes the loop when batches whose stream broke may be sent again.
-                _ = tokio::time::sleep_until(self.resend_at.unwrap_or_else(Instant::now)), if self.resend_at.is_some() => {}
+                _ = tokio::time::sleep_until(resend_due.unwrap_or_else(Instant::now)), if resend_due.is_some() => {}
                 else => return,
             }
         }
@@ -356,6 +359,7 @@ impl Batcher {
             acks,
             attempts: 0,
             order,
+            due: Instant::now(),
         })
         .await;
     }
@@ -379,11 +383,11 @@ impl Batcher {
         if let Some(stream) = &self.stream {
             // Cannot be full: the channel holds max_in_flight + 1 and fewer are unanswered.
             if stream.requests.try_send(request).is_err() {
-                self.stream = None;
-                self.retry_or_fail(
-                    batch,
-                    tonic::Status::unavailable("the publish stream is closed"),
-                );
+                // The stream ended before its answers were read: what is in flight on it will
+                // never be answered there, so it goes back in the queue with this batch.
+                let closed = tonic::Status::unavailable("the publish stream is closed");
+                self.break_stream(closed.clone());
+                self.retry_or_fail(batch, closed);
             } else {
                 self.in_flight.insert(request_id, batch);
             }
@@ -423,16 +427,14 @@ impl Batcher {
     }
 
     /// Queues a batch whose fate is unknown to be sent again, or fails it after its last retry.
-    fn retry_or_fail(&mut self, batch: SentBatch, status: tonic::Status) {
+    fn retry_or_fail(&mut self, mut batch: SentBatch, status: tonic::Status) {
         // A node that is gone: the resend goes to the next one, with the same ids.
         self.client.fail_over(&status);
         if batch.attempts > self.options.retries {
             fail_all(batch.acks, || Error::StreamBroken(status.clone()));
             return;
         }
-        let delay = self.options.retry_backoff.delay(batch.attempts - 1);
-        let at = Instant::now() + delay;
-        self.resend_at = Some(self.resend_at.map_or(at, |earlier| earlier.min(at)));
+        batch.due = Instant::now() + self.options.retry_backoff.delay(batch.attempts - 1);
         // Keep the oldest first, whichever failed first: a batch that failed to open a
         // stream goes back in front of the ones it was sent before.
         let at = self
