@@ -41,6 +41,8 @@ struct Cluster {
     nats: NatsCluster,
     buses: Vec<Option<BusProcess>>,
     ports: Vec<u16>,
+    /// The logs of bus processes stopped by the fault, by node, for a failure's report.
+    retired: Vec<(usize, Vec<serde_json::Value>)>,
 }
 
 impl Cluster {
@@ -51,6 +53,7 @@ impl Cluster {
             nats,
             buses: Vec::new(),
             ports,
+            retired: Vec::new(),
         };
         for i in 0..3 {
             let bus = cluster.start_bus(i);
@@ -75,6 +78,38 @@ impl Cluster {
             ],
             None,
         )
+    }
+
+    /// Stops node `i` (SIGTERM with a grace period when `grace` is given, else SIGKILL) and
+    /// keeps its logs for [`Cluster::report`].
+    fn stop_bus(&mut self, i: usize, grace: Option<Duration>) {
+        let mut bus = self.buses[i].take().expect("a running node");
+        match grace {
+            Some(grace) => bus.terminate(grace),
+            None => bus.kill(),
+        }
+        self.retired.push((i, bus.logs()));
+    }
+
+    /// Every node's warnings and errors (stopped ones first), one line each: what a failing
+    /// case prints next to its own message.
+    fn report(&self) -> String {
+        let running = self
+            .buses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, bus)| bus.as_ref().map(|bus| (i, bus.logs())));
+        let mut out = String::new();
+        for (i, logs) in self.retired.iter().cloned().chain(running) {
+            for line in logs
+                .iter()
+                .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
+                .take(40)
+            {
+                out.push_str(&format!("\n  node {i}: {line}"));
+            }
+        }
+        out
     }
 
     /// The bus nodes' URLs, starting with node `first`.
@@ -258,13 +293,14 @@ impl Load {
         self.seen.lock().unwrap().acked.len()
     }
 
-    async fn wait_acked(&self, count: usize) {
+    async fn wait_acked(&self, count: usize, cluster: &Cluster) {
         let deadline = Instant::now() + WAIT;
         while self.acked() < count {
             assert!(
                 Instant::now() < deadline,
-                "only {} of {count} publishes acknowledged",
-                self.acked()
+                "only {} of {count} publishes acknowledged; bus warnings:{}",
+                self.acked(),
+                cluster.report()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -303,16 +339,19 @@ where
         return;
     }
     let _ = tracing_subscriber::fmt()
-        .with_env_filter("eventbus=info")
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "eventbus=info".into()),
+        )
         .with_writer(std::io::stderr)
         .try_init();
     let cluster = Cluster::start().await;
     let load = start_load(&cluster).await;
-    load.wait_acked(BEFORE).await;
+    load.wait_acked(BEFORE, &cluster).await;
     let fault_at = Instant::now();
     let cluster = fault(cluster).await;
     let fault_took = fault_at.elapsed();
-    load.wait_acked(BEFORE + AFTER).await;
+    load.wait_acked(BEFORE + AFTER, &cluster).await;
     load.stop.cancel();
     let published = tokio::time::timeout(WAIT, load.publisher_done)
         .await
@@ -407,18 +446,10 @@ where
                         .filter(|s| !group.contains(s))
                         .take(20)
                         .collect();
-                    let warnings: Vec<String> = cluster
-                        .buses
-                        .iter()
-                        .flatten()
-                        .flat_map(|bus| bus.logs())
-                        .filter(|l| l["level"] == "WARN" || l["level"] == "ERROR")
-                        .map(|l| l.to_string())
-                        .take(30)
-                        .collect();
                     panic!(
                         "{name}: subscriber at {delivered_last}, group complete: {group_has_all} \
-                 (missing {missing:?}), stream at {last}; bus warnings: {warnings:#?}"
+                 (missing {missing:?}), stream at {last}; bus warnings:{}",
+                        cluster.report()
                     );
                 }
                 false
@@ -449,10 +480,14 @@ where
     // (see README "Failover").
     let mut in_order: Vec<(usize, u64)> = seen.acked.iter().map(|(i, s, _)| (*i, *s)).collect();
     in_order.sort_unstable();
-    let reordered = in_order.windows(2).filter(|w| w[0].1 > w[1].1).count();
+    let inversions: Vec<_> = in_order.windows(2).filter(|w| w[0].1 > w[1].1).collect();
+    let reordered = inversions.len();
     assert!(
         reordered == 0 || order == Order::MayReorder,
-        "{name}: sequences follow the publish order ({reordered} inversions)"
+        "{name}: sequences follow the publish order ({reordered} inversions, (index, sequence) \
+         pairs: {:?}); bus warnings:{}",
+        &inversions[..reordered.min(10)],
+        cluster.report()
     );
     assert!(
         seen.failed.is_empty(),
@@ -506,8 +541,7 @@ async fn killing_a_bus_node_with_clients_on_it() {
         "kill -9 a bus node",
         Order::Kept,
         |mut cluster| async move {
-            cluster.buses[2].as_mut().unwrap().kill();
-            cluster.buses[2] = None;
+            cluster.stop_bus(2, None);
             cluster
         },
     )
@@ -521,10 +555,7 @@ async fn a_rolling_restart_of_every_bus_node() {
         Order::Kept,
         |mut cluster| async move {
             for i in 0..3 {
-                cluster.buses[i]
-                    .as_mut()
-                    .unwrap()
-                    .terminate(Duration::from_secs(30));
+                cluster.stop_bus(i, Some(Duration::from_secs(30)));
                 let restarted = cluster.start_bus(i);
                 cluster.buses[i] = Some(restarted);
             }
