@@ -448,9 +448,9 @@ async fn bus_with(
     })
 }
 
+/// An address for a bus restarted on it (see `common::nats::free_port`).
 fn free_addr() -> std::net::SocketAddr {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap()
+    std::net::SocketAddr::from(([127, 0, 0, 1], common::nats::free_port()))
 }
 
 #[tokio::test]
@@ -649,10 +649,7 @@ async fn the_publisher_resends_across_a_bus_restart_and_the_bus_stores_each_even
 
 #[tokio::test]
 async fn subscription_survives_a_bus_restart_and_notices_the_new_log() {
-    let addr = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap()
-    };
+    let addr = free_addr();
     let url = format!("http://{addr}");
     let first_stop = CancellationToken::new();
     let first = bus_on(addr, first_stop.clone()).await;

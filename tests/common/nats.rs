@@ -156,9 +156,31 @@ pub struct ClusterNode {
     _dir: tempfile::TempDir,
 }
 
-/// A free loopback port (bound and released: another process could take it in between, which
-/// fails the test loudly rather than silently).
+/// A free loopback port for a server started later (a cluster's client and route ports,
+/// known before any server starts; a bus node restarted on the same address).
+///
+/// Picked below the kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`):
+/// every outgoing connection on the machine takes its source port from that range, so a port
+/// picked there (as binding to port 0 does) can be taken by some client's connection before
+/// the server binds it; a nats-server failed to start in CI that way. Below the range only
+/// another picker can take it, and picks are random over some 20 000 ports and checked free.
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    const FLOOR: u16 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low > FLOOR + 1_000 {
+        for attempt in 0..200u32 {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(attempt);
+            let port = FLOOR + (hasher.finish() % u64::from(ephemeral_low - FLOOR)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -279,12 +301,14 @@ impl NatsCluster {
 
 impl ClusterNode {
     fn start(&mut self) {
+        // Its log goes to a file beside its config, for the panic below.
+        let log = self.config.with_file_name("nats.log");
         let mut child = Command::new(binary())
             .arg("-c")
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create the nats-server log"))
             .spawn()
             .expect("start nats-server");
         // The client port answers once the server is up.
@@ -292,7 +316,11 @@ impl ClusterNode {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&address).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("nats-server {} exited at start: {status}", self.name);
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!(
+                    "nats-server {} exited at start: {status}; its log:\n{log}",
+                    self.name
+                );
             }
             assert!(
                 Instant::now() < deadline,
