@@ -1,6 +1,6 @@
 //! Several bus nodes on one JetStream stream behave as one bus: a publish on one node reaches
 //! subscribers on every node in sequence order, replays and topic counts on any node cover
-//! every node's events, a query on one node is answered by a responder on another, and
+//! every node's events, topics and the topology on any node show every node's subscribers, a query on one node is answered by a responder on another, and
 //! idempotent publish holds across nodes. Also what a node does when NATS is away: it refuses
 //! to start, or goes NOT_SERVING and refuses publishes until NATS is back.
 //!
@@ -323,6 +323,87 @@ async fn topic_counts_on_every_node_cover_every_node() {
         .await;
         assert_eq!(topic.events_held, 3);
         assert_eq!(topic.last_sequence, 3);
+        let _ = &mut admin;
+    }
+}
+
+#[tokio::test]
+async fn topics_and_topology_on_every_node_show_every_nodes_subscribers() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    // A wildcard subscriber on node a; a named one and an AUTO group's two members on node b
+    // (a group is served by one node at a time).
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let named = |pattern: &str, subscriber: &str, group: &str| pb::SubscribeRequest {
+        subscriber: subscriber.into(),
+        group: group.into(),
+        ..request(pattern)
+    };
+    let _watch = subscribe(&mut on_a, named("stock.*", "auditor", "")).await;
+    let _listen = subscribe(&mut on_b, named("stock.moved", "warehouse", "")).await;
+    let _member_b = subscribe(&mut on_b, named("stock.>", "pickers", "pickers")).await;
+    let _member_b2 = subscribe(&mut on_b, named("stock.>", "pickers", "pickers")).await;
+    publish(&mut on_a, vec![event("stock.moved", b"1")]).await;
+
+    for node in [&a, &b] {
+        let mut admin = node.admin().await;
+        // Each node has routed the event (its tail), and sees the others' clients.
+        let topic = eventually("the topic with every node's subscribers", WAIT, || {
+            let mut admin = admin.clone();
+            async move {
+                let topics = admin
+                    .list_topics(pb::ListTopicsRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .topics;
+                topics
+                    .into_iter()
+                    .find(|t| t.name == "stock.moved" && t.events_published == 1)
+            }
+        })
+        .await;
+        // auditor, warehouse, and the two pickers.
+        assert_eq!(topic.subscriber_count, 4, "{topic:?}");
+        assert_eq!(topic.groups, vec!["pickers".to_string()]);
+
+        let topology = admin
+            .get_topology(pb::GetTopologyRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let subscribes: Vec<(String, String, String, u32)> = topology
+            .edges
+            .iter()
+            .filter(|e| e.kind == pb::EdgeKind::Subscribes as i32)
+            .map(|e| {
+                (
+                    e.from.clone(),
+                    e.to.clone(),
+                    e.group.clone(),
+                    e.active_subscriptions,
+                )
+            })
+            .collect();
+        for expected in [
+            ("topic:stock.*", "service:auditor", "", 1),
+            ("topic:stock.moved", "service:warehouse", "", 1),
+            // One edge for the group, its two members counted together.
+            ("topic:stock.>", "service:pickers", "pickers", 2),
+        ] {
+            let expected = (
+                expected.0.to_string(),
+                expected.1.to_string(),
+                expected.2.to_string(),
+                expected.3,
+            );
+            assert!(
+                subscribes.contains(&expected),
+                "{expected:?} not in {subscribes:?}"
+            );
+        }
+        assert_eq!(subscribes.len(), 3, "{subscribes:?}");
         let _ = &mut admin;
     }
 }

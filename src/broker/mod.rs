@@ -29,6 +29,7 @@ mod delivery;
 pub mod durable;
 pub mod groups;
 mod names;
+pub mod peers;
 mod subscription;
 pub mod topology;
 
@@ -274,6 +275,7 @@ impl Broker {
         let broker = Broker::build(config, store, Some(log.clone()), metrics);
         let tail = log.tail(head);
         broker.shared.tasks.spawn(route_tail(broker.clone(), tail));
+        broker.answer_peers();
         broker
     }
 
@@ -913,15 +915,17 @@ impl Broker {
     /// Under the routing lock it only copies the tables (pointers and counts: the topic
     /// counters, the subscription patterns with their counts); sorting, filtering and matching
     /// topics against subscriptions happen outside it, so a listing of many names never stalls
-    /// publishers for long.
+    /// publishers for long. `peers` are the other nodes' views on a cluster
+    /// ([`Broker::peer_views`]; empty otherwise): their subscribers count as this node's.
     pub fn list_topics(
         &self,
         filter: Option<&Pattern>,
         after: Option<&str>,
         limit: usize,
+        peers: &[peers::NodeView],
     ) -> TopicPage {
         let held = self.shared.store.held_counts();
-        let (counters, live_literals, subscriptions, untracked_events) = {
+        let (counters, mut live_literals, mut subscriptions, untracked_events) = {
             let routing = self.lock_routing();
             let mut subscriptions = Vec::new();
             routing.subscriptions.for_each(|pattern, interest| {
@@ -939,7 +943,36 @@ impl Broker {
                 routing.topics.untracked_events(),
             )
         };
-        let durable = self.durable_member_counts();
+        let mut durable = self.durable_member_counts();
+        // Other nodes' clients (a cluster): their subscriptions count as this node's do.
+        for view in peers {
+            for interest in &view.interests {
+                subscriptions.push((
+                    interest.pattern.clone(),
+                    interest.individual,
+                    interest
+                        .groups
+                        .iter()
+                        .map(|(name, members)| (Arc::from(name.as_str()), *members))
+                        .collect(),
+                ));
+            }
+            for member in &view.durable {
+                if let Ok(pattern) = Pattern::parse(&member.pattern) {
+                    durable.push((member.group.as_str().into(), pattern, member.members));
+                }
+            }
+            live_literals.extend(
+                view.subscriptions
+                    .iter()
+                    .filter(|s| {
+                        s.active > 0
+                            && !s.pattern.contains(['*', '>'])
+                            && !s.pattern.starts_with("_bus.inbox.")
+                    })
+                    .map(|s| Arc::from(s.pattern.as_str())),
+            );
+        }
 
         let after = after.unwrap_or("");
         let admits = |name: &str| {
@@ -1029,12 +1062,24 @@ impl Broker {
 
     /// The dependency graph as the bus has seen it, at most `max_edges` edges and about
     /// `max_bytes` of names (see [`topology::RawTopology::build`]). Under the routing lock it
-    /// only copies the graph's entries; the graph is built outside it.
-    pub fn topology(&self, max_edges: usize, max_bytes: usize) -> TopologySnapshot {
-        let (raw, entries) = {
+    /// only copies the graph's entries; the graph is built outside it. `peers` are the other
+    /// nodes' views on a cluster ([`Broker::peer_views`]; empty otherwise): their subscriptions
+    /// join this node's as SUBSCRIBES edges.
+    pub fn topology(
+        &self,
+        max_edges: usize,
+        max_bytes: usize,
+        peers: &[peers::NodeView],
+    ) -> TopologySnapshot {
+        let (mut raw, entries) = {
             let routing = self.lock_routing();
             (routing.topology.raw(), routing.topology.entries())
         };
+        raw.add_subscriptions(
+            peers
+                .iter()
+                .flat_map(|view| view.subscriptions.iter().map(|s| s.entry())),
+        );
         let snapshot = raw.build(max_edges, max_bytes);
         if entries >= FORGOTTEN_BEFORE_TRIM {
             // Building allocated per name, and most of it was cut: hand it back.

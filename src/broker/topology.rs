@@ -14,7 +14,7 @@
 //! subject tree of the wildcard patterns, not patterns × topics), sorting, and the bounds of
 //! one response.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -321,6 +321,60 @@ type RawSubscription = (Arc<str>, Arc<str>, Arc<str>, SubscriptionUse);
 const ENTRY_OVERHEAD_BYTES: usize = 48;
 
 impl RawTopology {
+    /// Adds subscriptions held on other nodes of a cluster, as (pattern, subscriber, group,
+    /// active subscriptions, last seen). One with the same pattern, subscriber and group as one
+    /// held here is the same edge: its active count is added, and the later last-seen kept.
+    pub fn add_subscriptions(
+        &mut self,
+        more: impl IntoIterator<Item = (Arc<str>, Arc<str>, Arc<str>, u32, SystemTime)>,
+    ) {
+        // (pattern, subscriber, group) -> index in `subscriptions`.
+        type Key = (Arc<str>, Arc<str>, Arc<str>);
+        let mut at: HashMap<Key, usize> = self
+            .subscriptions
+            .iter()
+            .enumerate()
+            .map(|(i, (pattern, subscriber, group, _))| {
+                ((pattern.clone(), subscriber.clone(), group.clone()), i)
+            })
+            .collect();
+        for (pattern, subscriber, group, active, last_seen) in more {
+            let key = (pattern.clone(), subscriber.clone(), group.clone());
+            match at.get(&key) {
+                Some(&i) => {
+                    let used = &mut self.subscriptions[i].3;
+                    used.active += active;
+                    used.last_seen = used.last_seen.max(last_seen);
+                }
+                None => {
+                    at.insert(key, self.subscriptions.len());
+                    self.subscriptions.push((
+                        pattern,
+                        subscriber,
+                        group,
+                        SubscriptionUse { active, last_seen },
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The subscriptions, as (pattern, subscriber, group, active subscriptions, last seen):
+    /// what a node tells the others of its clients (`super::peers`).
+    pub fn subscriptions(&self) -> impl Iterator<Item = (&str, &str, &str, u32, SystemTime)> {
+        self.subscriptions
+            .iter()
+            .map(|(pattern, subscriber, group, used)| {
+                (
+                    &**pattern,
+                    &**subscriber,
+                    &**group,
+                    used.active,
+                    used.last_seen,
+                )
+            })
+    }
+
     /// The graph as nodes and edges, sorted by kind, then ends, then group. At most
     /// `max_edges` edges, and edges and their nodes of at most about `max_bytes` in all: a
     /// graph cut short keeps a prefix of that order (which MATCHES edges it keeps is not

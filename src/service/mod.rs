@@ -556,7 +556,11 @@ impl AdminService for AdminApi {
         };
         let page_size = convert::page_size(request.page_size, TOPICS_PAGE_DEFAULT, TOPICS_PAGE_MAX);
         let after = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
-        let page = self.broker.list_topics(filter.as_ref(), after, page_size);
+        // On a cluster, the other nodes' subscribers too.
+        let peers = self.broker.peer_views().await;
+        let page = self
+            .broker
+            .list_topics(filter.as_ref(), after, page_size, &peers);
         Ok(Response::new(pb::ListTopicsResponse {
             topics: page.topics.into_iter().map(convert::topic_to_pb).collect(),
             next_page_token: page.next_after.unwrap_or_default(),
@@ -578,11 +582,14 @@ impl AdminService for AdminApi {
         // server's message limit, and within the 4 MiB that gRPC clients accept by default.
         let max_bytes = (self.broker.config().max_message_bytes / 2).min(TOPOLOGY_MAX_BYTES);
         let broker = self.broker.clone();
+        // On a cluster, the other nodes' subscriptions too.
+        let peers = self.broker.peer_views().await;
         // Building a large graph takes a while: keep it off the async workers. A panic there is
         // resumed here, where the panic layer answers INTERNAL as for any handler.
-        let snapshot = tokio::task::spawn_blocking(move || broker.topology(max_edges, max_bytes))
-            .await
-            .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+        let snapshot =
+            tokio::task::spawn_blocking(move || broker.topology(max_edges, max_bytes, &peers))
+                .await
+                .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
         Ok(Response::new(convert::topology_to_pb(snapshot)))
     }
 

@@ -149,7 +149,24 @@ pub trait SharedLog: Send + Sync + 'static {
     /// The topic of the query waiting on `inbox` at another node, if one answers in time: how
     /// permissions check a reply into an inbox this node does not hold ([`crate::auth`]).
     fn inbox_query(&self, inbox: &Topic) -> BoxFuture<'static, Option<Topic>>;
+
+    /// Answers the other nodes' [`SharedLog::peer_views`] with `view()`: this node's account
+    /// of the clients connected to it, encoded by the broker (`crate::broker::peers`), made
+    /// afresh for each request. Called once per log.
+    fn answer_views(&self, view: Arc<dyn Fn() -> Bytes + Send + Sync>);
+
+    /// Every other node's answer to [`SharedLog::answer_views`] (this node's own left out),
+    /// gathered until none has come for [`VIEW_QUIET`] (and for at most [`VIEW_WINDOW`]);
+    /// empty when NATS is away. A node that answers later than that is left out.
+    fn peer_views(&self) -> BoxFuture<'static, Vec<Bytes>>;
 }
+
+/// How long [`SharedLog::peer_views`] waits for more answers after the last one came.
+pub const VIEW_QUIET: Duration = Duration::from_millis(100);
+/// The longest [`SharedLog::peer_views`] gathers answers.
+pub const VIEW_WINDOW: Duration = Duration::from_secs(1);
+/// The header naming the node that answered a view request, so the asker can leave its own out.
+const NODE_HEADER: &str = "Eventbus-Node";
 
 /// Cached facts about the stream, refreshed at most every [`INFO_TTL`].
 #[derive(Debug, Default)]
@@ -179,6 +196,9 @@ pub struct JetStreamStore {
     members_prefix: String,
     /// `_EVENTBUS.<stream>.inboxes.`: a subject per reply inbox a query waits on here.
     inboxes_prefix: String,
+    /// `_EVENTBUS.<stream>.views`: where nodes ask each other for their views (see
+    /// [`SharedLog::peer_views`]).
+    views_subject: String,
     urls: String,
     log_id: String,
     dedupe: bool,
@@ -291,6 +311,7 @@ impl JetStreamStore {
             responders_prefix,
             members_prefix: format!("_EVENTBUS.{stream}.members."),
             inboxes_prefix: format!("_EVENTBUS.{stream}.inboxes."),
+            views_subject: format!("_EVENTBUS.{stream}.views"),
             node,
             log_id: format!("{stream}-{created:x}"),
             stream,
@@ -1198,6 +1219,66 @@ impl SharedLog for JetStreamStore {
             let answer = asked.await?;
             Topic::parse(std::str::from_utf8(&answer).ok()?).ok()
         })
+    }
+
+    fn answer_views(&self, view: Arc<dyn Fn() -> Bytes + Send + Sync>) {
+        let client = self.context.client();
+        let subject = self.views_subject.clone();
+        let node = String::from_utf8_lossy(&self.node).into_owned();
+        self.io.spawn(async move {
+            // Resubscribed by the client after a reconnect.
+            let mut requests = match client.subscribe(subject.clone()).await {
+                Ok(requests) => requests,
+                Err(error) => {
+                    tracing::warn!(%error, %subject, "cannot answer other nodes' view requests: their topics and topology will leave this node's clients out");
+                    return;
+                }
+            };
+            while let Some(request) = requests.next().await {
+                let Some(reply) = request.reply else {
+                    continue;
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(NODE_HEADER, node.as_str());
+                let _ = client.publish_with_headers(reply, headers, view()).await;
+            }
+        });
+    }
+
+    fn peer_views(&self) -> BoxFuture<'static, Vec<Bytes>> {
+        let client = self.context.client();
+        let subject = self.views_subject.clone();
+        let own = String::from_utf8_lossy(&self.node).into_owned();
+        let gathered = self.io.spawn(async move {
+            let inbox = client.new_inbox();
+            let Ok(mut answers) = client.subscribe(inbox.clone()).await else {
+                return Vec::new();
+            };
+            if client
+                .publish_with_reply(subject, inbox, Bytes::new())
+                .await
+                .is_err()
+            {
+                return Vec::new();
+            }
+            let window = tokio::time::Instant::now() + VIEW_WINDOW;
+            // Until the first answer (this node's own comes at once), the whole window.
+            let mut until = window;
+            let mut views = Vec::new();
+            while let Ok(Some(answer)) = tokio::time::timeout_at(until, answers.next()).await {
+                let from = answer
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(NODE_HEADER))
+                    .map(|node| node.as_str().to_owned());
+                if from.as_deref() != Some(own.as_str()) {
+                    views.push(answer.payload);
+                }
+                until = (tokio::time::Instant::now() + VIEW_QUIET).min(window);
+            }
+            views
+        });
+        Box::pin(async move { gathered.await.unwrap_or_default() })
     }
 }
 
