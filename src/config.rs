@@ -265,6 +265,17 @@ pub enum StorageConfig {
     },
 }
 
+impl StorageConfig {
+    /// The `--storage` name of this kind of store: `memory`, `file` or `jetstream`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StorageConfig::Memory => "memory",
+            StorageConfig::File { .. } => "file",
+            StorageConfig::JetStream { .. } => "jetstream",
+        }
+    }
+}
+
 /// The default `--jetstream-stream`.
 pub const DEFAULT_JETSTREAM_STREAM: &str = "EVENTBUS";
 
@@ -293,20 +304,22 @@ pub enum LogFormat {
 }
 
 /// `eventbus serve` flags. Each has an `EVENTBUS_*` variable; unset ones fall back to the
-/// `--config` file, then to the defaults of [`ServerConfig`].
+/// `--config` file, then to the defaults of [`ServerConfig`]. Sizes take units (`256MiB`, see
+/// [`parse_size`]), durations humantime's forms (`500ms`, `7d`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
     /// TOML file with any of the settings below (keys as the flags, with underscores).
     #[arg(long, env = "EVENTBUS_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:50051].
-    #[arg(long, env = "EVENTBUS_LISTEN")]
+    /// Address to listen on: `IP:PORT`, or `HOST:PORT` resolved once at start-up
+    /// (`localhost:50051`) [default: 127.0.0.1:50051].
+    #[arg(long, env = "EVENTBUS_LISTEN", value_parser = parse_listen)]
     pub listen: Option<SocketAddr>,
     /// Events kept for replay [default: 1000000].
     #[arg(long, env = "EVENTBUS_RETENTION_MAX_EVENTS")]
     pub retention_max_events: Option<u64>,
-    /// Bytes of events kept for replay [default: 268435456].
-    #[arg(long, env = "EVENTBUS_RETENTION_MAX_BYTES")]
+    /// Bytes of events kept for replay, e.g. `256MiB` [default: 256MiB].
+    #[arg(long, env = "EVENTBUS_RETENTION_MAX_BYTES", value_parser = parse_size)]
     pub retention_max_bytes: Option<u64>,
     /// Oldest events kept for replay, e.g. `7d` [default: no limit].
     #[arg(long, env = "EVENTBUS_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
@@ -332,32 +345,32 @@ pub struct ServeArgs {
     /// [default: always].
     #[arg(long, env = "EVENTBUS_FSYNC")]
     pub fsync: Option<FsyncPolicy>,
-    /// Size at which the file store starts a new segment file [default: 67108864].
-    #[arg(long, env = "EVENTBUS_SEGMENT_BYTES")]
+    /// Size at which the file store starts a new segment file [default: 64MiB].
+    #[arg(long, env = "EVENTBUS_SEGMENT_BYTES", value_parser = parse_size)]
     pub segment_bytes: Option<u64>,
     /// Events queued per live subscriber; a subscriber with a full queue catches up from the
     /// log [default: 8192].
     #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_SIZE")]
     pub subscriber_queue_size: Option<usize>,
-    /// Bytes of events queued per live subscriber (and read per replay step) [default: 8388608].
-    #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_BYTES")]
+    /// Bytes of events queued per live subscriber (and read per replay step) [default: 8MiB].
+    #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_BYTES", value_parser = parse_size_usize)]
     pub subscriber_queue_bytes: Option<usize>,
     /// Bytes of events queued for all live subscribers together; past it subscribers catch up
-    /// from the log [default: 268435456].
-    #[arg(long, env = "EVENTBUS_DELIVERY_BUFFER_BYTES")]
+    /// from the log [default: 256MiB].
+    #[arg(long, env = "EVENTBUS_DELIVERY_BUFFER_BYTES", value_parser = parse_size_usize)]
     pub delivery_buffer_bytes: Option<usize>,
     /// Sequences a subscriber catching up from the log may be behind the head before it is
     /// ended [default: no limit].
     #[arg(long, env = "EVENTBUS_MAX_SUBSCRIBER_LAG")]
     pub max_subscriber_lag: Option<u64>,
-    /// Largest event data in bytes [default: 1048576].
-    #[arg(long, env = "EVENTBUS_MAX_EVENT_DATA_BYTES")]
+    /// Largest event data [default: 1MiB].
+    #[arg(long, env = "EVENTBUS_MAX_EVENT_DATA_BYTES", value_parser = parse_size_usize)]
     pub max_event_data_bytes: Option<usize>,
     /// Most events in one publish batch [default: 10000].
     #[arg(long, env = "EVENTBUS_MAX_BATCH_EVENTS")]
     pub max_batch_events: Option<usize>,
-    /// Largest gRPC message in bytes [default: 16777216].
-    #[arg(long, env = "EVENTBUS_MAX_MESSAGE_BYTES")]
+    /// Largest gRPC message [default: 16MiB].
+    #[arg(long, env = "EVENTBUS_MAX_MESSAGE_BYTES", value_parser = parse_size_usize)]
     pub max_message_bytes: Option<usize>,
     /// Query timeout when a query names none, e.g. `5s` [default: 5s].
     #[arg(long, env = "EVENTBUS_DEFAULT_QUERY_TIMEOUT", value_parser = humantime::parse_duration)]
@@ -393,8 +406,8 @@ pub struct ServeArgs {
     #[arg(long, env = "EVENTBUS_RECEIVE_TIMEOUT", value_parser = humantime::parse_duration)]
     pub receive_timeout: Option<Duration>,
     /// Bytes of partly received requests held at once, across all connections
-    /// [default: 268435456].
-    #[arg(long, env = "EVENTBUS_RECEIVE_BUDGET_BYTES")]
+    /// [default: 256MiB].
+    #[arg(long, env = "EVENTBUS_RECEIVE_BUDGET_BYTES", value_parser = parse_size_usize)]
     pub receive_budget_bytes: Option<usize>,
     /// HTTP/2 streams one connection may have open at once [default: 4096].
     #[arg(long, env = "EVENTBUS_MAX_CONCURRENT_STREAMS")]
@@ -451,8 +464,10 @@ impl NatsUrls {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
+    #[serde(default, deserialize_with = "listen_serde_opt")]
     listen: Option<SocketAddr>,
     retention_max_events: Option<u64>,
+    #[serde(default, with = "size_serde_opt")]
     retention_max_bytes: Option<u64>,
     #[serde(default, with = "humantime_serde_opt")]
     retention_max_age: Option<Duration>,
@@ -462,13 +477,18 @@ struct ConfigFile {
     jetstream_replicas: Option<usize>,
     data_dir: Option<PathBuf>,
     fsync: Option<String>,
+    #[serde(default, with = "size_serde_opt")]
     segment_bytes: Option<u64>,
     subscriber_queue_size: Option<usize>,
+    #[serde(default, with = "size_serde_opt")]
     subscriber_queue_bytes: Option<usize>,
+    #[serde(default, with = "size_serde_opt")]
     delivery_buffer_bytes: Option<usize>,
     max_subscriber_lag: Option<u64>,
+    #[serde(default, with = "size_serde_opt")]
     max_event_data_bytes: Option<usize>,
     max_batch_events: Option<usize>,
+    #[serde(default, with = "size_serde_opt")]
     max_message_bytes: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     default_query_timeout: Option<Duration>,
@@ -488,6 +508,7 @@ struct ConfigFile {
     keepalive_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     receive_timeout: Option<Duration>,
+    #[serde(default, with = "size_serde_opt")]
     receive_budget_bytes: Option<usize>,
     max_concurrent_streams: Option<u32>,
     max_connections: Option<usize>,
@@ -506,6 +527,56 @@ struct ConfigFile {
 }
 
 /// Durations in the TOML file are written as humans write them: `"5s"`, `"250ms"`.
+/// A size in bytes, with or without a unit: `268435456`, `256MiB`, `1.5 GB`, `64k`. IEC units
+/// (`KiB`, `MiB`, `GiB`, ...) are powers of 1024, SI units (`KB`/`k`, `MB`/`m`, ...) powers of
+/// 1000; read by the `bytesize` crate.
+///
+/// Errors: text that is neither a number of bytes nor a number and a unit it knows.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|error| {
+            format!("{error} (a size is bytes, or a number and a unit: 256MiB, 1.5GB, 64k)")
+        })
+}
+
+/// [`parse_size`] for a size held in memory, which must fit a `usize`.
+pub fn parse_size_usize(text: &str) -> Result<usize, String> {
+    let bytes = parse_size(text)?;
+    usize::try_from(bytes).map_err(|_| format!("{bytes} bytes does not fit this machine"))
+}
+
+/// A size in the config file: an integer of bytes, or a string [`parse_size`] reads.
+mod size_serde_opt {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        let Some(size) = Option::<Size>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let bytes = match size {
+            Size::Bytes(bytes) => bytes,
+            Size::Text(text) => super::parse_size(&text).map_err(D::Error::custom)?,
+        };
+        T::try_from(bytes)
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{bytes} bytes does not fit this machine")))
+    }
+}
+
 mod humantime_serde_opt {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
@@ -774,15 +845,54 @@ impl ServerConfig {
     }
 }
 
-/// `admin_listen`: an address, or empty (or unset) for off.
+/// `admin_listen`: an address as [`parse_listen`] takes it, or empty (or unset) for off.
 fn parse_admin_listen(text: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
     match text.as_deref().map(str::trim) {
         None | Some("") => Ok(None),
-        Some(text) => text.parse().map(Some).map_err(|_| ConfigError::Invalid {
-            setting: "admin_listen",
-            rule: format!("{text:?} is not an address such as 127.0.0.1:9090 (empty: off)"),
-        }),
+        Some(text) => parse_listen(text)
+            .map(Some)
+            .map_err(|rule| ConfigError::Invalid {
+                setting: "admin_listen",
+                rule: format!("{rule} (empty: off)"),
+            }),
     }
+}
+
+/// A listen address: `IP:PORT` (`0.0.0.0:50051`, `[::]:50051`), or `HOST:PORT` resolved now
+/// (`localhost:50051`), taking the first IPv4 address the name has, else its first address
+/// (a listener binds one address).
+///
+/// Errors: no port, or a name that does not resolve.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let example = "an address such as 127.0.0.1:50051 or localhost:50051";
+    if text
+        .rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    {
+        return Err(format!("{text:?} is not {example} (a port is needed)"));
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|error| format!("{text:?} is not {example}: {error}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|addr| addr.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// `listen` in the config file: a string [`parse_listen`] reads.
+fn listen_serde_opt<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    text.map(|text| parse_listen(&text).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// The principals and limits of the config file at `path`, as a reload applies them (the rest
@@ -904,6 +1014,87 @@ mod tests {
     }
 
     #[test]
+    fn listen_takes_a_host_name() {
+        assert_eq!(
+            parse_listen("0.0.0.0:50051"),
+            Ok("0.0.0.0:50051".parse().unwrap())
+        );
+        assert_eq!(parse_listen("[::1]:7"), Ok("[::1]:7".parse().unwrap()));
+        assert_eq!(
+            parse_listen("localhost:50051"),
+            Ok("127.0.0.1:50051".parse().unwrap())
+        );
+        assert!(parse_listen("localhost").unwrap_err().contains("port"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        std::fs::write(&path, "listen = \"localhost:6001\"\n").unwrap();
+        let (server, _) = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(server.listen, "127.0.0.1:6001".parse().unwrap());
+    }
+
+    #[test]
+    fn sizes_take_units_in_flags_and_in_the_file() {
+        assert_eq!(parse_size("268435456"), Ok(256 * 1024 * 1024));
+        assert_eq!(parse_size("256MiB"), Ok(256 * 1024 * 1024));
+        assert_eq!(parse_size("256 MiB"), Ok(256 * 1024 * 1024));
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("64k"), Ok(64_000));
+        let error = parse_size("lots").unwrap_err();
+        assert!(error.contains("256MiB"), "{error}");
+        assert!(parse_size("12 parsecs").is_err());
+
+        let parsed = <crate::cli::Cli as clap::Parser>::try_parse_from([
+            "eventbus",
+            "serve",
+            "--retention-max-bytes",
+            "1GiB",
+            "--subscriber-queue-bytes",
+            "4MiB",
+        ])
+        .unwrap();
+        let crate::cli::Command::Serve(cli) = parsed.command else {
+            panic!("not serve")
+        };
+        assert_eq!(cli.retention_max_bytes, Some(1 << 30));
+        assert_eq!(cli.subscriber_queue_bytes, Some(4 << 20));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        std::fs::write(
+            &path,
+            "retention_max_bytes = \"512MiB\"\nsegment_bytes = 1048576\n\
+             delivery_buffer_bytes = \"300 MiB\"\n",
+        )
+        .unwrap();
+        let (server, _) = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(server.bus.retention_max_bytes, 512 << 20);
+        assert_eq!(server.bus.delivery_buffer_bytes, 300 << 20);
+        let StorageConfig::File { segment_bytes, .. } = server.storage else {
+            panic!("file storage expected");
+        };
+        assert_eq!(segment_bytes, 1 << 20);
+        std::fs::write(&path, "segment_bytes = \"big\"\n").unwrap();
+        let error = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("segment_bytes"), "{error}");
+    }
+
+    #[test]
     fn the_admin_listener_is_off_unless_given_and_empty_turns_it_off() {
         assert_eq!(ServeArgs::default().resolve().unwrap().0.admin_listen, None);
         let dir = tempfile::tempdir().unwrap();
@@ -929,6 +1120,15 @@ mod tests {
         };
         let error = bad.resolve().unwrap_err().to_string();
         assert!(error.starts_with("admin_listen:"), "{error}");
+        assert!(error.contains("port"), "{error}");
+        let named = ServeArgs {
+            admin_listen: Some("localhost:9191".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            named.resolve().unwrap().0.admin_listen,
+            Some("127.0.0.1:9191".parse().unwrap())
+        );
     }
 
     #[test]
