@@ -13,7 +13,11 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", one_line(&error));
+            match config_parse_error(&error) {
+                // TOML's message points at the spot with a caret under the line: keep its lines.
+                Some(parse) => eprintln!("error: {parse}"),
+                None => eprintln!("error: {}", one_line(&error)),
+            }
             ExitCode::FAILURE
         }
     }
@@ -34,4 +38,12 @@ fn one_line(error: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line.replace('\n', " ")
+}
+
+/// A config file that does not parse, anywhere in `error`'s chain.
+fn config_parse_error(error: &anyhow::Error) -> Option<&eventbus::config::ConfigError> {
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<eventbus::config::ConfigError>())
+        .find(|cause| matches!(cause, eventbus::config::ConfigError::Parse { .. }))
 }

@@ -408,7 +408,13 @@ pub async fn serve_with_admin(
         incoming = incoming.with_tls(tls, crate::tls::Alpn::Grpc);
     }
     let addr = local_addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
-    info!(%addr, "eventbus listening");
+    info!(
+        %addr,
+        version = env!("CARGO_PKG_VERSION"),
+        storage = config.storage.name(),
+        open = auth.is_open(),
+        "eventbus listening"
+    );
     if auth.is_open() {
         warn!(
             %addr,

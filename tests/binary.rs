@@ -175,6 +175,12 @@ fn a_bad_setting_is_one_clear_error_and_a_non_zero_exit() {
     std::fs::write(&config, "listen = \"127.0.0.1:0\"\nretention = 5\n").unwrap();
     let output = run(&["serve", "--config", config.to_str().unwrap()]);
     assert_one_clear_error(&output, &["retention"]);
+    // TOML's message keeps its lines: the caret under the offending key.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.lines().any(|line| line.trim_end().ends_with('^')),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -434,6 +434,20 @@ async fn errors_are_one_line_and_exit_non_zero() {
     let message = stderr(&output);
     assert_eq!(message.lines().count(), 1, "{message}");
     assert!(message.starts_with("error: cannot connect to http://127.0.0.1:1"));
+    assert!(
+        message.contains("is `eventbus serve` running at http://127.0.0.1:1?"),
+        "{message}"
+    );
+    // `--server` goes before the verb as well.
+    let output = Command::new(BIN)
+        .args(["--server", "http://127.0.0.1:1", "topics"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&output).contains("running at http://127.0.0.1:1?"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,7 +33,42 @@ pub(super) async fn connect(server: &ServerArg, source: &str) -> anyhow::Result<
     if let Some(token) = server.token.as_deref().filter(|token| !token.is_empty()) {
         builder = builder.token(token);
     }
-    Ok(builder.connect().await?)
+    builder.connect().await.map_err(|error| {
+        if refused(&error) {
+            // The whole chain on one line, then the hint.
+            let mut line = String::new();
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+            while let Some(error) = cause {
+                let text = error.to_string();
+                if !line.contains(&text) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&text);
+                }
+                cause = error.source();
+            }
+            anyhow::anyhow!("{line}; is `eventbus serve` running at {}?", server.server)
+        } else {
+            error.into()
+        }
+    })
+}
+
+/// Whether a connection was refused (nothing listens at the address), anywhere in `error`'s
+/// chain of causes.
+fn refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// The data argument, or stdin when it is `-` or absent.
@@ -128,8 +163,12 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let client = connect(&args.server, &args.subscriber).await?;
+    let start = match args.since {
+        Some(since) => Start::FromTime(std::time::SystemTime::now() - since),
+        None => args.from.clone(),
+    };
     let mut options = SubscribeOptions::new()
-        .start(args.from.clone())
+        .start(start.clone())
         .subscriber(&args.subscriber);
     if let Some(group) = &args.group {
         options = options.group(group);
@@ -165,7 +204,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                     break;
                 }
             }
-            SubscriptionItem::CaughtUp { sequence } => match &args.from {
+            SubscriptionItem::CaughtUp { sequence } => match &start {
                 // The start is ahead of the log: nothing up to it is delivered (the proto's rule).
                 Start::AfterSequence(after) if *after > sequence => eprintln!(
                     "caught up at sequence {sequence}; waiting for events after sequence {after}"

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use base64::Engine as _;
 
@@ -36,29 +36,12 @@ pub fn parse_start(text: &str) -> Result<Start, String> {
     }
 }
 
-/// An RFC 3339 time, in UTC (`Z`) or with a `+HH:MM`/`-HH:MM` offset.
+/// An RFC 3339 time with its offset (`2024-05-01T12:00:00Z`, `...T14:00:00+02:00`), read by
+/// the `time` crate.
 pub fn parse_time(text: &str) -> Result<SystemTime, String> {
-    // humantime reads UTC only: move an offset into the result by hand.
-    let offset = text
-        .len()
-        .checked_sub(6)
-        .filter(|&at| text.contains('T') && matches!(text.as_bytes()[at], b'+' | b'-'))
-        .map(|at| (&text[..at], &text[at..]));
-    let Some((utc, offset)) = offset else {
-        return humantime::parse_rfc3339_weak(text).map_err(|e| e.to_string());
-    };
-    let (hours, minutes) = offset[1..]
-        .split_once(':')
-        .and_then(|(h, m)| Some((h.parse::<u64>().ok()?, m.parse::<u64>().ok()?)))
-        .ok_or_else(|| format!("bad offset {offset:?}"))?;
-    let shift = Duration::from_secs(hours * 3600 + minutes * 60);
-    let local = humantime::parse_rfc3339_weak(utc).map_err(|e| e.to_string())?;
-    // 12:00+02:00 is 10:00Z.
-    Ok(if offset.starts_with('+') {
-        local - shift
-    } else {
-        local + shift
-    })
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|e| e.to_string())
 }
 
 /// A protobuf timestamp as RFC 3339, empty when unset or out of range.

@@ -73,8 +73,46 @@ mod serve;
 #[derive(Debug, Parser)]
 #[command(name = "eventbus", version, about)]
 pub struct Cli {
+    /// The bus the client verbs talk to, given before the verb (`eventbus --server URL
+    /// topics`, as the `nats` CLI takes it); after the verb works too. See the verb's
+    /// `--server` for the forms it takes.
+    #[arg(long = "server", id = "server_before_verb", value_name = "SERVER")]
+    pub server: Option<String>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The command with a `--server` given before the verb moved into it.
+    ///
+    /// Errors: `--server` before a verb that talks to no bus (`serve`, `repair`, ...), or
+    /// before and after the verb with different values.
+    pub fn into_command(self) -> anyhow::Result<Command> {
+        let mut command = self.command;
+        let Some(before) = self.server else {
+            return Ok(command);
+        };
+        let Some(target) = command.server_arg_mut() else {
+            anyhow::bail!(
+                "--server before the verb is for the client verbs (publish, subscribe, query, \
+                 reply, topics, topology, groups, server); `serve` listens with --listen"
+            );
+        };
+        // After the verb it is the flag's, the environment's or the default value: only an
+        // explicit flag there differs from the last two.
+        let implied = std::env::var("EVENTBUS_SERVER")
+            .ok()
+            .filter(|server| !server.is_empty())
+            .unwrap_or_else(default_server);
+        if target.server != implied && target.server != before {
+            anyhow::bail!(
+                "--server is given before the verb ({before}) and after it ({}): give it once",
+                target.server
+            );
+        }
+        target.server = before;
+        Ok(command)
+    }
 }
 
 /// Where client commands find the bus.
@@ -104,6 +142,28 @@ pub struct ServerArg {
     /// `--source` (and for `reply` a `--group`) your principal may use.
     #[arg(long, env = "EVENTBUS_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+}
+
+impl Command {
+    /// Where a client verb finds the bus; `None` for the verbs that talk to no bus.
+    pub fn server_arg_mut(&mut self) -> Option<&mut ServerArg> {
+        match self {
+            Command::Publish(args) => Some(&mut args.server),
+            Command::Subscribe(args) => Some(&mut args.server),
+            Command::Query(args) => Some(&mut args.server),
+            Command::Reply(args) => Some(&mut args.server),
+            Command::Topics(args) => Some(&mut args.server),
+            Command::Topology(args) => Some(&mut args.server),
+            Command::Groups(args) => Some(&mut args.server),
+            Command::Server(ops::ServerCommand::Info(args)) => Some(&mut args.server),
+            Command::Server(ops::ServerCommand::Check(args)) => Some(&mut args.server),
+            Command::Serve(_)
+            | Command::Repair(_)
+            | Command::HashToken(_)
+            | Command::Completions(_)
+            | Command::Man(_) => None,
+        }
+    }
 }
 
 /// `$EVENTBUS_URL` if set (the name the Python and TypeScript clients and the scenario's
@@ -258,6 +318,10 @@ pub struct SubscribeArgs {
     /// Where to start: earliest, latest, a sequence (resume after it) or an RFC 3339 time.
     #[arg(long, default_value = "latest", value_parser = format::parse_start)]
     pub from: Start,
+    /// Start with the events published within this long before now, e.g. `5m`, `1h 30m`
+    /// (instead of --from).
+    #[arg(long, conflicts_with = "from", value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
     /// One CloudEvents 1.0 JSON object per line (the bus's fields as the extensions `topic`,
     /// `sequence`, `publishtime`, `correlationid`, `causationid`, `replyto`; data as JSON, text
     /// or data_base64). Attributes whose names CloudEvents cannot hold are left out, with a
@@ -345,10 +409,11 @@ pub struct TopologyArgs {
 
 /// Runs one command to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    if !matches!(cli.command, Command::Serve(_)) {
+    let command = cli.into_command()?;
+    if !matches!(command, Command::Serve(_)) {
         client_logging();
     }
-    match cli.command {
+    match command {
         Command::Serve(args) => serve::run(*args).await,
         Command::Publish(args) => client::publish(args).await,
         Command::Subscribe(args) => client::subscribe(args).await,
@@ -384,7 +449,41 @@ mod tests {
     fn parse(args: &[&str]) -> Command {
         Cli::try_parse_from(std::iter::once("eventbus").chain(args.iter().copied()))
             .unwrap()
-            .command
+            .into_command()
+            .unwrap()
+    }
+
+    #[test]
+    fn server_goes_before_or_after_the_verb() {
+        for args in [
+            &["--server", "http://h:1", "topics"][..],
+            &["topics", "--server", "http://h:1"],
+            &["--server", "http://h:1", "topics", "--server", "http://h:1"],
+        ] {
+            let Command::Topics(topics) = parse(args) else {
+                panic!("not topics")
+            };
+            assert_eq!(topics.server.server, "http://h:1", "{args:?}");
+        }
+        let Command::Server(ops::ServerCommand::Check(check)) =
+            parse(&["--server", "h:2", "server", "check"])
+        else {
+            panic!("not server check")
+        };
+        assert_eq!(check.server.server, "h:2");
+        let twice =
+            Cli::try_parse_from(["eventbus", "--server", "a:1", "topics", "--server", "b:1"])
+                .unwrap()
+                .into_command()
+                .unwrap_err()
+                .to_string();
+        assert!(twice.contains("give it once"), "{twice}");
+        let serve = Cli::try_parse_from(["eventbus", "--server", "a:1", "serve"])
+            .unwrap()
+            .into_command()
+            .unwrap_err()
+            .to_string();
+        assert!(serve.contains("--listen"), "{serve}");
     }
 
     #[test]
@@ -460,6 +559,20 @@ mod tests {
         };
         assert_eq!(args.from, Start::AfterSequence(17));
         assert!(args.json);
+        let Command::Subscribe(args) = parse(&["subscribe", "a.>", "--since", "5m"]) else {
+            panic!("not subscribe")
+        };
+        assert_eq!(args.since, Some(Duration::from_secs(300)));
+        assert!(Cli::try_parse_from([
+            "eventbus",
+            "subscribe",
+            "a",
+            "--since",
+            "5m",
+            "--from",
+            "1"
+        ])
+        .is_err());
         let Command::Subscribe(args) = parse(&["subscribe", "a.*", "--group", "g"]) else {
             panic!("not subscribe")
         };
