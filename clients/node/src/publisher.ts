@@ -87,6 +87,8 @@ interface SentBatch {
   items: Item[];
   /** Sends so far. */
   attempts: number;
+  /** When it may be sent again (`Date.now()` ms), once queued to be. */
+  due: number;
 }
 
 type Stream = grpc.ClientDuplexStream<PublishStreamRequest, PublishStreamResponse__Output>;
@@ -149,7 +151,6 @@ export class Publisher {
   private force = false;
   private readonly inFlight = new Map<string, SentBatch>();
   private resend: SentBatch[] = [];
-  private resendAt: number | undefined;
   private timer: NodeJS.Timeout | undefined;
   private nextId = 1;
   private stream: Stream | undefined;
@@ -242,11 +243,10 @@ export class Publisher {
   private pump(): void {
     if (this.moving) return; // pumped again once the next node is chosen
     const now = Date.now();
-    while (this.resend.length > 0 && this.resendAt !== undefined && now >= this.resendAt
-      && this.inFlight.size < this.maxInFlight) {
+    // The front batch once it is due (each waits its own backoff); the others behind it.
+    while (this.resend.length > 0 && now >= this.resend[0].due && this.inFlight.size < this.maxInFlight) {
       this.send(this.resend.shift() as SentBatch);
     }
-    if (this.resend.length === 0) this.resendAt = undefined;
     while (this.resend.length === 0 && this.batchDue(now) && this.inFlight.size < this.maxInFlight) {
       this.sendBatch();
     }
@@ -266,7 +266,7 @@ export class Publisher {
     clearTimeout(this.timer);
     this.timer = undefined;
     let at: number | undefined;
-    if (this.resendAt !== undefined) at = this.resendAt;
+    if (this.resend.length > 0) at = this.resend[0].due;
     else if (this.pending.length > 0 && this.lingerDeadline !== undefined && this.inFlight.size < this.maxInFlight) {
       at = this.lingerDeadline;
     }
@@ -290,7 +290,7 @@ export class Publisher {
     } else {
       this.lingerDeadline = Date.now() + this.lingerMs;
     }
-    this.send({ items, attempts: 0 });
+    this.send({ items, attempts: 0, due: 0 });
   }
 
   /** Sends one batch on the open stream, or on a new one. */
@@ -367,13 +367,11 @@ export class Publisher {
         requeued.push(batch);
       }
     }
-    if (requeued.length > 0) {
-      const attempts = Math.min(...requeued.map((batch) => batch.attempts));
-      const at = Date.now() + this.backoff.delayMs(attempts - 1);
-      this.resendAt = this.resendAt === undefined ? at : Math.min(this.resendAt, at);
-      // Batches already waiting were sent before these: oldest first.
-      this.resend.push(...requeued);
-    }
+    const now = Date.now();
+    for (const batch of requeued) batch.due = now + this.backoff.delayMs(batch.attempts - 1);
+    // In flight means sent before every batch still waiting (those wait while resends are
+    // queued, and resends leave from the front), so these go back in front, in send order.
+    this.resend.unshift(...requeued);
     if (movesOn(error)) {
       // The node is gone: choose the next (probing health takes a moment), then resend there.
       const from = this.node;

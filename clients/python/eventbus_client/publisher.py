@@ -83,6 +83,8 @@ class _Batch:
     events: list[pb.Event]
     futures: list[concurrent.futures.Future[int]]
     attempts: int = 0
+    #: When it may be sent again (``time.monotonic()``), once queued to be.
+    due: float = 0.0
 
 
 @dataclass
@@ -145,7 +147,6 @@ class Publisher:
         self._force = False
         self._in_flight: dict[int, _Batch] = {}
         self._resend: collections.deque[_Batch] = collections.deque()
-        self._resend_at: float | None = None
         self._next_id = 1
         self._stream: _Stream | None = None
         self._closing = False
@@ -248,11 +249,10 @@ class Publisher:
         True once closing and everything is answered."""
         now = time.monotonic()
         room = len(self._in_flight) < self._max_in_flight
-        if self._resend and room and self._resend_at is not None and now >= self._resend_at:
-            # Batches to send again go first, so the stream keeps the publisher's order.
+        if self._resend and room and now >= self._resend[0].due:
+            # Batches to send again go first, so the stream keeps the publisher's order; the
+            # front one once it is due (each waits its own backoff), the others behind it.
             self._send(self._resend.popleft())
-            if not self._resend:
-                self._resend_at = None
             return False
         if not self._resend and room and self._batch_due(now):
             self._send(self._take_batch())
@@ -267,8 +267,8 @@ class Publisher:
         wait: float | None = None
         if self._pending and room and self._deadline is not None:
             wait = max(0.0, self._deadline - now)
-        if self._resend and self._resend_at is not None:
-            until = max(0.0, self._resend_at - now)
+        if self._resend:
+            until = max(0.0, self._resend[0].due - now)
             wait = until if wait is None else min(wait, until)
         self._cond.wait(wait)
         return False
@@ -392,8 +392,7 @@ class Publisher:
                                     f"{failure.details}", failure.reason)
                 self._settle.extend((f, lost) for f in batch.futures)
             else:
-                at = time.monotonic() + self._backoff.delay(batch.attempts - 1)
-                self._resend_at = at if self._resend_at is None else min(self._resend_at, at)
+                batch.due = time.monotonic() + self._backoff.delay(batch.attempts - 1)
                 self._resend.appendleft(batch)
 
 
