@@ -343,7 +343,8 @@ where
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "eventbus=info".into()),
         )
-        .with_writer(std::io::stderr)
+        // Through the test harness's capture: shown for a failing case only.
+        .with_test_writer()
         .try_init();
     let cluster = Cluster::start().await;
     let load = start_load(&cluster).await;
