@@ -767,6 +767,28 @@ mod store_health_tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+
+        // On a publish stream the refusal ends the stream, so the batches sent after the
+        // refused one are not begun here (the client sends them all again, in order).
+        let requests = (1..=3).map(|request_id| pb::PublishStreamRequest {
+            request_id,
+            events: vec![pb::Event {
+                topic: "a.b".into(),
+                source: "test".into(),
+                ..Default::default()
+            }],
+        });
+        let mut answers = bus
+            .publish_stream(futures_util::stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let ended = answers.message().await.unwrap_err();
+        assert_eq!(ended.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            ended.metadata().get("eventbus-error").unwrap(),
+            "store-failed"
+        );
         shutdown.cancel();
         server.await.unwrap().unwrap();
     }

@@ -487,6 +487,13 @@ impl PublishStreamState {
     /// Checks and begins one batch. Awaited in the stream's loop, so batches begin in the
     /// order they arrived; the check waits only for a reply into another node's inbox (one
     /// NATS request).
+    ///
+    /// A batch refused because the log cannot be written now (`store-failed`: a shared log's
+    /// NATS is away) ends the stream with that status, once the batches before it are
+    /// answered, instead of failing alone: the batches the client sent after it are then not
+    /// begun here, and the client sends them all again, in order, on another node. Answered
+    /// alone, a later batch begun once the log was back would be stored ahead of the refused
+    /// one's resend, out of the publisher's order.
     async fn begin(&mut self, request: pb::PublishStreamRequest) {
         let request_id = request.request_id;
         let admitted = self.api.admit_batch(&self.caller, request.events).await;
@@ -497,6 +504,12 @@ impl PublishStreamState {
             }
             self.broker.begin_publish(events)
         });
+        if let Err(error @ BusError::Storage(crate::store::StoreError::Failed(_))) = &pending {
+            debug!(%error, "publish stream ends: the log cannot be written now");
+            self.inbound_done = true;
+            self.inbound_error = Some(status::to_status(error));
+            return;
+        }
         self.in_flight.push_back(Box::pin(async move {
             let outcome = match pending {
                 Ok(pending) => pending.finish().await,
