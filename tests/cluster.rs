@@ -305,26 +305,30 @@ async fn topic_counts_on_every_node_cover_every_node() {
     .await;
     publish(&mut b.client().await, vec![event("stock.moved", b"3")]).await;
     for node in [&a, &b] {
-        let mut admin = node.admin().await;
-        let topic = eventually("node's tail to count the three events", WAIT, || {
-            let mut admin = admin.clone();
-            async move {
-                let topics = admin
-                    .list_topics(pb::ListTopicsRequest::default())
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .topics;
-                topics
-                    .into_iter()
-                    .find(|t| t.name == "stock.moved" && t.events_published == 3)
-            }
-        })
-        .await;
+        let topic = listed_topic(node, "stock.moved", 3).await;
         assert_eq!(topic.events_held, 3);
         assert_eq!(topic.last_sequence, 3);
-        let _ = &mut admin;
     }
+}
+
+/// Topic `name` as `node` lists it, once it counts `published` events (its tail routed them).
+async fn listed_topic(node: &TestBus, name: &str, published: u64) -> pb::TopicInfo {
+    let admin = node.admin().await;
+    eventually("the node's tail to count the events", WAIT, || {
+        let mut admin = admin.clone();
+        async move {
+            let topics = admin
+                .list_topics(pb::ListTopicsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .topics;
+            topics
+                .into_iter()
+                .find(|t| t.name == name && t.events_published == published)
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -349,21 +353,7 @@ async fn topics_and_topology_on_every_node_show_every_nodes_subscribers() {
     for node in [&a, &b] {
         let mut admin = node.admin().await;
         // Each node has routed the event (its tail), and sees the others' clients.
-        let topic = eventually("the topic with every node's subscribers", WAIT, || {
-            let mut admin = admin.clone();
-            async move {
-                let topics = admin
-                    .list_topics(pb::ListTopicsRequest::default())
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .topics;
-                topics
-                    .into_iter()
-                    .find(|t| t.name == "stock.moved" && t.events_published == 1)
-            }
-        })
-        .await;
+        let topic = listed_topic(node, "stock.moved", 1).await;
         // auditor, warehouse, and the two pickers.
         assert_eq!(topic.subscriber_count, 4, "{topic:?}");
         assert_eq!(topic.groups, vec!["pickers".to_string()]);
@@ -404,7 +394,6 @@ async fn topics_and_topology_on_every_node_show_every_nodes_subscribers() {
             );
         }
         assert_eq!(subscribes.len(), 3, "{subscribes:?}");
-        let _ = &mut admin;
     }
 }
 
