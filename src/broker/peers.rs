@@ -63,7 +63,7 @@ pub struct ViewDurable {
 
 impl ViewSubscription {
     /// The edge as [`super::topology::RawTopology::add_subscriptions`] takes it.
-    pub fn entry(&self) -> (Arc<str>, Arc<str>, Arc<str>, u32, SystemTime) {
+    pub fn entry(&self) -> super::topology::SubscriptionEntry {
         (
             self.pattern.as_str().into(),
             self.subscriber.as_str().into(),
@@ -93,7 +93,7 @@ impl Broker {
 
     /// This node's view: its subscriptions, live interests and MANUAL-ack members.
     pub fn local_view(&self) -> NodeView {
-        let (raw, interests) = {
+        let (subscriptions, interests) = {
             let routing = self.lock_routing();
             let mut interests = Vec::new();
             routing.subscriptions.for_each(|pattern, interest| {
@@ -107,15 +107,15 @@ impl Broker {
                         .collect(),
                 });
             });
-            (routing.topology.raw(), interests)
+            (routing.topology.subscriptions(), interests)
         };
-        let subscriptions = raw
-            .subscriptions()
+        let subscriptions = subscriptions
+            .into_iter()
             .map(
                 |(pattern, subscriber, group, active, last_seen)| ViewSubscription {
-                    pattern: pattern.to_owned(),
-                    subscriber: subscriber.to_owned(),
-                    group: group.to_owned(),
+                    pattern: pattern.to_string(),
+                    subscriber: subscriber.to_string(),
+                    group: group.to_string(),
                     active,
                     last_seen_ms: last_seen
                         .duration_since(SystemTime::UNIX_EPOCH)

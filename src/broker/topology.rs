@@ -242,6 +242,23 @@ impl Topology {
             .collect()
     }
 
+    /// The subscriptions alone, copied as pointers and counts: what a node tells the others of
+    /// its clients (`super::peers`).
+    pub fn subscriptions(&self) -> Vec<SubscriptionEntry> {
+        self.subscriptions
+            .iter()
+            .map(|(key, used)| {
+                (
+                    key.pattern.clone(),
+                    key.subscriber.clone(),
+                    key.group.clone(),
+                    used.active,
+                    used.last_seen,
+                )
+            })
+            .collect()
+    }
+
     /// The graph's entries, copied as pointers and counts (O(edges) and no string copied), for
     /// [`RawTopology::build`] to turn into a graph outside the routing lock.
     pub fn raw(&self) -> RawTopology {
@@ -316,6 +333,10 @@ pub struct RawTopology {
 
 type RawSubscription = (Arc<str>, Arc<str>, Arc<str>, SubscriptionUse);
 
+/// A subscription as nodes exchange it: (pattern, subscriber, group, active subscriptions,
+/// when one last started or ended).
+pub type SubscriptionEntry = (Arc<str>, Arc<str>, Arc<str>, u32, SystemTime);
+
 /// Bytes a node or an edge takes in a response beyond its strings: field tags, lengths, numbers
 /// and a timestamp, rounded up.
 const ENTRY_OVERHEAD_BYTES: usize = 48;
@@ -324,10 +345,7 @@ impl RawTopology {
     /// Adds subscriptions held on other nodes of a cluster, as (pattern, subscriber, group,
     /// active subscriptions, last seen). One with the same pattern, subscriber and group as one
     /// held here is the same edge: its active count is added, and the later last-seen kept.
-    pub fn add_subscriptions(
-        &mut self,
-        more: impl IntoIterator<Item = (Arc<str>, Arc<str>, Arc<str>, u32, SystemTime)>,
-    ) {
+    pub fn add_subscriptions(&mut self, more: impl IntoIterator<Item = SubscriptionEntry>) {
         // (pattern, subscriber, group) -> index in `subscriptions`.
         type Key = (Arc<str>, Arc<str>, Arc<str>);
         let mut at: HashMap<Key, usize> = self
@@ -357,22 +375,6 @@ impl RawTopology {
                 }
             }
         }
-    }
-
-    /// The subscriptions, as (pattern, subscriber, group, active subscriptions, last seen):
-    /// what a node tells the others of its clients (`super::peers`).
-    pub fn subscriptions(&self) -> impl Iterator<Item = (&str, &str, &str, u32, SystemTime)> {
-        self.subscriptions
-            .iter()
-            .map(|(pattern, subscriber, group, used)| {
-                (
-                    &**pattern,
-                    &**subscriber,
-                    &**group,
-                    used.active,
-                    used.last_seen,
-                )
-            })
     }
 
     /// The graph as nodes and edges, sorted by kind, then ends, then group. At most
