@@ -451,6 +451,15 @@ async fn errors_are_one_line_and_exit_non_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_says_it_waits_while_the_bus_is_down() {
+    let bus = TestBus::start().await;
+    let mut subscriber = Background::start(&bus, &["subscribe", "down.*"]);
+    subscriber.wait_for("subscribed to").await;
+    bus.stop(WAIT).await;
+    subscriber.wait_for("waiting for it at").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_and_topology_show_what_the_bus_has_seen() {
     let bus = TestBus::start().await;
     let mut subscriber =

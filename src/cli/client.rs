@@ -220,6 +220,9 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 ..
             } => eprintln!("stream broke; resumed after sequence {after}"),
             SubscriptionItem::Resumed { .. } => eprintln!("stream broke; resumed live"),
+            SubscriptionItem::Interrupted { why, node } => {
+                eprintln!("lost the bus ({why}); waiting for it at {node}")
+            }
             SubscriptionItem::BusReset { last_seen, head } => eprintln!(
                 "warning: the bus restarted without its log (last seen {last_seen}, new head \
                  {head}); starting over on the new log"

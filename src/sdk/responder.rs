@@ -229,6 +229,10 @@ impl Responder {
             }
             let event = match item {
                 Some(Ok(SubscriptionItem::Event(event))) => event,
+                Some(Ok(SubscriptionItem::Interrupted { why, node })) => {
+                    tracing::warn!(%why, %node, "lost the bus; waiting for it to answer queries again");
+                    continue;
+                }
                 Some(Ok(_)) => continue,
                 Some(Err(error)) => break Err(error),
                 None => break Ok(()),

@@ -216,6 +216,16 @@ pub enum SubscriptionItem {
         /// The last replayed sequence.
         sequence: u64,
     },
+    /// The stream broke for a reason worth retrying (the node went away, or is unreachable):
+    /// the SDK is subscribing again, on another node when the client knows several, with
+    /// backoff, until it can ([`SubscriptionItem::Resumed`] follows). Informational: left out
+    /// when the reader has a full queue of items still to take.
+    Interrupted {
+        /// What broke it, on one line (`message (CODE)`).
+        why: String,
+        /// The node it tries next.
+        node: String,
+    },
     /// The stream broke and the SDK subscribed again.
     Resumed {
         /// The bus's id of the new subscription.
@@ -380,6 +390,11 @@ struct ItemSender {
 }
 
 impl ItemSender {
+    /// Sends one item if there is room now; dropped otherwise.
+    fn offer(&self, item: SubscriptionItem) {
+        let _ = self.sender.try_send(vec![Ok(item)]);
+    }
+
     /// Sends one item; `Err` when the reader is gone.
     async fn send(&self, item: Result<SubscriptionItem>) -> std::result::Result<(), ()> {
         self.send_chunk(vec![item]).await
@@ -590,12 +605,17 @@ impl Resumer {
                 return;
             }
             self.client.fail_over(&broken);
+            let node = self.client.current_url().unwrap_or_default();
             tracing::info!(
                 error = %broken,
                 last_seen = self.cursor.last_seen,
-                node = self.client.current_url().unwrap_or_default(),
+                node,
                 "subscription stream broke, resuming"
             );
+            self.items.offer(SubscriptionItem::Interrupted {
+                why: super::error::describe_status(&broken),
+                node,
+            });
             match self.resume(broken).await {
                 Some(resumed) => stream = resumed,
                 None => return,
