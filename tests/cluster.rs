@@ -317,12 +317,7 @@ async fn listed_topic(node: &TestBus, name: &str, published: u64) -> pb::TopicIn
     eventually("the node's tail to count the events", WAIT, || {
         let mut admin = admin.clone();
         async move {
-            let topics = admin
-                .list_topics(pb::ListTopicsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .topics;
+            let topics = topics(&mut admin).await;
             topics
                 .into_iter()
                 .find(|t| t.name == name && t.events_published == published)
@@ -358,11 +353,7 @@ async fn topics_and_topology_on_every_node_show_every_nodes_subscribers() {
         assert_eq!(topic.subscriber_count, 4, "{topic:?}");
         assert_eq!(topic.groups, vec!["pickers".to_string()]);
 
-        let topology = admin
-            .get_topology(pb::GetTopologyRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let topology = topology(&mut admin, 0).await;
         let subscribes: Vec<(String, String, String, u32)> = topology
             .edges
             .iter()

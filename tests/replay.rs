@@ -315,12 +315,7 @@ async fn a_start_older_than_retention_begins_at_the_oldest_held_event() {
     );
 
     let mut admin = bus.admin().await;
-    let topics = admin
-        .list_topics(pb::ListTopicsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .topics;
+    let topics = topics(&mut admin).await;
     assert_eq!(topics[0].events_held, 5);
     assert_eq!(topics[0].events_published, 12);
 }
@@ -458,12 +453,7 @@ async fn events_past_their_age_are_not_replayed_though_nothing_was_published_sin
     )
     .await;
     assert!(subscribed.start_truncated);
-    let topics = admin
-        .list_topics(pb::ListTopicsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .topics;
+    let topics = topics(&mut admin).await;
     assert!(
         topics.iter().all(|t| t.events_held == 0),
         "nothing is counted as held: {topics:?}"

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::{event, TestBus};
 use eventbus::config::BusConfig;
-use eventbus::pb;
 use eventbus::pb::subscribe_request::Start;
 use support::*;
 use tonic::Code;
@@ -129,12 +128,7 @@ async fn a_slow_subscriber_never_fails_or_stalls_publishers() {
 
     // Once ended, the slow subscription no longer counts as a subscriber.
     let mut admin = bus.admin().await;
-    let topics = admin
-        .list_topics(pb::ListTopicsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .topics;
+    let topics = topics(&mut admin).await;
     assert_eq!(topics[0].name, "firehose");
     assert_eq!(topics[0].subscriber_count, 0);
 }

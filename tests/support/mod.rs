@@ -168,6 +168,18 @@ pub async fn publish_names(client: &mut Client, prefix: &str, count: usize) {
     }
 }
 
+/// Every topic the bus lists (its first page, as many as the default page size).
+pub async fn topics(
+    admin: &mut eventbus::pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
+) -> Vec<pb::TopicInfo> {
+    admin
+        .list_topics(pb::ListTopicsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .topics
+}
+
 /// The topology, bounded to `max_edges` edges.
 pub async fn topology(
     admin: &mut eventbus::pb::admin_service_client::AdminServiceClient<tonic::transport::Channel>,
