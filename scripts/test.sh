@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README "Run every test"): everything CI checks for behaviour, runnable on
 # a fresh machine. Installs what it needs by itself (a Python virtualenv with pinned versions,
-# npm packages from the lockfile).
+# npm packages from the lockfiles, Debian's chromium for the dashboard's browser tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +26,5 @@ done
 export EVENTBUS_BIN="$PWD/target/debug/eventbus"
 ./scripts/test-python.sh
 ./scripts/test-node.sh
+# The dashboard in headless Chromium, against the bus and the scenario's services.
+./scripts/test-dashboard.sh

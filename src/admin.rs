@@ -10,8 +10,11 @@
 //!   shutdown; a storage backend whose engine is unreachable) turns readiness off too, with no
 //!   second source of truth.
 //!
-//! The listener works on the [`Broker`] handle only: it reads metrics and health, and never
-//! takes part in publishing.
+//! - `GET /` and `/dashboard/`: the dashboard, with its API under `/api/v1/`
+//!   ([`crate::dashboard`]).
+//!
+//! The listener works on the [`Broker`] handle only: it reads metrics, health, the bus's tables
+//! and the log, and never takes part in publishing.
 
 use std::future::Future;
 
@@ -29,7 +32,9 @@ use futures_util::StreamExt as _;
 use tonic::transport::server::Connected as _;
 
 use crate::accept::{Connection, Incoming};
+use crate::auth::Auth;
 use crate::broker::Broker;
+use crate::dashboard::DashboardState;
 
 /// The content type of `/metrics`: OpenMetrics text, as `prometheus-client` writes it.
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -42,8 +47,10 @@ struct AdminState {
 }
 
 /// The admin routes over `broker`, with readiness read from `health` (the reporter behind the
-/// gRPC health service).
-pub fn router(broker: Broker, health: HealthReporter) -> Router {
+/// gRPC health service), and the dashboard, which shows event contents only while `auth` is
+/// open.
+pub fn router(broker: Broker, health: HealthReporter, auth: Auth) -> Router {
+    let dashboard = crate::dashboard::router(DashboardState::new(broker.clone(), auth));
     let state = AdminState {
         broker,
         health: std::sync::Arc::new(HealthService::from_health_reporter(health)),
@@ -53,6 +60,7 @@ pub fn router(broker: Broker, health: HealthReporter) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+        .merge(dashboard)
 }
 
 /// Serves [`router`] on `listener` (a [`tokio::net::TcpListener`], or an [`IncomingListener`] for HTTPS)
@@ -64,13 +72,14 @@ pub async fn serve<L>(
     listener: L,
     broker: Broker,
     health: HealthReporter,
+    auth: Auth,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    axum::serve(listener, router(broker, health))
+    axum::serve(listener, router(broker, health, auth))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -189,8 +189,8 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// How long a new connection may send nothing before it is closed.
     pub handshake_timeout: Duration,
-    /// Where the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, see [`crate::admin`])
-    /// listens; `None`: it is off.
+    /// Where the admin HTTP listener (`/metrics`, `/healthz`, `/readyz` and the dashboard, see
+    /// [`crate::admin`]) listens; `None`: it is off.
     pub admin_listen: Option<SocketAddr>,
     /// Principals and limits (the file's `[[principals]]` and `[limits]`, see [`crate::auth`]);
     /// no principals: the bus is open.
@@ -419,8 +419,8 @@ pub struct ServeArgs {
     /// How long a new connection may send nothing before it is closed [default: 10s].
     #[arg(long, env = "EVENTBUS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Option<Duration>,
-    /// Address of the admin HTTP listener serving `/metrics` (Prometheus), `/healthz` and
-    /// `/readyz`, e.g. `127.0.0.1:9090`; empty turns it off [default: off].
+    /// Address of the admin HTTP listener serving `/metrics` (Prometheus), `/healthz`, `/readyz`
+    /// and the dashboard (`/`), e.g. `127.0.0.1:9090`; empty turns it off [default: off].
     #[arg(long, env = "EVENTBUS_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
     /// PEM certificate chain (leaf first) for TLS on the gRPC and admin listeners; needs

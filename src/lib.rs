@@ -14,7 +14,8 @@
 //!   runs TLS handshakes, each in its own future, under the connection limit and deadline).
 //! - [`tls`]: the server's TLS certificates, reloaded on SIGHUP or when the files change.
 //! - [`metrics`]: the bus's Prometheus metrics, updated by the broker through a handle.
-//! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`), which also serves
+//!   the [`dashboard`] (a web page of the event web, a live tail and conversations).
 //! - [`tracecontext`]: W3C `traceparent`/`tracestate` carried from request metadata into events.
 //! - [`auth`]: principals, permissions and the audit log; [`limits`]: per-connection and
 //!   per-principal limits.
@@ -28,6 +29,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod content_type;
+pub mod dashboard;
 pub mod error;
 pub mod event;
 pub mod limits;

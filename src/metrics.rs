@@ -510,6 +510,18 @@ impl Metrics {
         self.inner.subscriptions.get().max(0) as u64
     }
 
+    /// Queries so far by outcome (`eventbus_queries_total`), in the order answered, no
+    /// responders, timeout, error.
+    pub fn query_outcomes(&self) -> [u64; 4] {
+        std::array::from_fn(|index| self.inner.queries[index].get())
+    }
+
+    /// Subscriptions ended for not keeping up so far, all reasons
+    /// (`eventbus_slow_consumers_ended_total`).
+    pub fn slow_consumers_ended(&self) -> u64 {
+        self.inner.slow_endings.iter().map(Counter::get).sum()
+    }
+
     /// Observes fsync rounds: handed to the file store ([`FsyncTimer`]).
     pub fn fsync_timer(&self) -> FsyncTimer {
         FsyncTimer(self.inner.fsync_seconds.clone())

@@ -255,6 +255,7 @@ fn spawn_admin(
     listener: TcpListener,
     broker: Broker,
     health: tonic_health::server::HealthReporter,
+    auth: Auth,
     tls: Option<crate::tls::ReloadableTls>,
     limits: AcceptLimits,
 ) {
@@ -262,14 +263,14 @@ fn spawn_admin(
         .local_addr()
         .map_or_else(|_| "an unknown address".to_owned(), |a| a.to_string());
     let tls_on = tls.is_some();
-    info!(%addr, tls = tls_on, "admin listening (/metrics, /healthz, /readyz)");
+    info!(%addr, tls = tls_on, "admin listening (/metrics, /healthz, /readyz, dashboard at /)");
     let stopped = {
         let broker = broker.clone();
         async move { broker.stopped().await }
     };
     tokio::spawn(async move {
         let served = match tls {
-            None => crate::admin::serve(listener, broker, health, stopped).await,
+            None => crate::admin::serve(listener, broker, health, auth, stopped).await,
             Some(tls) => {
                 let incoming =
                     Incoming::new(listener, limits).with_tls(tls, crate::tls::Alpn::Http1);
@@ -277,6 +278,7 @@ fn spawn_admin(
                     crate::admin::IncomingListener(incoming),
                     broker,
                     health,
+                    auth,
                     stopped,
                 )
                 .await
@@ -381,7 +383,14 @@ pub async fn serve_with_admin(
 
     tokio::spawn(report_store_failure(broker.clone(), health.clone()));
     if let Some(admin) = admin {
-        spawn_admin(admin, broker.clone(), health.clone(), tls.clone(), limits);
+        spawn_admin(
+            admin,
+            broker.clone(),
+            health.clone(),
+            auth.clone(),
+            tls.clone(),
+            limits,
+        );
     }
 
     let stopping = Arc::new(Notify::new());

@@ -632,6 +632,39 @@ impl Broker {
         self.shared.routed_through.load(Ordering::Acquire)
     }
 
+    /// A watch of [`Broker::visible_head`]: changes each time newly routed events become
+    /// readable. For readers beside the routing path (the dashboard's live tail), which read
+    /// the log after each change instead of holding a subscription.
+    pub fn watch_head(&self) -> watch::Receiver<u64> {
+        self.shared.routed.subscribe()
+    }
+
+    /// Up to `max` events after sequence `after`, oldest first, no further than
+    /// [`Broker::visible_head`] and stopping before `max_bytes` of held events (the first always
+    /// comes). A blocking store read: call it off the async workers.
+    ///
+    /// # Errors
+    /// [`BusError::Storage`] when the store cannot read.
+    pub fn read_visible(
+        &self,
+        after: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SharedEvent>, BusError> {
+        let head = self.visible_head();
+        if after >= head {
+            return Ok(Vec::new());
+        }
+        let mut events = self.shared.store.read_after_within(after, max, max_bytes)?;
+        events.retain(|event| event.sequence <= head);
+        Ok(events)
+    }
+
+    /// The oldest sequence the store holds, if any.
+    pub fn oldest_held(&self) -> Option<u64> {
+        self.visible_bounds().oldest
+    }
+
     fn check_batch(&self, events: &[Event]) -> Result<(), BusError> {
         let config = &self.shared.config;
         if events.is_empty() {

@@ -97,24 +97,34 @@ impl TestBus {
     /// Starts a bus; a memory store is swapped for a file store under
     /// `EVENTBUS_TEST_STORAGE=file`, and for a JetStream stream on a nats-server of its own
     /// under `EVENTBUS_TEST_STORAGE=jetstream`.
-    pub async fn start_server(mut config: ServerConfig) -> TestBus {
+    pub async fn start_server(config: ServerConfig) -> TestBus {
+        TestBus::start_under_test(config, false).await
+    }
+
+    /// As [`TestBus::start_server`], with the admin HTTP listener (metrics, the dashboard) on
+    /// an ephemeral port ([`TestBus::admin_addr`]).
+    pub async fn start_with_admin(config: ServerConfig) -> TestBus {
+        TestBus::start_under_test(config, true).await
+    }
+
+    async fn start_under_test(mut config: ServerConfig, admin: bool) -> TestBus {
         let under_test = match config.storage {
             StorageConfig::Memory => storage_under_test(),
             _ => UnderTest::Memory,
         };
         match under_test {
-            UnderTest::Memory => TestBus::spawn(config, None, None).await,
+            UnderTest::Memory => TestBus::spawn_with(config, None, None, admin).await,
             UnderTest::File(dir) => {
                 config.storage = StorageConfig::File {
                     data_dir: dir.path().to_owned(),
                     fsync: FsyncPolicy::Always,
                     segment_bytes: 1024 * 1024,
                 };
-                TestBus::spawn(config, Some(dir), None).await
+                TestBus::spawn_with(config, Some(dir), None, admin).await
             }
             UnderTest::JetStream(nats) => {
                 config.storage = jetstream_storage(&nats);
-                TestBus::spawn(config, None, Some(nats)).await
+                TestBus::spawn_with(config, None, Some(nats), admin).await
             }
         }
     }
@@ -140,22 +150,46 @@ impl TestBus {
         data_dir: Option<tempfile::TempDir>,
         nats: Option<nats::NatsServer>,
     ) -> TestBus {
+        TestBus::spawn_with(config, data_dir, nats, false).await
+    }
+
+    async fn spawn_with(
+        config: ServerConfig,
+        data_dir: Option<tempfile::TempDir>,
+        nats: Option<nats::NatsServer>,
+        admin: bool,
+    ) -> TestBus {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone().cancelled_owned();
-        let handle = tokio::spawn(async move {
-            eventbus::server::run(listener, config, signal)
+        let (handle, admin_addr) = if admin {
+            let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let admin_addr = admin.local_addr().unwrap();
+            let broker = eventbus::server::open_broker(&config.bus, &config.storage)
                 .await
-                .expect("server failed");
-        });
+                .unwrap();
+            let handle = tokio::spawn(async move {
+                eventbus::server::serve_with_admin(listener, Some(admin), config, broker, signal)
+                    .await
+                    .expect("server failed");
+            });
+            (handle, Some(admin_addr))
+        } else {
+            let handle = tokio::spawn(async move {
+                eventbus::server::run(listener, config, signal)
+                    .await
+                    .expect("server failed");
+            });
+            (handle, None)
+        };
         TestBus {
             addr,
             shutdown,
             handle: Some(handle),
             _data_dir: data_dir,
             nats,
-            admin_addr: None,
+            admin_addr,
         }
     }
 
