@@ -441,6 +441,11 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "EVENTBUS_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// OTLP/gRPC endpoint to export traces to (an OpenTelemetry Collector, Jaeger, Tempo), e.g.
+    /// `http://127.0.0.1:4317`: one span per published event that carries trace context
+    /// [default: off].
+    #[arg(long, env = "EVENTBUS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `nats_url` in the config file: one string with commas, or a list.
@@ -524,6 +529,7 @@ struct ConfigFile {
     tls_client_ca: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    otlp_endpoint: Option<String>,
 }
 
 /// Durations in the TOML file are written as humans write them: `"5s"`, `"250ms"`.
@@ -593,6 +599,8 @@ mod humantime_serde_opt {
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+    /// Where traces are exported over OTLP/gRPC ([`crate::telemetry`]); `None`: off.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {
@@ -811,6 +819,7 @@ impl ServeArgs {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".to_owned()),
             format: self.log_format.or(file.log_format).unwrap_or_default(),
+            otlp_endpoint: parse_otlp_endpoint(self.otlp_endpoint.clone().or(file.otlp_endpoint))?,
         };
         Ok((server, log))
     }
@@ -856,6 +865,27 @@ fn parse_admin_listen(text: Option<String>) -> Result<Option<SocketAddr>, Config
                 rule: format!("{rule} (empty: off)"),
             }),
     }
+}
+
+/// `otlp_endpoint`: an `http://` or `https://` URL with a host (`http://collector:4317`), or
+/// empty (or unset) for off.
+fn parse_otlp_endpoint(text: Option<String>) -> Result<Option<String>, ConfigError> {
+    let text = match text.as_deref().map(str::trim) {
+        None | Some("") => return Ok(None),
+        Some(text) => text,
+    };
+    let invalid = |rule: &str| ConfigError::Invalid {
+        setting: "otlp_endpoint",
+        rule: format!("{rule}, e.g. http://127.0.0.1:4317 (empty: off); got {text:?}"),
+    };
+    let uri: tonic::transport::Uri = text.parse().map_err(|_| invalid("must be a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(invalid("must start with http:// or https://"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid("must name a host"));
+    }
+    Ok(Some(text.to_owned()))
 }
 
 /// A listen address: `IP:PORT` (`0.0.0.0:50051`, `[::]:50051`), or `HOST:PORT` resolved now
@@ -1092,6 +1122,44 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("segment_bytes"), "{error}");
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_an_http_url_from_flag_or_file_and_off_when_empty() {
+        assert_eq!(
+            ServeArgs::default().resolve().unwrap().1.otlp_endpoint,
+            None
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        std::fs::write(&path, "otlp_endpoint = \"http://collector:4317\"\n").unwrap();
+        let from_file = ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(
+            from_file.resolve().unwrap().1.otlp_endpoint.as_deref(),
+            Some("http://collector:4317")
+        );
+        let off = ServeArgs {
+            config: Some(path),
+            otlp_endpoint: Some(" ".into()),
+            ..ServeArgs::default()
+        };
+        assert_eq!(off.resolve().unwrap().1.otlp_endpoint, None);
+        for (bad, rule) in [
+            ("collector:4317", "http://"),
+            ("grpc://collector:4317", "http://"),
+            ("http://", "URL"),
+        ] {
+            let args = ServeArgs {
+                otlp_endpoint: Some(bad.into()),
+                ..ServeArgs::default()
+            };
+            let error = args.resolve().unwrap_err().to_string();
+            assert!(error.starts_with("otlp_endpoint:"), "{bad}: {error}");
+            assert!(error.contains(rule), "{bad}: {error}");
+        }
     }
 
     #[test]

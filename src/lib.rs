@@ -16,7 +16,8 @@
 //! - [`metrics`]: the bus's Prometheus metrics, updated by the broker through a handle.
 //! - [`admin`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`), which also serves
 //!   the [`dashboard`] (a web page of the event web, a live tail and conversations).
-//! - [`tracecontext`]: W3C `traceparent`/`tracestate` carried from request metadata into events.
+//! - [`tracecontext`]: W3C `traceparent`/`tracestate` carried from request metadata into events;
+//!   [`telemetry`]: OpenTelemetry spans of traced events, exported over OTLP.
 //! - [`auth`]: principals, permissions and the audit log; [`limits`]: per-connection and
 //!   per-principal limits.
 //! - [`sdk`]: the Rust client SDK.
@@ -42,6 +43,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod sublist;
+pub mod telemetry;
 pub mod tls;
 pub mod topic;
 pub mod tracecontext;

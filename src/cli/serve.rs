@@ -1,40 +1,67 @@
 //! `eventbus serve`: settings, logging, signals, then the server.
 
 use anyhow::Context as _;
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 use crate::config::{LogConfig, LogFormat, ServeArgs};
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (config, log) = args.resolve()?;
-    init_logging(&log)?;
+    let telemetry = init_logging(&log)?;
     crate::panics::install_panic_hook();
     crate::accept::raise_open_file_limit();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    crate::server::run(listener, config, shutdown_signal()).await?;
+    let served = crate::server::run(listener, config, shutdown_signal()).await;
+    if let Some(telemetry) = telemetry {
+        // The last batch of spans, sent before the process ends (blocking, bounded by the
+        // exporter's timeout).
+        tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    }
+    served?;
     Ok(())
 }
 
 /// `RUST_LOG` wins over `--log-level` when set, as users of tracing expect. Either way the
-/// transport crates stay at warn unless the filter names them ([`with_quiet_transport`]).
-fn init_logging(log: &LogConfig) -> anyhow::Result<()> {
+/// transport crates stay at warn unless the filter names them ([`with_quiet_transport`]). With
+/// an OTLP endpoint, a second layer exports the spans of [`crate::telemetry::TARGET`], whatever
+/// the log filter says (each layer has its own filter).
+fn init_logging(log: &LogConfig) -> anyhow::Result<Option<crate::telemetry::Telemetry>> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(value) if !value.is_empty() => EnvFilter::try_new(with_quiet_transport(&value)),
         _ => EnvFilter::try_new(with_quiet_transport(&log.level)),
     }
     .context("invalid log filter")?;
     // Colour only for a person at a terminal: a log file or a collector gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = match log.format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let (otlp, telemetry) = match &log.otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, telemetry) = crate::telemetry::install(endpoint)?;
+            let only_ours = Targets::new().with_target(crate::telemetry::TARGET, Level::INFO);
+            (Some(layer.with_filter(only_ours)), Some(telemetry))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otlp)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("initialising logs: {e}"))?;
+    if let Some(endpoint) = &log.otlp_endpoint {
+        tracing::info!(%endpoint, "exporting traces over OTLP (spans of events with trace context)");
     }
-    .map_err(|e| anyhow::anyhow!("initialising logs: {e}"))
+    Ok(telemetry)
 }
 
 /// Crates whose debug output is HTTP/2 frames and connection plumbing: at `debug` they drown

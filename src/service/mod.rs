@@ -17,6 +17,7 @@ use crate::auth::{self, Auth, Caller};
 use crate::broker::{Broker, Delivery, Published};
 use crate::error::BusError;
 use crate::pb;
+use crate::telemetry::PublishSpans;
 use crate::tracecontext::TraceContext;
 use pb::admin_service_server::AdminService;
 use pb::event_bus_service_server::EventBusService;
@@ -138,7 +139,10 @@ impl EventBusService for EventBusApi {
         if let Some(trace) = &trace {
             events.iter_mut().for_each(|event| trace.apply(event));
         }
-        let published = self.broker.publish(events).instrument(span.clone()).await?;
+        let spans = PublishSpans::open(&mut events);
+        let published = self.broker.publish(events).instrument(span.clone()).await;
+        spans.record(published.as_ref().map(|p| &p.sequences[..]));
+        let published = published?;
         span.record(
             "first_sequence",
             published.sequences.first().copied().unwrap_or(0),
@@ -223,6 +227,7 @@ impl EventBusService for EventBusApi {
         if let Some(trace) = &trace {
             trace.apply(&mut event);
         }
+        let spans = PublishSpans::open(std::slice::from_mut(&mut event));
         let config = self.broker.config();
         let timeout = convert::query_timeout(
             request.timeout,
@@ -245,7 +250,15 @@ impl EventBusService for EventBusApi {
             .query(event, timeout)
             .instrument(span.clone())
             .await
-            .inspect_err(|error| debug!(parent: &span, %error, "query failed"))?;
+            .inspect_err(|error| debug!(parent: &span, %error, "query failed"));
+        // The query's span ends with the answer (or the error): its duration is the round trip.
+        spans.record(
+            reply
+                .as_ref()
+                .map(|reply| std::slice::from_ref(&reply.sequence)),
+        );
+        drop(spans);
+        let reply = reply?;
         span.record("correlation_id", reply.event.correlation_id.as_str());
         span.record("reply_sequence", reply.sequence);
         debug!(
@@ -498,13 +511,16 @@ impl PublishStreamState {
         let request_id = request.request_id;
         let admitted = self.api.admit_batch(&self.caller, request.events).await;
         let trace = self.trace.as_ref();
+        let mut spans = PublishSpans::default();
         let pending = admitted.and_then(|mut events| {
             if let Some(trace) = trace {
                 events.iter_mut().for_each(|event| trace.apply(event));
             }
+            spans = PublishSpans::open(&mut events);
             self.broker.begin_publish(events)
         });
         if let Err(error @ BusError::Storage(crate::store::StoreError::Failed(_))) = &pending {
+            spans.record(Err(error));
             debug!(%error, "publish stream ends: the log cannot be written now");
             self.inbound_done = true;
             self.inbound_error = Some(status::to_status(error));
@@ -515,6 +531,7 @@ impl PublishStreamState {
                 Ok(pending) => pending.finish().await,
                 Err(error) => Err(error),
             };
+            spans.record(outcome.as_ref().map(|p| &p.sequences[..]));
             (request_id, outcome)
         }));
     }

@@ -26,7 +26,13 @@ impl BusProcess {
     /// `--storage`, at log level info unless they name a `--log-level`), under an open-file limit of `nofile` (soft and hard, so the bus cannot raise
     /// it) when given. Waits until it listens.
     pub fn start(args: &[&str], nofile: Option<u64>) -> BusProcess {
+        BusProcess::start_with_env(args, nofile, &[])
+    }
+
+    /// As [`BusProcess::start`], with `env` set for the process.
+    pub fn start_with_env(args: &[&str], nofile: Option<u64>, env: &[(&str, &str)]) -> BusProcess {
         let mut command = Command::new(BIN);
+        command.envs(env.iter().copied());
         for (key, _) in std::env::vars() {
             if key.starts_with("EVENTBUS_") || key == "RUST_LOG" {
                 command.env_remove(key);
