@@ -69,9 +69,18 @@ fn repair(args: &RepairArgs) -> anyhow::Result<()> {
 pub mod format;
 mod serve;
 
+/// `eventbus --version`: the release and the git commit it was built from (`unknown` outside a
+/// git checkout), e.g. `eventbus 0.1.0 (commit 59393bb4...)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EVENTBUS_GIT_COMMIT"),
+    ")"
+);
+
 /// A gRPC event bus for microservices that talk asynchronously.
 #[derive(Debug, Parser)]
-#[command(name = "eventbus", version, about)]
+#[command(name = "eventbus", version = VERSION, about)]
 pub struct Cli {
     /// The bus the client verbs talk to, given before the verb (`eventbus --server URL
     /// topics`, as the `nats` CLI takes it); after the verb works too. See the verb's
