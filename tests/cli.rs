@@ -659,3 +659,106 @@ async fn groups_server_info_and_check_show_a_group_falling_behind() {
         stdout(&unreachable)
     );
 }
+
+#[tokio::test]
+async fn bench_measures_publishing_delivery_and_queries_against_a_running_bus() {
+    let bus = TestBus::start().await;
+    let published = eventbus(
+        &bus,
+        &[
+            "bench",
+            "pub",
+            "--events",
+            "3000",
+            "--publishers",
+            "2",
+            "--json",
+        ],
+        None,
+    )
+    .await;
+    assert!(published.status.success(), "{}", stderr(&published));
+    let report: serde_json::Value = serde_json::from_str(stdout(&published).trim()).unwrap();
+    assert_eq!(report["verb"], "pub");
+    assert_eq!(report["count"], 3000);
+    assert_eq!(report["clients"], 2);
+    assert!(report["per_second"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(
+        report["latency_us"]["p50"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    let topic = report["topic"].as_str().unwrap();
+    assert!(topic.starts_with("bench.pub."), "{topic}");
+    // Every event is in the log, on the run's own topic.
+    let mut admin = bus.admin().await;
+    let topics = admin
+        .list_topics(eventbus::pb::ListTopicsRequest {
+            pattern: topic.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .topics;
+    assert_eq!(topics[0].events_published, 3000);
+
+    let delivered = eventbus(
+        &bus,
+        &[
+            "bench",
+            "sub",
+            "--events",
+            "2000",
+            "--subscribers",
+            "3",
+            "--csv",
+        ],
+        None,
+    )
+    .await;
+    assert!(delivered.status.success(), "{}", stderr(&delivered));
+    let csv = stdout(&delivered);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 2, "{csv}");
+    let header: Vec<&str> = lines[0].split(',').collect();
+    let row: Vec<&str> = lines[1].split(',').collect();
+    let field = |name: &str| row[header.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(field("verb"), "sub");
+    assert_eq!(
+        field("missing"),
+        "0",
+        "every subscriber got every event: {csv}"
+    );
+    assert_eq!(field("clients"), "3");
+
+    let asked = eventbus(
+        &bus,
+        &[
+            "bench",
+            "query",
+            "--queries",
+            "200",
+            "--concurrency",
+            "4",
+            "--size",
+            "64",
+        ],
+        None,
+    )
+    .await;
+    assert!(asked.status.success(), "{}", stderr(&asked));
+    let text = stdout(&asked);
+    assert!(
+        text.starts_with("bench query: 200 x 64 B on bench.query."),
+        "{text}"
+    );
+    assert!(text.contains("round trip latency (µs): p50 "), "{text}");
+
+    let refused = eventbus(&bus, &["bench", "pub", "--events", "0"], None).await;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("must be at least 1"),
+        "{}",
+        stderr(&refused)
+    );
+}

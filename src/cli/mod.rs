@@ -66,6 +66,7 @@ fn repair(args: &RepairArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+pub mod bench;
 pub mod format;
 mod serve;
 
@@ -104,7 +105,7 @@ impl Cli {
         let Some(target) = command.server_arg_mut() else {
             anyhow::bail!(
                 "--server before the verb is for the client verbs (publish, subscribe, query, \
-                 reply, topics, topology, groups, server); `serve` listens with --listen"
+                 reply, topics, topology, groups, server, bench); `serve` listens with --listen"
             );
         };
         // After the verb it is the flag's, the environment's or the default value: only an
@@ -166,6 +167,7 @@ impl Command {
             Command::Groups(args) => Some(&mut args.server),
             Command::Server(ops::ServerCommand::Info(args)) => Some(&mut args.server),
             Command::Server(ops::ServerCommand::Check(args)) => Some(&mut args.server),
+            Command::Bench(command) => Some(command.server_arg_mut()),
             Command::Serve(_)
             | Command::Repair(_)
             | Command::HashToken(_)
@@ -213,6 +215,10 @@ pub enum Command {
     /// Ask the bus about itself (`info`), or probe it for monitoring (`check`).
     #[command(subcommand)]
     Server(ops::ServerCommand),
+    /// Measure a running bus from here: publish throughput (`pub`), delivery to subscribers
+    /// (`sub`), or query round trips (`query`), with latency percentiles.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Make a file store that fails recovery openable again: the log keeps the records before
     /// the first damaged one; the damaged bytes and the intact records after them go into
     /// <data-dir>/damaged/ (nothing is deleted); an unreadable groups.json or log-id is set
@@ -432,6 +438,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topology(args) => client::topology(args).await,
         Command::Groups(args) => ops::groups(args).await,
         Command::Server(command) => ops::server(command).await,
+        Command::Bench(command) => bench::run(command).await,
         Command::Repair(args) => repair(&args),
         Command::HashToken(args) => hash_token(&args),
         Command::Completions(args) => docs::completions(&args),
