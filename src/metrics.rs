@@ -235,32 +235,32 @@ impl Metrics {
         for (name, help, family) in [
             (
                 "eventbus_events_published",
-                "Events stored, by topic family (duplicates excluded).",
+                "Events stored, by topic family (duplicates excluded)",
                 &by_family.published,
             ),
             (
                 "eventbus_events_delivered",
-                "Events handed to subscription streams, by topic family.",
+                "Events handed to subscription streams, by topic family",
                 &by_family.delivered,
             ),
             (
                 "eventbus_events_acked",
-                "MANUAL-ack events acknowledged, by topic family.",
+                "MANUAL-ack events acknowledged, by topic family",
                 &by_family.acked,
             ),
             (
                 "eventbus_events_nacked",
-                "MANUAL-ack events handed back with Nack, by topic family.",
+                "MANUAL-ack events handed back with Nack, by topic family",
                 &by_family.nacked,
             ),
             (
                 "eventbus_events_redelivered",
-                "Deliveries after the first of MANUAL-ack events, by topic family.",
+                "Deliveries after the first of MANUAL-ack events, by topic family",
                 &by_family.redelivered,
             ),
             (
                 "eventbus_events_dead_lettered",
-                "Events moved to a dead-letter topic, by topic family.",
+                "Events moved to a dead-letter topic, by topic family",
                 &by_family.dead_lettered,
             ),
         ] {
@@ -269,19 +269,19 @@ impl Metrics {
         let publish_seconds = Histogram::new(latency_buckets());
         registry.register(
             "eventbus_publish_duration_seconds",
-            "Time from a publish batch's arrival at the broker to its acknowledgement (durable and routed).",
+            "Time from a publish batch's arrival at the broker to its acknowledgement (durable and routed)",
             publish_seconds.clone(),
         );
         let query_seconds = Histogram::new(latency_buckets());
         registry.register(
             "eventbus_query_duration_seconds",
-            "Time from a query's arrival at the broker to its reply (answered queries).",
+            "Time from a query's arrival at the broker to its reply (answered queries)",
             query_seconds.clone(),
         );
         let queries_family = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "eventbus_queries",
-            "Queries by outcome: answered, no_responders, timeout, error.",
+            "Queries by outcome: answered, no_responders, timeout, error",
             queries_family.clone(),
         );
         let queries = ["answered", "no_responders", "timeout", "error"]
@@ -289,7 +289,7 @@ impl Metrics {
         let slow_family = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "eventbus_slow_consumers_ended",
-            "Subscriptions the bus ended for not keeping up, by reason.",
+            "Subscriptions the bus ended for not keeping up, by reason",
             slow_family.clone(),
         );
         let slow_endings = ["slow-consumer", "slow-group-member", "replay-overrun"]
@@ -298,13 +298,13 @@ impl Metrics {
         registry.register(
             "eventbus_auth_denied",
             "Calls refused by authentication or permissions, by action: authenticate, publish, \
-             subscribe, join, admin, source.",
+             subscribe, join, admin, source",
             denials.clone(),
         );
         let limits_exceeded = Family::<LimitLabel, Counter>::default();
         registry.register(
             "eventbus_limit_exceeded",
-            "Calls refused with RESOURCE_EXHAUSTED limit-exceeded, by the limit's config key.",
+            "Calls refused with RESOURCE_EXHAUSTED limit-exceeded, by the limit's config key",
             limits_exceeded.clone(),
         );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
@@ -315,49 +315,49 @@ impl Metrics {
         let subscriptions = gauge(
             &mut registry,
             "eventbus_subscriptions_active",
-            "Open subscriptions (group members included).",
+            "Open subscriptions (group members included)",
         );
         let connections = gauge(
             &mut registry,
             "eventbus_connections_active",
-            "Open client connections.",
+            "Open client connections",
         );
         let delivery_queued_bytes = gauge(
             &mut registry,
             "eventbus_delivery_queued_bytes",
-            "Bytes of events queued for live subscribers, all queues together.",
+            "Bytes of events queued for live subscribers, all queues together",
         );
         let store_bytes = gauge(
             &mut registry,
             "eventbus_store_bytes",
-            "Bytes the store holds (segment files on disk, or events in memory).",
+            "Bytes the store holds (segment files on disk, or events in memory)",
         );
         let store_segments = gauge(
             &mut registry,
             "eventbus_store_segments",
-            "Segment files of the file store (0 for the memory store).",
+            "Segment files of the file store (0 for the memory store)",
         );
         let store_events = gauge(
             &mut registry,
             "eventbus_store_events",
-            "Events the store holds for replay.",
+            "Events the store holds for replay",
         );
         let subscriber_lag = Histogram::new(exponential_buckets(1.0, 4.0, 12));
         registry.register(
             "eventbus_subscriber_lag_events",
-            "How far behind the head (in events) a subscriber catching up from the log was, at each read.",
+            "How far behind the head (in events) a subscriber catching up from the log was, at each read",
             subscriber_lag.clone(),
         );
         let fsync_seconds = Histogram::new(latency_buckets());
         registry.register(
             "eventbus_store_fsync_duration_seconds",
-            "Time of one file-store fsync round (all dirty segment files).",
+            "Time of one file-store fsync round (all dirty segment files)",
             fsync_seconds.clone(),
         );
         let dedupe_hits = Counter::default();
         registry.register(
             "eventbus_dedupe_hits",
-            "Published events dropped as duplicates within the dedupe window.",
+            "Published events dropped as duplicates within the dedupe window",
             dedupe_hits.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
@@ -368,7 +368,7 @@ impl Metrics {
             .set(1);
         registry.register(
             "eventbus_build_info",
-            "The bus's build: always 1, with the version as a label.",
+            "The bus's build: always 1, with the version as a label",
             build,
         );
         let overflow = Arc::new(by_family.counters(OVERFLOW_FAMILY));

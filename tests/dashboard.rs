@@ -52,9 +52,15 @@ struct SseReader {
 
 impl SseReader {
     async fn open(admin: SocketAddr, path: &str) -> SseReader {
+        SseReader::open_with(admin, path, "").await
+    }
+
+    /// As [`SseReader::open`], with `headers` (`Name: value\r\n` lines) added.
+    async fn open_with(admin: SocketAddr, path: &str, headers: &str) -> SseReader {
         let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nAccept: text/event-stream\r\n\r\n");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {admin}\r\nAccept: text/event-stream\r\n{headers}\r\n"
+        );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut lines = BufReader::new(stream).lines();
         let status_line = tokio::time::timeout(WAIT, lines.next_line())
@@ -73,8 +79,15 @@ impl SseReader {
 
     /// The next item: its `event:` name and its `data:` parsed as JSON.
     async fn next(&mut self) -> (String, Value) {
+        let (kind, _, data) = self.next_with_id().await;
+        (kind, data)
+    }
+
+    /// The next item with its `id:` (empty when it has none).
+    async fn next_with_id(&mut self) -> (String, String, Value) {
         let read = async {
             let mut kind = None;
+            let mut id = String::new();
             loop {
                 let line = self
                     .lines
@@ -84,9 +97,12 @@ impl SseReader {
                     .expect("the stream ended");
                 if let Some(name) = line.strip_prefix("event: ") {
                     kind = Some(name.to_owned());
+                } else if let Some(value) = line.strip_prefix("id: ") {
+                    id = value.to_owned();
                 } else if let Some(data) = line.strip_prefix("data: ") {
                     if let Some(kind) = kind.take() {
-                        return (kind, serde_json::from_str(data).unwrap());
+                        let data = serde_json::from_str(data).unwrap();
+                        return (kind, std::mem::take(&mut id), data);
                     }
                 }
             }
@@ -218,6 +234,52 @@ async fn the_tail_streams_matching_events_and_is_no_responder() {
 }
 
 #[tokio::test]
+async fn a_tail_resumes_after_its_last_event_id_with_no_gap() {
+    let (bus, admin) = start().await;
+    let client = sdk(&bus, "shop").await;
+    let first = client.publish("orders.created", "one").await.unwrap();
+    client
+        .publish("users.created", "not matched")
+        .await
+        .unwrap();
+    let third = client.publish("orders.created", "three").await.unwrap();
+    let fourth = client.publish("orders.created", "four").await.unwrap();
+
+    // As a browser's EventSource reconnects: with the id of the last event it saw.
+    let mut tail = SseReader::open_with(
+        admin,
+        "/api/v1/tail?pattern=orders.*",
+        &format!("Last-Event-ID: {first}\r\n"),
+    )
+    .await;
+    assert_eq!(tail.status, 200);
+    let (kind, ready) = tail.next().await;
+    assert_eq!(kind, "ready");
+    assert_eq!(ready["resumed_after"], first);
+    for (sequence, data) in [(third, "three"), (fourth, "four")] {
+        let (kind, id, event) = tail.next_with_id().await;
+        assert_eq!(
+            (kind.as_str(), event["data"].as_str()),
+            ("event", Some(data))
+        );
+        assert_eq!(id, sequence.to_string());
+    }
+    // Then live, as any tail.
+    let fifth = client.publish("orders.created", "five").await.unwrap();
+    let (_, id, _) = tail.next_with_id().await;
+    assert_eq!(id, fifth.to_string());
+
+    // An id past the head (another log) starts at the head; one that is no number is refused.
+    let mut fresh = SseReader::open_with(admin, "/api/v1/tail", "Last-Event-ID: 999999\r\n").await;
+    let (_, ready) = fresh.next().await;
+    assert_eq!(ready["resumed_after"], Value::Null);
+    assert_eq!(ready["head_sequence"], fifth);
+    let refused = SseReader::open_with(admin, "/api/v1/tail", "Last-Event-ID: abc\r\n").await;
+    assert_eq!(refused.status, 400);
+    bus.stop(WAIT).await;
+}
+
+#[tokio::test]
 async fn bad_requests_are_refused_naming_the_parameter() {
     let (bus, admin) = start().await;
     let (status, body) = get_json(admin, "/api/v1/tail?pattern=orders..created").await;
@@ -230,6 +292,14 @@ async fn bad_requests_are_refused_naming_the_parameter() {
     assert_eq!(status, 400);
     assert!(
         body["error"].as_str().unwrap().starts_with("limit: "),
+        "{body}"
+    );
+    // A query string that does not parse gets the same JSON shape.
+    let (status, body) = get_json(admin, "/api/v1/conversations?limit=abc").await;
+    assert_eq!(status, 400);
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("query string: ") && error.contains("limit"),
         "{body}"
     );
     let long = "x".repeat(300);

@@ -95,15 +95,25 @@ function perSecond(key, count, now) {
   return Math.max(0, count - before) / ((now - state.previous.now) / 1000);
 }
 
+const plural = (n, word) => `${fmt(n)} ${word}${n === 1 ? "" : "s"}`;
+
+function uptime(seconds) {
+  if (seconds < 60) return `${seconds} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
+  const hours = Math.floor(seconds / 3600);
+  return hours < 48 ? `${hours} h ${Math.floor((seconds % 3600) / 60)} min` : `${Math.floor(hours / 24)} days`;
+}
+
 function renderNode(node) {
   const parts = [
     `v${node.version}`,
     `${node.storage} log`,
     `head ${fmt(node.head_sequence)}`,
-    `${fmt(node.connections)} connections`,
-    `${fmt(node.subscriptions)} subscriptions`,
-    `up ${Math.floor(node.uptime_seconds / 60)} min`,
+    plural(node.connections, "connection"),
+    plural(node.subscriptions, "subscription"),
+    `up ${uptime(node.uptime_seconds)}`,
   ];
+  if (!node.event_data) parts.push("authentication on: event contents hidden");
   $("#node").textContent = parts.join(" · ");
 }
 
@@ -133,16 +143,17 @@ function renderGraph(overview, counts) {
   ];
   const shape = elements.map((e) => e.data.id).sort().join("\n");
   if (!graph.cy) {
+    const width = (node) => Math.max(60, node.data("label").length * 7 + 24);
     graph.cy = cytoscape({
       container: $("#graph"),
-      wheelSensitivity: 0.3,
+      maxZoom: 2,
       style: [
         { selector: "node", style: { label: "data(label)", "font-size": 11, "text-valign": "center", "text-halign": "center", color: "#fff", "text-wrap": "wrap", "text-max-width": 120 } },
-        { selector: "node[kind = 'service']", style: { shape: "round-rectangle", width: "label", height: 30, padding: 10, "background-color": "#2f6fb3" } },
-        { selector: "node[kind = 'topic']", style: { shape: "ellipse", width: "label", height: 26, padding: 10, "background-color": "#6b7785" } },
+        { selector: "node[kind = 'service']", style: { shape: "round-rectangle", width, height: 32, "background-color": "#2f6fb3" } },
+        { selector: "node[kind = 'topic']", style: { shape: "ellipse", width, height: 28, "background-color": "#6b7785" } },
         { selector: "edge", style: { width: 1.5, "curve-style": "bezier", "target-arrow-shape": "triangle", label: "data(label)", "font-size": 10, "text-background-color": "#fff", "text-background-opacity": 0.9, "text-background-padding": 2 } },
         { selector: "edge[kind = 'publishes']", style: { "line-color": "#2f6fb3", "target-arrow-color": "#2f6fb3" } },
-        { selector: "edge[kind = 'subscribes']", style: { "line-color": "#2e8b57", "target-arrow-color": "#2e8b57", "line-style": "dashed" } },
+        { selector: "edge[kind = 'subscribes']", style: { "line-color": "#2e8b57", "target-arrow-color": "#2e8b57", "line-style": "dashed", color: "#2e8b57", "font-size": 9 } },
         { selector: "edge[kind = 'replies']", style: { "line-color": "#d9822b", "target-arrow-color": "#d9822b", "line-style": "dotted", width: 2 } },
         { selector: "edge[kind = 'matches']", style: { "line-color": "#a0a7ae", "target-arrow-color": "#a0a7ae", width: 1 } },
       ],
@@ -152,8 +163,13 @@ function renderGraph(overview, counts) {
     graph.shape = shape;
     graph.cy.elements().remove();
     graph.cy.add(elements);
-    graph.cy.layout({ name: "dagre", rankDir: "LR", nodeSep: 18, rankSep: 90, animate: false }).run();
+    graph.cy.layout({ name: "dagre", rankDir: "LR", nodeSep: 24, rankSep: 110, edgeSep: 14, animate: false }).run();
     graph.cy.fit(undefined, 30);
+    // A small graph is not blown up to fill the pane.
+    if (graph.cy.zoom() > 1.3) {
+      graph.cy.zoom(1.3);
+      graph.cy.center();
+    }
   } else {
     for (const e of elements) {
       if (e.group === "edges") graph.cy.getElementById(e.data.id).data("label", e.data.label);
@@ -222,19 +238,27 @@ async function poll() {
     state.previous = { now: overview.node.now_ms, counts };
     state.overview = overview;
     if (!overview.node.event_data) {
+      const why = "event contents are shown only on a bus without authentication";
       $("#tail-start").disabled = true;
-      $("#tail-status").textContent = "event contents are shown only on a bus without authentication";
+      $("#tail-status").textContent = why;
+      for (const control of document.querySelectorAll("#conversation-form input, #conversation-form button")) control.disabled = true;
+      $("#recent").replaceChildren(el("li", { class: "hint", text: why }));
     }
+    state.unreachableSince = null;
+    document.body.classList.remove("stale");
     banner(null);
   } catch (error) {
-    banner(`cannot read the bus: ${error.message}`);
+    // Keep what was shown, marked as old: the numbers are not live while the bus is away.
+    state.unreachableSince ??= new Date();
+    document.body.classList.add("stale");
+    banner(`cannot read the bus since ${state.unreachableSince.toLocaleTimeString()} (${error.message}); what is shown is from before, retrying every ${POLL_MS / 1000} s`);
   }
   setTimeout(poll, POLL_MS);
 }
 
 // ---- live tail ----
 
-const tail = { source: null, pattern: "", paused: false, held: [], received: 0 };
+const tail = { source: null, pattern: "", paused: false, held: [], dropped: 0, skipped: 0, last: null };
 
 function tailRow(event) {
   const correlation = event.correlationid ?? "";
@@ -266,7 +290,9 @@ function startTail(pattern) {
   tail.source?.close();
   tail.paused = false;
   tail.held = [];
-  tail.received = 0;
+  tail.dropped = 0;
+  tail.skipped = 0;
+  tail.last = null;
   $("#tail-pause").textContent = "Pause";
   const source = new EventSource(`/api/v1/tail?pattern=${encodeURIComponent(pattern)}`);
   tail.source = source;
@@ -274,23 +300,34 @@ function startTail(pattern) {
   tailStatus(`connecting to ${pattern}…`);
   source.addEventListener("ready", (message) => {
     const ready = JSON.parse(message.data);
-    tailStatus(`following ${ready.pattern} from sequence ${fmt(ready.head_sequence)}`);
+    if (ready.resumed_after != null) {
+      tailStatus(`following ${ready.pattern}: reconnected, resumed after sequence ${fmt(ready.resumed_after)}`);
+    } else if (tail.last != null) {
+      // The bus's log was replaced (a restart of a memory store): sequences start again.
+      tailStatus(`following ${ready.pattern}: reconnected to a new log at sequence ${fmt(ready.head_sequence)}; events after ${fmt(tail.last)} of the old one were not shown`);
+    } else {
+      tailStatus(`following ${ready.pattern} from sequence ${fmt(ready.head_sequence)}`);
+    }
     $("#tail-pause").disabled = false;
   });
   source.addEventListener("event", (message) => {
     const event = JSON.parse(message.data);
-    tail.received += 1;
+    tail.last = Number(event.sequence);
     if (tail.paused) {
       tail.held.push(event);
-      if (tail.held.length > TAIL_ROWS) tail.held.shift();
-      tailStatus(`paused: ${fmt(tail.held.length)} events held`);
+      if (tail.held.length > TAIL_ROWS) {
+        tail.held.shift();
+        tail.dropped += 1;
+      }
+      tailStatus(`paused: ${fmt(tail.held.length)} events held` + (tail.dropped ? `, ${fmt(tail.dropped)} older ones dropped` : ""));
     } else {
       tailAppend([tailRow(event)]);
     }
   });
   source.addEventListener("skipped", (message) => {
     const skipped = JSON.parse(message.data);
-    tailStatus(`skipped ${fmt(skipped.events)} events: ${skipped.why}`);
+    tail.skipped += skipped.events;
+    tailStatus(`following ${tail.pattern}; ${fmt(tail.skipped)} events skipped so far (${skipped.why})`);
   });
   source.addEventListener("error", (message) => {
     if (message.data) {
@@ -337,8 +374,10 @@ $("#tail-pause").addEventListener("click", () => {
     tailStatus("paused: 0 events held");
   } else {
     tailAppend(tail.held.map(tailRow));
+    const dropped = tail.dropped;
     tail.held = [];
-    tailStatus(`following ${tail.pattern}`);
+    tail.dropped = 0;
+    tailStatus(`following ${tail.pattern}` + (dropped ? `; ${fmt(dropped)} events arrived while paused and were dropped (${TAIL_ROWS} are held at most)` : ""));
   }
 });
 

@@ -66,7 +66,7 @@ fn init_logging(log: &LogConfig) -> anyhow::Result<Option<crate::telemetry::Tele
 
 /// Crates whose debug output is HTTP/2 frames and connection plumbing: at `debug` they drown
 /// the bus's own lines (one per publish, delivery, query and reply), so they stay at `warn`.
-const QUIET_TRANSPORT: [&str; 7] = [
+const QUIET_TRANSPORT: [&str; 8] = [
     "h2",
     "hyper",
     "hyper_util",
@@ -74,6 +74,9 @@ const QUIET_TRANSPORT: [&str; 7] = [
     "tonic",
     "axum",
     "tokio_util",
+    // The OTLP exporter's own logs (`opentelemetry`, `opentelemetry_sdk`, `opentelemetry-otlp`):
+    // an export that fails is an ERROR, its connection chatter debug.
+    "opentelemetry",
 ];
 
 /// `filter` with `crate=warn` added for each of [`QUIET_TRANSPORT`] it does not name itself,

@@ -41,6 +41,15 @@ impl ApiError {
         }
     }
 
+    /// 400 for a query string that does not parse (a number that is not one, a repeated
+    /// parameter), with axum's explanation.
+    pub fn query(rejection: axum::extract::rejection::QueryRejection) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("query string: {}", rejection.body_text()),
+        }
+    }
+
     /// 403 for the event views on a bus with authentication (see the module docs of
     /// [`super`]).
     pub fn event_data_closed() -> ApiError {

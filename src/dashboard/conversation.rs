@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -255,8 +256,9 @@ pub struct RecentParams {
 /// `GET /api/v1/conversations`.
 pub async fn recent(
     State(state): State<DashboardState>,
-    Query(params): Query<RecentParams>,
+    params: Result<Query<RecentParams>, QueryRejection>,
 ) -> Result<Json<Vec<ConversationSummary>>, ApiError> {
+    let Query(params) = params.map_err(ApiError::query)?;
     let limit = params.limit.unwrap_or(20);
     if !(1..=MAX_RECENT).contains(&limit) {
         return Err(ApiError::invalid(

@@ -7,9 +7,16 @@
 //! tail that falls behind skips ahead instead of holding anything back.
 //!
 //! Stream items (each `data` is one JSON document):
-//! - `event: ready`: `{"pattern", "head_sequence"}`, first; events after that head follow.
+//! - `event: ready`: `{"pattern", "head_sequence", "resumed_after"}`, first; events after
+//!   `resumed_after` (when resuming) or after that head follow.
 //! - `event: event`: one event in the CloudEvents JSON format (as `eventbus subscribe --json`
-//!   prints it, with the `sequence` extension).
+//!   prints it, with the `sequence` extension); its SSE `id` is the sequence.
+//!
+//! Resuming: a client that reconnects with `Last-Event-ID: <sequence>` (as a browser's
+//! `EventSource` does by itself after a dropped connection) gets the events after that sequence
+//! first, so a bus restart or a network blip leaves no silent gap: what the log still holds is
+//! sent, at most [`MAX_BEHIND`] of it (`skipped` says when less). A `Last-Event-ID` past the
+//! head (the log was replaced, e.g. a memory store restarted) starts at the head.
 //! - `event: skipped`: `{"events": N, "why"}`: N events of the log were not looked at, because
 //!   the tail was more than [`MAX_BEHIND`] behind the head, or matching events were over
 //!   [`MAX_EVENTS_PER_SECOND`].
@@ -20,7 +27,9 @@
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -56,8 +65,20 @@ pub struct TailParams {
 /// `GET /api/v1/tail`.
 pub async fn tail(
     State(state): State<DashboardState>,
-    Query(params): Query<TailParams>,
+    headers: HeaderMap,
+    params: Result<Query<TailParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(ApiError::query)?;
+    let resume_after = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::invalid("Last-Event-ID", "must be a sequence number"))?,
+        ),
+    };
     let text = params.pattern.as_deref().unwrap_or(">");
     let pattern = Pattern::parse(text).map_err(|rule| ApiError::invalid("pattern", rule))?;
     if !state.shows_event_data() {
@@ -78,7 +99,7 @@ pub async fn tail(
         let _permit = permit;
         let stopped = broker.clone();
         tokio::select! {
-            () = follow(broker, pattern, sender) => {}
+            () = follow(broker, pattern, resume_after, sender) => {}
             // Ends the stream on shutdown, so the admin listener's graceful stop is not held
             // by an open tail.
             () = stopped.stopped() => {}
@@ -94,6 +115,16 @@ type Sender = mpsc::Sender<Result<SseEvent, Infallible>>;
 /// Sends one item; false once the client has gone.
 async fn send(sender: &Sender, kind: &str, data: serde_json::Value) -> bool {
     let item = SseEvent::default().event(kind).data(data.to_string());
+    sender.send(Ok(item)).await.is_ok()
+}
+
+/// Sends one event, with its sequence as the SSE id (what `Last-Event-ID` resumes from).
+async fn send_event(sender: &Sender, event: &SharedEvent) -> bool {
+    let pb = crate::service::convert::event_to_pb(event);
+    let item = SseEvent::default()
+        .event("event")
+        .id(event.sequence.to_string())
+        .data(crate::cli::cloudevent::to_json(&pb).to_string());
     sender.send(Ok(item)).await.is_ok()
 }
 
@@ -114,10 +145,16 @@ impl RateWindow {
     }
 }
 
-async fn follow(broker: Broker, pattern: Pattern, sender: Sender) {
+async fn follow(broker: Broker, pattern: Pattern, resume_after: Option<u64>, sender: Sender) {
     let mut head = broker.watch_head();
-    let mut cursor = *head.borrow_and_update();
-    let ready = serde_json::json!({ "pattern": pattern.as_str(), "head_sequence": cursor });
+    let now = *head.borrow_and_update();
+    let resume_after = resume_after.filter(|after| *after <= now);
+    let mut cursor = resume_after.unwrap_or(now);
+    let ready = serde_json::json!({
+        "pattern": pattern.as_str(),
+        "head_sequence": now,
+        "resumed_after": resume_after,
+    });
     if !send(&sender, "ready", ready).await {
         return;
     }
@@ -125,10 +162,14 @@ async fn follow(broker: Broker, pattern: Pattern, sender: Sender) {
         started: Instant::now(),
         sent: 0,
     };
+    let mut first = true;
     loop {
-        tokio::select! {
-            changed = head.changed() => if changed.is_err() { return },
-            () = sender.closed() => return,
+        // A resumed tail reads what it missed before it waits for news.
+        if !std::mem::take(&mut first) || cursor == now {
+            tokio::select! {
+                changed = head.changed() => if changed.is_err() { return },
+                () = sender.closed() => return,
+            }
         }
         let target = *head.borrow_and_update();
         if target.saturating_sub(cursor) > MAX_BEHIND {
@@ -170,8 +211,7 @@ async fn follow(broker: Broker, pattern: Pattern, sender: Sender) {
                     over_rate += 1;
                     continue;
                 }
-                let pb = crate::service::convert::event_to_pb(event);
-                if !send(&sender, "event", crate::cli::cloudevent::to_json(&pb)).await {
+                if !send_event(&sender, event).await {
                     return;
                 }
             }

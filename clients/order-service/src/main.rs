@@ -201,7 +201,7 @@ async fn order_create(state: State, query: pb::Event) -> Reply {
         Ok(items) => items,
         Err(message) => return bus::error(topic, ErrorCode::Invalid, message),
     };
-    let correlation_id = query.correlation_id.as_str();
+    let conversation = bus::Conversation::of(&query);
     let user_query = ByUser {
         user_id: request.user_id,
     };
@@ -213,14 +213,14 @@ async fn order_create(state: State, query: pb::Event) -> Reply {
             &state.client,
             topics::USER_QUERY,
             &user_query,
-            correlation_id,
+            &conversation,
             state.query_timeout,
         ),
         bus::ask_read::<_, ProductsReply>(
             &state.client,
             topics::PRODUCT_QUERY,
             &product_query,
-            correlation_id,
+            &conversation,
             state.query_timeout,
         ),
     );

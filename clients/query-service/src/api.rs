@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use eventbus::sdk::Client;
-use scenario_common::bus::{ask, ask_read, AskError};
+use scenario_common::bus::{ask, ask_read, AskError, Conversation};
 use scenario_common::model::{
     services, topics, ByUser, CreateOrder, ErrorCode, OrderItem, OrderReply, OrdersReply,
     ProductQuery, ProductsReply, UserReply,
@@ -52,9 +52,9 @@ pub struct Timeouts {
     pub create: Duration,
 }
 
-/// The request's correlation id.
+/// The request's conversation: its correlation id and trace context.
 #[derive(Debug, Clone)]
-struct CorrelationId(String);
+struct CorrelationId(Conversation);
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -65,6 +65,24 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(state.clone(), context))
         .with_state(state)
+}
+
+/// The request's W3C trace context: a well-formed `traceparent`, and its `tracestate` (at most
+/// the bus's limit) only beside one.
+fn trace_headers(headers: &axum::http::HeaderMap) -> (Option<String>, Option<String>) {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(|value| value.trim().to_owned())
+    };
+    let traceparent =
+        header("traceparent").filter(|value| eventbus::tracecontext::is_valid_traceparent(value));
+    let tracestate = traceparent
+        .as_ref()
+        .and(header("tracestate"))
+        .filter(|state| state.len() <= eventbus::tracecontext::MAX_TRACESTATE_BYTES);
+    (traceparent, tracestate)
 }
 
 /// Sets up the request's correlation id and span, logs the outcome, and adds the headers every
@@ -84,9 +102,13 @@ async fn context(State(state): State<AppState>, mut request: Request, next: Next
         path = %request.uri().path(),
         mode = state.mode.as_str(),
     );
-    request
-        .extensions_mut()
-        .insert(CorrelationId(correlation_id.clone()));
+    // A caller that traces (W3C Trace Context headers) gets its trace carried into the queries.
+    let (traceparent, tracestate) = trace_headers(request.headers());
+    request.extensions_mut().insert(CorrelationId(Conversation {
+        correlation_id: correlation_id.clone(),
+        traceparent,
+        tracestate,
+    }));
     let sequence = state.projection.as_ref().map(Projection::last_sequence);
     let started = Instant::now();
     let mut response = next.run(request).instrument(span.clone()).await;
@@ -254,14 +276,14 @@ fn parse_user_id(raw: &str) -> Result<i64, ApiError> {
 /// `GET /users/{id}/products`.
 async fn user_products(
     State(state): State<AppState>,
-    Extension(CorrelationId(correlation_id)): Extension<CorrelationId>,
+    Extension(CorrelationId(conversation)): Extension<CorrelationId>,
     Path(raw): Path<String>,
 ) -> Response {
     let timings = Timings::default();
     let outcome = match parse_user_id(&raw) {
         Err(error) => Err(error),
         Ok(user_id) => match &state.projection {
-            None => request_reply(&state, &correlation_id, user_id, &timings).await,
+            None => request_reply(&state, &conversation, user_id, &timings).await,
             Some(projection) => {
                 timings
                     .time("db", "projection", from_projection(projection, user_id))
@@ -275,7 +297,7 @@ async fn user_products(
 /// Request-reply: the user and the orders in parallel, then all the products in one query.
 async fn request_reply(
     state: &AppState,
-    correlation_id: &str,
+    conversation: &Conversation,
     user_id: i64,
     timings: &Timings,
 ) -> Result<UserProducts, ApiError> {
@@ -291,7 +313,7 @@ async fn request_reply(
                     client,
                     topics::USER_QUERY,
                     &by_user,
-                    correlation_id,
+                    conversation,
                     state.timeouts.user,
                 ),
             )
@@ -307,7 +329,7 @@ async fn request_reply(
                     client,
                     topics::ORDER_QUERY,
                     &by_user,
-                    correlation_id,
+                    conversation,
                     state.timeouts.orders,
                 ),
             )
@@ -332,7 +354,7 @@ async fn request_reply(
                     client,
                     topics::PRODUCT_QUERY,
                     &query,
-                    correlation_id,
+                    conversation,
                     state.timeouts.products,
                 ),
             )
@@ -383,7 +405,7 @@ struct Created {
 /// `POST /users/{id}/orders`: `order.create` over the bus, in both modes.
 async fn create_order(
     State(state): State<AppState>,
-    Extension(CorrelationId(correlation_id)): Extension<CorrelationId>,
+    Extension(CorrelationId(conversation)): Extension<CorrelationId>,
     Path(raw): Path<String>,
     body: Bytes,
 ) -> Response {
@@ -412,7 +434,7 @@ async fn create_order(
                     &state.client,
                     topics::ORDER_CREATE,
                     &command,
-                    &correlation_id,
+                    &conversation,
                     state.timeouts.create,
                 ),
             )

@@ -66,20 +66,54 @@ pub enum AskError {
     Bus(SdkError),
 }
 
-/// Asks `request` as JSON on `topic` with `correlation_id` and waits up to `timeout` for a
+/// The request a query belongs to: its correlation id, and the W3C trace context the request
+/// came with (the HTTP `traceparent`/`tracestate` headers), so every query of one request is one
+/// conversation and, with a tracing client, one trace through the bus.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Conversation {
+    pub correlation_id: String,
+    /// A well-formed `traceparent` (see `eventbus::tracecontext::is_valid_traceparent`).
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl Conversation {
+    /// A conversation with `correlation_id` and no trace context.
+    pub fn new(correlation_id: impl Into<String>) -> Conversation {
+        Conversation {
+            correlation_id: correlation_id.into(),
+            ..Conversation::default()
+        }
+    }
+
+    /// The conversation `event` (a query being handled) belongs to: its correlation id and
+    /// trace context, for the queries its handler asks in turn.
+    pub fn of(event: &eventbus::pb::Event) -> Conversation {
+        Conversation {
+            correlation_id: event.correlation_id.clone(),
+            traceparent: eventbus::sdk::traceparent(event).map(str::to_owned),
+            tracestate: event.attributes.get("tracestate").cloned(),
+        }
+    }
+}
+
+/// Asks `request` as JSON on `topic` as part of `conversation` and waits up to `timeout` for a
 /// reply of type `R`.
 pub async fn ask<Q: Serialize, R: DeserializeOwned>(
     client: &Client,
     topic: &str,
     request: &Q,
-    correlation_id: &str,
+    conversation: &Conversation,
     timeout: Duration,
 ) -> Result<R, AskError> {
-    let event = client
+    let mut event = client
         .event(topic)
         .json(request)
         .map_err(AskError::Bus)?
-        .correlation_id(correlation_id);
+        .correlation_id(&conversation.correlation_id);
+    if let Some(traceparent) = &conversation.traceparent {
+        event = event.trace_context(traceparent.clone(), conversation.tracestate.clone());
+    }
     let reply = match event.query(timeout).await {
         Ok(reply) => reply,
         Err(error) if error.is_no_responders() => {
@@ -121,16 +155,16 @@ pub async fn ask_read<Q: Serialize, R: DeserializeOwned>(
     client: &Client,
     topic: &str,
     request: &Q,
-    correlation_id: &str,
+    conversation: &Conversation,
     timeout: Duration,
 ) -> Result<R, AskError> {
-    match ask(client, topic, request, correlation_id, timeout).await {
+    match ask(client, topic, request, conversation, timeout).await {
         Err(AskError::Bus(error))
             if error.code() == tonic::Code::Unavailable && error.reason().is_none() =>
         {
             tracing::debug!(topic, %error, "bus unreachable; asking once more");
             tokio::time::sleep(Duration::from_millis(50)).await;
-            ask(client, topic, request, correlation_id, timeout).await
+            ask(client, topic, request, conversation, timeout).await
         }
         outcome => outcome,
     }

@@ -121,6 +121,43 @@ async fn seeded_users_match_the_fixture_in_both_modes() {
     for proc in services.iter().chain([&rr.proc]) {
         proc.wait_for_log(id, 1).await;
     }
+
+    // A caller that traces: its W3C trace context rides on each of the request's queries.
+    let watcher = Client::builder(scenario.bus_url.clone())
+        .source("trace-watcher")
+        .connect()
+        .await
+        .unwrap();
+    let mut queries = watcher.subscribe("*.query").await.unwrap();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let traced = http(
+        rr.port,
+        "GET",
+        "/users/7/products",
+        None,
+        &[("traceparent", traceparent), ("tracestate", "vendor=1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(traced.status, 200);
+    let mut topics = Vec::new();
+    while topics.len() < 3 {
+        let event = tokio::time::timeout(STARTUP, queries.next_event())
+            .await
+            .expect("the request's queries")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            eventbus::sdk::traceparent(&event),
+            Some(traceparent),
+            "{}",
+            event.topic
+        );
+        assert_eq!(event.attributes["tracestate"], "vendor=1");
+        topics.push(event.topic);
+    }
+    topics.sort();
+    assert_eq!(topics, ["order.query", "product.query", "user.query"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
