@@ -136,7 +136,7 @@ function renderGraph(overview, counts) {
       const id = edgeId(e);
       const flows = e.kind === "publishes" || e.kind === "replies";
       const perSec = perSecond(`edge:${id}`, e.events, now);
-      const label = flows ? (perSec == null ? `${fmt(e.events)} events` : `${rate(perSec)}/s`) : e.group ? `group ${e.group}` : "";
+      const label = flows ? (perSec == null ? plural(e.events, "event") : `${rate(perSec)}/s`) : e.group ? `group ${e.group}` : "";
       counts.set(`edge:${id}`, e.events);
       return { group: "edges", data: { id, source: e.from, target: e.to, kind: e.kind, label } };
     }),
