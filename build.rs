@@ -14,8 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("eventbus_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
+    // The server stubs only: the message types and client stubs come from `eventbus-client`
+    // (`clients/rust`), so the bus and its SDK share one type per message.
     tonic_prost_build::configure()
-        .bytes(".eventbus.v1.Event.data")
+        .build_client(false)
+        .extern_path(".eventbus.v1", "::eventbus_client::pb")
         .codec_path("crate::pb::codec::BusCodec")
         .compile_fds(descriptors)?;
     Ok(())

@@ -20,7 +20,7 @@
 //!   [`telemetry`]: OpenTelemetry spans of traced events, exported over OTLP.
 //! - [`auth`]: principals, permissions and the audit log; [`limits`]: per-connection and
 //!   per-principal limits.
-//! - [`sdk`]: the Rust client SDK.
+//! - [`sdk`]: the Rust client SDK, the `eventbus-client` crate (`clients/rust`).
 //! - [`cli`]: the `eventbus` command line.
 
 pub mod accept;
@@ -38,7 +38,8 @@ pub mod metrics;
 pub mod panics;
 pub mod pb;
 pub mod receive;
-pub mod sdk;
+/// The Rust client SDK: the `eventbus-client` crate (`clients/rust`), re-exported.
+pub use eventbus_client as sdk;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -1,6 +1,10 @@
-//! The generated `eventbus.v1` wire types and gRPC stubs, in one place. Nothing outside the
-//! service adapter ([`crate::service`]) and the SDK ([`crate::sdk`]) should need them.
+//! The `eventbus.v1` wire types and gRPC stubs, in one place: the message types and client stubs
+//! of the `eventbus-client` crate (one type on both sides), and the server stubs generated here
+//! over them (`build.rs`, `extern_path`). Nothing outside the service adapter
+//! ([`crate::service`]) and the SDK ([`crate::sdk`]) should need them.
 #![allow(missing_docs, clippy::all)]
+
+pub use eventbus_client::pb::*;
 
 tonic::include_proto!("eventbus.v1");
 
@@ -8,8 +12,8 @@ tonic::include_proto!("eventbus.v1");
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/eventbus_descriptor.bin"));
 
-/// The protobuf codec of every `eventbus.v1` stub (set in `build.rs` with `codec_path`): tonic's
-/// prost codec with a smaller starting buffer per stream. Each open stream (every subscription)
+/// The protobuf codec of the server stubs (set in `build.rs` with `codec_path`): tonic's
+/// prost codec with a smaller starting buffer per stream (the client crate's settings). Each open stream (every subscription)
 /// keeps one encode and one decode buffer; tonic's 8 KiB default made idle subscriptions cost
 /// about 10 KB each. Buffers still grow to fit any message.
 ///
@@ -25,10 +29,7 @@ pub mod codec {
 
     use crate::error::BusError;
 
-    /// Starting size of a stream's encode and decode buffers.
-    pub const STREAM_BUFFER_BYTES: usize = 256;
-    /// tonic's default: how much is encoded before the stream yields to the transport.
-    const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
+    pub use eventbus_client::pb::codec::{settings, STREAM_BUFFER_BYTES};
 
     /// See the module docs.
     #[derive(Debug, Clone)]
@@ -42,11 +43,6 @@ pub mod codec {
                 _types: PhantomData,
             }
         }
-    }
-
-    /// The buffer settings of every stream's encoder and decoder.
-    pub fn settings() -> BufferSettings {
-        BufferSettings::new(STREAM_BUFFER_BYTES, YIELD_THRESHOLD_BYTES)
     }
 
     impl<T, U> Codec for BusCodec<T, U>
@@ -69,7 +65,7 @@ pub mod codec {
     }
 
     /// Decodes `U` with prost. A decode failure of a request (a message type whose name ends in
-    /// `Request`: this decoder serves the server's requests and the SDK's responses alike) is a
+    /// `Request`: what the server's stubs decode) is a
     /// [`BusError::MalformedRequest`]; of a response, INTERNAL as in tonic's prost codec, since
     /// then the bus is at fault, not the caller.
     #[derive(Debug)]

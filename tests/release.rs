@@ -66,3 +66,57 @@ fn version_names_the_release_and_the_commit() {
         "{commit}"
     );
 }
+
+/// The packages `name` depends on, directly or not, as Cargo.lock records them (every kind of
+/// dependency, with the features the whole workspace turns on: an upper bound of what a
+/// client-only build compiles).
+fn locked_dependencies(name: &str) -> std::collections::BTreeSet<String> {
+    let lock: toml::Table = toml::from_str(&read("Cargo.lock")).unwrap();
+    let packages = lock["package"].as_array().unwrap();
+    let deps_of = |package: &str| -> Vec<String> {
+        packages
+            .iter()
+            .filter(|p| p["name"].as_str() == Some(package))
+            .flat_map(|p| {
+                p.get("dependencies")
+                    .and_then(|d| d.as_array())
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            // "name" or "name version" when several versions are locked.
+            .filter_map(|d| d.as_str().map(|d| d.split(' ').next().unwrap().to_owned()))
+            .collect()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = deps_of(name);
+    while let Some(next) = todo.pop() {
+        if seen.insert(next.clone()) {
+            todo.extend(deps_of(&next));
+        }
+    }
+    seen
+}
+
+#[test]
+fn the_rust_client_crate_depends_on_nothing_of_the_server() {
+    let deps = locked_dependencies("eventbus-client");
+    assert!(deps.contains("tonic") && deps.contains("prost"), "{deps:?}");
+    for server_only in [
+        "eventbus",
+        "clap",
+        "toml",
+        "tracing-subscriber",
+        "tonic-reflection",
+        "rust-embed",
+        "opentelemetry",
+        "argon2",
+        "crc32c",
+        "async-nats",
+        "prometheus-client",
+    ] {
+        assert!(
+            !deps.contains(server_only),
+            "eventbus-client pulls in {server_only}, a server dependency"
+        );
+    }
+}

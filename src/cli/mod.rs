@@ -180,10 +180,7 @@ impl Command {
 /// `$EVENTBUS_URL` if set (the name the Python and TypeScript clients and the scenario's
 /// services share), else `http://127.0.0.1:50051`.
 pub fn default_server() -> String {
-    std::env::var("EVENTBUS_URL")
-        .ok()
-        .filter(|url| !url.trim().is_empty())
-        .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned())
+    crate::sdk::default_url()
 }
 
 /// The source (service) name client commands use unless told otherwise.

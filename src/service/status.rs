@@ -11,7 +11,7 @@ use crate::error::BusError;
 use crate::store::StoreError;
 
 /// The metadata key of the stable error reason.
-pub const ERROR_REASON_KEY: &str = "eventbus-error";
+pub use crate::sdk::ERROR_REASON_KEY;
 
 /// The gRPC code and stable reason for an error.
 pub fn classify(error: &BusError) -> (Code, &'static str) {

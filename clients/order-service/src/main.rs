@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use eventbus::pb;
-use eventbus::sdk::{Client, Reply};
+use eventbus_client::pb;
+use eventbus_client::{Client, Reply};
 use scenario_common::bus::{self, serve_until, AskError};
 use scenario_common::db::{seed_once, Db};
 use scenario_common::fixtures;

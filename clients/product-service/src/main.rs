@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use eventbus::pb;
-use eventbus::sdk::Reply;
+use eventbus_client::pb;
+use eventbus_client::Reply;
 use scenario_common::bus::{self, serve_until};
 use scenario_common::db::{seed_once, Db};
 use scenario_common::fixtures;

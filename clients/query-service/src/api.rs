@@ -15,7 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use eventbus::sdk::Client;
+use eventbus_client::Client;
 use scenario_common::bus::{ask, ask_read, AskError, Conversation};
 use scenario_common::model::{
     services, topics, ByUser, CreateOrder, ErrorCode, OrderItem, OrderReply, OrdersReply,
@@ -76,12 +76,12 @@ fn trace_headers(headers: &axum::http::HeaderMap) -> (Option<String>, Option<Str
             .and_then(|value| value.to_str().ok())
             .map(|value| value.trim().to_owned())
     };
-    let traceparent =
-        header("traceparent").filter(|value| eventbus::tracecontext::is_valid_traceparent(value));
+    let traceparent = header("traceparent")
+        .filter(|value| eventbus_client::tracecontext::is_valid_traceparent(value));
     let tracestate = traceparent
         .as_ref()
         .and(header("tracestate"))
-        .filter(|state| state.len() <= eventbus::tracecontext::MAX_TRACESTATE_BYTES);
+        .filter(|state| state.len() <= eventbus_client::tracecontext::MAX_TRACESTATE_BYTES);
     (traceparent, tracestate)
 }
 

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus::pb;
-use eventbus::sdk::{Backoff, Client, Start, SubscribeOptions, SubscriptionItem};
+use eventbus_client::pb;
+use eventbus_client::{Backoff, Client, Start, SubscribeOptions, SubscriptionItem};
 use futures_util::{FutureExt as _, StreamExt as _};
 use rusqlite::{params, Connection, OptionalExtension as _};
 use scenario_common::db::Db;

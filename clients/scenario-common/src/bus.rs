@@ -13,8 +13,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus::pb;
-use eventbus::sdk::{Backoff, Client, Error as SdkError, Reply, ERROR_ATTRIBUTE};
+use eventbus_client::pb;
+use eventbus_client::{Backoff, Client, Error as SdkError, Reply, ERROR_ATTRIBUTE};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -72,7 +72,7 @@ pub enum AskError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Conversation {
     pub correlation_id: String,
-    /// A well-formed `traceparent` (see `eventbus::tracecontext::is_valid_traceparent`).
+    /// A well-formed `traceparent` (see `eventbus_client::tracecontext::is_valid_traceparent`).
     pub traceparent: Option<String>,
     pub tracestate: Option<String>,
 }
@@ -88,10 +88,10 @@ impl Conversation {
 
     /// The conversation `event` (a query being handled) belongs to: its correlation id and
     /// trace context, for the queries its handler asks in turn.
-    pub fn of(event: &eventbus::pb::Event) -> Conversation {
+    pub fn of(event: &eventbus_client::pb::Event) -> Conversation {
         Conversation {
             correlation_id: event.correlation_id.clone(),
-            traceparent: eventbus::sdk::traceparent(event).map(str::to_owned),
+            traceparent: eventbus_client::traceparent(event).map(str::to_owned),
             tracestate: event.attributes.get("tracestate").cloned(),
         }
     }

@@ -15,8 +15,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use eventbus::pb;
-use eventbus::sdk::{Backoff, Client, JSON_CONTENT_TYPE};
+use eventbus_client::pb;
+use eventbus_client::{Backoff, Client, JSON_CONTENT_TYPE};
 use rusqlite::{params, Connection};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

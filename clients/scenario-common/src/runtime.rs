@@ -11,7 +11,7 @@ pub struct BusArgs {
     #[arg(
         long,
         env = "EVENTBUS_SERVER",
-        default_value_t = eventbus::cli::default_server()
+        default_value_t = eventbus_client::default_url()
     )]
     pub bus: String,
     /// A log level or a RUST_LOG-style filter; RUST_LOG wins when set.

@@ -1,5 +1,7 @@
-//! The Rust SDK: a client of the bus over gRPC, used by the CLI and by the services in
-//! `clients/`.
+//! `eventbus-client`: the Rust client of the eventbus gRPC event bus, used by the `eventbus` CLI
+//! and by the scenario's services in `clients/`. It depends on nothing of the server (no
+//! storage, no CLI parsing, no HTTP server): the wire types ([`pb`]), tonic's channel and this
+//! SDK. The bus's crate re-exports it as `eventbus::sdk`.
 //!
 //! Services never call each other; they publish events and subscribe to topics. The SDK makes
 //! the parts of that which are easy to get wrong the default:
@@ -20,9 +22,9 @@
 //! - **Errors** are one enum, [`Error`], which keeps the bus's status code and message.
 //!
 //! ```no_run
-//! # async fn demo() -> eventbus::sdk::Result<()> {
+//! # async fn demo() -> eventbus_client::Result<()> {
 //! use std::time::Duration;
-//! use eventbus::sdk::{Client, Reply};
+//! use eventbus_client::{Client, Reply};
 //!
 //! let client = Client::builder("http://127.0.0.1:50051").source("user-service").connect().await?;
 //! client.publish("user.created", "alice").await?;
@@ -50,6 +52,16 @@
 //! - `backoff`: reconnect delays.
 //! - `responder`: [`Client::query`], [`Client::serve`] and the error-reply convention.
 //! - `error`: [`Error`].
+//! - [`pb`]: the generated `eventbus.v1` types and client stubs.
+//! - [`tracecontext`]: W3C trace-context attribute names and checks.
+
+pub mod pb;
+pub mod tracecontext;
+
+/// The README's example, compiled as a doctest so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 mod backoff;
 mod client;
@@ -61,10 +73,20 @@ mod subscription;
 
 pub use backoff::Backoff;
 pub use client::{BusClient, Client, ClientBuilder, Credentials, IntoUrls, DEFAULT_SOURCE};
-pub use error::{code_name, Error, Result};
+pub use error::{code_name, Error, Result, ERROR_REASON_KEY};
 pub use event::{traceparent, EventBuilder, JSON_CONTENT_TYPE};
 pub use publisher::{PendingPublish, Publisher, PublisherOptions};
 pub use responder::{Reply, Responder, ServeOptions, ERROR_ATTRIBUTE, ERROR_EVENT_TYPE};
 pub use subscription::{
     Delivery, ManualAck, Start, SubscribeOptions, Subscription, SubscriptionItem,
 };
+
+/// The bus a client talks to when told nothing: `$EVENTBUS_URL` if set (the name the Python and
+/// TypeScript clients and the scenario's services share; one URL or several, comma-separated),
+/// else `http://127.0.0.1:50051`.
+pub fn default_url() -> String {
+    std::env::var("EVENTBUS_URL")
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+        .unwrap_or_else(|| "http://127.0.0.1:50051".to_owned())
+}

@@ -137,7 +137,7 @@ impl EventBuilder {
     }
 
     /// As [`EventBuilder::query`], and asks again, on the next node of a cluster, when the
-    /// node asked goes away mid-query ([`crate::sdk::Error::is_retryable`]), until `timeout`
+    /// node asked goes away mid-query ([`crate::Error::is_retryable`]), until `timeout`
     /// (for all attempts together) passes. A query has no effect but its question, so asking
     /// again is safe; each attempt gets a new id from the bus unless the event names one (then
     /// a second attempt the bus saw is refused as a duplicate, which ends the retries). The
