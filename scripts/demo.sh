@@ -180,7 +180,7 @@ $($CLUSTER && printf '\n  a clustered bus: kill the first node; the services mov
 
   stop the user service, then ask both again (503 at once vs 200):
                   kill \$(cat $DEMO_DIR/user-service.pid)
-  start it again: $BIN/user-service --db $DEMO_DIR/user-service.db &
+  start it again: EVENTBUS_SERVER=$NODES_B $BIN/user-service --db $DEMO_DIR/user-service.db &
 
   create an order, then watch it in the projection:
                   curl -si -X POST http://127.0.0.1:$RR_PORT/users/7/orders \\
