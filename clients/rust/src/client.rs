@@ -496,8 +496,8 @@ impl Client {
         self
     }
 
-    /// Reports a failed call: when it says the node is gone or going ([`moves_on`]) and the
-    /// client has other nodes, it moves to the next (at most once per 250 ms, so the failures
+    /// Reports a failed call: when it says the node is gone or going (UNAVAILABLE, or a call
+    /// cut by a closed connection) and the client has other nodes, it moves to the next (at most once per 250 ms, so the failures
     /// of every call in flight move it once). The SDK's retry loops call it; so may callers
     /// that retry their own calls.
     pub fn fail_over(&self, why: &tonic::Status) {

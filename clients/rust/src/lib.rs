@@ -1,7 +1,6 @@
-//! `eventbus-client`: the Rust client of the eventbus gRPC event bus, used by the `eventbus` CLI
-//! and by the scenario's services in `clients/`. It depends on nothing of the server (no
-//! storage, no CLI parsing, no HTTP server): the wire types ([`pb`]), tonic's channel and this
-//! SDK. The bus's crate re-exports it as `eventbus::sdk`.
+//! `eventbus-client`: the Rust client of the eventbus gRPC event bus. It depends on nothing of
+//! the server (no storage, no CLI parsing, no HTTP server): the wire types ([`pb`]), tonic's
+//! channel and this SDK.
 //!
 //! Services never call each other; they publish events and subscribe to topics. The SDK makes
 //! the parts of that which are easy to get wrong the default:
@@ -24,36 +23,94 @@
 //! ```no_run
 //! # async fn demo() -> eventbus_client::Result<()> {
 //! use std::time::Duration;
-//! use eventbus_client::{Client, Reply};
+//! use eventbus_client::{Client, Reply, ServeOptions};
 //!
 //! let client = Client::builder("http://127.0.0.1:50051").source("user-service").connect().await?;
 //! client.publish("user.created", "alice").await?;
 //!
-//! // Answer queries until Ctrl-C (replicas in the same group share them).
-//! let server = client.clone();
-//! tokio::spawn(async move {
-//!     let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
-//!     server
-//!         .serve("user.query", "user-service", |query| async move {
-//!             Ok::<_, std::convert::Infallible>(Reply::new(query.data))
-//!         }, shutdown)
-//!         .await
-//! });
+//! // Answer queries in the background (replicas in the same group share them). `responder`
+//! // returns once the bus has confirmed the subscription, so a query asked after it finds it.
+//! let responder = client
+//!     .responder("user.query", ServeOptions::default().group("user-service"))
+//!     .await?;
+//! tokio::spawn(responder.run(
+//!     |query| async move { Ok::<_, std::convert::Infallible>(Reply::new(query.data)) },
+//!     std::future::pending::<()>(),
+//! ));
 //!
 //! let reply = client.query("user.query", "alice", Duration::from_secs(5)).await?;
 //! # Ok(()) }
 //! ```
 //!
-//! # Layout
-//! - `client`: [`Client`], connection settings, unary publish, admin calls.
-//! - `event`: [`EventBuilder`].
-//! - `publisher`: the batching [`Publisher`].
-//! - `subscription`: [`Subscription`], start positions, resume logic.
-//! - `backoff`: reconnect delays.
-//! - `responder`: [`Client::query`], [`Client::serve`] and the error-reply convention.
-//! - `error`: [`Error`].
-//! - [`pb`]: the generated `eventbus.v1` types and client stubs.
-//! - [`tracecontext`]: W3C trace-context attribute names and checks.
+//! Subscribing, with resume after a broken stream:
+//!
+//! ```no_run
+//! # async fn demo(client: eventbus_client::Client) -> eventbus_client::Result<()> {
+//! use futures_util::StreamExt as _;
+//! use eventbus_client::SubscriptionItem;
+//!
+//! let mut events = client.subscribe("user.>").await?;
+//! while let Some(item) = events.next().await {
+//!     match item? {
+//!         SubscriptionItem::Event(event) => println!("{} at {}", event.topic, event.sequence),
+//!         SubscriptionItem::Gap { from, to } => eprintln!("missed {from}..={to}"),
+//!         _ => {} // caught up, resumed, interrupted: informational
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Throughput with the batching publisher (ids fixed before the first send, so a resend after a
+//! broken stream is stored once):
+//!
+//! ```no_run
+//! # async fn demo(client: eventbus_client::Client) -> eventbus_client::Result<()> {
+//! use eventbus_client::pb;
+//!
+//! let publisher = client.publisher();
+//! let mut acks = Vec::new();
+//! for n in 0..1000 {
+//!     let event = pb::Event { topic: "metrics.tick".into(), data: n.to_string().into(), ..Default::default() };
+//!     acks.push(publisher.submit(event).await?); // many in flight from one task
+//! }
+//! for ack in acks {
+//!     let _sequence = ack.await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! At least once, in a MANUAL-ack group: unacked events come again after the deadline and go to
+//! the dead-letter topic after `max_deliveries`:
+//!
+//! ```no_run
+//! # async fn demo(client: eventbus_client::Client) -> eventbus_client::Result<()> {
+//! use futures_util::StreamExt as _;
+//! use eventbus_client::{ManualAck, SubscribeOptions, SubscriptionItem};
+//!
+//! let options = SubscribeOptions::new().group("billing").manual_ack(ManualAck::default());
+//! let mut deliveries = client.subscribe_with("order.created", options).await?;
+//! while let Some(item) = deliveries.next().await {
+//!     if let SubscriptionItem::Delivery(delivery) = item? {
+//!         // ... handle delivery.event (delivery.attempt counts from 1) ...
+//!         delivery.ack().await?; // or delivery.nack(delay)
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Where things are
+//! - [`Client`] and [`ClientBuilder`]: connection settings (several nodes, TLS, token), unary
+//!   publish, admin calls.
+//! - [`EventBuilder`] ([`Client::event`]): one event with attributes, correlation and trace
+//!   context.
+//! - [`Publisher`]: the batching publisher; [`PendingPublish`] per event.
+//! - [`Subscription`], [`SubscribeOptions`], [`Start`], [`SubscriptionItem`], [`Delivery`],
+//!   [`ManualAck`]: subscriptions and at-least-once groups.
+//! - [`Client::query`], [`Client::responder`], [`Client::serve`], [`Reply`]: request/response
+//!   over events, and the error-reply convention.
+//! - [`Backoff`]: reconnect delays; [`Error`]: every failure, with the bus's status and reason.
+//! - [`pb`]: the generated `eventbus.v1` types and client stubs; [`tracecontext`]: W3C trace
+//!   context names and checks.
 
 pub mod pb;
 pub mod tracecontext;
