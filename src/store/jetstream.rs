@@ -63,6 +63,10 @@ use crate::topic::{Pattern, Topic};
 
 /// How long one request to NATS (a read, a stream lookup, a cursor save) may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a starting node keeps asking a JetStream that times out to set up its streams
+/// before it gives up (a NATS cluster electing its meta leader answers nothing for seconds).
+pub const SETUP_PATIENCE: Duration = Duration::from_secs(30);
 /// How long an append keeps resending messages JetStream has not acknowledged.
 pub const APPEND_DEADLINE: Duration = Duration::from_secs(30);
 /// Events read from the tail and not yet routed, at most: the tail consumer waits (JetStream
@@ -709,18 +713,38 @@ async fn connect(
             config.stream
         ))
     };
-    let info = match context.get_stream(&config.stream).await {
-        Ok(existing) => update_stream(&context, existing, &stream_config, &no_stream).await?,
-        Err(_) => match context.create_stream(stream_config.clone()).await {
-            Ok(mut created) => created.info().await.map_err(|e| no_stream(&e))?.clone(),
-            // Another node may have created it meanwhile (nodes started together).
-            Err(create_error) => match context.get_stream(&config.stream).await {
-                Ok(existing) => {
-                    update_stream(&context, existing, &stream_config, &no_stream).await?
-                }
-                Err(_) => return Err(no_stream(&create_error)),
-            },
-        },
+    // JetStream may answer slowly or not at all for a while (a cluster electing its meta
+    // leader, a loaded server syncing): requests that time out are asked again, with backoff,
+    // for up to SETUP_PATIENCE; any other refusal ends the start at once.
+    let patience = tokio::time::Instant::now() + SETUP_PATIENCE;
+    let mut pause = Duration::from_millis(50);
+    let info = loop {
+        let attempt = async {
+            match context.get_stream(&config.stream).await {
+                Ok(existing) => update_stream(&context, existing, &stream_config, &no_stream).await,
+                Err(_) => match context.create_stream(stream_config.clone()).await {
+                    Ok(mut created) => Ok(created.info().await.map_err(|e| no_stream(&e))?.clone()),
+                    // Another node may have created it meanwhile (nodes started together).
+                    Err(create_error) => match context.get_stream(&config.stream).await {
+                        Ok(existing) => {
+                            update_stream(&context, existing, &stream_config, &no_stream).await
+                        }
+                        Err(_) => Err(no_stream(&create_error)),
+                    },
+                },
+            }
+        };
+        match attempt.await {
+            Ok(info) => break info,
+            Err(StoreError::Failed(why))
+                if why.contains("timed out") && tokio::time::Instant::now() < patience =>
+            {
+                tracing::warn!(%why, "JetStream is slow to answer; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(error) => return Err(error),
+        }
     };
     let cursors = stream::Config {
         name: format!("{}-groups", config.stream),
@@ -734,13 +758,18 @@ async fn connect(
         ..Default::default()
     };
     // Nodes started together race to create it: the loser's create fails (its subjects overlap
-    // the winner's stream), and asking again finds the stream and updates it.
+    // the winner's stream), and asking again finds the stream and updates it. Slow answers are
+    // asked again too, within the same patience as the log's stream.
     let mut attempts = 0;
+    let mut pause = Duration::from_millis(50);
     loop {
         attempts += 1;
         match context.create_or_update_stream(cursors.clone()).await {
             Ok(_) => break,
-            Err(_) if attempts < 3 => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) if attempts < 3 || tokio::time::Instant::now() < patience => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
             Err(e) => {
                 return Err(StoreError::Failed(format!(
                     "cannot set up JetStream stream {} at {urls}: {e}",
