@@ -111,12 +111,19 @@ impl axum::serve::Listener for IncomingListener {
     }
 }
 
+/// Runs `work` on tokio's blocking pool and returns its result: for handlers that read the
+/// store or build a large answer, so the async workers stay free. A panic in `work` is resumed
+/// here, where the handler's panic layer answers for it as for any handler.
+pub(crate) async fn off_workers<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()))
+}
+
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     // Reading the store's usage may take its lock briefly; off the async workers.
     let broker = state.broker.clone();
-    let text = tokio::task::spawn_blocking(move || broker.render_metrics())
-        .await
-        .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+    let text = off_workers(move || broker.render_metrics()).await;
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], text)
 }
 

@@ -263,7 +263,7 @@ pub async fn overview(State(state): State<DashboardState>) -> Result<Json<Overvi
     let event_data = state.shows_event_data();
     // The graph and the listing copy tables under the routing lock and build outside it:
     // off the async workers, as GetTopology does.
-    let overview = tokio::task::spawn_blocking(move || {
+    let overview = crate::admin::off_workers(move || {
         let page = broker.list_topics(None, None, OVERVIEW_TOPICS, &peers);
         let snapshot = broker.topology(OVERVIEW_EDGES, OVERVIEW_GRAPH_BYTES, &peers);
         let server = broker.server_snapshot();
@@ -295,7 +295,6 @@ pub async fn overview(State(state): State<DashboardState>) -> Result<Json<Overvi
             slow_consumers_ended: metrics.slow_consumers_ended(),
         }
     })
-    .await
-    .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+    .await;
     Ok(Json(overview))
 }

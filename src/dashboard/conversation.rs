@@ -213,7 +213,7 @@ pub async fn one(
         return Err(ApiError::event_data_closed());
     }
     let broker = state.broker.clone();
-    tokio::task::spawn_blocking(move || {
+    crate::admin::off_workers(move || {
         let (after, head) = window(&broker, SCAN_EVENTS);
         let mut events = Vec::new();
         let mut truncated = false;
@@ -243,7 +243,6 @@ pub async fn one(
         }))
     })
     .await
-    .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()))
 }
 
 /// The query of `GET /api/v1/conversations`.
@@ -270,7 +269,7 @@ pub async fn recent(
         return Err(ApiError::event_data_closed());
     }
     let broker = state.broker.clone();
-    tokio::task::spawn_blocking(move || {
+    crate::admin::off_workers(move || {
         let (after, _) = window(&broker, RECENT_SCAN_EVENTS);
         let mut events = Vec::new();
         scan(&broker, after, |stored| {
@@ -282,7 +281,6 @@ pub async fn recent(
         Ok(Json(summaries(&events, limit)))
     })
     .await
-    .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()))
 }
 
 /// Groups `events` (in sequence order, each with a correlation id) into conversations, the

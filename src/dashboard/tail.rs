@@ -162,10 +162,10 @@ async fn follow(broker: Broker, pattern: Pattern, resume_after: Option<u64>, sen
         started: Instant::now(),
         sent: 0,
     };
-    let mut first = true;
     loop {
-        // A resumed tail reads what it missed before it waits for news.
-        if !std::mem::take(&mut first) || cursor == now {
+        // Waits for news only once it has read up to the head (a resumed tail reads what it
+        // missed first).
+        if cursor >= *head.borrow_and_update() {
             tokio::select! {
                 changed = head.changed() => if changed.is_err() { return },
                 () = sender.closed() => return,
@@ -183,18 +183,17 @@ async fn follow(broker: Broker, pattern: Pattern, resume_after: Option<u64>, sen
         while cursor < target {
             let reader = broker.clone();
             let after = cursor;
-            let read = tokio::task::spawn_blocking(move || {
+            let read = crate::admin::off_workers(move || {
                 reader.read_visible(after, READ_CHUNK, READ_CHUNK_BYTES)
             })
             .await;
             let events: Vec<SharedEvent> = match read {
-                Ok(Ok(events)) => events,
-                Ok(Err(error)) => {
+                Ok(events) => events,
+                Err(error) => {
                     let error = serde_json::json!({ "error": format!("reading the log: {error}") });
                     send(&sender, "error", error).await;
                     return;
                 }
-                Err(join) => std::panic::resume_unwind(join.into_panic()),
             };
             let Some(last) = events.last().map(|event| event.sequence) else {
                 // Retention dropped what was left before the head: nothing more to read.

@@ -92,7 +92,10 @@ impl Conversation {
         Conversation {
             correlation_id: event.correlation_id.clone(),
             traceparent: eventbus_client::traceparent(event).map(str::to_owned),
-            tracestate: event.attributes.get("tracestate").cloned(),
+            tracestate: event
+                .attributes
+                .get(eventbus_client::tracecontext::TRACESTATE)
+                .cloned(),
         }
     }
 }
