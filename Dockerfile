@@ -32,6 +32,10 @@ COPY --from=build /src/target/release/eventbus /src/target/release/user-service 
      /src/target/release/order-service /src/target/release/product-service \
      /src/target/release/query-service /usr/local/bin/
 COPY --from=probe /go/bin/grpc-health-probe /usr/local/bin/grpc_health_probe
+# 0.0.0.0 so the container's published port reaches it. Without [[principals]] (a --config
+# file, SECURITY.md) that is an open bus, and the bus says so at start with a WARN line: publish
+# the port on the host's loopback only (`-p 127.0.0.1:50051:50051`) until principals and TLS
+# are configured.
 ENV EVENTBUS_LISTEN=0.0.0.0:50051 \
     EVENTBUS_DATA_DIR=/data
 VOLUME /data

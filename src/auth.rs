@@ -84,8 +84,23 @@ use crate::topic::{Pattern, PatternToken, Topic, INBOX_PREFIX, RESERVED_PREFIX};
 /// argon2 verifications running at once, at most: each takes tens of milliseconds of a core.
 pub const VERIFYING_AT_ONCE: usize = 2;
 
-/// Tokens whose verification is remembered, at most; past it the memory starts over.
+/// Wrong tokens remembered as wrong, at most; past it that memory starts over. Tokens that
+/// matched a principal are remembered apart (at most one per token a principal has, in
+/// practice), so a flood of wrong tokens never pushes a known-good one out.
 pub const MAX_REMEMBERED_TOKENS: usize = 4096;
+
+/// Verifications of tokens not seen before that one remote address may start per second
+/// (with a burst of [`NEW_TOKENS_PER_ADDRESS_BURST`]): a client pays one per token and
+/// process, so only a guesser or a flood runs into it. Past it: UNAUTHENTICATED at once, without an argon2 check, so one address
+/// cannot keep the [`VERIFYING_AT_ONCE`] verifiers busy for everyone else.
+pub const NEW_TOKENS_PER_ADDRESS_PER_SECOND: u32 = 10;
+
+/// The burst of [`NEW_TOKENS_PER_ADDRESS_PER_SECOND`]: services behind one address (a NAT, a
+/// node) starting together.
+pub const NEW_TOKENS_PER_ADDRESS_BURST: u32 = 50;
+
+/// Remote addresses the new-token limiter tracks before it forgets the idle ones.
+const NEW_TOKEN_ADDRESSES: usize = 10_000;
 
 /// Audit lines written per second, at most (with a burst of as many); the lines left out are
 /// counted in the next one's `suppressed`.
@@ -179,8 +194,6 @@ pub struct Principal {
     /// Empty: any source.
     sources: Vec<String>,
     limits: Limits,
-    /// The policy it belongs to ([`Policy::generation`]).
-    generation: u64,
 }
 
 impl Principal {
@@ -208,6 +221,15 @@ struct Policy {
 }
 
 impl Policy {
+    /// The principal a client certificate is: by its subject first, else by the first
+    /// alternative name a principal names.
+    fn by_certificate(&self, subject: &str, sans: &[String]) -> Option<Arc<Principal>> {
+        self.by_subject
+            .get(subject)
+            .or_else(|| sans.iter().find_map(|san| self.by_san.get(san)))
+            .cloned()
+    }
+
     fn compile(config: &AuthConfig, generation: u64) -> Result<Policy, ConfigError> {
         let mut policy = Policy {
             generation,
@@ -293,7 +315,6 @@ impl Policy {
                     .limits
                     .principal
                     .overridden_by(&entry.limits.unwrap_or_default()),
-                generation,
             });
             if let Some(san) = &principal.cert_san {
                 if policy
@@ -336,13 +357,37 @@ fn normalize_subject(subject: &str) -> String {
 }
 
 /// Who is calling: put in every `eventbus.v1` request's extensions by [`AuthLayer`].
+///
+/// A caller held by a long-lived stream (a PublishStream, a subscription's delivery filter) is
+/// checked again against each new policy with [`Auth::recheck`], by the credential it came
+/// with: a reload that removes its principal or rotates its token ends its rights there too.
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// `None` on an open bus (no `[[principals]]`).
     principal: Option<Arc<Principal>>,
+    /// What it authenticated with; `None` on an open bus.
+    credential: Option<Credential>,
+    /// The policy it was authenticated under ([`Policy::generation`]).
+    generation: u64,
     /// The connection's usage of its limits, when the call came over a connection.
     connection: Option<Arc<Usage>>,
     remote: Option<SocketAddr>,
+}
+
+/// A remote address started too many verifications of unknown tokens
+/// ([`NEW_TOKENS_PER_ADDRESS_PER_SECOND`]).
+#[derive(Debug)]
+struct TooManyNewTokens;
+
+/// The credential a [`Caller`] authenticated with, kept so that it can be looked up again in
+/// a reloaded policy (the token itself is not kept).
+#[derive(Debug, Clone)]
+enum Credential {
+    /// A bearer token: the `token_hash` it matched. The PHC string is salted, so it stands for
+    /// that one token; a principal given a new hash (a rotated token) no longer matches.
+    Token(Arc<str>),
+    /// A client certificate: its normalized subject and its alternative names.
+    Certificate { subject: String, sans: Vec<String> },
 }
 
 impl Caller {
@@ -403,8 +448,16 @@ pub struct Auth {
 #[derive(Debug)]
 struct AuthInner {
     policy: RwLock<Arc<Policy>>,
-    /// SHA-256 of a token → the principal it is (`None`: no one's), for the current policy.
-    tokens: Mutex<HashMap<[u8; 32], Option<Arc<str>>>>,
+    /// The generation of the policy in `policy`, read without the lock on every delivery
+    /// ([`Auth::recheck`]).
+    generation: AtomicU64,
+    /// SHA-256 of a token → the principal it is, for the current policy.
+    tokens: Mutex<HashMap<[u8; 32], Arc<str>>>,
+    /// SHA-256 of tokens that are no one's, for the current policy (bounded by
+    /// [`MAX_REMEMBERED_TOKENS`]).
+    wrong_tokens: Mutex<HashSet<[u8; 32]>>,
+    /// Verifications of new tokens per remote address ([`NEW_TOKENS_PER_ADDRESS_PER_SECOND`]).
+    new_tokens: governor::DefaultKeyedRateLimiter<std::net::IpAddr>,
     verifying: tokio::sync::Semaphore,
     /// Per principal name, for the current policy.
     usage: Mutex<HashMap<Arc<str>, Arc<Usage>>>,
@@ -421,7 +474,15 @@ impl Auth {
         Ok(Auth {
             inner: Arc::new(AuthInner {
                 policy: RwLock::new(Arc::new(Policy::compile(config, 1)?)),
+                generation: AtomicU64::new(1),
                 tokens: Mutex::new(HashMap::new()),
+                wrong_tokens: Mutex::new(HashSet::new()),
+                new_tokens: RateLimiter::keyed(
+                    Quota::per_second(
+                        NonZeroU32::new(NEW_TOKENS_PER_ADDRESS_PER_SECOND).expect("non-zero"),
+                    )
+                    .allow_burst(NonZeroU32::new(NEW_TOKENS_PER_ADDRESS_BURST).expect("non-zero")),
+                ),
                 verifying: tokio::sync::Semaphore::new(VERIFYING_AT_ONCE),
                 usage: Mutex::new(HashMap::new()),
                 audit: Audit::new(),
@@ -472,9 +533,16 @@ impl Auth {
                     .into(),
             });
         }
+        let generation = policy.generation;
         *slot = Arc::new(policy);
+        self.inner.generation.store(generation, Ordering::Release);
         self.inner
             .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.inner
+            .wrong_tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
@@ -500,13 +568,15 @@ impl Auth {
         let policy = self.policy();
         let remote = connection.and_then(|c| c.remote_addr);
         let usage = connection.map(|c| c.usage.get_or_init(|| policy.limits.connection).clone());
-        let caller = |principal| Caller {
+        let caller = |principal, credential| Caller {
             principal,
+            credential,
+            generation: policy.generation,
             connection: usage.clone(),
             remote,
         };
         if policy.principals.is_empty() {
-            return Ok(caller(None));
+            return Ok(caller(None, None));
         }
         let refuse = |detail: String| {
             self.inner.metrics.auth_denied("authenticate");
@@ -528,22 +598,32 @@ impl Auth {
                 .ok_or_else(|| {
                     refuse("the authorization header must be `Bearer <token>`".into())
                 })?;
-            return match self.principal_of_token(&policy, token).await {
-                Some(principal) => Ok(caller(Some(principal))),
-                None => Err(refuse("the bearer token is not any principal's".into())),
+            return match self.principal_of_token(&policy, token, remote).await {
+                Err(TooManyNewTokens) => Err(refuse(format!(
+                    "too many new tokens from this address (at most \
+                     {NEW_TOKENS_PER_ADDRESS_PER_SECOND} a second are checked); retry later"
+                ))),
+                Ok(Some(principal)) => {
+                    let credential = principal
+                        .token_hash
+                        .as_deref()
+                        .map(|hash| Credential::Token(hash.into()));
+                    Ok(caller(Some(principal), credential))
+                }
+                Ok(None) => Err(refuse("the bearer token is not any principal's".into())),
             };
         }
         if let Some(certificate) = connection.and_then(|c| c.peer_certificate.as_deref()) {
             let subject = normalize_subject(&certificate.subject);
-            // The subject first; else the first SAN a principal names.
-            let found = policy.by_subject.get(&subject).or_else(|| {
-                certificate
-                    .subject_alt_names
-                    .iter()
-                    .find_map(|san| policy.by_san.get(san))
-            });
-            return match found {
-                Some(principal) => Ok(caller(Some(principal.clone()))),
+            let sans = &certificate.subject_alt_names;
+            return match policy.by_certificate(&subject, sans) {
+                Some(principal) => Ok(caller(
+                    Some(principal),
+                    Some(Credential::Certificate {
+                        subject,
+                        sans: sans.clone(),
+                    }),
+                )),
                 None => Err(refuse(format!(
                     "the client certificate (subject {subject:?}, alternative names {:?}) is \
                      not any principal's cert_subject or cert_san",
@@ -556,52 +636,93 @@ impl Auth {
         ))
     }
 
+    /// The principal `token` is under `policy`: remembered, or found by argon2 verification
+    /// against each principal's `token_hash` (off the async workers, [`VERIFYING_AT_ONCE`] at
+    /// a time).
+    ///
+    /// # Errors
+    /// [`TooManyNewTokens`] when `remote` has started more than
+    /// [`NEW_TOKENS_PER_ADDRESS_PER_SECOND`] verifications of unknown tokens.
     async fn principal_of_token(
         &self,
         policy: &Arc<Policy>,
         token: &str,
-    ) -> Option<Arc<Principal>> {
+        remote: Option<SocketAddr>,
+    ) -> Result<Option<Arc<Principal>>, TooManyNewTokens> {
         let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let remembered = self
+        let known = self
             .inner
             .tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
             .cloned();
-        let name = match remembered {
-            Some(name) => name,
-            None => {
-                let _permit = self.inner.verifying.acquire().await.ok()?;
-                let candidates: Vec<(Arc<str>, String)> = policy
-                    .principals
-                    .iter()
-                    .filter_map(|p| Some((p.name.clone(), p.token_hash.clone()?)))
-                    .collect();
-                let token = token.to_owned();
-                let name = tokio::task::spawn_blocking(move || {
-                    candidates.into_iter().find_map(|(name, hash)| {
-                        let hash = PasswordHash::new(&hash).ok()?;
-                        Argon2::default()
-                            .verify_password(token.as_bytes(), &hash)
-                            .is_ok()
-                            .then_some(name)
-                    })
-                })
-                .await
-                .ok()?;
-                let mut tokens = self.inner.tokens.lock().unwrap_or_else(|e| e.into_inner());
-                // Only for the policy it was checked against: a reload clears the memory.
-                if self.policy().generation == policy.generation {
+        if let Some(name) = known {
+            return Ok(policy.by_name.get(&name).cloned());
+        }
+        let wrong = |key| {
+            self.inner
+                .wrong_tokens
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(key)
+        };
+        if wrong(&key) {
+            return Ok(None);
+        }
+        if let Some(remote) = remote {
+            if self.inner.new_tokens.len() > NEW_TOKEN_ADDRESSES {
+                self.inner.new_tokens.retain_recent();
+            }
+            if self.inner.new_tokens.check_key(&remote.ip()).is_err() {
+                return Err(TooManyNewTokens);
+            }
+        }
+        let Ok(_permit) = self.inner.verifying.acquire().await else {
+            return Ok(None);
+        };
+        let candidates: Vec<(Arc<str>, String)> = policy
+            .principals
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.token_hash.clone()?)))
+            .collect();
+        let owned = token.to_owned();
+        let name = tokio::task::spawn_blocking(move || {
+            candidates.into_iter().find_map(|(name, hash)| {
+                let hash = PasswordHash::new(&hash).ok()?;
+                Argon2::default()
+                    .verify_password(owned.as_bytes(), &hash)
+                    .is_ok()
+                    .then_some(name)
+            })
+        })
+        .await
+        .ok()
+        .flatten();
+        // Only for the policy it was checked against: a reload clears the memory.
+        if self.policy().generation == policy.generation {
+            match &name {
+                Some(name) => {
+                    let mut tokens = self.inner.tokens.lock().unwrap_or_else(|e| e.into_inner());
                     if tokens.len() >= MAX_REMEMBERED_TOKENS {
                         tokens.clear();
                     }
                     tokens.insert(key, name.clone());
                 }
-                name
+                None => {
+                    let mut wrong = self
+                        .inner
+                        .wrong_tokens
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if wrong.len() >= MAX_REMEMBERED_TOKENS {
+                        wrong.clear();
+                    }
+                    wrong.insert(key);
+                }
             }
-        };
-        policy.by_name.get(&name?).cloned()
+        }
+        Ok(name.and_then(|name| policy.by_name.get(&name).cloned()))
     }
 
     /// Refuses: counts, audits, and returns the error.
@@ -617,6 +738,61 @@ impl Auth {
             target: target.to_owned(),
             rule,
         }
+    }
+
+    /// Brings a caller authenticated under an earlier policy up to the one in force: its
+    /// principal is looked up again by the credential it came with (the same token hash, the
+    /// same certificate). A no-op, one atomic load, while no reload has happened; called by
+    /// long-lived streams before each batch and each delivery.
+    ///
+    /// # Errors
+    /// [`BusError::Unauthenticated`] (counted and audited) when its credential is no longer
+    /// any principal's (removed, or the token rotated), or when a reload turned on
+    /// authentication under a caller of the open bus.
+    pub fn recheck(&self, caller: &mut Caller) -> Result<(), BusError> {
+        if self.inner.generation.load(Ordering::Acquire) == caller.generation {
+            return Ok(());
+        }
+        let policy = self.policy();
+        let principal = if policy.principals.is_empty() {
+            None
+        } else {
+            let found = match &caller.credential {
+                None => None,
+                Some(Credential::Token(hash)) => policy
+                    .principals
+                    .iter()
+                    .find(|p| p.token_hash.as_deref() == Some(&**hash))
+                    .cloned(),
+                Some(Credential::Certificate { subject, sans }) => {
+                    policy.by_certificate(subject, sans)
+                }
+            };
+            if found.is_none() {
+                let detail = match (&caller.credential, &caller.principal) {
+                    (None, _) => "the bus now authenticates callers (its configuration was \
+                                  reloaded with [[principals]]): call again with credentials"
+                        .to_owned(),
+                    (Some(_), Some(was)) => format!(
+                        "after a configuration reload its credential is no longer any \
+                         principal's (principal {:?} was removed or its token or certificate \
+                         name changed)",
+                        was.name
+                    ),
+                    (Some(_), None) => "its credential is no longer any principal's".to_owned(),
+                };
+                let name = caller.principal.as_ref().map_or("-", |p| &*p.name);
+                self.inner.metrics.auth_denied("authenticate");
+                self.inner
+                    .audit
+                    .record(name, "authenticate", "", caller.remote, &detail);
+                return Err(BusError::Unauthenticated { detail });
+            }
+            found
+        };
+        caller.principal = principal;
+        caller.generation = policy.generation;
+        Ok(())
     }
 
     /// Gives a `source`-less event its principal's source, before the event is checked (an
@@ -823,29 +999,28 @@ impl Auth {
     }
 
     /// What decides, delivery by delivery, whether a subscription of `caller`'s to `pattern`
-    /// may receive an event. `None` on an open bus: everything is delivered.
+    /// may receive an event. On an open bus it lets everything through, until a reload turns
+    /// authentication on.
     pub fn delivery_filter(
         &self,
         caller: &Caller,
         pattern: &Pattern,
         group: Option<&str>,
-    ) -> Option<DeliveryFilter> {
-        caller.principal.as_ref().map(|principal| DeliveryFilter {
+    ) -> DeliveryFilter {
+        DeliveryFilter {
             auth: self.clone(),
             caller: caller.clone(),
-            principal: principal.clone(),
             pattern: pattern.clone(),
             group: group.map(str::to_owned),
-        })
+        }
     }
 }
 
-/// Decides per delivery what an authenticated subscription receives ([`Auth::delivery_filter`]).
+/// Decides per delivery what a subscription receives ([`Auth::delivery_filter`]).
 #[derive(Debug)]
 pub struct DeliveryFilter {
     auth: Auth,
     caller: Caller,
-    principal: Arc<Principal>,
     pattern: Pattern,
     group: Option<String>,
 }
@@ -855,19 +1030,16 @@ impl DeliveryFilter {
     ///
     /// # Errors
     /// After a reload that no longer allows the subscription: PERMISSION_DENIED, or
-    /// UNAUTHENTICATED if its principal is gone. The stream should end with it.
+    /// UNAUTHENTICATED if its credential is no longer any principal's ([`Auth::recheck`]).
+    /// The stream should end with it.
     pub fn admits(&mut self, topic: &Topic) -> Result<bool, BusError> {
-        let policy = self.auth.policy();
-        if policy.generation != self.principal.generation {
-            let Some(principal) = policy.by_name.get(&self.principal.name).cloned() else {
-                return Err(BusError::Unauthenticated {
-                    detail: format!(
-                        "principal {:?} was removed from the configuration",
-                        self.principal.name
-                    ),
-                });
-            };
-            check_subscribe(&principal, &self.pattern, self.group.as_deref()).map_err(
+        let before = self.caller.generation;
+        self.auth.recheck(&mut self.caller)?;
+        let Some(principal) = &self.caller.principal else {
+            return Ok(true);
+        };
+        if self.caller.generation != before {
+            check_subscribe(principal, &self.pattern, self.group.as_deref()).map_err(
                 |(action, target, rule)| {
                     self.auth.deny(
                         &self.caller,
@@ -877,10 +1049,8 @@ impl DeliveryFilter {
                     )
                 },
             )?;
-            self.principal = principal;
         }
-        Ok(!topic.as_str().starts_with(INBOX_PREFIX)
-            && self.principal.subscribe.allows_topic(topic))
+        Ok(!topic.as_str().starts_with(INBOX_PREFIX) && principal.subscribe.allows_topic(topic))
     }
 }
 
@@ -1016,6 +1186,8 @@ pub fn caller_of<T>(auth: &Auth, request: &tonic::Request<T>) -> Result<Caller, 
         Some(caller) => Ok(caller.clone()),
         None if auth.is_open() => Ok(Caller {
             principal: None,
+            credential: None,
+            generation: auth.inner.generation.load(Ordering::Acquire),
             connection: None,
             remote: None,
         }),

@@ -424,7 +424,15 @@ pub async fn serve_with_admin(
         open = auth.is_open(),
         "eventbus listening"
     );
-    if auth.is_open() {
+    if auth.is_open() && local_addr.is_some_and(|a| !a.ip().is_loopback()) {
+        warn!(
+            %addr,
+            "no [[principals]] configured and listening beyond this machine: the bus is open, \
+             anyone on the network who can reach {addr} may publish, subscribe to anything \
+             and administer the bus; configure [[principals]] and TLS, or listen on \
+             127.0.0.1 (see SECURITY.md)"
+        );
+    } else if auth.is_open() {
         warn!(
             %addr,
             "no [[principals]] configured: the bus is open, anyone who can reach {addr} may \

@@ -488,10 +488,15 @@ fn write_config(path: &Path, text: &str) {
 }
 
 fn principal_toml(name: &str, token: &str, publish: &str, subscribe: &str) -> String {
+    principal_toml_hashed(name, &hash_token(token), publish, subscribe)
+}
+
+/// A principal entry with a given `token_hash` (a reload that keeps a principal's token keeps
+/// its hash text: a new hash of the same token is salted anew, and counts as a rotation).
+fn principal_toml_hashed(name: &str, hash: &str, publish: &str, subscribe: &str) -> String {
     format!(
-        "[[principals]]\nname = \"{name}\"\ntoken_hash = \"{}\"\npublish = [{publish}]\n\
-         subscribe = [{subscribe}]\n",
-        hash_token(token)
+        "[[principals]]\nname = \"{name}\"\ntoken_hash = \"{hash}\"\npublish = [{publish}]\n\
+         subscribe = [{subscribe}]\n"
     )
 }
 
@@ -499,7 +504,11 @@ fn principal_toml(name: &str, token: &str, publish: &str, subscribe: &str) -> St
 async fn a_changed_config_file_applies_without_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("eventbus.toml");
-    write_config(&path, &principal_toml("svc", "t1", "\"a.>\"", "\"a.>\""));
+    let t1 = hash_token("t1");
+    write_config(
+        &path,
+        &principal_toml_hashed("svc", &t1, "\"a.>\"", "\"a.>\""),
+    );
     let bus = TestBus::start_server(ServerConfig {
         auth: eventbus::config::read_auth_config(&path).unwrap(),
         config_file: Some(path.clone()),
@@ -518,7 +527,7 @@ async fn a_changed_config_file_applies_without_restart() {
     // subscription ends at its next delivery.
     write_config(
         &path,
-        &principal_toml("svc", "t1", "\"a.>\", \"b.>\"", "\"b.>\""),
+        &principal_toml_hashed("svc", &t1, "\"a.>\", \"b.>\"", "\"b.>\""),
     );
     let mut other = client(&bus, Some("t1")).await;
     eventually("the reloaded permissions", WAIT, || {
@@ -557,6 +566,271 @@ async fn a_changed_config_file_applies_without_restart() {
     publish(&mut other, vec![from("other", "b.1")])
         .await
         .unwrap();
+}
+
+/// Sends one batch on an open PublishStream and returns its answer.
+async fn stream_batch(
+    requests: &tokio::sync::mpsc::Sender<pb::PublishStreamRequest>,
+    answers: &mut Streaming<pb::PublishStreamResponse>,
+    request_id: u64,
+    events: Vec<pb::Event>,
+) -> pb::publish_stream_response::Result {
+    requests
+        .send(pb::PublishStreamRequest { request_id, events })
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(WAIT, answers.message())
+        .await
+        .expect("an answer in time")
+        .expect("the stream goes on")
+        .expect("an answer");
+    assert_eq!(answer.request_id, request_id);
+    answer.result.expect("a result")
+}
+
+/// Opens a PublishStream; returns its request sender and its answers.
+async fn publish_stream(
+    client: &mut EventBusServiceClient<Authed>,
+) -> (
+    tokio::sync::mpsc::Sender<pb::PublishStreamRequest>,
+    Streaming<pb::PublishStreamResponse>,
+) {
+    let (requests, outbound) = tokio::sync::mpsc::channel(4);
+    let answers = client
+        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    (requests, answers)
+}
+
+/// Waits until an open subscription ends, skipping events; returns the status it ended with.
+async fn ended_with(stream: &mut Streaming<pb::SubscribeResponse>) -> Status {
+    loop {
+        match tokio::time::timeout(WAIT, stream.message()).await.unwrap() {
+            Ok(Some(pb::SubscribeResponse {
+                message: Some(Message::Event(_) | Message::CaughtUp(_)),
+                ..
+            })) => continue,
+            Ok(other) => panic!("expected the stream to end, got {other:?}"),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_rotated_token_ends_the_rights_of_streams_opened_with_the_old_one() {
+    use pb::publish_stream_response::Result as Answer;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eventbus.toml");
+    write_config(&path, &principal_toml("svc", "old", "\"a.>\"", "\"a.>\""));
+    let bus = TestBus::start_server(ServerConfig {
+        auth: eventbus::config::read_auth_config(&path).unwrap(),
+        config_file: Some(path.clone()),
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut svc = client(&bus, Some("old")).await;
+    let (requests, mut answers) = publish_stream(&mut svc).await;
+    let first = stream_batch(&requests, &mut answers, 1, vec![from("svc", "a.1")]).await;
+    assert!(matches!(first, Answer::Published(_)), "{first:?}");
+    let mut open = subscribe(&mut svc, "a.>", "").await.unwrap();
+    assert_eq!(replayed_topics(&mut open).await, ["a.1"]);
+
+    // The same principal name, with a new token: the leaked one must stop working everywhere,
+    // on the streams it already opened too.
+    write_config(&path, &principal_toml("svc", "new", "\"a.>\"", "\"a.>\""));
+    let old = client(&bus, Some("old")).await;
+    eventually("the rotated token refused", WAIT, || {
+        let mut old = old.clone();
+        async move {
+            let status = publish(&mut old, vec![from("svc", "a.0")]).await.err()?;
+            (status.code() == Code::Unauthenticated).then_some(())
+        }
+    })
+    .await;
+    match stream_batch(&requests, &mut answers, 2, vec![from("svc", "a.2")]).await {
+        Answer::Error(error) => {
+            assert_eq!(error.code, Code::Unauthenticated as i32, "{error:?}");
+            assert!(
+                error.message.contains("no longer any principal's"),
+                "{error:?}"
+            );
+        }
+        other => panic!("the old token's stream published after the rotation: {other:?}"),
+    }
+    let mut renewed = client(&bus, Some("new")).await;
+    publish(&mut renewed, vec![from("svc", "a.3")])
+        .await
+        .unwrap();
+    let ended = ended_with(&mut open).await;
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    // Nothing the old stream sent after the rotation was stored (the probes before it were).
+    let mut check = subscribe(&mut renewed, "a.>", "").await.unwrap();
+    let stored = replayed_topics(&mut check).await;
+    assert!(!stored.contains(&"a.2".to_owned()), "{stored:?}");
+    assert_eq!(stored.last().map(String::as_str), Some("a.3"), "{stored:?}");
+}
+
+#[tokio::test]
+async fn turning_authentication_on_ends_the_open_streams_of_the_open_bus() {
+    use pb::publish_stream_response::Result as Answer;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eventbus.toml");
+    write_config(&path, "# open: no principals yet\n");
+    let bus = TestBus::start_server(ServerConfig {
+        config_file: Some(path.clone()),
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut anyone = client(&bus, None).await;
+    let (requests, mut answers) = publish_stream(&mut anyone).await;
+    let first = stream_batch(&requests, &mut answers, 1, vec![from("x", "a.1")]).await;
+    assert!(matches!(first, Answer::Published(_)), "{first:?}");
+    let mut open = subscribe(&mut anyone, "a.>", "").await.unwrap();
+    assert_eq!(replayed_topics(&mut open).await, ["a.1"]);
+
+    write_config(&path, &principal_toml("svc", "t1", "\"a.>\"", "\"a.>\""));
+    eventually("authentication turned on", WAIT, || {
+        let mut anyone = anyone.clone();
+        async move {
+            let status = publish(&mut anyone, vec![from("x", "a.0")]).await.err()?;
+            (status.code() == Code::Unauthenticated).then_some(())
+        }
+    })
+    .await;
+    match stream_batch(&requests, &mut answers, 2, vec![from("x", "a.2")]).await {
+        Answer::Error(error) => assert_eq!(error.code, Code::Unauthenticated as i32, "{error:?}"),
+        other => panic!("an open-bus stream published after auth was turned on: {other:?}"),
+    }
+    let mut svc = client(&bus, Some("t1")).await;
+    publish(&mut svc, vec![from("svc", "a.3")]).await.unwrap();
+    let ended = ended_with(&mut open).await;
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("now authenticates"), "{ended:?}");
+}
+
+#[tokio::test]
+async fn a_flood_of_wrong_tokens_is_cut_off_per_address_and_known_tokens_keep_working() {
+    let svc = PrincipalConfig {
+        publish: patterns(&["a.>"]),
+        ..principal("svc", "good")
+    };
+    let bus = start(vec![svc], LimitsConfig::default()).await;
+    let channel = bus.channel().await;
+    let with = |token: String| {
+        EventBusServiceClient::with_interceptor(channel.clone(), Bearer(Some(token)))
+    };
+    // Known before the flood: remembered, never verified again.
+    publish(&mut with("good".into()), vec![from("svc", "a.1")])
+        .await
+        .unwrap();
+    let flood = eventbus::auth::NEW_TOKENS_PER_ADDRESS_BURST as usize * 3;
+    // All at once, as a flood comes: the limiter counts each guess before it waits for a
+    // verifier, so what passes is the burst and what the rate refills meanwhile.
+    let guesses = (0..flood).map(|n| {
+        let mut guesser = with(format!("guess-{n}"));
+        async move { publish(&mut guesser, vec![from("svc", "a.x")]).await }
+    });
+    let mut cut_off = 0;
+    for outcome in futures_util::future::join_all(guesses).await {
+        let status = outcome.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        if status.message().contains("too many new tokens") {
+            cut_off += 1;
+        }
+    }
+    assert!(
+        cut_off >= flood / 3,
+        "only {cut_off} of {flood} guesses were cut off without a verification"
+    );
+    publish(&mut with("good".into()), vec![from("svc", "a.2")])
+        .await
+        .unwrap();
+}
+
+/// The `[[principals]]` shape issue #14 fixed as a contract (outside checks write it), with
+/// every key, parsed from text as an operator writes it.
+#[test]
+fn the_principals_file_shape_is_read_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eventbus.toml");
+    let hash = hash_token("user-token");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[[principals]]
+name = "user-service"
+token_hash = "{hash}"
+publish = ["user.>"]
+publish_deny = ["user.secret"]
+subscribe = ["user.query"]
+subscribe_deny = ["user.query.internal"]
+groups = ["user-service"]
+admin = false
+sources = ["user-service"]
+limits = {{ publish_events_per_second = 500 }}
+
+[[principals]]
+name = "order-service"
+cert_subject = "CN=order-service,O=Acme"
+publish = ["order.>"]
+subscribe = ["order.query"]
+admin = true
+
+[limits.connection]
+subscriptions = 64
+queries_in_flight = 32
+publish_events_per_second = 1000
+publish_bytes_per_second = 1048576
+
+[limits.principal]
+publish_events_per_second = 2000
+"#
+        ),
+    )
+    .unwrap();
+    let config = eventbus::config::read_auth_config(&path).unwrap();
+    let [user, order] = &config.principals[..] else {
+        panic!("two principals: {config:?}")
+    };
+    assert_eq!(user.name, "user-service");
+    assert_eq!(user.token_hash.as_deref(), Some(hash.as_str()));
+    assert_eq!(user.publish, ["user.>"]);
+    assert_eq!(user.publish_deny, ["user.secret"]);
+    assert_eq!(user.subscribe, ["user.query"]);
+    assert_eq!(user.subscribe_deny, ["user.query.internal"]);
+    assert_eq!(
+        user.groups.as_deref(),
+        Some(&["user-service".to_owned()][..])
+    );
+    assert!(!user.admin);
+    assert_eq!(
+        user.limits
+            .unwrap()
+            .publish_events_per_second
+            .map(|n| n.get()),
+        Some(500)
+    );
+    assert_eq!(
+        order.cert_subject.as_deref(),
+        Some("CN=order-service,O=Acme")
+    );
+    assert!(order.admin && order.token_hash.is_none());
+    let limits = config.limits;
+    assert_eq!(limits.connection.subscriptions, Some(64));
+    assert_eq!(limits.connection.queries_in_flight, Some(32));
+    assert_eq!(
+        limits.connection.publish_bytes_per_second.map(|n| n.get()),
+        Some(1_048_576)
+    );
+    assert_eq!(
+        limits.principal.publish_events_per_second.map(|n| n.get()),
+        Some(2000)
+    );
 }
 
 #[tokio::test]

@@ -200,6 +200,13 @@ def test_dependencies_and_healthchecks(compose: dict[str, Any]) -> None:
             assert deps["bus-1"]["condition"] == deps["bus-2"]["condition"] == "service_healthy"
 
 
+def test_published_ports_bind_the_hosts_loopback_only(compose: dict[str, Any]) -> None:
+    # The compose file's buses are open and its NATS has no credentials (SECURITY.md).
+    for name, s in services(compose).items():
+        for port in s.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
 def test_published_ports_are_distinct(compose: dict[str, Any]) -> None:
     published: list[str] = []
     for s in services(compose).values():

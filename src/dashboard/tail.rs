@@ -39,6 +39,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::api::ApiError;
 use super::DashboardState;
+use crate::auth::Auth;
 use crate::broker::Broker;
 use crate::event::SharedEvent;
 use crate::topic::Pattern;
@@ -95,11 +96,12 @@ pub async fn tail(
     };
     let (sender, receiver) = mpsc::channel(QUEUE);
     let broker = state.broker.clone();
+    let state_auth = state.auth.clone();
     tokio::spawn(async move {
         let _permit = permit;
         let stopped = broker.clone();
         tokio::select! {
-            () = follow(broker, pattern, resume_after, sender) => {}
+            () = follow(broker, state_auth, pattern, resume_after, sender) => {}
             // Ends the stream on shutdown, so the admin listener's graceful stop is not held
             // by an open tail.
             () = stopped.stopped() => {}
@@ -145,7 +147,16 @@ impl RateWindow {
     }
 }
 
-async fn follow(broker: Broker, pattern: Pattern, resume_after: Option<u64>, sender: Sender) {
+/// Sends `pattern`'s events from the log as the head moves. Ends, with an `error` item, once
+/// `auth` is no longer open (a reload turned authentication on: event contents are closed to
+/// the admin listener from then on, see the module docs of [`super`]).
+async fn follow(
+    broker: Broker,
+    auth: Auth,
+    pattern: Pattern,
+    resume_after: Option<u64>,
+    sender: Sender,
+) {
     let mut head = broker.watch_head();
     let now = *head.borrow_and_update();
     let resume_after = resume_after.filter(|after| *after <= now);
@@ -170,6 +181,13 @@ async fn follow(broker: Broker, pattern: Pattern, resume_after: Option<u64>, sen
                 changed = head.changed() => if changed.is_err() { return },
                 () = sender.closed() => return,
             }
+        }
+        if !auth.is_open() {
+            let error = serde_json::json!({
+                "error": "the bus now authenticates callers: event contents are no longer shown"
+            });
+            send(&sender, "error", error).await;
+            return;
         }
         let target = *head.borrow_and_update();
         if target.saturating_sub(cursor) > MAX_BEHIND {

@@ -73,12 +73,18 @@ impl EventBusApi {
     /// Checks a batch before anything of it is stored: sources filled and allowed, topics
     /// allowed (a reply only into an inbox a query waits on, here or on another node), then
     /// the publish rates; converts it.
+    ///
+    /// A long-lived stream's caller is first brought up to the policy in force
+    /// ([`Auth::recheck`]): a reload that removed its principal or rotated its token refuses
+    /// its next batch.
     async fn admit_batch(
         &self,
-        caller: &Caller,
+        caller: &mut Caller,
         mut events: Vec<pb::Event>,
     ) -> Result<Vec<crate::event::Event>, BusError> {
         use prost::Message as _;
+        self.auth.recheck(caller)?;
+        let caller = &*caller;
         for event in &mut events {
             self.auth.fill_source(caller, &mut event.source);
         }
@@ -126,7 +132,7 @@ impl EventBusService for EventBusApi {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        let caller = auth::caller_of(&self.auth, &request)?;
+        let mut caller = auth::caller_of(&self.auth, &request)?;
         let trace = TraceContext::from_metadata(request.metadata());
         let events = request.into_inner().events;
         let span = info_span!(
@@ -135,7 +141,7 @@ impl EventBusService for EventBusApi {
             topic = events.first().map(|e| e.topic.as_str()).unwrap_or(""),
             first_sequence = tracing::field::Empty,
         );
-        let mut events = self.admit_batch(&caller, events).await?;
+        let mut events = self.admit_batch(&mut caller, events).await?;
         if let Some(trace) = &trace {
             events.iter_mut().for_each(|event| trace.apply(event));
         }
@@ -365,19 +371,17 @@ impl EventBusApi {
             let _held = (&placement, &slots);
             let frame = match delivery {
                 Ok(Delivery::Event { event, attempt }) => {
-                    if let Some(filter) = &mut filter {
-                        match filter.admits(&event.event.topic) {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                // Not this principal's to see (a denied topic inside its
-                                // pattern): a MANUAL group's event is settled, not redelivered.
-                                if let Some(group) = &manual_group {
-                                    let _ = broker.ack(group, &[event.sequence]);
-                                }
-                                return std::future::ready(None);
+                    match filter.admits(&event.event.topic) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            // Not this principal's to see (a denied topic inside its
+                            // pattern): a MANUAL group's event is settled, not redelivered.
+                            if let Some(group) = &manual_group {
+                                let _ = broker.ack(group, &[event.sequence]);
                             }
-                            Err(error) => return std::future::ready(Some(Err(error.into()))),
+                            return std::future::ready(None);
                         }
+                        Err(error) => return std::future::ready(Some(Err(error.into()))),
                     }
                     debug!(
                         parent: &span,
@@ -509,7 +513,7 @@ impl PublishStreamState {
     /// one's resend, out of the publisher's order.
     async fn begin(&mut self, request: pb::PublishStreamRequest) {
         let request_id = request.request_id;
-        let admitted = self.api.admit_batch(&self.caller, request.events).await;
+        let admitted = self.api.admit_batch(&mut self.caller, request.events).await;
         let trace = self.trace.as_ref();
         let mut spans = PublishSpans::default();
         let pending = admitted.and_then(|mut events| {
