@@ -9,7 +9,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::TestBus;
+use common::{eventually, TestBus};
 use eventbus::auth::{hash_token, AuthConfig, PrincipalConfig};
 use eventbus::config::ServerConfig;
 use eventbus::sdk::{Client, Reply, ServeOptions, SubscribeOptions};
@@ -455,6 +455,59 @@ async fn event_contents_stay_closed_on_a_bus_with_authentication() {
     let (status, overview) = get_json(admin, "/api/v1/overview").await;
     assert_eq!(status, 200);
     assert_eq!(overview["node"]["event_data"], false);
+    bus.stop(WAIT).await;
+}
+
+#[tokio::test]
+async fn a_tail_ends_when_a_reload_turns_authentication_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eventbus.toml");
+    std::fs::write(&path, "# open: no principals yet\n").unwrap();
+    let bus = TestBus::start_with_admin(ServerConfig {
+        config_file: Some(path.clone()),
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await;
+    let admin = bus.admin_addr.unwrap();
+    let mut tail = SseReader::open(admin, "/api/v1/tail?pattern=%3E").await;
+    assert_eq!(tail.status, 200);
+    assert_eq!(tail.next().await.0, "ready");
+
+    let partial = path.with_extension("partial");
+    std::fs::write(
+        &partial,
+        format!(
+            "[[principals]]\nname = \"svc\"\ntoken_hash = \"{}\"\npublish = [\">\"]\n",
+            hash_token("svc-token")
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&partial, &path).unwrap();
+    eventually("authentication turned on", WAIT, || async {
+        let (status, _) = get_json(admin, "/api/v1/conversations").await;
+        (status == 403).then_some(())
+    })
+    .await;
+    let client = Client::builder(bus.url())
+        .source("svc")
+        .token("svc-token")
+        .connect()
+        .await
+        .unwrap();
+    client
+        .publish("secret.created", "not for the tail")
+        .await
+        .unwrap();
+    let (kind, error) = tail.next().await;
+    assert_eq!(kind, "error", "{error}");
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("now authenticates"),
+        "{error}"
+    );
     bus.stop(WAIT).await;
 }
 
