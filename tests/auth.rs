@@ -3,6 +3,7 @@
 //! right, limits, and a reload of the config file while the bus runs.
 
 mod common;
+mod support;
 
 use std::path::Path;
 use std::time::Duration;
@@ -478,6 +479,91 @@ async fn limits_answer_resource_exhausted_naming_the_limit() {
         async move { subscribe(&mut spy, "d", "").await.ok() }
     })
     .await;
+}
+
+#[tokio::test]
+async fn queries_in_flight_and_byte_rates_are_limited_end_to_end_and_counted() {
+    let mut config = principals();
+    // The user service may publish 300 bytes a second (its own limit); the query service may
+    // have one query waiting at a time, on each connection.
+    config[0].limits = Some(Limits {
+        publish_bytes_per_second: std::num::NonZeroU32::new(300),
+        ..Limits::default()
+    });
+    let limits = LimitsConfig {
+        connection: Limits {
+            queries_in_flight: Some(1),
+            ..Limits::default()
+        },
+        principal: Limits::default(),
+    };
+    let bus = TestBus::start_with_admin(ServerConfig {
+        auth: AuthConfig {
+            principals: config,
+            limits,
+        },
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await;
+
+    // A responder that reads the queries and never answers, so a query stays in flight.
+    let mut user = client(&bus, Some("user-token")).await;
+    let mut responder = subscribe(&mut user, "user.query", "").await.unwrap();
+    let asker = client(&bus, Some("query-token")).await;
+    let ask = |mut asker: EventBusServiceClient<Authed>| async move {
+        asker
+            .query(pb::QueryRequest {
+                event: Some(from("query-service", "user.query")),
+                timeout: Some(prost_types::Duration {
+                    seconds: 10,
+                    nanos: 0,
+                }),
+            })
+            .await
+    };
+    let waiting = tokio::spawn(ask(asker.clone()));
+    loop {
+        let next = tokio::time::timeout(WAIT, responder.message())
+            .await
+            .unwrap();
+        if let Some(Message::Event(_)) = next.unwrap().unwrap().message {
+            break;
+        }
+    }
+    let status = ask(asker.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("queries_in_flight"), "{status:?}");
+    waiting.abort();
+
+    // 300 bytes a second: a burst of about that passes, the next byte-heavy batch does not.
+    let heavy = |n: usize| -> Vec<pb::Event> {
+        (0..n)
+            .map(|_| pb::Event {
+                data: vec![b'x'; 100].into(),
+                ..from("user-service", "user.x")
+            })
+            .collect()
+    };
+    publish(&mut user, heavy(2)).await.unwrap();
+    let status = publish(&mut user, heavy(2)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("publish_bytes_per_second of principal \"user-service\""),
+        "{status:?}"
+    );
+
+    let (_, metrics) = support::http_get(bus.admin_addr.unwrap(), "/metrics").await;
+    for limit in ["queries_in_flight", "publish_bytes_per_second"] {
+        assert!(
+            metrics.lines().any(|line| line.starts_with(&format!(
+                "eventbus_limit_exceeded_total{{limit=\"{limit}\"}}"
+            )) && !line.ends_with(" 0")),
+            "no count of {limit} in:\n{metrics}"
+        );
+    }
 }
 
 fn write_config(path: &Path, text: &str) {
