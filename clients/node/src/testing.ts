@@ -33,15 +33,15 @@ export function freePort(): Promise<number> {
   });
 }
 
-/** Polls until `condition()` is truthy; rejects naming `what` after `timeoutMs`. Tests poll
- * with a deadline instead of sleeping. */
+/** Polls until `condition()` is truthy; rejects naming `what` after `timeoutMs` (on the
+ * monotonic clock). Tests poll with a deadline instead of sleeping. */
 export async function waitFor<T>(condition: () => T | Promise<T>, timeoutMs = 10_000,
   what = "condition"): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
+  const deadline = performance.now() + timeoutMs;
   for (;;) {
     const value = await condition();
     if (value) return value;
-    if (Date.now() >= deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (performance.now() >= deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
 }

@@ -78,6 +78,7 @@ class Nodes:
         self._lock = threading.Lock()
         self._channels: dict[int, grpc.Channel] = {}
         self._stubs: dict[int, pb_grpc.EventBusServiceStub] = {}
+        self._health: dict[int, health_pb2_grpc.HealthStub] = {}
         self._closed = False
 
     def channel(self, index: int) -> grpc.Channel:
@@ -87,8 +88,12 @@ class Nodes:
                 if self._closed:
                     raise errors.Cancelled(grpc.StatusCode.CANCELLED, "the bus client is closed")
                 channel = self._channels[index] = _channel(self.endpoints.targets[index])
+                # Stubs are made here, under the lock, once per channel: making one registers
+                # its methods on the channel, which grpcio says is not thread-safe, and a health
+                # probe's stub made while close() closes the channel crashed the process.
                 self._stubs[index] = pb_grpc.EventBusServiceStub(  # type: ignore[no-untyped-call]
                     channel)
+                self._health[index] = health_pb2_grpc.HealthStub(channel)
             return channel
 
     def stub(self, index: int) -> pb_grpc.EventBusServiceStub:
@@ -99,10 +104,13 @@ class Nodes:
         """The node's health for ``service`` (``""``: the node as a whole), by name:
         ``SERVING``, ``NOT_SERVING``, ..., or the failure of the probe."""
         try:
-            response = health_pb2_grpc.HealthStub(self.channel(index)).Check(
+            self.channel(index)
+            response = self._health[index].Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as error:
             return f"{error.code().name}: {error.details()}"
+        except (ValueError, errors.Cancelled) as error:  # the client is closed
+            return f"CANCELLED: {error}"
         name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         return name
 

@@ -330,6 +330,12 @@ class Publisher:
                                          "the bus ended the publish stream")
         except grpc.RpcError as error:
             failure = errors.from_rpc_error(error)
+        with self._cond:
+            if self._stream is not stream:
+                # The publisher ended this stream itself (it is closing): nothing to resend,
+                # and no reason to leave the node. Failing over here would move the whole
+                # client, and probe channels that Bus.close may be closing.
+                return
         # Chosen before taking the lock: choosing may probe the other nodes' health.
         to = self._nodes.fail_over(stream.node) if moves_on(failure) else stream.node
         moved = False

@@ -226,6 +226,16 @@ def test_unreachable_bus() -> None:
             nowhere.subscribe("a")
 
 
+def test_wait_ready_on_a_closed_client_says_unavailable(bus_process: BusProcess) -> None:
+    # A health probe on a closed channel fails as a probe (not with grpcio's ValueError, which
+    # would also end a failover running on a background thread).
+    bus = Bus(bus_process.address)
+    bus.wait_ready()
+    bus.close()
+    with pytest.raises(Unavailable, match="CANCELLED"):
+        bus.wait_ready(timeout=0.2)
+
+
 def test_subscription_resumes_after_slow_consumer(start_bus: Callable[..., BusProcess]) -> None:
     process = start_bus(subscriber_queue_size=1, max_subscriber_lag=1)
     with Bus(process.address) as client, client.subscribe("py.flood") as subscription:

@@ -125,6 +125,22 @@ async def test_async_publisher_returns_asyncio_futures(bus_process: BusProcess) 
         subscription.close()
 
 
+def test_closing_the_publisher_keeps_the_client_on_its_node(bus_process: BusProcess) -> None:
+    # Two names for one bus: a move to the second shows in `target`. The stream ends because
+    # the publisher closed it, which is no failure of the node.
+    with Bus([bus_process.address, f"localhost:{bus_process.port}"]) as bus:
+        before = set(threading.enumerate())
+        with bus.publisher() as publisher:
+            assert publisher.publish("pub.close", b"1").result(10) > 0
+            readers = [t for t in set(threading.enumerate()) - before
+                       if t.name == "eventbus-publisher-read"]
+        assert readers
+        for reader in readers:
+            reader.join(10)
+            assert not reader.is_alive()
+        assert (bus.target, publisher.failovers) == (bus_process.address, 0)
+
+
 def test_events_fail_once_the_connection_is_closed(bus_process: BusProcess) -> None:
     bus = Bus(bus_process.address)
     publisher = bus.publisher()
