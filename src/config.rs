@@ -6,90 +6,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+pub use crate::broker::settings::{BusConfig, InvalidSetting, MESSAGE_OVERHEAD_BYTES};
 use crate::store::FsyncPolicy;
-
-/// Limits and sizes the broker works within. Every field has a default that suits one machine.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BusConfig {
-    /// Events kept for replay (`earliest`, `after_sequence`, `from_time`), at most this many...
-    pub retention_max_events: u64,
-    /// ...and at most this many bytes of them (data plus metadata in memory; on disk, the
-    /// segment files)...
-    pub retention_max_bytes: u64,
-    /// ...and none older than this, if set.
-    pub retention_max_age: Option<Duration>,
-    /// Events queued for one live subscriber at most. A subscriber whose queue is full leaves
-    /// the live path and catches up from the log (see `broker::subscription`); it is not ended.
-    pub subscriber_queue_size: usize,
-    /// Bytes of events (as retention counts them) queued for one live subscriber at most, with
-    /// the same effect as a full queue; an empty queue takes one event of any size. Also bounds
-    /// what one replay, or one MANUAL-ack group's read-ahead, reads from the log at a time.
-    pub subscriber_queue_bytes: usize,
-    /// Bytes of events queued for all live subscribers together at most: past it, a subscriber
-    /// whose queue would grow catches up from the log instead. Bounds the bus's memory for
-    /// delivery whatever the number of subscribers.
-    pub delivery_buffer_bytes: usize,
-    /// A subscriber catching up from the log that is more than this many sequences behind the
-    /// head is ended (RESOURCE_EXHAUSTED `slow-consumer`, or `slow-group-member`). `None`: never;
-    /// it is ended only when retention drops events it has not read (`replay-overrun`).
-    pub max_subscriber_lag: Option<u64>,
-    /// The largest `data` of one event.
-    pub max_event_data_bytes: usize,
-    /// The most events in one publish batch.
-    pub max_batch_events: usize,
-    /// The largest gRPC message the server accepts or sends; sized to fit a full batch.
-    pub max_message_bytes: usize,
-    /// Query timeout when the request names none.
-    pub default_query_timeout: Duration,
-    /// The longest a query may wait, whatever it asks for.
-    pub max_query_timeout: Duration,
-    /// Idempotent publish: an event whose (source, id) was published within this window is not
-    /// stored again. Zero turns it off.
-    pub dedupe_window: Duration,
-    /// The most (source, id) pairs remembered, whatever the window: bounds memory.
-    pub dedupe_max_entries: usize,
-    /// State keyed by names clients choose (a topic's counters, a topology edge, an ended
-    /// subscription, a MANUAL-ack group with no member) is forgotten once unused this long, so
-    /// memory follows the names in use, not every name ever seen. A group's cursor stays saved.
-    pub names_idle_after: Duration,
-    /// The most topics, and separately the most topology edges and subscriptions, tracked at
-    /// once; events of names past it are counted as untracked instead.
-    pub max_names: usize,
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        BusConfig {
-            retention_max_events: 1_000_000,
-            retention_max_bytes: 256 * 1024 * 1024,
-            retention_max_age: None,
-            subscriber_queue_size: 8192,
-            subscriber_queue_bytes: 8 * 1024 * 1024,
-            delivery_buffer_bytes: 256 * 1024 * 1024,
-            max_subscriber_lag: None,
-            max_event_data_bytes: 1024 * 1024,
-            max_batch_events: 10_000,
-            max_message_bytes: 16 * 1024 * 1024,
-            default_query_timeout: Duration::from_secs(5),
-            max_query_timeout: Duration::from_secs(60),
-            dedupe_window: Duration::from_secs(120),
-            dedupe_max_entries: 1_000_000,
-            names_idle_after: Duration::from_secs(3600),
-            max_names: 100_000,
-        }
-    }
-}
-
-/// Room in a gRPC message for an event's metadata and framing beyond its data.
-pub const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
 
 /// A configuration that cannot work, named by its setting.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{setting}: {rule}")]
     Invalid { setting: &'static str, rule: String },
+    /// A value one of the layers (flags, environment, file) gives that is not of the
+    /// setting's kind, or a key no setting has; the message names the key and the layer.
+    #[error("{0}")]
+    Layer(String),
     #[error("reading config file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -102,63 +32,12 @@ pub enum ConfigError {
     },
 }
 
-impl BusConfig {
-    /// Refuses settings that contradict each other.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |setting, rule: String| Err(ConfigError::Invalid { setting, rule });
-        if self.subscriber_queue_size == 0 {
-            return invalid("subscriber_queue_size", "must be at least 1".into());
+impl From<InvalidSetting> for ConfigError {
+    fn from(invalid: InvalidSetting) -> Self {
+        ConfigError::Invalid {
+            setting: invalid.setting,
+            rule: invalid.rule,
         }
-        if self.subscriber_queue_bytes == 0 {
-            return invalid("subscriber_queue_bytes", "must be at least 1".into());
-        }
-        if self.delivery_buffer_bytes < self.subscriber_queue_bytes {
-            return invalid(
-                "delivery_buffer_bytes",
-                format!(
-                    "must be at least subscriber_queue_bytes ({}) so one subscriber's queue fits",
-                    self.subscriber_queue_bytes
-                ),
-            );
-        }
-        if self.max_subscriber_lag == Some(0) {
-            return invalid("max_subscriber_lag", "must be at least 1".into());
-        }
-        if self.max_batch_events == 0 {
-            return invalid("max_batch_events", "must be at least 1".into());
-        }
-        if self.retention_max_events == 0 {
-            return invalid("retention_max_events", "must be at least 1".into());
-        }
-        let smallest_message = self.max_event_data_bytes + MESSAGE_OVERHEAD_BYTES;
-        if self.max_message_bytes < smallest_message {
-            return invalid(
-                "max_message_bytes",
-                format!(
-                    "must be at least max_event_data_bytes + {MESSAGE_OVERHEAD_BYTES} \
-                     ({smallest_message}) so one full-size event fits"
-                ),
-            );
-        }
-        if self.retention_max_bytes < smallest_message as u64 {
-            return invalid(
-                "retention_max_bytes",
-                format!("must hold at least one full-size event ({smallest_message} bytes)"),
-            );
-        }
-        if self.max_names == 0 {
-            return invalid("max_names", "must be at least 1".into());
-        }
-        if self.names_idle_after.is_zero() {
-            return invalid("names_idle_after", "must be more than 0s".into());
-        }
-        if self.default_query_timeout > self.max_query_timeout {
-            return invalid(
-                "default_query_timeout",
-                "must not exceed max_query_timeout".into(),
-            );
-        }
-        Ok(())
     }
 }
 
@@ -200,6 +79,9 @@ pub struct ServerConfig {
     pub config_file: Option<PathBuf>,
     /// TLS on the gRPC and admin listeners ([`crate::tls`]); `None`: plaintext.
     pub tls: Option<TlsConfig>,
+    /// Where each setting's value came from ([`ServeArgs::resolve`]); empty for a
+    /// configuration built in code. Reported by `GetServerInfo`.
+    pub settings: Vec<SettingSource>,
 }
 
 /// The PEM files of the server's TLS (`--tls-cert`, `--tls-key`, `--tls-client-ca`). They are
@@ -234,6 +116,7 @@ impl Default for ServerConfig {
             auth: crate::auth::AuthConfig::default(),
             config_file: None,
             tls: None,
+            settings: Vec::new(),
         }
     }
 }
@@ -280,7 +163,7 @@ impl StorageConfig {
 pub const DEFAULT_JETSTREAM_STREAM: &str = "EVENTBUS";
 
 /// The `--storage` choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
     Memory,
@@ -295,7 +178,7 @@ pub enum StorageKind {
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -303,153 +186,342 @@ pub enum LogFormat {
     Json,
 }
 
-/// `eventbus serve` flags. Each has an `EVENTBUS_*` variable; unset ones fall back to the
-/// `--config` file, then to the defaults of [`ServerConfig`]. Sizes take units (`256MiB`, see
-/// [`parse_size`]), durations humantime's forms (`500ms`, `7d`).
-#[derive(Debug, Clone, Default, clap::Args)]
+/// `eventbus serve` flags. Every setting can also come from the environment
+/// (`EVENTBUS_<KEY>`, e.g. `EVENTBUS_RETENTION_MAX_BYTES`) and from the `--config` TOML file
+/// (`<key>`, e.g. `retention_max_bytes`); a flag wins over the environment, which wins over the
+/// file, which wins over the default ([`ServeArgs::resolve`], layered by figment). Sizes take
+/// units (`256MiB`, see [`parse_size`]), durations as [`crate::timefmt`] reads them (`500ms`, `1h30m`, `7d`).
+///
+/// Serialized, it is the flags layer: only the flags given.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+#[command(
+    after_help = "Every flag also reads EVENTBUS_<FLAG> (e.g. EVENTBUS_RETENTION_MAX_BYTES \
+                        for --retention-max-bytes) and the --config file's key <flag> with \
+                        underscores (retention_max_bytes). A flag wins over the environment, \
+                        which wins over the file. `eventbus server info` shows where each value \
+                        of a running bus came from."
+)]
 pub struct ServeArgs {
-    /// TOML file with any of the settings below (keys as the flags, with underscores).
+    /// TOML file with any of the settings below (keys as the flags, with underscores), and
+    /// `[[principals]]` and `[limits]` (SECURITY.md).
     #[arg(long, env = "EVENTBUS_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address to listen on: `IP:PORT`, or `HOST:PORT` resolved once at start-up
     /// (`localhost:50051`) [default: 127.0.0.1:50051].
-    #[arg(long, env = "EVENTBUS_LISTEN", value_parser = parse_listen)]
+    #[arg(long, value_parser = parse_listen)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// Events kept for replay [default: 1000000].
-    #[arg(long, env = "EVENTBUS_RETENTION_MAX_EVENTS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_max_events: Option<u64>,
     /// Bytes of events kept for replay, e.g. `256MiB` [default: 256MiB].
-    #[arg(long, env = "EVENTBUS_RETENTION_MAX_BYTES", value_parser = parse_size)]
+    #[arg(long, value_parser = parse_size)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_max_bytes: Option<u64>,
     /// Oldest events kept for replay, e.g. `7d` [default: no limit].
-    #[arg(long, env = "EVENTBUS_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub retention_max_age: Option<Duration>,
     /// Where the log lives: `file` (durable segment files), `memory`, or `jetstream` (a NATS
     /// JetStream stream several bus nodes share) [default: file].
-    #[arg(long, env = "EVENTBUS_STORAGE", value_enum)]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageKind>,
     /// NATS servers for `--storage jetstream`, comma-separated (`nats://h1:4222,nats://h2:4222`)
     /// [default: nats://127.0.0.1:4222].
-    #[arg(long, env = "EVENTBUS_NATS_URL", value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_url: Option<Vec<String>>,
     /// The JetStream stream that holds the log; its subjects are `<NAME>.>` [default: EVENTBUS].
-    #[arg(long, env = "EVENTBUS_JETSTREAM_STREAM")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jetstream_stream: Option<String>,
     /// Replicas of the stream: 1 on one NATS server, 3 in a NATS cluster [default: 1].
-    #[arg(long, env = "EVENTBUS_JETSTREAM_REPLICAS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jetstream_replicas: Option<usize>,
     /// Directory of the file store [default: ./eventbus-data].
-    #[arg(long, env = "EVENTBUS_DATA_DIR")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// When the file store syncs: `always` (before acknowledging), `interval:<ms>` or `never`
     /// [default: always].
-    #[arg(long, env = "EVENTBUS_FSYNC")]
+    #[arg(long)]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_display_opt"
+    )]
     pub fsync: Option<FsyncPolicy>,
     /// Size at which the file store starts a new segment file [default: 64MiB].
-    #[arg(long, env = "EVENTBUS_SEGMENT_BYTES", value_parser = parse_size)]
+    #[arg(long, value_parser = parse_size)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub segment_bytes: Option<u64>,
     /// Events queued per live subscriber; a subscriber with a full queue catches up from the
     /// log [default: 8192].
-    #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_SIZE")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriber_queue_size: Option<usize>,
     /// Bytes of events queued per live subscriber (and read per replay step) [default: 8MiB].
-    #[arg(long, env = "EVENTBUS_SUBSCRIBER_QUEUE_BYTES", value_parser = parse_size_usize)]
+    #[arg(long, value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriber_queue_bytes: Option<usize>,
     /// Bytes of events queued for all live subscribers together; past it subscribers catch up
     /// from the log [default: 256MiB].
-    #[arg(long, env = "EVENTBUS_DELIVERY_BUFFER_BYTES", value_parser = parse_size_usize)]
+    #[arg(long, value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery_buffer_bytes: Option<usize>,
     /// Sequences a subscriber catching up from the log may be behind the head before it is
     /// ended [default: no limit].
-    #[arg(long, env = "EVENTBUS_MAX_SUBSCRIBER_LAG")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_subscriber_lag: Option<u64>,
     /// Largest event data [default: 1MiB].
-    #[arg(long, env = "EVENTBUS_MAX_EVENT_DATA_BYTES", value_parser = parse_size_usize)]
+    #[arg(long, value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_event_data_bytes: Option<usize>,
     /// Most events in one publish batch [default: 10000].
-    #[arg(long, env = "EVENTBUS_MAX_BATCH_EVENTS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_batch_events: Option<usize>,
     /// Largest gRPC message [default: 16MiB].
-    #[arg(long, env = "EVENTBUS_MAX_MESSAGE_BYTES", value_parser = parse_size_usize)]
+    #[arg(long, value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<usize>,
     /// Query timeout when a query names none, e.g. `5s` [default: 5s].
-    #[arg(long, env = "EVENTBUS_DEFAULT_QUERY_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub default_query_timeout: Option<Duration>,
     /// Longest a query may wait [default: 60s].
-    #[arg(long, env = "EVENTBUS_MAX_QUERY_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub max_query_timeout: Option<Duration>,
     /// Idempotent publish window: a (source, id) seen within it is not stored again; `0s` turns
     /// it off [default: 2m].
-    #[arg(long, env = "EVENTBUS_DEDUPE_WINDOW", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub dedupe_window: Option<Duration>,
     /// Most (source, id) pairs remembered for idempotent publish [default: 1000000].
-    #[arg(long, env = "EVENTBUS_DEDUPE_MAX_ENTRIES")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dedupe_max_entries: Option<usize>,
     /// Forget a topic's counters, a topology edge, an ended subscription or a member-less
     /// MANUAL-ack group unused this long [default: 1h].
-    #[arg(long, env = "EVENTBUS_NAMES_IDLE_AFTER", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub names_idle_after: Option<Duration>,
     /// Most topics, and most topology edges, tracked at once [default: 100000].
-    #[arg(long, env = "EVENTBUS_MAX_NAMES")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_names: Option<usize>,
     /// Grace period for in-flight calls at shutdown [default: 10s].
-    #[arg(long, env = "EVENTBUS_SHUTDOWN_GRACE", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub shutdown_grace: Option<Duration>,
     /// HTTP/2 keepalive ping interval [default: 30s].
-    #[arg(long, env = "EVENTBUS_KEEPALIVE_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub keepalive_interval: Option<Duration>,
     /// How long a keepalive ping may go unanswered [default: 10s].
-    #[arg(long, env = "EVENTBUS_KEEPALIVE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub keepalive_timeout: Option<Duration>,
     /// Longest a unary request, or one message of a stream, may take to arrive once started
     /// [default: 30s].
-    #[arg(long, env = "EVENTBUS_RECEIVE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub receive_timeout: Option<Duration>,
     /// Bytes of partly received requests held at once, across all connections
     /// [default: 256MiB].
-    #[arg(long, env = "EVENTBUS_RECEIVE_BUDGET_BYTES", value_parser = parse_size_usize)]
+    #[arg(long, value_parser = parse_size_usize)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub receive_budget_bytes: Option<usize>,
     /// HTTP/2 streams one connection may have open at once [default: 4096].
-    #[arg(long, env = "EVENTBUS_MAX_CONCURRENT_STREAMS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent_streams: Option<u32>,
     /// Open connections at most [default: the open-file limit less a quarter of it, at most
     /// 1024, kept for files].
-    #[arg(long, env = "EVENTBUS_MAX_CONNECTIONS")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// How long a new connection may send nothing before it is closed [default: 10s].
-    #[arg(long, env = "EVENTBUS_HANDSHAKE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
+    #[serde(skip_serializing_if = "Option::is_none", with = "duration_serde_opt")]
     pub handshake_timeout: Option<Duration>,
     /// Address of the admin HTTP listener serving `/metrics` (Prometheus), `/healthz`, `/readyz`
     /// and the dashboard (`/`), e.g. `127.0.0.1:9090`; empty turns it off [default: off].
-    #[arg(long, env = "EVENTBUS_ADMIN_LISTEN")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<String>,
     /// PEM certificate chain (leaf first) for TLS on the gRPC and admin listeners; needs
     /// `--tls-key`. Reloaded on SIGHUP or when the file changes [default: plaintext].
-    #[arg(long, env = "EVENTBUS_TLS_CERT")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `--tls-cert`.
-    #[arg(long, env = "EVENTBUS_TLS_KEY")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificates for mutual TLS: a client certificate must chain to one of them
     /// (a client without one may still connect; authentication decides) [default: no client
     /// certificates asked for].
-    #[arg(long, env = "EVENTBUS_TLS_CLIENT_CA")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca: Option<PathBuf>,
     /// Log level or filter (as RUST_LOG), e.g. `info` or `eventbus=debug` [default: info].
-    #[arg(long, env = "EVENTBUS_LOG_LEVEL")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
     /// Log format [default: text].
-    #[arg(long, env = "EVENTBUS_LOG_FORMAT", value_enum)]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
     /// OTLP/gRPC endpoint to export traces to (an OpenTelemetry Collector, Jaeger, Tempo), e.g.
     /// `http://127.0.0.1:4317`: one span per published event that carries trace context
     /// [default: off].
-    #[arg(long, env = "EVENTBUS_OTLP_ENDPOINT")]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
 }
 
-/// `nats_url` in the config file: one string with commas, or a list.
-#[derive(Debug, Deserialize)]
+/// Every setting of `eventbus serve` as the layers give it, before it is checked: one field per
+/// setting, named by its config key (the flag is the key in kebab-case, the variable
+/// `EVENTBUS_` and the key in upper case). Its [`Default`] is the defaults layer. Principals
+/// and limits are not here: they come from the file alone ([`FileParts`]).
+///
+/// Adding a setting is a field here, a flag in [`ServeArgs`], and its use in
+/// [`ServeArgs::resolve`]; the layering, the environment variable and the source report come
+/// with the field.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Settings {
+    listen: String,
+    retention_max_events: u64,
+    #[serde(with = "size_serde")]
+    retention_max_bytes: u64,
+    #[serde(default, with = "duration_serde_opt")]
+    retention_max_age: Option<Duration>,
+    storage: StorageKind,
+    nats_url: NatsUrls,
+    jetstream_stream: String,
+    jetstream_replicas: usize,
+    data_dir: PathBuf,
+    fsync: String,
+    #[serde(with = "size_serde")]
+    segment_bytes: u64,
+    subscriber_queue_size: usize,
+    #[serde(with = "size_serde")]
+    subscriber_queue_bytes: usize,
+    #[serde(with = "size_serde")]
+    delivery_buffer_bytes: usize,
+    #[serde(default)]
+    max_subscriber_lag: Option<u64>,
+    #[serde(with = "size_serde")]
+    max_event_data_bytes: usize,
+    max_batch_events: usize,
+    #[serde(with = "size_serde")]
+    max_message_bytes: usize,
+    #[serde(with = "duration_serde")]
+    default_query_timeout: Duration,
+    #[serde(with = "duration_serde")]
+    max_query_timeout: Duration,
+    #[serde(with = "duration_serde")]
+    dedupe_window: Duration,
+    dedupe_max_entries: usize,
+    #[serde(with = "duration_serde")]
+    names_idle_after: Duration,
+    max_names: usize,
+    #[serde(with = "duration_serde")]
+    shutdown_grace: Duration,
+    #[serde(with = "duration_serde")]
+    keepalive_interval: Duration,
+    #[serde(with = "duration_serde")]
+    keepalive_timeout: Duration,
+    #[serde(with = "duration_serde")]
+    receive_timeout: Duration,
+    #[serde(with = "size_serde")]
+    receive_budget_bytes: usize,
+    max_concurrent_streams: u32,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(with = "duration_serde")]
+    handshake_timeout: Duration,
+    #[serde(default)]
+    admin_listen: Option<String>,
+    #[serde(default)]
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    tls_client_ca: Option<PathBuf>,
+    log_level: String,
+    log_format: LogFormat,
+    #[serde(default)]
+    otlp_endpoint: Option<String>,
+    /// `[[principals]]`: only the file gives them (no flag or variable), so they are not a
+    /// layered setting and never serialized.
+    #[serde(skip_serializing)]
+    principals: Vec<crate::auth::PrincipalConfig>,
+    /// `[limits.connection]`, `[limits.principal]`: as `principals`.
+    #[serde(skip_serializing)]
+    limits: crate::limits::LimitsConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let server = ServerConfig::default();
+        let bus = server.bus;
+        Settings {
+            listen: server.listen.to_string(),
+            retention_max_events: bus.retention_max_events,
+            retention_max_bytes: bus.retention_max_bytes,
+            retention_max_age: bus.retention_max_age,
+            storage: StorageKind::File,
+            nats_url: NatsUrls::One("nats://127.0.0.1:4222".to_owned()),
+            jetstream_stream: DEFAULT_JETSTREAM_STREAM.to_owned(),
+            jetstream_replicas: 1,
+            data_dir: PathBuf::from("eventbus-data"),
+            fsync: FsyncPolicy::Always.to_string(),
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            subscriber_queue_size: bus.subscriber_queue_size,
+            subscriber_queue_bytes: bus.subscriber_queue_bytes,
+            delivery_buffer_bytes: bus.delivery_buffer_bytes,
+            max_subscriber_lag: bus.max_subscriber_lag,
+            max_event_data_bytes: bus.max_event_data_bytes,
+            max_batch_events: bus.max_batch_events,
+            max_message_bytes: bus.max_message_bytes,
+            default_query_timeout: bus.default_query_timeout,
+            max_query_timeout: bus.max_query_timeout,
+            dedupe_window: bus.dedupe_window,
+            dedupe_max_entries: bus.dedupe_max_entries,
+            names_idle_after: bus.names_idle_after,
+            max_names: bus.max_names,
+            shutdown_grace: server.shutdown_grace,
+            keepalive_interval: server.keepalive_interval,
+            keepalive_timeout: server.keepalive_timeout,
+            receive_timeout: server.receive_timeout,
+            receive_budget_bytes: server.receive_budget_bytes,
+            max_concurrent_streams: server.max_concurrent_streams,
+            max_connections: server.max_connections,
+            handshake_timeout: server.handshake_timeout,
+            admin_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            log_level: "info".to_owned(),
+            log_format: LogFormat::default(),
+            otlp_endpoint: None,
+            principals: Vec::new(),
+            limits: crate::limits::LimitsConfig::default(),
+        }
+    }
+}
+
+/// `nats_url`: one string with commas (as the flag and the variable give it), or a list (as
+/// TOML may).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 enum NatsUrls {
     One(String),
@@ -465,133 +537,74 @@ impl NatsUrls {
     }
 }
 
-/// The `--config` file: the same settings as the flags, all optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigFile {
-    #[serde(default, deserialize_with = "listen_serde_opt")]
-    listen: Option<SocketAddr>,
-    retention_max_events: Option<u64>,
-    #[serde(default, with = "size_serde_opt")]
-    retention_max_bytes: Option<u64>,
-    #[serde(default, with = "humantime_serde_opt")]
-    retention_max_age: Option<Duration>,
-    storage: Option<StorageKind>,
-    nats_url: Option<NatsUrls>,
-    jetstream_stream: Option<String>,
-    jetstream_replicas: Option<usize>,
-    data_dir: Option<PathBuf>,
-    fsync: Option<String>,
-    #[serde(default, with = "size_serde_opt")]
-    segment_bytes: Option<u64>,
-    subscriber_queue_size: Option<usize>,
-    #[serde(default, with = "size_serde_opt")]
-    subscriber_queue_bytes: Option<usize>,
-    #[serde(default, with = "size_serde_opt")]
-    delivery_buffer_bytes: Option<usize>,
-    max_subscriber_lag: Option<u64>,
-    #[serde(default, with = "size_serde_opt")]
-    max_event_data_bytes: Option<usize>,
-    max_batch_events: Option<usize>,
-    #[serde(default, with = "size_serde_opt")]
-    max_message_bytes: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    default_query_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    max_query_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    dedupe_window: Option<Duration>,
-    dedupe_max_entries: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    names_idle_after: Option<Duration>,
-    max_names: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    shutdown_grace: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    keepalive_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    keepalive_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    receive_timeout: Option<Duration>,
-    #[serde(default, with = "size_serde_opt")]
-    receive_budget_bytes: Option<usize>,
-    max_concurrent_streams: Option<u32>,
-    max_connections: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    handshake_timeout: Option<Duration>,
-    admin_listen: Option<String>,
-    #[serde(default)]
-    principals: Vec<crate::auth::PrincipalConfig>,
-    #[serde(default)]
-    limits: crate::limits::LimitsConfig,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_client_ca: Option<PathBuf>,
-    log_level: Option<String>,
-    log_format: Option<LogFormat>,
-    otlp_endpoint: Option<String>,
+/// The keys of [`Settings`], in alphabetical order: what the environment layer reads and
+/// what [`SettingSource`]s are reported for.
+fn setting_keys() -> Vec<String> {
+    match figment::value::Value::serialize(Settings::default()) {
+        Ok(figment::value::Value::Dict(_, dict)) => dict.into_keys().collect(),
+        _ => unreachable!("Settings serializes to a dict"),
+    }
 }
 
-/// Durations in the TOML file are written as humans write them: `"5s"`, `"250ms"`.
-/// A size in bytes, with or without a unit: `268435456`, `256MiB`, `1.5 GB`, `64k`. IEC units
-/// (`KiB`, `MiB`, `GiB`, ...) are powers of 1024, SI units (`KB`/`k`, `MB`/`m`, ...) powers of
-/// 1000; read by the `bytesize` crate.
-///
-/// Errors: text that is neither a number of bytes nor a number and a unit it knows.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    text.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|error| {
-            format!("{error} (a size is bytes, or a number and a unit: 256MiB, 1.5GB, 64k)")
+/// Where one setting's value came from, for `GetServerInfo` and `eventbus server info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingSource {
+    /// The config key, e.g. `retention_max_bytes`.
+    pub name: String,
+    /// The value as the winning layer gave it (`256MiB`, `268435456`, `5s`); empty when unset.
+    pub value: String,
+    /// `default`, `flag --retention-max-bytes`, `env EVENTBUS_RETENTION_MAX_BYTES` or
+    /// `file /etc/eventbus.toml`.
+    pub source: String,
+}
+
+/// One layer of settings for figment: a dict and how its values are reported.
+struct Layer {
+    metadata: figment::Metadata,
+    dict: figment::value::Dict,
+}
+
+impl Layer {
+    /// A layer of `value`'s fields (a struct or a map), named `name`.
+    fn of(name: &'static str, value: impl Serialize) -> Result<Layer, ConfigError> {
+        let dict = match figment::value::Value::serialize(value) {
+            Ok(figment::value::Value::Dict(_, dict)) => dict,
+            Ok(_) => figment::value::Dict::new(),
+            Err(error) => return Err(ConfigError::Layer(error.to_string())),
+        };
+        Ok(Layer {
+            metadata: figment::Metadata::named(name),
+            dict,
         })
-}
-
-/// [`parse_size`] for a size held in memory, which must fit a `usize`.
-pub fn parse_size_usize(text: &str) -> Result<usize, String> {
-    let bytes = parse_size(text)?;
-    usize::try_from(bytes).map_err(|_| format!("{bytes} bytes does not fit this machine"))
-}
-
-/// A size in the config file: an integer of bytes, or a string [`parse_size`] reads.
-mod size_serde_opt {
-    use serde::de::Error as _;
-    use serde::{Deserialize, Deserializer};
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Bytes(u64),
-        Text(String),
-    }
-
-    pub fn deserialize<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
-    where
-        D: Deserializer<'de>,
-        T: TryFrom<u64>,
-    {
-        let Some(size) = Option::<Size>::deserialize(d)? else {
-            return Ok(None);
-        };
-        let bytes = match size {
-            Size::Bytes(bytes) => bytes,
-            Size::Text(text) => super::parse_size(&text).map_err(D::Error::custom)?,
-        };
-        T::try_from(bytes)
-            .map(Some)
-            .map_err(|_| D::Error::custom(format!("{bytes} bytes does not fit this machine")))
     }
 }
 
-mod humantime_serde_opt {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let text: Option<String> = Option::deserialize(d)?;
-        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
-            .transpose()
+impl figment::Provider for Layer {
+    fn metadata(&self) -> figment::Metadata {
+        self.metadata.clone()
     }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+/// The metadata names of the layers, as [`SettingSource::source`] reports them.
+const DEFAULTS: &str = "default";
+const FLAGS: &str = "flag";
+const ENV: &str = "env";
+const FILE: &str = "file";
+
+/// The prefix of the settings' environment variables.
+pub const ENV_PREFIX: &str = "EVENTBUS_";
+
+/// What the `--config` file holds: the settings (a TOML table, checked against [`Settings`] when
+/// layered) and the principals and limits, which only the file gives.
+struct FileParts {
+    settings: toml::Table,
+    auth: crate::auth::AuthConfig,
 }
 
 /// The log settings, which the binary applies before anything else runs.
@@ -604,101 +617,163 @@ pub struct LogConfig {
 }
 
 impl ServeArgs {
-    /// Merges flags and environment (already in `self`) over the config file over defaults, and
-    /// checks the result.
+    /// Layers the defaults, the `--config` file, the `EVENTBUS_*` environment and the flags
+    /// (each over the one before), and checks the result as a whole.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] / [`ConfigError::Parse`] for a file that cannot be read or is not
+    /// TOML (with the line and a caret); [`ConfigError::Layer`] for a value of the wrong kind
+    /// or an unknown key, naming the key and the layer; [`ConfigError::Invalid`] for values
+    /// that cannot work together, naming the setting.
     pub fn resolve(&self) -> Result<(ServerConfig, LogConfig), ConfigError> {
         let file = match &self.config {
-            Some(path) => read_config_file(path)?,
-            None => ConfigFile::default(),
+            Some(path) => Some((path.clone(), read_config_file(path)?)),
+            None => None,
         };
-        self.resolve_with(file)
+        let env = figment::providers::Env::prefixed(ENV_PREFIX).filter({
+            let keys = setting_keys();
+            move |key| keys.iter().any(|k| key == k.as_str())
+        });
+        self.resolve_with(file, Some(env))
     }
 
-    /// [`ServeArgs::resolve`] with the file already parsed.
-    fn resolve_with(&self, file: ConfigFile) -> Result<(ServerConfig, LogConfig), ConfigError> {
-        let defaults = ServerConfig::default();
-        let bus_defaults = &defaults.bus;
+    /// [`ServeArgs::resolve`] with the file already parsed, and the environment layer given
+    /// (none for [`parse_config_text`]).
+    fn resolve_with(
+        &self,
+        file: Option<(PathBuf, FileParts)>,
+        env: Option<figment::providers::Env>,
+    ) -> Result<(ServerConfig, LogConfig), ConfigError> {
+        let mut figment = figment::Figment::new().merge(Layer::of(DEFAULTS, Settings::default())?);
+        let mut auth = crate::auth::AuthConfig::default();
+        if let Some((path, parts)) = file {
+            let mut layer = Layer::of(FILE, parts.settings)?;
+            layer.metadata = layer.metadata.source(figment::Source::File(path));
+            figment = figment.merge(layer);
+            auth = parts.auth;
+        }
+        if let Some(env) = env {
+            figment = figment.merge(env);
+        }
+        figment = figment.merge(Layer::of(FLAGS, self)?);
+        let settings: Settings = figment.extract().map_err(layer_error)?;
+        let sources = setting_sources(&figment);
+        let log = LogConfig {
+            level: settings.log_level.clone(),
+            format: settings.log_format,
+            otlp_endpoint: parse_otlp_endpoint(settings.otlp_endpoint.clone())?,
+        };
+        let mut server = settings.into_server(auth)?;
+        server.config_file = self.config.clone();
+        server.settings = sources;
+        // Compiled once here so a bad principal stops the start with the entry named.
+        crate::auth::Auth::new(&server.auth, crate::metrics::Metrics::new())?;
+        server.validate_receiving()?;
+        Ok((server, log))
+    }
+}
+
+/// A figment error as one line naming the key and the layer it came from.
+fn layer_error(error: figment::Error) -> ConfigError {
+    let errors: Vec<String> = error
+        .into_iter()
+        .map(|error| {
+            let key = error.path.join(".");
+            let layer = error.metadata.as_ref().map(|m| describe_layer(m, &key));
+            match (key.is_empty(), layer) {
+                (false, Some(layer)) => format!("{key} ({layer}): {}", error.kind),
+                (false, None) => format!("{key}: {}", error.kind),
+                (true, _) => error.kind.to_string(),
+            }
+        })
+        .collect();
+    ConfigError::Layer(errors.join("; "))
+}
+
+/// How a layer is reported for `key`: `default`, `flag --key`, `env EVENTBUS_KEY`,
+/// `file PATH`.
+fn describe_layer(metadata: &figment::Metadata, key: &str) -> String {
+    match &*metadata.name {
+        DEFAULTS => DEFAULTS.to_owned(),
+        FLAGS => format!("flag --{}", key.replace('_', "-")),
+        FILE => match &metadata.source {
+            Some(figment::Source::File(path)) => format!("file {}", path.display()),
+            _ => FILE.to_owned(),
+        },
+        // figment's Env provider names itself "`EVENTBUS_` environment variable(s)".
+        _ => format!("{ENV} {ENV_PREFIX}{}", key.to_ascii_uppercase()),
+    }
+}
+
+/// Where each setting's value came from, and the value as that layer gave it.
+fn setting_sources(figment: &figment::Figment) -> Vec<SettingSource> {
+    setting_keys()
+        .into_iter()
+        .map(|key| {
+            let value = figment.find_value(&key).ok();
+            let source = value
+                .as_ref()
+                .and_then(|value| figment.get_metadata(value.tag()))
+                .map_or_else(|| DEFAULTS.to_owned(), |m| describe_layer(m, &key));
+            SettingSource {
+                value: value.map(|value| render_value(&value)).unwrap_or_default(),
+                name: key,
+                source,
+            }
+        })
+        .collect()
+}
+
+/// A layered value as text: strings as they are, lists comma-separated, unset as empty.
+fn render_value(value: &figment::value::Value) -> String {
+    use figment::value::Value;
+    match value {
+        Value::String(_, text) => text.clone(),
+        Value::Char(_, c) => c.to_string(),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => match (n.to_u128(), n.to_i128()) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(n)) => n.to_string(),
+            (None, None) => n.to_f64().map(|n| n.to_string()).unwrap_or_default(),
+        },
+        Value::Empty(..) => String::new(),
+        Value::Array(_, items) => items.iter().map(render_value).collect::<Vec<_>>().join(","),
+        Value::Dict(_, dict) => dict
+            .iter()
+            .map(|(k, v)| format!("{k}={}", render_value(v)))
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
+impl Settings {
+    /// The server's configuration from the layered settings, each checked by name.
+    fn into_server(self, auth: crate::auth::AuthConfig) -> Result<ServerConfig, ConfigError> {
         let bus = BusConfig {
-            retention_max_events: self
-                .retention_max_events
-                .or(file.retention_max_events)
-                .unwrap_or(bus_defaults.retention_max_events),
-            retention_max_bytes: self
-                .retention_max_bytes
-                .or(file.retention_max_bytes)
-                .unwrap_or(bus_defaults.retention_max_bytes),
-            retention_max_age: self.retention_max_age.or(file.retention_max_age),
-            subscriber_queue_size: self
-                .subscriber_queue_size
-                .or(file.subscriber_queue_size)
-                .unwrap_or(bus_defaults.subscriber_queue_size),
-            subscriber_queue_bytes: self
-                .subscriber_queue_bytes
-                .or(file.subscriber_queue_bytes)
-                .unwrap_or(bus_defaults.subscriber_queue_bytes),
-            delivery_buffer_bytes: self
-                .delivery_buffer_bytes
-                .or(file.delivery_buffer_bytes)
-                .unwrap_or(bus_defaults.delivery_buffer_bytes),
-            max_subscriber_lag: self.max_subscriber_lag.or(file.max_subscriber_lag),
-            max_event_data_bytes: self
-                .max_event_data_bytes
-                .or(file.max_event_data_bytes)
-                .unwrap_or(bus_defaults.max_event_data_bytes),
-            max_batch_events: self
-                .max_batch_events
-                .or(file.max_batch_events)
-                .unwrap_or(bus_defaults.max_batch_events),
-            max_message_bytes: self
-                .max_message_bytes
-                .or(file.max_message_bytes)
-                .unwrap_or(bus_defaults.max_message_bytes),
-            default_query_timeout: self
-                .default_query_timeout
-                .or(file.default_query_timeout)
-                .unwrap_or(bus_defaults.default_query_timeout),
-            max_query_timeout: self
-                .max_query_timeout
-                .or(file.max_query_timeout)
-                .unwrap_or(bus_defaults.max_query_timeout),
-            dedupe_window: self
-                .dedupe_window
-                .or(file.dedupe_window)
-                .unwrap_or(bus_defaults.dedupe_window),
-            dedupe_max_entries: self
-                .dedupe_max_entries
-                .or(file.dedupe_max_entries)
-                .unwrap_or(bus_defaults.dedupe_max_entries),
-            names_idle_after: self
-                .names_idle_after
-                .or(file.names_idle_after)
-                .unwrap_or(bus_defaults.names_idle_after),
-            max_names: self
-                .max_names
-                .or(file.max_names)
-                .unwrap_or(bus_defaults.max_names),
+            retention_max_events: self.retention_max_events,
+            retention_max_bytes: self.retention_max_bytes,
+            retention_max_age: self.retention_max_age,
+            subscriber_queue_size: self.subscriber_queue_size,
+            subscriber_queue_bytes: self.subscriber_queue_bytes,
+            delivery_buffer_bytes: self.delivery_buffer_bytes,
+            max_subscriber_lag: self.max_subscriber_lag,
+            max_event_data_bytes: self.max_event_data_bytes,
+            max_batch_events: self.max_batch_events,
+            max_message_bytes: self.max_message_bytes,
+            default_query_timeout: self.default_query_timeout,
+            max_query_timeout: self.max_query_timeout,
+            dedupe_window: self.dedupe_window,
+            dedupe_max_entries: self.dedupe_max_entries,
+            names_idle_after: self.names_idle_after,
+            max_names: self.max_names,
         };
         bus.validate()?;
-        let file_fsync = file
-            .fsync
-            .as_deref()
-            .map(|text| {
-                text.parse::<FsyncPolicy>()
-                    .map_err(|rule| ConfigError::Invalid {
-                        setting: "fsync",
-                        rule,
-                    })
-            })
-            .transpose()?;
-        let storage = match self.storage.or(file.storage).unwrap_or(StorageKind::File) {
+        let storage = match self.storage {
             StorageKind::Memory => StorageConfig::Memory,
             StorageKind::JetStream => {
-                let urls = self
+                let urls: Vec<String> = self
                     .nats_url
-                    .clone()
-                    .or(file.nats_url.map(NatsUrls::into_list))
-                    .unwrap_or_else(|| vec!["nats://127.0.0.1:4222".to_owned()]);
-                let urls: Vec<String> = urls
+                    .into_list()
                     .iter()
                     .map(|url| url.trim().to_owned())
                     .filter(|url| !url.is_empty())
@@ -709,11 +784,7 @@ impl ServeArgs {
                         rule: "must name at least one NATS server".into(),
                     });
                 }
-                let stream = self
-                    .jetstream_stream
-                    .clone()
-                    .or(file.jetstream_stream)
-                    .unwrap_or_else(|| DEFAULT_JETSTREAM_STREAM.to_owned());
+                let stream = self.jetstream_stream;
                 if stream.is_empty()
                     || !stream
                         .bytes()
@@ -727,10 +798,7 @@ impl ServeArgs {
                         ),
                     });
                 }
-                let replicas = self
-                    .jetstream_replicas
-                    .or(file.jetstream_replicas)
-                    .unwrap_or(1);
+                let replicas = self.jetstream_replicas;
                 if !(1..=5).contains(&replicas) {
                     return Err(ConfigError::Invalid {
                         setting: "jetstream_replicas",
@@ -743,85 +811,177 @@ impl ServeArgs {
                     replicas,
                 }
             }
-            StorageKind::File => StorageConfig::File {
-                data_dir: self
-                    .data_dir
-                    .clone()
-                    .or(file.data_dir)
-                    .unwrap_or_else(|| PathBuf::from("eventbus-data")),
-                fsync: self.fsync.or(file_fsync).unwrap_or(FsyncPolicy::Always),
-                segment_bytes: self
-                    .segment_bytes
-                    .or(file.segment_bytes)
-                    .unwrap_or(DEFAULT_SEGMENT_BYTES),
-            },
-        };
-        if let StorageConfig::File { segment_bytes, .. } = &storage {
-            if *segment_bytes < 4096 {
-                return Err(ConfigError::Invalid {
-                    setting: "segment_bytes",
-                    rule: "must be at least 4096".into(),
-                });
+            StorageKind::File => {
+                if self.segment_bytes < 4096 {
+                    return Err(ConfigError::Invalid {
+                        setting: "segment_bytes",
+                        rule: "must be at least 4096".into(),
+                    });
+                }
+                StorageConfig::File {
+                    data_dir: self.data_dir,
+                    fsync: self.fsync.parse().map_err(|rule| ConfigError::Invalid {
+                        setting: "fsync",
+                        rule,
+                    })?,
+                    segment_bytes: self.segment_bytes,
+                }
             }
-        }
-        let server = ServerConfig {
-            listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
+        };
+        Ok(ServerConfig {
+            listen: parse_listen(&self.listen).map_err(|rule| ConfigError::Invalid {
+                setting: "listen",
+                rule,
+            })?,
             bus,
             storage,
-            shutdown_grace: self
-                .shutdown_grace
-                .or(file.shutdown_grace)
-                .unwrap_or(defaults.shutdown_grace),
-            keepalive_interval: self
-                .keepalive_interval
-                .or(file.keepalive_interval)
-                .unwrap_or(defaults.keepalive_interval),
-            keepalive_timeout: self
-                .keepalive_timeout
-                .or(file.keepalive_timeout)
-                .unwrap_or(defaults.keepalive_timeout),
-            receive_timeout: self
-                .receive_timeout
-                .or(file.receive_timeout)
-                .unwrap_or(defaults.receive_timeout),
-            receive_budget_bytes: self
-                .receive_budget_bytes
-                .or(file.receive_budget_bytes)
-                .unwrap_or(defaults.receive_budget_bytes),
-            max_concurrent_streams: self
-                .max_concurrent_streams
-                .or(file.max_concurrent_streams)
-                .unwrap_or(defaults.max_concurrent_streams),
-            max_connections: self.max_connections.or(file.max_connections),
-            handshake_timeout: self
-                .handshake_timeout
-                .or(file.handshake_timeout)
-                .unwrap_or(defaults.handshake_timeout),
-            admin_listen: parse_admin_listen(self.admin_listen.clone().or(file.admin_listen))?,
-            auth: crate::auth::AuthConfig {
-                principals: file.principals,
-                limits: file.limits,
-            },
-            config_file: self.config.clone(),
-            tls: tls_config(
-                self.tls_cert.clone().or(file.tls_cert),
-                self.tls_key.clone().or(file.tls_key),
-                self.tls_client_ca.clone().or(file.tls_client_ca),
-            )?,
+            shutdown_grace: self.shutdown_grace,
+            keepalive_interval: self.keepalive_interval,
+            keepalive_timeout: self.keepalive_timeout,
+            receive_timeout: self.receive_timeout,
+            receive_budget_bytes: self.receive_budget_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout,
+            admin_listen: parse_admin_listen(self.admin_listen)?,
+            auth,
+            config_file: None,
+            tls: tls_config(self.tls_cert, self.tls_key, self.tls_client_ca)?,
+            settings: Vec::new(),
+        })
+    }
+}
+
+/// Serializes an optional value by its `Display` form (the flags layer's `fsync`).
+fn serialize_display_opt<T: std::fmt::Display, S: serde::Serializer>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => serializer.collect_str(value),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// A size in bytes, with or without a unit: `268435456`, `256MiB`, `1.5 GB`, `64k`. IEC units
+/// (`KiB`, `MiB`, `GiB`, ...) are powers of 1024, SI units (`KB`/`k`, `MB`/`m`, ...) powers of
+/// 1000; read by the `bytesize` crate.
+///
+/// # Errors
+/// Text that is neither a number of bytes nor a number and a unit it knows.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|error| {
+            format!("{error} (a size is bytes, or a number and a unit: 256MiB, 1.5GB, 64k)")
+        })
+}
+
+/// [`parse_size`] for a size held in memory, which must fit a `usize`.
+///
+/// # Errors
+/// As [`parse_size`], and a size past `usize` on this machine.
+pub fn parse_size_usize(text: &str) -> Result<usize, String> {
+    let bytes = parse_size(text)?;
+    usize::try_from(bytes).map_err(|_| format!("{bytes} bytes does not fit this machine"))
+}
+
+/// A duration flag or setting: [`crate::timefmt::parse_duration`] (`500ms`, `5s`, `7d`).
+///
+/// # Errors
+/// As [`crate::timefmt::parse_duration`].
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::timefmt::parse_duration(text)
+}
+
+/// A size setting: written as an integer of bytes; read from an integer or from a string
+/// [`parse_size`] reads (`256MiB`).
+mod size_serde {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+
+    pub fn serialize<S: Serializer, T: Copy + TryInto<u64>>(
+        value: &T,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let bytes: u64 = (*value).try_into().unwrap_or(u64::MAX);
+        serializer.serialize_u64(bytes)
+    }
+
+    pub fn deserialize<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: TryFrom<u64>,
+    {
+        let bytes = match Size::deserialize(d)? {
+            Size::Bytes(bytes) => bytes,
+            Size::Text(text) => super::parse_size(&text).map_err(D::Error::custom)?,
         };
-        // Compiled once here so a bad principal stops the start with the entry named.
-        crate::auth::Auth::new(&server.auth, crate::metrics::Metrics::new())?;
-        server.validate_receiving()?;
-        let log = LogConfig {
-            level: self
-                .log_level
-                .clone()
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".to_owned()),
-            format: self.log_format.or(file.log_format).unwrap_or_default(),
-            otlp_endpoint: parse_otlp_endpoint(self.otlp_endpoint.clone().or(file.otlp_endpoint))?,
-        };
-        Ok((server, log))
+        T::try_from(bytes)
+            .map_err(|_| D::Error::custom(format!("{bytes} bytes does not fit this machine")))
+    }
+}
+
+/// A duration setting: written and read as text [`crate::timefmt`] reads (`5s`, `7d`). A bare
+/// number is refused with the unit asked for.
+mod duration_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    pub(super) enum Text {
+        Text(String),
+        Number(f64),
+    }
+
+    impl Text {
+        pub(super) fn parse<E: serde::de::Error>(self) -> Result<Duration, E> {
+            match self {
+                Text::Text(text) => crate::timefmt::parse_duration(&text).map_err(E::custom),
+                Text::Number(n) => Err(E::custom(format!(
+                    "{n} needs a unit: {n}s, {n}ms, {n}m (a duration is a number and a unit)"
+                ))),
+            }
+        }
+    }
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&crate::timefmt::format_duration(*value))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Text::deserialize(d)?.parse()
+    }
+}
+
+/// [`duration_serde`] for an optional duration (unset: no limit).
+mod duration_serde_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => super::duration_serde::serialize(value, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<super::duration_serde::Text>::deserialize(d)?
+            .map(super::duration_serde::Text::parse)
+            .transpose()
     }
 }
 
@@ -916,26 +1076,14 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
-/// `listen` in the config file: a string [`parse_listen`] reads.
-fn listen_serde_opt<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<SocketAddr>, D::Error> {
-    let text: Option<String> = Option::deserialize(d)?;
-    text.map(|text| parse_listen(&text).map_err(serde::de::Error::custom))
-        .transpose()
-}
-
 /// The principals and limits of the config file at `path`, as a reload applies them (the rest
 /// of the file needs a restart).
 ///
 /// # Errors
-/// The file cannot be read or parsed ([`ConfigError::Read`], [`ConfigError::Parse`]).
+/// The file cannot be read or parsed ([`ConfigError::Read`], [`ConfigError::Parse`]), or has a
+/// key no setting has ([`ConfigError::Layer`]).
 pub fn read_auth_config(path: &Path) -> Result<crate::auth::AuthConfig, ConfigError> {
-    let file = read_config_file(path)?;
-    Ok(crate::auth::AuthConfig {
-        principals: file.principals,
-        limits: file.limits,
-    })
+    Ok(read_config_file(path)?.auth)
 }
 
 /// The TLS files: a certificate and its key together or neither; a client CA only with them.
@@ -970,14 +1118,18 @@ fn tls_config(
 /// over it: the same TOML parsing and the same checks, on a string. The path only names the
 /// file in errors. It exists so the parser can be fuzzed and property-tested without files
 /// (`fuzz/fuzz_targets/config_file.rs`); whatever the text, it returns a value, never panics.
+///
+/// # Errors
+/// As [`ServeArgs::resolve`].
 pub fn parse_config_text(
     text: &str,
     path: &Path,
 ) -> Result<(ServerConfig, LogConfig), ConfigError> {
-    ServeArgs::default().resolve_with(parse_config_file(text, path)?)
+    let parts = parse_config_file(text, path)?;
+    ServeArgs::default().resolve_with(Some((path.to_owned(), parts)), None)
 }
 
-fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
+fn read_config_file(path: &Path) -> Result<FileParts, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -985,10 +1137,25 @@ fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     parse_config_file(&text, path)
 }
 
-fn parse_config_file(text: &str, path: &Path) -> Result<ConfigFile, ConfigError> {
-    toml::from_str(text).map_err(|source| ConfigError::Parse {
+/// The file's TOML, split into its settings (checked by name here, by kind when layered) and
+/// its principals and limits.
+fn parse_config_file(text: &str, path: &Path) -> Result<FileParts, ConfigError> {
+    let parse_error = |source| ConfigError::Parse {
         path: path.to_owned(),
         source: Box::new(source),
+    };
+    // Checked whole first, from the text, so a wrong key or a value of the wrong kind points
+    // at its line with a caret; the table is then layered under the environment and flags.
+    let file: Settings = toml::from_str(text).map_err(parse_error)?;
+    let mut settings: toml::Table = toml::from_str(text).map_err(parse_error)?;
+    settings.remove("principals");
+    settings.remove("limits");
+    Ok(FileParts {
+        settings,
+        auth: crate::auth::AuthConfig {
+            principals: file.principals,
+            limits: file.limits,
+        },
     })
 }
 
@@ -998,9 +1165,12 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        let (server, log) = ServeArgs::default().resolve().unwrap();
+        let (server, log) = ServeArgs::default().resolve_with(None, None).unwrap();
         assert_eq!(
-            server,
+            ServerConfig {
+                settings: Vec::new(),
+                ..server.clone()
+            },
             ServerConfig {
                 storage: StorageConfig::File {
                     data_dir: PathBuf::from("eventbus-data"),
@@ -1011,6 +1181,77 @@ mod tests {
             }
         );
         assert_eq!(log.level, "info");
+        assert_eq!(server.settings.len(), setting_keys().len());
+        assert!(server.settings.iter().all(|s| s.source == "default"));
+    }
+
+    #[test]
+    fn each_setting_reports_the_layer_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bus.toml");
+        let text = "retention_max_bytes = \"64MiB\"\nmax_names = 50\nmax_query_timeout = \"90s\"\n";
+        let parts = parse_config_file(text, &path).unwrap();
+        let args = ServeArgs {
+            max_names: Some(70),
+            ..ServeArgs::default()
+        };
+        let (server, _) = args
+            .resolve_with(Some((path.clone(), parts)), None)
+            .unwrap();
+        assert_eq!(server.bus.max_names, 70);
+        assert_eq!(server.bus.retention_max_bytes, 64 * 1024 * 1024);
+        let source = |name: &str| {
+            server
+                .settings
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| (s.value.clone(), s.source.clone()))
+                .unwrap()
+        };
+        let file = format!("file {}", path.display());
+        assert_eq!(
+            source("max_names"),
+            ("70".into(), "flag --max-names".into())
+        );
+        assert_eq!(
+            source("retention_max_bytes"),
+            ("64MiB".into(), file.clone())
+        );
+        assert_eq!(source("max_query_timeout"), ("90s".into(), file));
+        assert_eq!(source("dedupe_window"), ("2m".into(), "default".into()));
+        assert_eq!(source("retention_max_age"), ("".into(), "default".into()));
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_kind_names_its_key_and_layer() {
+        // In the file: TOML's message, with the line and a caret.
+        let path = PathBuf::from("/etc/eventbus.toml");
+        let error = parse_config_file("max_names = \"many\"\n", &path)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("max_names") && error.contains('^'),
+            "{error}"
+        );
+        let error = parse_config_file("shutdown_grace = 10\n", &path)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("needs a unit"), "{error}");
+        // In the environment (a prefix of this test's own, so no other test sees it): the key
+        // and the layer.
+        std::env::set_var("EVENTBUS_CONFIG_TEST_MAX_NAMES", "many");
+        let env = figment::providers::Env::prefixed("EVENTBUS_CONFIG_TEST_");
+        let error = ServeArgs::default()
+            .resolve_with(None, Some(env))
+            .unwrap_err()
+            .to_string();
+        std::env::remove_var("EVENTBUS_CONFIG_TEST_MAX_NAMES");
+        assert!(
+            error.contains("max_names (env EVENTBUS_MAX_NAMES)"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub enum BusError {
     NoResponders { topic: String },
 
     /// No reply came in time.
-    #[error("no reply to the query on topic {topic} within {}", humantime::format_duration(*.timeout))]
+    #[error("no reply to the query on topic {topic} within {}", crate::timefmt::format_duration(*.timeout))]
     QueryTimeout { topic: String, timeout: Duration },
 
     /// A subscriber catching up from the log fell further behind the head than
@@ -102,7 +102,7 @@ pub enum BusError {
     #[error(
         "the request did not arrive within {}: a unary request, or each message of a stream, \
          must arrive whole within it once started",
-        humantime::format_duration(*.timeout)
+        crate::timefmt::format_duration(*.timeout)
     )]
     ReceiveTimeout { timeout: Duration },
 

@@ -45,6 +45,7 @@ pub mod service;
 pub mod store;
 pub mod sublist;
 pub mod telemetry;
+pub mod timefmt;
 pub mod tls;
 pub mod topic;
 pub mod tracecontext;

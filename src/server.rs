@@ -340,8 +340,10 @@ pub async fn serve_with_admin(
         EventBusApi::with_auth(broker.clone(), auth.clone()),
         message_limit,
     );
-    let admin_service = AdminServiceServer::new(AdminApi::with_auth(broker.clone(), auth.clone()))
-        .max_encoding_message_size(message_limit);
+    let admin_service = AdminServiceServer::new(
+        AdminApi::with_auth(broker.clone(), auth.clone()).with_settings(&config.settings),
+    )
+    .max_encoding_message_size(message_limit);
     if let Some(path) = config.config_file.clone() {
         tokio::spawn(reload_auth(auth.clone(), path, broker.clone()));
     }

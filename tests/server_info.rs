@@ -2,6 +2,7 @@
 //! cursor, in-flight, redelivered and dead-lettered counts say after acks and nacks, and what
 //! the server says about itself.
 
+mod bus_process;
 mod common;
 
 use std::time::Duration;
@@ -207,4 +208,81 @@ async fn server_info_tells_version_storage_log_limits_and_load() {
     assert!(info.start_time.is_some());
     let uptime = info.uptime.unwrap();
     assert!(uptime.seconds >= 0 && uptime.seconds < 600, "{uptime:?}");
+}
+
+/// Each setting of a bus process reports the layer that won: a flag over the environment over
+/// the config file over the default; `server info` shows the ones set, `--json` all of them.
+#[test]
+fn server_info_says_where_each_setting_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("eventbus.toml");
+    std::fs::write(
+        &config,
+        "retention_max_bytes = \"64MiB\"\nmax_names = 50\ndedupe_window = \"1m\"\n",
+    )
+    .unwrap();
+    let config_arg = config.display().to_string();
+    let bus = bus_process::BusProcess::start_with_env(
+        &["--config", &config_arg, "--max-names", "70"],
+        None,
+        &[
+            ("EVENTBUS_MAX_NAMES", "60"),
+            ("EVENTBUS_DEDUPE_WINDOW", "30s"),
+        ],
+    );
+    let info = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
+            .args(["server", "info", "--server", &bus.url()])
+            .args(args)
+            .env_remove("EVENTBUS_URL")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&info(&["--json"])).unwrap();
+    let setting = |name: &str| {
+        let found = json["settings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {json}"));
+        (
+            found["value"].as_str().unwrap().to_owned(),
+            found["source"].as_str().unwrap().to_owned(),
+        )
+    };
+    assert_eq!(
+        setting("max_names"),
+        ("70".into(), "flag --max-names".into())
+    );
+    assert_eq!(
+        setting("dedupe_window"),
+        ("30s".into(), "env EVENTBUS_DEDUPE_WINDOW".into())
+    );
+    assert_eq!(
+        setting("retention_max_bytes"),
+        ("64MiB".into(), format!("file {config_arg}"))
+    );
+    assert_eq!(
+        setting("max_query_timeout"),
+        ("1m".into(), "default".into())
+    );
+    // The values the bus runs with are the winners'.
+    assert_eq!(json["limits"]["max_names"], 70);
+    assert_eq!(json["limits"]["dedupe_window_seconds"], 30.0);
+    assert_eq!(json["limits"]["retention_max_bytes"], 64 * 1024 * 1024);
+
+    let text = info(&[]);
+    assert!(
+        text.lines()
+            .any(|line| line.contains("dedupe_window")
+                && line.contains("(env EVENTBUS_DEDUPE_WINDOW)")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("max_query_timeout"),
+        "defaults are counted, not listed:\n{text}"
+    );
 }

@@ -1113,7 +1113,7 @@ mod tests {
 
         use super::super::super::{AckMode, Delivery, SubscribeOptions, Subscription};
         use super::*;
-        use crate::config::BusConfig;
+        use crate::broker::BusConfig;
         use crate::store::MemoryStore;
 
         const WITHIN: Duration = Duration::from_secs(60);

@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::Broker;
-use crate::config::BusConfig;
+use crate::broker::BusConfig;
 
 /// How a group's deliveries are confirmed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,6 +30,7 @@ pub mod durable;
 pub mod groups;
 mod names;
 pub mod peers;
+pub mod settings;
 mod subscription;
 pub mod topology;
 
@@ -49,7 +50,6 @@ pub use subscription::{
 };
 pub use topology::TopologySnapshot;
 
-use crate::config::BusConfig;
 use crate::error::BusError;
 use crate::event::{Event, SharedEvent};
 use crate::metrics::{FamilyCache, Metrics, QueryOutcome, Scraped};
@@ -59,6 +59,7 @@ use crate::topic::{Pattern, Topic, INBOX_FAMILY};
 use dedupe::DedupeWindow;
 use delivery::{DeliveryBudget, Lane};
 use names::{TopicCounters, TopicTable};
+pub use settings::BusConfig;
 use topology::Topology;
 
 /// The bus. Cheap to clone: a handle to shared state.

@@ -735,7 +735,7 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BusConfig;
+    use crate::broker::BusConfig;
     use crate::event::Event;
     use crate::store::MemoryStore;
     use futures_util::StreamExt as _;

@@ -124,7 +124,7 @@ pub struct QueryArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub concurrency: u64,
     /// How long one query may wait for its reply.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::timefmt::parse_duration)]
     pub timeout: Duration,
 }
 
@@ -202,7 +202,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         anyhow::bail!(
             "{} deliveries did not arrive within {} of the last one",
             report.missing,
-            humantime::format_duration(QUIET_FOR)
+            crate::timefmt::format_duration(QUIET_FOR)
         );
     }
     Ok(())

@@ -211,7 +211,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 ),
                 Start::FromTime(time) if *time > std::time::SystemTime::now() => eprintln!(
                     "caught up at sequence {sequence}; waiting for events published from {}",
-                    humantime::format_rfc3339(*time)
+                    crate::timefmt::format_time(*time).unwrap_or_default()
                 ),
                 _ => eprintln!("caught up at sequence {sequence}; live from here"),
             },

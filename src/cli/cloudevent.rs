@@ -144,22 +144,9 @@ pub fn to_json(event: &pb::Event) -> Value {
 /// A protobuf timestamp as RFC 3339 in UTC with as many fraction digits as it needs (none,
 /// 3, 6 or 9), so `12:00:00.250Z` comes back as it went in; empty when unset or out of range.
 fn rfc3339(time: Option<&prost_types::Timestamp>) -> String {
-    let Some(time) = time.and_then(|time| SystemTime::try_from(*time).ok()) else {
-        return String::new();
-    };
-    let nanos = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|since| since.subsec_nanos())
-        .unwrap_or(1);
-    if nanos == 0 {
-        humantime::format_rfc3339_seconds(time).to_string()
-    } else if nanos % 1_000_000 == 0 {
-        humantime::format_rfc3339_millis(time).to_string()
-    } else if nanos % 1_000 == 0 {
-        humantime::format_rfc3339_micros(time).to_string()
-    } else {
-        humantime::format_rfc3339_nanos(time).to_string()
-    }
+    time.and_then(|time| SystemTime::try_from(*time).ok())
+        .and_then(crate::timefmt::format_time)
+        .unwrap_or_default()
 }
 
 /// `("data", value)` or `("data_base64", text)` for a payload of the given content type.

@@ -36,18 +36,19 @@ pub fn parse_start(text: &str) -> Result<Start, String> {
     }
 }
 
-/// An RFC 3339 time with its offset (`2024-05-01T12:00:00Z`, `...T14:00:00+02:00`), read by
-/// the `time` crate.
+/// An RFC 3339 time with its offset (`2024-05-01T12:00:00Z`, `...T14:00:00+02:00`):
+/// [`crate::timefmt::parse_time`].
+///
+/// # Errors
+/// As [`crate::timefmt::parse_time`].
 pub fn parse_time(text: &str) -> Result<SystemTime, String> {
-    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .map(SystemTime::from)
-        .map_err(|e| e.to_string())
+    crate::timefmt::parse_time(text)
 }
 
 /// A protobuf timestamp as RFC 3339, empty when unset or out of range.
 pub fn time_text(time: Option<&prost_types::Timestamp>) -> String {
     time.and_then(|time| SystemTime::try_from(*time).ok())
-        .map(|time| humantime::format_rfc3339(time).to_string())
+        .and_then(crate::timefmt::format_time)
         .unwrap_or_default()
 }
 

@@ -332,7 +332,7 @@ pub struct SubscribeArgs {
     pub from: Start,
     /// Start with the events published within this long before now, e.g. `5m`, `1h 30m`
     /// (instead of --from).
-    #[arg(long, conflicts_with = "from", value_parser = humantime::parse_duration)]
+    #[arg(long, conflicts_with = "from", value_parser = crate::timefmt::parse_duration)]
     pub since: Option<Duration>,
     /// One CloudEvents 1.0 JSON object per line (the bus's fields as the extensions `topic`,
     /// `sequence`, `publishtime`, `correlationid`, `causationid`, `replyto`; data as JSON, text
@@ -361,7 +361,7 @@ pub struct QueryArgs {
     /// The query data; `-` reads stdin.
     pub data: String,
     /// How long to wait for the reply, e.g. 500ms, 5s.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::timefmt::parse_duration)]
     pub timeout: Duration,
     /// Print the whole reply as one CloudEvents 1.0 JSON object instead of its data.
     #[arg(long)]

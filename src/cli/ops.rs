@@ -52,7 +52,7 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub thresholds: Thresholds,
     /// How long to wait for the bus before calling it CRITICAL.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::timefmt::parse_duration)]
     pub timeout: Duration,
     #[command(flatten)]
     pub server: ServerArg,
@@ -68,7 +68,7 @@ pub struct Thresholds {
     #[arg(long, value_name = "N")]
     pub max_connections_crit: Option<u64>,
     /// WARNING when the bus has run for less than this (it restarted), e.g. `5m`.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = crate::timefmt::parse_duration)]
     pub min_uptime: Option<Duration>,
     /// WARNING when a MANUAL-ack group has this many events pending or more (log events after
     /// its cursor, not in flight).
@@ -179,7 +179,7 @@ fn seconds(duration: Option<&prost_types::Duration>) -> Option<f64> {
 fn duration_text(duration: Option<&prost_types::Duration>) -> String {
     match duration {
         Some(d) if d.seconds >= 0 => {
-            humantime::format_duration(Duration::from_secs(d.seconds as u64)).to_string()
+            crate::timefmt::format_duration(Duration::from_secs(d.seconds as u64))
         }
         _ => "-".to_owned(),
     }
@@ -216,6 +216,11 @@ pub fn info_json(info: &pb::GetServerInfoResponse) -> Value {
             "dedupe_window_seconds": seconds(limits.dedupe_window.as_ref()),
             "max_names": limits.max_names,
         },
+        "settings": info.settings.iter().map(|setting| json!({
+            "name": setting.name,
+            "value": setting.value,
+            "source": setting.source,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -300,6 +305,30 @@ pub fn info_text(info: &pb::GetServerInfoResponse) -> String {
     let mut out = String::new();
     for (key, value) in rows {
         let _ = writeln!(out, "{:<width$} {value}", format!("{key}:"));
+    }
+    out.push_str(&settings_text(&info.settings));
+    out
+}
+
+/// The settings that did not come from the defaults, each with its layer, and how many did:
+/// what an operator asks first ("did my flag, variable or file take?"). `--json` lists all.
+fn settings_text(settings: &[pb::ConfigSetting]) -> String {
+    if settings.is_empty() {
+        return String::new();
+    }
+    let set: Vec<&pb::ConfigSetting> = settings.iter().filter(|s| s.source != "default").collect();
+    let mut out = format!(
+        "settings: {} set, {} at their defaults (--json lists all)\n",
+        set.len(),
+        settings.len() - set.len()
+    );
+    let width = set.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    for setting in set {
+        let _ = writeln!(
+            out,
+            "  {:<width$} = {}  ({})",
+            setting.name, setting.value, setting.source
+        );
     }
     out
 }
@@ -401,8 +430,8 @@ pub fn check(
                 Status::Warning,
                 format!(
                     "up {} only (less than {}): restarted?",
-                    humantime::format_duration(Duration::from_secs(uptime)),
-                    humantime::format_duration(min)
+                    crate::timefmt::format_duration(Duration::from_secs(uptime)),
+                    crate::timefmt::format_duration(min)
                 ),
             ));
         }
@@ -458,7 +487,7 @@ pub fn check(
         format!(
             "eventbus {} up {}, {} connections, {} subscriptions, {} manual groups",
             info.version,
-            humantime::format_duration(Duration::from_secs(uptime)),
+            crate::timefmt::format_duration(Duration::from_secs(uptime)),
             info.connections,
             info.subscriptions,
             info.durable_groups
@@ -527,7 +556,7 @@ pub async fn server(command: ServerCommand) -> anyhow::Result<()> {
                         &args.server.server,
                         &format!(
                             "no answer within {}",
-                            humantime::format_duration(args.timeout)
+                            crate::timefmt::format_duration(args.timeout)
                         ),
                     ),
                 ),

@@ -596,6 +596,7 @@ fn duration_to_pb(duration: Duration) -> Option<prost_types::Duration> {
 pub fn server_info_to_pb(
     snapshot: crate::broker::groups::ServerSnapshot,
     principals: usize,
+    settings: &[crate::config::SettingSource],
 ) -> pb::GetServerInfoResponse {
     let config = &snapshot.config;
     pb::GetServerInfoResponse {
@@ -626,6 +627,14 @@ pub fn server_info_to_pb(
             dedupe_window: duration_to_pb(config.dedupe_window),
             max_names: config.max_names as u64,
         }),
+        settings: settings
+            .iter()
+            .map(|setting| pb::ConfigSetting {
+                name: setting.name.clone(),
+                value: setting.value.clone(),
+                source: setting.source.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -1,11 +1,12 @@
 //! The gRPC adapter: implements `eventbus.v1`'s services on top of the [`Broker`]. It converts
 //! wire types at one boundary ([`convert`]), calls the broker, and maps errors in one place
-//! ([`status`]). It holds no state of its own.
+//! ([`status`]). It holds no state of its own beyond the resolved settings it reports.
 
 pub mod convert;
 pub mod status;
 pub mod subscribe;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -48,6 +49,8 @@ impl EventBusApi {
 pub struct AdminApi {
     broker: Broker,
     auth: Auth,
+    /// Where each setting came from, for GetServerInfo ([`crate::config::SettingSource`]).
+    settings: Arc<[crate::config::SettingSource]>,
 }
 
 impl AdminApi {
@@ -59,7 +62,18 @@ impl AdminApi {
 
     /// The service, checking calls against `auth` (whose [`auth::AuthLayer`] must wrap it).
     pub fn with_auth(broker: Broker, auth: Auth) -> AdminApi {
-        AdminApi { broker, auth }
+        AdminApi {
+            broker,
+            auth,
+            settings: Arc::from([]),
+        }
+    }
+
+    /// Reports `settings` (the resolved configuration and where each value came from) in
+    /// GetServerInfo.
+    pub fn with_settings(mut self, settings: &[crate::config::SettingSource]) -> AdminApi {
+        self.settings = Arc::from(settings);
+        self
     }
 
     /// Refuses callers without the admin right.
@@ -656,6 +670,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(convert::server_info_to_pb(
             self.broker.server_snapshot(),
             principals,
+            &self.settings,
         )))
     }
 }

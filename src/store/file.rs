@@ -93,6 +93,17 @@ pub enum FsyncPolicy {
     Never,
 }
 
+/// The form [`FsyncPolicy`]'s `FromStr` reads: `always`, `never`, `interval:<ms>`.
+impl std::fmt::Display for FsyncPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsyncPolicy::Always => f.write_str("always"),
+            FsyncPolicy::Never => f.write_str("never"),
+            FsyncPolicy::Interval(every) => write!(f, "interval:{}", every.as_millis()),
+        }
+    }
+}
+
 impl std::str::FromStr for FsyncPolicy {
     type Err = String;
 

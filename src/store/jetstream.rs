@@ -88,7 +88,7 @@ pub struct JetStreamConfig {
     /// Stream replicas: 1 on one NATS server, 3 in a cluster (an acknowledgement then means a
     /// quorum has the event).
     pub replicas: usize,
-    /// Retention, as [`crate::config::BusConfig`] has it.
+    /// Retention, as [`crate::broker::BusConfig`] has it.
     pub max_events: u64,
     pub max_bytes: u64,
     pub max_age: Option<Duration>,
