@@ -49,6 +49,107 @@ async fn health_reports_the_bus_serving() {
     assert_eq!(status.code(), Code::NotFound);
 }
 
+/// A tmpfs of this test's own (the machine's disk is never filled); `None`, after saying why,
+/// where this process may not mount one.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(options: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .ok()?;
+        if !output.status.success() {
+            eprintln!(
+                "skipping: cannot mount a tmpfs: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+            return None;
+        }
+        Some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_is_not_serving_until_space_is_freed() {
+    let Some(tmpfs) = Tmpfs::mount("size=512k,nr_inodes=1000") else {
+        return;
+    };
+    // Space to give back later, as an operator freeing the disk would.
+    let spare = tmpfs.0.path().join("spare");
+    std::fs::write(&spare, vec![0u8; 128 * 1024]).unwrap();
+    let bus = TestBus::start_server(ServerConfig {
+        storage: eventbus::config::StorageConfig::File {
+            data_dir: tmpfs.0.path().join("data"),
+            fsync: eventbus::store::FsyncPolicy::Always,
+            segment_bytes: 64 * 1024 * 1024,
+        },
+        shutdown_grace: Duration::from_secs(5),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = bus.client().await;
+    let health = HealthClient::new(bus.channel().await);
+    let status = |mut health: HealthClient<Channel>| async move {
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+    };
+    let data = vec![b'x'; 16 * 1024];
+    let refused = loop {
+        let outcome = client
+            .publish(pb::PublishRequest {
+                events: vec![pb::Event {
+                    data: data.clone().into(),
+                    ..event("disk.fill", b"")
+                }],
+            })
+            .await;
+        if let Err(status) = outcome {
+            break status;
+        }
+    };
+    assert!(refused.message().contains("No space left"), "{refused:?}");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(reason(&refused).as_deref(), Some("disk-full"));
+    eventually("health NOT_SERVING on a full disk", WAIT, || {
+        let health = health.clone();
+        async move { (status(health).await == ServingStatus::NotServing as i32).then_some(()) }
+    })
+    .await;
+    std::fs::remove_file(&spare).unwrap();
+    eventually("health SERVING once space is freed", WAIT, || {
+        let health = health.clone();
+        async move { (status(health).await == ServingStatus::Serving as i32).then_some(()) }
+    })
+    .await;
+    client
+        .publish(pb::PublishRequest {
+            events: vec![event("disk.fill", b"after")],
+        })
+        .await
+        .unwrap();
+    assert_eq!(status(health.clone()).await, ServingStatus::Serving as i32);
+    drop(client);
+    bus.stop(WAIT).await;
+}
+
 const SERVICES: [&str; 3] = [
     "eventbus.v1.EventBusService",
     "eventbus.v1.AdminService",

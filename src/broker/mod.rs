@@ -334,10 +334,13 @@ impl Broker {
         broker
     }
 
-    /// Why the store stopped taking writes, if it did ([`Store::durability_error`]): the bus
-    /// then refuses publishes and should be reported NOT_SERVING.
+    /// Why the store is not taking writes, if it is not: it failed
+    /// ([`Store::durability_error`]: the bus refuses publishes until a restart, or until a
+    /// JetStream node's NATS is back) or a passing cause refuses them now
+    /// ([`Store::write_blocked`]: a full disk). Either way the node is reported NOT_SERVING.
     pub fn store_failure(&self) -> Option<String> {
-        self.shared.store.durability_error()
+        let store = &self.shared.store;
+        store.durability_error().or_else(|| store.write_blocked())
     }
 
     pub fn config(&self) -> &BusConfig {

@@ -38,6 +38,13 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         // A failed store refuses every write until a restart: the node is unavailable, and a
         // client may go to another (health says NOT_SERVING too).
         BusError::Storage(StoreError::Failed(_)) => (Code::Unavailable, "store-failed"),
+        // gRPC's own words for RESOURCE_EXHAUSTED: "perhaps the entire file system is out of
+        // space". Nothing of the batch is stored; health is NOT_SERVING until there is room.
+        BusError::Storage(StoreError::Io(error))
+            if matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+        {
+            (Code::ResourceExhausted, "disk-full")
+        }
         BusError::Storage(
             StoreError::Io(_)
             | StoreError::Corrupt { .. }

@@ -253,6 +253,9 @@ pub struct FileStore {
     expiry: Mutex<Expiry>,
     /// The claim on the data directory, released when the store is dropped (after `close`).
     _lock: DirLock,
+    /// Why the last append was refused for a passing cause (no space, no inode), while no
+    /// append has succeeded since ([`Store::write_blocked`]).
+    blocked: Mutex<Option<Blocked>>,
     /// Tests only: cutting a failed write back off the file fails, as no real fault can be
     /// made to do on demand.
     #[cfg(test)]
@@ -357,6 +360,7 @@ impl FileStore {
             expiry: Mutex::new(Expiry::default()),
             config,
             _lock: lock,
+            blocked: Mutex::new(None),
             #[cfg(test)]
             fail_cuts: std::sync::atomic::AtomicBool::new(false),
         };
@@ -429,6 +433,11 @@ impl FileStore {
         if let Some(handle) = self.syncer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = handle.join();
         }
+    }
+
+    /// Remembers a passing refusal for [`Store::write_blocked`].
+    fn block(&self, blocked: Blocked) {
+        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = Some(blocked);
     }
 
     /// Puts the store into the failed state: every later append is refused with
@@ -780,6 +789,11 @@ impl Store for FileStore {
         if active.bytes >= self.config.segment_bytes && active.count() > 0 {
             let segment = create_segment(&self.log_dir, inner.head + 1).inspect_err(|error| {
                 error!(dir = %self.log_dir.display(), %error, "cannot roll to a new segment");
+                self.block(Blocked {
+                    why: format!("cannot roll to a new segment: {error}"),
+                    bytes: 0,
+                    inode: true,
+                });
             })?;
             inner.segments.push(segment);
             // Retention is not part of this write: a segment it cannot delete is logged and
@@ -818,6 +832,11 @@ impl Store for FileStore {
         // log never holds half a batch.
         if let Err(error) = (&*active.file).write_all(&buffer) {
             error!(path = %active.path.display(), %error, "cannot write to the log");
+            self.block(Blocked {
+                why: format!("cannot write to the log: {error}"),
+                bytes: buffer.len() as u64,
+                inode: false,
+            });
             active
                 .index
                 .retain(|(sequence, _, _)| *sequence < first_sequence);
@@ -840,6 +859,7 @@ impl Store for FileStore {
             return Err(error.into());
         }
         active.bytes = offset;
+        *self.blocked.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let last = stored.last().map_or(inner.head, |e| e.sequence);
         active.last = last;
         active.last_publish_time = Some(publish_time);
@@ -944,6 +964,24 @@ impl Store for FileStore {
         })
     }
 
+    /// Blocked until an append succeeds, or until the file system has room again for the
+    /// refused write (its bytes, or an inode for the segment it could not create, by
+    /// `statvfs`), whichever comes first: a bus whose disk was full turns SERVING again once
+    /// space is freed, without waiting for a client to try a publish it is steered away from.
+    fn write_blocked(&self) -> Option<String> {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        let room = match &*blocked {
+            None => return None,
+            Some(b) => free_space(&self.log_dir)
+                .is_some_and(|(bytes, inodes)| bytes > b.bytes && (!b.inode || inodes > 0)),
+        };
+        if room {
+            *blocked = None;
+            return None;
+        }
+        blocked.as_ref().map(|b| b.why.clone())
+    }
+
     fn durability_error(&self) -> Option<String> {
         self.durability
             .state
@@ -952,6 +990,37 @@ impl Store for FileStore {
             .failed
             .clone()
     }
+}
+
+/// A write refused for a passing cause: why, and what it needed.
+#[derive(Debug)]
+struct Blocked {
+    why: String,
+    /// Bytes the refused write needed.
+    bytes: u64,
+    /// Whether it needed a new file (a segment roll).
+    inode: bool,
+}
+
+/// Free bytes and inodes of the file system holding `dir`, as an unprivileged writer sees them
+/// (`statvfs`'s `f_bavail` and `f_favail`); `None` when it cannot be asked.
+fn free_space(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string and `stats` is written by the call before it
+    // is read, only when the call succeeds.
+    let stats = unsafe {
+        if libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stats.assume_init()
+    };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    Some((
+        stats.f_bavail as u64 * stats.f_frsize as u64,
+        stats.f_favail as u64,
+    ))
 }
 
 fn run_syncer(durability: &Durability, policy: FsyncPolicy, timer: Option<&FsyncTimer>) {

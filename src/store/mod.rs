@@ -203,6 +203,15 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// `Some(reason)` while writes are being refused for a passing cause (a full disk, no free
+    /// inode for the next segment): the store is not failed, and takes writes again once the
+    /// cause is gone, which it notices by itself (the next successful append, or a look at the
+    /// free space). A server reports it as NOT_SERVING, as it does a failure, so clients and
+    /// load balancers move away until it clears.
+    fn write_blocked(&self) -> Option<String> {
+        None
+    }
+
     /// Identifies this log: the same across restarts of a durable store, new whenever the log
     /// starts over (every start of a memory store), so a client can tell sequences began again.
     fn log_id(&self) -> &str;

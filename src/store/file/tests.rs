@@ -709,8 +709,13 @@ fn a_segment_that_cannot_be_created_refuses_the_batch_before_it_counts() {
         None,
         "a passing cause does not fail the store"
     );
-    // Once an inode is free the store rolls and goes on.
+    let blocked = store
+        .write_blocked()
+        .expect("blocked while no inode is free");
+    assert!(blocked.contains("cannot roll"), "{blocked}");
+    // Once an inode is free the store says so before any write tries, then rolls and goes on.
     std::fs::remove_file(&spare).unwrap();
+    assert_eq!(store.write_blocked(), None, "an inode is free again");
     let next = store
         .append(vec![event("a.b", b"after")], SystemTime::now())
         .unwrap();
@@ -744,7 +749,13 @@ fn a_write_that_finds_no_space_leaves_nothing_of_its_batch() {
     );
     assert_eq!(store.bounds().head, head);
     assert_eq!(sequences(&all(&store)), (1..=head).collect::<Vec<_>>());
+    let blocked = store
+        .write_blocked()
+        .expect("blocked while the disk is full");
+    assert!(blocked.contains("No space left"), "{blocked}");
+    assert_eq!(store.durability_error(), None, "full is not failed");
     std::fs::remove_file(&spare).unwrap();
+    assert_eq!(store.write_blocked(), None, "space is free again");
     store
         .append(vec![event("a.b", b"after")], SystemTime::now())
         .unwrap();
