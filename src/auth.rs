@@ -534,13 +534,24 @@ impl Auth {
             });
         }
         let generation = policy.generation;
-        *slot = Arc::new(policy);
-        self.inner.generation.store(generation, Ordering::Release);
+        // A known token stays known while its principal keeps the same hash, so a reload in the
+        // middle of a flood of wrong tokens does not send known clients back to the verifiers.
+        let kept = |name: &Arc<str>| {
+            let hash = |policy: &Policy| {
+                policy
+                    .by_name
+                    .get(name)
+                    .and_then(|principal| principal.token_hash.clone())
+            };
+            hash(&slot).is_some() && hash(&slot) == hash(&policy)
+        };
         self.inner
             .tokens
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .retain(|_, name| kept(name));
+        *slot = Arc::new(policy);
+        self.inner.generation.store(generation, Ordering::Release);
         self.inner
             .wrong_tokens
             .lock()
@@ -1415,5 +1426,33 @@ mod tests {
             auth.authenticate(&http::HeaderMap::new(), None).await,
             Err(BusError::Unauthenticated { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_known_token_stays_known_across_a_reload_that_keeps_its_hash() {
+        let token = generate_token();
+        let mut config = entry(&["a"], &[], &[]);
+        config.cert_subject = None;
+        config.token_hash = Some(hash_token(&token));
+        let config = AuthConfig {
+            principals: vec![config],
+            limits: LimitsConfig::default(),
+        };
+        let auth = Auth::new(&config, Metrics::new()).unwrap();
+        let mut headers = http::HeaderMap::new();
+        let bearer = format!("Bearer {token}");
+        headers.insert(http::header::AUTHORIZATION, bearer.parse().unwrap());
+        auth.authenticate(&headers, None).await.unwrap();
+        let known = || auth.inner.tokens.lock().unwrap().len();
+        assert_eq!(known(), 1);
+        // The same entry (a comment added, another setting changed): still known, no argon2.
+        auth.reload(&config).unwrap();
+        assert_eq!(known(), 1);
+        assert!(auth.authenticate(&headers, None).await.is_ok());
+        // A new hash (a rotation, even of the same token): verified again under the new policy.
+        let mut rotated = config.clone();
+        rotated.principals[0].token_hash = Some(hash_token(&token));
+        auth.reload(&rotated).unwrap();
+        assert_eq!(known(), 0);
     }
 }

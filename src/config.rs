@@ -246,8 +246,8 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
-    /// When the file store syncs: `always` (before acknowledging), `interval:<ms>` or `never`
-    /// [default: always].
+    /// When the file store syncs: `always` (before acknowledging), `interval:<duration>`
+    /// (`interval:500ms`) or `never` [default: always].
     #[arg(long)]
     #[serde(
         skip_serializing_if = "Option::is_none",
@@ -1112,6 +1112,29 @@ fn tls_config(
         ),
         (None, None) => Ok(None),
     }
+}
+
+/// The settings of the config file at `path` (its keys but `principals` and `limits`), as
+/// written: what a reload compares with what the bus started with ([`changed_keys`]).
+///
+/// # Errors
+/// As [`read_auth_config`].
+pub fn read_file_settings(path: &Path) -> Result<toml::Table, ConfigError> {
+    Ok(read_config_file(path)?.settings)
+}
+
+/// The keys whose values differ between two [`read_file_settings`] tables (added, removed or
+/// changed), sorted.
+pub fn changed_keys(before: &toml::Table, after: &toml::Table) -> Vec<String> {
+    let mut keys: Vec<String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|key| before.get(*key) != after.get(*key))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 /// Parses and checks the text of a config file as `--config` would, with no flags or environment

@@ -215,6 +215,9 @@ async fn reload_auth(auth: Auth, path: std::path::PathBuf, broker: Broker) {
             .map(|m| (m.modified().ok(), m.len()))
     };
     let mut seen = stamp(&path);
+    // The file's other settings as the bus runs them: a reload applies only principals and
+    // limits, and says which other settings changed and wait for a restart.
+    let running = crate::config::read_file_settings(&path).ok();
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut ticks = tokio::time::interval(CONFIG_POLL_INTERVAL);
     loop {
@@ -231,12 +234,26 @@ async fn reload_auth(auth: Auth, path: std::path::PathBuf, broker: Broker) {
             }
         };
         match crate::config::read_auth_config(&path).and_then(|config| auth.reload(&config)) {
-            Ok(()) => info!(
-                path = %path.display(),
-                why,
-                principals = auth.principal_count(),
-                "principals and limits reloaded"
-            ),
+            Ok(()) => {
+                info!(
+                    path = %path.display(),
+                    why,
+                    principals = auth.principal_count(),
+                    "principals and limits reloaded"
+                );
+                let changed = match (&running, crate::config::read_file_settings(&path)) {
+                    (Some(running), Ok(now)) => crate::config::changed_keys(running, &now),
+                    _ => Vec::new(),
+                };
+                if !changed.is_empty() {
+                    warn!(
+                        path = %path.display(),
+                        changed = %changed.join(", "),
+                        "the config file changes settings a reload does not apply: they take \
+                         effect at the next restart"
+                    );
+                }
+            }
             Err(error) => tracing::error!(
                 path = %path.display(),
                 why,
@@ -247,8 +264,6 @@ async fn reload_auth(auth: Auth, path: std::path::PathBuf, broker: Broker) {
     }
 }
 
-/// Serves the admin HTTP listener until the broker shuts down. Its failure is logged; the bus
-/// goes on serving gRPC.
 /// Serves the admin HTTP listener until the broker shuts down, over TLS when `tls` is set
 /// (HTTPS, handshakes under `limits`). Its failure is logged; the bus goes on serving gRPC.
 fn spawn_admin(
@@ -264,6 +279,15 @@ fn spawn_admin(
         .map_or_else(|_| "an unknown address".to_owned(), |a| a.to_string());
     let tls_on = tls.is_some();
     info!(%addr, tls = tls_on, "admin listening (/metrics, /healthz, /readyz, dashboard at /)");
+    let beyond_loopback = listener.local_addr().is_ok_and(|a| !a.ip().is_loopback());
+    if beyond_loopback && auth.is_open() {
+        warn!(
+            %addr,
+            "the admin listener is reachable beyond this machine on an open bus: its dashboard \
+             shows event contents (the live tail, conversations) to anyone who reaches {addr}, \
+             with no authentication; bind it to 127.0.0.1 or a private network (SECURITY.md)"
+        );
+    }
     let stopped = {
         let broker = broker.clone();
         async move { broker.stopped().await }
@@ -442,6 +466,14 @@ pub async fn serve_with_admin(
         );
     } else {
         info!(principals = auth.principal_count(), "authentication on");
+        if config.tls.is_none() && local_addr.is_some_and(|a| !a.ip().is_loopback()) {
+            warn!(
+                %addr,
+                "authentication on without TLS, listening beyond this machine: bearer tokens \
+                 and events cross the network in clear text; give --tls-cert and --tls-key \
+                 (SECURITY.md)"
+            );
+        }
     }
     let receive = ReceiveLayer::new(ReceiveLimits {
         timeout: config.receive_timeout,

@@ -19,6 +19,10 @@ use jiff::{SignedDuration, Span, SpanRelativeTo, Timestamp};
 /// negative one; the message shows the accepted forms.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     const FORMS: &str = "a duration is a number and a unit: 500ms, 5s, 2m, 1h30m, 7d";
+    if text.trim().parse::<f64>().is_ok() {
+        let n = text.trim();
+        return Err(format!("{n} needs a unit: {n}s, {n}ms, {n}m ({FORMS})"));
+    }
     let span: Span = text
         .trim()
         .parse()
@@ -88,6 +92,9 @@ mod tests {
         for bad in ["5", "five seconds", "-5s", "1 month", ""] {
             assert!(parse_duration(bad).is_err(), "{bad} was accepted");
         }
+        assert!(parse_duration("10")
+            .unwrap_err()
+            .starts_with("10 needs a unit: 10s"));
     }
 
     #[test]

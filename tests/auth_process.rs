@@ -159,6 +159,23 @@ async fn refusals_are_audited_rate_limited_counted_and_a_sighup_reloads() {
     assert_eq!(reloads.len(), 1, "{:?}", bus.logs());
     assert_eq!(reloads[0]["fields"]["why"], "SIGHUP", "{reloads:?}");
 
+    assert!(
+        bus.logged("a reload does not apply").is_empty(),
+        "only principals changed: {:?}",
+        bus.logs()
+    );
+
+    // A setting other than principals and limits changed: applied at the next restart, and the
+    // reload says so, naming it.
+    std::fs::write(&path, format!("max_names = 5\n{}", config(&hash, "b.>"))).unwrap();
+    eventually("the notice of a setting that needs a restart", WAIT, || {
+        let notices = bus.logged("a reload does not apply");
+        async move { notices.first().cloned() }
+    })
+    .await;
+    let notice = &bus.logged("a reload does not apply")[0];
+    assert_eq!(notice["fields"]["changed"], "max_names", "{notice}");
+
     // A file that does not parse is refused whole, and the principals in force stay.
     std::fs::write(&path, "[[principals]]\nname = ").unwrap();
     eventually("the refusal of a broken file", WAIT, || {

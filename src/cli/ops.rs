@@ -310,15 +310,16 @@ pub fn info_text(info: &pb::GetServerInfoResponse) -> String {
     out
 }
 
-/// The settings that did not come from the defaults, each with its layer, and how many did:
-/// what an operator asks first ("did my flag, variable or file take?"). `--json` lists all.
+/// The settings a flag, a variable or the file gave, each with its layer, and how many come
+/// from the defaults: what an operator asks first ("did my flag, variable or file take?").
+/// `--json` lists all.
 fn settings_text(settings: &[pb::ConfigSetting]) -> String {
     if settings.is_empty() {
         return String::new();
     }
     let set: Vec<&pb::ConfigSetting> = settings.iter().filter(|s| s.source != "default").collect();
     let mut out = format!(
-        "settings: {} set, {} at their defaults (--json lists all)\n",
+        "settings: {} given, {} from the defaults (--json lists all)\n",
         set.len(),
         settings.len() - set.len()
     );

@@ -93,13 +93,13 @@ pub enum FsyncPolicy {
     Never,
 }
 
-/// The form [`FsyncPolicy`]'s `FromStr` reads: `always`, `never`, `interval:<ms>`.
+/// The form [`FsyncPolicy`]'s `FromStr` reads: `always`, `never`, `interval:<duration>` (`interval:500ms`; a bare number is milliseconds).
 impl std::fmt::Display for FsyncPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FsyncPolicy::Always => f.write_str("always"),
             FsyncPolicy::Never => f.write_str("never"),
-            FsyncPolicy::Interval(every) => write!(f, "interval:{}", every.as_millis()),
+            FsyncPolicy::Interval(every) => write!(f, "interval:{}ms", every.as_millis()),
         }
     }
 }
@@ -112,16 +112,22 @@ impl std::str::FromStr for FsyncPolicy {
             "always" => Ok(FsyncPolicy::Always),
             "never" => Ok(FsyncPolicy::Never),
             _ => match text.strip_prefix("interval:") {
-                Some(ms) => ms
+                // A bare number is milliseconds (the original form); otherwise a duration.
+                Some(every) => every
                     .parse::<u64>()
+                    .map(Duration::from_millis)
+                    .or_else(|_| crate::timefmt::parse_duration(every))
                     .ok()
-                    .filter(|ms| *ms > 0)
-                    .map(|ms| FsyncPolicy::Interval(Duration::from_millis(ms)))
+                    .filter(|every| !every.is_zero())
+                    .map(FsyncPolicy::Interval)
                     .ok_or_else(|| {
-                        format!("interval:<ms> needs a positive whole number, got {ms:?}")
+                        format!(
+                            "interval: needs a positive duration (interval:500ms, interval:1s, \
+                             or milliseconds: interval:500), got {every:?}"
+                        )
                     }),
                 None => Err(format!(
-                    "expected always, never or interval:<ms>, got {text:?}"
+                    "expected always, never or interval:<duration>, got {text:?}"
                 )),
             },
         }
