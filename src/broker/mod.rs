@@ -564,6 +564,21 @@ impl Broker {
         count > 0 || self.durable_responders(topic)
     }
 
+    /// On a shared log, waits until this node has routed every event the log held when asked
+    /// (its leader's last sequence): then a replay started here holds every event any node had
+    /// acknowledged before, and its `caught_up` comes after them (read-your-writes across
+    /// nodes). Best effort, bounded by [`REPLAY_HEAD_DEADLINE`]: when the log does not answer
+    /// or this node lags past the deadline, the replay starts from what this node has, and the
+    /// rest arrives live, in order, as it is routed. At once on one node's own store.
+    pub async fn route_log_head(&self) {
+        let Some(log) = &self.shared.log else {
+            return;
+        };
+        if let Some(last) = log.last_sequence().await {
+            let _ = self.routed_past_within(last, REPLAY_HEAD_DEADLINE).await;
+        }
+    }
+
     /// Waits until this node has routed `sequence` (read it back from the shared log's tail),
     /// so what a publish was acknowledged for is visible to replays on this node too.
     ///
@@ -572,8 +587,13 @@ impl Broker {
     /// its subscriptions are ending anyway. The log has acknowledged the events, so the
     /// publish is answered with their sequences at once.
     async fn routed_past(&self, sequence: u64) -> Result<(), BusError> {
+        self.routed_past_within(sequence, ROUTE_DEADLINE).await
+    }
+
+    /// [`Broker::routed_past`], failing after `within`.
+    async fn routed_past_within(&self, sequence: u64, within: Duration) -> Result<(), BusError> {
         let mut routed = self.shared.routed.subscribe();
-        let deadline = tokio::time::Instant::now() + ROUTE_DEADLINE;
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             if *routed.borrow_and_update() >= sequence || self.is_shutting_down() {
                 return Ok(());
@@ -588,7 +608,7 @@ impl Broker {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(BusError::Storage(StoreError::Failed(format!(
                         "the log acknowledged sequence {sequence} but this node has not read it \
-                         back within {ROUTE_DEADLINE:?}"
+                         back within {within:?}"
                     ))));
                 }
             }
@@ -1149,6 +1169,10 @@ impl Broker {
 /// How long a publish on a shared log waits for this node to read its batch back from the
 /// tail, once the log acknowledged it.
 const ROUTE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long a Subscribe with a start position waits for this node to route the shared log's
+/// head before it starts its replay ([`Broker::route_log_head`]).
+const REPLAY_HEAD_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Routes what the shared log's tail brings, in order, a run of ready events per lock: the
 /// same bookkeeping and routing a local append does under the lock, for events from every node.

@@ -373,6 +373,10 @@ impl EventBusApi {
         // Held for as long as the stream is: see `Broker::place_group`.
         let placement = self.broker.place_group(options.group.as_deref()).await?;
         let subscriber = options.subscriber.clone();
+        if !matches!(options.start, crate::broker::StartPosition::Latest) {
+            // A replay from here holds what other nodes had acknowledged before this call.
+            self.broker.route_log_head().await;
+        }
         let subscription = span.in_scope(|| self.broker.subscribe(options))?;
         span.record("subscription_id", subscription.info().id);
         debug!(parent: &span, head = subscription.info().head_sequence, "subscribed");

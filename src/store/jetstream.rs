@@ -39,6 +39,11 @@
 //! [`SharedLog::begin_append`], and routes only what it reads back from the stream's tail, so
 //! every node routes every event, from whichever node it came, in sequence order.
 //!
+//! Because a node routes the tail at its own pace, a Subscribe with a start position first
+//! asks the stream's last sequence ([`SharedLog::last_sequence`]) and waits (briefly) until
+//! this node has routed it: a replay then holds everything any node had acknowledged before
+//! the call, ahead of its `caught_up`.
+//!
 //! A batch is not atomic on JetStream: its events are separate messages. A message whose
 //! acknowledgement fails is sent again with the same `Nats-Msg-Id` until it is acknowledged or
 //! [`APPEND_DEADLINE`] passes, so a batch is stored whole unless JetStream stays unavailable
@@ -163,7 +168,15 @@ pub trait SharedLog: Send + Sync + 'static {
     /// gathered until none has come for [`VIEW_QUIET`] (and for at most [`VIEW_WINDOW`]);
     /// empty when NATS is away. A node that answers later than that is left out.
     fn peer_views(&self) -> BoxFuture<'static, Vec<Bytes>>;
+
+    /// The last sequence the log holds now, as its leader says (one request); `None` when it
+    /// does not answer within [`LAST_SEQUENCE_WAIT`]. What this node must have routed before a
+    /// replay it starts can hold every event another node has had acknowledged.
+    fn last_sequence(&self) -> BoxFuture<'static, Option<u64>>;
 }
+
+/// How long [`SharedLog::last_sequence`] waits for the stream's state.
+pub const LAST_SEQUENCE_WAIT: Duration = Duration::from_secs(2);
 
 /// How long [`SharedLog::peer_views`] waits for more answers after the last one came.
 pub const VIEW_QUIET: Duration = Duration::from_millis(100);
@@ -1218,6 +1231,23 @@ impl SharedLog for JetStreamStore {
         let _ = self
             .interest
             .send((subject, present.then(|| self.node.clone())));
+    }
+
+    fn last_sequence(&self) -> BoxFuture<'static, Option<u64>> {
+        let context = self.context.clone();
+        let name = self.stream.clone();
+        let asked = self.io.spawn(async move {
+            let read = async {
+                let stream = context.get_stream_no_info(&name).await.ok()?;
+                let info = stream.get_info().await.ok()?;
+                Some(info.state.last_sequence)
+            };
+            tokio::time::timeout(LAST_SEQUENCE_WAIT, read)
+                .await
+                .ok()
+                .flatten()
+        });
+        Box::pin(async move { asked.await.ok().flatten() })
     }
 
     fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<String>> {
