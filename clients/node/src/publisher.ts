@@ -9,17 +9,21 @@
  * room, so a fast producer that awaits it cannot fill memory.
  *
  * Failures: a batch the bus refuses (`PublishError`) fails exactly its own events with the
- * bus's code and reason; nothing of it was stored. When the stream itself breaks, the bus may
- * or may not have stored the batches in flight. Every event gets its id before its first send
- * (a UUIDv7 when it has none) and the bus deduplicates by (source, id) within its dedupe window
- * (2 minutes by default), so resending is safe: those batches go again on a new stream, oldest
- * first and before anything newer, after a {@link Backoff} delay, up to `retries` times; an
- * event the bus had stored is answered with its original sequence. After the last retry they
- * fail with {@link StreamBrokenError}. The same design as the Rust SDK's `Publisher`.
+ * bus's code and reason; nothing of it was stored. Except an UNAVAILABLE answer other than
+ * `no-responders` (`store-failed`: the node could not get the batch into its log in time): that
+ * batch's fate is unknown, as below. When the stream itself breaks, the bus may or may not have
+ * stored the batches in flight. Every event gets its id before its first send (a UUIDv7 when it
+ * has none) and the bus deduplicates by (source, id) within its dedupe window (2 minutes by
+ * default), so resending is safe: those batches, and the ones a node answered UNAVAILABLE, go
+ * again with the same ids after a {@link Backoff} delay, up to `retries` times, in the order
+ * they were published (however each one failed) and before anything newer; an event the bus
+ * had stored is answered with its original sequence. After the last retry they fail with
+ * {@link StreamBrokenError}. The same design as the Rust SDK's `Publisher`.
  *
- * On a clustered bus, a stream broken because its node is gone (UNAVAILABLE) moves the
- * publisher to another node (see `nodes.ts`) before the resends, which go there: the nodes
- * share JetStream's dedupe window, so the cluster still stores each event once.
+ * On a clustered bus, a stream broken because its node is gone, or a batch answered
+ * UNAVAILABLE by a node that is going (both `movesOn`), moves the publisher to another node
+ * (see `nodes.ts`) for its next stream, and the resends go there: the nodes share JetStream's
+ * dedupe window, so the cluster still stores each event once.
  */
 import { randomFillSync } from "node:crypto";
 
@@ -58,9 +62,9 @@ export interface PublisherOptions {
   /** Events queued in front of the batcher before {@link Publisher.submit} waits (default
    * 4096). */
   queue?: number;
-  /** Times a batch whose stream broke is sent again, with the same event ids, before its
-   * events fail with {@link StreamBrokenError} (default 5, as the Rust SDK). `Infinity`
-   * never gives up. */
+  /** Times a batch whose fate is unknown (its stream broke, or its node answered UNAVAILABLE)
+   * is sent again, with the same event ids, before its events fail with
+   * {@link StreamBrokenError} (default 5, as the Rust SDK). `Infinity` never gives up. */
   retries?: number;
   /** Delays before those resends (default: 50 ms doubling to 5 s, full jitter). */
   retryBackoff?: BackoffOptions;
@@ -87,6 +91,11 @@ interface SentBatch {
   items: Item[];
   /** Sends so far. */
   attempts: number;
+  /** The batch's place in the publisher's order, fixed when it is made: batches waiting to be
+   * sent again are kept in this order, whichever way their sends failed (a refused batch goes
+   * out again with a newer request id than the batches behind it that were in flight), so the
+   * bus stores a publisher's events in the order they were published. */
+  order: number;
   /** When it may be sent again (`Date.now()` ms), once queued to be. */
   due: number;
 }
@@ -129,7 +138,7 @@ function sizeOf(event: PbEvent): number {
 export class Publisher {
   /** How many times the stream broke and was opened again. */
   reconnects = 0;
-  /** Batches sent again after a broken stream. */
+  /** Batches sent again: after a broken stream, or answered UNAVAILABLE by their node. */
   resentBatches = 0;
   /** Times the publisher moved to another node. */
   failovers = 0;
@@ -150,10 +159,15 @@ export class Publisher {
   private lingerDeadline: number | undefined;
   private force = false;
   private readonly inFlight = new Map<string, SentBatch>();
+  /** Batches whose fate is unknown, to send again in their order (`SentBatch.order`): the
+   * front one once it is due, and no new batch before them. */
   private resend: SentBatch[] = [];
+  private nextOrder = 0;
   private timer: NodeJS.Timeout | undefined;
   private nextId = 1;
   private stream: Stream | undefined;
+  /** The node the open stream is on. */
+  private streamNode = 0;
   /** The node new streams open on. */
   private node: number;
   /** A move to another node is being chosen: nothing is sent until it is. */
@@ -290,7 +304,7 @@ export class Publisher {
     } else {
       this.lingerDeadline = Date.now() + this.lingerMs;
     }
-    this.send({ items, attempts: 0, due: 0 });
+    this.send({ items, attempts: 0, order: this.nextOrder++, due: 0 });
   }
 
   /** Sends one batch on the open stream, or on a new one. */
@@ -306,6 +320,7 @@ export class Publisher {
   private open(): Stream {
     const stream = this.bus.nodes.client(this.node).PublishStream();
     this.stream = stream;
+    this.streamNode = this.node;
     stream.on("data", (response: PublishStreamResponse__Output) => {
       if (stream === this.stream) this.answer(response);
     });
@@ -337,7 +352,17 @@ export class Publisher {
     } else if (response.result === "error" && response.error) {
       const { code, message, reason } = response.error;
       const Class = errorClass(code, reason || undefined);
-      for (const item of items) item.reject(new Class(code, message, reason || undefined));
+      const error = new Class(code, message, reason || undefined);
+      if (movesOn(error)) {
+        // The node could not store it now (its log is unreachable): its fate is unknown, so it
+        // is sent again with the same ids, as after a broken stream. The node is going: the
+        // next stream opens elsewhere; this one is kept for the answers still due on it, as
+        // the Rust SDK does.
+        this.retryOrFail(batch, error, "the node did not confirm the batch", Date.now());
+        this.moveOff(this.streamNode, error);
+        return;
+      }
+      for (const item of items) item.reject(error);
     } else {
       for (const item of items) item.reject(new BusError(status.INTERNAL, "a batch answer with neither sequences nor error"));
     }
@@ -351,43 +376,58 @@ export class Publisher {
     this.stream = undefined;
     stream?.cancel();
     if (this.inFlight.size > 0) this.reconnects += 1;
-    const batches = [...this.inFlight.values()]; // in send order
+    const batches = [...this.inFlight.values()];
     this.inFlight.clear();
     const retryable = isRetryableCode(error.code);
-    const requeued: SentBatch[] = [];
-    for (const batch of batches) {
-      if (!retryable) {
-        for (const item of batch.items) item.reject(error);
-      } else if (batch.attempts > this.retries) {
-        const broke = new StreamBrokenError(error.code,
-          `publish stream broke before the batch was acknowledged, ${batch.attempts} sends (it may or may not be stored): ${error.details}`,
-          error.reason);
-        for (const item of batch.items) item.reject(broke);
-      } else {
-        requeued.push(batch);
-      }
-    }
     const now = Date.now();
-    for (const batch of requeued) batch.due = now + this.backoff.delayMs(batch.attempts - 1);
-    // In flight means sent before every batch still waiting (those wait while resends are
-    // queued, and resends leave from the front), so these go back in front, in send order.
-    this.resend.unshift(...requeued);
+    for (const batch of batches) {
+      if (retryable) this.retryOrFail(batch, error, "publish stream broke before the batch was acknowledged", now);
+      else for (const item of batch.items) item.reject(error);
+    }
     if (movesOn(error)) {
-      // The node is gone: choose the next (probing health takes a moment), then resend there.
-      const from = this.node;
-      this.moving = true;
-      void this.bus.nodes.failOver(from).then((to) => {
-        this.moving = false;
-        if (to !== from) {
-          this.node = to;
-          this.failovers += 1;
-          const nodes = this.bus.nodes;
-          nodes.report({ what: "publisher", fromEndpoint: nodes.address(from), toEndpoint: nodes.address(to), error });
-        }
-        this.pump();
-      });
+      this.moveOff(this.streamNode, error);
       return;
     }
     this.pump();
+  }
+
+  /** Queues a batch whose fate is unknown to be sent again after its backoff, or fails its
+   * events with {@link StreamBrokenError} (saying `what` happened) once its resends are used
+   * up. */
+  private retryOrFail(batch: SentBatch, error: BusError, what: string, now: number): void {
+    if (batch.attempts > this.retries) {
+      const lost = new StreamBrokenError(error.code,
+        `${what}, ${batch.attempts} sends (it may or may not be stored): ${error.details}`, error.reason);
+      for (const item of batch.items) item.reject(lost);
+      return;
+    }
+    batch.due = now + this.backoff.delayMs(batch.attempts - 1);
+    // In its place by order, however it failed: batches in flight go back in front of those
+    // waiting (which wait while resends go out first), and a refused batch sent again on the
+    // same stream, so with a newer request id than the batches behind it, still goes before
+    // them.
+    const at = this.resend.findIndex((queued) => queued.order > batch.order);
+    this.resend.splice(at === -1 ? this.resend.length : at, 0, batch);
+  }
+
+  /** The node `from` is gone or going (`error`): chooses the node for the next stream (probing
+   * health takes a moment, and nothing is sent meanwhile), then pumps. */
+  private moveOff(from: number, error: BusError): void {
+    if (this.moving) return; // a move being chosen already; it pumps when it is
+    this.moving = true;
+    // A probe on a client closed meanwhile rejects: stay, and let the next send fail there.
+    void this.bus.nodes.failOver(from).catch(() => this.node).then((to) => {
+      this.moving = false;
+      // When the client already left `from` (another call, or an earlier answer on this
+      // stream, moved it), `to` is where it went.
+      if (to !== this.node) {
+        const was = this.node;
+        this.node = to;
+        this.failovers += 1;
+        const nodes = this.bus.nodes;
+        nodes.report({ what: "publisher", fromEndpoint: nodes.address(was), toEndpoint: nodes.address(to), error });
+      }
+      this.pump();
+    });
   }
 }

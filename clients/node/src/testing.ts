@@ -152,7 +152,8 @@ export function natsBinary(): string {
 /** A nats-server with JetStream on 127.0.0.1 and a port of its choosing, with a temporary store,
  * for clustered buses in tests (`BusProcess.start({ storage: "jetstream", nats_url: nats.url })`).
  * Its config raises `max_payload` to 8 MB: a bus refuses NATS's default 1 MB, which is under its
- * own event limit. As `tests/common/nats.rs`. */
+ * own event limit. {@link kill} and {@link restart} crash it and bring it back on its port with
+ * its store; {@link signal} freezes it. As `tests/common/nats.rs`. */
 export class NatsServer {
   port = 0;
   private child: ChildProcess | undefined;
@@ -165,42 +166,69 @@ export class NatsServer {
 
   static async start(timeoutMs = 15_000): Promise<NatsServer> {
     const nats = new NatsServer();
-    const dir = mkdtempSync(path.join(tmpdir(), "eventbus-nats-"));
-    nats.dir = dir;
-    const config = path.join(dir, "nats.conf");
-    writeFileSync(config, "max_payload: 8MB\n");
-    const child = spawn(natsBinary(), ["-a", "127.0.0.1", "-p", "-1", "-js", "-sd", path.join(dir, "jetstream"), "-c", config],
-      { stdio: ["ignore", "ignore", "pipe"] });
-    nats.child = child;
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`nats-server not listening within ${timeoutMs} ms:\n${nats.output}`)), timeoutMs);
-      child.once("error", (error) => {
-        clearTimeout(timer);
-        reject(new Error(`cannot start ${natsBinary()} (${String(error)}): install nats-server or set EVENTBUS_TEST_NATS_SERVER`));
-      });
-      child.stderr?.on("data", (chunk: Buffer) => {
-        nats.output += chunk.toString();
-        const match = /Listening for client connections on [^\s]*:(\d+)/.exec(nats.output);
-        if (match && nats.port === 0) {
-          nats.port = Number(match[1]);
-          clearTimeout(timer);
-          resolve();
-        }
-      });
-    }).catch(async (error) => {
+    await nats.launch(timeoutMs).catch(async (error) => {
       await nats.stop();
       throw error;
     });
     return nats;
   }
 
-  async stop(): Promise<void> {
+  /** Starts the process: on a port of its choosing with a new store the first time, on the same
+   * port with the same store after {@link kill}. */
+  private async launch(timeoutMs: number): Promise<void> {
+    const dir = this.dir ?? mkdtempSync(path.join(tmpdir(), "eventbus-nats-"));
+    this.dir = dir;
+    const config = path.join(dir, "nats.conf");
+    writeFileSync(config, "max_payload: 8MB\n");
+    const child = spawn(natsBinary(), ["-a", "127.0.0.1", "-p", String(this.port || -1), "-js", "-sd", path.join(dir, "jetstream"), "-c", config],
+      { stdio: ["ignore", "ignore", "pipe"] });
+    this.child = child;
+    let output = "";
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`nats-server not listening within ${timeoutMs} ms:\n${this.output}`)), timeoutMs);
+      child.once("error", (error) => {
+        clearTimeout(timer);
+        reject(new Error(`cannot start ${natsBinary()} (${String(error)}): install nats-server or set EVENTBUS_TEST_NATS_SERVER`));
+      });
+      child.stderr?.on("data", (chunk: Buffer) => {
+        this.output += chunk.toString();
+        output += chunk.toString();
+        const match = /Listening for client connections on [^\s]*:(\d+)/.exec(output);
+        if (match) {
+          this.port = Number(match[1]);
+          clearTimeout(timer);
+          resolve();
+        }
+      });
+    });
+  }
+
+  /** Sends the process a signal: `SIGSTOP` freezes it (its connections stay open and
+   * unanswered), `SIGCONT` lets it go on. */
+  signal(signal: NodeJS.Signals): void {
+    this.child?.kill(signal);
+  }
+
+  /** SIGKILL, as a crash; the store is kept for {@link restart}. */
+  async kill(): Promise<void> {
     const child = this.child;
     if (child && child.exitCode === null && child.signalCode === null) {
       const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
       child.kill("SIGKILL");
       await exited;
     }
+  }
+
+  /** Starts the server again after {@link kill} (killing it first if it runs), on the same port
+   * with the same JetStream store, as an operator restarting it would. */
+  async restart(timeoutMs = 15_000): Promise<void> {
+    await this.kill();
+    await this.launch(timeoutMs);
+  }
+
+  /** Kills the server and deletes its store. */
+  async stop(): Promise<void> {
+    await this.kill();
     if (this.dir) rmSync(this.dir, { recursive: true, force: true });
     this.dir = undefined;
   }

@@ -1,5 +1,7 @@
 /** The batching publisher against real bus processes: batching and per-event answers, refused
- * batches, and exactly-once storage across a bus crash in the middle of the stream. */
+ * batches, exactly-once storage across a bus crash in the middle of the stream, and resends of
+ * a batch a clustered bus's node could not store. The Python client's tests/test_publisher.py
+ * has the same tests. */
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -7,7 +9,7 @@ import * as path from "node:path";
 import { test } from "node:test";
 
 import { Backoff, Bus, InvalidArgumentError, PublisherClosedError, uuidv7, type Event, type Sequence } from "../src";
-import { BusProcess, waitFor } from "../src/testing";
+import { BusProcess, NatsServer, waitFor } from "../src/testing";
 
 /** Every event on `pattern` from the start of the log up to the `caught_up` marker. */
 async function replay(bus: Bus, pattern: string): Promise<Event[]> {
@@ -139,5 +141,64 @@ test("a bus crash mid-stream: unanswered batches are resent with the same ids an
     bus.close();
     await running.stop();
     rmSync(dataDir, { recursive: true, force: true });
+  }
+});
+
+test("a batch its node could not store is sent again with the same ids, in order, and stored once", { timeout: 240_000 }, async () => {
+  // Two bus nodes on one nats-server. NATS freezes while one batch is begun on the publisher's
+  // node, then dies; the batches published after that are refused unbegun. Once its append
+  // deadline (30 s) has passed, the node answers the begun batch UNAVAILABLE store-failed and
+  // ends the stream. The publisher sends that batch again with the same ids instead of failing
+  // it, ahead of the later ones that the end of the stream sends again; once NATS is back, every
+  // event is stored once, in publish order, at the sequence its promise gave.
+  const nats = await NatsServer.start();
+  const nodes: BusProcess[] = [];
+  let bus: Bus | undefined;
+  try {
+    for (let i = 0; i < 2; i++) nodes.push(await BusProcess.start({ storage: "jetstream", nats_url: nats.url }));
+    const client = new Bus(nodes.map((node) => node.address), { source: "node-unstored" });
+    bus = client;
+    const publisher = client.publisher({ maxBatch: 5, lingerMs: 50, retries: Infinity, retryBackoff: { maxMs: 500 } });
+    const sequences: Array<Promise<Sequence>> = [];
+    let failed: unknown;
+    const publish = async (from: number, to: number) => {
+      for (let n = from; n < to; n++) {
+        const pending = await publisher.submit({ topic: "pub.unstored", data: { n }, id: `u-${n}` });
+        pending.sequence.catch((error: unknown) => (failed ??= error));
+        sequences.push(pending.sequence);
+      }
+    };
+
+    await publish(0, 20);
+    await publisher.flush();
+    // The fault window: NATS frozen while one batch reaches the node, which begins it (its
+    // append waits), then killed. One begun batch only: the node's NATS client sends its own
+    // resends of a begun batch's first event when NATS is back, and those of several batches
+    // would land out of order.
+    nats.signal("SIGSTOP");
+    await publish(20, 25);
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    await nats.kill();
+    await waitFor(async () => (await client.nodes.health(0)) === "NOT_SERVING", 20_000, "the node to notice it lost NATS");
+    await publish(25, 50);
+    await waitFor(() => failed !== undefined || publisher.resentBatches > 0, 90_000, "the node to answer the batch it began");
+    await nats.restart();
+    await publisher.flush();
+    assert.equal(failed, undefined, `an event failed: ${String(failed)}`);
+    const stored = await Promise.all(sequences);
+    await publisher.close();
+
+    const reader = new Bus(nodes[1].address);
+    try {
+      const events = await replay(reader, "pub.unstored");
+      assert.deepEqual(events.map((event) => event.id), Array.from({ length: 50 }, (_, n) => `u-${n}`));
+      assert.deepEqual(events.map((event) => event.sequence), stored);
+    } finally {
+      reader.close();
+    }
+  } finally {
+    bus?.close();
+    for (const node of nodes) await node.stop(5000, "SIGKILL");
+    await nats.stop();
   }
 });

@@ -10,18 +10,23 @@ each with a ``request_id`` and keeps up to ``max_in_flight`` batches unanswered.
 Failures, as the Rust SDK's ``sdk::Publisher``:
 
 - A batch the bus refuses (``PublishError``) fails exactly that batch's events with the matching
-  :class:`eventbus_client.BusError`; nothing of it was stored.
+  :class:`eventbus_client.BusError`; nothing of it was stored. Except an UNAVAILABLE answer
+  other than ``no-responders`` (``store-failed``: the node could not get the batch into its log
+  in time): the batch's fate is unknown, as below.
 - When the stream itself breaks (the bus restarts, the connection drops), the bus may or may not
   have stored the batches in flight. Every event got an id before its first send (a UUIDv7 when
   it had none), and the bus deduplicates by (source, id) within its dedupe window (2 minutes by
-  default, rebuilt from the log after a restart of a file-store bus), so those batches are sent
-  again on a new stream, in their order, with :class:`Backoff` between attempts: an event stored
-  the first time is answered with its original sequence, and stored once. By default this never
-  gives up (``max_retries=None``); with a limit, events fail with :class:`StreamBroken` after
-  it.
-- On a clustered bus, a stream broken because its node is gone (UNAVAILABLE) moves the
-  publisher to another node (:class:`eventbus_client._nodes.Nodes`), and the resends go there:
-  the nodes share JetStream's dedupe window, so the cluster still stores each event once.
+  default, rebuilt from the log after a restart of a file-store bus), so those batches, and the
+  ones a node answered UNAVAILABLE, are sent again with the same ids, with :class:`Backoff`
+  between attempts: an event stored the first time is answered with its original sequence, and
+  stored once. Batches waiting to be sent again keep the order they were published in, however
+  each one failed, and no newer batch goes before them. By default this never gives up
+  (``max_retries=None``); with a limit, events fail with :class:`StreamBroken` after it.
+- On a clustered bus, a stream broken because its node is gone, or a batch answered
+  UNAVAILABLE by a node that is going (both :func:`eventbus_client._common.moves_on`), moves the
+  publisher to another node (:class:`eventbus_client._nodes.Nodes`) for its next stream, and
+  the resends go there: the nodes share JetStream's dedupe window, so the cluster still stores
+  each event once.
 
 Threads: one batcher thread owns the state (under one condition variable), one reader thread
 per open stream turns answers into results, and grpcio's own thread drains the request queue.
@@ -72,8 +77,10 @@ class PublisherClosed(errors.BusError):
 
 
 class StreamBroken(errors.BusError):
-    """The publish stream broke while this event's batch was in flight, and the publisher's
-    ``max_retries`` resends were used up. The event may or may not be stored."""
+    """The publish stream broke while this event's batch was in flight, or the node answered
+    the batch UNAVAILABLE (it could not store it), and the publisher's ``max_retries`` resends
+    were used up. The event may or may not be stored. The code and reason are the last
+    failure's."""
 
 
 @dataclass
@@ -82,6 +89,11 @@ class _Batch:
 
     events: list[pb.Event]
     futures: list[concurrent.futures.Future[int]]
+    #: The batch's place in the publisher's order, fixed when it is made: batches waiting to be
+    #: sent again are kept in this order, whichever way their sends failed (a refused batch is
+    #: sent again with a newer request id than the batches behind it that were in flight), so
+    #: the bus stores a publisher's events in the order it published them.
+    order: int
     attempts: int = 0
     #: When it may be sent again (``time.monotonic()``), once queued to be.
     due: float = 0.0
@@ -119,9 +131,9 @@ class Publisher:
     it under the bus's ``--max-message-bytes``); ``linger`` seconds the first event of a batch
     waits for company; ``max_in_flight`` batches sent and unanswered; ``queue`` events waiting
     in front of the batcher before :meth:`submit` blocks; ``backoff`` the delays between resends
-    of a batch whose stream broke; ``max_retries`` resends before its events fail with
-    :class:`StreamBroken` (``None``: never give up). Defaults are the Rust SDK's, except that it
-    gives up after 5 resends.
+    of a batch whose fate is unknown (its stream broke, or its node answered UNAVAILABLE);
+    ``max_retries`` resends before its events fail with :class:`StreamBroken` (``None``: never
+    give up). Defaults are the Rust SDK's, except that it gives up after 5 resends.
     """
 
     def __init__(self, nodes: Nodes, source: str, *, max_batch: int = 512,
@@ -146,7 +158,10 @@ class Publisher:
         self._deadline: float | None = None
         self._force = False
         self._in_flight: dict[int, _Batch] = {}
+        #: Batches whose fate is unknown, to send again in their order (:attr:`_Batch.order`):
+        #: the front one once it is due, and no new batch before them.
         self._resend: collections.deque[_Batch] = collections.deque()
+        self._next_order = 0
         self._next_id = 1
         self._stream: _Stream | None = None
         self._closing = False
@@ -156,6 +171,8 @@ class Publisher:
         self.reconnects = 0
         #: Times the publisher moved to another node.
         self.failovers = 0
+        #: Batches sent again: after a broken stream, or answered UNAVAILABLE by their node.
+        self.resent_batches = 0
         self._thread = threading.Thread(target=self._run, name="eventbus-publisher",
                                         daemon=True)
         self._thread.start()
@@ -177,8 +194,8 @@ class Publisher:
         already stored within the dedupe window, the original's). An event without ``id`` gets
         a UUIDv7 now, before its first send, so resends are recognised; without ``source``,
         this publisher's. The future fails with :class:`eventbus_client.BusError` (the bus's
-        refusal of the batch), :class:`StreamBroken` or :class:`PublisherClosed`. Raises
-        :class:`PublisherClosed` after :meth:`close`."""
+        refusal of the batch), :class:`StreamBroken` (its resends used up) or
+        :class:`PublisherClosed`. Raises :class:`PublisherClosed` after :meth:`close`."""
         future = self._try_submit(event, block=True)
         assert future is not None
         return future
@@ -290,12 +307,15 @@ class Publisher:
         if not self._pending:
             self._deadline = None
             self._force = False
-        return _Batch(events, futures)
+        self._next_order += 1
+        return _Batch(events, futures, order=self._next_order)
 
     def _send(self, batch: _Batch) -> None:
         request_id = self._next_id
         self._next_id += 1
         batch.attempts += 1
+        if batch.attempts > 1:
+            self.resent_batches += 1
         if self._stream is None:
             stream = _Stream(node=self._node)
             try:
@@ -322,10 +342,14 @@ class Publisher:
                     if self._stream is not stream:
                         return
                     stream.answered = True
-                    self._on_response(response)
+                    unstored = self._on_response(response)
                     settle, self._settle = self._settle, []
                     self._cond.notify_all()
                 _settle(settle)
+                if unstored is not None:
+                    # The node is going: the next stream opens elsewhere. This one is kept
+                    # for the answers still due on it, as the Rust SDK does.
+                    self._move(stream, unstored)
             failure = errors.Unavailable(grpc.StatusCode.UNAVAILABLE,
                                          "the bus ended the publish stream")
         except grpc.RpcError as error:
@@ -336,7 +360,14 @@ class Publisher:
                 # and no reason to leave the node. Failing over here would move the whole
                 # client, and probe channels that Bus.close may be closing.
                 return
-        # Chosen before taking the lock: choosing may probe the other nodes' health.
+        self._move(stream, failure, broken=True)
+
+    def _move(self, stream: _Stream, failure: errors.BusError, broken: bool = False) -> None:
+        """After ``failure`` on ``stream``: moves the publisher's next stream off the stream's
+        node when the failure says the node is gone or going; when ``broken`` (the stream
+        ended), also queues what was in flight on it to be sent again."""
+        # Chosen before taking the lock: choosing may probe the other nodes' health. When the
+        # client already left the node (a refusal on this stream moved it), this is that choice.
         to = self._nodes.fail_over(stream.node) if moves_on(failure) else stream.node
         moved = False
         with self._cond:
@@ -345,7 +376,8 @@ class Publisher:
                     self._node = to
                     self.failovers += 1
                     moved = True
-                self._break_stream(stream, failure)
+                if broken:
+                    self._break_stream(stream, failure)
             settle, self._settle = self._settle, []
             self._cond.notify_all()
         if moved:  # outside the lock: the hook may call the publisher
@@ -354,11 +386,13 @@ class Publisher:
                                       endpoints.address(to), failure))
         _settle(settle)
 
-    def _on_response(self, response: pb.PublishStreamResponse) -> None:
+    def _on_response(self, response: pb.PublishStreamResponse) -> errors.BusError | None:
+        """Settles a batch by its answer, or queues it to be sent again when its node could
+        not store it; returns that refusal (the node may be going), else ``None``."""
         batch = self._in_flight.pop(response.request_id, None)
         if batch is None:
             log.warning("answer for an unknown batch %d", response.request_id)
-            return
+            return None
         kind = response.WhichOneof("result")
         if kind == "published" and len(response.published.sequences) == len(batch.futures):
             self._settle.extend(zip(batch.futures, response.published.sequences))
@@ -367,12 +401,20 @@ class Publisher:
             code = _status_code(refusal.code)
             reason = refusal.reason or None
             error = errors.error_class(code, reason)(code, refusal.message, reason)
+            if moves_on(error):
+                # The node could not store it now (its log is unreachable): its fate is
+                # unknown, so it is sent again with the same ids, as after a broken stream.
+                log.debug("batch %d not stored (%s); sending it again", response.request_id,
+                          error)
+                self._retry_or_fail(batch, error, "the node did not confirm the batch")
+                return error
             self._settle.extend((f, error) for f in batch.futures)
         else:
             error = errors.BusError(grpc.StatusCode.INTERNAL,
                                     f"unexpected answer to a batch of {len(batch.futures)}: "
                                     f"{response}")
             self._settle.extend((f, error) for f in batch.futures)
+        return None
 
     def _break_stream(self, stream: _Stream, failure: errors.BusError) -> None:
         """The stream is gone: what is in flight may or may not be stored, so it is sent again
@@ -385,21 +427,32 @@ class Publisher:
         stream.call.cancel()
         self._stream = None
         self.reconnects += 1
-        broken = [self._in_flight[key] for key in sorted(self._in_flight)]
+        broken = list(self._in_flight.values())
         self._in_flight.clear()
-        # Batches in flight were sent before any still waiting to be resent (those wait while
-        # the in-flight ones go out first), so they go back in front of them, in request order.
-        for batch in reversed(broken):
-            if not is_retryable(failure):
-                self._settle.extend((f, failure) for f in batch.futures)
-            elif self._max_retries is not None and batch.attempts > self._max_retries:
-                lost = StreamBroken(failure.code, f"publish stream broke before the batch was "
-                                    f"acknowledged (it may or may not be stored): "
-                                    f"{failure.details}", failure.reason)
-                self._settle.extend((f, lost) for f in batch.futures)
+        for batch in broken:
+            if is_retryable(failure):
+                self._retry_or_fail(batch, failure, "publish stream broke before the batch "
+                                    "was acknowledged")
             else:
-                batch.due = time.monotonic() + self._backoff.delay(batch.attempts - 1)
-                self._resend.appendleft(batch)
+                self._settle.extend((f, failure) for f in batch.futures)
+
+    def _retry_or_fail(self, batch: _Batch, failure: errors.BusError, what: str) -> None:
+        """Queues a batch whose fate is unknown to be sent again after its backoff, or fails
+        its events with :class:`StreamBroken` (saying ``what`` happened) once its resends are
+        used up."""
+        if self._max_retries is not None and batch.attempts > self._max_retries:
+            lost = StreamBroken(failure.code, f"{what} (it may or may not be stored): "
+                                f"{failure.details}", failure.reason)
+            self._settle.extend((f, lost) for f in batch.futures)
+            return
+        batch.due = time.monotonic() + self._backoff.delay(batch.attempts - 1)
+        # In its place by order, however it failed: batches in flight go back in front of
+        # those waiting (which wait while resends go out first), and a refused batch sent
+        # again on the same stream, so with a newer request id than the batches behind it,
+        # still goes before them.
+        at = next((i for i, queued in enumerate(self._resend) if queued.order > batch.order),
+                  len(self._resend))
+        self._resend.insert(at, batch)
 
 
 def _status_code(number: int) -> grpc.StatusCode:

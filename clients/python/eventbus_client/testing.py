@@ -211,7 +211,9 @@ class NatsServer:
     """A nats-server with JetStream on 127.0.0.1 and a port of its choosing, with a temporary
     store, for clustered buses in tests (``BusProcess(storage="jetstream",
     nats_url=nats.url)``). Its config raises ``max_payload`` to 8 MB: a bus refuses NATS's
-    default 1 MB, which is under its own event limit. As ``tests/common/nats.rs``."""
+    default 1 MB, which is under its own event limit. :meth:`kill` and :meth:`restart` crash it
+    and bring it back on its port with its store; :meth:`signal` freezes it. As
+    ``tests/common/nats.rs``."""
 
     def __init__(self) -> None:
         self.port = 0
@@ -224,19 +226,23 @@ class NatsServer:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 15.0) -> NatsServer:
-        self._dir = tempfile.TemporaryDirectory(prefix="eventbus-nats-")
+        """Starts the server: on a port of its choosing with a new store the first time, on
+        the same port with the same store after :meth:`kill`."""
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="eventbus-nats-")
         config = Path(self._dir.name) / "nats.conf"
         config.write_text("max_payload: 8MB\n")
-        self.process = subprocess.Popen(
-            [nats_binary(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd",
+        process = subprocess.Popen(
+            [nats_binary(), "-a", "127.0.0.1", "-p", str(self.port or -1), "-js", "-sd",
              str(Path(self._dir.name) / "jetstream"), "-c", str(config)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = process
         listening = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
         found = threading.Event()
 
         def read() -> None:
-            assert self.process is not None and self.process.stderr is not None
-            for raw in self.process.stderr:
+            assert process.stderr is not None
+            for raw in process.stderr:
                 line = raw.decode(errors="replace")
                 self._log.append(line)
                 match = listening.search(line)
@@ -251,10 +257,27 @@ class NatsServer:
                                f"{''.join(self._log)}")
         return self
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL, as a crash; the store is kept for :meth:`restart`."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def restart(self, timeout: float = 15.0) -> NatsServer:
+        """Starts the server again after :meth:`kill` (killing it first if it runs), on the
+        same port with the same JetStream store, as an operator restarting it would."""
+        self.kill()
+        return self.start(timeout)
+
+    def signal(self, number: int) -> None:
+        """Sends the process a signal: ``signal.SIGSTOP`` freezes it (its connections stay
+        open and unanswered), ``signal.SIGCONT`` lets it go on."""
+        assert self.process is not None
+        self.process.send_signal(number)
+
+    def stop(self) -> None:
+        """Kills the server and deletes its store."""
+        self.kill()
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

@@ -1,12 +1,14 @@
 """The batching publisher against real bus processes: batching and order, refusals of one
-batch, client-assigned ids, and resends across a crash and restart of a file-store bus that
-store every event exactly once."""
+batch, client-assigned ids, resends across a crash and restart of a file-store bus that store
+every event exactly once, and resends of batches a clustered bus's node could not store."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -25,7 +27,7 @@ from eventbus_client import (
     new_event,
 )
 from eventbus_client.publisher import uuid7
-from eventbus_client.testing import BusProcess
+from eventbus_client.testing import BusProcess, NatsServer, wait_for
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -106,6 +108,67 @@ def test_resends_across_a_bus_crash_store_each_event_once(
     assert not duplicates, f"stored more than once: {duplicates}"
     assert ns == list(range(total))
     assert sorted(e.sequence for e in stored if e) == sorted(set(sequences))
+
+
+def test_a_batch_its_node_could_not_store_is_resent_and_stored_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two bus nodes on one nats-server. NATS freezes while one batch is begun on the
+    publisher's node, then dies; the batches published after that are refused unbegun. Once its
+    append deadline (30 s) has passed, the node answers the begun batch UNAVAILABLE
+    ``store-failed`` and ends the stream. The publisher sends that batch again with the same ids
+    instead of failing it, ahead of the later ones that the end of the stream sends again; once
+    NATS is back, every event is stored once, in publish order, at the sequence its future
+    gave."""
+    caplog.set_level(logging.DEBUG, logger="eventbus_client.publisher")
+    with NatsServer() as nats:
+        nodes = [BusProcess(storage="jetstream", nats_url=nats.url) for _ in range(2)]
+        try:
+            for node in nodes:
+                node.start()
+            with Bus([node.address for node in nodes], source="unstored") as bus, \
+                    bus.publisher(linger=0.05, max_batch=5,
+                                  backoff=Backoff(initial=0.05, max=0.5)) as publisher:
+                futures: list[concurrent.futures.Future[int]] = []
+
+                def publish(numbers: range) -> None:
+                    futures.extend(publisher.publish("pub.unstored", {"n": n}, id=f"u-{n}")
+                                   for n in numbers)
+
+                publish(range(20))
+                publisher.flush(timeout=20)
+                # The fault window: NATS frozen while one batch reaches the node, which begins
+                # it (its append waits), then killed. One begun batch only: the node's NATS
+                # client sends its own resends of a begun batch's first event when NATS is
+                # back, and those of several batches would land out of order.
+                nats.signal(signal.SIGSTOP)
+                publish(range(20, 25))
+                time.sleep(1)
+                nats.kill()
+                wait_for(lambda: bus._nodes.serving(0) == "NOT_SERVING", 20,
+                         "the node to notice it lost NATS")
+                publish(range(25, 50))
+
+                def answered() -> bool:
+                    failed = any(f.done() and f.exception() for f in futures)
+                    return failed or publisher.resent_batches > 0
+
+                wait_for(answered, 90, "the node to answer the batch it began")
+                nats.restart()
+                publisher.flush(timeout=90)
+                sequences = [f.result(0) for f in futures]
+            assert any("not stored" in record.getMessage() for record in caplog.records), \
+                "no batch was answered UNAVAILABLE"
+
+            with Bus(nodes[1].address) as bus, \
+                    bus.subscribe("pub.unstored", start="earliest") as replay:
+                stored = [replay.next_event(timeout=20) for _ in range(50)]
+                with pytest.raises(TimeoutError):
+                    replay.next_event(timeout=0.5)
+        finally:
+            for node in nodes:
+                node.kill()
+    assert [e.id for e in stored if e is not None] == [f"u-{n}" for n in range(50)]
+    assert [e.sequence for e in stored if e is not None] == sequences
 
 
 async def test_async_publisher_returns_asyncio_futures(bus_process: BusProcess) -> None:
