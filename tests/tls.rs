@@ -68,6 +68,55 @@ async fn publish_and_subscribe_over_tls_with_a_custom_ca() {
     bus.stop(WAIT).await;
 }
 
+/// Runs the `eventbus` CLI with `args` (no `EVENTBUS_*` from the test's environment).
+fn cli(args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("EVENTBUS_") {
+            command.env_remove(key);
+        }
+    }
+    command.args(args).output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_speaks_tls_with_a_custom_ca_and_never_plaintext_to_https() {
+    let pki = Pki::new("cli CA");
+    let files = TlsFiles::new(&pki, None);
+    let ca = files.path("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let ca = ca.display().to_string();
+    let bus = tls_bus(&files).await;
+    let url = bus.https_url();
+
+    let published = cli(&[
+        "publish", "tls.cli", "hello", "--server", &url, "--tls-ca", &ca,
+    ]);
+    assert!(published.status.success(), "{published:?}");
+    let topics = cli(&["topics", "--json", "--server", &url, "--tls-ca", &ca]);
+    assert!(topics.status.success(), "{topics:?}");
+    let topics = String::from_utf8_lossy(&topics.stdout);
+    assert!(topics.contains("tls.cli"), "{topics}");
+
+    // Without the CA the certificate is not trusted; an http:// URL to the TLS port is not
+    // answered in plaintext. Both fail with one clear error and a non-zero exit.
+    for args in [
+        vec!["topics", "--server", url.as_str()],
+        vec![
+            "topics",
+            "--server",
+            &url.replacen("https://", "http://", 1),
+        ],
+    ] {
+        let refused = cli(&args);
+        assert!(!refused.status.success(), "{args:?} got in: {refused:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    bus.stop(WAIT).await;
+}
+
 #[tokio::test]
 async fn a_plaintext_client_fails_on_a_tls_port_and_https_never_falls_back_to_plaintext() {
     let pki = Pki::new("test CA");
