@@ -56,6 +56,13 @@ fn sample(text: &str, series: &str) -> f64 {
 #[tokio::test]
 async fn an_open_bus_says_so_at_start() {
     let bus = BusProcess::start(&[], None);
+    // Logged just after "eventbus listening", which is what `start` waits for: read with a
+    // deadline (a loaded machine once read the logs in between).
+    eventually("the open-bus warning", WAIT, || {
+        let warnings = bus.logged("the bus is open");
+        async move { (!warnings.is_empty()).then_some(()) }
+    })
+    .await;
     assert_eq!(bus.logged("the bus is open").len(), 1, "{:?}", bus.logs());
 }
 
@@ -155,7 +162,12 @@ async fn refusals_are_audited_rate_limited_counted_and_a_sighup_reloads() {
         async move { publish_as(&mut client, "secret-token", "b.1").await.ok() }
     })
     .await;
-    let reloads = bus.logged("principals and limits reloaded");
+    // The log line comes just after the policy is swapped: read it with a deadline too.
+    let reloads = eventually("the reload's log line", WAIT, || {
+        let reloads = bus.logged("principals and limits reloaded");
+        async move { (!reloads.is_empty()).then_some(reloads) }
+    })
+    .await;
     assert_eq!(reloads.len(), 1, "{:?}", bus.logs());
     assert_eq!(reloads[0]["fields"]["why"], "SIGHUP", "{reloads:?}");
 
