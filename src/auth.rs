@@ -550,15 +550,24 @@ impl Auth {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, name| kept(name));
+        // A principal's counts (subscriptions and queries open, its rate buckets) carry over
+        // while its limits stay the same: the open streams' slots count against that usage, so
+        // a reload does not hand a principal at its limit a fresh allowance. New limits start
+        // new counts.
+        self.inner
+            .usage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name, usage| {
+                policy
+                    .by_name
+                    .get(name)
+                    .is_some_and(|principal| principal.limits == *usage.limits())
+            });
         *slot = Arc::new(policy);
         self.inner.generation.store(generation, Ordering::Release);
         self.inner
             .wrong_tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.inner
-            .usage
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
@@ -1426,6 +1435,48 @@ mod tests {
             auth.authenticate(&http::HeaderMap::new(), None).await,
             Err(BusError::Unauthenticated { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_a_principals_counts_while_its_limits_stay() {
+        let token = generate_token();
+        let mut entry = entry(&["a"], &[], &[]);
+        entry.cert_subject = None;
+        entry.token_hash = Some(hash_token(&token));
+        entry.limits = Some(Limits {
+            subscriptions: Some(1),
+            ..Limits::default()
+        });
+        let config = AuthConfig {
+            principals: vec![entry],
+            limits: LimitsConfig::default(),
+        };
+        let auth = Auth::new(&config, Metrics::new()).unwrap();
+        let mut headers = http::HeaderMap::new();
+        let bearer = format!("Bearer {token}");
+        headers.insert(http::header::AUTHORIZATION, bearer.parse().unwrap());
+        let mut caller = auth.authenticate(&headers, None).await.unwrap();
+        let open = auth.open_subscription(&caller).unwrap();
+        assert!(auth.open_subscription(&caller).is_err(), "at its limit");
+        // The same limits: still at the limit after the reload, free again once it closes.
+        auth.reload(&config).unwrap();
+        auth.recheck(&mut caller).unwrap();
+        assert!(
+            auth.open_subscription(&caller).is_err(),
+            "a reload is no new allowance"
+        );
+        drop(open);
+        let again = auth.open_subscription(&caller).unwrap();
+        // New limits start new counts.
+        let mut raised = config.clone();
+        raised.principals[0].limits = Some(Limits {
+            subscriptions: Some(2),
+            ..Limits::default()
+        });
+        auth.reload(&raised).unwrap();
+        auth.recheck(&mut caller).unwrap();
+        let _more = auth.open_subscription(&caller).unwrap();
+        drop(again);
     }
 
     #[tokio::test]
