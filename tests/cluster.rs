@@ -422,23 +422,13 @@ async fn a_node_that_loses_nats_is_not_serving_and_refuses_publishes_until_it_is
     let mut health = HealthClient::new(bus.channel().await);
     publish_one(&mut client, event("before.outage", b"1")).await;
 
-    let status = |health: &HealthClient<_>| {
-        let mut health: HealthClient<tonic::transport::Channel> = Clone::clone(health);
-        async move {
-            health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .status
-        }
-    };
     nats.kill();
     eventually("NOT_SERVING once NATS is gone", WAIT, || {
         let health = health.clone();
-        async move { (status(&health).await == ServingStatus::NotServing as i32).then_some(()) }
+        async move {
+            (support::server_health(&health).await == ServingStatus::NotServing as i32)
+                .then_some(())
+        }
     })
     .await;
     let refused = client
@@ -453,7 +443,9 @@ async fn a_node_that_loses_nats_is_not_serving_and_refuses_publishes_until_it_is
     nats.restart();
     eventually("SERVING once NATS is back", WAIT, || {
         let health = health.clone();
-        async move { (status(&health).await == ServingStatus::Serving as i32).then_some(()) }
+        async move {
+            (support::server_health(&health).await == ServingStatus::Serving as i32).then_some(())
+        }
     })
     .await;
     let sequence = eventually("a publish accepted again", WAIT, || {

@@ -101,16 +101,6 @@ async fn a_full_disk_is_not_serving_until_space_is_freed() {
     .await;
     let mut client = bus.client().await;
     let health = HealthClient::new(bus.channel().await);
-    let status = |mut health: HealthClient<Channel>| async move {
-        health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-    };
     let data = vec![b'x'; 16 * 1024];
     let refused = loop {
         let outcome = client
@@ -130,13 +120,13 @@ async fn a_full_disk_is_not_serving_until_space_is_freed() {
     assert_eq!(reason(&refused).as_deref(), Some("disk-full"));
     eventually("health NOT_SERVING on a full disk", WAIT, || {
         let health = health.clone();
-        async move { (status(health).await == ServingStatus::NotServing as i32).then_some(()) }
+        async move { (server_health(&health).await == ServingStatus::NotServing as i32).then_some(()) }
     })
     .await;
     std::fs::remove_file(&spare).unwrap();
     eventually("health SERVING once space is freed", WAIT, || {
         let health = health.clone();
-        async move { (status(health).await == ServingStatus::Serving as i32).then_some(()) }
+        async move { (server_health(&health).await == ServingStatus::Serving as i32).then_some(()) }
     })
     .await;
     client
@@ -145,7 +135,7 @@ async fn a_full_disk_is_not_serving_until_space_is_freed() {
         })
         .await
         .unwrap();
-    assert_eq!(status(health.clone()).await, ServingStatus::Serving as i32);
+    assert_eq!(server_health(&health).await, ServingStatus::Serving as i32);
     drop(client);
     bus.stop(WAIT).await;
 }

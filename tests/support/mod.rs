@@ -233,3 +233,19 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .expect("a status line");
     (status, body.to_owned())
 }
+
+/// The gRPC health status of the whole server (service `""`), as its enum number
+/// (`ServingStatus::Serving as i32`, ...).
+pub async fn server_health(
+    health: &tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+) -> i32 {
+    health
+        .clone()
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
