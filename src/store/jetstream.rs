@@ -1252,9 +1252,13 @@ impl SharedLog for JetStreamStore {
 
     fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<String>> {
         let asked = self.ask_nodes(format!("{}{}", self.members_prefix, cursor_key(group)));
+        let node = self.node.clone();
         Box::pin(async move {
             asked
                 .await
+                // This node's own announcement, not yet withdrawn (its last member has just
+                // left, and the unsubscribe is still on its way to NATS), is not "elsewhere".
+                .filter(|answer| *answer != node)
                 .map(|answer| String::from_utf8_lossy(&answer).into_owned())
         })
     }
