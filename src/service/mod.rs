@@ -348,6 +348,14 @@ impl EventBusApi {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<BoxStream<'static, Result<SubscribeFrame, Status>>, Status> {
         let caller = auth::caller_of(&self.auth, &request)?;
+        let max_batch = request.get_ref().max_batch_events;
+        if max_batch > subscribe::MAX_BATCH_EVENTS {
+            return Err(BusError::invalid(
+                "max_batch_events",
+                format!("must be at most {}", subscribe::MAX_BATCH_EVENTS),
+            )
+            .into());
+        }
         let options = convert::subscribe_options_from_pb(request.into_inner())?;
         self.auth
             .authorize_subscribe(&caller, &options.pattern, options.group.as_deref())?;
@@ -431,6 +439,14 @@ impl EventBusApi {
             }
             Ok(subscribed)
         });
+        if max_batch > 1 {
+            // Whatever is ready when the stream is polled, up to the limit, never waiting
+            // for more: one response then carries a run of events.
+            let batched = deliveries
+                .ready_chunks(max_batch as usize)
+                .flat_map(|ready| stream::iter(subscribe::batch_ready(ready)));
+            return Ok(confirmation.chain(batched).boxed());
+        }
         Ok(confirmation.chain(deliveries).boxed())
     }
 

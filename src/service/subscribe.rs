@@ -34,6 +34,17 @@ const SUBSCRIBE_PATH: &str = "/eventbus.v1.EventBusService/Subscribe";
 /// `SubscribeResponse` field numbers (see `proto/eventbus/v1/eventbus.proto`).
 const EVENT_FIELD: u32 = 2;
 const DELIVERY_ATTEMPT_FIELD: u32 = 4;
+const EVENT_BATCH_FIELD: u32 = 5;
+/// `EventBatch` field numbers.
+const BATCH_EVENTS_FIELD: u32 = 1;
+const BATCH_ATTEMPTS_FIELD: u32 = 2;
+
+/// The largest `SubscribeRequest.max_batch_events` the bus takes (the proto's rule).
+pub const MAX_BATCH_EVENTS: u32 = 1024;
+/// The encoded events one `EventBatch` holds at most, in bytes: far below any message size
+/// limit a client sets (gRPC's default is 4 MiB), and large enough that a batch is never cut
+/// short by it for events of a few KiB. An event larger than this goes in a batch of its own.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 /// One `SubscribeResponse` of a subscription stream, before encoding.
 #[derive(Debug, Clone)]
@@ -43,6 +54,9 @@ pub enum SubscribeFrame {
     Message(Box<pb::SubscribeResponse>),
     /// An event and which delivery of it this is (0 outside MANUAL-ack groups).
     Event { event: SharedEvent, attempt: u32 },
+    /// Consecutive events as one `EventBatch`, each with its delivery attempt (all 0 outside
+    /// MANUAL-ack groups), for a subscription that asked for `max_batch_events`.
+    Batch(Vec<(SharedEvent, u32)>),
 }
 
 impl SubscribeFrame {
@@ -56,6 +70,25 @@ impl SubscribeFrame {
                 )),
                 delivery_attempt: attempt,
             },
+            SubscribeFrame::Batch(events) => {
+                let manual = events.iter().any(|(_, attempt)| *attempt != 0);
+                pb::SubscribeResponse {
+                    message: Some(pb::subscribe_response::Message::EventBatch(
+                        pb::EventBatch {
+                            delivery_attempts: if manual {
+                                events.iter().map(|(_, attempt)| *attempt).collect()
+                            } else {
+                                Vec::new()
+                            },
+                            events: events
+                                .iter()
+                                .map(|(event, _)| convert::event_to_pb(event))
+                                .collect(),
+                        },
+                    )),
+                    delivery_attempt: 0,
+                }
+            }
         }
     }
 
@@ -73,8 +106,82 @@ impl SubscribeFrame {
                     uint32::encode(DELIVERY_ATTEMPT_FIELD, attempt, buf);
                 }
             }
+            SubscribeFrame::Batch(events) => {
+                use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+                let manual = events.iter().any(|(_, attempt)| *attempt != 0);
+                let bodies = events.iter().map(|(event, _)| encoded_event(event).len());
+                let events_len: usize = bodies
+                    .map(|len| 1 + encoded_len_varint(len as u64) + len)
+                    .sum();
+                let attempts_len: usize = events
+                    .iter()
+                    .map(|(_, attempt)| encoded_len_varint(u64::from(*attempt)))
+                    .sum();
+                let batch_len = events_len
+                    + if manual {
+                        1 + encoded_len_varint(attempts_len as u64) + attempts_len
+                    } else {
+                        0
+                    };
+                encode_key(EVENT_BATCH_FIELD, WireType::LengthDelimited, buf);
+                encode_varint(batch_len as u64, buf);
+                for (event, _) in events {
+                    let body = encoded_event(event);
+                    encode_key(BATCH_EVENTS_FIELD, WireType::LengthDelimited, buf);
+                    encode_varint(body.len() as u64, buf);
+                    buf.put_slice(body);
+                }
+                if manual {
+                    // Packed, as proto3 writes repeated scalars.
+                    encode_key(BATCH_ATTEMPTS_FIELD, WireType::LengthDelimited, buf);
+                    encode_varint(attempts_len as u64, buf);
+                    for (_, attempt) in events {
+                        encode_varint(u64::from(*attempt), buf);
+                    }
+                }
+            }
         }
     }
+}
+
+/// Turns frames that were ready together into the frames to send: runs of consecutive events
+/// become [`SubscribeFrame::Batch`]es of at most [`MAX_BATCH_BYTES`] of encoded events (an
+/// event alone stays an `event`); anything else (the caught-up marker, the stream's end)
+/// stays where it is, so a batch never spans it.
+pub fn batch_ready(
+    frames: Vec<Result<SubscribeFrame, Status>>,
+) -> Vec<Result<SubscribeFrame, Status>> {
+    let mut out = Vec::with_capacity(2);
+    let mut run: Vec<(SharedEvent, u32)> = Vec::new();
+    let mut run_bytes = 0;
+    let flush = |run: &mut Vec<(SharedEvent, u32)>, out: &mut Vec<_>| match run.len() {
+        0 => {}
+        1 => {
+            let (event, attempt) = run.pop().expect("one event");
+            out.push(Ok(SubscribeFrame::Event { event, attempt }));
+        }
+        _ => out.push(Ok(SubscribeFrame::Batch(std::mem::take(run)))),
+    };
+    for frame in frames {
+        match frame {
+            Ok(SubscribeFrame::Event { event, attempt }) => {
+                let bytes = encoded_event(&event).len();
+                if !run.is_empty() && run_bytes + bytes > MAX_BATCH_BYTES {
+                    flush(&mut run, &mut out);
+                    run_bytes = 0;
+                }
+                run_bytes += bytes;
+                run.push((event, attempt));
+            }
+            other => {
+                flush(&mut run, &mut out);
+                run_bytes = 0;
+                out.push(other);
+            }
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// The event's `eventbus.v1.Event` encoding, made once per stored event.
@@ -261,6 +368,94 @@ mod tests {
         });
         assert_eq!(first, second);
         assert_eq!(encoded_event(&event).as_ptr(), cached.as_ptr());
+    }
+
+    /// An event at `sequence` with `data_bytes` of data.
+    fn stored_at(sequence: u64, data_bytes: usize) -> SharedEvent {
+        let mut event = stored(HashMap::new(), None).event.clone();
+        event.data = Bytes::from(vec![1u8; data_bytes]);
+        Arc::new(StoredEvent::new(sequence, SystemTime::UNIX_EPOCH, event))
+    }
+
+    #[test]
+    fn batch_frames_encode_as_prost_encodes_the_response() {
+        for attempts in [vec![0, 0, 0], vec![1, 2, 300]] {
+            let frame = SubscribeFrame::Batch(
+                attempts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, attempt)| (stored_at(i as u64 + 1, 100 * i), *attempt))
+                    .collect(),
+            );
+            let ours = frame_bytes(&frame);
+            let decoded = pb::SubscribeResponse::decode(&ours[..]).unwrap();
+            assert_eq!(decoded, frame.clone().into_pb());
+            assert_eq!(ours, frame.into_pb().encode_to_vec(), "{attempts:?}");
+            let Some(pb::subscribe_response::Message::EventBatch(batch)) = decoded.message else {
+                panic!("not a batch: {decoded:?}");
+            };
+            let sequences: Vec<u64> = batch.events.iter().map(|e| e.sequence).collect();
+            assert_eq!(sequences, [1, 2, 3]);
+            let expected = if attempts[0] == 0 { vec![] } else { attempts };
+            assert_eq!(batch.delivery_attempts, expected);
+        }
+    }
+
+    fn event_frame(sequence: u64, data_bytes: usize) -> Result<SubscribeFrame, Status> {
+        Ok(SubscribeFrame::Event {
+            event: stored_at(sequence, data_bytes),
+            attempt: 0,
+        })
+    }
+
+    /// What `batch_ready` made of the frames: sequences per event frame or batch, 0 for a
+    /// caught-up marker, `u64::MAX` for an error.
+    fn shapes(frames: Vec<Result<SubscribeFrame, Status>>) -> Vec<Vec<u64>> {
+        batch_ready(frames)
+            .into_iter()
+            .map(|frame| match frame {
+                Ok(SubscribeFrame::Event { event, .. }) => vec![event.sequence],
+                Ok(SubscribeFrame::Batch(events)) => {
+                    events.iter().map(|(event, _)| event.sequence).collect()
+                }
+                Ok(SubscribeFrame::Message(_)) => vec![0],
+                Err(_) => vec![u64::MAX],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ready_events_are_batched_up_to_a_marker_or_the_byte_limit() {
+        let caught_up = || {
+            Ok(SubscribeFrame::Message(Box::new(
+                crate::service::subscribe_message(pb::subscribe_response::Message::CaughtUp(
+                    pb::CaughtUp { sequence: 2 },
+                )),
+            )))
+        };
+        // A run, the marker, a lone event, the end of the stream.
+        let frames = vec![
+            event_frame(1, 10),
+            event_frame(2, 10),
+            caught_up(),
+            event_frame(3, 10),
+            Err(Status::resource_exhausted("slow")),
+        ];
+        assert_eq!(
+            shapes(frames),
+            [vec![1, 2], vec![0], vec![3], vec![u64::MAX]]
+        );
+        // Events of 400 KiB: two fit under MAX_BATCH_BYTES, the third starts the next batch; a
+        // larger one than the limit goes alone.
+        let big = 400 * 1024;
+        let frames = vec![
+            event_frame(1, big),
+            event_frame(2, big),
+            event_frame(3, big),
+            event_frame(4, MAX_BATCH_BYTES + 1),
+            event_frame(5, 10),
+        ];
+        assert_eq!(shapes(frames), [vec![1, 2], vec![3], vec![4], vec![5]]);
     }
 
     #[test]
