@@ -158,6 +158,44 @@ async fn batching_publisher_keeps_order_and_assigns_sequences() {
 }
 
 #[tokio::test]
+async fn batched_and_unbatched_subscriptions_deliver_the_same_events_one_by_one() {
+    let bus = TestBus::start().await;
+    let client = client(&bus, "burst").await;
+    let mut batched = client.subscribe("burst.*").await.unwrap();
+    let mut single = client
+        .subscribe_with("burst.*", SubscribeOptions::new().max_batch_events(0))
+        .await
+        .unwrap();
+    let mut sequences = Vec::new();
+    for chunk in 0..20 {
+        let events = (0..100)
+            .map(|i| {
+                client
+                    .event("burst.tick")
+                    .data(format!("{chunk}/{i}"))
+                    .build()
+            })
+            .collect();
+        sequences.extend(client.publish_batch(events).await.unwrap());
+    }
+    for subscription in [&mut batched, &mut single] {
+        let mut got = Vec::with_capacity(sequences.len());
+        while got.len() < sequences.len() {
+            got.push(next_event(subscription).await.sequence);
+        }
+        assert_eq!(got, sequences);
+    }
+    let refused = client
+        .subscribe_with("burst.*", SubscribeOptions::new().max_batch_events(5000))
+        .await
+        .expect_err("a batch limit of 5000 was taken");
+    assert!(
+        refused.to_string().contains("max_batch_events"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
 async fn subscription_resumes_after_a_slow_consumer_cutoff_without_duplicates_or_gaps() {
     // A subscriber that falls behind catches up from the log; past the lag limit the bus cuts
     // it off, which is what this test needs.

@@ -136,6 +136,7 @@ pub use publisher::{PendingPublish, Publisher, PublisherOptions};
 pub use responder::{Reply, Responder, ServeOptions, ERROR_ATTRIBUTE, ERROR_EVENT_TYPE};
 pub use subscription::{
     Delivery, ManualAck, Start, SubscribeOptions, Subscription, SubscriptionItem,
+    DEFAULT_MAX_BATCH_EVENTS,
 };
 
 /// The bus a client talks to when told nothing: `$EVENTBUS_URL` if set (the name the Python and
