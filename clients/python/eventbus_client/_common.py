@@ -306,6 +306,22 @@ class ResumePoint:
         return self.start
 
 
+def received(message: pb.SubscribeResponse) -> list[tuple[pb.Event, int]]:
+    """The events of one subscription response, in delivery order, each with which delivery
+    of it this is (from 1 on a MANUAL-ack subscription, 0 otherwise): one for ``event`` (what
+    a bus that does not batch sends), all of them for ``event_batch``, none for the other
+    kinds. Both clients hand these out one by one through :class:`ResumePoint`, so a batch is
+    deduplicated and resumed after exactly as single events are."""
+    kind = message.WhichOneof("message")
+    if kind == "event":
+        return [(message.event, message.delivery_attempt)]
+    if kind == "event_batch":
+        attempts = message.event_batch.delivery_attempts
+        return [(event, attempts[index] if index < len(attempts) else 0)
+                for index, event in enumerate(message.event_batch.events)]
+    return []
+
+
 @dataclass(frozen=True)
 class Failover:
     """A client moved from one bus node to another; given to the ``on_failover`` hook of

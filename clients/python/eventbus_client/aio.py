@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar, Union
 
@@ -35,12 +36,14 @@ from ._common import (
     Pem,
     Security,
     parse_targets,
+    received,
 )
 from ._nodes import Nodes
 from ._proto import eventbus_pb2 as pb
 from ._proto import eventbus_pb2_grpc as pb_grpc
 from .publisher import AsyncPublisher, Publisher
 from .events import (
+    DEFAULT_MAX_BATCH_EVENTS,
     AckResult,
     Data,
     Event,
@@ -298,14 +301,17 @@ class AsyncBus:
                         resume: bool = True, backoff: Backoff | None = None,
                         reconnect_timeout: float | None = None,
                         rejoin_timeout: float = 30.0,
-                        confirm_timeout: float = 10.0) -> AsyncSubscription:
+                        confirm_timeout: float = 10.0,
+                        max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS) -> AsyncSubscription:
         """Subscribes and returns once the bus has confirmed; iterate the result with
-        ``async for``. Resumes broken streams as :meth:`eventbus_client.Bus.subscribe` does."""
+        ``async for``. Resumes broken streams, and takes ``max_batch_events`` (batched
+        delivery), as :meth:`eventbus_client.Bus.subscribe` does."""
         subscription = AsyncSubscription(self._nodes, pattern, group=group, start=start,
                                          subscriber=subscriber or self.source, resume=resume,
                                          backoff=backoff or Backoff(),
                                          reconnect_timeout=reconnect_timeout,
-                                         rejoin_timeout=rejoin_timeout, manual=None)
+                                         rejoin_timeout=rejoin_timeout, manual=None,
+                                         max_batch_events=max_batch_events)
         await subscription._start(confirm_timeout)
         return subscription
 
@@ -316,7 +322,9 @@ class AsyncBus:
                                backoff: Backoff | None = None,
                                reconnect_timeout: float | None = None,
                                rejoin_timeout: float = 30.0,
-                               confirm_timeout: float = 10.0) -> AsyncManualSubscription:
+                               confirm_timeout: float = 10.0,
+                               max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
+                               ) -> AsyncManualSubscription:
         """Joins ``group`` as a MANUAL-ack member; ``async for`` the result for
         :class:`AsyncDelivery` items. Arguments as :meth:`eventbus_client.Bus.subscribe_manual`."""
         manual = ManualAck(ack_deadline=ack_deadline, max_deliveries=max_deliveries,
@@ -326,7 +334,8 @@ class AsyncBus:
                                                resume=resume, backoff=backoff or Backoff(),
                                                reconnect_timeout=reconnect_timeout,
                                                rejoin_timeout=rejoin_timeout,
-                                               manual=manual)
+                                               manual=manual,
+                                               max_batch_events=max_batch_events)
         await subscription._start(confirm_timeout)
         return subscription
 
@@ -362,7 +371,7 @@ class _AsyncSubscription(Generic[T]):
     def __init__(self, nodes: AsyncNodes, pattern: str, *, group: str | None,
                  start: Start, subscriber: str, resume: bool, backoff: Backoff,
                  reconnect_timeout: float | None, rejoin_timeout: float,
-                 manual: ManualAck | None) -> None:
+                 manual: ManualAck | None, max_batch_events: int) -> None:
         self.pattern = pattern
         self.group = group
         #: How many times a broken stream was reopened.
@@ -386,11 +395,15 @@ class _AsyncSubscription(Generic[T]):
         self._reconnect_timeout = reconnect_timeout
         self._rejoin_timeout = rejoin_timeout
         self._manual = manual
+        #: Sent with every request, resumes included.
+        self._max_batch_events = max_batch_events
         self._point = ResumePoint(start, group, manual=manual is not None)
+        #: The rest of a batch, received (and counted by ``_point``) but not handed out yet.
+        self._ready: deque[T] = deque()
         self._call: Any = None
         self._closed = False
 
-    def _item(self, message: pb.SubscribeResponse) -> T:
+    def _item(self, event: pb.Event, attempt: int) -> T:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -416,7 +429,7 @@ class _AsyncSubscription(Generic[T]):
         """Opens a stream and reads its `subscribed` confirmation (or the refusal)."""
         call = self._nodes.stub(self._node).Subscribe(subscribe_request(self.pattern, self.group,
                                                       self._subscriber, start, self._manual,
-                                                      log_id))
+                                                      log_id, self._max_batch_events))
         self._call = call
         try:
             first = await call.read()
@@ -430,6 +443,8 @@ class _AsyncSubscription(Generic[T]):
     async def _next_item(self) -> T | None:
         """The next item, or ``None`` once closed; raises the error that ended it for good."""
         while not self._closed:
+            if self._ready:
+                return self._ready.popleft()
             try:
                 message = await self._call.read()
             except grpc.aio.AioRpcError as error:
@@ -454,11 +469,10 @@ class _AsyncSubscription(Generic[T]):
                     raise failure
                 await self._reopen(failure)
                 continue
-            kind = message.WhichOneof("message")
-            if kind == "event" and self._point.is_new(message.event.sequence):
-                return self._item(message)
-            if kind == "caught_up":
+            if message.WhichOneof("message") == "caught_up":
                 self.caught_up = message.caught_up.sequence
+            self._ready.extend(self._item(event, attempt) for event, attempt in received(message)
+                               if self._point.is_new(event.sequence))
         return None
 
     async def _reopen(self, failure: errors.BusError) -> None:
@@ -526,8 +540,8 @@ class _AsyncSubscription(Generic[T]):
 class AsyncSubscription(_AsyncSubscription[Event]):
     """A live subscription; ``async for event in subscription``. Ends with :meth:`close`."""
 
-    def _item(self, message: pb.SubscribeResponse) -> Event:
-        return from_pb(message.event)
+    def _item(self, event: pb.Event, attempt: int) -> Event:
+        return from_pb(event)
 
     async def __aenter__(self) -> AsyncSubscription:
         return self
@@ -578,10 +592,9 @@ class AsyncManualSubscription(_AsyncSubscription[AsyncDelivery]):
     """A member of a MANUAL-ack group; ``async for delivery in subscription``, then
     ``await delivery.ack()``. See :class:`eventbus_client.ManualSubscription`."""
 
-    def _item(self, message: pb.SubscribeResponse) -> AsyncDelivery:
+    def _item(self, event: pb.Event, attempt: int) -> AsyncDelivery:
         assert self.group is not None
-        return AsyncDelivery(from_pb(message.event), message.delivery_attempt, self.group,
-                             self._nodes.stub(self._node))
+        return AsyncDelivery(from_pb(event), attempt, self.group, self._nodes.stub(self._node))
 
     async def __aenter__(self) -> AsyncManualSubscription:
         return self

@@ -166,14 +166,26 @@ class ManualAck:
     dead_letter_topic: str | None = None
 
 
+#: Events per response a subscription asks for by default (``max_batch_events``).
+DEFAULT_MAX_BATCH_EVENTS = 256
+#: The most events per response the bus accepts to send.
+MAX_BATCH_EVENTS = 1024
+
+
 def subscribe_request(
     pattern: str, group: str | None, subscriber: str, start: Start,
     manual: ManualAck | None = None, log_id: str = "",
+    max_batch_events: int = DEFAULT_MAX_BATCH_EVENTS,
 ) -> pb.SubscribeRequest:
     """The wire form of a subscription request; ``log_id`` names the log ``start`` was taken
-    from (empty on a first subscription)."""
+    from (empty on a first subscription). ``max_batch_events`` above 1 asks for batched
+    delivery (``event_batch`` responses of up to that many events); a bus that does not know
+    it sends single ``event`` responses, which the subscriptions read all the same."""
+    if not 0 <= max_batch_events <= MAX_BATCH_EVENTS:
+        raise ValueError(f"max_batch_events: {max_batch_events} is not between 0 and "
+                         f"{MAX_BATCH_EVENTS}")
     request = pb.SubscribeRequest(topic=pattern, group=group or "", subscriber=subscriber,
-                                  log_id=log_id)
+                                  log_id=log_id, max_batch_events=max_batch_events)
     if manual is not None:
         if manual.ack_deadline <= 0:
             raise ValueError(f"ack_deadline: {manual.ack_deadline} s is not positive")
