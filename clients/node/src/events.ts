@@ -5,6 +5,7 @@
  */
 import type { Event as PbEvent, Event__Output as PbEventOutput } from "./generated/eventbus/v1/Event";
 import type { SubscribeRequest } from "./generated/eventbus/v1/SubscribeRequest";
+import type { SubscribeResponse__Output } from "./generated/eventbus/v1/SubscribeResponse";
 import type { Subscribed__Output } from "./generated/eventbus/v1/Subscribed";
 import type { Timestamp__Output } from "./generated/google/protobuf/Timestamp";
 import { sequenceFromWire, sequenceToWire, type Sequence } from "./sequence";
@@ -238,12 +239,28 @@ function count(value: number | undefined, what: string): number {
   return value;
 }
 
+/** The events per `event_batch` response a subscription asks for when it names none. */
+export const DEFAULT_MAX_BATCH_EVENTS = 256;
+/** The most events per `event_batch` response the bus takes (the proto's rule). */
+export const MAX_BATCH_EVENTS = 1024;
+
 /** What a subscription request may carry besides its pattern and start. */
 export interface SubscribeExtras {
   /** MANUAL-ack mode and its settings. */
   manualAck?: ManualAck;
   /** The log the start position was taken from (`Subscribed.logId` seen before). */
   logId?: string;
+  /** At most this many events per response (`max_batch_events`); 0 or 1 for one event per
+   * response. {@link DEFAULT_MAX_BATCH_EVENTS} when unset. */
+  maxBatchEvents?: number;
+}
+
+function batchSize(value: number | undefined): number {
+  if (value === undefined) return DEFAULT_MAX_BATCH_EVENTS;
+  if (!Number.isInteger(value) || value < 0 || value > MAX_BATCH_EVENTS) {
+    throw new RangeError(`maxBatchEvents: ${value} is not a whole number from 0 to ${MAX_BATCH_EVENTS}`);
+  }
+  return value;
 }
 
 /** The wire form of a subscription request. */
@@ -273,7 +290,20 @@ export function subscribeRequest(
     request.dead_letter_topic = manual.deadLetterTopic ?? "";
   }
   if (extras.logId) request.log_id = extras.logId;
+  request.max_batch_events = batchSize(extras.maxBatchEvents);
   return request;
+}
+
+/** The events a subscription response carries, in delivery order, each with which delivery of
+ * it this is (MANUAL-ack groups, from 1; 0 otherwise): the one of an `event` (what a bus sends
+ * when batching is off, or when only one event was ready), those of an `event_batch`, or none. */
+export function receivedEvents(message: SubscribeResponse__Output): Array<[PbEventOutput, number]> {
+  if (message.message === "event" && message.event) return [[message.event, message.delivery_attempt]];
+  if (message.message === "event_batch" && message.event_batch) {
+    const { events, delivery_attempts: attempts } = message.event_batch;
+    return events.map((event, index) => [event, attempts[index] ?? 0]);
+  }
+  return [];
 }
 
 /** What a query handler returns when it wants more than the data: a type, attributes or a media
