@@ -41,18 +41,30 @@ struct Cluster {
     nats: NatsCluster,
     buses: Vec<Option<BusProcess>>,
     ports: Vec<u16>,
+    setup: Setup,
     /// The logs of bus processes stopped by the fault, by node, for a failure's report.
     retired: Vec<(usize, Vec<serde_json::Value>)>,
 }
 
+/// Which NATS servers the bus nodes are told of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// Every node: all three.
+    AllServers,
+    /// Node 0 (the publisher's): the first server only, so that it is connected there (it
+    /// learns of the others from it, for reconnects); the others: all three.
+    PublisherNodeOnFirstServer,
+}
+
 impl Cluster {
-    async fn start() -> Cluster {
+    async fn start(setup: Setup) -> Cluster {
         let nats = NatsCluster::start(3).await;
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut cluster = Cluster {
             nats,
             buses: Vec::new(),
             ports,
+            setup,
             retired: Vec::new(),
         };
         for i in 0..3 {
@@ -64,7 +76,10 @@ impl Cluster {
 
     fn start_bus(&self, i: usize) -> BusProcess {
         let listen = format!("127.0.0.1:{}", self.ports[i]);
-        let urls = self.nats.urls();
+        let urls = match self.setup {
+            Setup::PublisherNodeOnFirstServer if i == 0 => self.nats.nodes[0].url.clone(),
+            _ => self.nats.urls(),
+        };
         BusProcess::start(
             &[
                 "--storage",
@@ -110,6 +125,26 @@ impl Cluster {
             }
         }
         out
+    }
+
+    /// How many times the nodes replaced their append connection to NATS after it dropped
+    /// (`store::jetstream::append`): the fault reached the path that keeps order across it.
+    fn append_reconnects(&self) -> usize {
+        let running = self
+            .buses
+            .iter()
+            .filter_map(|bus| bus.as_ref().map(|bus| bus.logs()));
+        self.retired
+            .iter()
+            .map(|(_, logs)| logs.clone())
+            .chain(running)
+            .flatten()
+            .filter(|line| {
+                line["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("the append connection to NATS dropped"))
+            })
+            .count()
     }
 
     /// The bus nodes' URLs, starting with node `first`.
@@ -316,20 +351,9 @@ fn longest_pause(times: &[Instant]) -> u128 {
         .unwrap_or(0)
 }
 
-/// Whether a case must keep the publisher's order in the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Order {
-    Kept,
-    /// A stream leader lost with acknowledgements outstanding: the bus resends what it was not
-    /// told was stored (same ids: never twice), and holds later appends back meanwhile
-    /// (`store::jetstream::InFlight`); a message already on its way to the new leader when the
-    /// hold starts can still land before a resend (seen once in CI, under load).
-    MayReorder,
-}
-
 /// Runs the load, applies `fault` once `BEFORE` events are acknowledged, keeps the load going
 /// for `AFTER` more, and checks every criterion.
-async fn survive<F, Fut>(name: &str, order: Order, fault: F)
+async fn survive<F, Fut>(name: &str, setup: Setup, fault: F)
 where
     F: FnOnce(Cluster) -> Fut,
     Fut: std::future::Future<Output = Cluster>,
@@ -346,7 +370,7 @@ where
         // Through the test harness's capture: shown for a failing case only.
         .with_test_writer()
         .try_init();
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start(setup).await;
     let load = start_load(&cluster).await;
     load.wait_acked(BEFORE, &cluster).await;
     let fault_at = Instant::now();
@@ -515,15 +539,15 @@ where
             );
         }
     }
-    // In publish order: a later event of the one publisher has a later sequence; except, where
-    // the case allows it, an event JetStream lost with its stream leader and the bus sent again
-    // (see README "Failover").
+    // In publish order: a later event of the one publisher has a later sequence, also for
+    // events JetStream lost with its stream leader or a node's connection, and the bus sent
+    // again (see README "Failover").
     let mut in_order: Vec<(usize, u64)> = seen.acked.iter().map(|(i, s, _)| (*i, *s)).collect();
     in_order.sort_unstable();
     let inversions: Vec<_> = in_order.windows(2).filter(|w| w[0].1 > w[1].1).collect();
     let reordered = inversions.len();
     assert!(
-        reordered == 0 || order == Order::MayReorder,
+        reordered == 0,
         "{name}: sequences follow the publish order ({reordered} inversions, (index, sequence) \
          pairs: {:?}); bus warnings:{}",
         &inversions[..reordered.min(10)],
@@ -548,12 +572,13 @@ where
     let publisher_pause = longest_pause(&seen.acked.iter().map(|a| a.2).collect::<Vec<_>>());
     let subscriber_pause = longest_pause(&seen.delivered.iter().map(|d| d.1).collect::<Vec<_>>());
     eprintln!(
-        "fault-report {{\"fault\":\"{name}\",\"published\":{published},\"acknowledged\":{},\"stored\":{},\"duplicates_stored\":{duplicates},\"lost\":0,\"reordered\":{reordered},\"publisher_pause_ms\":{publisher_pause},\"subscriber_pause_ms\":{subscriber_pause},\"group_redeliveries\":{},\"resumes\":{},\"fault_took_ms\":{}}}",
+        "fault-report {{\"fault\":\"{name}\",\"published\":{published},\"acknowledged\":{},\"stored\":{},\"duplicates_stored\":{duplicates},\"lost\":0,\"reordered\":{reordered},\"publisher_pause_ms\":{publisher_pause},\"subscriber_pause_ms\":{subscriber_pause},\"group_redeliveries\":{},\"resumes\":{},\"fault_took_ms\":{},\"append_reconnects\":{}}}",
         seen.acked.len(),
         stored.len(),
         seen.group.len() - stored.len(),
         seen.resumed,
-        fault_took.as_millis()
+        fault_took.as_millis(),
+        cluster.append_reconnects()
     );
     drop(seen);
     drop(cluster);
@@ -563,7 +588,7 @@ where
 async fn killing_the_nats_server_that_leads_the_stream() {
     survive(
         "kill -9 the stream's NATS leader",
-        Order::MayReorder,
+        Setup::AllServers,
         |mut cluster| async move {
             let leader = cluster.nats.leader_of("EVENTBUS").await;
             cluster.nats.nodes[leader].kill();
@@ -579,7 +604,7 @@ async fn killing_a_bus_node_with_clients_on_it() {
     // publisher. Kill the member's node.
     survive(
         "kill -9 a bus node",
-        Order::Kept,
+        Setup::AllServers,
         |mut cluster| async move {
             cluster.stop_bus(2, None);
             cluster
@@ -592,7 +617,7 @@ async fn killing_a_bus_node_with_clients_on_it() {
 async fn a_rolling_restart_of_every_bus_node() {
     survive(
         "SIGTERM rolling restart",
-        Order::Kept,
+        Setup::AllServers,
         |mut cluster| async move {
             for i in 0..3 {
                 cluster.stop_bus(i, Some(Duration::from_secs(30)));
@@ -606,10 +631,27 @@ async fn a_rolling_restart_of_every_bus_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_and_restarting_the_nats_server_a_publishing_node_is_connected_to() {
+    // What the publishing node's NATS client held unsent when its connection dropped must
+    // never reach the stream after the resends (`store::jetstream::append`).
+    survive(
+        "kill -9 the publishing node's NATS server, restart it 1 s later",
+        Setup::PublisherNodeOnFirstServer,
+        |mut cluster| async move {
+            cluster.nats.nodes[0].kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cluster.nats.nodes[0].start();
+            cluster
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_cut_off_and_back() {
     survive(
         "SIGSTOP the leader 3 s, SIGCONT",
-        Order::MayReorder,
+        Setup::AllServers,
         |cluster| async move {
             let leader = cluster.nats.leader_of("EVENTBUS").await;
             cluster.nats.nodes[leader].signal(libc::SIGSTOP);

@@ -300,7 +300,9 @@ impl NatsCluster {
 }
 
 impl ClusterNode {
-    fn start(&mut self) {
+    /// Starts the server with its configuration and store (again, after [`ClusterNode::kill`])
+    /// and waits until it listens.
+    pub fn start(&mut self) {
         // Its log goes to a file beside its config, for the panic below.
         let log = self.config.with_file_name("nats.log");
         let mut child = Command::new(binary())

@@ -44,6 +44,9 @@
 //! this node has routed it: a replay then holds everything any node had acknowledged before
 //! the call, ahead of its `caught_up`.
 //!
+//! How the appends keep a node's call order across a stream leader's death and a dropped
+//! connection (a connection of their own, never reconnected) is in [`append`]'s docs.
+//!
 //! A batch is not atomic on JetStream: its events are separate messages. A message whose
 //! acknowledgement fails is sent again with the same `Nats-Msg-Id` until it is acknowledged or
 //! [`APPEND_DEADLINE`] passes, so a batch is stored whole unless JetStream stays unavailable
@@ -61,6 +64,11 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
+
+mod append;
+
+pub use append::STALL_AFTER;
+use append::{AppendJob, AppendLink};
 
 use super::{codec, GroupCursor, HeldCounts, LogBounds, Store, StoreError, WithinBytes};
 use crate::event::{Event, SharedEvent, StoredEvent};
@@ -237,11 +245,6 @@ pub struct JetStreamStore {
     facts: Mutex<Facts>,
 }
 
-struct AppendJob {
-    messages: Vec<(String, Bytes, Option<String>)>,
-    reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
-}
-
 impl std::fmt::Debug for JetStreamStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JetStreamStore")
@@ -310,7 +313,23 @@ impl JetStreamStore {
             .unwrap_or(0u128);
         let head_at_open = info.state.last_sequence;
         let (publisher, jobs) = mpsc::unbounded_channel();
-        io.spawn(publish_jobs(context.clone(), jobs));
+        let addresses = server_addresses(&config.urls)?;
+        let link = Arc::new(AppendLink::new(addresses, urls.clone(), client.clone()));
+        // Connected now, so that a node that cannot append does not start.
+        if let Err(error) = io
+            .spawn({
+                let link = link.clone();
+                async move { link.context().await.map(|_| ()) }
+            })
+            .await
+            .map_err(|error| failed("starting the NATS client", error))
+            .and_then(|connected| connected)
+        {
+            runtime.shutdown_background();
+            return Err(error);
+        }
+        io.spawn(link.clone().replace_dropped());
+        io.spawn(append::publish_jobs(link, jobs));
         let (interest, announcements) = mpsc::unbounded_channel();
         let responders_prefix = format!("_EVENTBUS.{stream}.responders.");
         let node = format!(
@@ -632,18 +651,22 @@ fn decode(message: &jetstream::Message, prefix_len: usize) -> Option<StoredEvent
     }
 }
 
+/// The NATS servers `urls` name.
+fn server_addresses(urls: &[String]) -> Result<Vec<async_nats::ServerAddr>, StoreError> {
+    urls.iter()
+        .map(|url| {
+            url.parse()
+                .map_err(|e| failed(&format!("NATS URL {url:?}"), e))
+        })
+        .collect()
+}
+
 async fn connect(
     config: JetStreamConfig,
     connected: Arc<AtomicBool>,
 ) -> Result<(async_nats::Client, jetstream::Context, stream::Info), StoreError> {
     let urls = config.urls.join(",");
-    let mut addresses = Vec::new();
-    for url in &config.urls {
-        let address: async_nats::ServerAddr = url
-            .parse()
-            .map_err(|e| failed(&format!("NATS URL {url:?}"), e))?;
-        addresses.push(address);
-    }
+    let addresses = server_addresses(&config.urls)?;
     let flag = connected.clone();
     let options = async_nats::ConnectOptions::new()
         .name("eventbus")
@@ -823,192 +846,6 @@ async fn update_stream(
         })
         .await
         .map_err(|e| no_stream(&e))
-}
-
-/// How long the oldest unacknowledged job may wait before new jobs are held back (see
-/// [`InFlight`]). JetStream acknowledges in milliseconds; a job this late has most likely lost
-/// its acknowledgement to a stream leader that died.
-pub const STALL_AFTER: Duration = Duration::from_millis(500);
-
-/// The jobs sent and not yet resolved (acknowledged, or failed for good), by job number, with
-/// when each was sent. Keeps a node's appends in its call order across a stream leader's death:
-///
-/// - Messages whose leader died get no acknowledgement, and are sent again once their
-///   [`REQUEST_TIMEOUT`] passes. Meanwhile a new leader is elected; a job sent to it before
-///   those resends would be stored ahead of them, and a publisher told "stored" for an earlier
-///   batch would find it later in the stream than a batch it published after.
-/// - So once the oldest job has waited [`STALL_AFTER`], [`publish_jobs`] sends nothing new until
-///   every earlier job is resolved, and a job resends only once every job before it is
-///   resolved ([`InFlight::wait_resolved_before`]). Jobs are resolved in job order, and the
-///   stream holds them in that order.
-///
-/// Pipelining is untouched while acknowledgements come in time; the cost is a pause of new
-/// appends while a stream recovers, which they would spend failing anyway.
-#[derive(Default)]
-struct InFlight {
-    unresolved: Mutex<std::collections::BTreeMap<u64, tokio::time::Instant>>,
-    changed: tokio::sync::Notify,
-}
-
-impl InFlight {
-    fn begin(&self, job: u64) {
-        self.unresolved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(job, tokio::time::Instant::now());
-    }
-
-    fn resolve(&self, job: u64) {
-        self.unresolved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&job);
-        self.changed.notify_waiters();
-    }
-
-    /// Whether the oldest unresolved job was sent more than [`STALL_AFTER`] ago.
-    fn stalled(&self) -> bool {
-        self.unresolved
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .next()
-            .is_some_and(|sent| sent.elapsed() > STALL_AFTER)
-    }
-
-    /// Returns once no job numbered below `job` is unresolved.
-    async fn wait_resolved_before(&self, job: u64) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let oldest = self
-                .unresolved
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .keys()
-                .next()
-                .copied();
-            if oldest.is_none_or(|oldest| oldest >= job) {
-                return;
-            }
-            changed.await;
-        }
-    }
-}
-
-/// Sends each job's messages in job order (so batches from this node reach the stream in
-/// the order they were begun), then waits for their acknowledgements off the send loop; holds
-/// new jobs back while an earlier one is stalled ([`InFlight`]).
-async fn publish_jobs(context: jetstream::Context, mut jobs: mpsc::UnboundedReceiver<AppendJob>) {
-    let in_flight = Arc::new(InFlight::default());
-    let mut next_job = 0u64;
-    while let Some(job) = jobs.recv().await {
-        let number = next_job;
-        next_job += 1;
-        if in_flight.stalled() {
-            tracing::debug!("an append waits for earlier ones to be acknowledged");
-            in_flight.wait_resolved_before(number).await;
-        }
-        in_flight.begin(number);
-        let mut acks = Vec::with_capacity(job.messages.len());
-        let mut send_error = None;
-        for (subject, payload, id) in &job.messages {
-            match send(&context, subject, payload, id.as_deref()).await {
-                Ok(ack) => acks.push(Some(ack)),
-                Err(error) => {
-                    // Sent again below, with the same id, until the deadline.
-                    send_error.get_or_insert(error);
-                    acks.push(None);
-                }
-            }
-        }
-        let context = context.clone();
-        let in_flight = in_flight.clone();
-        tokio::spawn(async move {
-            let result = acknowledged(&context, job.messages, acks, || {
-                in_flight.wait_resolved_before(number)
-            })
-            .await;
-            in_flight.resolve(number);
-            let _ = job.reply.send(result);
-        });
-    }
-}
-
-async fn send(
-    context: &jetstream::Context,
-    subject: &str,
-    payload: &Bytes,
-    id: Option<&str>,
-) -> Result<jetstream::context::PublishAckFuture, StoreError> {
-    let mut publish = jetstream::message::PublishMessage::build().payload(payload.clone());
-    if let Some(id) = id {
-        publish = publish.message_id(id);
-    }
-    context
-        .send_publish(subject.to_owned(), publish)
-        .await
-        .map_err(|e| failed("publishing to JetStream", e))
-}
-
-/// Waits for each message's acknowledgement; a message whose acknowledgement fails is sent
-/// again with the same id (JetStream answers a duplicate with the original's sequence) until
-/// [`APPEND_DEADLINE`].
-///
-/// Before its first resend it waits for `earlier_resolved`: every job sent before this one
-/// acknowledged or failed, so resends reach the stream in job order ([`InFlight`]).
-async fn acknowledged<F: Future<Output = ()>>(
-    context: &jetstream::Context,
-    messages: Vec<(String, Bytes, Option<String>)>,
-    acks: Vec<Option<jetstream::context::PublishAckFuture>>,
-    earlier_resolved: impl Fn() -> F,
-) -> Result<Vec<Appended>, StoreError> {
-    let mut waited_for_earlier = false;
-    let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
-    let mut appended = Vec::with_capacity(messages.len());
-    for ((subject, payload, id), ack) in messages.iter().zip(acks) {
-        let mut ack = ack;
-        let mut pause = Duration::from_millis(20);
-        loop {
-            let attempt = match ack.take() {
-                Some(ack) => ack
-                    .await
-                    .map_err(|e| failed("JetStream did not acknowledge", e)),
-                None => {
-                    if !waited_for_earlier {
-                        earlier_resolved().await;
-                        waited_for_earlier = true;
-                    }
-                    match send(context, subject, payload, id.as_deref()).await {
-                        Ok(ack) => ack
-                            .await
-                            .map_err(|e| failed("JetStream did not acknowledge", e)),
-                        Err(error) => Err(error),
-                    }
-                }
-            };
-            match attempt {
-                Ok(ack) => {
-                    appended.push(Appended {
-                        sequence: ack.sequence,
-                        duplicate: ack.duplicate,
-                    });
-                    break;
-                }
-                // Without an id a resend could store the event twice: fail instead.
-                Err(error) if id.is_none() || tokio::time::Instant::now() >= deadline => {
-                    return Err(error);
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "resending an unacknowledged message with its id");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
-            }
-        }
-    }
-    Ok(appended)
 }
 
 /// Answers, with this node's name, requests on each subject this node announces:
