@@ -91,7 +91,33 @@ struct Current {
     index: usize,
     channel: Channel,
     since: Instant,
+    /// When a move was last logged at WARN, and the moves logged at DEBUG since: see
+    /// [`WARN_EVERY`].
+    warned: Option<Instant>,
+    quiet_moves: u32,
 }
+
+impl Current {
+    /// Counts a move at `now`: `Some(moves logged quietly since the last warning)` when this
+    /// one is to be a WARN, `None` when it is DEBUG ([`WARN_EVERY`]).
+    fn count_move(&mut self, now: Instant) -> Option<u32> {
+        let loud = self
+            .warned
+            .is_none_or(|warned| now.duration_since(warned) >= WARN_EVERY);
+        if loud {
+            self.warned = Some(now);
+            Some(std::mem::take(&mut self.quiet_moves))
+        } else {
+            self.quiet_moves += 1;
+            None
+        }
+    }
+}
+
+/// A client moves on at most once per [`MIN_STAY`], so with every node down it would log a
+/// move a few times a second. The first move of an outage is a WARN; later ones within this
+/// time are DEBUG, and the next WARN says how many there were.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a client stays on a node it just moved to before another failure moves it on:
 /// the failures of calls that were in flight on the old node move it once, not once each.
@@ -121,17 +147,23 @@ impl Nodes {
     fn move_to_next(&self, current: &mut Current, why: &str) {
         let from = current.index;
         let to = (from + 1) % self.endpoints.len();
-        *current = Current {
-            index: to,
-            channel: self.endpoints[to].1.connect_lazy(),
-            since: Instant::now(),
-        };
-        tracing::warn!(
-            from = %self.endpoints[from].0,
-            to = %self.endpoints[to].0,
-            why,
-            "moving to another bus node"
-        );
+        let now = Instant::now();
+        let (from_url, to_url) = (&self.endpoints[from].0, &self.endpoints[to].0);
+        match current.count_move(now) {
+            Some(quiet_moves) => tracing::warn!(
+                from = %from_url,
+                to = %to_url,
+                why,
+                moves_since_last_warning = quiet_moves,
+                "moving to another bus node"
+            ),
+            None => {
+                tracing::debug!(from = %from_url, to = %to_url, why, "moving to another bus node");
+            }
+        }
+        current.index = to;
+        current.channel = self.endpoints[to].1.connect_lazy();
+        current.since = now;
     }
 
     fn current_url(&self) -> Option<String> {
@@ -484,6 +516,8 @@ impl Client {
                     index,
                     channel,
                     since: Instant::now(),
+                    warned: None,
+                    quiet_moves: 0,
                 }),
             }),
             source: source.into(),
@@ -784,6 +818,29 @@ mod tests {
         let sent = tonic::Status::cancelled("the server gave up");
         assert!(!moves_on(&sent));
         assert!(!Error::Status(sent).is_retryable());
+    }
+
+    #[tokio::test]
+    async fn moves_in_an_outage_warn_once_then_quietly_until_warn_every_passed() {
+        let mut current = Current {
+            index: 0,
+            channel: Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+            since: Instant::now(),
+            warned: None,
+            quiet_moves: 0,
+        };
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Every node down: a move each MIN_STAY.
+        let moves: Vec<Option<u32>> = (0..20)
+            .map(|i| current.count_move(at(i * MIN_STAY.as_millis() as u64)))
+            .collect();
+        assert_eq!(moves[0], Some(0));
+        assert!(moves[1..].iter().all(Option::is_none), "{moves:?}");
+        // Past the period, the next move warns and says how many went unwarned.
+        let later = at(WARN_EVERY.as_millis() as u64);
+        assert_eq!(current.count_move(later), Some(19));
+        assert_eq!(current.count_move(later + MIN_STAY), None);
     }
 
     #[test]
