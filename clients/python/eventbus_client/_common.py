@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,7 +326,8 @@ def received(message: pb.SubscribeResponse) -> list[tuple[pb.Event, int]]:
 @dataclass(frozen=True)
 class Failover:
     """A client moved from one bus node to another; given to the ``on_failover`` hook of
-    :class:`eventbus_client.Bus` and logged (warning, logger ``eventbus_client``)."""
+    :class:`eventbus_client.Bus` and logged (logger ``eventbus_client``: a warning, or DEBUG
+    within :data:`WARN_EVERY` seconds of the last warning)."""
 
     #: What moved: ``"subscription"``, ``"publisher"``, ``"query"`` or ``"call"`` (a unary call).
     what: str
@@ -346,6 +348,13 @@ FailoverHook = Callable[[Failover], None]
 #: How long a health probe of a candidate node may take, in seconds.
 PROBE_TIMEOUT = 0.5
 
+#: With every node down, a client moves on after each failed retry, a few times a second. The
+#: first move of an outage is logged as a warning; later ones within this many seconds are
+#: logged at DEBUG, and the next warning says how many there were (``moves_since_last_warning``),
+#: as the Rust SDK does. ``on_failover`` is called for every move all the same.
+WARN_EVERY = 10.0
+
+
 class Endpoints:
     """The bus nodes a client may use and the one it uses now: pure bookkeeping, shared by the
     blocking and the asyncio clients (which probe health each with their own channels).
@@ -357,11 +366,17 @@ class Endpoints:
     (:meth:`choose`). The lock is a plain ``threading.Lock``: it is held for a few assignments,
     never across I/O."""
 
-    def __init__(self, targets: list[Target], on_failover: FailoverHook | None = None) -> None:
+    def __init__(self, targets: list[Target], on_failover: FailoverHook | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.targets = targets
         self.on_failover = on_failover
         self._lock = threading.Lock()
         self._index = 0
+        # When a move was last logged as a warning, and the moves logged at DEBUG since: see
+        # WARN_EVERY. The clock is a parameter so that tests need not wait out the period.
+        self._clock = clock
+        self._warned: float | None = None
+        self._quiet_moves = 0
 
     @property
     def index(self) -> int:
@@ -392,14 +407,29 @@ class Endpoints:
             return self._index
 
     def report(self, failover: Failover) -> None:
-        """Logs a move and hands it to the hook (whose exceptions are logged, not raised)."""
+        """Logs a move (a warning, or DEBUG within :data:`WARN_EVERY` of the last warning) and
+        hands it to the hook (whose exceptions are logged, not raised)."""
         if failover.from_endpoint == failover.to_endpoint:
             return
+        now = self._clock()
+        with self._lock:
+            loud = self._warned is None or now - self._warned >= WARN_EVERY
+            quiet_moves = self._quiet_moves
+            if loud:
+                self._warned, self._quiet_moves = now, 0
+            else:
+                self._quiet_moves += 1
         where = f" {failover.pattern}" if failover.pattern else ""
         after = (f" after sequence {failover.after_sequence}"
                  if failover.after_sequence is not None else "")
-        log.warning("%s%s moved from %s to %s%s (%s)", failover.what, where,
-                    failover.from_endpoint, failover.to_endpoint, after, failover.error)
+        if loud:
+            quiet = f"; moves_since_last_warning={quiet_moves}" if quiet_moves else ""
+            log.warning("%s%s moved from %s to %s%s (%s)%s", failover.what, where,
+                        failover.from_endpoint, failover.to_endpoint, after, failover.error,
+                        quiet, extra={"moves_since_last_warning": quiet_moves})
+        else:
+            log.debug("%s%s moved from %s to %s%s (%s)", failover.what, where,
+                      failover.from_endpoint, failover.to_endpoint, after, failover.error)
         if self.on_failover is not None:
             try:
                 self.on_failover(failover)

@@ -94,8 +94,9 @@ class Bus:
     last sequence they delivered, MANUAL-ack members rejoin their group, the batching publisher
     resends what was unanswered with the same ids, and a failed query or unary call raises
     :class:`errors.NodeUnavailable` (retry it: the next call goes to the new node).
-    ``on_failover`` is called with a :class:`Failover` for every move (they are also logged as
-    warnings on the ``eventbus_client`` logger).
+    ``on_failover`` is called with a :class:`Failover` for every move (they are also logged on
+    the ``eventbus_client`` logger: a warning, or DEBUG within 10 seconds of the last warning,
+    which the next warning counts).
 
     ``source`` names this service: it is the ``source`` of the events it publishes and its name
     in the bus's topology.

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 
 import grpc
 import pytest
 
 from eventbus_client import errors
-from eventbus_client._common import Endpoints, ResumePoint, parse_target, parse_targets
+from eventbus_client._common import (
+    WARN_EVERY,
+    Endpoints,
+    Failover,
+    ResumePoint,
+    parse_target,
+    parse_targets,
+)
 from eventbus_client._proto import eventbus_pb2 as pb
 from eventbus_client.events import (
     Event,
@@ -104,6 +112,46 @@ def test_endpoints_move_to_a_serving_node_else_the_next_once_per_failure() -> No
     assert endpoints.moved_from(0)
     assert endpoints.choose(0, 1) == 2  # a second failure of a's calls: the move stands
     assert endpoints.choose(2, None) == 0  # none serves: the next in order
+
+
+def test_moves_in_an_outage_warn_once_then_debug_until_warn_every_passed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    hooked: list[Failover] = []
+    endpoints = Endpoints(parse_targets("a:1,b:2"), hooked.append, clock=lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="eventbus_client")
+
+    def move(times: int) -> None:
+        for _ in range(times):
+            index = endpoints.index
+            to = endpoints.choose(index, None)
+            endpoints.report(Failover("subscription", endpoints.address(index),
+                                      endpoints.address(to),
+                                      errors.NodeUnavailable(C.UNAVAILABLE, "connection refused"),
+                                      pattern="orders.>"))
+            now[0] += 0.25
+
+    def levels() -> list[int]:
+        return [record.levelno for record in caplog.records if "moved from" in record.getMessage()]
+
+    # Every node down: a move every 250 ms for 5 s.
+    move(20)
+    assert levels() == [logging.WARNING] + [logging.DEBUG] * 19
+    assert caplog.records[0].moves_since_last_warning == 0
+    assert "moves_since_last_warning" not in caplog.records[0].getMessage()
+    assert len(hooked) == 20  # the hook hears of every move all the same
+
+    # Still down once the period has passed since the first warning: one more warning, with a
+    # count of the quiet moves.
+    caplog.clear()
+    now[0] = 100.0 + WARN_EVERY
+    move(3)
+    assert levels() == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    warning = caplog.records[0]
+    assert warning.moves_since_last_warning == 19
+    assert warning.getMessage() == ("subscription orders.> moved from a:1 to b:2 (UNAVAILABLE: "
+                                    "connection refused); moves_since_last_warning=19")
+    assert len(hooked) == 23
 
 
 def test_target_defaults_to_env(monkeypatch: pytest.MonkeyPatch) -> None:
