@@ -79,7 +79,9 @@ export type Handler = (request: Event) => Reply | Data | Promise<Reply | Data>;
 export interface BusOptions {
   /** This service's name: the source of its events and its name in the topology. */
   source?: string;
-  /** Called for every move to another node (see {@link Bus}); also logged with `console.warn`. */
+  /** Called for every move to another node (see {@link Bus}); also logged with `console.warn`
+   * (with every node down, one warning per 10 s and the moves between at debug level:
+   * `NODE_DEBUG=eventbus`). */
   onFailover?: (failover: Failover) => void;
   /** For `https://` targets: a CA to trust instead of the system's roots, as a PEM file path
    * or the PEM itself (a Buffer). */

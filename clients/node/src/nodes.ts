@@ -9,6 +9,8 @@
  * in flight on a node moves the client: a call that finds the client already moved off its
  * node takes that move. The Python client's `Endpoints` and `Nodes` follow the same rules.
  */
+import { debuglog } from "node:util";
+
 import * as grpc from "@grpc/grpc-js";
 
 import type { BusError } from "./errors";
@@ -19,6 +21,22 @@ import { protos } from "./proto";
 
 /** How long a health probe of a candidate node may take, in milliseconds. */
 export const PROBE_TIMEOUT_MS = 500;
+
+/** With every node down, a client moves on after each failed retry, a few times a second. The
+ * first move of an outage is a `console.warn`; later ones within this many milliseconds go to
+ * `util.debuglog("eventbus")` (printed when `NODE_DEBUG` names `eventbus`), and the next warning
+ * says how many there were (`moves_since_last_warning`), as the Rust SDK does.
+ * {@link BusOptions.onFailover} is called for every move all the same. */
+export const WARN_EVERY_MS = 10_000;
+
+/** Where {@link Nodes} logs its moves; a parameter so that tests can read them. */
+export interface MoveLog {
+  warn(message: string): void;
+  debug(message: string): void;
+}
+
+const debug = debuglog("eventbus");
+const consoleLog: MoveLog = { warn: (message) => console.warn(message), debug: (message) => debug(message) };
 
 const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   "grpc.max_receive_message_length": 64 * 1024 * 1024,
@@ -86,8 +104,19 @@ export class Nodes {
   private current = 0;
   private readonly clients = new Map<number, Clients>();
   private closed = false;
+  /** When a move was last logged as a warning (by {@link clock}), and the moves logged at debug
+   * level since: see {@link WARN_EVERY_MS}. */
+  private warned?: number;
+  private quietMoves = 0;
 
-  constructor(readonly targets: Target[], private readonly onFailover?: (failover: Failover) => void) {}
+  /** `clock` (milliseconds) and `log` are parameters for tests, which need not wait out
+   * {@link WARN_EVERY_MS} nor read the console. */
+  constructor(
+    readonly targets: Target[],
+    private readonly onFailover?: (failover: Failover) => void,
+    private readonly clock: () => number = () => performance.now(),
+    private readonly log: MoveLog = consoleLog,
+  ) {}
 
   /** The node in use now (an index into {@link targets}). */
   get index(): number {
@@ -162,12 +191,23 @@ export class Nodes {
     return this.choose(failed, serving ?? this.candidates(failed)[0]);
   }
 
-  /** Logs a move (a warning) and hands it to the hook, whose exceptions are logged. */
+  /** Logs a move (a warning, or debug level within {@link WARN_EVERY_MS} of the last warning)
+   * and hands it to the hook, whose exceptions are logged. */
   report(failover: Failover): void {
     if (failover.fromEndpoint === failover.toEndpoint) return;
     const where = failover.pattern ? ` ${failover.pattern}` : "";
     const after = failover.afterSequence !== undefined ? ` after sequence ${failover.afterSequence}` : "";
-    console.warn(`eventbus: ${failover.what}${where} moved from ${failover.fromEndpoint} to ${failover.toEndpoint}${after} (${failover.error.message})`);
+    const moved = `${failover.what}${where} moved from ${failover.fromEndpoint} to ${failover.toEndpoint}${after} (${failover.error.message})`;
+    const now = this.clock();
+    if (this.warned === undefined || now - this.warned >= WARN_EVERY_MS) {
+      const quiet = this.quietMoves > 0 ? `; moves_since_last_warning=${this.quietMoves}` : "";
+      this.log.warn(`eventbus: ${moved}${quiet}`);
+      this.warned = now;
+      this.quietMoves = 0;
+    } else {
+      this.log.debug(moved);
+      this.quietMoves += 1;
+    }
     try {
       this.onFailover?.(failover);
     } catch (error) {
