@@ -23,6 +23,14 @@
 //! durable head passes them, whoever notices first routes everything durable, in order, under the
 //! lock. A publish is acknowledged only after that, and readers (replays) never read past the last
 //! routed sequence: nobody ever sees an event that a crash could take back.
+//!
+//! One exception, on purpose: a reply to a query that waits on this node is handed to that
+//! query as soon as it is appended (`Routing::hand_reply`). A query and its reply are
+//! request/response traffic whose asker waits in memory, so the round trip pays the disk once
+//! (for the query event, which responders get in order like any event), not twice. The reply
+//! is still stored and routed to everyone else once durable, and its publisher is acknowledged
+//! only then; a crash before its fsync takes the reply from the log, not from the asker, whose
+//! call already returned.
 
 mod dedupe;
 mod delivery;
@@ -492,6 +500,11 @@ impl Broker {
             // Routed once durable, so no subscriber sees what a crash could take back. A batch
             // of duplicates only waits for its originals.
             (Some(durable_head), _) => {
+                for event in &stored {
+                    if event.event.topic.is_inbox() {
+                        routing.hand_reply(event);
+                    }
+                }
                 routing.pending.extend(stored);
                 Ok(PendingPublish {
                     broker: self.clone(),
@@ -1551,6 +1564,30 @@ impl Routing {
         );
     }
 
+    /// Hands a reply to the query waiting for it on this node at once, before the store has
+    /// made it durable: the asker waits in memory, so the reply need not wait for the disk
+    /// (see "Durable stores" in the module docs). Everyone else (a subscriber of `>`, say)
+    /// gets it routed, in order, once durable; the waiting query takes whichever copy comes
+    /// first, and its inbox is gone by the time the other would come.
+    fn hand_reply(&mut self, event: &SharedEvent) {
+        if !self.inbox_owners.contains_key(&event.event.topic) {
+            return;
+        }
+        let Ok(pattern) = Pattern::parse(event.event.topic.as_str()) else {
+            return;
+        };
+        if let Some(interest) = self.subscriptions.get_mut(&pattern) {
+            for inbox in interest
+                .individual
+                .iter()
+                .filter(|subscriber| subscriber.only_correlation.is_some())
+            {
+                // An inbox's queue takes the reply or drops it when full; never ends.
+                let _ = inbox.offer(event, 0);
+            }
+        }
+    }
+
     /// Bookkeeping for lists and the topology.
     fn record(&mut self, stored: &SharedEvent, now: SystemTime) {
         let event = &stored.event;
@@ -1653,5 +1690,151 @@ impl Group {
             idle.lane.catch_up_after(catcher.resume_after());
             self.catcher = Some(idle.lane.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use futures_util::{FutureExt as _, StreamExt as _};
+
+    use super::*;
+    use crate::store::{GroupCursor, HeldCounts, LogBounds, MemoryStore};
+
+    /// A memory store whose appends become durable only when the test says so, as a file
+    /// store's do at its next fsync.
+    struct HeldDurable {
+        inner: MemoryStore,
+        durable: watch::Receiver<u64>,
+    }
+
+    impl Store for HeldDurable {
+        fn append(
+            &self,
+            events: Vec<Event>,
+            now: SystemTime,
+        ) -> Result<Vec<SharedEvent>, StoreError> {
+            self.inner.append(events, now)
+        }
+        fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
+            self.inner.read_after(after, max)
+        }
+        fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
+            self.inner.first_sequence_at_or_after(time)
+        }
+        fn bounds(&self) -> LogBounds {
+            self.inner.bounds()
+        }
+        fn held_counts(&self) -> HeldCounts {
+            self.inner.held_counts()
+        }
+        fn durable_head(&self) -> Option<watch::Receiver<u64>> {
+            Some(self.durable.clone())
+        }
+        fn log_id(&self) -> &str {
+            self.inner.log_id()
+        }
+        fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError> {
+            self.inner.load_group_cursors()
+        }
+        fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError> {
+            self.inner.save_group_cursor(group, cursor)
+        }
+    }
+
+    fn event(topic: &Topic) -> Event {
+        Event {
+            id: String::new(),
+            source: Arc::from("test"),
+            event_type: "t".into(),
+            topic: topic.clone(),
+            time: None,
+            data_content_type: String::new(),
+            data: bytes::Bytes::new(),
+            attributes: Default::default(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            reply_to: None,
+        }
+    }
+
+    fn subscribe(broker: &Broker, pattern: &str) -> Subscription {
+        broker
+            .subscribe(SubscribeOptions {
+                pattern: Pattern::parse(pattern).unwrap(),
+                group: None,
+                subscriber: Arc::from("test"),
+                start: StartPosition::Latest,
+                ack: AckMode::Auto,
+                log_id: None,
+            })
+            .unwrap()
+    }
+
+    async fn next_event(subscription: &mut Subscription) -> SharedEvent {
+        loop {
+            let item = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+                .await
+                .expect("a delivery in time")
+                .expect("the stream goes on")
+                .expect("no error");
+            if let Delivery::Event { event, .. } = item {
+                return event;
+            }
+        }
+    }
+
+    /// The query's reply pays no fsync on the asker's path: the waiting query gets it while
+    /// the store still holds it back, and every other reader (here a subscriber of `>`) gets
+    /// it only once durable, after the query, in order. Its publisher is answered only then.
+    #[tokio::test]
+    async fn a_reply_reaches_the_waiting_query_before_it_is_durable_and_the_rest_after() {
+        let (durable, held) = watch::channel(0u64);
+        let store = Arc::new(HeldDurable {
+            inner: MemoryStore::new(1000, 1 << 20),
+            durable: held,
+        });
+        let broker = Broker::new(BusConfig::default(), store.clone());
+        let mut responder = subscribe(&broker, "q.ask");
+        let mut everything = subscribe(&broker, ">");
+        let asker = tokio::spawn({
+            let broker = broker.clone();
+            let ask = event(&Topic::parse("q.ask").unwrap());
+            async move { broker.query(ask, Duration::from_secs(30)).await }
+        });
+        // The query is appended, and routed once durable.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.inner.bounds().head < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the query was not appended"
+            );
+            tokio::task::yield_now().await;
+        }
+        durable.send_replace(1);
+        let query = next_event(&mut responder).await;
+        let inbox = query.event.reply_to.clone().expect("an inbox");
+        assert_eq!(next_event(&mut everything).await.sequence, 1);
+
+        let mut reply = event(&inbox);
+        reply.correlation_id = query.event.correlation_id.clone();
+        let publishing = broker.begin_publish(vec![reply]).unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), asker)
+            .await
+            .expect("the query answered while its reply was not durable")
+            .unwrap()
+            .unwrap();
+        assert_eq!(answered.sequence, 2);
+        assert!(
+            everything.next().now_or_never().is_none(),
+            "a subscriber got the reply before it was durable"
+        );
+
+        durable.send_replace(2);
+        let published = publishing.finish().await.unwrap();
+        assert_eq!(published.sequences, [2]);
+        assert_eq!(next_event(&mut everything).await.sequence, 2);
     }
 }
