@@ -302,7 +302,7 @@ fn planned_steps(context: &Context) -> u64 {
     args.scenarios
         .iter()
         .map(|scenario| match scenario {
-            Kind::Reqrep => rounds * (2 + 2 * buses + nats + 2 * current),
+            Kind::Reqrep => rounds * (2 + 3 * buses + nats + 2 * current),
             Kind::Pubsub => rounds * 3 * (1 + buses + nats + redis + current),
             Kind::Durable => rounds * 3 * (buses + 1 + nats + 3 * current),
             Kind::Subscriptions => buses + nats + redis,
@@ -420,6 +420,10 @@ fn latency_row(
 async fn run_reqrep(context: &mut Context) -> Result<()> {
     const CASE: &str = "64 B round trip";
     let buses = start_buses(context, BusStorage::Memory, 8192).await?;
+    // The same Query on the file store as `eventbus serve` runs by default.
+    let defaults = start_buses(context, BusStorage::FileDefault, 8192).await?;
+    let mut default_query: Vec<_> = defaults.iter().map(|_| histogram()).collect();
+    let mut default_cpu = vec![0.0; defaults.len()];
     // The machine's nats-server and the current release: (label, server, histogram, CPU s).
     let mut natses = Vec::new();
     if let Some(nats) = start_nats(context).await? {
@@ -465,6 +469,17 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
             reqrep::eventbus_pubsub_path(&bus.url(), round, count, limit, &mut sdk_path[index])
                 .await?;
             sdk_cpu[index] += cpu_seconds(bus.pid()).unwrap_or(0.0) - before.unwrap_or(0.0);
+            context.done_step();
+        }
+        for (index, (label, bus)) in defaults.iter().enumerate() {
+            context.step(format!(
+                "reqrep round {}: {label} Query RPC, default config",
+                round + 1
+            ));
+            let before = cpu_seconds(bus.pid());
+            reqrep::eventbus_query(&bus.url(), round, count, limit, &mut default_query[index])
+                .await?;
+            default_cpu[index] += cpu_seconds(bus.pid()).unwrap_or(0.0) - before.unwrap_or(0.0);
             context.done_step();
         }
         for (label, nats, hist, cpu) in &mut natses {
@@ -517,6 +532,14 @@ async fn run_reqrep(context: &mut Context) -> Result<()> {
             &format!("{label} subscribe+publish (SDK)"),
             &sdk_path[index],
             sdk_cpu[index],
+        ));
+    }
+    for (index, (label, _)) in defaults.iter().enumerate() {
+        context.rows.push(latency_row_with_cpu(
+            CASE,
+            &format!("{label} Query RPC, default config (file store)"),
+            &default_query[index],
+            default_cpu[index],
         ));
     }
     if !context.programs.has_nats() {

@@ -43,6 +43,9 @@ pub enum BusStorage {
     /// The file store acknowledging once written and syncing every second (`--fsync
     /// interval:1000`), as JetStream does by default (every two minutes).
     FileFsyncInterval,
+    /// The file store with the bus's default settings (`eventbus serve` as the README starts
+    /// it, only the data directory given).
+    FileDefault,
     /// The clustered backend: the log in the JetStream stream `BENCH<n>` (one replica) on the
     /// nats-server at this address; nodes given the same `n` share the stream.
     JetStream(SocketAddr, u16),
@@ -184,6 +187,11 @@ pub async fn start_eventbus(
         BusStorage::FileFsyncAlways => {
             command
                 .args(["--storage", "file", "--fsync", "always", "--data-dir"])
+                .arg(dir.path().join("data"));
+        }
+        BusStorage::FileDefault => {
+            command
+                .args(["--storage", "file", "--data-dir"])
                 .arg(dir.path().join("data"));
         }
         BusStorage::FileFsyncInterval => {
