@@ -54,6 +54,25 @@ impl Event {
             + self.reply_to.as_ref().map_or(0, |t| t.as_str().len())
             + attributes
     }
+
+    /// For unit tests: an event on `topic` from source `test`, type `t`, every other field
+    /// empty. Tests change what they need with struct update syntax.
+    #[cfg(test)]
+    pub(crate) fn for_test(topic: &str) -> Event {
+        Event {
+            id: String::new(),
+            source: std::sync::Arc::from("test"),
+            event_type: "t".to_owned(),
+            topic: Topic::parse(topic).expect("a valid test topic"),
+            time: None,
+            data_content_type: String::new(),
+            data: bytes::Bytes::new(),
+            attributes: Default::default(),
+            correlation_id: String::new(),
+            causation_id: String::new(),
+            reply_to: None,
+        }
+    }
 }
 
 /// An event the bus has stored: its place in the log and when it was stored. Shared by `Arc`

@@ -689,9 +689,8 @@ mod tests {
 
 #[cfg(test)]
 mod store_health_tests {
-    use std::collections::HashMap;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::{Duration, SystemTime};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
 
     use tokio_util::sync::CancellationToken;
     use tonic_health::pb::health_check_response::ServingStatus as Wire;
@@ -699,63 +698,14 @@ mod store_health_tests {
     use tonic_health::pb::HealthCheckRequest;
 
     use super::*;
-    use crate::event::{Event, SharedEvent};
     use crate::pb;
     use crate::pb::event_bus_service_client::EventBusServiceClient;
-    use crate::store::{GroupCursor, HeldCounts, LogBounds};
 
-    /// A memory store that can be switched into the failed state a file store enters when a
-    /// write can neither be made durable nor undone.
-    pub(super) struct Failing {
-        pub(super) inner: MemoryStore,
-        pub(super) failed: AtomicBool,
-    }
-
-    impl Store for Failing {
-        fn append(
-            &self,
-            events: Vec<Event>,
-            now: SystemTime,
-        ) -> Result<Vec<SharedEvent>, StoreError> {
-            match self.durability_error() {
-                Some(why) => Err(StoreError::Failed(why)),
-                None => self.inner.append(events, now),
-            }
-        }
-        fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
-            self.inner.read_after(after, max)
-        }
-        fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
-            self.inner.first_sequence_at_or_after(time)
-        }
-        fn bounds(&self) -> LogBounds {
-            self.inner.bounds()
-        }
-        fn held_counts(&self) -> HeldCounts {
-            self.inner.held_counts()
-        }
-        fn durability_error(&self) -> Option<String> {
-            self.failed
-                .load(Ordering::Acquire)
-                .then(|| "fsync failed: injected".to_owned())
-        }
-        fn log_id(&self) -> &str {
-            self.inner.log_id()
-        }
-        fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError> {
-            self.inner.load_group_cursors()
-        }
-        fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError> {
-            self.inner.save_group_cursor(group, cursor)
-        }
-    }
+    pub(super) use crate::store::test_store::TestStore as Failing;
 
     #[tokio::test]
     async fn a_failed_store_makes_the_node_not_serving_and_publishes_unavailable() {
-        let store = Arc::new(Failing {
-            inner: MemoryStore::new(1000, 1 << 20),
-            failed: AtomicBool::new(false),
-        });
+        let store = Arc::new(Failing::new());
         let broker = Broker::new(BusConfig::default(), store.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -847,7 +797,7 @@ mod store_health_tests {
 
 #[cfg(test)]
 mod admin_tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -870,10 +820,7 @@ mod admin_tests {
     /// Readiness is the gRPC health status: a failed store turns both off; liveness stays.
     #[tokio::test]
     async fn a_failed_store_makes_readyz_fail_and_healthz_stay() {
-        let store = Arc::new(Failing {
-            inner: MemoryStore::new(1000, 1 << 20),
-            failed: AtomicBool::new(false),
-        });
+        let store = Arc::new(Failing::new());
         let broker = Broker::new(BusConfig::default(), store.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();

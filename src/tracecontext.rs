@@ -102,19 +102,7 @@ mod tests {
         metadata.insert(TRACEPARENT, VALID.parse().unwrap());
         metadata.insert(TRACESTATE, "vendor=1".parse().unwrap());
         let context = TraceContext::from_metadata(&metadata).unwrap();
-        let mut event = Event {
-            id: String::new(),
-            source: "s".into(),
-            event_type: String::new(),
-            topic: crate::topic::Topic::parse("a.b").unwrap(),
-            time: None,
-            data_content_type: String::new(),
-            data: bytes::Bytes::new(),
-            attributes: Default::default(),
-            correlation_id: String::new(),
-            causation_id: String::new(),
-            reply_to: None,
-        };
+        let mut event = Event::for_test("a.b");
         context.apply(&mut event);
         assert_eq!(event.attributes[TRACEPARENT], VALID);
         assert_eq!(event.attributes[TRACESTATE], "vendor=1");

@@ -297,15 +297,7 @@ mod tests {
         Event {
             id: id.to_owned(),
             source: Arc::from(source),
-            event_type: "t".to_owned(),
-            topic: crate::topic::Topic::parse("a.b").unwrap(),
-            time: None,
-            data_content_type: String::new(),
-            data: bytes::Bytes::new(),
-            attributes: Default::default(),
-            correlation_id: String::new(),
-            causation_id: String::new(),
-            reply_to: None,
+            ..Event::for_test("a.b")
         }
     }
 

@@ -1092,16 +1092,7 @@ mod tests {
             SystemTime::UNIX_EPOCH,
             Event {
                 id: format!("e{sequence}"),
-                source: Arc::from("test"),
-                event_type: "t".into(),
-                topic: Topic::parse("a.b").unwrap(),
-                time: None,
-                data_content_type: String::new(),
-                data: bytes::Bytes::new(),
-                attributes: Default::default(),
-                correlation_id: String::new(),
-                causation_id: String::new(),
-                reply_to: None,
+                ..Event::for_test("a.b")
             },
         ))
     }

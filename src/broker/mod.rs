@@ -1695,70 +1695,12 @@ impl Group {
 
 #[cfg(test)]
 mod reply_tests {
-    use std::collections::HashMap;
     use std::time::Duration;
 
     use futures_util::{FutureExt as _, StreamExt as _};
 
     use super::*;
-    use crate::store::{GroupCursor, HeldCounts, LogBounds, MemoryStore};
-
-    /// A memory store whose appends become durable only when the test says so, as a file
-    /// store's do at its next fsync.
-    struct HeldDurable {
-        inner: MemoryStore,
-        durable: watch::Receiver<u64>,
-    }
-
-    impl Store for HeldDurable {
-        fn append(
-            &self,
-            events: Vec<Event>,
-            now: SystemTime,
-        ) -> Result<Vec<SharedEvent>, StoreError> {
-            self.inner.append(events, now)
-        }
-        fn read_after(&self, after: u64, max: usize) -> Result<Vec<SharedEvent>, StoreError> {
-            self.inner.read_after(after, max)
-        }
-        fn first_sequence_at_or_after(&self, time: SystemTime) -> Result<Option<u64>, StoreError> {
-            self.inner.first_sequence_at_or_after(time)
-        }
-        fn bounds(&self) -> LogBounds {
-            self.inner.bounds()
-        }
-        fn held_counts(&self) -> HeldCounts {
-            self.inner.held_counts()
-        }
-        fn durable_head(&self) -> Option<watch::Receiver<u64>> {
-            Some(self.durable.clone())
-        }
-        fn log_id(&self) -> &str {
-            self.inner.log_id()
-        }
-        fn load_group_cursors(&self) -> Result<HashMap<String, GroupCursor>, StoreError> {
-            self.inner.load_group_cursors()
-        }
-        fn save_group_cursor(&self, group: &str, cursor: &GroupCursor) -> Result<(), StoreError> {
-            self.inner.save_group_cursor(group, cursor)
-        }
-    }
-
-    fn event(topic: &Topic) -> Event {
-        Event {
-            id: String::new(),
-            source: Arc::from("test"),
-            event_type: "t".into(),
-            topic: topic.clone(),
-            time: None,
-            data_content_type: String::new(),
-            data: bytes::Bytes::new(),
-            attributes: Default::default(),
-            correlation_id: String::new(),
-            causation_id: String::new(),
-            reply_to: None,
-        }
-    }
+    use crate::store::test_store::TestStore;
 
     fn subscribe(broker: &Broker, pattern: &str) -> Subscription {
         broker
@@ -1791,17 +1733,14 @@ mod reply_tests {
     /// it only once durable, after the query, in order. Its publisher is answered only then.
     #[tokio::test]
     async fn a_reply_reaches_the_waiting_query_before_it_is_durable_and_the_rest_after() {
-        let (durable, held) = watch::channel(0u64);
-        let store = Arc::new(HeldDurable {
-            inner: MemoryStore::new(1000, 1 << 20),
-            durable: held,
-        });
+        let (store, durable) = TestStore::held_durable();
+        let store = Arc::new(store);
         let broker = Broker::new(BusConfig::default(), store.clone());
         let mut responder = subscribe(&broker, "q.ask");
         let mut everything = subscribe(&broker, ">");
         let asker = tokio::spawn({
             let broker = broker.clone();
-            let ask = event(&Topic::parse("q.ask").unwrap());
+            let ask = Event::for_test("q.ask");
             async move { broker.query(ask, Duration::from_secs(30)).await }
         });
         // The query is appended, and routed once durable.
@@ -1818,7 +1757,7 @@ mod reply_tests {
         let inbox = query.event.reply_to.clone().expect("an inbox");
         assert_eq!(next_event(&mut everything).await.sequence, 1);
 
-        let mut reply = event(&inbox);
+        let mut reply = Event::for_test(inbox.as_str());
         reply.correlation_id = query.event.correlation_id.clone();
         let publishing = broker.begin_publish(vec![reply]).unwrap();
         let answered = tokio::time::timeout(Duration::from_secs(10), asker)

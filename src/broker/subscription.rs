@@ -743,19 +743,7 @@ mod tests {
     use std::time::Duration;
 
     fn event() -> Event {
-        Event {
-            id: String::new(),
-            source: Arc::from("test"),
-            event_type: "t".into(),
-            topic: crate::topic::Topic::parse("r.a").unwrap(),
-            time: None,
-            data_content_type: String::new(),
-            data: bytes::Bytes::new(),
-            attributes: Default::default(),
-            correlation_id: String::new(),
-            causation_id: String::new(),
-            reply_to: None,
-        }
+        Event::for_test("r.a")
     }
 
     /// The sequences a subscription delivers until `count` events, skipping markers.

@@ -9,6 +9,8 @@ pub mod codec;
 pub mod file;
 pub mod jetstream;
 mod memory;
+#[cfg(test)]
+pub(crate) mod test_store;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
