@@ -45,6 +45,13 @@ pub(super) struct AppendJob {
 /// its acknowledgement to a stream leader that died.
 pub const STALL_AFTER: Duration = Duration::from_millis(500);
 
+/// Resends in a row without an acknowledgement after which their connection is abandoned
+/// for a new one: a stream leader elected meanwhile answers a resend within milliseconds,
+/// so two silent ones (about [`REQUEST_TIMEOUT`] each) say the way through this server is
+/// not working (seen once in a manual trial on nats-server 2.15.1: one node's appends got
+/// no answer for 30 s after a new leader was elected, while another node's were answered).
+const ABANDON_AFTER_SILENT: u32 = 2;
+
 /// The wait before a reconnect of the append connection: for ever. It is never reconnected
 /// (see the module docs); a new connection replaces it.
 const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -146,6 +153,22 @@ impl AppendLink {
         Ok(answer)
     }
 
+    /// Gives up connection `generation` if it is still the live one: the next
+    /// [`AppendLink::context`] replaces it (what it holds unsent is dropped).
+    pub async fn abandon(&self, generation: u64) {
+        let current = self.current.lock().await;
+        if let Some(link) = current
+            .as_ref()
+            .filter(|link| link.generation == generation)
+        {
+            tracing::info!(
+                generation,
+                "JetStream leaves appends on this connection unanswered: abandoning it"
+            );
+            link.lost.store(true, Ordering::Release);
+        }
+    }
+
     async fn connect(&self) -> Result<Link, StoreError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -240,6 +263,9 @@ impl AppendLink {
 struct InFlight {
     unresolved: Mutex<std::collections::BTreeMap<u64, tokio::time::Instant>>,
     changed: tokio::sync::Notify,
+    /// Jobs that failed for good so far: a job that sees it move between its start and its
+    /// first resend fails too (see [`acknowledged`]).
+    failures: std::sync::atomic::AtomicU64,
 }
 
 impl InFlight {
@@ -250,7 +276,14 @@ impl InFlight {
             .insert(job, tokio::time::Instant::now());
     }
 
-    fn resolve(&self, job: u64) {
+    fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Acquire)
+    }
+
+    fn resolve(&self, job: u64, failed: bool) {
+        if failed {
+            self.failures.fetch_add(1, Ordering::AcqRel);
+        }
         self.unresolved
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -313,6 +346,7 @@ pub(super) async fn publish_jobs(
             connection = link.context().await;
         }
         in_flight.begin(number);
+        let failures_at_start = in_flight.failures();
         let mut acks = Vec::with_capacity(job.messages.len());
         match &connection {
             Ok((generation, context)) => {
@@ -331,11 +365,15 @@ pub(super) async fn publish_jobs(
         let link = link.clone();
         let in_flight = in_flight.clone();
         tokio::spawn(async move {
-            let result = acknowledged(&link, job.messages, acks, || {
-                in_flight.wait_resolved_before(number)
-            })
+            let result = acknowledged(
+                &link,
+                job.messages,
+                acks,
+                || in_flight.wait_resolved_before(number),
+                || in_flight.failures() != failures_at_start,
+            )
             .await;
-            in_flight.resolve(number);
+            in_flight.resolve(number, result.is_err());
             let _ = job.reply.send(result);
         });
     }
@@ -362,14 +400,27 @@ async fn send(
 /// the link's live connection, until [`APPEND_DEADLINE`].
 ///
 /// Before its first resend it waits for `earlier_resolved`: every job sent before this one
-/// acknowledged or failed, so resends reach the stream in job order ([`InFlight`]).
+/// acknowledged or failed, so resends reach the stream in job order ([`InFlight`]). If one of
+/// those failed for good meanwhile (`earlier_failed`), this job fails too without resending:
+/// its publisher was told the earlier batch failed and sends it again (elsewhere), and this
+/// one must come after it, not ahead. (What of this job the stream already holds, it holds
+/// behind the earlier job's messages, which it then holds too: JetStream stores a stream's
+/// messages as its leader received them, a prefix survives a leader's death, so the
+/// publisher's retry finds both by their ids, in order.)
+///
+/// A connection on which JetStream leaves [`ABANDON_AFTER_SILENT`] resends in a row
+/// unanswered is abandoned ([`AppendLink::abandon`]): another one, perhaps to another server,
+/// takes over.
 async fn acknowledged<F: Future<Output = ()>>(
     link: &AppendLink,
     messages: Vec<(String, Bytes, Option<String>)>,
     acks: Vec<Option<jetstream::context::PublishAckFuture>>,
     earlier_resolved: impl Fn() -> F,
+    earlier_failed: impl Fn() -> bool,
 ) -> Result<Vec<Appended>, StoreError> {
     let mut waited_for_earlier = false;
+    // Resends in a row that got no acknowledgement.
+    let mut silent = 0;
     let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
     let mut appended = Vec::with_capacity(messages.len());
     for ((subject, payload, id), ack) in messages.iter().zip(acks) {
@@ -384,15 +435,32 @@ async fn acknowledged<F: Future<Output = ()>>(
                     if !waited_for_earlier {
                         earlier_resolved().await;
                         waited_for_earlier = true;
+                        if earlier_failed() {
+                            return Err(StoreError::Failed(
+                                "an earlier append on this node failed for good, so this one \
+                                 is refused too (send both again, in order)"
+                                    .into(),
+                            ));
+                        }
                     }
                     match link.context().await {
-                        Ok((_, context)) => {
-                            match send(&context, subject, payload, id.as_deref()).await {
+                        Ok((generation, context)) => {
+                            let sent_at = tokio::time::Instant::now();
+                            let resent = match send(&context, subject, payload, id.as_deref()).await
+                            {
                                 Ok(ack) => ack
                                     .await
                                     .map_err(|e| failed("JetStream did not acknowledge", e)),
                                 Err(error) => Err(error),
+                            };
+                            // Timed out, not refused at once (as while a leader is elected).
+                            let timed_out = resent.is_err() && sent_at.elapsed() >= REQUEST_TIMEOUT;
+                            silent = if timed_out { silent + 1 } else { 0 };
+                            if silent >= ABANDON_AFTER_SILENT {
+                                link.abandon(generation).await;
+                                silent = 0;
                             }
+                            resent
                         }
                         Err(error) => Err(error),
                     }
