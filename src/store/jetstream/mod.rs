@@ -434,7 +434,9 @@ impl JetStreamStore {
     /// the stream therefore holds). Either is read again ([`LAGGING_READ_RETRIES`] times,
     /// with short pauses) and then refused with [`StoreError::Failed`], so a caller never takes
     /// a lagging replica's view for the log: a short read taken at face value would let a
-    /// replay skip to live past events it never delivered.
+    /// replay skip to live past events it never delivered. A read that fails outright (a
+    /// JetStream 503 while a cluster settles after a fault) is tried again for up to
+    /// [`REQUEST_TIMEOUT`] before its error is returned.
     fn fetch(
         &self,
         after: u64,
@@ -448,8 +450,20 @@ impl JetStreamStore {
         let max = max.min((head - after) as usize);
         let mut pause = Duration::from_millis(10);
         let mut attempt = 0;
+        // A read refused (a 503 while a cluster settles its consumers after a fault, say) is
+        // tried again until this passes, rather than ending the subscriber's stream at once.
+        let patience = Instant::now() + REQUEST_TIMEOUT;
         loop {
-            let read = self.fetch_once(after, max, max_bytes)?;
+            let read = match self.fetch_once(after, max, max_bytes) {
+                Ok(read) => read,
+                Err(error) if Instant::now() < patience => {
+                    tracing::debug!(after, %error, "a read of the log failed; reading again");
+                    blocking(|| std::thread::sleep(pause));
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let lag = match self.lagging(after, max, &read)? {
                 None => return Ok(read.events),
                 Some(lag) => lag,
