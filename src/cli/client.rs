@@ -219,7 +219,11 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 after_sequence: Some(after),
                 ..
             } => eprintln!("stream broke; resumed after sequence {after}"),
-            SubscriptionItem::Resumed { .. } => eprintln!("stream broke; resumed live"),
+            SubscriptionItem::Resumed { .. } => match &start {
+                Start::Latest => eprintln!("stream broke; resumed live"),
+                // Nothing delivered yet: the SDK asked for the same start again.
+                _ => eprintln!("stream broke; resumed from the start position"),
+            },
             SubscriptionItem::Interrupted { why, node } => {
                 eprintln!("lost the bus ({why}); waiting for it at {node}")
             }
