@@ -186,7 +186,7 @@ $($CLUSTER && printf '\n  a clustered bus: kill the first node; the services mov
                   curl -si -X POST http://127.0.0.1:$RR_PORT/users/7/orders \\
                        -d '{"items": [{"product_id": 3, "quantity": 2}]}'
 
-  the web of dependencies: $BIN/eventbus topology   (--format mermaid|dot)
+  the web of dependencies: $BIN/eventbus --server $NODES_B topology   (--format mermaid|dot)
   follow one request:      grep <x-correlation-id> $DEMO_DIR/*.log
 
 Ctrl-C stops everything.
