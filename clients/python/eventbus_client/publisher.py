@@ -420,7 +420,7 @@ class Publisher:
         """The stream is gone: what is in flight may or may not be stored, so it is sent again
         on a new stream (the bus deduplicates by event id), unless the bus refused the stream
         itself."""
-        log.log(logging.WARNING if stream.answered else logging.DEBUG,
+        log.log(logging.INFO if stream.answered else logging.DEBUG,
                 "publish stream broke (%s) with %d batches in flight; resending", failure,
                 len(self._in_flight))
         stream.end()
