@@ -442,9 +442,7 @@ impl EventBusApi {
         if max_batch > 1 {
             // Whatever is ready when the stream is polled, up to the limit, never waiting
             // for more: one response then carries a run of events.
-            let batched = deliveries
-                .ready_chunks(max_batch as usize)
-                .flat_map(|ready| stream::iter(subscribe::batch_ready(ready)));
+            let batched = subscribe::ReadyBatches::new(deliveries.boxed(), max_batch as usize);
             return Ok(confirmation.chain(batched).boxed());
         }
         Ok(confirmation.chain(deliveries).boxed())

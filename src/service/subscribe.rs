@@ -144,6 +144,70 @@ impl SubscribeFrame {
     }
 }
 
+/// A subscription's frames with runs of ready events batched ([`batch_ready`]): when polled,
+/// takes whatever `frames` has ready, up to `max` frames, never waiting for more. Unlike
+/// `StreamExt::ready_chunks`, it reserves nothing ahead (that would be `max` slots of a
+/// result holding a `Status`, tens of KiB, for every lone event of a quiet subscription).
+pub struct ReadyBatches<S> {
+    frames: S,
+    max: usize,
+    /// Made from one poll's ready frames, not sent yet.
+    out: std::collections::VecDeque<Result<SubscribeFrame, Status>>,
+    ended: bool,
+}
+
+impl<S> ReadyBatches<S> {
+    /// Batches `frames`, `max` (at least 1) at most per poll.
+    pub fn new(frames: S, max: usize) -> Self {
+        ReadyBatches {
+            frames,
+            max: max.max(1),
+            out: std::collections::VecDeque::new(),
+            ended: false,
+        }
+    }
+}
+
+impl<S> futures_util::Stream for ReadyBatches<S>
+where
+    S: futures_util::Stream<Item = Result<SubscribeFrame, Status>> + Unpin,
+{
+    type Item = Result<SubscribeFrame, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(frame) = this.out.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let mut ready = Vec::new();
+        while ready.len() < this.max {
+            match std::pin::Pin::new(&mut this.frames).poll_next(cx) {
+                Poll::Ready(Some(frame)) => ready.push(frame),
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if ready.is_empty() {
+            return if this.ended {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            };
+        }
+        this.out.extend(batch_ready(ready));
+        Poll::Ready(this.out.pop_front())
+    }
+}
+
 /// Turns frames that were ready together into the frames to send: runs of consecutive events
 /// become [`SubscribeFrame::Batch`]es of at most [`MAX_BATCH_BYTES`] of encoded events (an
 /// event alone stays an `event`); anything else (the caught-up marker, the stream's end)
@@ -456,6 +520,35 @@ mod tests {
             event_frame(5, 10),
         ];
         assert_eq!(shapes(frames), [vec![1, 2], vec![3], vec![4], vec![5]]);
+    }
+
+    #[tokio::test]
+    async fn ready_batches_take_what_is_ready_up_to_the_limit_and_end_with_the_stream() {
+        use futures_util::StreamExt as _;
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut batches = ReadyBatches::new(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(receiver),
+            3,
+        );
+        for sequence in 1..=5 {
+            sender.send(event_frame(sequence, 10)).unwrap();
+        }
+        let sequences = |frame: Option<Result<SubscribeFrame, Status>>| match frame {
+            Some(Ok(SubscribeFrame::Batch(events))) => {
+                events.iter().map(|(e, _)| e.sequence).collect::<Vec<_>>()
+            }
+            Some(Ok(SubscribeFrame::Event { event, .. })) => vec![event.sequence],
+            other => panic!("unexpected {other:?}"),
+        };
+        // Five ready: a batch of three (the limit), then the two left.
+        assert_eq!(sequences(batches.next().await), [1, 2, 3]);
+        assert_eq!(sequences(batches.next().await), [4, 5]);
+        // Nothing ready: it waits rather than sending an empty batch.
+        assert!(futures_util::FutureExt::now_or_never(batches.next()).is_none());
+        sender.send(event_frame(6, 10)).unwrap();
+        assert_eq!(sequences(batches.next().await), [6]);
+        drop(sender);
+        assert!(batches.next().await.is_none());
     }
 
     #[test]
