@@ -326,9 +326,13 @@ impl InFlight {
 /// the order they were begun), then waits for their acknowledgements off the send loop; holds
 /// new jobs back while an earlier one is stalled or was sent on a connection since replaced
 /// ([`InFlight`]).
+///
+/// `acked_head` is raised to every sequence JetStream acknowledges (the tail's watchdog
+/// compares it with what the tail has read).
 pub(super) async fn publish_jobs(
     link: Arc<AppendLink>,
     mut jobs: mpsc::UnboundedReceiver<AppendJob>,
+    acked_head: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let in_flight = Arc::new(InFlight::default());
     let mut next_job = 0u64;
@@ -364,6 +368,7 @@ pub(super) async fn publish_jobs(
         }
         let link = link.clone();
         let in_flight = in_flight.clone();
+        let acked_head = acked_head.clone();
         tokio::spawn(async move {
             let result = acknowledged(
                 &link,
@@ -373,6 +378,9 @@ pub(super) async fn publish_jobs(
                 || in_flight.failures() != failures_at_start,
             )
             .await;
+            if let Some(last) = result.iter().flatten().map(|a| a.sequence).max() {
+                acked_head.fetch_max(last, Ordering::AcqRel);
+            }
             in_flight.resolve(number, result.is_err());
             let _ = job.reply.send(result);
         });

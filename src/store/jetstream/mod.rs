@@ -238,6 +238,9 @@ pub struct JetStreamStore {
     connected: Arc<AtomicBool>,
     /// The last sequence the tail has read: reads past it are answered empty at once.
     tail_head: Arc<AtomicU64>,
+    /// The highest sequence JetStream acknowledged for this node's appends: a tail that stops
+    /// short of it is followed anew (see [`follow`]).
+    acked_head: Arc<AtomicU64>,
     /// The stream's last sequence when this node opened it.
     head_at_open: u64,
     /// The stream's `max_msgs`.
@@ -329,7 +332,8 @@ impl JetStreamStore {
             return Err(error);
         }
         io.spawn(link.clone().replace_dropped());
-        io.spawn(append::publish_jobs(link, jobs));
+        let acked_head = Arc::new(AtomicU64::new(head_at_open));
+        io.spawn(append::publish_jobs(link, jobs, acked_head.clone()));
         let (interest, announcements) = mpsc::unbounded_channel();
         let responders_prefix = format!("_EVENTBUS.{stream}.responders.");
         let node = format!(
@@ -359,6 +363,7 @@ impl JetStreamStore {
             interest,
             connected,
             tail_head: Arc::new(AtomicU64::new(head_at_open)),
+            acked_head,
             head_at_open,
             max_events: config.max_events,
             facts: Mutex::new(Facts::default()),
@@ -435,8 +440,8 @@ impl JetStreamStore {
     /// with short pauses) and then refused with [`StoreError::Failed`], so a caller never takes
     /// a lagging replica's view for the log: a short read taken at face value would let a
     /// replay skip to live past events it never delivered. A read that fails outright (a
-    /// JetStream 503 while a cluster settles after a fault) is tried again for up to
-    /// [`REQUEST_TIMEOUT`] before its error is returned.
+    /// JetStream 503 while a cluster settles after a fault, or no answer within
+    /// [`REQUEST_TIMEOUT`]) is tried again for up to twice that before its error is returned.
     fn fetch(
         &self,
         after: u64,
@@ -450,9 +455,11 @@ impl JetStreamStore {
         let max = max.min((head - after) as usize);
         let mut pause = Duration::from_millis(10);
         let mut attempt = 0;
-        // A read refused (a 503 while a cluster settles its consumers after a fault, say) is
-        // tried again until this passes, rather than ending the subscriber's stream at once.
-        let patience = Instant::now() + REQUEST_TIMEOUT;
+        // A read refused (a 503 while a cluster settles its consumers after a fault, say) or
+        // timed out (a reader placed on a server that is down) is tried again until this
+        // passes, rather than ending the subscriber's stream at once: at least one more try
+        // after a timeout.
+        let patience = Instant::now() + 2 * REQUEST_TIMEOUT;
         loop {
             let read = match self.fetch_once(after, max, max_bytes) {
                 Ok(read) => read,
@@ -901,14 +908,26 @@ async fn announce(
     }
 }
 
-/// Reads the stream from `after + 1` on, for ever, with an ordered consumer (JetStream
+/// How long the tail may read nothing while this node's appends were acknowledged past it
+/// before it is followed anew (see [`follow`]).
+const TAIL_STALL: Duration = Duration::from_secs(2);
+
+/// Reads the stream from `after + 1` on, for ever, with an ordered consumer (the client
 /// recreates it across gaps and reconnects), and hands each event to `sink` in order.
+///
+/// An ordered consumer lives on the stream's leader; when that server dies, the client notices
+/// only after two missed idle heartbeats (10 s, fixed in async-nats) and then asks for a new
+/// one, while every publish on this node waits to see its events come back (seen: 10–25 s
+/// in a trial). So a watchdog follows the tail anew, from the last sequence read, once it has
+/// read nothing for [`TAIL_STALL`] although JetStream acknowledged this node's appends past
+/// it (`acked_head`).
 async fn follow(
     context: jetstream::Context,
     stream_name: String,
     prefix_len: usize,
     after: u64,
     tail_head: Arc<AtomicU64>,
+    acked_head: Arc<AtomicU64>,
     sink: mpsc::Sender<SharedEvent>,
 ) {
     let mut last = after;
@@ -945,10 +964,28 @@ async fn follow(
             }
         };
         pause = Duration::from_millis(50);
+        let mut check = tokio::time::interval(TAIL_STALL / 4);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // The last sequence read, and since when.
+        let mut progress = (last, tokio::time::Instant::now());
         loop {
             let next = tokio::select! {
                 next = messages.next() => next,
                 _ = sink.closed() => return,
+                _ = check.tick() => {
+                    let acked = acked_head.load(Ordering::Acquire);
+                    if last != progress.0 {
+                        progress = (last, tokio::time::Instant::now());
+                    } else if acked > last && progress.1.elapsed() >= TAIL_STALL {
+                        tracing::info!(
+                            last,
+                            acked,
+                            "the stream's tail stopped short of acknowledged appends: following it anew"
+                        );
+                        break;
+                    }
+                    continue;
+                }
             };
             match next {
                 Some(Ok(message)) => {
@@ -1049,6 +1086,7 @@ impl SharedLog for JetStreamStore {
             self.subject_prefix.len(),
             after,
             self.tail_head.clone(),
+            self.acked_head.clone(),
             sender,
         ));
         receiver
