@@ -1704,14 +1704,7 @@ mod reply_tests {
 
     fn subscribe(broker: &Broker, pattern: &str) -> Subscription {
         broker
-            .subscribe(SubscribeOptions {
-                pattern: Pattern::parse(pattern).unwrap(),
-                group: None,
-                subscriber: Arc::from("test"),
-                start: StartPosition::Latest,
-                ack: AckMode::Auto,
-                log_id: None,
-            })
+            .subscribe(SubscribeOptions::for_test(pattern))
             .unwrap()
     }
 

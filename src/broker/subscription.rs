@@ -116,6 +116,22 @@ pub struct SubscribeOptions {
     pub log_id: Option<String>,
 }
 
+impl SubscribeOptions {
+    /// For unit tests: a live AUTO subscription to `pattern` by subscriber `test`, in no
+    /// group. Tests change what they need with struct update syntax.
+    #[cfg(test)]
+    pub(crate) fn for_test(pattern: &str) -> SubscribeOptions {
+        SubscribeOptions {
+            pattern: Pattern::parse(pattern).expect("a valid test pattern"),
+            group: None,
+            subscriber: Arc::from("test"),
+            start: StartPosition::Latest,
+            ack: AckMode::Auto,
+            log_id: None,
+        }
+    }
+}
+
 /// How deliveries are confirmed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AckMode {
@@ -779,18 +795,7 @@ mod tests {
         };
         let broker = Broker::new(config.clone(), Arc::new(MemoryStore::new(10_000, 1 << 30)));
         let mut subscriptions: Vec<Subscription> = (0..SUBSCRIBERS)
-            .map(|_| {
-                broker
-                    .subscribe(SubscribeOptions {
-                        pattern: Pattern::parse("r.>").unwrap(),
-                        group: None,
-                        subscriber: Arc::from("test"),
-                        start: StartPosition::Latest,
-                        ack: AckMode::Auto,
-                        log_id: None,
-                    })
-                    .unwrap()
-            })
+            .map(|_| broker.subscribe(SubscribeOptions::for_test("r.>")).unwrap())
             .collect();
         let mut largest = 0;
         for _ in 0..EVENTS {
@@ -835,16 +840,7 @@ mod tests {
             },
             Arc::new(MemoryStore::new(10_000, 1 << 30)),
         );
-        let mut subscription = broker
-            .subscribe(SubscribeOptions {
-                pattern: Pattern::parse("r.>").unwrap(),
-                group: None,
-                subscriber: Arc::from("test"),
-                start: StartPosition::Latest,
-                ack: AckMode::Auto,
-                log_id: None,
-            })
-            .unwrap();
+        let mut subscription = broker.subscribe(SubscribeOptions::for_test("r.>")).unwrap();
         let events = (0..1500).map(|_| event()).collect();
         broker.publish(events).await.unwrap();
         assert_eq!(
@@ -856,12 +852,8 @@ mod tests {
     fn group_member(broker: &Broker) -> Subscription {
         broker
             .subscribe(SubscribeOptions {
-                pattern: Pattern::parse("r.>").unwrap(),
                 group: Some(Arc::from("g")),
-                subscriber: Arc::from("test"),
-                start: StartPosition::Latest,
-                ack: AckMode::Auto,
-                log_id: None,
+                ..SubscribeOptions::for_test("r.>")
             })
             .unwrap()
     }
@@ -957,12 +949,10 @@ mod tests {
                     broker.publish(vec![event()]).await.unwrap();
                 }
                 let options = |group: Option<&str>, ack| SubscribeOptions {
-                    pattern: Pattern::parse("r.>").unwrap(),
                     group: group.map(Arc::from),
-                    subscriber: Arc::from("test"),
                     start: StartPosition::AfterSequence(start),
                     ack,
-                    log_id: None,
+                    ..SubscribeOptions::for_test("r.>")
                 };
                 let mut plain = broker.subscribe(options(None, AckMode::Auto)).unwrap();
                 let mut group = broker
