@@ -238,8 +238,9 @@ pub struct JetStreamStore {
     connected: Arc<AtomicBool>,
     /// The last sequence the tail has read: reads past it are answered empty at once.
     tail_head: Arc<AtomicU64>,
-    /// The highest sequence JetStream acknowledged for this node's appends: a tail that stops
-    /// short of it is followed anew (see [`follow`]).
+    /// The highest sequence this node knows the stream holds: what JetStream acknowledged for
+    /// its appends, and the last sequence a replay asked for. A tail that stands still short of
+    /// it is followed anew (see [`follow`]).
     acked_head: Arc<AtomicU64>,
     /// The stream's last sequence when this node opened it.
     head_at_open: u64,
@@ -918,9 +919,12 @@ const TAIL_STALL: Duration = Duration::from_secs(2);
 /// An ordered consumer lives on the stream's leader; when that server dies, the client notices
 /// only after two missed idle heartbeats (10 s, fixed in async-nats) and then asks for a new
 /// one, while every publish on this node waits to see its events come back (seen: 10–25 s
-/// in a trial). So a watchdog follows the tail anew, from the last sequence read, once it has
-/// read nothing for [`TAIL_STALL`] although JetStream acknowledged this node's appends past
-/// it (`acked_head`).
+/// in a trial), and a replay started here waits for the tail to reach the stream's last
+/// sequence. So a watchdog follows the tail anew, from the last sequence read, once it has
+/// read nothing for [`TAIL_STALL`] although the stream is known to hold more (`acked_head`:
+/// this node's acknowledged appends, the last sequence a replay asked for, and the stream's
+/// last sequence, which the watchdog asks for itself at most once per [`TAIL_STALL`] while the
+/// tail is quiet: one small request every 2 s on an idle bus).
 async fn follow(
     context: jetstream::Context,
     stream_name: String,
@@ -931,6 +935,8 @@ async fn follow(
     sink: mpsc::Sender<SharedEvent>,
 ) {
     let mut last = after;
+    // The last stream sequence read, of any message (one the bus did not write included).
+    let mut seen = after;
     let mut pause = Duration::from_millis(50);
     loop {
         let messages = async {
@@ -966,21 +972,38 @@ async fn follow(
         pause = Duration::from_millis(50);
         let mut check = tokio::time::interval(TAIL_STALL / 4);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        // The last sequence read, and since when.
-        let mut progress = (last, tokio::time::Instant::now());
+        // The last sequence read, and since when; when the stream was last asked how far it
+        // goes.
+        let mut progress = (seen, tokio::time::Instant::now());
+        let mut asked_at = None;
         loop {
             let next = tokio::select! {
                 next = messages.next() => next,
                 _ = sink.closed() => return,
                 _ = check.tick() => {
-                    let acked = acked_head.load(Ordering::Acquire);
-                    if last != progress.0 {
-                        progress = (last, tokio::time::Instant::now());
-                    } else if acked > last && progress.1.elapsed() >= TAIL_STALL {
+                    if seen != progress.0 {
+                        progress = (seen, tokio::time::Instant::now());
+                        continue;
+                    }
+                    if progress.1.elapsed() < TAIL_STALL {
+                        continue;
+                    }
+                    // Quiet for a while: ask the stream how far it goes (at most once per
+                    // TAIL_STALL), so a node with no appends of its own notices too.
+                    if asked_at.is_none_or(|at: tokio::time::Instant| at.elapsed() >= TAIL_STALL) {
+                        asked_at = Some(tokio::time::Instant::now());
+                        if let Some(held) = stream_last_sequence(&context, &stream_name).await {
+                            // The stream's word is final (it may hold less than was known, if
+                            // it was made anew).
+                            acked_head.store(held, Ordering::Release);
+                        }
+                    }
+                    let known = acked_head.load(Ordering::Acquire);
+                    if known > seen {
                         tracing::info!(
-                            last,
-                            acked,
-                            "the stream's tail stopped short of acknowledged appends: following it anew"
+                            seen,
+                            known,
+                            "the stream's tail stands still short of what the stream holds: following it anew"
                         );
                         break;
                     }
@@ -989,6 +1012,9 @@ async fn follow(
             };
             match next {
                 Some(Ok(message)) => {
+                    if let Ok(info) = message.info() {
+                        seen = seen.max(info.stream_sequence);
+                    }
                     let Some(event) = decode(&message, prefix_len) else {
                         continue;
                     };
@@ -1008,6 +1034,19 @@ async fn follow(
             }
         }
     }
+}
+
+/// The stream's last sequence, as its leader says; `None` without an answer within a second.
+async fn stream_last_sequence(context: &jetstream::Context, stream_name: &str) -> Option<u64> {
+    let read = async {
+        let stream = context.get_stream_no_info(stream_name).await.ok()?;
+        let info = stream.get_info().await.ok()?;
+        Some(info.state.last_sequence)
+    };
+    tokio::time::timeout(Duration::from_secs(1), read)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// A header-safe `Nats-Msg-Id` for (source, id): both percent-escaped where they hold a byte
@@ -1125,10 +1164,14 @@ impl SharedLog for JetStreamStore {
     fn last_sequence(&self) -> BoxFuture<'static, Option<u64>> {
         let context = self.context.clone();
         let name = self.stream.clone();
+        // What the stream holds is also what the tail should reach: its watchdog follows the
+        // tail anew when it stands still short of this (see `follow`).
+        let known_head = self.acked_head.clone();
         let asked = self.io.spawn(async move {
             let read = async {
                 let stream = context.get_stream_no_info(&name).await.ok()?;
                 let info = stream.get_info().await.ok()?;
+                known_head.fetch_max(info.state.last_sequence, Ordering::AcqRel);
                 Some(info.state.last_sequence)
             };
             tokio::time::timeout(LAST_SEQUENCE_WAIT, read)
