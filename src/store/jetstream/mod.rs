@@ -992,7 +992,7 @@ async fn follow(
                     // TAIL_STALL), so a node with no appends of its own notices too.
                     if asked_at.is_none_or(|at: tokio::time::Instant| at.elapsed() >= TAIL_STALL) {
                         asked_at = Some(tokio::time::Instant::now());
-                        if let Some(held) = stream_last_sequence(&context, &stream_name).await {
+                        if let Some(held) = stream_last_sequence(&context, &stream_name, Duration::from_secs(1)).await {
                             // The stream's word is final (it may hold less than was known, if
                             // it was made anew).
                             acked_head.store(held, Ordering::Release);
@@ -1036,17 +1036,18 @@ async fn follow(
     }
 }
 
-/// The stream's last sequence, as its leader says; `None` without an answer within a second.
-async fn stream_last_sequence(context: &jetstream::Context, stream_name: &str) -> Option<u64> {
+/// The stream's last sequence, as its leader says; `None` without an answer within `wait`.
+async fn stream_last_sequence(
+    context: &jetstream::Context,
+    stream_name: &str,
+    wait: Duration,
+) -> Option<u64> {
     let read = async {
         let stream = context.get_stream_no_info(stream_name).await.ok()?;
         let info = stream.get_info().await.ok()?;
         Some(info.state.last_sequence)
     };
-    tokio::time::timeout(Duration::from_secs(1), read)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(wait, read).await.ok().flatten()
 }
 
 /// A header-safe `Nats-Msg-Id` for (source, id): both percent-escaped where they hold a byte
@@ -1168,16 +1169,9 @@ impl SharedLog for JetStreamStore {
         // tail anew when it stands still short of this (see `follow`).
         let known_head = self.acked_head.clone();
         let asked = self.io.spawn(async move {
-            let read = async {
-                let stream = context.get_stream_no_info(&name).await.ok()?;
-                let info = stream.get_info().await.ok()?;
-                known_head.fetch_max(info.state.last_sequence, Ordering::AcqRel);
-                Some(info.state.last_sequence)
-            };
-            tokio::time::timeout(LAST_SEQUENCE_WAIT, read)
-                .await
-                .ok()
-                .flatten()
+            let last = stream_last_sequence(&context, &name, LAST_SEQUENCE_WAIT).await?;
+            known_head.fetch_max(last, Ordering::AcqRel);
+            Some(last)
         });
         Box::pin(async move { asked.await.ok().flatten() })
     }
