@@ -414,6 +414,58 @@ fn a_node_that_cannot_reach_nats_at_start_exits_naming_the_url() {
     assert!(errors[0].contains("cannot reach NATS"), "{stderr}");
 }
 
+/// The JetStream API requests that change a stream (`$JS.API.STREAM.CREATE.<name>`,
+/// `UPDATE.<name>`) seen so far by `watcher`, as `(verb, stream)`.
+async fn stream_writes(
+    client: &async_nats::Client,
+    watcher: &mut async_nats::Subscriber,
+) -> Vec<(String, String)> {
+    // Every request a finished start sent was routed to the watcher before this flush's PONG.
+    client.flush().await.unwrap();
+    let mut writes = Vec::new();
+    while let Some(Some(request)) =
+        futures_util::FutureExt::now_or_never(futures_util::StreamExt::next(watcher))
+    {
+        let parts: Vec<&str> = request.subject.split('.').collect();
+        if let [_, _, _, verb @ ("CREATE" | "UPDATE"), stream] = parts[..] {
+            writes.push((verb.to_owned(), stream.to_owned()));
+        }
+    }
+    writes
+}
+
+#[tokio::test]
+async fn a_node_starting_beside_running_ones_changes_a_stream_only_when_its_limits_differ() {
+    let nats = NatsServer::start();
+    let first = eventbus::server::open_broker(&BusConfig::default(), &jetstream_storage(&nats))
+        .await
+        .unwrap();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let mut watcher = client.subscribe("$JS.API.STREAM.>").await.unwrap();
+    client.flush().await.unwrap();
+
+    // Same limits: the second node only looks (on NATS 2.9 parallel writes to one stream could
+    // wedge its API for seconds, nats-server #3677).
+    let second = eventbus::server::open_broker(&BusConfig::default(), &jetstream_storage(&nats))
+        .await
+        .unwrap();
+    assert_eq!(stream_writes(&client, &mut watcher).await, vec![]);
+
+    // Other retention: the log's stream is updated, once; the cursors' stream stays.
+    let smaller = BusConfig {
+        retention_max_events: 1_000,
+        ..BusConfig::default()
+    };
+    let third = eventbus::server::open_broker(&smaller, &jetstream_storage(&nats))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream_writes(&client, &mut watcher).await,
+        vec![("UPDATE".to_owned(), "EVENTBUS".to_owned())]
+    );
+    drop((first, second, third));
+}
+
 #[tokio::test]
 async fn a_node_that_loses_nats_is_not_serving_and_refuses_publishes_until_it_is_back() {
     let mut nats = NatsServer::start();

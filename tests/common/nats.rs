@@ -4,11 +4,18 @@
 //! The binary is `$EVENTBUS_TEST_NATS_SERVER` if set, else `nats-server` on the `PATH`
 //! (`scripts/test.sh` runs the suite against Debian's 2.9.10 and the current 2.15.x release).
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How many of a server's last log lines a failing test prints.
+const LOG_TAIL_LINES: usize = 200;
+
+/// The last [`LOG_TAIL_LINES`] lines a server wrote to stderr.
+type LogTail = Arc<Mutex<VecDeque<String>>>;
 
 /// A running nats-server.
 pub struct NatsServer {
@@ -18,6 +25,9 @@ pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
     extra: Vec<String>,
+    /// Its log, printed when a test panics while the server runs (a slow or stuck JetStream
+    /// says why there, and the temporary store is gone by then).
+    log: LogTail,
 }
 
 /// The nats-server binary the tests use.
@@ -37,13 +47,15 @@ impl NatsServer {
     pub fn start_with(extra: &[&str]) -> NatsServer {
         let store = tempfile::tempdir().expect("temporary JetStream store");
         let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
-        let (child, port) = spawn(&store, "-1", &extra);
+        let log = LogTail::default();
+        let (child, port) = spawn(&store, "-1", &extra, &log);
         NatsServer {
             child,
             url: format!("nats://127.0.0.1:{port}"),
             port,
             store,
             extra,
+            log,
         }
     }
 
@@ -51,12 +63,12 @@ impl NatsServer {
     /// JetStream store, as an operator restarting it would.
     pub fn restart(&mut self) {
         self.kill();
-        let (child, _) = spawn(&self.store, &self.port.to_string(), &self.extra);
+        let (child, _) = spawn(&self.store, &self.port.to_string(), &self.extra, &self.log);
         self.child = child;
     }
 }
 
-fn spawn(store: &tempfile::TempDir, port: &str, extra: &[String]) -> (Child, u16) {
+fn spawn(store: &tempfile::TempDir, port: &str, extra: &[String], log: &LogTail) -> (Child, u16) {
     {
         // The bus's default 1 MiB event data needs more than NATS's default 1 MB payload.
         let config = store.path().join("nats.conf");
@@ -79,11 +91,19 @@ fn spawn(store: &tempfile::TempDir, port: &str, extra: &[String]) -> (Child, u16
             });
         let stderr = child.stderr.take().expect("piped");
         let (found, port) = mpsc::channel();
+        let log = Arc::clone(log);
         std::thread::spawn(move || {
             let mut sent = false;
             let mut ready = false;
             let mut port_seen = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                    if log.len() == LOG_TAIL_LINES {
+                        log.pop_front();
+                    }
+                    log.push_back(line.clone());
+                }
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
                     port_seen = rest
                         .trim()
@@ -137,6 +157,19 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+            eprintln!(
+                "--- the last {} lines of nats-server {} ({}) ---",
+                log.len(),
+                self.url,
+                binary().display()
+            );
+            for line in log.iter() {
+                eprintln!("{line}");
+            }
+            eprintln!("--- end of the nats-server log ---");
+        }
     }
 }
 
@@ -361,5 +394,20 @@ impl Drop for ClusterNode {
             }
         }
         self.kill();
+        if std::thread::panicking() {
+            let log =
+                std::fs::read_to_string(self.config.with_file_name("nats.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "--- the last {} lines of nats-server {} ---",
+                tail.len(),
+                self.name
+            );
+            for line in tail {
+                eprintln!("{line}");
+            }
+            eprintln!("--- end of the nats-server log ---");
+        }
     }
 }

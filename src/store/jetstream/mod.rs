@@ -17,6 +17,10 @@
 //! | MANUAL-ack group cursors | the stream `<stream>-groups`: one message per group on `_EVENTBUS.<stream>.groups.<hex name>`, the last one kept (a key-value bucket by hand: NATS 2.9's answer to async-nats's bucket creation does not parse) |
 //! | "is there a responder for this query anywhere?" | a core NATS request to `_EVENTBUS.<stream>.responders.<topic>`, answered by every node for each pattern it has subscribers for; NATS's no-responders status says "nobody" at once |
 //!
+//! A starting node creates the two streams when they are missing and updates them only when
+//! their limits differ from its own flags ([`set_up_stream`]): nodes started together race to
+//! create them, and a node joining running ones sends JetStream no write at all.
+//!
 //! # What a node keeps
 //! Nothing of the stream: the tail it routes passes through a bounded channel
 //! ([`TAIL_BUFFER`] events), reads are fetched per call and dropped by the caller, and the
@@ -753,6 +757,7 @@ async fn connect(
         max_bytes: i64::try_from(config.max_bytes).unwrap_or(i64::MAX),
         max_age,
         max_message_size: i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX),
+        max_messages_per_subject: -1,
         discard: stream::DiscardPolicy::Old,
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
@@ -765,49 +770,16 @@ async fn connect(
         description: Some("eventbus log: written by eventbus nodes only".to_owned()),
         ..Default::default()
     };
-    let no_stream = |e: &dyn std::fmt::Display| {
-        StoreError::Failed(format!(
-            "cannot set up JetStream stream {} at {urls}: {e}",
-            config.stream
-        ))
-    };
-    // JetStream may answer slowly or not at all for a while (a cluster electing its meta
-    // leader, a loaded server syncing): requests that time out are asked again, with backoff,
-    // for up to SETUP_PATIENCE; any other refusal ends the start at once.
-    let patience = tokio::time::Instant::now() + SETUP_PATIENCE;
-    let mut pause = Duration::from_millis(50);
-    let info = loop {
-        let attempt = async {
-            match context.get_stream(&config.stream).await {
-                Ok(existing) => update_stream(&context, existing, &stream_config, &no_stream).await,
-                Err(_) => match context.create_stream(stream_config.clone()).await {
-                    Ok(mut created) => Ok(created.info().await.map_err(|e| no_stream(&e))?.clone()),
-                    // Another node may have created it meanwhile (nodes started together).
-                    Err(create_error) => match context.get_stream(&config.stream).await {
-                        Ok(existing) => {
-                            update_stream(&context, existing, &stream_config, &no_stream).await
-                        }
-                        Err(_) => Err(no_stream(&create_error)),
-                    },
-                },
-            }
-        };
-        match attempt.await {
-            Ok(info) => break info,
-            Err(StoreError::Failed(why))
-                if why.contains("timed out") && tokio::time::Instant::now() < patience =>
-            {
-                tracing::warn!(%why, "JetStream is slow to answer; asking again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            Err(error) => return Err(error),
-        }
-    };
     let cursors = stream::Config {
         name: format!("{}-groups", config.stream),
         subjects: vec![format!("_EVENTBUS.{}.groups.*", config.stream)],
         max_messages_per_subject: 1,
+        // What JetStream reports for "no limit" and its default window, spelled out so that
+        // a node finds an existing stream unchanged (`update_stream`).
+        max_messages: -1,
+        max_bytes: -1,
+        max_message_size: -1,
+        duplicate_window: Duration::from_secs(120),
         discard: stream::DiscardPolicy::Old,
         storage: stream::StorageType::File,
         num_replicas: config.replicas,
@@ -815,59 +787,138 @@ async fn connect(
         description: Some("eventbus MANUAL-ack group cursors, the last per group".to_owned()),
         ..Default::default()
     };
-    // Nodes started together race to create it: the loser's create fails (its subjects overlap
-    // the winner's stream), and asking again finds the stream and updates it. Slow answers are
-    // asked again too, within the same patience as the log's stream.
-    let mut attempts = 0;
-    let mut pause = Duration::from_millis(50);
-    loop {
-        attempts += 1;
-        match context.create_or_update_stream(cursors.clone()).await {
-            Ok(_) => break,
-            Err(_) if attempts < 3 || tokio::time::Instant::now() < patience => {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            Err(e) => {
-                return Err(StoreError::Failed(format!(
-                    "cannot set up JetStream stream {} at {urls}: {e}",
-                    cursors.name
-                )))
-            }
-        }
-    }
+    let patience = tokio::time::Instant::now() + SETUP_PATIENCE;
+    let info = set_up_stream(&context, &stream_config, &urls, patience).await?;
+    set_up_stream(&context, &cursors, &urls, patience).await?;
     Ok((client, context, info))
 }
 
-/// Brings an existing stream's limits to `wanted`, refusing a stream of the same name that
-/// eventbus did not make (other subjects).
+/// Makes sure the stream `wanted.name` exists with `wanted`'s settings: creates it when it is
+/// missing, updates it when its limits differ, and leaves it alone otherwise (a node starting
+/// beside running ones sends no write to JetStream's meta layer).
+///
+/// Nodes started together race to create it: the loser's create fails (the name or the
+/// subjects are taken) and looking again finds the winner's stream. JetStream may answer slowly
+/// or not at all for a while (a cluster electing its meta leader, a loaded server, NATS 2.9's
+/// parallel stream creation, nats-server issue #3677): an attempt that fails is made again,
+/// with backoff from 50 ms to 1 s: any failure twice, then timeouts and unavailability until
+/// `patience` (a refusal such as more replicas than servers is reported at once). A stream of
+/// that name with other subjects was not made by eventbus and is refused at once.
+///
+/// # Errors
+/// [`StoreError::Failed`] naming the stream and `urls`, with JetStream's last answer.
+async fn set_up_stream(
+    context: &jetstream::Context,
+    wanted: &stream::Config,
+    urls: &str,
+    patience: tokio::time::Instant,
+) -> Result<stream::Info, StoreError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        format!(
+            "cannot set up JetStream stream {} at {urls}: {e}",
+            wanted.name
+        )
+    };
+    let mut pause = Duration::from_millis(50);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let attempt = async {
+            let existing = match context.get_stream(&wanted.name).await {
+                Ok(existing) => existing,
+                Err(lookup) => match context.create_stream(wanted.clone()).await {
+                    Ok(mut created) => {
+                        return created.info().await.map(|i| i.clone()).map_err(Retry::from)
+                    }
+                    Err(create) => context.get_stream(&wanted.name).await.map_err(|again| {
+                        tracing::debug!(stream = %wanted.name, %lookup, %again, "looking the stream up failed");
+                        Retry::from(create)
+                    })?,
+                },
+            };
+            update_stream(context, existing, wanted).await
+        };
+        match attempt.await {
+            Ok(info) => return Ok(info),
+            Err(Retry::Refused(why)) => return Err(StoreError::Failed(failed(&why))),
+            // Any failure is tried again twice (a lost race may fail both the create and
+            // the look-up while the winner's stream is being made); then only slow answers.
+            Err(Retry::Again(why))
+                if attempts < 3
+                    || (is_transient(&why) && tokio::time::Instant::now() < patience) =>
+            {
+                if is_transient(&why) {
+                    tracing::warn!(stream = %wanted.name, %why, "JetStream is slow to set the stream up; asking again");
+                } else {
+                    tracing::debug!(stream = %wanted.name, %why, "setting the stream up failed; asking again");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(Retry::Again(why)) => return Err(StoreError::Failed(failed(&why))),
+        }
+    }
+}
+
+/// Whether a JetStream failure may pass by itself: no answer in time, JetStream "temporarily
+/// unavailable" (10008, a cluster without a meta leader) or nobody listening on its API yet.
+fn is_transient(why: &str) -> bool {
+    let why = why.to_ascii_lowercase();
+    why.contains("timed out")
+        || why.contains("temporarily unavailable")
+        || why.contains("no responders")
+}
+
+/// How a step of [`set_up_stream`] failed: for good, or worth asking again.
+enum Retry {
+    /// The stream is not ours: no answer will change that.
+    Refused(String),
+    /// Any other failure (a timeout, a lost race, a server busy electing a leader).
+    Again(String),
+}
+
+impl<E: std::fmt::Display> From<E> for Retry {
+    fn from(error: E) -> Retry {
+        Retry::Again(error.to_string())
+    }
+}
+
+/// Brings an existing stream's limits to `wanted` when they differ, refusing a stream of the
+/// same name that eventbus did not make (other subjects).
 async fn update_stream(
     context: &jetstream::Context,
     mut existing: stream::Stream,
     wanted: &stream::Config,
-    no_stream: &impl Fn(&dyn std::fmt::Display) -> StoreError,
-) -> Result<stream::Info, StoreError> {
-    let current = existing
-        .info()
-        .await
-        .map_err(|e| no_stream(&e))?
-        .config
-        .clone();
+) -> Result<stream::Info, Retry> {
+    let info = existing.info().await?.clone();
+    let current = &info.config;
     if current.subjects != wanted.subjects {
-        return Err(no_stream(&format!(
+        return Err(Retry::Refused(format!(
             "the stream exists with subjects {:?}, not {:?}: it was not made by eventbus; \
              choose another --jetstream-stream",
             current.subjects, wanted.subjects
         )));
     }
-    context
+    let same = current.max_messages == wanted.max_messages
+        && current.max_bytes == wanted.max_bytes
+        && current.max_age == wanted.max_age
+        && current.max_message_size == wanted.max_message_size
+        && current.max_messages_per_subject == wanted.max_messages_per_subject
+        && current.discard == wanted.discard
+        && current.num_replicas == wanted.num_replicas
+        && current.duplicate_window == wanted.duplicate_window
+        && current.allow_direct == wanted.allow_direct
+        && current.description == wanted.description;
+    if same {
+        return Ok(info);
+    }
+    Ok(context
         .update_stream(&stream::Config {
             // Fixed at creation: keep what the stream has.
             storage: current.storage,
             ..wanted.clone()
         })
-        .await
-        .map_err(|e| no_stream(&e))
+        .await?)
 }
 
 /// Answers, with this node's name, requests on each subject this node announces:
