@@ -828,7 +828,7 @@ async fn set_up_stream(
                 Ok(existing) => existing,
                 Err(lookup) => match context.create_stream(wanted.clone()).await {
                     Ok(mut created) => {
-                        return created.info().await.map(|i| i.clone()).map_err(Retry::from)
+                        return created.info().await.cloned().map_err(Retry::from)
                     }
                     Err(create) => context.get_stream(&wanted.name).await.map_err(|again| {
                         tracing::debug!(stream = %wanted.name, %lookup, %again, "looking the stream up failed");
