@@ -38,6 +38,7 @@ pub mod durable;
 pub mod groups;
 mod names;
 pub mod peers;
+mod route_wait;
 pub mod settings;
 mod subscription;
 pub mod topology;
@@ -90,6 +91,8 @@ struct Shared {
     routed_through: AtomicU64,
     /// The same, as a channel: durable group dispatchers wake on it.
     routed: watch::Sender<u64>,
+    /// Publishes on a shared log waiting for this node to route their events, by sequence.
+    route_waiters: route_wait::RouteWaiters,
     /// MANUAL-ack consumer groups, each with its dispatcher.
     durable: durable::DurableGroups,
     /// Bytes queued for all live subscribers, against `delivery_buffer_bytes`.
@@ -322,6 +325,7 @@ impl Broker {
                 durable_head,
                 routed_through,
                 routed,
+                route_waiters: route_wait::RouteWaiters::default(),
                 durable: durable::DurableGroups::default(),
                 delivery,
                 tasks: TaskTracker::new(),
@@ -605,26 +609,23 @@ impl Broker {
 
     /// [`Broker::routed_past`], failing after `within`.
     async fn routed_past_within(&self, sequence: u64, within: Duration) -> Result<(), BusError> {
-        let mut routed = self.shared.routed.subscribe();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if *routed.borrow_and_update() >= sequence || self.is_shutting_down() {
-                return Ok(());
-            }
-            tokio::select! {
-                _ = self.stopped() => return Ok(()),
-                changed = routed.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(BusError::Storage(StoreError::Failed(format!(
-                        "the log acknowledged sequence {sequence} but this node has not read it \
-                         back within {within:?}"
-                    ))));
-                }
-            }
+        if self.is_shutting_down() {
+            return Ok(());
+        }
+        let Some(mut wait) = self
+            .shared
+            .route_waiters
+            .wait(sequence, &self.shared.routed_through)
+        else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = self.stopped() => Ok(()),
+            () = wait.passed() => Ok(()),
+            _ = tokio::time::sleep(within) => Err(BusError::Storage(StoreError::Failed(format!(
+                "the log acknowledged sequence {sequence} but this node has not read it back \
+                 within {within:?}"
+            )))),
         }
     }
 
@@ -633,6 +634,8 @@ impl Broker {
             .routed_through
             .store(sequence, Ordering::Release);
         self.shared.routed.send_replace(sequence);
+        // After the store above: a waiter checks `routed_through` under the lock this takes.
+        self.shared.route_waiters.pass(sequence);
     }
 
     /// Routes, in sequence order, every pending event the store has made durable.
