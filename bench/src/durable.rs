@@ -76,7 +76,8 @@ pub async fn eventbus(
 }
 
 /// Acknowledged messages per second into a JetStream file-storage stream, `in_flight`
-/// publishes unanswered at most.
+/// publishes unanswered at most. With `ids`, each message carries a `Nats-Msg-Id` of its own,
+/// as the bus's appends do (JetStream then checks and keeps each id for its duplicate window).
 pub async fn jetstream(
     url: &str,
     tag: &str,
@@ -84,6 +85,7 @@ pub async fn jetstream(
     payload: usize,
     count: u64,
     limit: Duration,
+    ids: bool,
 ) -> Result<(f64, u64)> {
     let client = async_nats::connect(url).await?;
     let jetstream = async_nats::jetstream::new(client);
@@ -106,8 +108,13 @@ pub async fn jetstream(
     let mut acked = 0u64;
     loop {
         while pending.len() < in_flight && sent < count && Instant::now() < deadline {
+            let mut message =
+                async_nats::jetstream::message::PublishMessage::build().payload(data.clone());
+            if ids {
+                message = message.message_id(format!("{tag}-{sent}"));
+            }
             let ack = jetstream
-                .publish(subject.clone(), data.clone())
+                .send_publish(subject.clone(), message)
                 .await
                 .map_err(|error| anyhow::anyhow!("publish: {error}"))?;
             pending.push(std::future::IntoFuture::into_future(ack));

@@ -695,8 +695,11 @@ async fn run_pubsub(context: &mut Context) -> Result<()> {
 
 /// What one durable contender publishes to.
 enum DurableTarget {
-    /// A bus process (any store).
-    Bus(Server),
+    /// JetStream through async-nats, with a `Nats-Msg-Id` on each message.
+    JetStreamWithIds(Server),
+    /// A bus process (any store), and the pid of the nats-server under it when it runs on
+    /// JetStream (its CPU is counted with the bus's: both work for each event).
+    Bus(Server, Option<u32>),
     /// JetStream itself, through async-nats, on this nats-server.
     JetStream(Server),
 }
@@ -704,13 +707,14 @@ enum DurableTarget {
 async fn run_durable(context: &mut Context) -> Result<()> {
     let mut contenders: Vec<(String, DurableTarget)> = Vec::new();
     for (label, bus) in start_buses(context, BusStorage::FileFsyncAlways, 8192).await? {
-        contenders.push((label.to_string(), DurableTarget::Bus(bus)));
+        contenders.push((label.to_string(), DurableTarget::Bus(bus, None)));
     }
     // JetStream acknowledges once written and syncs on a timer; so does this one.
     contenders.push((
         BUS_FSYNC_INTERVAL.into(),
         DurableTarget::Bus(
             procs::start_eventbus(&context.programs, BusStorage::FileFsyncInterval, 8192).await?,
+            None,
         ),
     ));
     let nats = start_nats(context).await?;
@@ -732,11 +736,32 @@ async fn run_durable(context: &mut Context) -> Result<()> {
             8192,
         )
         .await?;
+        let under_pid = under_bus.pid();
         held.push(under_bus);
         contenders.push((
-            format!("eventbus on JetStream {version} (R1, fsync every 2 min)"),
-            DurableTarget::Bus(bus),
+            format!("eventbus on JetStream {version} (R1, fsync every 2 min; CPU: bus + its nats-server)"),
+            DurableTarget::Bus(bus, under_pid),
         ));
+        if let Some(baseline) = &context.args.baseline {
+            let programs = Programs {
+                eventbus: baseline.clone(),
+                ..context.programs.clone()
+            };
+            let under_baseline =
+                procs::start_nats_binary(&current, procs::NatsSync::Default).await?;
+            let bus = procs::start_eventbus(
+                &programs,
+                BusStorage::JetStream(under_baseline.addr, under_baseline.addr.port()),
+                8192,
+            )
+            .await?;
+            let under_pid = under_baseline.pid();
+            held.push(under_baseline);
+            contenders.push((
+                format!("{BASELINE} on JetStream {version} (R1, fsync every 2 min; CPU: bus + its nats-server)"),
+                DurableTarget::Bus(bus, under_pid),
+            ));
+        }
         contenders.push((
             format!("NATS JetStream {version} (file, fsync every 2 min)"),
             DurableTarget::JetStream(default),
@@ -744,6 +769,12 @@ async fn run_durable(context: &mut Context) -> Result<()> {
         contenders.push((
             format!("NATS JetStream {version} (sync_interval: always)"),
             DurableTarget::JetStream(always),
+        ));
+        // Like for like with the bus's appends, which carry ids for idempotent publish.
+        let with_ids = procs::start_nats_binary(&current, procs::NatsSync::Default).await?;
+        contenders.push((
+            format!("NATS JetStream {version} (file, fsync every 2 min, Nats-Msg-Id on each)"),
+            DurableTarget::JetStreamWithIds(with_ids),
         ));
     }
     let limit = Duration::from_secs_f64(context.args.durable_seconds);
@@ -758,16 +789,26 @@ async fn run_durable(context: &mut Context) -> Result<()> {
                     "durable round {} {flight} in flight: {label}",
                     round + 1
                 ));
-                let pid = match target {
-                    DurableTarget::Bus(server) | DurableTarget::JetStream(server) => server.pid(),
+                let pids: Vec<Option<u32>> = match target {
+                    DurableTarget::Bus(server, under) => vec![server.pid(), *under],
+                    DurableTarget::JetStream(server) | DurableTarget::JetStreamWithIds(server) => {
+                        vec![server.pid()]
+                    }
                 };
-                let before = cpu_seconds(pid);
+                let cpu_of = |pids: &[Option<u32>]| -> Option<f64> {
+                    pids.iter()
+                        .flatten()
+                        .map(|pid| cpu_seconds(Some(*pid)))
+                        .sum()
+                };
+                let before = cpu_of(&pids);
                 let (rate, acked) = match target {
-                    DurableTarget::Bus(bus) => {
+                    DurableTarget::Bus(bus, _) => {
                         durable::eventbus(&bus.url(), *flight, 1, 128, count, limit).await?
                     }
-                    DurableTarget::JetStream(nats) => {
+                    DurableTarget::JetStream(nats) | DurableTarget::JetStreamWithIds(nats) => {
                         let tag = format!("r{round}f{f}");
+                        let ids = matches!(target, DurableTarget::JetStreamWithIds(_));
                         durable::jetstream(
                             &format!("nats://{}", nats.addr),
                             &tag,
@@ -775,11 +816,12 @@ async fn run_durable(context: &mut Context) -> Result<()> {
                             128,
                             count,
                             limit,
+                            ids,
                         )
                         .await?
                     }
                 };
-                if let (Some(before), Some(after)) = (before, cpu_seconds(pid)) {
+                if let (Some(before), Some(after)) = (before, cpu_of(&pids)) {
                     cpu[f][c].push((after - before) * 1e6 / acked.max(1) as f64);
                 }
                 rates[f][c].push(rate);
