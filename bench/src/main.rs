@@ -89,6 +89,10 @@ struct Args {
     /// change, reported as `eventbus (baseline)`.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// The bus's `--log-level` (`warn` keeps logging out of the figures; `info`, the bus's
+    /// default, also keeps a tracing span per open stream).
+    #[arg(long, default_value = "warn")]
+    bus_log_level: String,
     #[arg(long, default_value = "/usr/sbin/nats-server")]
     nats_server: PathBuf,
     /// The current nats-server release, measured beside `--nats-server` (the machine's): NATS
@@ -174,6 +178,7 @@ async fn main() -> Result<()> {
             .or_else(current_nats_from_script),
         redis: args.redis_server.clone(),
         services_dir: args.services_dir.clone().unwrap_or(here),
+        log_level: args.bus_log_level.clone(),
     };
     let progress = if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new(0);

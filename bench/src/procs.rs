@@ -22,6 +22,8 @@ pub struct Programs {
     pub redis: PathBuf,
     /// Where the scenario's service binaries are (`user-service`, ...).
     pub services_dir: PathBuf,
+    /// The buses' `--log-level`.
+    pub log_level: String,
 }
 
 impl Programs {
@@ -170,7 +172,7 @@ pub async fn start_eventbus(
         .arg("--listen")
         .arg(loopback(port).to_string())
         .arg("--log-level")
-        .arg("warn")
+        .arg(&programs.log_level)
         .arg("--subscriber-queue-size")
         .arg(queue.to_string())
         .env_remove("RUST_LOG");
