@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, FuturesOrdered, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, debug_span, info_span, Instrument};
 
 use crate::auth::{self, Auth, Caller};
 use crate::broker::{Broker, Delivery, Published};
@@ -371,7 +371,9 @@ impl EventBusApi {
         let broker = self.broker.clone();
         #[cfg(test)]
         let panics = options.subscriber.as_ref() == test_hooks::PANIC;
-        let span = info_span!(
+        // At debug level: the span lives as long as the stream, and an enabled one costs about
+        // 500 bytes of every idle subscription; only the debug lines below use it.
+        let span = debug_span!(
             "subscribe",
             topic = %options.pattern,
             group = options.group.as_deref().unwrap_or(""),
