@@ -229,8 +229,8 @@ pub struct ServeArgs {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageKind>,
-    /// NATS servers for `--storage jetstream`, comma-separated (`nats://h1:4222,nats://h2:4222`)
-    /// [default: nats://127.0.0.1:4222].
+    /// NATS servers for `--storage jetstream`, comma-separated (`nats://h1:4222,nats://h2:4222`;
+    /// also `EVENTBUS_NATS_URL`) [default: nats://127.0.0.1:4222].
     #[arg(long, value_delimiter = ',')]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_url: Option<Vec<String>>,

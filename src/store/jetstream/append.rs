@@ -141,8 +141,9 @@ impl AppendLink {
             }
             tracing::info!(
                 generation = link.generation,
-                "the append connection to NATS dropped: replacing it (what it held unsent is \
-                 dropped and sent again in order)"
+                "the append connection to NATS dropped: replacing it; appends not yet \
+                 acknowledged are sent again on the new one, in order and with their ids, so \
+                 none is lost or stored twice"
             );
         }
         // Shut down before connecting again: nothing queued on it may ever be written.

@@ -975,7 +975,8 @@ const TAIL_STALL: Duration = Duration::from_secs(2);
 /// read nothing for [`TAIL_STALL`] although the stream is known to hold more (`acked_head`:
 /// this node's acknowledged appends, the last sequence a replay asked for, and the stream's
 /// last sequence, which the watchdog asks for itself at most once per [`TAIL_STALL`] while the
-/// tail is quiet: one small request every 2 s on an idle bus).
+/// tail is quiet, waiting up to [`REQUEST_TIMEOUT`] for the answer beside the tail: one small
+/// request every 2 s on an idle bus).
 async fn follow(
     context: jetstream::Context,
     stream_name: String,
@@ -1027,10 +1028,24 @@ async fn follow(
         // goes.
         let mut progress = (seen, tokio::time::Instant::now());
         let mut asked_at = None;
+        // The stream's last sequence, asked for while the tail is quiet: polled beside the
+        // tail rather than awaited, since right after a leader's death JetStream may take
+        // seconds to answer (a node without appends of its own has no other way to learn that
+        // its tail stands still, and a 1 s wait left one such node unaware for minutes).
+        let mut asking: Option<futures_util::future::BoxFuture<'static, Option<u64>>> = None;
         loop {
             let next = tokio::select! {
                 next = messages.next() => next,
                 _ = sink.closed() => return,
+                held = async { asking.as_mut().expect("guarded").await }, if asking.is_some() => {
+                    asking = None;
+                    if let Some(held) = held {
+                        // The stream's word is final (it may hold less than was known, if it
+                        // was made anew).
+                        acked_head.store(held, Ordering::Release);
+                    }
+                    continue;
+                }
                 _ = check.tick() => {
                     if seen != progress.0 {
                         progress = (seen, tokio::time::Instant::now());
@@ -1038,16 +1053,6 @@ async fn follow(
                     }
                     if progress.1.elapsed() < TAIL_STALL {
                         continue;
-                    }
-                    // Quiet for a while: ask the stream how far it goes (at most once per
-                    // TAIL_STALL), so a node with no appends of its own notices too.
-                    if asked_at.is_none_or(|at: tokio::time::Instant| at.elapsed() >= TAIL_STALL) {
-                        asked_at = Some(tokio::time::Instant::now());
-                        if let Some(held) = stream_last_sequence(&context, &stream_name, Duration::from_secs(1)).await {
-                            // The stream's word is final (it may hold less than was known, if
-                            // it was made anew).
-                            acked_head.store(held, Ordering::Release);
-                        }
                     }
                     let known = acked_head.load(Ordering::Acquire);
                     if known > seen {
@@ -1057,6 +1062,19 @@ async fn follow(
                             "the stream's tail stands still short of what the stream holds: following it anew"
                         );
                         break;
+                    }
+                    // Quiet for a while: ask the stream how far it goes (at most once per
+                    // TAIL_STALL, one request at a time), so a node with no appends of its
+                    // own notices too.
+                    if asking.is_none()
+                        && asked_at.is_none_or(|at: tokio::time::Instant| at.elapsed() >= TAIL_STALL)
+                    {
+                        asked_at = Some(tokio::time::Instant::now());
+                        let context = context.clone();
+                        let stream_name = stream_name.clone();
+                        asking = Some(Box::pin(async move {
+                            stream_last_sequence(&context, &stream_name, REQUEST_TIMEOUT).await
+                        }));
                     }
                     continue;
                 }
@@ -1444,6 +1462,10 @@ impl Store for JetStreamStore {
     }
 
     /// JetStream applies age retention itself; this refreshes the cached oldest sequence.
+    /// JetStream applies the age limit itself (the stream's `max_age`); this only refreshes
+    /// the cached stream facts the bounds are read from. A refresh NATS does not answer (a
+    /// stream leader being elected) is no retention failure: it is logged at debug level and
+    /// made again on the next call.
     fn expire(&self, now: SystemTime) -> Result<(), StoreError> {
         let _ = now;
         let stale = self
@@ -1451,7 +1473,9 @@ impl Store for JetStreamStore {
             .info_at
             .is_none_or(|at| at.elapsed() >= INFO_TTL);
         if stale && self.connected.load(Ordering::Acquire) {
-            self.refresh_info()?;
+            if let Err(error) = self.refresh_info() {
+                tracing::debug!(%error, "refreshing the stream's state failed; asking again shortly");
+            }
         }
         Ok(())
     }
