@@ -414,6 +414,44 @@ fn a_node_that_cannot_reach_nats_at_start_exits_naming_the_url() {
     assert!(errors[0].contains("cannot reach NATS"), "{stderr}");
 }
 
+#[tokio::test]
+async fn a_replay_of_what_the_node_just_routed_needs_no_answer_from_jetstream() {
+    let nats = NatsServer::start();
+    let bus = TestBus::start_on(BusConfig::default(), jetstream_storage(&nats)).await;
+    let mut client = bus.client().await;
+    let published = publish(
+        &mut client,
+        (0..5)
+            .map(|i| numbered("orders.created", "recent", i))
+            .collect(),
+    )
+    .await;
+    assert_eq!(published, vec![1, 2, 3, 4, 5]);
+
+    // JetStream stops answering (as while a stream leader is elected). The replay's reads,
+    // one of them made under the routing lock, are of events this node's tail has just read:
+    // they come from its record of the tail, not from a round trip that would wait for
+    // JetStream (and hold up the node's routing meanwhile).
+    // SAFETY: kill(2) on the test's own child process.
+    unsafe { libc::kill(nats.pid() as i32, libc::SIGSTOP) };
+    let started = Instant::now();
+    let (_, mut replay) = subscribe(
+        &mut client,
+        request_from("orders.>", Start::AfterSequence(2)),
+    )
+    .await;
+    assert_eq!(sequences(&events(&mut replay, 3).await), vec![3, 4, 5]);
+    assert_eq!(caught_up(&mut replay).await, 5);
+    // The Subscribe first asks JetStream for its last sequence, for at most 5 s; the reads
+    // then wait for nothing (a read of the stream would have waited 10 s and failed).
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the replay took {:?}",
+        started.elapsed()
+    );
+    unsafe { libc::kill(nats.pid() as i32, libc::SIGCONT) };
+}
+
 /// The JetStream API requests that change a stream (`$JS.API.STREAM.CREATE.<name>`,
 /// `UPDATE.<name>`) seen so far by `watcher`, as `(verb, stream)`.
 async fn stream_writes(

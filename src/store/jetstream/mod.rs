@@ -23,8 +23,9 @@
 //!
 //! # What a node keeps
 //! Nothing of the stream: the tail it routes passes through a bounded channel
-//! ([`TAIL_BUFFER`] events), reads are fetched per call and dropped by the caller, and the
-//! bounds it reports are a few cached numbers.
+//! ([`TAIL_BUFFER`] events), the tail's last events are kept for reads just behind the head
+//! ([`recent`]: at most 1,024 events and 4 MiB), other reads are fetched per call and dropped
+//! by the caller, and the bounds it reports are a few cached numbers.
 //!
 //! # Sync reads over an async client
 //! The [`Store`] read methods are synchronous (the embedded stores answer from memory or a
@@ -33,7 +34,9 @@
 //! back, bounded by [`REQUEST_TIMEOUT`]. On a multi-threaded runtime the caller's worker hands
 //! its other tasks away first (`block_in_place`). Reads the caller would cut anyway (past the
 //! last sequence this node has routed) return at once without a round trip, which covers the
-//! common case of a replay that reaches the head. JetStream may serve a read from a replica
+//! common case of a replay that reaches the head; reads of what the tail has just read are
+//! answered from its record ([`recent`]), so the one read made under the broker's routing
+//! lock (a replay's last step) does not wait on JetStream. JetStream may serve a read from a replica
 //! behind its leader; a read that skips or stops short of sequences the stream holds is read
 //! again, never taken for the log (`JetStreamStore::fetch`).
 //!
@@ -70,9 +73,11 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 mod append;
+mod recent;
 
 pub use append::STALL_AFTER;
 use append::{AppendJob, AppendLink};
+use recent::RecentTail;
 
 use super::{codec, GroupCursor, HeldCounts, LogBounds, Store, StoreError, WithinBytes};
 use crate::event::{Event, SharedEvent, StoredEvent};
@@ -242,6 +247,9 @@ pub struct JetStreamStore {
     connected: Arc<AtomicBool>,
     /// The last sequence the tail has read: reads past it are answered empty at once.
     tail_head: Arc<AtomicU64>,
+    /// The tail's last events: reads just behind the head are answered from here, without a
+    /// round trip (see [`recent`]).
+    recent: Arc<Mutex<RecentTail>>,
     /// The highest sequence this node knows the stream holds: what JetStream acknowledged for
     /// its appends, and the last sequence a replay asked for. A tail that stands still short of
     /// it is followed anew (see [`follow`]).
@@ -250,6 +258,8 @@ pub struct JetStreamStore {
     head_at_open: u64,
     /// The stream's `max_msgs`.
     max_events: u64,
+    /// The stream's `max_age`, when it has one.
+    max_age: Option<Duration>,
     facts: Mutex<Facts>,
 }
 
@@ -368,9 +378,11 @@ impl JetStreamStore {
             interest,
             connected,
             tail_head: Arc::new(AtomicU64::new(head_at_open)),
+            recent: Arc::new(Mutex::new(RecentTail::starting_after(head_at_open))),
             acked_head,
             head_at_open,
             max_events: config.max_events,
+            max_age: config.max_age.filter(|age| !age.is_zero()),
             facts: Mutex::new(Facts::default()),
         };
         store.note_info(&info);
@@ -411,6 +423,10 @@ impl JetStreamStore {
         facts.last_time =
             (info.state.last_sequence > 0).then(|| SystemTime::from(info.state.last_timestamp));
         facts.info_at = Some(Instant::now());
+    }
+
+    fn lock_recent(&self) -> std::sync::MutexGuard<'_, RecentTail> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_facts(&self) -> std::sync::MutexGuard<'_, Facts> {
@@ -458,6 +474,23 @@ impl JetStreamStore {
             return Ok(Vec::new());
         }
         let max = max.min((head - after) as usize);
+        // Only from where the stream still holds events (as its last known state and the
+        // count limit say), and with no event past the age limit: retention is the stream's,
+        // and the record must not answer with what the stream has dropped.
+        if after + 1 >= self.bounds().oldest.unwrap_or(u64::MAX) {
+            if let Some(read) = self.lock_recent().after(after, max, max_bytes) {
+                let now = SystemTime::now();
+                let aged = self.max_age.is_some_and(|max_age| {
+                    read.iter().any(|event| {
+                        now.duration_since(event.publish_time)
+                            .is_ok_and(|age| age >= max_age)
+                    })
+                });
+                if !aged {
+                    return Ok(read);
+                }
+            }
+        }
         let mut pause = Duration::from_millis(10);
         let mut attempt = 0;
         // A read refused (a 503 while a cluster settles its consumers after a fault, say) or
@@ -982,7 +1015,7 @@ async fn follow(
     stream_name: String,
     prefix_len: usize,
     after: u64,
-    tail_head: Arc<AtomicU64>,
+    tail: Tail,
     acked_head: Arc<AtomicU64>,
     sink: mpsc::Sender<SharedEvent>,
 ) {
@@ -1081,18 +1114,23 @@ async fn follow(
             };
             match next {
                 Some(Ok(message)) => {
-                    if let Ok(info) = message.info() {
-                        seen = seen.max(info.stream_sequence);
+                    let sequence = message.info().ok().map(|info| info.stream_sequence);
+                    if let Some(sequence) = sequence {
+                        seen = seen.max(sequence);
                     }
-                    let Some(event) = decode(&message, prefix_len) else {
+                    let event = decode(&message, prefix_len).map(Arc::new);
+                    if let Some(sequence) = sequence {
+                        tail.record(sequence, event.as_ref());
+                    }
+                    let Some(event) = event else {
                         continue;
                     };
                     if event.sequence <= last {
                         continue;
                     }
                     last = event.sequence;
-                    tail_head.fetch_max(last, Ordering::AcqRel);
-                    if sink.send(Arc::new(event)).await.is_err() {
+                    tail.head.fetch_max(last, Ordering::AcqRel);
+                    if sink.send(event).await.is_err() {
                         return;
                     }
                 }
@@ -1102,6 +1140,24 @@ async fn follow(
                 None => break,
             }
         }
+    }
+}
+
+/// What the tail shares with the store's reads: the last sequence it read, and its last
+/// events.
+struct Tail {
+    head: Arc<AtomicU64>,
+    recent: Arc<Mutex<RecentTail>>,
+}
+
+impl Tail {
+    /// Records stream message `sequence` (the bus's `event`, or another's), before the event
+    /// is handed on, so a read that finds it routed finds it here too.
+    fn record(&self, sequence: u64, event: Option<&SharedEvent>) {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(sequence, event);
     }
 }
 
@@ -1189,12 +1245,16 @@ impl SharedLog for JetStreamStore {
 
     fn tail(&self, after: u64) -> mpsc::Receiver<SharedEvent> {
         let (sender, receiver) = mpsc::channel(TAIL_BUFFER);
+        *self.lock_recent() = RecentTail::starting_after(after);
         self.io.spawn(follow(
             self.context.clone(),
             self.stream.clone(),
             self.subject_prefix.len(),
             after,
-            self.tail_head.clone(),
+            Tail {
+                head: self.tail_head.clone(),
+                recent: self.recent.clone(),
+            },
             self.acked_head.clone(),
             sender,
         ));
