@@ -734,36 +734,27 @@ async fn run_durable(context: &mut Context) -> Result<()> {
         let version = nats_version(&current);
         let default = procs::start_nats_binary(&current, procs::NatsSync::Default).await?;
         let always = procs::start_nats_binary(&current, procs::NatsSync::Always).await?;
-        let under_bus = procs::start_nats_binary(&current, procs::NatsSync::Default).await?;
-        let bus = procs::start_eventbus(
-            &context.programs,
-            BusStorage::JetStream(under_bus.addr, under_bus.addr.port()),
-            8192,
-        )
-        .await?;
-        let under_pid = under_bus.pid();
-        held.push(under_bus);
-        contenders.push((
-            format!("eventbus on JetStream {version} (R1, fsync every 2 min; CPU: bus + its nats-server)"),
-            DurableTarget::Bus(bus, under_pid),
-        ));
+        // The bus (and the baseline build), each on a nats-server of its own.
+        let mut buses = vec![(BUS, context.programs.clone())];
         if let Some(baseline) = &context.args.baseline {
             let programs = Programs {
                 eventbus: baseline.clone(),
                 ..context.programs.clone()
             };
-            let under_baseline =
-                procs::start_nats_binary(&current, procs::NatsSync::Default).await?;
+            buses.push((BASELINE, programs));
+        }
+        for (label, programs) in buses {
+            let under = procs::start_nats_binary(&current, procs::NatsSync::Default).await?;
             let bus = procs::start_eventbus(
                 &programs,
-                BusStorage::JetStream(under_baseline.addr, under_baseline.addr.port()),
+                BusStorage::JetStream(under.addr, under.addr.port()),
                 8192,
             )
             .await?;
-            let under_pid = under_baseline.pid();
-            held.push(under_baseline);
+            let under_pid = under.pid();
+            held.push(under);
             contenders.push((
-                format!("{BASELINE} on JetStream {version} (R1, fsync every 2 min; CPU: bus + its nats-server)"),
+                format!("{label} on JetStream {version} (R1, fsync every 2 min; CPU: bus + its nats-server)"),
                 DurableTarget::Bus(bus, under_pid),
             ));
         }
