@@ -1023,6 +1023,7 @@ async fn follow(
     // The last stream sequence read, of any message (one the bus did not write included).
     let mut seen = after;
     let mut pause = Duration::from_millis(50);
+    let mut failed_to_follow = false;
     loop {
         let messages = async {
             let stream = context
@@ -1046,6 +1047,7 @@ async fn follow(
             Ok(messages) => messages,
             Err(error) => {
                 tracing::warn!(%error, "cannot follow the stream's tail; trying again");
+                failed_to_follow = true;
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = sink.closed() => return,
@@ -1054,6 +1056,10 @@ async fn follow(
                 continue;
             }
         };
+        // The warning above says the tail is not followed; this says it is again.
+        if std::mem::take(&mut failed_to_follow) {
+            tracing::info!(after = last, "following the stream's tail again");
+        }
         pause = Duration::from_millis(50);
         let mut check = tokio::time::interval(TAIL_STALL / 4);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
