@@ -123,14 +123,28 @@ pub enum BusError {
     #[error("the bus is shutting down")]
     ShuttingDown,
 
-    /// On a JetStream-backed cluster, a consumer group's members must connect to one bus node
-    /// at a time in this version (each node would otherwise deliver every event to the group).
+    /// On a JetStream-backed cluster, the node a member joined through asked the group's home
+    /// node (see `crate::broker::relay`), and that node no longer has the group: it moved to
+    /// `node` meanwhile. Retrying joins it there.
     #[error(
-        "group {group:?} has members on another bus node ({node}): in this version a group's \
-         members connect to one node at a time; connect this member to that node, or retry \
-         once its members have left"
+        "group {group:?} moved to another bus node ({node}) while this member joined; retry \
+         to join it there"
     )]
     GroupOnAnotherNode { group: String, node: String },
+
+    /// On a JetStream-backed cluster, a member connected to this node belongs to a group homed
+    /// on another node (`node`), which stopped answering or ended the member for a reason it
+    /// did not pass on (`detail`): the member ends, and rejoining makes a live node the group's
+    /// home (see `crate::broker::relay`).
+    #[error(
+        "lost group {group:?}'s home node ({node}): {detail}; rejoin the group (a MANUAL-ack \
+         group delivers what was not acknowledged again)"
+    )]
+    GroupHomeLost {
+        group: String,
+        node: String,
+        detail: String,
+    },
 
     /// The call carries no credentials, or ones the bus does not know, while `[[principals]]`
     /// are configured (see [`crate::auth`]). `detail` says which and what to send.

@@ -119,12 +119,7 @@ pub async fn open_broker(
                 head = store.head_at_open(),
                 "storage: JetStream stream"
             );
-            return Ok(Broker::on_shared_log(
-                config.clone(),
-                store.clone(),
-                store,
-                metrics,
-            ));
+            return Ok(Broker::on_shared_log(config.clone(), store.clone(), store, metrics).await);
         }
         StorageConfig::Memory => Arc::new(MemoryStore::with_max_age(
             config.retention_max_events,

@@ -24,6 +24,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+type Stream = tonic::Streaming<pb::SubscribeResponse>;
+
 async fn two_nodes(nats: &NatsServer) -> (TestBus, TestBus) {
     let a = TestBus::start_on(BusConfig::default(), jetstream_storage(nats)).await;
     let b = TestBus::start_on(BusConfig::default(), jetstream_storage(nats)).await;
@@ -330,8 +332,7 @@ async fn listed_topic(node: &TestBus, name: &str, published: u64) -> pb::TopicIn
 async fn topics_and_topology_on_every_node_show_every_nodes_subscribers() {
     let nats = NatsServer::start();
     let (a, b) = two_nodes(&nats).await;
-    // A wildcard subscriber on node a; a named one and an AUTO group's two members on node b
-    // (a group is served by one node at a time).
+    // A wildcard subscriber on node a; a named one and an AUTO group's two members on node b.
     let mut on_a = a.client().await;
     let mut on_b = b.client().await;
     let named = |pattern: &str, subscriber: &str, group: &str| pb::SubscribeRequest {
@@ -555,73 +556,262 @@ async fn a_node_that_loses_nats_is_not_serving_and_refuses_publishes_until_it_is
     let _ = &mut health;
 }
 
-/// A consumer group's members connect to one node at a time: each node routes every event, so a
-/// group spread over two nodes would get each event twice. A member on a second node is refused
-/// while the first has members, and accepted once they left (as after a node failure).
+/// Reads events from several streams at once until `done` says the tally is complete; each
+/// event as (stream index, sequence, delivery attempt). Fails after [`WAIT`] without progress.
+async fn gather(
+    streams: &mut [&mut Stream],
+    done: impl Fn(&[(usize, u64, u32)]) -> bool,
+) -> Vec<(usize, u64, u32)> {
+    let mut got = Vec::new();
+    while !done(&got) {
+        let reads = streams
+            .iter_mut()
+            .enumerate()
+            .map(|(index, stream)| Box::pin(async move { (index, stream.message().await) }));
+        let (index, read) = tokio::time::timeout(WAIT, futures_util::future::select_all(reads))
+            .await
+            .unwrap_or_else(|_| panic!("no event within {WAIT:?}; so far {got:?}"))
+            .0;
+        match read {
+            Ok(Some(pb::SubscribeResponse {
+                message: Some(Message::Event(event)),
+                delivery_attempt,
+                ..
+            })) => got.push((index, event.sequence, delivery_attempt)),
+            Ok(Some(_)) => {}
+            other => panic!("stream {index} ended: {other:?}; so far {got:?}"),
+        }
+    }
+    got
+}
+
+fn member(group: &str, subscriber: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        group: group.into(),
+        subscriber: subscriber.into(),
+        ..request("invoices.>")
+    }
+}
+
+/// An AUTO group with members on two nodes gets each event once: the node its first member
+/// joined is its home, and a member on the other node is relayed there (each node routes
+/// every event, so two nodes serving one group would deliver each event twice). The relayed
+/// member gets its share, in sequence order, whichever node the events were published on.
 #[tokio::test]
-async fn a_group_lives_on_one_node_at_a_time_and_moves_when_its_members_leave() {
+async fn an_auto_group_with_members_on_two_nodes_gets_each_event_once() {
     let nats = NatsServer::start();
     let (a, b) = two_nodes(&nats).await;
-    let member = || pb::SubscribeRequest {
-        group: "billing".into(),
-        subscriber: "billing-service".into(),
-        ..request("invoices.>")
-    };
     let mut on_a = a.client().await;
     let mut on_b = b.client().await;
-    let (_, mut first) = subscribe(&mut on_a, member()).await;
-    let (_, mut second) = subscribe(&mut on_a, member()).await;
+    let (_, mut home_1) = subscribe(&mut on_a, member("billing", "billing-a")).await;
+    let (_, mut home_2) = subscribe(&mut on_a, member("billing", "billing-a")).await;
+    let (_, mut relayed) = subscribe(&mut on_b, member("billing", "billing-b")).await;
 
-    let refused = eventually("node b to see the group on node a", WAIT, || {
-        let mut on_b = on_b.clone();
-        async move {
-            match on_b.subscribe(member()).await {
-                Err(status) => Some(status),
-                Ok(response) => {
-                    drop(response);
-                    None
-                }
-            }
-        }
+    let mut published = publish(
+        &mut on_b,
+        (0..30).map(|i| event("invoices.sent", &[i])).collect(),
+    )
+    .await;
+    published.extend(
+        publish(
+            &mut on_a,
+            (30..60).map(|i| event("invoices.sent", &[i])).collect(),
+        )
+        .await,
+    );
+    let got = gather(&mut [&mut home_1, &mut home_2, &mut relayed], |got| {
+        got.len() >= published.len()
     })
     .await;
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert_eq!(reason(&refused).as_deref(), Some("group-on-another-node"));
-    assert!(refused.message().contains("billing"), "{refused:?}");
+    let mut sequences: Vec<u64> = got.iter().map(|(_, sequence, _)| *sequence).collect();
+    sequences.sort_unstable();
+    assert_eq!(sequences, published, "each event once to the group");
+    let on_b_node: Vec<u64> = got
+        .iter()
+        .filter(|(i, ..)| *i == 2)
+        .map(|(_, s, _)| *s)
+        .collect();
+    assert_eq!(
+        on_b_node.len(),
+        20,
+        "round robin over three members: {got:?}"
+    );
+    assert!(
+        on_b_node.windows(2).all(|w| w[0] < w[1]),
+        "in order: {on_b_node:?}"
+    );
 
-    // Published on b, delivered once to the group on a.
+    // One picture: the group's three members, on every node.
+    for node in [&a, &b] {
+        let view = topology(&mut node.admin().await, 0).await;
+        let members: u32 = view
+            .edges
+            .iter()
+            .filter(|e| e.kind == pb::EdgeKind::Subscribes as i32 && e.group == "billing")
+            .map(|e| e.active_subscriptions)
+            .sum();
+        assert_eq!(members, 3, "{view:?}");
+    }
+
+    // Once the home's members left, a member on b makes b the home.
+    drop((home_1, home_2, relayed));
+    let (_, mut moved) = subscribe(&mut on_b, member("billing", "billing-b")).await;
+    let (_, mut relayed_to_b) = subscribe(&mut on_a, member("billing", "billing-a")).await;
     let published = publish(
-        &mut on_b,
+        &mut on_a,
         (0..10).map(|i| event("invoices.sent", &[i])).collect(),
     )
     .await;
-    let mut got = Vec::new();
-    while got.len() < published.len() {
-        tokio::select! {
-            Ok(Some(r)) = first.message() => if let Some(Message::Event(e)) = r.message { got.push(e.sequence) },
-            Ok(Some(r)) = second.message() => if let Some(Message::Event(e)) = r.message { got.push(e.sequence) },
-            _ = tokio::time::sleep(WAIT) => panic!("the group did not get every event: {got:?}"),
-        }
-    }
-    got.sort_unstable();
-    assert_eq!(got, published, "each event once to the group");
-
-    drop((first, second));
-    let (_, mut moved) = eventually("the group to move to node b", WAIT, || {
-        let mut on_b = on_b.clone();
-        async move {
-            let mut stream = on_b.subscribe(member()).await.ok()?.into_inner();
-            let first = tokio::time::timeout(WAIT, stream.message())
-                .await
-                .ok()?
-                .ok()??;
-            Some((first, stream))
-        }
+    let got = gather(&mut [&mut moved, &mut relayed_to_b], |got| {
+        got.len() >= published.len()
     })
     .await;
-    let sequence = publish_one(&mut on_a, event("invoices.sent", b"after")).await;
-    assert_eq!(sequences(&events(&mut moved, 1).await), [sequence]);
-    let _ = &mut on_b;
+    let mut sequences: Vec<u64> = got.iter().map(|(_, sequence, _)| *sequence).collect();
+    sequences.sort_unstable();
+    assert_eq!(
+        sequences, published,
+        "each event once to the group on its new home"
+    );
+    assert!(
+        got.iter().any(|(i, ..)| *i == 1),
+        "the member on a has its share: {got:?}"
+    );
+}
+
+/// A MANUAL-ack group with members on two nodes: acks sent to the relaying node settle at the
+/// group's home, and what a member held when it left is delivered again to a member on the
+/// other node, in both directions.
+#[tokio::test]
+async fn a_manual_group_redelivers_to_a_member_on_another_node_when_one_leaves() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let (_, mut home) = subscribe(&mut on_a, manual("invoices.>", "payments")).await;
+    let (_, mut relayed) = subscribe(&mut on_b, manual("invoices.>", "payments")).await;
+    let published = publish(
+        &mut on_a,
+        (0..20).map(|i| event("invoices.sent", &[i])).collect(),
+    )
+    .await;
+    let got = gather(&mut [&mut home, &mut relayed], |got| got.len() >= 20).await;
+    let held_by = |index: usize| -> Vec<u64> {
+        got.iter()
+            .filter(|(i, ..)| *i == index)
+            .map(|(_, s, _)| *s)
+            .collect()
+    };
+    let (held_at_home, held_relayed) = (held_by(0), held_by(1));
+    assert_eq!(held_relayed.len(), 10, "round robin: {got:?}");
+
+    // Acks through b settle at a: those events never come again.
+    let acked = on_b
+        .ack(pb::AckRequest {
+            group: "payments".into(),
+            sequences: held_relayed.clone(),
+        })
+        .await
+        .expect("an ack through the relaying node")
+        .into_inner();
+    assert_eq!(acked.acknowledged, 10);
+
+    // The home's own member leaves holding its events: the member on b gets them again.
+    drop(home);
+    let again = gather(&mut [&mut relayed], |got| got.len() >= held_at_home.len()).await;
+    let mut redelivered: Vec<u64> = again.iter().map(|(_, s, _)| *s).collect();
+    redelivered.sort_unstable();
+    assert_eq!(
+        redelivered, held_at_home,
+        "what the leaving member held, and only that"
+    );
+    assert!(
+        again.iter().all(|(_, _, attempt)| *attempt == 2),
+        "{again:?}"
+    );
+    let acked = on_b
+        .ack(pb::AckRequest {
+            group: "payments".into(),
+            sequences: redelivered,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        acked.group_cursor,
+        *published.last().unwrap(),
+        "every event acknowledged"
+    );
+
+    // The other way: a relayed member leaves holding events; a member on the home gets them.
+    drop(relayed);
+    let (_, mut home) = subscribe(&mut on_a, manual("invoices.>", "payments")).await;
+    let (_, mut relayed) = subscribe(
+        &mut on_b,
+        pb::SubscribeRequest {
+            max_in_flight: 1,
+            ..manual("invoices.>", "payments")
+        },
+    )
+    .await;
+    let more = publish(
+        &mut on_a,
+        (0..6).map(|i| event("invoices.sent", &[i])).collect(),
+    )
+    .await;
+    let got = gather(&mut [&mut home, &mut relayed], |got| {
+        got.iter().any(|(i, ..)| *i == 1)
+    })
+    .await;
+    let taken = got.iter().find(|(i, ..)| *i == 1).unwrap().1;
+    drop(relayed);
+    let rest = gather(&mut [&mut home], |seen| {
+        seen.iter()
+            .any(|(_, s, attempt)| *s == taken && *attempt == 2)
+            && got.len() + seen.len() > more.len()
+    })
+    .await;
+    let mut all: Vec<u64> = got.iter().chain(&rest).map(|(_, s, _)| *s).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all, more, "every event reached the group");
+}
+
+/// When a group's home stops, a member relayed to it from another node ends with UNAVAILABLE
+/// `group-home-lost` (clients rejoin on it); rejoining makes the member's node the home, and a
+/// MANUAL group delivers again what was not acknowledged.
+#[tokio::test]
+async fn a_member_whose_group_home_stops_is_told_and_its_rejoin_makes_a_new_home() {
+    let nats = NatsServer::start();
+    let (a, b) = two_nodes(&nats).await;
+    let mut on_a = a.client().await;
+    let mut on_b = b.client().await;
+    let (_, _home) = subscribe(&mut on_a, manual("invoices.>", "payments")).await;
+    let (_, mut relayed) = subscribe(&mut on_b, manual("invoices.>", "payments")).await;
+    let published = publish(
+        &mut on_b,
+        (0..4).map(|i| event("invoices.sent", &[i])).collect(),
+    )
+    .await;
+    let first = sequences(&events(&mut relayed, 2).await);
+    assert_eq!(first.len(), 2);
+
+    a.stop(WAIT).await;
+    let (_, ended) = read_to_error(&mut relayed).await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert_eq!(
+        reason(&ended).as_deref(),
+        Some("group-home-lost"),
+        "{ended:?}"
+    );
+
+    let (_, mut rejoined) = subscribe(&mut on_b, manual("invoices.>", "payments")).await;
+    let again = gather(&mut [&mut rejoined], |got| got.len() >= published.len()).await;
+    let mut sequences: Vec<u64> = again.iter().map(|(_, s, _)| *s).collect();
+    sequences.sort_unstable();
+    assert_eq!(
+        sequences, published,
+        "nothing acknowledged, so everything again"
+    );
 }
 
 /// A client that moves on from a node that is going away passes over a node that answers
@@ -753,4 +943,88 @@ async fn a_query_whose_node_goes_away_is_asked_again_when_the_caller_allows() {
         .expect("asked again on node b");
     assert_eq!(&answer.data[..], b"question");
     assert_eq!(asker.current_url(), Some(b.url()));
+}
+
+/// A MANUAL-ack group across real processes killed with SIGKILL. Its home dies: the member
+/// relayed to it from another node ends with UNAVAILABLE `group-home-lost`, rejoins, makes its
+/// own node the home and gets every unacknowledged event again. Then a relaying node dies: the
+/// home finds it gone (its next frame or heartbeat has no one to go to) and hands what that
+/// node's member held to the member left.
+#[tokio::test]
+async fn a_manual_group_survives_kill_9_of_its_home_and_of_a_relaying_node() {
+    let nats = NatsServer::start();
+    let storage = ["--storage", "jetstream", "--nats-url", nats.url.as_str()];
+    let mut home = bus_process::BusProcess::start(&storage, None);
+    let b = TestBus::start_on(BusConfig::default(), jetstream_storage(&nats)).await;
+    let mut on_home = connect(&home.url()).await;
+    let mut on_b = b.client().await;
+    let (_, mut at_home) = subscribe(&mut on_home, manual("invoices.>", "payments")).await;
+    let (_, mut relayed) = subscribe(&mut on_b, manual("invoices.>", "payments")).await;
+    let published = publish(
+        &mut on_b,
+        (0..10).map(|i| event("invoices.sent", &[i])).collect(),
+    )
+    .await;
+    let got = gather(&mut [&mut at_home, &mut relayed], |got| got.len() >= 10).await;
+    assert!(
+        got.iter().any(|(i, ..)| *i == 1),
+        "the relayed member had its share: {got:?}"
+    );
+
+    home.kill();
+    let (_, ended) = read_to_error(&mut relayed).await;
+    assert_eq!(
+        reason(&ended).as_deref(),
+        Some("group-home-lost"),
+        "{ended:?}"
+    );
+    let (_, mut new_home) = subscribe(&mut on_b, manual("invoices.>", "payments")).await;
+    let again = gather(&mut [&mut new_home], |got| got.len() >= published.len()).await;
+    let mut sequences: Vec<u64> = again.iter().map(|(_, s, _)| *s).collect();
+    sequences.sort_unstable();
+    assert_eq!(
+        sequences, published,
+        "nothing was acknowledged, so everything again"
+    );
+    on_b.ack(pb::AckRequest {
+        group: "payments".into(),
+        sequences,
+    })
+    .await
+    .unwrap();
+
+    let mut relaying = bus_process::BusProcess::start(&storage, None);
+    let mut on_relaying = connect(&relaying.url()).await;
+    let (_, mut relayed) = subscribe(&mut on_relaying, manual("invoices.>", "payments")).await;
+    let more = publish(
+        &mut on_b,
+        (0..10).map(|i| event("invoices.sent", &[i])).collect(),
+    )
+    .await;
+    let got = gather(&mut [&mut new_home, &mut relayed], |got| got.len() >= 10).await;
+    let held: Vec<u64> = got
+        .iter()
+        .filter(|(i, ..)| *i == 1)
+        .map(|(_, s, _)| *s)
+        .collect();
+    assert!(
+        !held.is_empty(),
+        "the member on the relaying node had its share: {got:?}"
+    );
+    relaying.kill();
+    let handed_on = gather(&mut [&mut new_home], |seen| {
+        held.iter()
+            .all(|h| seen.iter().any(|(_, s, attempt)| s == h && *attempt == 2))
+    })
+    .await;
+    assert!(
+        handed_on.iter().all(|(_, s, _)| more.contains(s)),
+        "{handed_on:?}"
+    );
+}
+
+async fn connect(url: &str) -> Client {
+    eventbus::pb::event_bus_service_client::EventBusServiceClient::connect(url.to_owned())
+        .await
+        .unwrap()
 }

@@ -38,6 +38,7 @@ pub mod durable;
 pub mod groups;
 mod names;
 pub mod peers;
+mod relay;
 mod route_wait;
 pub mod settings;
 mod subscription;
@@ -105,6 +106,8 @@ struct Shared {
     /// On a shared log: open subscriptions per consumer group on this node (see
     /// [`Broker::place_group`]).
     placed_groups: Mutex<HashMap<Arc<str>, usize>>,
+    /// On a shared log: members relayed between this node and groups' home nodes.
+    relays: relay::Relays,
     /// Counters the broker updates; the admin listener encodes them.
     metrics: Metrics,
     /// When the broker was made, for `GetServerInfo`'s uptime.
@@ -277,7 +280,7 @@ impl Broker {
     /// read it back from the tail; every node routes every event of the tail, whichever node
     /// it was published on, in sequence order. Idempotent publish is the log's (its dedupe
     /// window spans all nodes), not this node's. Must be called on a Tokio runtime.
-    pub fn on_shared_log(
+    pub async fn on_shared_log(
         config: BusConfig,
         store: Arc<dyn Store>,
         log: Arc<dyn SharedLog>,
@@ -288,6 +291,7 @@ impl Broker {
         let tail = log.tail(head);
         broker.shared.tasks.spawn(route_tail(broker.clone(), tail));
         broker.answer_peers();
+        broker.serve_relays().await;
         broker
     }
 
@@ -331,6 +335,7 @@ impl Broker {
                 tasks: TaskTracker::new(),
                 log,
                 placed_groups: Mutex::new(HashMap::new()),
+                relays: relay::Relays::default(),
                 started: SystemTime::now(),
                 metrics,
             }),
@@ -525,23 +530,21 @@ impl Broker {
         pending
     }
 
-    /// On a shared log, places a consumer group's member on this node: refused when another
-    /// node has members of a group of that name (each node routes every event, so a group
-    /// spread over nodes would get each event once per node); otherwise this node tells the
-    /// others it has the group until the returned placement is dropped. `None` and no check
-    /// on a log of its own, or for a subscription outside any group.
+    /// On a shared log, decides where a consumer group's member is served: here when no other
+    /// node has the group (this node then tells the others it is the group's home until the
+    /// returned placement is dropped), or at the node that has it, through a relay
+    /// ([`relay`]): each node routes every event, so a group served by two nodes would get
+    /// each event once per node. [`GroupPlace::Here`] with `None` on a log of its own, or for a
+    /// subscription outside any group.
     ///
     /// Two nodes placing the first members of one group at the same instant can both pass
     /// the check (a window of one NATS round trip).
     ///
     /// # Errors
-    /// [`BusError::GroupOnAnotherNode`] naming the node that has the group.
-    pub async fn place_group(
-        &self,
-        group: Option<&str>,
-    ) -> Result<Option<GroupPlacement>, BusError> {
+    /// None today; the signature leaves room for a refusal.
+    pub async fn place_group(&self, group: Option<&str>) -> Result<GroupPlace, BusError> {
         let (Some(log), Some(group)) = (&self.shared.log, group) else {
-            return Ok(None);
+            return Ok(GroupPlace::Here(None));
         };
         let name: Arc<str> = Arc::from(group);
         let first = {
@@ -555,16 +558,13 @@ impl Broker {
             name,
         };
         if !first {
-            return Ok(Some(placement));
+            return Ok(GroupPlace::Here(Some(placement)));
         }
-        if let Some(node) = log.group_elsewhere(group).await {
-            return Err(BusError::GroupOnAnotherNode {
-                group: group.to_owned(),
-                node,
-            });
+        if let Some(home) = log.group_elsewhere(group).await {
+            return Ok(GroupPlace::Elsewhere(home));
         }
-        log.announce_group(group, true);
-        Ok(Some(placement))
+        log.announce_group(group, true).await;
+        Ok(GroupPlace::Here(Some(placement)))
     }
 
     /// Whether this node has a subscriber (or a MANUAL-ack group member) for `topic`.
@@ -1361,6 +1361,14 @@ fn recent_publishes(config: &BusConfig, store: &dyn Store) -> DedupeWindow {
     }
 }
 
+/// Where [`Broker::place_group`] put a member.
+pub enum GroupPlace {
+    /// Served by this node (`None`: no placement to keep, outside a shared log or a group).
+    Here(Option<GroupPlacement>),
+    /// Served by the group's home, another node: join it there ([`Broker::join_elsewhere`]).
+    Elsewhere(crate::store::PeerNode),
+}
+
 /// A consumer group's member placed on this node ([`Broker::place_group`]); dropping the last
 /// one of a group tells the other nodes this node no longer has it.
 pub struct GroupPlacement {
@@ -1387,7 +1395,8 @@ impl Drop for GroupPlacement {
         if *count == 0 {
             placed.remove(&self.name);
             if let Some(log) = &shared.log {
-                log.announce_group(&self.name, false);
+                // Sent now; nothing waits for NATS to take it.
+                drop(log.announce_group(&self.name, false));
             }
         }
     }

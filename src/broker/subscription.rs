@@ -323,6 +323,30 @@ impl Subscription {
         }
     }
 
+    /// A member whose group's home is another node: `deliveries` come from there (see
+    /// [`super::relay`]), and are counted here as any subscription's are.
+    pub(super) fn relayed(
+        broker: &Broker,
+        info: SubscriptionInfo,
+        deliveries: BoxStream<'static, Result<Delivery, BusError>>,
+    ) -> Subscription {
+        let metrics = broker.metrics().clone();
+        Subscription {
+            info,
+            deliveries,
+            _open: metrics.subscription_opened(),
+            metrics,
+            families: FamilyCache::default(),
+        }
+    }
+
+    /// The deliveries without the counting: a group's home relays them to the member's node,
+    /// which counts them as its client takes them (and counts the subscription as open), so a
+    /// relayed member is counted once across the cluster.
+    pub(super) fn into_uncounted(self) -> BoxStream<'static, Result<Delivery, BusError>> {
+        self.deliveries
+    }
+
     /// Joins a MANUAL-ack group: the group's dispatcher feeds this member.
     fn join_durable(
         broker: Broker,

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, debug_span, info_span, Instrument};
 
 use crate::auth::{self, Auth, Caller};
-use crate::broker::{Broker, Delivery, Published};
+use crate::broker::{Broker, Delivery, GroupPlace, Published};
 use crate::error::BusError;
 use crate::pb;
 use crate::telemetry::PublishSpans;
@@ -312,7 +312,7 @@ impl EventBusService for EventBusApi {
         let group = EventBusApi::group_of(&request.group)?;
         self.auth.authorize_group(&caller, group)?;
         let sequences = EventBusApi::sequences_of(&request.sequences)?;
-        let acked = self.broker.ack(group, sequences)?;
+        let acked = self.broker.ack_anywhere(group, sequences).await?;
         debug!(
             group,
             acked = acked.acknowledged,
@@ -335,7 +335,7 @@ impl EventBusService for EventBusApi {
         self.auth.authorize_group(&caller, group)?;
         let sequences = EventBusApi::sequences_of(&request.sequences)?;
         let delay = convert::delay_from_pb(request.redeliver_after, "redeliver_after")?;
-        let requeued = self.broker.nack(group, sequences, delay)?;
+        let requeued = self.broker.nack_anywhere(group, sequences, delay).await?;
         debug!(group, requeued, "nack");
         Ok(Response::new(pb::NackResponse { requeued }))
     }
@@ -380,14 +380,23 @@ impl EventBusApi {
             subscriber = %options.subscriber,
             subscription_id = tracing::field::Empty,
         );
-        // Held for as long as the stream is: see `Broker::place_group`.
-        let placement = self.broker.place_group(options.group.as_deref()).await?;
         let subscriber = options.subscriber.clone();
-        if !matches!(options.start, crate::broker::StartPosition::Latest) {
-            // A replay from here holds what other nodes had acknowledged before this call.
-            self.broker.route_log_head().await;
-        }
-        let subscription = span.in_scope(|| self.broker.subscribe(options))?;
+        // The placement is held for as long as the stream is: see `Broker::place_group`.
+        let (subscription, placement) =
+            match self.broker.place_group(options.group.as_deref()).await? {
+                GroupPlace::Here(placement) => {
+                    if !matches!(options.start, crate::broker::StartPosition::Latest) {
+                        // A replay from here holds what other nodes had acknowledged before
+                        // this call.
+                        self.broker.route_log_head().await;
+                    }
+                    (span.in_scope(|| self.broker.subscribe(options))?, placement)
+                }
+                // The group's home serves the member; this node relays.
+                GroupPlace::Elsewhere(home) => {
+                    (self.broker.join_elsewhere(options, home).await?, None)
+                }
+            };
         span.record("subscription_id", subscription.info().id);
         debug!(parent: &span, head = subscription.info().head_sequence, "subscribed");
         let subscribed = SubscribeFrame::Message(Box::new(subscribe_message(
@@ -405,7 +414,7 @@ impl EventBusApi {
                             // Not this principal's to see (a denied topic inside its
                             // pattern): a MANUAL group's event is settled, not redelivered.
                             if let Some(group) = &manual_group {
-                                let _ = broker.ack(group, &[event.sequence]);
+                                broker.settle_unseen(group, event.sequence);
                             }
                             return std::future::ready(None);
                         }

@@ -32,6 +32,8 @@ pub fn classify(error: &BusError) -> (Code, &'static str) {
         BusError::ReceiveBudgetExhausted { .. } => (Code::ResourceExhausted, "receive-budget"),
         BusError::ShuttingDown => (Code::Unavailable, "shutting-down"),
         BusError::GroupOnAnotherNode { .. } => (Code::FailedPrecondition, "group-on-another-node"),
+        // Like a lost node: clients move on and rejoin.
+        BusError::GroupHomeLost { .. } => (Code::Unavailable, "group-home-lost"),
         BusError::Unauthenticated { .. } => (Code::Unauthenticated, "unauthenticated"),
         BusError::PermissionDenied { .. } => (Code::PermissionDenied, "permission-denied"),
         BusError::LimitExceeded { .. } => (Code::ResourceExhausted, "limit-exceeded"),

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use file::{FileStore, FileStoreConfig, FsyncPolicy};
-pub use jetstream::{Appended, JetStreamConfig, JetStreamStore, SharedLog};
+pub use jetstream::{
+    Appended, JetStreamConfig, JetStreamStore, PeerError, PeerNode, PeerRequest, SharedLog,
+};
 pub use memory::MemoryStore;
 
 use crate::event::{Event, SharedEvent};

@@ -137,10 +137,10 @@ export interface SubscribeOptions {
   backoff?: BackoffOptions;
   /** Give up reopening a broken stream after this many milliseconds (default: never). */
   reconnectTimeoutMs?: number;
-  /** A MANUAL-ack member that moved to another node of a cluster rejoins its group there; while
-   * the group's other members are still on the old node, the new node refuses with
-   * FAILED_PRECONDITION `group-on-another-node`, retried with `backoff` for up to this many
-   * milliseconds (default 30 000; a dead node's members leave with it). */
+  /** A MANUAL-ack member that moved to another node of a cluster rejoins its group there (the
+   * bus relays it to the group's home node); a FAILED_PRECONDITION `group-on-another-node` (the
+   * group moved while it joined) is retried with `backoff` for up to this many milliseconds
+   * (default 30 000). */
   rejoinTimeoutMs?: number;
   /** The log a `start` sequence was taken from (a `Subscribed.logId` seen before), for a
    * caller that stored its position: if the bus's log is another one now, the bus starts at

@@ -214,8 +214,8 @@ export function movesOn(error: BusError): boolean {
   return error.code === status.UNAVAILABLE && error.reason !== "no-responders";
 }
 
-/** FAILED_PRECONDITION `group-on-another-node`: on a cluster, the group's members are on
- * another node; accepted here once they left (a dead node's members leave with it). */
+/** FAILED_PRECONDITION `group-on-another-node`: on a cluster, the group moved to another node
+ * while this member joined it through a third; worth retrying. */
 export function isGroupElsewhere(error: BusError): boolean {
   return error.code === status.FAILED_PRECONDITION && error.reason === "group-on-another-node";
 }

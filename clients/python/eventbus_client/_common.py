@@ -52,8 +52,8 @@ def is_retryable(error: errors.BusError) -> bool:
 
 
 def is_group_elsewhere(error: errors.BusError) -> bool:
-    """FAILED_PRECONDITION ``group-on-another-node``: on a cluster, the group's members are on
-    another node; accepted here once they left (a dead node's members leave with it)."""
+    """FAILED_PRECONDITION ``group-on-another-node``: on a cluster, the group moved to another
+    node while this member joined it through a third; worth retrying."""
     return (error.code == grpc.StatusCode.FAILED_PRECONDITION
             and error.reason == "group-on-another-node")
 

@@ -283,10 +283,10 @@ class Bus:
         (``_bus.dlq.<group>`` when ``None``). ``max_in_flight``: unacked events this member
         holds at once. See :class:`ManualAck` for which settings are per group. A new group
         starts at ``start``; an existing group resumes from its cursor. After a move to another
-        node of a cluster, the member rejoins its group there; while the group's other members
-        are still on the old node the new node refuses with FAILED_PRECONDITION
-        ``group-on-another-node``, retried with ``backoff`` for up to ``rejoin_timeout``
-        seconds (a dead node's members leave with it). What this member held unacked is
+        node of a cluster, the member rejoins its group there (the bus relays it to the group's
+        home node); a FAILED_PRECONDITION ``group-on-another-node`` (the group moved while it
+        joined) is retried with ``backoff`` for up to ``rejoin_timeout`` seconds. What this
+        member held unacked is
         delivered again. The other arguments are :meth:`subscribe`'s; with
         ``max_batch_events`` the bus sends several deliveries per response, each still its own
         :class:`Delivery` with its own ``attempt``.

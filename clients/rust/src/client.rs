@@ -183,8 +183,9 @@ fn lock(current: &Mutex<Current>) -> std::sync::MutexGuard<'_, Current> {
 /// log; not `no-responders`, which is the cluster's answer) or a transport error tonic
 /// reports as UNKNOWN; CANCELLED made by the client's own transport when the connection closed
 /// under a call (hyper's "operation was canceled: connection closed", which carries the
-/// transport error as its source; a CANCELLED the server sent has none); also a consumer
-/// group whose members are on another node (`group-on-another-node`).
+/// transport error as its source; a CANCELLED the server sent has none; among them
+/// `group-home-lost`, a consumer group's home node gone); also a consumer group that moved to
+/// another node while this member joined (`group-on-another-node`).
 pub(crate) fn moves_on(status: &tonic::Status) -> bool {
     let reason = status
         .metadata()
@@ -200,8 +201,8 @@ pub(crate) fn moves_on(status: &tonic::Status) -> bool {
     }
 }
 
-/// FAILED_PRECONDITION `group-on-another-node`: the group's members are on another node of a
-/// cluster; worth retrying there, or here once they left.
+/// FAILED_PRECONDITION `group-on-another-node`: the group moved to another node of a cluster
+/// while this member joined it; worth retrying.
 pub(crate) fn is_group_elsewhere(status: &tonic::Status) -> bool {
     status.code() == Code::FailedPrecondition
         && status

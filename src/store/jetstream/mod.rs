@@ -73,10 +73,12 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 mod append;
+mod peer;
 mod recent;
 
 pub use append::STALL_AFTER;
 use append::{AppendJob, AppendLink};
+pub use peer::{PeerError, PeerRequest};
 use recent::RecentTail;
 
 use super::{codec, GroupCursor, HeldCounts, LogBounds, Store, StoreError, WithinBytes};
@@ -162,11 +164,13 @@ pub trait SharedLog: Send + Sync + 'static {
 
     /// The node that has members of consumer group `group` (it announced them with
     /// [`SharedLog::announce_group`]), if another has; `None` when none answers in time.
-    fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<String>>;
+    fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<PeerNode>>;
 
     /// Tells the other nodes that this node now has (`present`) or no longer has members of
-    /// `group`. Never blocks.
-    fn announce_group(&self, group: &str, present: bool);
+    /// `group`. Sent before it returns; the future resolves once NATS has the announcement
+    /// (at most [`ANNOUNCE_WAIT`] later), so a member confirmed after it is found by a member
+    /// joining through another node. Dropping the future does not take the announcement back.
+    fn announce_group(&self, group: &str, present: bool) -> BoxFuture<'static, ()>;
 
     /// Tells the other nodes that a query on `query_topic` waits for its reply on `inbox` here
     /// (`Some`), or no longer does (`None`). Never blocks.
@@ -190,7 +194,42 @@ pub trait SharedLog: Send + Sync + 'static {
     /// does not answer within [`LAST_SEQUENCE_WAIT`]. What this node must have routed before a
     /// replay it starts can hold every event another node has had acknowledged.
     fn last_sequence(&self) -> BoxFuture<'static, Option<u64>>;
+
+    /// This node's address among the nodes: a subject token (ASCII letters and digits), the
+    /// [`PeerNode::key`] other nodes see.
+    fn node_key(&self) -> &str;
+
+    /// Requests other nodes send to `suffix` (a subject suffix of dot-separated tokens; this
+    /// node's own ones start `node.<node_key>`) with [`SharedLog::ask_peer`], for as long as
+    /// the receiver is kept; subscribed once the future resolves. See [`peer`].
+    ///
+    /// # Errors
+    /// [`StoreError::Failed`] when NATS cannot take the subscription.
+    fn serve_peer(
+        &self,
+        suffix: &str,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<PeerRequest>, StoreError>>;
+
+    /// One request to whichever node serves `suffix`, answered within `wait`.
+    fn ask_peer(
+        &self,
+        suffix: &str,
+        payload: Bytes,
+        wait: Duration,
+    ) -> BoxFuture<'static, Result<Bytes, PeerError>>;
 }
+
+/// Another bus node on the same log, as its announcements name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerNode {
+    /// Its address for [`SharedLog::ask_peer`] (`node.<key>....`).
+    pub key: String,
+    /// Its name for people: `node <key> (pid <pid>)`.
+    pub name: String,
+}
+
+/// How long [`SharedLog::announce_group`] waits for NATS to take the announcement.
+pub const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long [`SharedLog::last_sequence`] waits for the stream's state.
 pub const LAST_SEQUENCE_WAIT: Duration = Duration::from_secs(2);
@@ -241,9 +280,13 @@ pub struct JetStreamStore {
     cursor_prefix: String,
     publisher: mpsc::UnboundedSender<AppendJob>,
     /// Subjects to answer requests on (with that answer), or to stop answering (`None`).
-    interest: mpsc::UnboundedSender<(String, Option<Bytes>)>,
-    /// The node's name, the answer to responder and group requests.
+    interest: mpsc::UnboundedSender<Announcement>,
+    /// The node's name, the answer to responder and view requests.
     node: Bytes,
+    /// The node's subject token ([`SharedLog::node_key`]).
+    node_key: String,
+    /// `_EVENTBUS.<stream>.peer.`: requests between nodes (see [`peer`]).
+    peer_prefix: String,
     connected: Arc<AtomicBool>,
     /// The last sequence the tail has read: reads past it are answered empty at once.
     tail_head: Arc<AtomicU64>,
@@ -351,11 +394,9 @@ impl JetStreamStore {
         io.spawn(append::publish_jobs(link, jobs, acked_head.clone()));
         let (interest, announcements) = mpsc::unbounded_channel();
         let responders_prefix = format!("_EVENTBUS.{stream}.responders.");
-        let node = format!(
-            "node {} (pid {})",
-            &crate::event::new_id()[24..],
-            std::process::id()
-        );
+        // The last 12 hex digits of a UUIDv7: random bits.
+        let node_key = crate::event::new_id()[24..].to_owned();
+        let node = format!("node {node_key} (pid {})", std::process::id());
         let node = Bytes::from(node);
         io.spawn(announce(client.clone(), announcements));
         let store = JetStreamStore {
@@ -367,7 +408,9 @@ impl JetStreamStore {
             members_prefix: format!("_EVENTBUS.{stream}.members."),
             inboxes_prefix: format!("_EVENTBUS.{stream}.inboxes."),
             views_subject: format!("_EVENTBUS.{stream}.views"),
+            peer_prefix: format!("_EVENTBUS.{stream}.peer."),
             node,
+            node_key,
             log_id: format!("{stream}-{created:x}"),
             stream,
             urls,
@@ -960,17 +1003,28 @@ async fn update_stream(
 /// `_EVENTBUS.<stream>.members.<group>` for each consumer group it has members of.
 async fn announce(
     client: async_nats::Client,
-    mut announcements: mpsc::UnboundedReceiver<(String, Option<Bytes>)>,
+    mut announcements: mpsc::UnboundedReceiver<Announcement>,
 ) {
     let mut answering: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    while let Some((subject, answer)) = announcements.recv().await {
+    while let Some(Announcement {
+        subject,
+        answer,
+        done,
+    }) = announcements.recv().await
+    {
         let Some(node) = answer else {
             if let Some(task) = answering.remove(&subject) {
                 task.abort();
             }
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
             continue;
         };
         if answering.contains_key(&subject) {
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
             continue;
         }
         let key = subject.clone();
@@ -983,6 +1037,11 @@ async fn announce(
                     return;
                 }
             };
+            if let Some(done) = done {
+                // The server has the subscription once the flush returns.
+                let _ = client.flush().await;
+                let _ = done.send(());
+            }
             while let Some(request) = requests.next().await {
                 if let Some(reply) = request.reply {
                     let _ = client.publish(reply, node.clone()).await;
@@ -991,6 +1050,14 @@ async fn announce(
         });
         answering.insert(key, task);
     }
+}
+
+/// A subject to answer requests on with `answer`, or to stop answering (`None`); `done` is told
+/// once NATS has it.
+struct Announcement {
+    subject: String,
+    answer: Option<Bytes>,
+    done: Option<oneshot::Sender<()>>,
 }
 
 /// How long the tail may read nothing while this node's appends were acknowledged past it
@@ -1292,9 +1359,11 @@ impl SharedLog for JetStreamStore {
 
     fn announce_interest(&self, pattern: &Pattern, present: bool) {
         let subject = format!("{}{}", self.responders_prefix, pattern.as_str());
-        let _ = self
-            .interest
-            .send((subject, present.then(|| self.node.clone())));
+        let _ = self.interest.send(Announcement {
+            subject,
+            answer: present.then(|| self.node.clone()),
+            done: None,
+        });
     }
 
     fn last_sequence(&self) -> BoxFuture<'static, Option<u64>> {
@@ -1311,30 +1380,85 @@ impl SharedLog for JetStreamStore {
         Box::pin(async move { asked.await.ok().flatten() })
     }
 
-    fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<String>> {
+    fn group_elsewhere(&self, group: &str) -> BoxFuture<'static, Option<PeerNode>> {
         let asked = self.ask_nodes(format!("{}{}", self.members_prefix, cursor_key(group)));
-        let node = self.node.clone();
+        let own = self.node_key.clone();
         Box::pin(async move {
-            asked
-                .await
-                // This node's own announcement, not yet withdrawn (its last member has just
-                // left, and the unsubscribe is still on its way to NATS), is not "elsewhere".
-                .filter(|answer| *answer != node)
-                .map(|answer| String::from_utf8_lossy(&answer).into_owned())
+            let answer = asked.await?;
+            let (key, name) = std::str::from_utf8(&answer).ok()?.split_once(' ')?;
+            // This node's own announcement, not yet withdrawn (its last member has just
+            // left, and the unsubscribe is still on its way to NATS), is not "elsewhere".
+            (key != own).then(|| PeerNode {
+                key: key.to_owned(),
+                name: name.to_owned(),
+            })
         })
     }
 
-    fn announce_group(&self, group: &str, present: bool) {
+    /// The announcement answers `<node key> <node name>`: the key to reach the group's home
+    /// with, the name for people.
+    fn announce_group(&self, group: &str, present: bool) -> BoxFuture<'static, ()> {
         let subject = format!("{}{}", self.members_prefix, cursor_key(group));
-        let _ = self
-            .interest
-            .send((subject, present.then(|| self.node.clone())));
+        let answer = present.then(|| {
+            let mut answer = format!("{} ", self.node_key).into_bytes();
+            answer.extend_from_slice(&self.node);
+            Bytes::from(answer)
+        });
+        let (done, taken) = oneshot::channel();
+        let _ = self.interest.send(Announcement {
+            subject,
+            answer,
+            done: Some(done),
+        });
+        Box::pin(async move {
+            let _ = tokio::time::timeout(ANNOUNCE_WAIT, taken).await;
+        })
+    }
+
+    fn node_key(&self) -> &str {
+        &self.node_key
+    }
+
+    fn serve_peer(
+        &self,
+        suffix: &str,
+    ) -> BoxFuture<'static, Result<mpsc::Receiver<PeerRequest>, StoreError>> {
+        let client = self.context.client();
+        let subject = format!("{}{suffix}", self.peer_prefix);
+        let served = self.io.spawn(peer::serve(client, subject.clone()));
+        Box::pin(async move {
+            match served.await {
+                Ok(Ok(receiver)) => Ok(receiver),
+                Ok(Err(error)) => Err(failed(&format!("subscribing to {subject}"), error)),
+                Err(error) => Err(failed(&format!("subscribing to {subject}"), error)),
+            }
+        })
+    }
+
+    fn ask_peer(
+        &self,
+        suffix: &str,
+        payload: Bytes,
+        wait: Duration,
+    ) -> BoxFuture<'static, Result<Bytes, PeerError>> {
+        let client = self.context.client();
+        let subject = format!("{}{suffix}", self.peer_prefix);
+        let asked = self.io.spawn(peer::ask(client, subject, payload, wait));
+        Box::pin(async move {
+            asked
+                .await
+                .unwrap_or_else(|error| Err(PeerError::Failed(error.to_string())))
+        })
     }
 
     fn announce_inbox(&self, inbox: &Topic, query_topic: Option<&Topic>) {
         let subject = format!("{}{}", self.inboxes_prefix, inbox.as_str());
         let answer = query_topic.map(|topic| Bytes::copy_from_slice(topic.as_str().as_bytes()));
-        let _ = self.interest.send((subject, answer));
+        let _ = self.interest.send(Announcement {
+            subject,
+            answer,
+            done: None,
+        });
     }
 
     fn inbox_query(&self, inbox: &Topic) -> BoxFuture<'static, Option<Topic>> {
