@@ -1028,3 +1028,74 @@ async fn connect(url: &str) -> Client {
         .await
         .unwrap()
 }
+
+/// On a NATS server with atomic batch publish (2.12.1+), a multi-event Publish is stored whole
+/// or not at all, at consecutive sequences, as on one bus: batches published at once through
+/// two nodes never interleave, and a batch JetStream refuses one event of (here: the stream's
+/// message size limit, lowered behind the bus's back) leaves nothing of itself in the stream.
+/// On older servers a batch is separate messages (README, "Not yet on a cluster").
+#[tokio::test]
+async fn a_batch_is_stored_whole_or_not_at_all_at_consecutive_sequences() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let version = client.server_info().version;
+    let (major, minor, patch) = {
+        let mut parts = version
+            .split(['.', '-'])
+            .map(|p| p.parse::<u64>().unwrap_or(0));
+        (
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        )
+    };
+    if (major, minor, patch) < (2, 12, 1) {
+        eprintln!("nats-server {version} has no atomic batch publish: nothing to check");
+        return;
+    }
+    let (a, b) = two_nodes(&nats).await;
+    let mut publishers = Vec::new();
+    for (node, name) in [(&a, "a"), (&b, "b")] {
+        let mut client = node.client().await;
+        publishers.push(tokio::spawn(async move {
+            let mut batches = Vec::new();
+            for batch in 0..40 {
+                let events = (0..10)
+                    .map(|i| numbered("orders.placed", name, batch * 10 + i))
+                    .collect();
+                batches.push(publish(&mut client, events).await);
+            }
+            batches
+        }));
+    }
+    for publisher in publishers {
+        for batch in publisher.await.unwrap() {
+            assert!(
+                batch.windows(2).all(|w| w[1] == w[0] + 1),
+                "a batch at consecutive sequences: {batch:?}"
+            );
+        }
+    }
+
+    let context = async_nats::jetstream::new(client);
+    let mut stream = context.get_stream("EVENTBUS").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    let held = stream.info().await.unwrap().state.last_sequence;
+    config.max_message_size = 2_000;
+    context.update_stream(&config).await.unwrap();
+    let refused = a
+        .client()
+        .await
+        .publish(pb::PublishRequest {
+            events: vec![
+                event("orders.placed", b"small"),
+                event("orders.placed", &[7; 5_000]),
+                event("orders.placed", b"small too"),
+            ],
+        })
+        .await
+        .expect_err("JetStream refuses the large event");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let now = stream.info().await.unwrap().state.last_sequence;
+    assert_eq!(now, held, "nothing of the refused batch is stored");
+}

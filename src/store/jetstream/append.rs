@@ -37,8 +37,25 @@ use crate::store::StoreError;
 /// One call's events, as (subject, record, `Nats-Msg-Id`) in order, and where to answer.
 pub(super) struct AppendJob {
     pub messages: Vec<(String, Bytes, Option<String>)>,
+    /// Sent as one atomic batch ([`send_batch`]): the stream allows it and the job has 2 to
+    /// [`MAX_ATOMIC_BATCH`] messages.
+    pub atomic: bool,
     pub reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
 }
+
+/// The most messages JetStream takes in one atomic batch (its default `max_batch_size`, ADR-50).
+pub const MAX_ATOMIC_BATCH: usize = 1000;
+
+/// JetStream's error code for an atomic batch holding a `Nats-Msg-Id` it already has (or
+/// holding one twice): nothing of the batch is stored.
+const BATCH_DUPLICATE_ID: u64 = 10201;
+/// JetStream's error code for an atomic batch it did not get whole: a message of it was refused
+/// (too large for the stream), or its messages went to a stream leader that changed before the
+/// commit. Nothing of the batch is stored.
+const BATCH_INCOMPLETE: u64 = 10176;
+/// Times a batch JetStream found incomplete is sent again before that counts as a refusal: a
+/// leader change passes, a message too large does not.
+const INCOMPLETE_RETRIES: u32 = 2;
 
 /// How long the oldest unacknowledged job may wait before new jobs are held back (see
 /// [`InFlight`]). JetStream acknowledges in milliseconds; a job this late has most likely lost
@@ -356,29 +373,34 @@ pub(super) async fn publish_jobs(
         match &connection {
             Ok((generation, context)) => {
                 sent_on = Some(*generation);
-                for (subject, payload, id) in &job.messages {
-                    // On an error: sent again in `acknowledged`, with the same id, until the
-                    // deadline.
-                    acks.push(send(context, subject, payload, id.as_deref()).await.ok());
+                if job.atomic {
+                    acks.push(send_batch(context, &job.messages).await.ok());
+                } else {
+                    for (subject, payload, id) in &job.messages {
+                        // On an error: sent again in `acknowledged`, with the same id, until
+                        // the deadline.
+                        acks.push(send(context, subject, payload, id.as_deref()).await.ok());
+                    }
                 }
             }
             Err(error) => {
                 tracing::debug!(%error, "no append connection: the job is sent when there is one");
-                acks.resize_with(job.messages.len(), || None);
+                let expected = if job.atomic { 1 } else { job.messages.len() };
+                acks.resize_with(expected, || None);
             }
         }
         let link = link.clone();
         let in_flight = in_flight.clone();
         let acked_head = acked_head.clone();
         tokio::spawn(async move {
-            let result = acknowledged(
-                &link,
-                job.messages,
-                acks,
-                || in_flight.wait_resolved_before(number),
-                || in_flight.failures() != failures_at_start,
-            )
-            .await;
+            let earlier_resolved = || in_flight.wait_resolved_before(number);
+            let earlier_failed = || in_flight.failures() != failures_at_start;
+            let result = if job.atomic {
+                let ack = acks.pop().flatten();
+                batch_acknowledged(&link, job.messages, ack, earlier_resolved, earlier_failed).await
+            } else {
+                acknowledged(&link, job.messages, acks, earlier_resolved, earlier_failed).await
+            };
             if let Some(last) = result.iter().flatten().map(|a| a.sequence).max() {
                 acked_head.fetch_max(last, Ordering::AcqRel);
             }
@@ -402,6 +424,207 @@ async fn send(
         .send_publish(subject.to_owned(), publish)
         .await
         .map_err(|e| failed("publishing to JetStream", e))
+}
+
+/// Sends `messages` as one atomic batch (ADR-50: `Nats-Batch-Id`, `Nats-Batch-Sequence`, and
+/// `Nats-Batch-Commit` on the last, each with its `Nats-Msg-Id`): JetStream stores all of
+/// them, in order and at consecutive sequences, or none. All but the last go out as plain
+/// publishes; the returned acknowledgement is the commit's, for the last sequence. A fresh
+/// batch id each call, so a batch sent again is a new batch.
+async fn send_batch(
+    context: &jetstream::Context,
+    messages: &[(String, Bytes, Option<String>)],
+) -> Result<jetstream::context::PublishAckFuture, StoreError> {
+    let batch = uuid::Uuid::new_v4().simple().to_string();
+    let client = context.client();
+    let last = messages.len();
+    for (number, (subject, payload, id)) in messages.iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Batch-Id", batch.as_str());
+        headers.insert("Nats-Batch-Sequence", (number + 1).to_string().as_str());
+        if let Some(id) = id {
+            headers.insert("Nats-Msg-Id", id.as_str());
+        }
+        if number + 1 == last {
+            headers.insert("Nats-Batch-Commit", "1");
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .headers(headers);
+            return context
+                .send_publish(subject.clone(), publish)
+                .await
+                .map_err(|e| failed("publishing a batch to JetStream", e));
+        }
+        client
+            .publish_with_headers(subject.clone(), headers, payload.clone())
+            .await
+            .map_err(|e| failed("publishing a batch to JetStream", e))?;
+    }
+    Err(StoreError::Failed(
+        "an empty batch cannot be committed".into(),
+    ))
+}
+
+/// How an atomic batch's commit failed.
+enum BatchFailure {
+    /// JetStream already holds one of its ids (or it holds one twice): nothing was stored.
+    DuplicateId,
+    /// JetStream did not get it whole ([`BATCH_INCOMPLETE`]): nothing was stored.
+    Incomplete(String),
+    /// JetStream refused it for a reason that will not pass (a 4xx API error: too large, a
+    /// stream limit): nothing was stored.
+    Refused(String),
+    /// No answer, no stream leader, a broken connection, JetStream unavailable (5xx): it may
+    /// or may not be stored.
+    Unsure(String),
+}
+
+fn batch_failure(error: &jetstream::context::PublishError) -> BatchFailure {
+    use jetstream::context::PublishErrorKind;
+    let api = std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<jetstream::Error>());
+    match (error.kind(), api) {
+        (PublishErrorKind::Other, Some(api))
+            if api.error_code() == jetstream::ErrorCode(BATCH_DUPLICATE_ID) =>
+        {
+            BatchFailure::DuplicateId
+        }
+        (PublishErrorKind::Other, Some(api))
+            if api.error_code() == jetstream::ErrorCode(BATCH_INCOMPLETE) =>
+        {
+            BatchFailure::Incomplete(api.to_string())
+        }
+        (PublishErrorKind::Other, Some(api)) if (400..500).contains(&api.code()) => {
+            BatchFailure::Refused(api.to_string())
+        }
+        _ => BatchFailure::Unsure(error.to_string()),
+    }
+}
+
+/// [`acknowledged`] for a job sent as one atomic batch ([`send_batch`]): `ack` is the commit's.
+/// Acknowledged: the events sit at the `messages.len()` sequences ending with the commit's. A
+/// commit that went unanswered is sent again as a new batch, with the same ids and the same
+/// ordering rules as single messages, until [`APPEND_DEADLINE`]. A batch JetStream refuses
+/// for a duplicate id (a publisher's retry of a batch already stored, or an acknowledgement
+/// lost with a leader) is sent message by message instead ([`acknowledged`]), which answers
+/// each id's sequence and stores what is missing: so a batch that mixes events the stream holds
+/// with new ones is stored event by event, not atomically.
+async fn batch_acknowledged<F: Future<Output = ()>>(
+    link: &AppendLink,
+    messages: Vec<(String, Bytes, Option<String>)>,
+    ack: Option<jetstream::context::PublishAckFuture>,
+    earlier_resolved: impl Fn() -> F,
+    earlier_failed: impl Fn() -> bool,
+) -> Result<Vec<Appended>, StoreError> {
+    let mut ack = ack;
+    let mut waited_for_earlier = false;
+    let mut silent = 0;
+    let mut incomplete = 0;
+    let deadline = tokio::time::Instant::now() + APPEND_DEADLINE;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let attempt = match ack.take() {
+            Some(ack) => ack.await,
+            None => {
+                if !waited_for_earlier {
+                    earlier_resolved().await;
+                    waited_for_earlier = true;
+                    if earlier_failed() {
+                        return Err(StoreError::Failed(
+                            "an earlier append on this node failed for good, so this one is \
+                             refused too (send both again, in order)"
+                                .into(),
+                        ));
+                    }
+                }
+                let (generation, context) = match link.context().await {
+                    Ok(live) => live,
+                    Err(error) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(%error, "no append connection to send a batch again on");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(500));
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
+                let sent_at = tokio::time::Instant::now();
+                let resent = match send_batch(&context, &messages).await {
+                    Ok(ack) => ack.await,
+                    Err(error) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(%error, "sending a batch again failed");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(500));
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
+                let timed_out = resent.is_err() && sent_at.elapsed() >= REQUEST_TIMEOUT;
+                silent = if timed_out { silent + 1 } else { 0 };
+                if silent >= ABANDON_AFTER_SILENT {
+                    link.abandon(generation).await;
+                    silent = 0;
+                }
+                resent
+            }
+        };
+        let error = match attempt {
+            Ok(ack) => {
+                let count = messages.len() as u64;
+                let Some(first) = (ack.sequence + 1).checked_sub(count) else {
+                    return Err(StoreError::Failed(format!(
+                        "JetStream acknowledged a batch of {count} at sequence {}, which cannot \
+                         hold it",
+                        ack.sequence
+                    )));
+                };
+                return Ok((first..=ack.sequence)
+                    .map(|sequence| Appended {
+                        sequence,
+                        duplicate: false,
+                    })
+                    .collect());
+            }
+            Err(error) => error,
+        };
+        let failure = match batch_failure(&error) {
+            BatchFailure::Incomplete(why) if incomplete < INCOMPLETE_RETRIES => {
+                incomplete += 1;
+                BatchFailure::Unsure(why)
+            }
+            BatchFailure::Incomplete(why) => BatchFailure::Refused(why),
+            other => other,
+        };
+        match failure {
+            BatchFailure::DuplicateId => {
+                tracing::debug!(
+                    "the stream holds an id of the batch: sending it message by message"
+                );
+                let acks = std::iter::repeat_with(|| None)
+                    .take(messages.len())
+                    .collect();
+                return acknowledged(link, messages, acks, earlier_resolved, earlier_failed).await;
+            }
+            BatchFailure::Refused(why) | BatchFailure::Incomplete(why) => {
+                return Err(StoreError::Failed(format!(
+                    "JetStream refused the batch (nothing of it is stored): {why}"
+                )))
+            }
+            // Without ids a resend could store the batch twice: fail instead.
+            BatchFailure::Unsure(why)
+                if messages.iter().any(|(_, _, id)| id.is_none())
+                    || tokio::time::Instant::now() >= deadline =>
+            {
+                return Err(StoreError::Failed(format!(
+                    "JetStream did not acknowledge the batch: {why}"
+                )))
+            }
+            BatchFailure::Unsure(why) => {
+                tracing::debug!(%why, "sending an unacknowledged batch again with its ids");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
 }
 
 /// Waits for each message's acknowledgement; a message whose acknowledgement fails is sent

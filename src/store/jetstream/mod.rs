@@ -54,7 +54,10 @@
 //! How the appends keep a node's call order across a stream leader's death and a dropped
 //! connection (a connection of their own, never reconnected) is in [`append`]'s docs.
 //!
-//! A batch is not atomic on JetStream: its events are separate messages. A message whose
+//! A batch of 2 to [`append::MAX_ATOMIC_BATCH`] events goes out as one JetStream atomic batch
+//! when the server has them with message ids (nats-server 2.12.1+; the stream then gets
+//! `allow_atomic`): stored whole or not at all, at consecutive sequences, as on one bus
+//! (`append::send_batch`). Otherwise a batch's events are separate messages: a message whose
 //! acknowledgement fails is sent again with the same `Nats-Msg-Id` until it is acknowledged or
 //! [`APPEND_DEADLINE`] passes, so a batch is stored whole unless JetStream stays unavailable
 //! that long; a batch that fails may then be stored in part, and a retry by the publisher with
@@ -301,6 +304,9 @@ pub struct JetStreamStore {
     head_at_open: u64,
     /// The stream's `max_msgs`.
     max_events: u64,
+    /// Whether the stream stores a multi-event batch atomically (`allow_atomic`, NATS 2.12.1+;
+    /// see [`append`]).
+    atomic: bool,
     /// The stream's `max_age`, when it has one.
     max_age: Option<Duration>,
     facts: Mutex<Facts>,
@@ -425,6 +431,7 @@ impl JetStreamStore {
             acked_head,
             head_at_open,
             max_events: config.max_events,
+            atomic: info.config.allow_atomic_publish,
             max_age: config.max_age.filter(|age| !age.is_zero()),
             facts: Mutex::new(Facts::default()),
         };
@@ -821,6 +828,7 @@ async fn connect(
         .max_ack_inflight(16_384)
         .backpressure_on_inflight(true)
         .build(client.clone());
+    let atomic = supports_atomic_batches(&client.server_info().version);
     let max_age = config.max_age.unwrap_or_default();
     let mut duplicate_window = config.dedupe_window;
     if !max_age.is_zero() && duplicate_window > max_age {
@@ -843,6 +851,7 @@ async fn connect(
             duplicate_window
         },
         allow_direct: true,
+        allow_atomic_publish: atomic,
         description: Some("eventbus log: written by eventbus nodes only".to_owned()),
         ..Default::default()
     };
@@ -867,6 +876,21 @@ async fn connect(
     let info = set_up_stream(&context, &stream_config, &urls, patience).await?;
     set_up_stream(&context, &cursors, &urls, patience).await?;
     Ok((client, context, info))
+}
+
+/// Whether a nats-server of `version` (`2.15.1`) stores a batch atomically with the
+/// `Nats-Msg-Id` of each message checked: atomic batch publish came in 2.12.0 (ADR-50), and
+/// message ids inside a batch in 2.12.1. An unparsable version counts as too old.
+fn supports_atomic_batches(version: &str) -> bool {
+    let mut parts = version
+        .split(['.', '-'])
+        .map(|part| part.parse::<u64>().unwrap_or(0));
+    let (major, minor, patch) = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    (major, minor, patch) >= (2, 12, 1)
 }
 
 /// Makes sure the stream `wanted.name` exists with `wanted`'s settings: creates it when it is
@@ -984,6 +1008,7 @@ async fn update_stream(
         && current.num_replicas == wanted.num_replicas
         && current.duplicate_window == wanted.duplicate_window
         && current.allow_direct == wanted.allow_direct
+        && current.allow_atomic_publish == wanted.allow_atomic_publish
         && current.description == wanted.description;
     if same {
         return Ok(info);
@@ -1296,6 +1321,7 @@ impl SharedLog for JetStreamStore {
         events: Vec<Event>,
     ) -> BoxFuture<'static, Result<Vec<Appended>, StoreError>> {
         let now = SystemTime::now();
+        let events_len = events.len();
         let messages = events
             .into_iter()
             .map(|event| {
@@ -1307,7 +1333,12 @@ impl SharedLog for JetStreamStore {
             })
             .collect();
         let (reply, answer) = oneshot::channel();
-        let sent = self.publisher.send(AppendJob { messages, reply });
+        let atomic = self.atomic && (2..=append::MAX_ATOMIC_BATCH).contains(&events_len);
+        let sent = self.publisher.send(AppendJob {
+            messages,
+            atomic,
+            reply,
+        });
         Box::pin(async move {
             sent.map_err(|_| StoreError::Failed("the NATS client stopped".into()))?;
             answer
@@ -1797,6 +1828,20 @@ mod tests {
         assert_ne!(message_id("a|b", "c"), message_id("a", "b|c"));
         assert_eq!(message_id("a b", "x\n"), "a%20b|x%0A");
         assert_ne!(message_id("a%7C", "b"), message_id("a|", "b"));
+    }
+
+    #[test]
+    fn atomic_batches_with_message_ids_need_nats_2_12_1() {
+        for (version, atomic) in [
+            ("2.9.10", false),
+            ("2.12.0", false),
+            ("2.12.1", true),
+            ("2.15.1", true),
+            ("3.0.0-beta", true),
+            ("", false),
+        ] {
+            assert_eq!(supports_atomic_batches(version), atomic, "{version}");
+        }
     }
 
     #[test]
