@@ -129,7 +129,9 @@ impl Nodes {
     }
 
     fn fail_over(&self, why: &tonic::Status) {
-        if self.endpoints.len() < 2 || !moves_on(why) {
+        // A lost group home is another node's loss: this one is fine, and rejoining through it
+        // makes it (or another live node) the group's home.
+        if self.endpoints.len() < 2 || !moves_on(why) || is_group_home_lost(why) {
             return;
         }
         let mut current = lock(&self.current);
@@ -199,6 +201,17 @@ pub(crate) fn moves_on(status: &tonic::Status) -> bool {
         Code::FailedPrecondition => is_group_elsewhere(status),
         _ => false,
     }
+}
+
+/// UNAVAILABLE `group-home-lost`: the consumer group's home, another node than the one in use,
+/// went away. Worth rejoining, through the same node.
+pub(crate) fn is_group_home_lost(status: &tonic::Status) -> bool {
+    status.code() == Code::Unavailable
+        && status
+            .metadata()
+            .get(ERROR_REASON_KEY)
+            .and_then(|reason| reason.to_str().ok())
+            == Some("group-home-lost")
 }
 
 /// FAILED_PRECONDITION `group-on-another-node`: the group moved to another node of a cluster
@@ -805,6 +818,24 @@ mod tests {
         assert!(request.metadata().get("authorization").is_none());
         let bad = Client::builder("http://127.0.0.1:1").token("line\nbreak");
         assert!(matches!(bad.credentials(), Err(Error::InvalidToken)));
+    }
+
+    #[tokio::test]
+    async fn a_lost_group_home_is_rejoined_through_the_same_node() {
+        let client = Client::builder(["http://127.0.0.1:1", "http://127.0.0.1:2"])
+            .connect_lazy()
+            .unwrap();
+        let mut lost = tonic::Status::unavailable("lost group \"g\"'s home node");
+        lost.metadata_mut()
+            .insert(ERROR_REASON_KEY, "group-home-lost".parse().unwrap());
+        assert!(Error::Status(lost.clone()).is_retryable());
+        // Past the stay that keeps a client on a node it just moved to.
+        lock(&client.nodes.current).since = Instant::now() - MIN_STAY * 2;
+        client.fail_over(&lost);
+        assert_eq!(client.current_url().as_deref(), Some("http://127.0.0.1:1"));
+        let gone = tonic::Status::unavailable("connection refused");
+        client.fail_over(&gone);
+        assert_eq!(client.current_url().as_deref(), Some("http://127.0.0.1:2"));
     }
 
     #[test]
