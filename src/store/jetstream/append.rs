@@ -465,6 +465,22 @@ async fn send_batch(
     ))
 }
 
+/// Waits `pause` before sending again, and doubles it for the next time, up to 500 ms.
+async fn back_off(pause: &mut Duration) {
+    tokio::time::sleep(*pause).await;
+    *pause = (*pause * 2).min(Duration::from_millis(500));
+}
+
+/// Why a job that would have to be sent again is refused instead: a job before it failed for
+/// good, and its publisher sends that one again first (see [`acknowledged`]).
+fn earlier_append_failed() -> StoreError {
+    StoreError::Failed(
+        "an earlier append on this node failed for good, so this one is refused too (send \
+         both again, in order)"
+            .into(),
+    )
+}
+
 /// How an atomic batch's commit failed.
 enum BatchFailure {
     /// JetStream already holds one of its ids (or it holds one twice): nothing was stored.
@@ -530,19 +546,14 @@ async fn batch_acknowledged<F: Future<Output = ()>>(
                     earlier_resolved().await;
                     waited_for_earlier = true;
                     if earlier_failed() {
-                        return Err(StoreError::Failed(
-                            "an earlier append on this node failed for good, so this one is \
-                             refused too (send both again, in order)"
-                                .into(),
-                        ));
+                        return Err(earlier_append_failed());
                     }
                 }
                 let (generation, context) = match link.context().await {
                     Ok(live) => live,
                     Err(error) if tokio::time::Instant::now() < deadline => {
                         tracing::debug!(%error, "no append connection to send a batch again on");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_millis(500));
+                        back_off(&mut pause).await;
                         continue;
                     }
                     Err(error) => return Err(error),
@@ -552,8 +563,7 @@ async fn batch_acknowledged<F: Future<Output = ()>>(
                     Ok(ack) => ack.await,
                     Err(error) if tokio::time::Instant::now() < deadline => {
                         tracing::debug!(%error, "sending a batch again failed");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_millis(500));
+                        back_off(&mut pause).await;
                         continue;
                     }
                     Err(error) => return Err(error),
@@ -620,8 +630,7 @@ async fn batch_acknowledged<F: Future<Output = ()>>(
             }
             BatchFailure::Unsure(why) => {
                 tracing::debug!(%why, "sending an unacknowledged batch again with its ids");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(500));
+                back_off(&mut pause).await;
             }
         }
     }
@@ -668,11 +677,7 @@ async fn acknowledged<F: Future<Output = ()>>(
                         earlier_resolved().await;
                         waited_for_earlier = true;
                         if earlier_failed() {
-                            return Err(StoreError::Failed(
-                                "an earlier append on this node failed for good, so this one \
-                                 is refused too (send both again, in order)"
-                                    .into(),
-                            ));
+                            return Err(earlier_append_failed());
                         }
                     }
                     match link.context().await {
@@ -712,8 +717,7 @@ async fn acknowledged<F: Future<Output = ()>>(
                 }
                 Err(error) => {
                     tracing::debug!(%error, "resending an unacknowledged message with its id");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
+                    back_off(&mut pause).await;
                 }
             }
         }
